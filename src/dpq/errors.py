@@ -1,0 +1,17 @@
+"""User-facing errors.
+
+A :class:`ConfigError` is a user mistake (bad override, unknown stage, missing data
+offline). The Hydra entry point prints its message alone, without a traceback, and exits
+with status 2 -- always before any training starts.
+"""
+
+
+class ConfigError(ValueError):
+    """A configuration the user wrote cannot run; the message names key, value and what is allowed."""
+
+    def __init__(self, key: str, value: object, allowed: str, hint: str | None = None):
+        self.key, self.value, self.allowed = key, value, allowed
+        msg = f"{key}={value!r}: {allowed}"
+        if hint:
+            msg += f" ({hint})"
+        super().__init__(msg)

@@ -1,0 +1,112 @@
+"""What a stage is: strict config data, ordering rules checked up front, and a ``run`` verb.
+
+Each stage kind declares a dataclass of its parameters. Unknown keys and out-of-range
+values are rejected with the key's full path before any training, the way llm-compressor
+validates recipes. ``run`` trains with Lightning; the callbacks that do the stage's work
+(sparsity ramp, mask freeze, fake quantization) live beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from dpq.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dpq.pipeline import RunState
+
+STAGES: dict[str, type["Stage"]] = {}
+
+
+def register(cls: type["Stage"]) -> type["Stage"]:
+    STAGES[cls.kind] = cls
+    return cls
+
+
+@dataclass
+class StageConfig:
+    kind: str = ""
+    epochs: int = 1
+    max_steps: int = -1  # > 0 caps the stage's optimizer steps (overrides epochs)
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+
+    def check(self, key: str) -> None:
+        if self.epochs < 1 and self.max_steps <= 0:
+            raise ConfigError(f"{key}.epochs", self.epochs, "must be >= 1 (or set max_steps > 0)")
+        if not self.lr > 0:
+            raise ConfigError(f"{key}.lr", self.lr, "must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"{key}.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+
+
+@dataclass
+class KDStageConfig(StageConfig):
+    """A stage that trains the student; ``alpha`` > 0 adds the teacher's soft labels."""
+
+    alpha: float = 0.5
+    temperature: float = 2.0
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"{key}.alpha", self.alpha, "must be in [0, 1]")
+        if not self.temperature > 0:
+            raise ConfigError(f"{key}.temperature", self.temperature, "must be > 0")
+
+
+def _coerce(key: str, default: Any, v: Any) -> Any:
+    """Numbers from YAML or the command line to the field's type; anything else unchanged."""
+    if v is None or isinstance(default, bool) or not isinstance(default, (int, float)):
+        return v
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(key, v, f"must be a number ({type(default).__name__})") from None
+    if isinstance(default, int):
+        if not f.is_integer():
+            raise ConfigError(key, v, "must be an integer")
+        return int(f)
+    return f
+
+
+class Stage:
+    kind: ClassVar[str]
+    Config: ClassVar[type[StageConfig]] = StageConfig
+
+    def __init__(self, name: str, cfg: StageConfig):
+        self.name, self.cfg = name, cfg
+
+    @property
+    def key(self) -> str:
+        return f"pipeline.stages.{self.name}"
+
+    @classmethod
+    def from_config(cls, name: str, raw: dict[str, Any]) -> "Stage":
+        key = f"pipeline.stages.{name}"
+        fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise ConfigError(f"{key}.{unknown[0]}", raw[unknown[0]],
+                              f"is not a parameter of a {cls.kind} stage; allowed: {', '.join(sorted(fields))}")
+        values = {k: _coerce(f"{key}.{k}", fields[k].default, v) for k, v in raw.items()}
+        cfg = cls.Config(**values)
+        cfg.check(key)
+        return cls(name, cfg)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return getattr(self.cfg, "alpha", 0.0) > 0
+
+    def check_order(self, before: list["Stage"]) -> None:
+        """Raise :class:`ConfigError` if this stage cannot follow ``before``."""
+        if self.uses_teacher and not any(s.kind == "teacher" for s in before):
+            raise ConfigError(f"{self.key}.alpha", self.cfg.alpha,
+                              f"the {self.kind} stage distils from a teacher, but no teacher stage comes before it in "
+                              "pipeline.order; add 'teacher' first or set alpha=0")
+
+    def run(self, run: "RunState") -> None:  # pragma: no cover - abstract
+        raise NotImplementedError

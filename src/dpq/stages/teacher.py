@@ -1,0 +1,88 @@
+"""``teacher``: fine-tune the teacher on the task (or load a fine-tuned one), then freeze it.
+
+A fine-tuned teacher is cached under ``paths.cache_dir/teachers/<key>``, the key hashing
+everything that determines it (model and task config, seed, this stage's config, library
+versions), so later runs and sweep trials reuse it. Entries are written to a temporary
+folder and renamed into place, so a half-written entry is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dpq.errors import ConfigError
+from dpq.stages.base import Stage, StageConfig, register
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherConfig(StageConfig):
+    load_from: str | None = None  # a fine-tuned checkpoint (save_pretrained folder); skips training
+    cache: bool = True
+
+
+@register
+class TeacherStage(Stage):
+    kind = "teacher"
+    Config = TeacherConfig
+
+    def check_order(self, before: list[Stage]) -> None:
+        if before:
+            raise ConfigError("pipeline.order", [s.name for s in before] + [self.name],
+                              "the teacher stage must come first")
+        if self.cfg.load_from and not Path(self.cfg.load_from).exists():
+            raise ConfigError(f"{self.key}.load_from", self.cfg.load_from, "no such folder")
+
+    def cache_key(self, run) -> str:
+        from dpq.results import library_versions
+
+        payload = {"teacher": run.cfg_dict["teacher"], "task": run.cfg_dict["task"], "seed": run.cfg_dict["seed"],
+                   "stage": {k: v for k, v in asdict(self.cfg).items() if k not in ("cache", "load_from")},
+                   "trainer": {k: v for k, v in run.cfg_dict["trainer"].items() if k.startswith(("limit_", "precision", "accumulate"))},
+                   "versions": library_versions(), "format": 1}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def run(self, run) -> None:
+        from dpq.checkpoints import load_model, save_model
+
+        cfg: TeacherConfig = self.cfg
+        info: dict = {}
+        if cfg.load_from:
+            teacher = load_model(run.teacher_spec, run.task_dict, Path(cfg.load_from))
+            info["loaded_from"] = cfg.load_from
+        else:
+            entry = Path(run.cfg_dict["paths"]["cache_dir"]) / "teachers" / self.cache_key(run)
+            if cfg.cache and (entry / "COMPLETE").exists():
+                try:
+                    teacher = load_model(run.teacher_spec, run.task_dict, entry)
+                    info["cache"] = f"hit:{entry}"
+                    log.info("teacher: reusing cached fine-tuned teacher %s", entry)
+                except Exception as e:  # a broken entry is rebuilt, never used
+                    log.warning("teacher cache entry %s is unreadable (%s); rebuilding it", entry, e)
+                    shutil.rmtree(entry, ignore_errors=True)
+                    teacher = None
+            else:
+                teacher = None
+            if teacher is None:
+                teacher = run.build_teacher()
+                run.fit(teacher, self, kd_alpha=0.0)
+                info["cache"] = "miss" if cfg.cache else "off"
+                if cfg.cache:
+                    entry.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".tmp-"))
+                    save_model(teacher, tmp)
+                    (tmp / "COMPLETE").write_text("ok\n")
+                    try:
+                        os.rename(tmp, entry)
+                    except OSError:  # another run finished the same entry first: keep theirs
+                        shutil.rmtree(tmp, ignore_errors=True)
+        run.set_teacher(teacher)
+        run.record(self, teacher, role="teacher", extra=info)
