@@ -13,6 +13,7 @@ import copy
 import importlib
 import logging
 import re
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -60,7 +61,7 @@ def load_tokenizer(spec: dict):
     from transformers import AutoTokenizer
 
     path = spec.get("tokenizer") or resolve_pretrained(spec)
-    if isinstance(path, dict):
+    if isinstance(path, Mapping):
         path = resolve_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
 

@@ -34,6 +34,9 @@ class ClassifierModule(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
 
     def on_fit_start(self) -> None:
+        # from_pretrained returns models in eval mode and Lightning keeps each module's mode:
+        # without this, fine-tuning would silently run without dropout.
+        self.model.train()
         if self.teacher is not None:
             self.teacher.to(self.device)
 

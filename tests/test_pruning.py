@@ -1,0 +1,132 @@
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpq.pruning import MaskFreeze, SparsityRamp, apply_masks, magnitude_masks, mask_sparsity
+
+TARGETS = ["hidden.0", "hidden.1"]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.ModuleList([nn.Linear(16, 32), nn.Linear(32, 32)])
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        for h in self.hidden:
+            x = torch.relu(h(x))
+        return self.head(x)
+
+
+class Module(L.LightningModule):
+    def __init__(self, lr=0.05):
+        super().__init__()
+        self.model, self.lr = Net(), lr
+
+    def training_step(self, batch, i):
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def loader(n=160, bs=8):
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, 16, generator=g), torch.randint(0, 3, (n,), generator=g)), batch_size=bs)
+
+
+class Watch(L.Callback):
+    """Runs after the mask callbacks: records whether any masked weight was non-zero after a step."""
+
+    def __init__(self, mask_cb):
+        self.mask_cb, self.violations, self.steps = mask_cb, 0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps += 1
+        for n, m in self.mask_cb.masks.items():
+            self.violations += int((pl_module.model.get_submodule(n).weight[~m] != 0).sum())
+
+
+def fit(module, callbacks, epochs=1):
+    trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, loader())
+    return trainer
+
+
+def test_magnitude_masks_prune_the_smallest_weights_per_layer():
+    net = Net()
+    masks = magnitude_masks(net, TARGETS, 0.25)
+    for n in TARGETS:
+        w, m = net.get_submodule(n).weight.abs(), masks[n]
+        assert (~m).sum() == round(0.25 * w.numel())
+        assert w[~m].max() <= w[m].min()
+
+
+def test_global_scope_uses_one_threshold():
+    net = Net()
+    with torch.no_grad():
+        w = net.hidden[1].weight
+        w.copy_(w.sign() * (w.abs() + 1.0))  # layer 1 all larger than layer 0: global pruning should hit layer 0 first
+    masks = magnitude_masks(net, TARGETS, 0.3, scope="global")
+    assert mask_sparsity(masks) == pytest.approx(0.3, abs=1e-3)
+    assert (~masks["hidden.1"]).sum() == 0
+
+
+def test_masks_only_grow_sparser():
+    net = Net()
+    m1 = magnitude_masks(net, TARGETS, 0.3)
+    apply_masks(net, m1)
+    with torch.no_grad():  # perturb so a fresh ranking would differ
+        for n in TARGETS:
+            net.get_submodule(n).weight.add_(torch.randn_like(net.get_submodule(n).weight) * 0.01)
+    m2 = magnitude_masks(net, TARGETS, 0.5, previous=m1)
+    for n in TARGETS:
+        assert not (m2[n] & ~m1[n]).any()  # nothing pruned comes back
+
+
+def test_sparsity_ramp_hits_initial_at_start_final_at_end_and_masks_hold_after_every_step():
+    module = Module()
+    ramp = SparsityRamp("prune", TARGETS, initial=0.1, final=0.6, exponent=3, update_every=3, ramp_end=0.8)
+    watch = Watch(ramp)
+    fit(module, [ramp, watch], epochs=2)
+    steps, targets = zip(*ramp.history)
+    assert steps[0] == 0 and targets[0] == pytest.approx(0.1)
+    assert targets[-1] == pytest.approx(0.6)
+    assert all(b >= a - 1e-12 for a, b in zip(targets, targets[1:]))
+    assert watch.steps == 40 and watch.violations == 0
+    for n in TARGETS:
+        w = module.model.get_submodule(n).weight
+        assert (w == 0).float().mean().item() == pytest.approx(0.6, abs=1e-3)
+
+
+def test_mask_freeze_keeps_every_pruned_weight_at_zero_during_recovery():
+    module = Module(lr=0.1)
+    masks = magnitude_masks(module.model, TARGETS, 0.5)
+    apply_masks(module.model, masks)
+    freeze = MaskFreeze("recover", masks)
+    watch = Watch(freeze)
+    before = {n: module.model.get_submodule(n).weight.detach().clone() for n in TARGETS}
+    fit(module, [freeze, watch])
+    assert watch.violations == 0
+    for n in TARGETS:
+        w = module.model.get_submodule(n).weight
+        assert torch.equal(w == 0, ~masks[n])  # same zeros, no more, no fewer
+        assert not torch.equal(w, before[n])  # and the kept weights did train
+
+
+def test_two_prune_stages_have_distinct_state_and_round_trip():
+    a = SparsityRamp("prune_a", TARGETS, 0.0, 0.5)
+    b = SparsityRamp("prune_b", TARGETS, 0.0, 0.7)
+    assert a.state_key != b.state_key
+    net = Net()
+    a.masks = magnitude_masks(net, TARGETS, 0.5)
+    a.total_steps, a.history = 10, [(0, 0.0), (10, 0.5)]
+    c = SparsityRamp("prune_a", TARGETS, 0.0, 0.5)
+    c.load_state_dict(a.state_dict())
+    assert c.total_steps == 10 and c.history == a.history
+    assert all(torch.equal(c.masks[n], a.masks[n]) for n in TARGETS)
