@@ -79,3 +79,19 @@ def test_quantized_model_keeps_pruned_weights_zero_and_reloads(dpq_run):
         a = model.eval()(input_ids=ids).logits
         b = float_copy(input_ids=ids).logits
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_second_run_reuses_the_cached_teacher_and_reproduces_the_first(tmp_path):
+    from conftest import compose_cfg
+
+    overrides = ["experiment=tiny", "pipeline=dp", "cost.repeats=1", "cost.warmup=0", "save_model=false"]
+    runs = []
+    for name in ("a", "b"):
+        cfg = compose_cfg(tmp_path / name, overrides)
+        cfg.paths.cache_dir = str(tmp_path / "shared-cache")
+        runs.append(train(cfg))
+    first, second = runs
+    assert first["stages"][0]["cache"] == "miss" and second["stages"][0]["cache"].startswith("hit:")
+    for a, b in zip(first["stages"], second["stages"]):
+        assert a["metrics"]["accuracy"] == b["metrics"]["accuracy"]
+        assert a["metrics"]["loss"] == pytest.approx(b["metrics"]["loss"], rel=1e-5)

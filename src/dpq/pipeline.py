@@ -146,7 +146,11 @@ class RunState:
         return rec
 
     def run(self, stages: list[Stage]) -> None:
-        for stage in stages:
+        seed = int(self.cfg_dict["seed"])
+        for i, stage in enumerate(stages):
+            # Re-seed per stage: a stage's result must not depend on how much randomness earlier
+            # stages drew (a cached teacher draws none), so a warm run reproduces a cold one.
+            L.seed_everything(seed + i, workers=True, verbose=False)
             self._stage_started = time.perf_counter()
             stage.run(self)
 

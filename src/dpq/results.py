@@ -50,7 +50,7 @@ COLUMNS = [  # (header, metric key, format)
     ("stage", None, None), ("model", None, None),
     ("acc", "accuracy", "{:.4f}"), ("val acc", "val_accuracy", "{:.4f}"),
     ("sparsity", "sparsity", "{:.3f}"), ("params nz", "params_nonzero", "{:,}"),
-    ("GFLOPs", "dense_gflops", "{:.3f}"), ("eff GFLOPs", "effective_gflops", "{:.3f}"),
+    ("GFLOPs", "dense_gflops", "{:.4g}"), ("eff GFLOPs", "effective_gflops", "{:.4g}"),
     ("size MB", "size_bytes", None), ("lat ms", "latency_ms_median", "{:.2f}"), ("time s", None, None),
 ]
 
@@ -68,7 +68,7 @@ def table_rows(records: list[dict]) -> list[list[str]]:
             elif header == "time s":
                 row.append(f"{r['duration_s']:.0f}")
             elif header == "size MB":
-                row.append(f"{m['size_bytes'] / 1e6:.2f}")
+                row.append(f"{m['size_bytes'] / 1e6:.4g}")
             else:
                 v = m.get(key)
                 row.append("-" if v is None else fmt.format(v))

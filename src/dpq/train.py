@@ -43,7 +43,8 @@ def train(cfg: DictConfig) -> dict:
     tokenizer = load_tokenizer(cfg_dict["teacher"]) if splits.kind == "text" else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     data = ClassificationDataModule(splits, tokenizer, max_length=int(task.get("max_length") or 128),
-                                    batch_size=int(task["batch_size"]), eval_batch_size=int(task["eval_batch_size"]))
+                                    batch_size=int(task["batch_size"]), eval_batch_size=int(task["eval_batch_size"]),
+                                    group_by_length=bool(task.get("group_by_length", True)))
     output_dir = Path(cfg_dict["paths"]["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
     logger = build_logger(cfg_dict["logger"], output_dir, cfg_dict["run_name"], cfg_dict)
