@@ -52,22 +52,32 @@ def magnitude_masks(model: nn.Module, names: list[str], sparsity: float, previou
     masks: Masks = {}
     if scope == "global":
         flat = torch.cat([s.flatten() for s in scores.values()])
-        k = int(round(sparsity * flat.numel()))
-        order = torch.argsort(flat, stable=True)
-        keep = torch.ones_like(flat, dtype=torch.bool)
-        keep[order[:k]] = False
+        keep = _keep_largest(flat, int(round(sparsity * flat.numel())))
         offset = 0
         for n, s in scores.items():
             masks[n] = keep[offset: offset + s.numel()].view_as(s)
             offset += s.numel()
         return masks
     for n, s in scores.items():
-        k = int(round(sparsity * s.numel()))
-        keep = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
-        if k > 0:
-            keep[torch.argsort(s.flatten(), stable=True)[:k]] = False
-        masks[n] = keep.view_as(s)
+        masks[n] = _keep_largest(s, int(round(sparsity * s.numel())))
     return masks
+
+
+def _keep_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask that drops exactly the ``k`` lowest scores.
+
+    A k-th value threshold is O(n) (a mask update touches millions of weights); a full sort
+    is used only when ties at the threshold would make the count inexact.
+    """
+    flat = scores.flatten()
+    if k <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    thr = torch.kthvalue(flat, k).values
+    keep = flat > thr
+    if int((~keep).sum()) != k:
+        keep = torch.ones_like(flat, dtype=torch.bool)
+        keep[torch.argsort(flat, stable=True)[:k]] = False
+    return keep.view_as(scores)
 
 
 @torch.no_grad()
