@@ -51,3 +51,31 @@ def test_teacher_logits_are_computed_once_per_example():
     again = cache({"features": x[torch.tensor([3, 5, 7])]}, torch.tensor([3, 5, 7]))
     assert cache.forward_examples == 4  # 0, 3, 5 then only 7
     assert torch.allclose(again, teacher(x[torch.tensor([3, 5, 7])]))
+
+
+def test_ensemble_teacher_averages_soft_labels():
+    from dpq.distill import EnsembleTeacher
+
+    lin_a, lin_b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, features):
+            return self.lin(features)
+
+    a, b = TeacherLogits(Wrap(lin_a), 6, 3), TeacherLogits(Wrap(lin_b), 6, 3)
+    x, idx = torch.randn(6, 4), torch.arange(6)
+    T = 2.0
+    expected = (0.25 * F.softmax(lin_a(x) / T, -1) + 0.75 * F.softmax(lin_b(x) / T, -1)).log()
+    got = EnsembleTeacher([a, b], [1.0, 3.0]).log_probs({"features": x}, idx, T)
+    assert torch.allclose(got, expected, atol=1e-5)
+    # The KD loss against an ensemble equals KL to the averaged distribution.
+    s, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    loss, parts = kd_loss(s, None, y, KDConfig(alpha=1.0, temperature=T), teacher_log_probs=got)
+    kl = (expected.exp() * (expected - F.log_softmax(s / T, -1))).sum(-1).mean()
+    assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-4)
+    with pytest.raises(ValueError):
+        EnsembleTeacher([a, b], [0.0, 0.0])

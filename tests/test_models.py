@@ -15,3 +15,16 @@ def test_student_copies_the_chosen_teacher_layers(make_cfg):
     assert torch.equal(s["bert.encoder.layer.0.attention.self.query.weight"], t["bert.encoder.layer.0.attention.self.query.weight"])
     assert torch.equal(s["classifier.weight"], t["classifier.weight"])
     assert torch.equal(s["bert.embeddings.word_embeddings.weight"], t["bert.embeddings.word_embeddings.weight"])
+
+
+def test_every_kth_layer_and_bad_layer_specs():
+    import pytest
+
+    from dpq.errors import ConfigError
+    from dpq.models import resolve_layers
+
+    assert resolve_layers("every_2", 6) == [0, 2, 4]
+    assert resolve_layers("every_3", 12) == [0, 3, 6, 9]
+    assert resolve_layers([1, 5], 6) == [1, 5]
+    with pytest.raises(ConfigError, match="every_<k>"):
+        resolve_layers("every_x", 6)

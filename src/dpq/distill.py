@@ -26,14 +26,19 @@ class KDConfig:
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-            cfg: KDConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Return the total loss and its parts (for logging)."""
+            cfg: KDConfig, teacher_log_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Return the total loss and its parts (for logging).
+
+    The teacher is given as logits, or directly as tempered log-probabilities (an ensemble's
+    averaged soft labels, which have no logits of their own).
+    """
     ce = F.cross_entropy(student_logits, labels)
-    if teacher_logits is None or cfg.alpha == 0.0:
+    if (teacher_logits is None and teacher_log_probs is None) or cfg.alpha == 0.0:
         return ce, {"ce": ce.detach()}
     t = cfg.temperature
-    kl = F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
-                  log_target=True, reduction="batchmean")
+    if teacher_log_probs is None:
+        teacher_log_probs = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = F.kl_div(F.log_softmax(student_logits / t, dim=-1), teacher_log_probs, log_target=True, reduction="batchmean")
     loss = cfg.alpha * t * t * kl + (1.0 - cfg.alpha) * ce
     return loss, {"ce": ce.detach(), "kl": kl.detach()}
 
@@ -69,4 +74,22 @@ class TeacherLogits:
 
     def to(self, device) -> "TeacherLogits":
         self.teacher.to(device)
+        return self
+
+
+class EnsembleTeacher:
+    """Several cached teachers as one: the weighted average of their tempered soft labels."""
+
+    def __init__(self, teachers: list[TeacherLogits], weights: list[float] | None = None):
+        from dpq.kd_losses import combine_teachers
+
+        self.teachers, self.weights, self._combine = list(teachers), weights, combine_teachers
+        combine_teachers([torch.zeros(1, 2)] * len(self.teachers), weights, 1.0)  # validates the weights now
+
+    def log_probs(self, inputs: dict[str, torch.Tensor], idx: torch.Tensor, temperature: float) -> torch.Tensor:
+        return self._combine([t(inputs, idx) for t in self.teachers], self.weights, temperature)
+
+    def to(self, device) -> "EnsembleTeacher":
+        for t in self.teachers:
+            t.to(device)
         return self

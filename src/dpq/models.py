@@ -105,7 +105,18 @@ def build_model(spec: dict, task: dict, key: str, teacher: nn.Module | None = No
     # from_teacher
     if teacher is None:
         raise ConfigError(f"{key}.init", init, "needs a teacher model to copy layers from")
-    return student_from_teacher(teacher, list(spec["layers"]))
+    return student_from_teacher(teacher, resolve_layers(spec.get("layers"), teacher.config.num_hidden_layers))
+
+
+def resolve_layers(layers, n_teacher: int) -> list[int]:
+    """Teacher layers a student keeps: an explicit list, or ``every_k`` (0, k, 2k, ... as DistilBERT)."""
+    if isinstance(layers, str):
+        if layers.startswith("every_") and layers[6:].isdigit() and int(layers[6:]) >= 1:
+            return list(range(0, n_teacher, int(layers[6:])))
+        raise ConfigError("model.layers", layers, "must be a list of teacher layer indices or 'every_<k>' (e.g. every_2)")
+    if layers is None:
+        raise ConfigError("model.layers", layers, "init=from_teacher needs the teacher layers to keep (a list or every_<k>)")
+    return [int(i) for i in layers]
 
 
 _LAYER_KEY = re.compile(r"^(.*\.(?:layer|layers)\.)(\d+)(\..*)$")

@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dpq.data import model_inputs
 from dpq.distill import KDConfig, TeacherLogits, kd_loss
+from dpq.kd_losses import FeatureKDConfig, HiddenProjection, feature_kd_loss, resolve_layer_map
 
 
 def logits_of(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -24,12 +25,25 @@ def logits_of(model: nn.Module, batch: dict) -> torch.Tensor:
 
 class ClassifierModule(L.LightningModule):
     def __init__(self, model: nn.Module, num_labels: int, stage: str, lr: float = 5e-5, weight_decay: float = 0.01,
-                 warmup_ratio: float = 0.06, kd: KDConfig | None = None, teacher: TeacherLogits | None = None):
+                 warmup_ratio: float = 0.06, kd: KDConfig | None = None, teacher: TeacherLogits | None = None,
+                 features: FeatureKDConfig | None = None):
         super().__init__()
         self.model, self.stage = model, stage
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.kd = kd or KDConfig(alpha=0.0)
         self.teacher = teacher
+        self.features = features if features is not None and features.active else None
+        self.kd_projection: HiddenProjection | None = None
+        self._attn_impl: dict = {}
+        if self.features is not None:
+            # Intermediate terms need the teacher's hidden states, so it runs every step (no logit cache).
+            tmodel = getattr(teacher, "teacher", None)
+            if tmodel is None or not hasattr(model, "config") or not hasattr(tmodel, "config"):
+                raise ValueError("hidden/attention/relation distillation needs a Hugging Face student and a single teacher model")
+            n_s, n_t = model.config.num_hidden_layers, tmodel.config.num_hidden_layers
+            self.layer_map = resolve_layer_map(self.features.layer_map, n_s, n_t)
+            if self.features.hidden > 0:
+                self.kd_projection = HiddenProjection(model.config.hidden_size, tmodel.config.hidden_size, n_s)
         self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
 
@@ -39,21 +53,47 @@ class ClassifierModule(L.LightningModule):
         self.model.train()
         if self.teacher is not None:
             self.teacher.to(self.device)
+        if self.features is not None and self.features.needs_attentions:
+            # Only eager attention returns attention maps in transformers 5; restored at fit end.
+            for m in (self.model, self.teacher.teacher):
+                self._attn_impl[m] = m.config._attn_implementation
+                m.set_attn_implementation("eager")
+
+    def on_fit_end(self) -> None:
+        for m, impl in self._attn_impl.items():
+            m.set_attn_implementation(impl)
+        self._attn_impl.clear()
 
     def forward(self, batch: dict) -> torch.Tensor:
         return logits_of(self.model, batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch)
-        t_logits = None
-        if self.teacher is not None and self.kd.alpha > 0:
-            t_logits = self.teacher(model_inputs(batch), batch["idx"])
-        loss, parts = kd_loss(logits, t_logits, batch["labels"], self.kd)
+        if self.features is not None:
+            loss, parts = self._feature_step(batch)
+        else:
+            logits = self(batch)
+            t_logits = t_logp = None
+            if self.teacher is not None and self.kd.alpha > 0:
+                if hasattr(self.teacher, "log_probs"):  # an ensemble: averaged soft labels
+                    t_logp = self.teacher.log_probs(model_inputs(batch), batch["idx"], self.kd.temperature)
+                else:
+                    t_logits = self.teacher(model_inputs(batch), batch["idx"])
+            loss, parts = kd_loss(logits, t_logits, batch["labels"], self.kd, teacher_log_probs=t_logp)
         bs = batch["labels"].shape[0]
         self.log(f"{self.stage}/train_loss", loss, prog_bar=True, batch_size=bs)
         for k, v in parts.items():
             self.log(f"{self.stage}/train_{k}", v, batch_size=bs)
         return loss
+
+    def _feature_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        inputs = model_inputs(batch)
+        want = dict(output_hidden_states=self.features.needs_hidden, output_attentions=self.features.needs_attentions)
+        s_out = self.model(**inputs, **want)
+        with torch.no_grad():
+            t_out = self.teacher.teacher(**inputs, **want)
+        loss, parts = kd_loss(s_out.logits, t_out.logits if self.kd.alpha > 0 else None, batch["labels"], self.kd)
+        f_loss, f_parts = feature_kd_loss(self.features, s_out, t_out, inputs.get("attention_mask"), self.kd_projection)
+        return loss + f_loss, {**parts, **f_parts}
 
     def _eval_step(self, batch: dict, split: str, metric: MulticlassAccuracy) -> None:
         logits = self(batch)
@@ -71,7 +111,7 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for n, p in self.model.named_parameters():
+        for n, p in self.named_parameters():  # the model, and the KD projection when there is one
             if p.requires_grad:
                 (no_decay if p.ndim < 2 else decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},

@@ -25,7 +25,7 @@ from dpq.models import build_model
 from dpq.module import ClassifierModule
 from dpq.pruning import MaskFreeze, Masks
 from dpq.selectors import select_linears
-from dpq.stages import Stage
+from dpq.stages import KDStageConfig, Stage
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +92,19 @@ class RunState:
 
     def module_for(self, model: nn.Module, stage_name: str, stage_cfg=None, kd_alpha: float = 0.0) -> ClassifierModule:
         kd = KDConfig(alpha=kd_alpha, temperature=getattr(stage_cfg, "temperature", 1.0)) if kd_alpha > 0 else None
+        features = stage_cfg.feature_kd() if isinstance(stage_cfg, KDStageConfig) else None
+        wants_teacher = kd_alpha > 0 or (features is not None and features.active)
         kw = {}
         if stage_cfg is not None:
             kw = dict(lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay, warmup_ratio=stage_cfg.warmup_ratio)
-        return ClassifierModule(model, self.num_labels, stage_name, kd=kd,
-                                teacher=self.teacher_logits if kd_alpha > 0 else None, **kw)
+        return ClassifierModule(model, self.num_labels, stage_name, kd=kd, features=features,
+                                teacher=self.teacher_logits if wants_teacher else None, **kw)
 
     def fit(self, model: nn.Module, stage: Stage, kd_alpha: float = 0.0, callbacks=(), freeze_masks: bool = True) -> L.Trainer:
         callbacks = list(callbacks)
         if freeze_masks and self.masks:
             callbacks.append(MaskFreeze(f"{stage.name}.masks", self.masks))
-        if kd_alpha > 0 and self.teacher_logits is None:
+        if stage.uses_teacher and self.teacher_logits is None:
             raise ConfigError(f"{stage.key}.alpha", kd_alpha, "needs a teacher, and none was trained or loaded")
         module = self.module_for(model, stage.name, stage.cfg, kd_alpha)
         trainer = self.make_trainer(callbacks, max_epochs=stage.cfg.epochs, max_steps=stage.cfg.max_steps)
@@ -151,8 +153,12 @@ class RunState:
             # Re-seed per stage: a stage's result must not depend on how much randomness earlier
             # stages drew (a cached teacher draws none), so a warm run reproduces a cold one.
             L.seed_everything(seed + i, workers=True, verbose=False)
-            self._stage_started = time.perf_counter()
+            self.begin_stage()
             stage.run(self)
+
+    def begin_stage(self) -> None:
+        """Start the clock of the next record's ``duration_s`` (composite stages call it per sub-stage)."""
+        self._stage_started = time.perf_counter()
 
     @property
     def final_model(self) -> tuple[nn.Module, str]:

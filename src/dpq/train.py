@@ -72,6 +72,9 @@ def train(cfg: DictConfig) -> dict:
         "cost_conditions": {**cfg_dict["cost"], "flops_convention": final.get("flops_convention"),
                             "latency_device": final.get("device"), "threads": final.get("threads")},
         "stages": run.records,
+        # Spiral runs: the state after each round (its last record), so the trajectory is one list.
+        "rounds": [r for i, r in enumerate(run.records) if "round" in r
+                   and (i + 1 == len(run.records) or run.records[i + 1].get("round") != r["round"])],
         "final": {"stage": run.records[-1]["stage"], "model": role, "quantized": run.quantized, **final},
         "model_dir": str(model_dir) if model_dir else None,
         "wall_time_s": time.perf_counter() - started,

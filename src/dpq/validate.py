@@ -59,6 +59,11 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
     if int(task.get("num_labels", 0)) < 2:
         raise ConfigError("task.num_labels", task.get("num_labels"), "must be >= 2")
     stages = build_stages(cfg["pipeline"])
+    for stage in stages:
+        feats = stage.cfg.feature_kd() if hasattr(stage.cfg, "feature_kd") else None
+        if feats is not None and feats.active and task["kind"] != "text":
+            raise ConfigError(f"{stage.key}.hidden", feats.hidden, "hidden/attention/relation distillation needs "
+                              f"Hugging Face encoders (a text task); task '{task['name']}' is {task['kind']}")
     if cfg["model"].get("init") == "from_teacher" and cfg["teacher"].get("arch") != cfg["model"].get("arch"):
         raise ConfigError("model.init", "from_teacher", "needs a teacher of the same architecture")
     accel = cfg["trainer"].get("accelerator")

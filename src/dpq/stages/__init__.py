@@ -5,7 +5,8 @@ from dpq.stages.distill import DistillStage
 from dpq.stages.prune import PruneStage
 from dpq.stages.quantize import QuantizationAware, QuantizeStage
 from dpq.stages.recover import RecoverStage
+from dpq.stages.spiral import SpiralStage
 from dpq.stages.teacher import TeacherStage
 
 __all__ = ["STAGES", "Stage", "StageConfig", "KDStageConfig", "TeacherStage", "DistillStage", "PruneStage",
-           "RecoverStage", "QuantizeStage", "QuantizationAware"]
+           "RecoverStage", "SpiralStage", "QuantizeStage", "QuantizationAware"]

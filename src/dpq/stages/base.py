@@ -49,9 +49,26 @@ class KDStageConfig(StageConfig):
 
     alpha: float = 0.5
     temperature: float = 2.0
+    # Intermediate-representation terms (dpq.kd_losses), added to the loss with these weights.
+    hidden: float = 0.0  # hidden-state transfer, through a learned projection when widths differ
+    hidden_kind: str = "mse"  # mse | cosine
+    layer_map: Any = None  # teacher layer (1-based) per student layer; null = uniform ceil(i*Lt/Ls)
+    attention: float = 0.0  # attention-map KL (TinyBERT); switches both models to eager attention
+    relation: float = 0.0  # pairwise-similarity (RKD) between the batch's [CLS] representations
+
+    def feature_kd(self):
+        from dpq.kd_losses import FeatureKDConfig
+
+        return FeatureKDConfig(hidden=self.hidden, hidden_kind=self.hidden_kind, layer_map=self.layer_map,
+                               attention=self.attention, relation=self.relation)
 
     def check(self, key: str) -> None:
         super().check(key)
+        try:
+            self.feature_kd()
+        except ValueError as e:
+            raise ConfigError(key, {k: getattr(self, k) for k in ("hidden", "hidden_kind", "layer_map", "attention", "relation")},
+                              str(e)) from None
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"{key}.alpha", self.alpha, "must be in [0, 1]")
         if not self.temperature > 0:
@@ -99,13 +116,14 @@ class Stage:
 
     @property
     def uses_teacher(self) -> bool:
-        return getattr(self.cfg, "alpha", 0.0) > 0
+        cfg = self.cfg
+        return getattr(cfg, "alpha", 0.0) > 0 or (isinstance(cfg, KDStageConfig) and cfg.feature_kd().active)
 
     def check_order(self, before: list["Stage"]) -> None:
         """Raise :class:`ConfigError` if this stage cannot follow ``before``."""
         if self.uses_teacher and not any(s.kind == "teacher" for s in before):
             raise ConfigError(f"{self.key}.alpha", self.cfg.alpha,
-                              f"the {self.kind} stage distils from a teacher, but no teacher stage comes before it in "
+                              f"the {self.kind} stage distils from a teacher (alpha or hidden/attention/relation > 0), but no teacher stage comes before it in "
                               "pipeline.order; add 'teacher' first or set alpha=0")
 
     def run(self, run: "RunState") -> None:  # pragma: no cover - abstract

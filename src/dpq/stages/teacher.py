@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
+from typing import Any
 from pathlib import Path
 
 from dpq.errors import ConfigError
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 class TeacherConfig(StageConfig):
     load_from: str | None = None  # a fine-tuned checkpoint (save_pretrained folder); skips training
     cache: bool = True
+    # More fine-tuned teachers (folders) whose soft labels are averaged with this one's.
+    ensemble: Any = None
+    ensemble_weights: Any = None  # one weight per teacher, this one first; null = equal
 
 
 @register
@@ -40,12 +44,21 @@ class TeacherStage(Stage):
                               "the teacher stage must come first")
         if self.cfg.load_from and not Path(self.cfg.load_from).exists():
             raise ConfigError(f"{self.key}.load_from", self.cfg.load_from, "no such folder")
+        extra = list(self.cfg.ensemble or [])
+        for i, path in enumerate(extra):
+            if not (Path(path) / "config.json").exists():
+                raise ConfigError(f"{self.key}.ensemble[{i}]", path, "is not a saved model folder (no config.json)")
+        if self.cfg.ensemble_weights is not None:
+            w = list(self.cfg.ensemble_weights)
+            if len(w) != 1 + len(extra) or any(float(x) < 0 for x in w) or not any(float(x) > 0 for x in w):
+                raise ConfigError(f"{self.key}.ensemble_weights", w,
+                                  f"needs {1 + len(extra)} non-negative weights (this teacher first), not all zero")
 
     def cache_key(self, run) -> str:
         from dpq.results import library_versions
 
         payload = {"teacher": run.cfg_dict["teacher"], "task": run.cfg_dict["task"], "seed": run.cfg_dict["seed"],
-                   "stage": {k: v for k, v in asdict(self.cfg).items() if k not in ("cache", "load_from")},
+                   "stage": {k: v for k, v in asdict(self.cfg).items() if k not in ("cache", "load_from", "ensemble", "ensemble_weights")},
                    "trainer": {k: v for k, v in run.cfg_dict["trainer"].items() if k.startswith(("limit_", "precision", "accumulate"))},
                    "versions": library_versions(), "format": 1}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -85,4 +98,12 @@ class TeacherStage(Stage):
                     except OSError:  # another run finished the same entry first: keep theirs
                         shutil.rmtree(tmp, ignore_errors=True)
         run.set_teacher(teacher)
+        if self.cfg.ensemble:
+            from dpq.distill import EnsembleTeacher, TeacherLogits
+
+            extra = [TeacherLogits(load_model(run.teacher_spec, run.task_dict, Path(p)), run.data.num_train, run.num_labels)
+                     for p in self.cfg.ensemble]
+            weights = [float(w) for w in self.cfg.ensemble_weights] if self.cfg.ensemble_weights is not None else None
+            run.teacher_logits = EnsembleTeacher([run.teacher_logits, *extra], weights)
+            info["ensemble"] = {"members": [str(p) for p in self.cfg.ensemble], "weights": weights}
         run.record(self, teacher, role="teacher", extra=info)

@@ -1,0 +1,132 @@
+"""``spiral``: alternate prune and distill rounds; each round's model teaches the next.
+
+Round r prunes from the previous round's sparsity to ``round_targets[r]`` (gradual ramp,
+KD on), then distils with the masks frozen. Its teacher is chosen by ``teacher_mode``:
+``previous`` -- the model as it entered the round (the previous round's result; for round 0
+the model entering the spiral), ``original`` -- the pipeline's teacher, ``both`` -- the two
+as an equally weighted ensemble. Every record, and so every logged metric, carries the
+round index; results.json gets one entry per round.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpq.distill import EnsembleTeacher, TeacherLogits
+from dpq.errors import ConfigError
+from dpq.stages.base import Stage, register
+from dpq.stages.distill import DistillConfig, DistillStage
+from dpq.stages.prune import PruneConfig, PruneStage
+
+TEACHER_MODES = ("previous", "original", "both")
+
+
+@dataclass
+class SpiralConfig:
+    kind: str = "spiral"
+    rounds: int = 3
+    initial_sparsity: float = 0.0
+    final_sparsity: float = 0.5
+    round_targets: Any = None  # explicit per-round targets; null = linear from initial to final
+    teacher_mode: str = "previous"
+    prune: dict = field(default_factory=dict)  # PruneConfig fields for every round's prune
+    distill: dict = field(default_factory=dict)  # DistillConfig fields for every round's distill
+
+    def targets(self) -> list[float]:
+        if self.round_targets is not None:
+            return [float(t) for t in self.round_targets]
+        step = (self.final_sparsity - self.initial_sparsity) / self.rounds
+        return [self.initial_sparsity + step * (r + 1) for r in range(self.rounds)]
+
+    def check(self, key: str) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"{key}.rounds", self.rounds, "must be >= 1")
+        if self.teacher_mode not in TEACHER_MODES:
+            raise ConfigError(f"{key}.teacher_mode", self.teacher_mode, f"must be one of {', '.join(TEACHER_MODES)}")
+        targets = self.targets()
+        if len(targets) != self.rounds:
+            raise ConfigError(f"{key}.round_targets", self.round_targets, f"needs one target per round ({self.rounds})")
+        prev = self.initial_sparsity
+        for t in targets:
+            if not 0.0 <= t < 1.0 or t < prev:
+                raise ConfigError(f"{key}.round_targets", targets,
+                                  f"must rise monotonically from initial_sparsity={self.initial_sparsity} and stay in [0, 1)")
+            prev = t
+        for sub, cls in (("prune", PruneStage), ("distill", DistillStage)):
+            bad = {"kind", "initial_sparsity", "final_sparsity"} & set(getattr(self, sub))
+            if bad:
+                raise ConfigError(f"{key}.{sub}.{sorted(bad)[0]}", getattr(self, sub)[sorted(bad)[0]],
+                                  "is set per round by the spiral; use round_targets / final_sparsity")
+            cls.from_config(f"{key.split('.')[-1]}.{sub}", {**getattr(self, sub), "kind": cls.kind})
+
+
+@register
+class SpiralStage(Stage):
+    kind = "spiral"
+    Config = SpiralConfig
+
+    @classmethod
+    def from_config(cls, name: str, raw: dict[str, Any]) -> "SpiralStage":
+        key = f"pipeline.stages.{name}"
+        fields = {f.name for f in dataclasses.fields(SpiralConfig)}
+        unknown = sorted(set(raw) - fields)
+        if unknown:
+            raise ConfigError(f"{key}.{unknown[0]}", raw[unknown[0]], f"is not a parameter of a spiral stage; allowed: {', '.join(sorted(fields))}")
+        raw = dict(raw)
+        for k, typ in (("rounds", int), ("initial_sparsity", float), ("final_sparsity", float)):
+            if k in raw:
+                try:
+                    raw[k] = typ(raw[k])
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{key}.{k}", raw[k], f"must be a number ({typ.__name__})") from None
+        raw["prune"], raw["distill"] = dict(raw.get("prune") or {}), dict(raw.get("distill") or {})
+        cfg = SpiralConfig(**raw)
+        cfg.check(key)
+        return cls(name, cfg)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.cfg.teacher_mode != "previous"
+
+    def check_order(self, before: list[Stage]) -> None:
+        if self.uses_teacher and not any(s.kind == "teacher" for s in before):
+            raise ConfigError(f"{self.key}.teacher_mode", self.cfg.teacher_mode,
+                              "needs a teacher stage before the spiral (or use teacher_mode=previous)")
+
+    def round_stages(self, r: int, start: float, target: float) -> tuple[PruneStage, DistillStage]:
+        prune = PruneStage(f"{self.name}.r{r}.prune", PruneConfig(**{**self.cfg.prune, "kind": "prune",
+                                                                     "initial_sparsity": start, "final_sparsity": target}))
+        distill = DistillStage(f"{self.name}.r{r}.distill", DistillConfig(**{**self.cfg.distill, "kind": "distill"}))
+        return prune, distill
+
+    def run(self, run) -> None:
+        cfg: SpiralConfig = self.cfg
+        student = run.ensure_student()
+        original = run.teacher_logits
+        start = cfg.initial_sparsity
+        try:
+            for r, target in enumerate(cfg.targets()):
+                run.teacher_logits = self._round_teacher(run, student, original)
+                prune, distill = self.round_stages(r, start, target)
+                for sub in (prune, distill):
+                    run.begin_stage()
+                    sub.run(run)
+                    run.records[-1]["round"] = r
+                    run.records[-1]["round_target"] = target
+                    run.records[-1]["teacher_mode"] = cfg.teacher_mode
+                start = target
+        finally:
+            run.teacher_logits = original  # later stages distil from the pipeline's teacher again
+
+    def _round_teacher(self, run, student, original: TeacherLogits | None):
+        if self.cfg.teacher_mode == "original":
+            return original
+        snapshot = copy.deepcopy(student).eval().requires_grad_(False)
+        previous = TeacherLogits(snapshot, run.data.num_train, run.num_labels)
+        if self.cfg.teacher_mode == "previous":
+            return previous
+        return EnsembleTeacher([original, previous])
+

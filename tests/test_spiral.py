@@ -1,0 +1,54 @@
+"""Spiral compression: alternating prune and distill rounds, each round's model teaching the next."""
+
+import json
+
+import pytest
+
+from dpq.errors import ConfigError
+from dpq.stages.spiral import SpiralConfig
+from dpq.train import train
+
+
+def test_spiral_three_rounds_raise_sparsity_monotonically_and_list_rounds(make_cfg, tmp_path):
+    cfg = make_cfg("experiment=tiny", "pipeline=spiral", "cost.repeats=1", "cost.warmup=0")
+    results = train(cfg)
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    rounds = on_disk["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    sparsities = [r["metrics"]["sparsity"] for r in rounds]
+    assert sparsities == pytest.approx([1 / 6, 2 / 6, 3 / 6], abs=1e-3)
+    assert all(b > a for a, b in zip(sparsities, sparsities[1:]))
+    names = [s["stage"] for s in results["stages"]]
+    assert names == ["teacher", "distill", "spiral.r0.prune", "spiral.r0.distill", "spiral.r1.prune",
+                     "spiral.r1.distill", "spiral.r2.prune", "spiral.r2.distill", "quantize"]
+    assert results["final"]["quantized"] and results["final"]["sparsity"] >= 0.5 - 1e-3
+
+
+@pytest.mark.parametrize("mode", ["original", "both"])
+def test_spiral_teacher_modes_run(make_cfg, mode):
+    cfg = make_cfg("experiment=tiny", "pipeline=spiral", f"pipeline.stages.spiral.teacher_mode={mode}",
+                   "pipeline.stages.spiral.rounds=2", "pipeline.order=[teacher,distill,spiral]", "cost.repeats=1",
+                   "cost.warmup=0", "save_model=false")
+    results = train(cfg)
+    assert [r["round"] for r in results["rounds"]] == [0, 1]
+    assert all(r["teacher_mode"] == mode for r in results["rounds"])
+
+
+def test_round_targets_default_to_a_linear_ramp():
+    assert SpiralConfig(rounds=3, final_sparsity=0.6).targets() == pytest.approx([0.2, 0.4, 0.6])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("pipeline.stages.spiral.round_targets=[0.4,0.2,0.5]", "pipeline.stages.spiral.round_targets"),
+        ("pipeline.stages.spiral.teacher_mode=newest", "pipeline.stages.spiral.teacher_mode"),
+        ("+pipeline.stages.spiral.prune.final_sparsity=0.9", "pipeline.stages.spiral.prune.final_sparsity"),
+        ("+pipeline.stages.spiral.distill.epoch=2", "pipeline.stages.spiral.distill.epoch"),
+        ("pipeline.stages.spiral.rounds=0", "pipeline.stages.spiral.rounds"),
+    ],
+)
+def test_bad_spiral_configs(make_cfg, override, key):
+    with pytest.raises(ConfigError) as err:
+        train(make_cfg("experiment=tiny", "pipeline=spiral", override))
+    assert err.value.key == key

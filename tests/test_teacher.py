@@ -1,0 +1,69 @@
+"""The teacher stage: cache hits skip training, config changes miss, broken entries are rebuilt."""
+
+import pytest
+
+from conftest import compose_cfg
+from dpq.pipeline import RunState
+from dpq.train import train
+
+BASE = ["experiment=tiny", "pipeline=dense", "cost.repeats=1", "cost.warmup=0"]
+
+
+@pytest.fixture
+def count_fits(monkeypatch):
+    calls = []
+    real = RunState.fit
+
+    def counting(self, model, stage, *a, **k):
+        calls.append(stage.name)
+        return real(self, model, stage, *a, **k)
+
+    monkeypatch.setattr(RunState, "fit", counting)
+    return calls
+
+
+def run(tmp_path, name, *extra):
+    cfg = compose_cfg(tmp_path / name, [*BASE, *extra])
+    cfg.paths.cache_dir = str(tmp_path / "cache")
+    return train(cfg)
+
+
+def test_cache_hit_skips_teacher_training_and_a_config_change_misses(tmp_path, count_fits):
+    first = run(tmp_path, "a")
+    assert count_fits.count("teacher") == 1 and first["stages"][0]["cache"] == "miss"
+    second = run(tmp_path, "b")
+    assert count_fits.count("teacher") == 1  # not trained again
+    assert second["stages"][0]["cache"].startswith("hit:")
+    assert second["stages"][0]["metrics"]["accuracy"] == first["stages"][0]["metrics"]["accuracy"]
+    third = run(tmp_path, "c", "pipeline.stages.teacher.lr=3e-4")
+    assert count_fits.count("teacher") == 2 and third["stages"][0]["cache"] == "miss"
+
+
+def test_a_corrupt_cache_entry_is_rebuilt_not_used(tmp_path, count_fits):
+    first = run(tmp_path, "a")
+    entry = first["stages"][0]
+    (tmp_path / "cache" / "teachers").mkdir(exist_ok=True)
+    [folder] = list((tmp_path / "cache" / "teachers").iterdir())
+    (folder / "model.safetensors").write_bytes(b"truncated")
+    second = run(tmp_path, "b")
+    assert count_fits.count("teacher") == 2 and second["stages"][0]["cache"] == "miss"
+    assert entry["cache"] == "miss"
+    assert (folder / "COMPLETE").exists()  # the rebuilt entry is whole again
+    third = run(tmp_path, "c")
+    assert third["stages"][0]["cache"].startswith("hit:")
+
+
+def test_teacher_ensemble_and_load_from(tmp_path):
+    first = run(tmp_path, "a")
+    saved = first["model_dir"]  # a fine-tuned (student) model folder serves as a second teacher
+    results = run(tmp_path, "b", f"+pipeline.stages.teacher.ensemble=[{saved}]",
+                  "+pipeline.stages.teacher.ensemble_weights=[1,3]")
+    assert results["stages"][0]["ensemble"]["weights"] == [1.0, 3.0]
+    loaded = run(tmp_path, "c", f"pipeline.stages.teacher.load_from={saved}")
+    assert loaded["stages"][0]["loaded_from"] == saved
+
+
+def test_feature_distillation_runs_end_to_end_with_a_narrower_student(tmp_path):
+    results = run(tmp_path, "a", "pipeline.stages.distill.hidden=1.0", "pipeline.stages.distill.attention=0.5",
+                  "pipeline.stages.distill.relation=1.0", "model.config.hidden_size=32", "model.config.intermediate_size=64")
+    assert results["final"]["params_total"] < results["stages"][0]["metrics"]["params_total"]
