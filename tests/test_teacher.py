@@ -67,3 +67,12 @@ def test_feature_distillation_runs_end_to_end_with_a_narrower_student(tmp_path):
     results = run(tmp_path, "a", "pipeline.stages.distill.hidden=1.0", "pipeline.stages.distill.attention=0.5",
                   "pipeline.stages.distill.relation=1.0", "model.config.hidden_size=32", "model.config.intermediate_size=64")
     assert results["final"]["params_total"] < results["stages"][0]["metrics"]["params_total"]
+
+
+def test_a_partial_cache_entry_is_replaced(tmp_path, count_fits):
+    run(tmp_path, "a")
+    [folder] = list((tmp_path / "cache" / "teachers").iterdir())
+    (folder / "COMPLETE").unlink()  # as if a writer died before finishing
+    second = run(tmp_path, "b")
+    assert count_fits.count("teacher") == 2 and second["stages"][0]["cache"] == "miss"
+    assert (folder / "COMPLETE").exists()

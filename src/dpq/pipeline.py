@@ -43,6 +43,7 @@ class RunState:
         self.masks: Masks | None = None
         self.quantized = False
         self.records: list[dict] = []
+        self.round: dict | None = None  # set by composite stages (spiral): added to every record and logged metric
         self._prunable: dict[int, list[str]] = {}
         self._stage_started = time.perf_counter()
 
@@ -134,10 +135,12 @@ class RunState:
         metrics.update(cost.measure(model, self.example_inputs(), self._prunable_names(model, role),
                                     latency_kwargs={"warmup": int(c["warmup"]), "repeats": int(c["repeats"])}))
         rec = {"stage": stage.name, "kind": stage.kind, "model": role, "quantized": self.quantized and role != "teacher",
-               "duration_s": time.perf_counter() - self._stage_started, "metrics": metrics, **(extra or {})}
+               "duration_s": time.perf_counter() - self._stage_started, **(self.round or {}), "metrics": metrics,
+               **(extra or {})}
         self.records.append(rec)
         if self.logger is not None:
-            scalar = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            scalar = {k: v for k, v in {**metrics, **(self.round or {})}.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)}
             try:
                 self.logger.log_metrics({f"result/{k}": v for k, v in scalar.items()} | {"result/stage_index": len(self.records) - 1},
                                         step=len(self.records) - 1)

@@ -111,15 +111,13 @@ class SpiralStage(Stage):
             for r, target in enumerate(cfg.targets()):
                 run.teacher_logits = self._round_teacher(run, student, original)
                 prune, distill = self.round_stages(r, start, target)
+                run.round = {"round": r, "round_target": target, "teacher_mode": cfg.teacher_mode}
                 for sub in (prune, distill):
                     run.begin_stage()
                     sub.run(run)
-                    run.records[-1]["round"] = r
-                    run.records[-1]["round_target"] = target
-                    run.records[-1]["teacher_mode"] = cfg.teacher_mode
                 start = target
         finally:
-            run.teacher_logits = original  # later stages distil from the pipeline's teacher again
+            run.teacher_logits, run.round = original, None  # later stages distil from the pipeline's teacher again
 
     def _round_teacher(self, run, student, original: TeacherLogits | None):
         if self.cfg.teacher_mode == "original":

@@ -89,6 +89,10 @@ class TeacherStage(Stage):
                 run.fit(teacher, self, kd_alpha=0.0)
                 info["cache"] = "miss" if cfg.cache else "off"
                 if cfg.cache:
+                    if entry.exists() and not (entry / "COMPLETE").exists():
+                        # Entries are renamed into place only once complete, so this is debris
+                        # (an older format, a hand edit): replace it, never read it.
+                        shutil.rmtree(entry, ignore_errors=True)
                     entry.parent.mkdir(parents=True, exist_ok=True)
                     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".tmp-"))
                     save_model(teacher, tmp)
