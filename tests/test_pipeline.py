@@ -98,3 +98,14 @@ def test_second_run_reuses_the_cached_teacher_and_reproduces_the_first(tmp_path)
     for a, b in zip(first["stages"], second["stages"]):
         assert a["metrics"]["accuracy"] == b["metrics"]["accuracy"]
         assert a["metrics"]["loss"] == pytest.approx(b["metrics"]["loss"], rel=1e-5)
+
+
+def test_a_nan_loss_stops_the_run_with_a_clear_error(make_cfg, tmp_path):
+    from dpq.errors import TrainingDiverged
+
+    cfg = make_cfg("experiment=digits", "pipeline=dense", "trainer=debug", "pipeline.stages.distill.lr=1e30",
+                   "pipeline.stages.distill.epochs=3", "cost.repeats=1", "cost.warmup=0")
+    with pytest.raises(TrainingDiverged, match="stage 'distill'"):
+        train(cfg)
+    partial = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert partial["status"] == "diverged" and [s["stage"] for s in partial["stages"]] == ["teacher"]

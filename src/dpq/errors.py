@@ -15,3 +15,7 @@ class ConfigError(ValueError):
         if hint:
             msg += f" ({hint})"
         super().__init__(msg)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run stops instead of training on garbage."""

@@ -79,6 +79,12 @@ class ClassifierModule(L.LightningModule):
                 else:
                     t_logits = self.teacher(model_inputs(batch), batch["idx"])
             loss, parts = kd_loss(logits, t_logits, batch["labels"], self.kd, teacher_log_probs=t_logp)
+        if not torch.isfinite(loss):
+            from dpq.errors import TrainingDiverged
+
+            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+            raise TrainingDiverged(f"stage '{self.stage}', step {self.global_step}: loss is {float(loss)} ({detail}); "
+                                   f"lower pipeline.stages.{self.stage.split('.')[0]}.lr or check the data")
         bs = batch["labels"].shape[0]
         self.log(f"{self.stage}/train_loss", loss, prog_bar=True, batch_size=bs)
         for k, v in parts.items():

@@ -129,11 +129,21 @@ class RunState:
             return cost.example_inputs_for("text", int(c["batch_size"]), int(c["seq_len"]), vocab_size=len(self.tokenizer))
         return cost.example_inputs_for("features", int(c["batch_size"]), num_features=int(self.task_dict["num_features"]))
 
+    def latency_device(self) -> str:
+        """Where latency is measured: ``cost.device`` (cpu | cuda | auto = cuda when available)."""
+        want = self.cfg_dict["cost"].get("device", "cpu")
+        if want == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return want
+
     def record(self, stage: Stage, model: nn.Module, role: str = "student", extra: dict | None = None) -> dict:
         metrics = self.evaluate(model, stage.name)
         c = self.cfg_dict["cost"]
         metrics.update(cost.measure(model, self.example_inputs(), self._prunable_names(model, role),
-                                    latency_kwargs={"warmup": int(c["warmup"]), "repeats": int(c["repeats"])}))
+                                    latency_kwargs={"warmup": int(c["warmup"]), "repeats": int(c["repeats"]),
+                                                    "device": self.latency_device()}))
         rec = {"stage": stage.name, "kind": stage.kind, "model": role, "quantized": self.quantized and role != "teacher",
                "duration_s": time.perf_counter() - self._stage_started, **(self.round or {}), "metrics": metrics,
                **(extra or {})}

@@ -16,7 +16,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from dpq.data import ClassificationDataModule, load_task
-from dpq.errors import ConfigError
+from dpq.errors import ConfigError, TrainingDiverged
 from dpq.loggers import build_logger, finish
 from dpq.models import load_tokenizer
 from dpq.pipeline import RunState
@@ -52,7 +52,14 @@ def train(cfg: DictConfig) -> dict:
     log.info("pipeline %s: %s", cfg_dict["pipeline"]["name"], " -> ".join(s.name for s in stages))
 
     run = RunState(cfg_dict, cfg.trainer, data, tokenizer, logger, output_dir)
-    run.run(stages)
+    try:
+        run.run(stages)
+    except TrainingDiverged as e:
+        # Keep what the finished stages measured, marked as such, then stop.
+        write_json_atomic(output_dir / "results.json", {"status": "diverged", "error": str(e), "stages": run.records,
+                                                        "config": cfg_dict})
+        finish(logger)
+        raise
 
     model, role = run.final_model
     model_dir = None
@@ -62,6 +69,7 @@ def train(cfg: DictConfig) -> dict:
         model_dir = save_model(model, output_dir / "model", tokenizer)
     final = dict(run.records[-1]["metrics"])
     results = {
+        "status": "completed",
         "run_name": cfg_dict["run_name"],
         "pipeline": cfg_dict["pipeline"]["name"],
         "order": [s.name for s in stages],
@@ -94,6 +102,9 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"dpq: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"dpq: training diverged: {e}", file=sys.stderr)
+        sys.exit(3)
     return results["final"]["accuracy"]  # the value an Optuna sweeper optimises
 
 

@@ -72,6 +72,14 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
 
         if not torch.cuda.is_available():
             raise ConfigError("trainer.accelerator", accel, "no CUDA GPU is visible on this machine; use trainer=cpu")
+    device = cfg.get("cost", {}).get("device", "cpu")
+    if device not in ("cpu", "cuda", "auto"):
+        raise ConfigError("cost.device", device, "must be one of cpu, cuda, auto")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("cost.device", device, "no CUDA GPU is visible on this machine; use cpu or auto")
     kind = (cfg.get("logger") or {}).get("kind", "none")
     if kind not in LOGGERS:
         raise ConfigError("logger.kind", kind, f"must be one of {', '.join(LOGGERS)}")
