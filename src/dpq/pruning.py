@@ -1,7 +1,9 @@
 """Magnitude masks and the two Lightning callbacks that own them.
 
-* :class:`SparsityRamp` -- the ``prune`` stage: gradual magnitude pruning along a polynomial
-  ramp, masks recomputed every ``update_every`` optimizer steps and re-applied after every step.
+* :class:`SparsityRamp` -- the ``prune`` stage: gradual pruning along a sparsity schedule
+  (:mod:`dpq.schedules`), masks recomputed every ``update_every`` optimizer steps from an
+  importance criterion (magnitude, Taylor, movement) and re-applied after every step;
+  unstructured or N:M semi-structured, optionally with per-layer final sparsities.
 * :class:`MaskFreeze` -- ``recover`` and every later stage: masks fixed, re-applied after
   every optimizer step, so no pruned weight comes back.
 
@@ -15,17 +17,21 @@ tensors kept in the callback's ``state_dict`` under a per-stage ``state_key``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from dpq.schedules import polynomial_sparsity, ramp_progress
+from dpq.schedules import Schedule, polynomial_sparsity, ramp_progress
 
 Masks = dict[str, torch.Tensor]  # module name -> bool keep-mask with the weight's shape
 
 SCOPES = ("layer", "global")
+CRITERIA = ("magnitude", "taylor", "movement")
+GRANULARITIES = ("unstructured", "n:m")
 
 
 def weight_of(model: nn.Module, name: str) -> torch.Tensor:
@@ -33,34 +39,66 @@ def weight_of(model: nn.Module, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def magnitude_masks(model: nn.Module, names: list[str], sparsity: float, previous: Masks | None = None,
-                    scope: str = "layer") -> Masks:
-    """Keep-masks that zero the ``sparsity`` fraction of smallest-|w| weights.
+def score_masks(scores: Mapping[str, torch.Tensor], sparsity: float | Mapping[str, float], previous: Masks | None = None,
+                scope: str = "layer", n_m: tuple[int, int] | None = None) -> Masks:
+    """Keep-masks that zero the ``sparsity`` fraction of lowest-scoring weights.
 
-    Already-pruned weights (``previous``) rank below everything else, so masks only grow
-    sparser (a pruned weight never returns within a ramp). ``scope="layer"`` gives every
-    layer the same sparsity; ``"global"`` uses one threshold across all layers.
+    Already-pruned weights (``previous``) rank below everything else (-inf, so this holds for
+    signed scores such as movement too) and stay pruned, so masks only grow sparser (a pruned
+    weight never returns within a ramp). ``scope="layer"`` ranks each layer on its own, with
+    ``sparsity`` either one float or a per-layer mapping; ``"global"`` uses one threshold
+    across all layers (one float only). With ``n_m=(N, M)`` only the M-N lowest scores of each
+    group of M consecutive input weights may be pruned, so at sparsity (M-N)/M every group
+    keeps exactly N weights (2:4 = at most 2 non-zeros in every 4).
     """
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r}: must be one of {SCOPES}")
-    scores = {}
-    for n in names:
-        s = weight_of(model, n).detach().abs().float()
+    per_layer = isinstance(sparsity, Mapping)
+    if per_layer and scope == "global":
+        raise ValueError("per-layer sparsities need scope='layer'")
+    ranked: dict[str, torch.Tensor] = {}
+    for n, s in scores.items():
+        s = s.detach().float()
         if previous is not None and n in previous:
-            s = torch.where(previous[n].to(s.device), s, torch.full_like(s, -1.0))
-        scores[n] = s
+            s = torch.where(previous[n].to(s.device), s, torch.full_like(s, -math.inf))
+        if n_m is not None:
+            s = torch.where(nm_candidates(s, n_m, n), s, torch.full_like(s, math.inf))
+        ranked[n] = s
     masks: Masks = {}
     if scope == "global":
-        flat = torch.cat([s.flatten() for s in scores.values()])
-        keep = _keep_largest(flat, int(round(sparsity * flat.numel())))
+        flat = torch.cat([s.flatten() for s in ranked.values()])
+        keep = _keep_largest(flat, int(round(float(sparsity) * flat.numel())))
         offset = 0
-        for n, s in scores.items():
+        for n, s in ranked.items():
             masks[n] = keep[offset: offset + s.numel()].view_as(s)
             offset += s.numel()
-        return masks
-    for n, s in scores.items():
-        masks[n] = _keep_largest(s, int(round(sparsity * s.numel())))
+    else:
+        for n, s in ranked.items():
+            sp = float(sparsity[n]) if per_layer else float(sparsity)
+            masks[n] = _keep_largest(s, int(round(sp * s.numel())))
+    if previous is not None:  # a group with more than M-N earlier zeros must not get them back
+        masks = {n: m & previous[n].to(m.device) if n in previous else m for n, m in masks.items()}
     return masks
+
+
+def nm_candidates(scores: torch.Tensor, n_m: tuple[int, int], name: str = "") -> torch.Tensor:
+    """Bool mask of the M-N lowest scores in each group of M consecutive weights along the input dim."""
+    n, m = n_m
+    if scores.dim() != 2 or scores.shape[1] % m:
+        raise ValueError(f"{name}: N:M pruning groups {m} consecutive input weights, but the weight has shape "
+                         f"{tuple(scores.shape)} (in_features must be divisible by {m})")
+    groups = scores.reshape(-1, m)
+    idx = torch.topk(groups, m - n, dim=1, largest=False).indices
+    cand = torch.zeros_like(groups, dtype=torch.bool)
+    cand.scatter_(1, idx, True)
+    return cand.view_as(scores)
+
+
+@torch.no_grad()
+def magnitude_masks(model: nn.Module, names: list[str], sparsity: float | Mapping[str, float], previous: Masks | None = None,
+                    scope: str = "layer", n_m: tuple[int, int] | None = None) -> Masks:
+    """:func:`score_masks` with |w| as the score: prune the smallest-magnitude weights."""
+    return score_masks({n: weight_of(model, n).detach().abs() for n in names}, sparsity, previous, scope, n_m)
 
 
 def _keep_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -144,38 +182,93 @@ class MaskFreeze(_MaskCallback):
 
 
 class SparsityRamp(_MaskCallback):
-    """Gradual magnitude pruning: sparsity follows :func:`polynomial_sparsity` over the stage.
+    """Gradual pruning: sparsity follows a schedule (default :func:`polynomial_sparsity`) over the stage.
 
     The target at optimizer step t is a pure function of ``t / total_steps``: ``initial`` at
-    the first step, ``final`` from ``ramp_end`` of the stage to its end. Masks are
-    recomputed every ``update_every`` steps (and exactly at the start and end), and applied
-    after every step. ``frozen`` masks from an earlier prune stage are kept (intersected).
+    the first step, ``final`` (or the layer's own entry in ``finals``) from ``ramp_end`` of the
+    stage to its end. Masks are recomputed every ``update_every`` steps (and exactly at the
+    start and end), and applied after every step. ``frozen`` masks from an earlier prune
+    stage are kept (intersected).
+
+    ``criterion`` ranks the weights at each update: ``magnitude`` |w|; ``taylor`` |w*grad|
+    and ``movement`` -w*grad (Sanh et al. 2020: weights moving towards zero go first), both
+    summed over the optimizer steps since the last update (gradients read before the masked
+    ones are zeroed) and reset after it. An update with no accumulated step -- the one at
+    step 0, or one right after a resume-time update -- falls back to magnitude.
+
+    ``n_m=(N, M)``: every update may only prune among the M-N lowest-scoring weights of each
+    group of M, so the unstructured ramp to ``final = (M-N)/M`` ends in exact N:M masks.
     """
 
     def __init__(self, name: str, targets: list[str], initial: float, final: float, exponent: float = 3.0,
-                 update_every: int = 10, ramp_end: float = 1.0, scope: str = "layer", frozen: Masks | None = None):
+                 update_every: int = 10, ramp_end: float = 1.0, scope: str = "layer", frozen: Masks | None = None,
+                 *, criterion: str = "magnitude", schedule: Schedule | None = None,
+                 finals: Mapping[str, float] | None = None, n_m: tuple[int, int] | None = None):
         super().__init__(name, frozen)
         if not targets:
             raise ValueError("SparsityRamp needs at least one target module")
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion={criterion!r}: must be one of {CRITERIA}")
         self.targets, self.initial, self.final = list(targets), float(initial), float(final)
         self.exponent, self.update_every, self.ramp_end, self.scope = float(exponent), int(update_every), float(ramp_end), scope
+        self.criterion = criterion
+        self.schedule: Schedule = schedule or partial(polynomial_sparsity, exponent=self.exponent)
+        self.finals = {k: float(v) for k, v in (finals or {}).items()}
+        if self.finals and scope == "global":
+            raise ValueError("per-layer final sparsities need scope='layer'")
+        self.n_m = tuple(n_m) if n_m is not None else None
         self.total_steps = 0
         self.history: list[tuple[int, float]] = []  # (step, target sparsity) at each mask update
+        self.scores: Masks = {}  # name -> accumulated float importance since the last mask update
+        self.score_steps = 0  # optimizer steps accumulated into ``scores``
 
-    def target_at(self, step: int) -> float:
-        return polynomial_sparsity(ramp_progress(step, self.total_steps, self.ramp_end), self.initial, self.final, self.exponent)
+    def target_at(self, step: int, name: str | None = None) -> float:
+        final = self.finals.get(name, self.final) if name is not None else self.final
+        return self.schedule(ramp_progress(step, self.total_steps, self.ramp_end), self.initial, final)
+
+    def _sparsity(self, step: int) -> float | dict[str, float]:
+        if not self.finals:
+            return self.target_at(step)
+        return {n: self.target_at(step, n) for n in self.targets}
+
+    @torch.no_grad()
+    def accumulate(self, model: nn.Module) -> None:
+        """Add this step's Taylor/movement scores; call with the raw (unmasked) gradients in place."""
+        if self.criterion == "magnitude":
+            return
+        for n in self.targets:
+            w = weight_of(model, n)
+            if w.grad is None:
+                continue
+            wg = w.detach().float() * w.grad.detach().float()
+            s = wg.abs() if self.criterion == "taylor" else -wg
+            acc = self.scores.get(n)
+            self.scores[n] = s if acc is None else acc.to(s.device) + s
+        self.score_steps += 1
+
+    def current_scores(self, model: nn.Module) -> Masks:
+        """Importance per target; magnitude when no gradient step has been accumulated yet."""
+        if self.criterion == "magnitude" or self.score_steps == 0:
+            return {n: weight_of(model, n).detach().abs() for n in self.targets}
+        return {n: self.scores[n] if n in self.scores else weight_of(model, n).detach().abs() for n in self.targets}
 
     def _update(self, pl_module, step: int) -> None:
-        target = self.target_at(step)
-        self.masks = magnitude_masks(self._model(pl_module), self.targets, target, previous=self.masks, scope=self.scope)
-        apply_masks(self._model(pl_module), self.masks)
-        self.history.append((step, target))
+        model = self._model(pl_module)
+        self.masks = score_masks(self.current_scores(model), self._sparsity(step), previous=self.masks,
+                                 scope=self.scope, n_m=self.n_m)
+        apply_masks(model, self.masks)
+        self.scores, self.score_steps = {}, 0
+        self.history.append((step, self.target_at(step)))
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.total_steps = int(trainer.estimated_stepping_batches)
         if not math.isfinite(self.total_steps) or self.total_steps <= 0:
             raise ValueError("the prune stage needs a finite number of training steps (set epochs or max_steps)")
         self._update(pl_module, trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.accumulate(self._model(pl_module))  # before super() zeroes the masked gradients
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # optimizer steps taken so far
@@ -188,15 +281,20 @@ class SparsityRamp(_MaskCallback):
         # The stage ends at the final target exactly, even if the last step was not an update step.
         if self.history and self.history[-1] == (trainer.global_step, self.final):
             return
-        target = self.target_at(self.total_steps)
-        self.masks = magnitude_masks(self._model(pl_module), self.targets, target, previous=self.masks, scope=self.scope)
-        apply_masks(self._model(pl_module), self.masks)
-        self.history.append((trainer.global_step, target))
+        model = self._model(pl_module)
+        self.masks = score_masks(self.current_scores(model), self._sparsity(self.total_steps), previous=self.masks,
+                                 scope=self.scope, n_m=self.n_m)
+        apply_masks(model, self.masks)
+        self.scores, self.score_steps = {}, 0
+        self.history.append((trainer.global_step, self.target_at(self.total_steps)))
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "total_steps": self.total_steps, "history": list(self.history)}
+        return {**super().state_dict(), "total_steps": self.total_steps, "history": list(self.history),
+                "scores": {k: v.cpu() for k, v in self.scores.items()}, "score_steps": self.score_steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.total_steps = int(state_dict.get("total_steps", 0))
         self.history = [tuple(h) for h in state_dict.get("history", [])]
+        self.scores = dict(state_dict.get("scores", {}))
+        self.score_steps = int(state_dict.get("score_steps", 0))

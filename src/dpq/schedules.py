@@ -1,6 +1,20 @@
-"""Sparsity schedules: pure functions of stage progress, so a resumed run needs only the step."""
+"""Sparsity schedules: pure functions of stage progress, so a resumed run needs only the step.
+
+Every schedule has the signature ``(progress, initial, final) -> sparsity`` once its own
+parameters are bound (:func:`make_schedule`); ``progress`` is clipped to [0, 1].
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+Schedule = Callable[[float, float, float], float]
+
+
+def _clip(progress: float) -> float:
+    return min(max(float(progress), 0.0), 1.0)
 
 
 def polynomial_sparsity(progress: float, initial: float, final: float, exponent: float = 3.0) -> float:
@@ -9,8 +23,48 @@ def polynomial_sparsity(progress: float, initial: float, final: float, exponent:
     ``progress`` is clipped to [0, 1]; exponent 3 is the paper's cubic ramp (prune fast while
     redundancy is high, slowly near the target), 1 is linear.
     """
-    p = min(max(float(progress), 0.0), 1.0)
+    p = _clip(progress)
     return final + (initial - final) * (1.0 - p) ** exponent
+
+
+def linear_sparsity(progress: float, initial: float, final: float) -> float:
+    """Straight line from ``initial`` to ``final``: the polynomial ramp with exponent 1."""
+    return polynomial_sparsity(progress, initial, final, 1.0)
+
+
+def one_shot_sparsity(progress: float, initial: float, final: float) -> float:
+    """``final`` from the very first step (``initial`` is unused), then held: prune once, fine-tune after."""
+    return float(final)
+
+
+def iterative_sparsity(progress: float, initial: float, final: float, iterations: int = 3) -> float:
+    """Iterative pruning (Han et al. 2015): ``iterations`` equal jumps at progress 1/k, 2/k, ..., 1.
+
+    A step function: ``initial`` until the first jump, fine-tuning at constant sparsity between
+    jumps, ``final`` from progress 1 (the ramp's end) on.
+    """
+    k = max(1, int(iterations))
+    jumps = min(k, math.floor(_clip(progress) * k + 1e-9))  # tolerance: step/end may land a hair below j/k
+    return initial + (final - initial) * jumps / k
+
+
+SCHEDULES: dict[str, Callable[..., float]] = {
+    "polynomial": polynomial_sparsity,
+    "linear": linear_sparsity,
+    "one_shot": one_shot_sparsity,
+    "iterative": iterative_sparsity,
+}
+
+
+def make_schedule(name: str, exponent: float = 3.0, iterations: int = 3) -> Schedule:
+    """The schedule ``name`` with its parameter bound (``exponent`` for polynomial, ``iterations`` for iterative)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule={name!r}: must be one of {', '.join(SCHEDULES)}")
+    if name == "polynomial":
+        return partial(polynomial_sparsity, exponent=float(exponent))
+    if name == "iterative":
+        return partial(iterative_sparsity, iterations=int(iterations))
+    return SCHEDULES[name]
 
 
 def ramp_progress(step: int, total_steps: int, ramp_end: float = 1.0) -> float:

@@ -1,11 +1,19 @@
-"""``prune``: gradual magnitude pruning of the student along the polynomial sparsity ramp."""
+"""``prune``: gradual pruning of the student along a sparsity schedule.
+
+Criterion (magnitude / Taylor / movement), granularity (unstructured / N:M), schedule and
+per-layer final sparsities are chosen here; :class:`dpq.pruning.SparsityRamp` does the work.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import re
+from dataclasses import dataclass, field
 
 from dpq.errors import ConfigError
-from dpq.pruning import SCOPES, MaskFreeze, SparsityRamp, intersect
+from dpq.pruning import CRITERIA, GRANULARITIES, SCOPES, MaskFreeze, SparsityRamp, intersect
+from dpq.schedules import SCHEDULES, make_schedule
+from dpq.selectors import matches
 from dpq.stages.base import KDStageConfig, Stage, register
 
 
@@ -13,11 +21,17 @@ from dpq.stages.base import KDStageConfig, Stage, register
 class PruneConfig(KDStageConfig):
     initial_sparsity: float = 0.0
     final_sparsity: float = 0.5
-    exponent: float = 3.0  # 3 = Zhu & Gupta's cubic ramp, 1 = linear
+    exponent: float = 3.0  # polynomial schedule: 3 = Zhu & Gupta's cubic ramp, 1 = linear
     update_every: int = 10  # optimizer steps between mask updates
     ramp_end: float = 0.75  # fraction of the stage at which final_sparsity is reached (then held)
     scope: str = "layer"  # layer: same sparsity per layer; global: one threshold across layers
     targets: object = None  # module selector(s); null = the model config's prune_targets
+    criterion: str = "magnitude"  # magnitude |w| | taylor |w*grad| | movement -w*grad (grad terms summed between updates)
+    schedule: str = "polynomial"  # polynomial | linear | one_shot | iterative
+    iterations: int = 3  # iterative schedule: number of equal sparsity jumps
+    granularity: str = "unstructured"  # unstructured | n:m
+    n_m: list[int] = field(default_factory=lambda: [2, 4])  # n:m: keep at most N of every M consecutive input weights
+    overrides: dict = field(default_factory=dict)  # selector -> this layer's final sparsity (scope=layer only)
 
     def check(self, key: str) -> None:
         super().check(key)
@@ -36,6 +50,75 @@ class PruneConfig(KDStageConfig):
             raise ConfigError(f"{key}.ramp_end", self.ramp_end, "must be in (0, 1]")
         if self.scope not in SCOPES:
             raise ConfigError(f"{key}.scope", self.scope, f"must be one of {', '.join(SCOPES)}")
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"{key}.criterion", self.criterion, f"must be one of {', '.join(CRITERIA)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"{key}.schedule", self.schedule, f"must be one of {', '.join(SCHEDULES)}")
+        if self.iterations < 1:
+            raise ConfigError(f"{key}.iterations", self.iterations, "must be >= 1")
+        if self.criterion != "magnitude" and self.schedule == "one_shot":
+            # One-shot prunes at step 0, before any gradient: the criterion would silently be magnitude.
+            raise ConfigError(f"{key}.criterion", self.criterion,
+                              "needs gradients, but schedule=one_shot prunes at step 0 before any; use criterion=magnitude "
+                              "or a gradual schedule")
+        self._check_n_m(key)
+        self._check_overrides(key)
+
+    def _check_n_m(self, key: str) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"{key}.granularity", self.granularity, f"must be one of {', '.join(GRANULARITIES)}")
+        nm = self.n_m
+        try:
+            nm = [int(v) for v in nm]
+            ok = len(nm) == 2 and all(float(a) == b for a, b in zip(self.n_m, nm))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok or not 0 < nm[0] < nm[1]:
+            raise ConfigError(f"{key}.n_m", self.n_m, "must be two integers [N, M] with 0 < N < M (keep N of every M)")
+        self.n_m = nm
+        if self.granularity == "n:m":
+            want = (nm[1] - nm[0]) / nm[1]
+            if not math.isclose(self.final_sparsity, want, abs_tol=1e-9):
+                raise ConfigError(f"{key}.final_sparsity", self.final_sparsity,
+                                  f"must be {want:g} for granularity=n:m with n_m={nm} (M-N of every M weights pruned)")
+            if self.overrides:
+                raise ConfigError(f"{key}.overrides", self.overrides, "not allowed with granularity=n:m (every layer ends N:M)")
+
+    def _check_overrides(self, key: str) -> None:
+        if not isinstance(self.overrides, dict):
+            raise ConfigError(f"{key}.overrides", self.overrides, "must be a mapping selector -> final sparsity")
+        if self.overrides and self.scope == "global":
+            raise ConfigError(f"{key}.overrides", self.overrides,
+                              "per-layer final sparsities need scope=layer (global uses one threshold)")
+        clean = {}
+        for sel, v in self.overrides.items():
+            k = f"{key}.overrides.{sel}"
+            if str(sel).startswith("re:"):
+                try:
+                    re.compile(str(sel)[3:])
+                except re.error as e:
+                    raise ConfigError(k, sel, f"is not a valid regex: {e}") from None
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise ConfigError(k, v, "must be a number in [0, 1)") from None
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(k, v, "must be in [0, 1)")
+            if v < self.initial_sparsity:
+                raise ConfigError(k, v, f"must be >= initial_sparsity ({self.initial_sparsity}): masks only grow sparser")
+            clean[str(sel)] = v
+        self.overrides = clean
+
+    def layer_finals(self, targets: list[str], key: str) -> dict[str, float]:
+        """Final sparsity per target an override picks (first matching selector wins); others use final_sparsity."""
+        finals: dict[str, float] = {}
+        for sel, v in self.overrides.items():
+            hit = [n for n in targets if matches(n, sel)]
+            if not hit:
+                raise ConfigError(f"{key}.overrides.{sel}", v, f"selector matches none of this stage's targets, e.g. {', '.join(targets[:4])}")
+            for n in hit:
+                finals.setdefault(n, v)
+        return finals
 
 
 @register
@@ -47,8 +130,17 @@ class PruneStage(Stage):
         cfg: PruneConfig = self.cfg
         student = run.ensure_student()
         targets = run.prune_targets(student, cfg.targets, f"{self.key}.targets")
+        n_m = (int(cfg.n_m[0]), int(cfg.n_m[1])) if cfg.granularity == "n:m" else None
+        if n_m is not None:
+            for n in targets:
+                shape = tuple(student.get_submodule(n).weight.shape)
+                if shape[1] % n_m[1]:
+                    raise ConfigError(f"{self.key}.n_m", list(n_m),
+                                      f"module {n} has in_features={shape[1]}, not divisible by M={n_m[1]}")
         ramp = SparsityRamp(self.name, targets, cfg.initial_sparsity, cfg.final_sparsity, cfg.exponent,
-                            cfg.update_every, cfg.ramp_end, cfg.scope, frozen=run.masks)
+                            cfg.update_every, cfg.ramp_end, cfg.scope, frozen=run.masks, criterion=cfg.criterion,
+                            schedule=make_schedule(cfg.schedule, cfg.exponent, cfg.iterations),
+                            finals=cfg.layer_finals(targets, self.key), n_m=n_m)
         # Masks of an earlier prune stage on modules this ramp does not touch stay frozen.
         others = {k: v for k, v in (run.masks or {}).items() if k not in targets}
         callbacks = [ramp] + ([MaskFreeze(f"{self.name}.frozen", others)] if others else [])

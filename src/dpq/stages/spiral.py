@@ -61,6 +61,11 @@ class SpiralConfig:
                 raise ConfigError(f"{key}.{sub}.{sorted(bad)[0]}", getattr(self, sub)[sorted(bad)[0]],
                                   "is set per round by the spiral; use round_targets / final_sparsity")
             cls.from_config(f"{key.split('.')[-1]}.{sub}", {**getattr(self, sub), "kind": cls.kind})
+        start = self.initial_sparsity
+        for r, target in enumerate(targets):  # each round's prune config, with its real range, up front
+            PruneStage.from_config(f"{key.split('.')[-1]}.r{r}.prune",
+                                   {**self.prune, "kind": "prune", "initial_sparsity": start, "final_sparsity": target})
+            start = target
 
 
 @register
