@@ -11,7 +11,6 @@ round index; results.json gets one entry per round.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +33,9 @@ class SpiralConfig:
     teacher_mode: str = "previous"
     prune: dict = field(default_factory=dict)  # PruneConfig fields for every round's prune
     distill: dict = field(default_factory=dict)  # DistillConfig fields for every round's distill
+
+    def __post_init__(self) -> None:
+        self.prune, self.distill = dict(self.prune or {}), dict(self.distill or {})
 
     def targets(self) -> list[float]:
         if self.round_targets is not None:
@@ -72,25 +74,6 @@ class SpiralConfig:
 class SpiralStage(Stage):
     kind = "spiral"
     Config = SpiralConfig
-
-    @classmethod
-    def from_config(cls, name: str, raw: dict[str, Any]) -> "SpiralStage":
-        key = f"pipeline.stages.{name}"
-        fields = {f.name for f in dataclasses.fields(SpiralConfig)}
-        unknown = sorted(set(raw) - fields)
-        if unknown:
-            raise ConfigError(f"{key}.{unknown[0]}", raw[unknown[0]], f"is not a parameter of a spiral stage; allowed: {', '.join(sorted(fields))}")
-        raw = dict(raw)
-        for k, typ in (("rounds", int), ("initial_sparsity", float), ("final_sparsity", float)):
-            if k in raw:
-                try:
-                    raw[k] = typ(raw[k])
-                except (TypeError, ValueError):
-                    raise ConfigError(f"{key}.{k}", raw[k], f"must be a number ({typ.__name__})") from None
-        raw["prune"], raw["distill"] = dict(raw.get("prune") or {}), dict(raw.get("distill") or {})
-        cfg = SpiralConfig(**raw)
-        cfg.check(key)
-        return cls(name, cfg)
 
     @property
     def uses_teacher(self) -> bool:
