@@ -1,7 +1,10 @@
 """Save and reload models in their library's own layout.
 
-Hugging Face models use ``save_pretrained``/``from_pretrained``; MLPs a ``model.safetensors``
-plus ``config.json``. A quantized model is saved twice: a float copy holding the dequantized
+Hugging Face models use ``save_pretrained``/``from_pretrained``; dpq's own models (MLP, CNN:
+``dpq.models.NATIVE_ARCHES``) a ``model.safetensors`` plus ``config.json``. A structurally
+shrunk Hugging Face model carries its smaller shapes in ``config.dpq_structure``; it is rebuilt
+from its config, resized (:func:`dpq.structured.restore_structure_`) and then loaded, because
+``transformers`` 5 configs cannot express per-layer head counts for ``from_pretrained``. A quantized model is saved twice: a float copy holding the dequantized
 weights (reloads anywhere with ``from_pretrained`` and gives the same logits) and the packed
 low-bit tensors (``quantized_weights.safetensors``) that :func:`load_model` puts back.
 """
@@ -15,7 +18,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dpq.models import MLPClassifier
+from dpq.models import NATIVE_ARCHES, native_from_config
 from dpq.quant import QuantizedLinear, dequantize_, load_quantized_, save_quantized
 
 
@@ -32,9 +35,10 @@ def save_model(model: nn.Module, directory: Path, tokenizer=None) -> Path:
         save_quantized(model, directory)
         float_model = copy.deepcopy(model)
         dequantize_(float_model)
-    if isinstance(float_model, MLPClassifier):
+    arch = getattr(float_model, "arch_name", None)
+    if arch in NATIVE_ARCHES:
         save_file({k: v.contiguous() for k, v in float_model.state_dict().items()}, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps({"dpq_arch": "mlp", **float_model.config}, indent=2))
+        (directory / "config.json").write_text(json.dumps({"dpq_arch": arch, **float_model.config}, indent=2))
     else:
         float_model.save_pretrained(directory)
     if tokenizer is not None:
@@ -42,13 +46,36 @@ def save_model(model: nn.Module, directory: Path, tokenizer=None) -> Path:
     return directory
 
 
+def load_shrunk_pretrained(directory: Path) -> nn.Module:
+    """A Hugging Face classifier saved after a structured shrink: config -> resize -> weights."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from dpq.structured import restore_structure_
+
+    config = AutoConfig.from_pretrained(directory)
+    model = AutoModelForSequenceClassification.from_config(config)
+    restore_structure_(model, config.dpq_structure)
+    state = {}
+    for f in sorted(Path(directory).glob("model*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"{directory}: weights do not match the shrunk structure (missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]})")
+    return model.eval()
+
+
 def load_model(spec: dict, task: dict, directory: Path) -> nn.Module:
     """Reload what :func:`save_model` wrote (packed low-bit modules included)."""
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
-    if config.get("dpq_arch") == "mlp":
-        model = MLPClassifier(config["num_features"], config["num_labels"], config["hidden"], config["dropout"])
+    if config.get("dpq_arch") in NATIVE_ARCHES:
+        model = native_from_config(config)
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    elif config.get("dpq_structure"):
+        model = load_shrunk_pretrained(directory)
     else:
         from transformers import AutoModelForSequenceClassification
 

@@ -29,6 +29,8 @@ INITS = ("pretrained", "from_teacher", "random")
 class MLPClassifier(nn.Module):
     """features -> [Linear -> ReLU -> Dropout] * k -> Linear head. Modules: ``hidden.i``, ``head``."""
 
+    arch_name = "mlp"
+
     def __init__(self, num_features: int, num_labels: int, hidden: list[int], dropout: float = 0.1):
         super().__init__()
         dims = [num_features, *hidden]
@@ -42,6 +44,17 @@ class MLPClassifier(nn.Module):
         for layer in self.hidden:
             x = self.drop(self.act(layer(x)))
         return self.head(x)
+
+
+# dpq's own (non-Hugging Face) models: ``arch_name`` -> class. Each keeps a JSON-able ``config``
+# dict whose items are its constructor's keyword arguments, so checkpoints can rebuild it.
+NATIVE_ARCHES: dict[str, type[nn.Module]] = {"mlp": MLPClassifier}
+
+
+def native_from_config(config: Mapping) -> nn.Module:
+    """Rebuild a dpq-native model from its saved ``config`` (the ``dpq_arch`` key picks the class)."""
+    cls = NATIVE_ARCHES[config["dpq_arch"]]
+    return cls(**{k: v for k, v in config.items() if k != "dpq_arch"})
 
 
 def resolve_pretrained(spec: dict) -> str:

@@ -16,6 +16,7 @@ tensors kept in the callback's ``state_dict`` under a per-stage ``state_key``.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from functools import partial
@@ -25,13 +26,16 @@ import lightning as L
 import torch
 from torch import nn
 
+from dpq import structured
 from dpq.schedules import Schedule, polynomial_sparsity, ramp_progress
+
+log = logging.getLogger(__name__)
 
 Masks = dict[str, torch.Tensor]  # module name -> bool keep-mask with the weight's shape
 
 SCOPES = ("layer", "global")
 CRITERIA = ("magnitude", "taylor", "movement")
-GRANULARITIES = ("unstructured", "n:m")
+GRANULARITIES = ("unstructured", "n:m", *structured.KINDS)  # structured kinds combine with + (heads+neurons)
 
 
 def weight_of(model: nn.Module, name: str) -> torch.Tensor:
@@ -198,13 +202,29 @@ class SparsityRamp(_MaskCallback):
 
     ``n_m=(N, M)``: every update may only prune among the M-N lowest-scoring weights of each
     group of M, so the unstructured ramp to ``final = (M-N)/M`` ends in exact N:M masks.
+
+    ``groups`` (structured pruning, :mod:`dpq.structured`): the sparsity is the fraction of
+    whole groups (heads, neurons, channels) removed per set (``scope="layer"``) or over all
+    sets (``"global"``); a group's score is the ``norm`` (l1/l2; a signed sum for movement) of
+    its elements' scores; at least ``min_keep`` groups stay in every set. The element masks
+    then zero the removed groups' producer and consumer slices.
+
+    Every update logs the target, the overall and per-layer sparsity and, for structured
+    pruning, the groups left per layer to the trainer's loggers.
     """
 
     def __init__(self, name: str, targets: list[str], initial: float, final: float, exponent: float = 3.0,
                  update_every: int = 10, ramp_end: float = 1.0, scope: str = "layer", frozen: Masks | None = None,
                  *, criterion: str = "magnitude", schedule: Schedule | None = None,
-                 finals: Mapping[str, float] | None = None, n_m: tuple[int, int] | None = None):
+                 finals: Mapping[str, float] | None = None, n_m: tuple[int, int] | None = None,
+                 groups: list[structured.GroupSet] | None = None, norm: str = "l2", min_keep: int = 1,
+                 totals: Mapping[str, int] | None = None):
         super().__init__(name, frozen)
+        self.frozen: Masks = {k: v.clone() for k, v in (frozen or {}).items()}
+        self.groups = list(groups or [])
+        self.norm, self.min_keep = norm, int(min_keep)
+        self.totals = dict(totals or {})
+        self.group_keep: Masks = {}  # group set name -> bool keep per group (structured only)
         if not targets:
             raise ValueError("SparsityRamp needs at least one target module")
         if criterion not in CRITERIA:
@@ -217,6 +237,10 @@ class SparsityRamp(_MaskCallback):
         if self.finals and scope == "global":
             raise ValueError("per-layer final sparsities need scope='layer'")
         self.n_m = tuple(n_m) if n_m is not None else None
+        if self.groups and self.n_m is not None:
+            raise ValueError("n_m does not combine with structured groups")
+        # Structured scores cover every module a group touches (consumers too), not only targets.
+        self.score_names = list(dict.fromkeys(m for g in self.groups for m in g.modules)) if self.groups else self.targets
         self.total_steps = 0
         self.history: list[tuple[int, float]] = []  # (step, target sparsity) at each mask update
         self.scores: Masks = {}  # name -> accumulated float importance since the last mask update
@@ -229,6 +253,8 @@ class SparsityRamp(_MaskCallback):
     def _sparsity(self, step: int) -> float | dict[str, float]:
         if not self.finals:
             return self.target_at(step)
+        if self.groups:  # a set takes the final of its first producer (query, intermediate.dense, conv)
+            return {g.name: self.target_at(step, g.producers[0].module) for g in self.groups}
         return {n: self.target_at(step, n) for n in self.targets}
 
     @torch.no_grad()
@@ -236,7 +262,7 @@ class SparsityRamp(_MaskCallback):
         """Add this step's Taylor/movement scores; call with the raw (unmasked) gradients in place."""
         if self.criterion == "magnitude":
             return
-        for n in self.targets:
+        for n in self.score_names:
             w = weight_of(model, n)
             if w.grad is None:
                 continue
@@ -249,22 +275,61 @@ class SparsityRamp(_MaskCallback):
     def current_scores(self, model: nn.Module) -> Masks:
         """Importance per target; magnitude when no gradient step has been accumulated yet."""
         if self.criterion == "magnitude" or self.score_steps == 0:
-            return {n: weight_of(model, n).detach().abs() for n in self.targets}
-        return {n: self.scores[n] if n in self.scores else weight_of(model, n).detach().abs() for n in self.targets}
+            return {n: weight_of(model, n).detach().abs() for n in self.score_names}
+        return {n: self.scores[n] if n in self.scores else weight_of(model, n).detach().abs() for n in self.score_names}
 
-    def _update(self, pl_module, step: int) -> None:
-        model = self._model(pl_module)
-        self.masks = score_masks(self.current_scores(model), self._sparsity(step), previous=self.masks,
-                                 scope=self.scope, n_m=self.n_m)
+    def _recompute(self, model: nn.Module, step: int) -> None:
+        scores = self.current_scores(model)
+        if self.groups:
+            signed = self.criterion == "movement" and self.score_steps > 0
+            if not self.group_keep:  # groups an earlier stage masked (not shrunk) stay removed
+                self.group_keep = structured.keep_from_masks(model, self.groups, self.frozen)
+            self.group_keep = structured.select_groups(self.groups, scores, self._sparsity(step), previous=self.group_keep,
+                                                       scope=self.scope, norm=self.norm, signed=signed,
+                                                       min_keep=self.min_keep, totals=self.totals)
+            self.masks = intersect(self.frozen, structured.group_masks(model, self.groups, self.group_keep))
+        else:
+            self.masks = score_masks(scores, self._sparsity(step), previous=self.masks, scope=self.scope, n_m=self.n_m)
         apply_masks(model, self.masks)
         self.scores, self.score_steps = {}, 0
+
+    def _update(self, pl_module, step: int, trainer=None) -> None:
+        self._recompute(self._model(pl_module), step)
         self.history.append((step, self.target_at(step)))
+        if trainer is not None:
+            self._log(trainer, step)
+
+    def update_metrics(self) -> dict[str, float]:
+        """Overall and per-layer mask sparsity, and groups left per set (structured)."""
+        out = {f"{self.name}/target_sparsity": self.history[-1][1] if self.history else 0.0,
+               f"{self.name}/sparsity": mask_sparsity({n: self.masks[n] for n in self.targets if n in self.masks})}
+        for n in self.targets:
+            if n in self.masks:
+                m = self.masks[n]
+                out[f"{self.name}/sparsity/{n}"] = 1.0 - float(m.sum()) / m.numel()
+        for g in self.groups:
+            if g.name in self.group_keep:
+                out[f"{self.name}/{g.kind}_left/{g.name}"] = float(self.group_keep[g.name].sum())
+        return out
+
+    def _log(self, trainer, step: int) -> None:
+        metrics = self.update_metrics()
+        for lg in getattr(trainer, "loggers", []) or []:
+            try:
+                lg.log_metrics(metrics, step=step)
+            except Exception as e:  # a tracker failure must not fail pruning
+                log.warning("logging pruning metrics failed: %s", e)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.total_steps = int(trainer.estimated_stepping_batches)
         if not math.isfinite(self.total_steps) or self.total_steps <= 0:
             raise ValueError("the prune stage needs a finite number of training steps (set epochs or max_steps)")
-        self._update(pl_module, trainer.global_step)
+        if self.history and self.history[-1][0] == trainer.global_step:
+            # Resumed from a checkpoint taken right after this step's update: the restored
+            # masks (and scores accumulated since) are the state; updating again would differ.
+            apply_masks(self._model(pl_module), self.masks)
+            return
+        self._update(pl_module, trainer.global_step, trainer)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.accumulate(self._model(pl_module))  # before super() zeroes the masked gradients
@@ -273,7 +338,7 @@ class SparsityRamp(_MaskCallback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # optimizer steps taken so far
         if step % self.update_every == 0 or step >= self.total_steps:
-            self._update(pl_module, step)
+            self._update(pl_module, step, trainer)
         else:
             apply_masks(self._model(pl_module), self.masks)
 
@@ -281,16 +346,14 @@ class SparsityRamp(_MaskCallback):
         # The stage ends at the final target exactly, even if the last step was not an update step.
         if self.history and self.history[-1] == (trainer.global_step, self.final):
             return
-        model = self._model(pl_module)
-        self.masks = score_masks(self.current_scores(model), self._sparsity(self.total_steps), previous=self.masks,
-                                 scope=self.scope, n_m=self.n_m)
-        apply_masks(model, self.masks)
-        self.scores, self.score_steps = {}, 0
+        self._recompute(self._model(pl_module), self.total_steps)
         self.history.append((trainer.global_step, self.target_at(self.total_steps)))
+        self._log(trainer, trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "total_steps": self.total_steps, "history": list(self.history),
-                "scores": {k: v.cpu() for k, v in self.scores.items()}, "score_steps": self.score_steps}
+                "scores": {k: v.cpu() for k, v in self.scores.items()}, "score_steps": self.score_steps,
+                "group_keep": {k: v.cpu() for k, v in self.group_keep.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -298,3 +361,4 @@ class SparsityRamp(_MaskCallback):
         self.history = [tuple(h) for h in state_dict.get("history", [])]
         self.scores = dict(state_dict.get("scores", {}))
         self.score_steps = int(state_dict.get("score_steps", 0))
+        self.group_keep = dict(state_dict.get("group_keep", {}))

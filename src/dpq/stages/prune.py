@@ -1,7 +1,9 @@
 """``prune``: gradual pruning of the student along a sparsity schedule.
 
-Criterion (magnitude / Taylor / movement), granularity (unstructured / N:M), schedule and
-per-layer final sparsities are chosen here; :class:`dpq.pruning.SparsityRamp` does the work.
+Criterion (magnitude / Taylor / movement), granularity (unstructured / N:M / structured
+heads, neurons, channels), schedule and per-layer final sparsities are chosen here;
+:class:`dpq.pruning.SparsityRamp` does the work. Structured pruning ends with a physical
+shrink (:func:`dpq.structured.shrink_`) unless ``shrink=false``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from dpq import structured
 from dpq.errors import ConfigError
 from dpq.pruning import CRITERIA, GRANULARITIES, SCOPES, MaskFreeze, SparsityRamp, intersect
 from dpq.schedules import SCHEDULES, make_schedule
@@ -29,9 +32,16 @@ class PruneConfig(KDStageConfig):
     criterion: str = "magnitude"  # magnitude |w| | taylor |w*grad| | movement -w*grad (grad terms summed between updates)
     schedule: str = "polynomial"  # polynomial | linear | one_shot | iterative
     iterations: int = 3  # iterative schedule: number of equal sparsity jumps
-    granularity: str = "unstructured"  # unstructured | n:m
+    granularity: str = "unstructured"  # unstructured | n:m | heads | neurons | channels | heads+neurons
     n_m: list[int] = field(default_factory=lambda: [2, 4])  # n:m: keep at most N of every M consecutive input weights
     overrides: dict = field(default_factory=dict)  # selector -> this layer's final sparsity (scope=layer only)
+    norm: str = "l2"  # structured: a group's score is the l1 or l2 norm of its weights' scores
+    min_keep: int = 1  # structured: groups (heads/neurons/channels) always kept per layer
+    shrink: bool = True  # structured: physically remove pruned groups at the end of the stage
+
+    @property
+    def structured(self) -> bool:
+        return self.granularity not in ("unstructured", "n:m")
 
     def check(self, key: str) -> None:
         super().check(key)
@@ -66,7 +76,18 @@ class PruneConfig(KDStageConfig):
 
     def _check_n_m(self, key: str) -> None:
         if self.granularity not in GRANULARITIES:
-            raise ConfigError(f"{key}.granularity", self.granularity, f"must be one of {', '.join(GRANULARITIES)}")
+            try:
+                structured.parse_kinds(self.granularity)
+            except ValueError:
+                raise ConfigError(f"{key}.granularity", self.granularity,
+                                  f"must be one of {', '.join(GRANULARITIES)} (structured kinds combine with +, "
+                                  "e.g. heads+neurons)") from None
+        if self.norm not in structured.NORMS:
+            raise ConfigError(f"{key}.norm", self.norm, f"must be one of {', '.join(structured.NORMS)}")
+        if isinstance(self.min_keep, bool) or int(self.min_keep) != self.min_keep or self.min_keep < 1:
+            raise ConfigError(f"{key}.min_keep", self.min_keep, "must be an integer >= 1 (a layer cannot lose all its groups)")
+        if not isinstance(self.shrink, bool):
+            raise ConfigError(f"{key}.shrink", self.shrink, "must be true or false")
         nm = self.n_m
         try:
             nm = [int(v) for v in nm]
@@ -137,13 +158,37 @@ class PruneStage(Stage):
                 if shape[1] % n_m[1]:
                     raise ConfigError(f"{self.key}.n_m", list(n_m),
                                       f"module {n} has in_features={shape[1]}, not divisible by M={n_m[1]}")
+        groups = self.find_groups(student, targets) if cfg.structured else None
         ramp = SparsityRamp(self.name, targets, cfg.initial_sparsity, cfg.final_sparsity, cfg.exponent,
                             cfg.update_every, cfg.ramp_end, cfg.scope, frozen=run.masks, criterion=cfg.criterion,
                             schedule=make_schedule(cfg.schedule, cfg.exponent, cfg.iterations),
-                            finals=cfg.layer_finals(targets, self.key), n_m=n_m)
+                            finals=cfg.layer_finals(targets, self.key), n_m=n_m, groups=groups, norm=cfg.norm,
+                            min_keep=int(cfg.min_keep), totals=getattr(student, "dpq_original_groups", None))
         # Masks of an earlier prune stage on modules this ramp does not touch stay frozen.
         others = {k: v for k, v in (run.masks or {}).items() if k not in targets}
         callbacks = [ramp] + ([MaskFreeze(f"{self.name}.frozen", others)] if others else [])
         run.fit(student, self, kd_alpha=cfg.alpha, callbacks=callbacks, freeze_masks=False)
         run.masks = intersect(run.masks, ramp.masks)
-        run.record(self, student, extra={"ramp": [list(h) for h in ramp.history[-1:]], "mask_updates": len(ramp.history)})
+        extra = {"granularity": cfg.granularity, "ramp": [list(h) for h in ramp.history[-1:]],
+                 "mask_updates": len(ramp.history)}
+        if groups:
+            extra["structure"] = structured.structure_summary(groups, ramp.group_keep)
+            extra["shrunk"] = bool(cfg.shrink)
+            if cfg.shrink:
+                run.masks = structured.shrink_(student, groups, ramp.group_keep, run.masks)
+        run.record(self, student, extra=extra)
+
+    def find_groups(self, model, targets: list[str]) -> list[structured.GroupSet]:
+        cfg: PruneConfig = self.cfg
+        groups = structured.find_groups(model, cfg.granularity, targets)
+        kinds = structured.parse_kinds(cfg.granularity)
+        missing = [k for k in kinds if not any(g.kind == k for g in groups)]
+        if missing:
+            raise ConfigError(f"{self.key}.granularity", cfg.granularity,
+                              f"the model has no {', '.join(missing)} among this stage's targets "
+                              f"({', '.join(targets[:4])}...); choose unstructured, n:m or a kind the model has")
+        for g in groups:
+            small = int(cfg.min_keep) >= g.count
+            if small and cfg.final_sparsity > 0:
+                raise ConfigError(f"{self.key}.min_keep", cfg.min_keep, f"{g.name} has only {g.count} {g.kind}; must be < {g.count}")
+        return groups
