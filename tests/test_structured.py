@@ -245,3 +245,15 @@ def test_pipeline_prunes_heads_and_neurons_shrinks_then_quantizes_and_reloads(ma
     model = load_model(cfg.model, cfg.task, cfg.paths.output_dir + "/model")
     att = model.bert.encoder.layer[1].attention.self
     assert att.num_attention_heads == 1 and model.bert.encoder.layer[1].intermediate.dense.out_features == 64
+
+
+def test_a_uniform_neuron_shrink_reloads_with_plain_from_pretrained(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = tiny_bert()
+    x = inputs()
+    prune_and_shrink(model, "neurons", 0.5)
+    assert model.config.intermediate_size == FFN // 2
+    save_model(model, tmp_path / "m")
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    assert torch.allclose(logits(model, x), logits(again, x), atol=1e-6, rtol=0)

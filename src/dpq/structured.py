@@ -362,6 +362,12 @@ def _record_structure(model: nn.Module, touched: set[str], sets: list[GroupSet])
         if gs.owner is not None and gs.count_attr:
             counts[gs.owner] = [gs.count_attr, int(getattr(model.get_submodule(gs.owner), gs.count_attr))]
     config.dpq_structure = {"linears": linears, "counts": counts, "original": dict(model.dpq_original_groups)}
+    # When every FFN kept the same width the config can say so, and plain ``from_pretrained``
+    # reloads a neurons-only shrink without dpq (per-layer head counts still need dpq's loader).
+    for attr, suffix in (("intermediate_size", "intermediate.dense"), ("hidden_dim", "ffn.lin1")):
+        widths = {m.out_features for n, m in model.named_modules() if n.endswith(suffix) and isinstance(m, nn.Linear)}
+        if hasattr(config, attr) and len(widths) == 1:
+            setattr(config, attr, widths.pop())
 
 
 @torch.no_grad()
