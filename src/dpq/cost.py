@@ -1,4 +1,4 @@
-"""Cost accounting for every run: parameters, sparsity, FLOPs, size and latency.
+"""Cost accounting for every run: parameters, sparsity, FLOPs, BOPs, size, memory, latency.
 
 Every number here is measured on the actual model object (not inferred from a
 config), so that a compressed model is reported honestly:
@@ -10,9 +10,18 @@ config), so that a compressed model is reported honestly:
   it otherwise, which would silently drop attention cost);
 * "effective" FLOPs scale each linear layer's traced cost by its weight density,
   i.e. assume perfect exploitation of exactly-zero weights and nothing else;
+* BOPs (bit operations) are the MACs of every Linear/Conv layer times its weight
+  bits times its activation bits, counting only MACs with a non-zero weight
+  (see :data:`BOPS_CONVENTION`), measured with forward hooks on the real call;
 * size is bytes at the real storage width (``storage_bytes()`` for packed
   quantized layers, element size for everything ``state_dict()`` would save);
-* latency is a median of wall-clock calls with the measuring conditions stated.
+* peak memory at inference is the model's resident tensors plus the peak of
+  tensor bytes allocated during one forward (CUDA allocator statistics on GPU,
+  torch.profiler allocation events on CPU; see :data:`PEAK_MEMORY_METHODS`);
+* latency is a median (and p90) of timed calls after warm-up, with the
+  measuring conditions stated (device, threads, batch, sequence length).
+
+:data:`UNITS` names the unit of every number :func:`measure` returns.
 
 Models are called as ``model(**example_inputs)``; if the output has a
 ``.logits`` attribute that tensor is used.
@@ -26,7 +35,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import statistics
+import sys
+import tempfile
 import time
 from numbers import Number
 from typing import Any, Iterator
@@ -36,17 +48,57 @@ from torch import Tensor, nn
 
 __all__ = [
     "FLOPS_CONVENTION",
+    "BOPS_CONVENTION",
+    "PEAK_MEMORY_METHODS",
+    "UNITS",
     "is_quantized_linear",
     "parameter_counts",
     "sparsity",
     "flops",
+    "bops",
+    "weight_bits",
+    "activation_bits",
     "size_bytes",
+    "peak_memory",
     "latency",
     "example_inputs_for",
     "measure",
 ]
 
 FLOPS_CONVENTION = "fvcore: one multiply-add counted as one flop"
+BOPS_CONVENTION = (
+    "Linear/Conv MACs with a non-zero weight x weight bits x activation bits; "
+    "attention matmuls, norms and elementwise ops not counted"
+)
+PEAK_MEMORY_METHODS = {
+    "cuda": "model parameters+buffers+inputs resident on the GPU, plus the peak of "
+    "torch.cuda.max_memory_allocated above its level before one forward (caching-allocator "
+    "reserve and CUDA context not counted)",
+    "cpu": "model parameters+buffers+inputs resident in memory, plus the peak of tensor bytes "
+    "allocated during one forward from torch.profiler allocation events (profile_memory=True); "
+    "memory allocated outside PyTorch's allocator (e.g. oneDNN scratch) is not seen",
+}
+
+# Unit of every number measure() returns (the pareto report and W&B tables show them).
+UNITS = {
+    "params_total": "count",
+    "params_nonzero": "count",
+    "sparsity": "fraction of exactly-zero weights in the pruned layers",
+    "dense_gflops": "GFLOPs per forward (1 multiply-add = 1 flop)",
+    "effective_gflops": "GFLOPs per forward, zero weights skipped (1 multiply-add = 1 flop)",
+    "linear_dense_gflops": "GFLOPs per forward (1 multiply-add = 1 flop)",
+    "linear_effective_gflops": "GFLOPs per forward (1 multiply-add = 1 flop)",
+    "bops": "bit operations per forward (non-zero weights only)",
+    "dense_bops": "bit operations per forward (all weights)",
+    "macs": "multiply-adds per forward in Linear/Conv layers",
+    "nonzero_macs": "multiply-adds per forward with a non-zero weight",
+    "size_bytes": "bytes at the stored bit width",
+    "peak_memory_bytes": "bytes",
+    "peak_activation_bytes": "bytes",
+    "latency_ms_median": "ms per forward",
+    "latency_ms_p90": "ms per forward",
+    "latency_ms_min": "ms per forward",
+}
 
 _QL_METHODS = ("dequantize", "storage_bytes", "nonzero_weights")
 _QL_ATTRS = ("in_features", "out_features")
@@ -287,6 +339,79 @@ def flops(model: nn.Module, example_inputs: dict[str, Tensor]) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- bops
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd)
+
+
+def _dtype_bits(dtype: torch.dtype) -> int:
+    if dtype.is_floating_point:
+        return torch.finfo(dtype).bits
+    if dtype == torch.bool:
+        return 1
+    return torch.iinfo(dtype).bits
+
+
+def weight_bits(module: nn.Module) -> int:
+    """Bits per weight: ``weight_bits``, else ``bits`` (packed / fake-quant layers), else the weight dtype."""
+    for attr in ("weight_bits", "bits"):
+        v = getattr(module, attr, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    w = getattr(module, "weight", None)
+    return _dtype_bits(w.dtype) if isinstance(w, Tensor) else 32
+
+
+def activation_bits(module: nn.Module, x: Any) -> int:
+    """Bits per input activation: ``act_bits`` when the layer quantizes them, else the input's dtype."""
+    v = getattr(module, "act_bits", None)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    return _dtype_bits(x.dtype) if isinstance(x, Tensor) else 32
+
+
+def bops(model: nn.Module, example_inputs: dict[str, Tensor]) -> dict:
+    """Bit operations of one forward: per Linear/Conv, MACs x weight bits x activation bits.
+
+    MACs come from the real call (forward hooks): a layer producing ``out`` does
+    ``out.numel() / out_channels`` output positions, each costing one MAC per
+    weight of its output channel, so non-zero MACs are positions x nnz(weight)
+    (this holds for grouped convs too). ``bops`` counts only non-zero weights,
+    ``dense_bops`` all of them. Bits: see :func:`weight_bits` and
+    :func:`activation_bits` (a float32 layer is 32 x 32). Outermost layers only,
+    so a quantized wrapper is not counted twice.
+    """
+    layers: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        if (_is_linear_like(mod) or _is_conv(mod)) and not (layers and _under(name, layers)):
+            layers[name] = mod
+    tot = {"bops": 0, "dense_bops": 0, "macs": 0, "nonzero_macs": 0}
+
+    def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+        out = _logits(out)
+        channels = int(getattr(mod, "out_features", 0) or getattr(mod, "out_channels", 0))
+        if not isinstance(out, Tensor) or channels == 0:
+            return
+        numel, nonzero = _weight_stats(mod)
+        positions = out.numel() // channels
+        bits = weight_bits(mod) * activation_bits(mod, args[0] if args else None)
+        tot["macs"] += positions * numel
+        tot["nonzero_macs"] += positions * nonzero
+        tot["dense_bops"] += positions * numel * bits
+        tot["bops"] += positions * nonzero * bits
+
+    handles = [m.register_forward_hook(hook) for m in layers.values()]
+    try:
+        with _eval_mode(model), torch.inference_mode():
+            model(**_to_device(example_inputs, _model_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    return {**{k: int(v) for k, v in tot.items()}, "bops_convention": BOPS_CONVENTION}
+
+
 # --------------------------------------------------------------------------- size
 
 
@@ -313,6 +438,130 @@ def size_bytes(model: nn.Module) -> dict:
         seen.add(k)
         fl += t.numel() * t.element_size()
     return {"size_bytes": int(fl + quant), "size_breakdown": {"float": int(fl), "quantized": int(quant)}}
+
+
+# --------------------------------------------------------------------------- peak memory
+
+
+@contextlib.contextmanager
+def _placed(model: nn.Module, device: str | torch.device | None) -> Iterator[torch.device]:
+    """Run on ``device`` (default: where the model is), moving the model back afterwards."""
+    home = _model_device(model)
+    dev = torch.device(device) if device is not None else home
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    moved = dev != home
+    if moved:
+        model.to(dev)
+    try:
+        yield dev
+    finally:
+        if moved:
+            model.to(home)
+
+
+def _resident_bytes(model: nn.Module, inputs: dict[str, Tensor]) -> int:
+    """Bytes of the model's parameters and buffers (tied ones once) and of the inputs, as held in memory."""
+    seen: set = set()
+    n = 0
+    tensors = [*model.parameters(), *model.buffers(), *(v for v in inputs.values() if isinstance(v, Tensor))]
+    for t in tensors:
+        k = _tensor_key(t)
+        if k not in seen:
+            seen.add(k)
+            n += t.numel() * t.element_size()
+    return n
+
+
+@contextlib.contextmanager
+def _without_profiler_banner() -> Iterator[None]:
+    """Drop the two ``USDT: ... profiler_start/stop`` lines the C++ profiler writes to stderr.
+
+    They come from native code, so Python's logging cannot silence them: fd 2 is
+    sent to a temporary file for the duration and every other line is written back.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (embedded interpreters): leave it
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().splitlines(keepends=True) if not ln.startswith(b"USDT:")]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
+def _cpu_peak_allocated(run) -> int:
+    """Peak net bytes of tensors allocated while ``run()`` executes.
+
+    torch.profiler (profile_memory=True) reports every CPU allocation (+bytes) and free
+    (-bytes); their running sum in time order is the memory the call holds, its maximum
+    the peak. (The profiler's own running total is process-global and keeps counts from
+    earlier sessions, so it is not used.)
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with _without_profiler_banner(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = run()
+        del out
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        size = getattr(node.extra_fields, "alloc_size", None)
+        if isinstance(size, int) and getattr(node.extra_fields, "device", torch.device("cpu")).type == "cpu":
+            events.append((node.start_time_ns, size))
+    peak = held = 0
+    for _, size in sorted(events, key=lambda e: e[0]):
+        held += size
+        peak = max(peak, held)
+    return peak
+
+
+def peak_memory(model: nn.Module, example_inputs: dict[str, Tensor], device: str | torch.device | None = None) -> dict:
+    """Peak memory of one inference forward: resident model + inputs + peak transient tensors.
+
+    Defined the same way on both devices so CPU and GPU numbers compare (see
+    :data:`PEAK_MEMORY_METHODS`); other tensors on the device (a teacher, an optimizer)
+    are not counted. One forward runs first as warm-up so lazy initialisation is not
+    counted. Bytes; the method is stated in ``peak_memory_method``.
+    """
+    with _placed(model, device) as dev, _eval_mode(model), torch.inference_mode():
+        inputs = _to_device(example_inputs, dev)
+        model(**inputs)  # warm-up
+        resident = _resident_bytes(model, inputs)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+            out = model(**inputs)
+            torch.cuda.synchronize(dev)
+            transient = torch.cuda.max_memory_allocated(dev) - base
+            del out
+            method = PEAK_MEMORY_METHODS["cuda"]
+        else:
+            method = PEAK_MEMORY_METHODS["cpu"]
+            if torch.autograd.profiler._is_profiler_enabled:  # a second session would end the caller's
+                transient, method = None, "not measured: torch.profiler was already running"
+            else:
+                transient = _cpu_peak_allocated(lambda: model(**inputs))
+    return {
+        "peak_memory_bytes": None if transient is None else int(resident + transient),
+        "peak_activation_bytes": None if transient is None else int(transient),
+        "peak_memory_device": str(dev),
+        "peak_memory_method": method,
+    }
 
 
 # --------------------------------------------------------------------------- latency
@@ -389,12 +638,14 @@ def example_inputs_for(
     num_features: int | None = None,
     vocab_size: int | None = None,
     seed: int = 0,
+    image_shape: tuple[int, ...] | None = None,
 ) -> dict[str, Tensor]:
     """Deterministic dummy inputs so cost numbers are reproducible across runs.
 
     "text": ``input_ids`` in [1000, vocab) (avoids special tokens) when the vocab
     is large enough, else [0, vocab); ``attention_mask`` all ones.
     "features": ``features`` float (batch, num_features).
+    "image": ``pixel_values`` float (batch, *image_shape), image_shape = (C, H, W).
     """
     g = torch.Generator().manual_seed(seed)
     if kind == "text":
@@ -407,7 +658,11 @@ def example_inputs_for(
         if num_features is None:
             raise ValueError("features inputs need num_features")
         return {"features": torch.randn(batch_size, num_features, generator=g)}
-    raise ValueError(f"unknown input kind {kind!r} (expected 'text' or 'features')")
+    if kind == "image":
+        if image_shape is None or len(image_shape) != 3:
+            raise ValueError("image inputs need image_shape = (channels, height, width)")
+        return {"pixel_values": torch.randn(batch_size, *(int(d) for d in image_shape), generator=g)}
+    raise ValueError(f"unknown input kind {kind!r} (expected 'text', 'features' or 'image')")
 
 
 def measure(
@@ -420,9 +675,11 @@ def measure(
 
     Keys: params_total, params_nonzero, sparsity, sparsity_per_layer,
     dense_gflops, effective_gflops, linear_dense_gflops, linear_effective_gflops,
-    flops_convention, size_bytes, size_breakdown, latency_ms_median,
-    latency_ms_p90, latency_ms_min, device, threads, warmup, repeats,
-    batch_size, seq_len.
+    flops_convention, bops, dense_bops, macs, nonzero_macs, bops_convention,
+    size_bytes, size_breakdown, peak_memory_bytes, peak_activation_bytes,
+    peak_memory_device, peak_memory_method, latency_ms_median, latency_ms_p90,
+    latency_ms_min, device, threads, warmup, repeats, batch_size, seq_len.
+    Units: :data:`UNITS`. Peak memory is measured where latency is (``device``).
     """
     out: dict = {}
     out.update(parameter_counts(model))
@@ -430,6 +687,8 @@ def measure(
     out["sparsity"] = sp["sparsity"]
     out["sparsity_per_layer"] = sp["per_layer"]
     out.update(flops(model, example_inputs))
+    out.update(bops(model, example_inputs))
     out.update(size_bytes(model))
+    out.update(peak_memory(model, example_inputs, device=(latency_kwargs or {}).get("device")))
     out.update(latency(model, example_inputs, **(latency_kwargs or {})))
     return out

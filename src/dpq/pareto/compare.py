@@ -1,0 +1,167 @@
+"""Baseline vs candidate across seeds: the seed study's claim (e.g. ``dpq`` at 20 % sparsity
+costs 1.6 points of accuracy for 20 % fewer GFLOPs than quant-only ``dq``), on any task.
+
+When the two share seeds, the comparison is *paired*: per-seed differences (accuracy) and
+ratios (costs), then their mean and standard deviation across seeds. Otherwise it is
+*unpaired*: difference / ratio of the means, the spread propagated from each side's standard
+deviation (sqrt(s_a^2 + s_b^2) for a difference; relative errors in quadrature for a ratio).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+
+from dpq.errors import ConfigError
+
+from .gather import json_safe
+
+DELTAS = ("accuracy", "val_accuracy")
+RATIOS = ("effective_gflops", "dense_gflops", "bops", "latency_ms_median", "size_bytes", "peak_memory_bytes",
+          "params_nonzero")
+CONTEXT = ("task", "model", "teacher")
+SELECTOR_HELP = "a pipeline name, optionally with column=value filters: 'dpq,final_sparsity=0.2,bits=4'"
+
+
+def _flat(cfg_json: str) -> dict:
+    from .report import _flatten
+
+    return _flatten(json.loads(cfg_json)) if isinstance(cfg_json, str) else {}
+
+
+def select(runs: pd.DataFrame, spec: str, key: str) -> pd.DataFrame:
+    """Final points of pipeline ``NAME`` matching every ``column=value`` (or ``dotted.config.key=value``)."""
+    name, *filters = [s.strip() for s in spec.split(",") if s.strip()]
+    finals = runs[runs["kind"] == "final"]
+    known = sorted(dict.fromkeys(finals["pipeline"]))
+    if name not in known:
+        raise ConfigError(key, spec, f"no runs of pipeline {name!r}; pipelines found: {', '.join(known) or 'none'}")
+    sel = finals[finals["pipeline"] == name]
+    for f in filters:
+        col, sep, want = f.partition("=")
+        if not sep:
+            raise ConfigError(key, spec, SELECTOR_HELP)
+        if col in sel:
+            have = sel[col]
+        else:
+            have = sel["config"].map(lambda c: _flat(c).get(col))
+            if have.isna().all():
+                raise ConfigError(key, spec, f"{col!r} is neither a column ({', '.join(map(str, sel.columns[:12]))}, ...) "
+                                  "nor a config key of these runs")
+        sel = sel[have.map(lambda v: _equal(v, want))]
+    if sel.empty:
+        raise ConfigError(key, spec, "no run matches these filters")
+    return sel
+
+
+def _equal(v, want: str) -> bool:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return want.lower() in ("none", "null", "float", "")
+    try:
+        return float(v) == float(want)
+    except (TypeError, ValueError):
+        return str(v) == want
+
+
+def _per_seed(sel: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    cols = [c for c in cols if c in sel]
+    return sel.assign(seed=sel["seed"].fillna(-1)).groupby("seed")[cols].mean()
+
+
+def _stat(values: list[float]) -> dict:
+    s = pd.Series(values, dtype=float).dropna()
+    return {"mean": json_safe(s.mean()) if len(s) else None, "std": json_safe(s.std(ddof=1)) if len(s) > 1 else 0.0,
+            "n": int(len(s))}
+
+
+def compare_pair(base: pd.DataFrame, cand: pd.DataFrame) -> dict:
+    """Deltas and ratios of one candidate configuration against one baseline configuration."""
+    cols = [*DELTAS, *RATIOS]
+    b, c = _per_seed(base, cols), _per_seed(cand, cols)
+    common = sorted(set(b.index) & set(c.index))
+    out: dict = {"pairing": "paired by seed" if common else "unpaired (no common seeds)",
+                 "seeds": [int(s) for s in common] if common else None, "deltas": {}, "ratios": {}}
+    for m in cols:
+        if m not in b or m not in c:
+            continue
+        if common:
+            diff = (c.loc[common, m] - b.loc[common, m]) if m in DELTAS else (c.loc[common, m] / b.loc[common, m])
+            stat = _stat(list(diff))
+        else:
+            mb, mc = b[m].mean(), c[m].mean()
+            sb = b[m].std(ddof=1) if len(b) > 1 else 0.0
+            sc = c[m].std(ddof=1) if len(c) > 1 else 0.0
+            if m in DELTAS:
+                stat = {"mean": json_safe(mc - mb), "std": json_safe(math.hypot(sb, sc)), "n": int(min(len(b), len(c)))}
+            else:
+                r = mc / mb
+                stat = {"mean": json_safe(r), "std": json_safe(abs(r) * math.hypot(sb / mb, sc / mc)),
+                        "n": int(min(len(b), len(c)))}
+        (out["deltas"] if m in DELTAS else out["ratios"])[m] = stat
+    return out
+
+
+def _side(sel: pd.DataFrame) -> dict:
+    r = sel.iloc[0]
+    acc = _stat(list(_per_seed(sel, ["accuracy"])["accuracy"]))
+    return {"label": r["label"], "pipeline": r["pipeline"], "order": r["order"], "config_key": r["config_key"],
+            "final_sparsity": json_safe(r.get("final_sparsity")), "bits": json_safe(r.get("bits")),
+            "seeds": sorted(int(s) for s in sel["seed"].dropna().unique()), "runs": list(sel["run"]),
+            "accuracy": acc, **{m: json_safe(sel[m].mean()) for m in RATIOS if m in sel}}
+
+
+def compare(runs: pd.DataFrame, baseline: str, candidate: str) -> list[dict]:
+    """Every candidate configuration against the baseline configuration of the same task/model/teacher."""
+    base_all = select(runs, baseline, "--baseline")
+    cand_all = select(runs, candidate, "--candidate")
+    results = []
+    ctx_cols = [c for c in CONTEXT if c in runs]
+    for ctx, cand_ctx in cand_all.groupby(ctx_cols, sort=False, dropna=False):
+        ctx = ctx if isinstance(ctx, tuple) else (ctx,)
+        mask = pd.Series(True, index=base_all.index)
+        for col, v in zip(ctx_cols, ctx):
+            mask &= base_all[col].eq(v) | (base_all[col].isna() & pd.isna(v))
+        base = base_all[mask]
+        if base.empty:
+            continue
+        configs = list(dict.fromkeys(base["config_key"]))
+        if len(configs) > 1:
+            labels = ", ".join(dict.fromkeys(base["label"]))
+            raise ConfigError("--baseline", baseline, f"matches {len(configs)} configurations ({labels}) for "
+                              f"{dict(zip(ctx_cols, ctx))}; narrow it with filters, {SELECTOR_HELP}")
+        for _, cand in cand_ctx.groupby("config_key", sort=False):
+            results.append({"context": {k: json_safe(v) for k, v in zip(ctx_cols, ctx)}, "baseline": _side(base),
+                            "candidate": _side(cand), **compare_pair(base, cand)})
+    if not results:
+        raise ConfigError("--baseline", baseline, f"no baseline run shares a task/model/teacher with {candidate!r}")
+    return results
+
+
+def fmt(stat: dict | None, digits: int = 4, signed: bool = False) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    m = f"{stat['mean']:+.{digits}f}" if signed else f"{stat['mean']:.{digits}f}"
+    return m + (f" ± {stat['std']:.{digits}f}" if stat.get("std") else "")
+
+
+def print_comparison(results: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="candidate vs baseline (mean ± std across seeds; ratios are candidate / baseline)")
+    for h in ("task", "baseline", "candidate", "pairing", "Δ accuracy", "eff. GFLOPs ×", "BOPs ×", "latency ×",
+              "size ×", "peak mem ×"):
+        table.add_column(h, justify="left" if h in ("task", "baseline", "candidate", "pairing") else "right")
+    for r in results:
+        ratios = r["ratios"]
+        table.add_row(str(r["context"].get("task")), r["baseline"]["label"], r["candidate"]["label"],
+                      f"{r['pairing'].split(' (')[0]}, n={r['deltas'].get('accuracy', {}).get('n', 0)}",
+                      fmt(r["deltas"].get("accuracy"), signed=True), fmt(ratios.get("effective_gflops"), 3),
+                      fmt(ratios.get("bops"), 3), fmt(ratios.get("latency_ms_median"), 3),
+                      fmt(ratios.get("size_bytes"), 3), fmt(ratios.get("peak_memory_bytes"), 3))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=170)
+    console.print(table)

@@ -1,0 +1,305 @@
+"""Collect points from results.json files (run folders, multirun folders, globs) or a W&B sweep.
+
+Every run gives its *final* point plus two reference points that the same results.json
+already measured: the *teacher* and the *dense* distilled student (the record of the
+first distill stage). Each point carries a ``config_key``: a hash of the configuration
+that determined it, without the seed, run name, paths and logger, so that seeds of one
+configuration can be merged (:mod:`dpq.pareto.aggregate`) and the shared teacher of a
+whole grid counts once.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from dpq.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.json"
+# Not part of what a configuration *is*: differ between seeds / reruns of the same thing.
+IGNORED_KEYS = ("seed", "run_name", "paths", "logger", "save_model", "resume")
+# Conditions of the measurement, kept as columns but never averaged.
+CONDITION_KEYS = ("device", "threads", "warmup", "repeats", "batch_size", "seq_len", "peak_memory_device")
+CONVENTION_KEYS = ("flops_convention", "bops_convention", "peak_memory_method")
+SWEEP_ID = re.compile(r"^(?:wandb:)?([\w.-]+)/([\w.-]+)/(?:sweeps/)?([A-Za-z0-9]+)$")
+INPUTS_HELP = "run folders, multirun folders, globs, results.json files, or a W&B sweep id entity/project/sweep_id"
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def is_sweep_id(spec: str) -> bool:
+    """``entity/project/sweep_id`` (or ``wandb:...``) that is not also an existing path."""
+    if spec.startswith("wandb:"):
+        return True
+    return bool(SWEEP_ID.match(spec)) and not os.path.exists(spec) and not glob.has_magic(spec)
+
+
+def _results_under(folder: Path) -> list[Path]:
+    # A W&B run folder may hold an uploaded copy of results.json: skip everything under wandb/.
+    return sorted(p for p in folder.rglob(RESULTS) if "wandb" not in p.relative_to(folder).parts[:-1])
+
+
+def find_results(inputs: Iterable[str]) -> list[Path]:
+    """results.json files named by ``inputs`` (folders are searched recursively), each once, in order."""
+    found: list[Path] = []
+    for spec in inputs:
+        spec = str(spec)
+        matches = [Path(m) for m in sorted(glob.glob(spec, recursive=True))] if glob.has_magic(spec) else [Path(spec)]
+        hits: list[Path] = []
+        for m in matches:
+            if m.is_dir():
+                hits += _results_under(m)
+            elif m.is_file():
+                hits.append(m)
+        if not hits:
+            what = "no such file or folder" if not matches or not any(m.exists() for m in matches) else f"no {RESULTS} in it"
+            raise ConfigError("inputs", spec, f"{what}; pass {INPUTS_HELP}")
+        found += hits
+    seen: set[Path] = set()
+    unique = []
+    for p in found:
+        r = p.resolve()
+        if r not in seen:
+            seen.add(r)
+            unique.append(p)
+    return unique
+
+
+def load_results(paths: list[Path], progress: bool = True) -> list[tuple[dict, str]]:
+    """(results dict, run folder) per file; unreadable or unfinished runs are skipped with a warning."""
+    from rich.progress import track
+
+    out = []
+    for p in track(paths, description="reading results.json", disable=not progress or len(paths) < 10, transient=True):
+        try:
+            res = json.loads(Path(p).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("skipping %s: %s", p, e)
+            continue
+        if res.get("status", "completed") != "completed" or "final" not in res:
+            log.warning("skipping %s: run status %r (no final model)", p, res.get("status"))
+            continue
+        out.append((res, str(Path(p).parent)))
+    return out
+
+
+# --------------------------------------------------------------------------- W&B
+
+
+def wandb_online() -> bool:
+    from dpq.loggers import wandb_credentials
+
+    return os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun") and wandb_credentials()
+
+
+def load_sweep(spec: str, progress: bool = True) -> list[tuple[dict, str]]:
+    """Finished runs of a W&B sweep as results dicts (their uploaded results.json, else config + summary)."""
+    m = SWEEP_ID.match(spec.removeprefix("wandb:") if spec.startswith("wandb:") else spec)
+    if not m:
+        raise ConfigError("inputs", spec, "a W&B sweep id looks like entity/project/sweep_id")
+    if not wandb_online():
+        raise ConfigError("inputs", spec, "reading a W&B sweep needs W&B online (WANDB_API_KEY or `wandb login`, "
+                          "WANDB_MODE not offline); offline, pass the sweep's run folders instead")
+    import tempfile
+
+    import wandb
+    from rich.progress import track
+
+    entity, project, sweep_id = m.groups()
+    try:
+        runs = list(wandb.Api(timeout=60).sweep(f"{entity}/{project}/{sweep_id}").runs)
+    except Exception as e:  # network, permissions, unknown sweep: one clear line, no traceback
+        raise ConfigError("inputs", spec, f"could not read the W&B sweep ({type(e).__name__}: {e})") from None
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in track(runs, description="reading W&B runs", disable=not progress or len(runs) < 10, transient=True):
+            if run.state != "finished":
+                log.warning("skipping W&B run %s: state %s", run.path, run.state)
+                continue
+            res = None
+            try:
+                with run.file(RESULTS).download(root=os.path.join(tmp, run.id), replace=True) as f:
+                    res = json.loads(Path(f.name).read_text())
+            except Exception:  # not uploaded (older run): rebuild the final point from the summary
+                res = results_from_summary(dict(run.config), dict(run.summary), run.name)
+            out.append((res, "/".join(run.path)))
+    if not out:
+        raise ConfigError("inputs", spec, "the W&B sweep has no finished runs")
+    return out
+
+
+def results_from_summary(config: dict, summary: dict, name: str) -> dict:
+    """A results.json-shaped dict from a W&B run's config and ``final/*`` summary (final point only)."""
+    final = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith("final/")}
+    pipe = config.get("pipeline") or {}
+    return {"status": "completed", "run_name": config.get("run_name", name), "pipeline": pipe.get("name"),
+            "order": list(pipe.get("order") or []), "seed": config.get("seed"), "config": config,
+            "final": {"stage": (pipe.get("order") or ["?"])[-1], "model": "student", **final}, "stages": []}
+
+
+# --------------------------------------------------------------------------- points
+
+
+def _stage_cfgs(cfg: dict, names: list[str]) -> list[dict]:
+    stages = (cfg.get("pipeline") or {}).get("stages") or {}
+    return [stages.get(n, {}) for n in names]
+
+
+def _knobs(cfg: dict, names: list[str]) -> tuple[float, int | None, int | None]:
+    """(final sparsity, weight bits, activation bits) the stages ``names`` aim for; 0.0 / None when they do not.
+
+    Any stage with ``bits`` quantizes (QAT ``quantize``, post-training ``ptq``, ...).
+    """
+    sparsity, bits, act_bits = 0.0, None, None
+    for st in _stage_cfgs(cfg, names):
+        if st.get("kind") in ("prune", "spiral") and st.get("final_sparsity") is not None:
+            sparsity = float(st["final_sparsity"])
+        if isinstance(st.get("bits"), int):
+            bits = int(st["bits"])
+            act_bits = int(st["act_bits"]) if isinstance(st.get("act_bits"), int) else None
+    return sparsity, bits, act_bits
+
+
+def identity(cfg: dict, upto: list[str] | None = None, drop: tuple[str, ...] = ()) -> dict:
+    """The part of a config that determines a point.
+
+    ``upto``: the stages that produced it (a reference point depends only on the
+    stages before it; stages defined but not in the order never matter).
+    """
+    out = {k: v for k, v in cfg.items() if k not in IGNORED_KEYS and k not in drop}
+    pipe = cfg.get("pipeline") or {}
+    names = list(pipe.get("order") or []) if upto is None else upto
+    if "pipeline" in out:
+        out["pipeline"] = {"order": names, "stages": dict(zip(names, _stage_cfgs(cfg, names)))}
+        if upto is None:
+            out["pipeline"]["name"] = pipe.get("name")
+    return out
+
+
+def config_key(ident: dict) -> str:
+    return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _label(kind: str, pipeline: str, sparsity: float, bits: int | None, stage: str | None = None,
+           act_bits: int | None = None) -> str:
+    if kind == "teacher":
+        return "teacher"
+    if kind == "dense":
+        return "dense student"
+    parts = [pipeline if kind == "final" else f"{pipeline}:{stage}"]
+    if sparsity:
+        parts.append(f"{sparsity:g} sparse")
+    if bits:
+        parts.append(f"W{bits}A{act_bits}" if act_bits else f"{bits}-bit")
+    return " ".join(parts)
+
+
+def points_from_results(results: dict, run: str, stages: bool = False) -> list[dict]:
+    """The points one results.json contributes: final, teacher and dense (or every stage with ``stages``)."""
+    cfg = results.get("config") or {}
+    order = list(results.get("order") or (cfg.get("pipeline") or {}).get("order") or [])
+    pipeline = results.get("pipeline") or (cfg.get("pipeline") or {}).get("name") or "?"
+    task = cfg.get("task") or {}
+    common = {"run": run, "run_name": results.get("run_name"), "pipeline": pipeline, "order": " → ".join(order),
+              "seed": results.get("seed", cfg.get("seed")), "task": task.get("name") if isinstance(task, dict) else task,
+              "model": (cfg.get("model") or {}).get("name"), "teacher": (cfg.get("teacher") or {}).get("name")}
+    records = list(results.get("stages") or [])
+    points = []
+
+    def add(kind: str, metrics: dict, names: list[str], stage: str | None, role: str | None,
+            drop: tuple[str, ...] = ()) -> None:
+        sparsity, bits, act_bits = _knobs(cfg, names)
+        ident = identity(cfg, None if kind == "final" else names, drop)
+        # A reference point depends only on the stages up to it: that is its ordering.
+        order_of = " → ".join(names) if kind in ("teacher", "dense") else common["order"]
+        points.append({**common, "order": order_of, "kind": kind, "stage": stage, "role": role, "label": _label(kind, pipeline, sparsity, bits, stage, act_bits),
+                       "final_sparsity": sparsity, "bits": bits, "act_bits": act_bits, "config_key": config_key({"kind": kind, **ident}),
+                       "config": json.dumps(ident, sort_keys=True, default=str), **_scalars(metrics),
+                       **{k: metrics[k] for k in (*CONDITION_KEYS, *CONVENTION_KEYS) if k in metrics}})
+
+    final = results["final"]
+    add("final", final, order, final.get("stage"), final.get("model"))
+    for rec in records:
+        # The stages that produced this record (composite stages such as spiral record several times).
+        names = order[: order.index(rec["stage"]) + 1] if rec.get("stage") in order else order
+        if stages:
+            add("stage", rec["metrics"], names, rec["stage"], rec.get("model"))
+        elif rec.get("model") == "teacher" and rec.get("kind") == "teacher":
+            add("teacher", rec["metrics"], names, rec["stage"], "teacher", drop=("model",))
+        elif rec.get("kind") == "distill" and not any(p["kind"] == "dense" for p in points):
+            add("dense", rec["metrics"], names, rec["stage"], rec.get("model"))
+    return points
+
+
+def to_frame(loaded: list[tuple[dict, str]], references: bool = True, stages: bool = False) -> pd.DataFrame:
+    """One row per point of every loaded run (unmerged); with ``stages``, one per stage record instead."""
+    rows = []
+    for res, run in loaded:
+        pts = points_from_results(res, run, stages)
+        rows += [p for p in pts if p["kind"] == "stage"] if stages else \
+            [p for p in pts if references or p["kind"] == "final"]
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df["run"] = _relative_runs(df["run"])
+    return df
+
+
+def _relative_runs(runs: pd.Series) -> pd.Series:
+    """Run folders relative to their common parent (short and unique in tables and plots)."""
+    local = [r for r in runs.unique() if os.path.isabs(r) or os.path.exists(r)]
+    if not local:
+        return runs
+    try:
+        root = os.path.commonpath([os.path.abspath(r) for r in local])
+    except ValueError:  # different drives
+        return runs
+    if len(local) == 1:
+        root = os.path.dirname(root)
+    return runs.map(lambda r: os.path.relpath(os.path.abspath(r), root) if r in local else r)
+
+
+def gather(inputs: list[str], references: bool = True, progress: bool = True) -> pd.DataFrame:
+    """All points named by ``inputs`` (see :data:`INPUTS_HELP`) as one unmerged table."""
+    if not inputs:
+        raise ConfigError("inputs", [], f"nothing to gather; pass {INPUTS_HELP}")
+    loaded: list[tuple[dict, str]] = []
+    paths = [s for s in map(str, inputs) if not is_sweep_id(s)]
+    for s in map(str, inputs):
+        if is_sweep_id(s):
+            loaded += load_sweep(s, progress)
+    if paths:
+        loaded += load_results(find_results(paths), progress)
+    if not loaded:
+        raise ConfigError("inputs", list(inputs), "none of the runs found finished (status 'completed')")
+    return to_frame(loaded, references=references)
+
+
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    """Numeric measured columns (averaged across seeds), without the measuring conditions."""
+    fixed = {"seed", "final_sparsity", "bits", "act_bits", "round", *CONDITION_KEYS}
+    return [c for c in df.columns if c not in fixed and pd.api.types.is_numeric_dtype(df[c])
+            and not pd.api.types.is_bool_dtype(df[c])]
+
+
+def json_safe(v: Any) -> Any:
+    """NaN -> None, numpy scalars -> Python (for JSON and HTML)."""
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and v != v:
+        return None
+    return v

@@ -1,0 +1,83 @@
+"""Objectives a Pareto front can be drawn over, chosen by name.
+
+Each maps a short name to a metric of a results.json record (``final`` or a stage's
+``metrics``), the direction that is better, and the unit shown on axes and tables.
+Costs are rescaled to readable units (bytes -> MB, BOPs -> GBOPs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dpq.errors import ConfigError
+
+SENSES = ("max", "min")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One axis of the front: ``value = metrics[metric] * scale``; ``sense`` is "max" or "min"."""
+
+    name: str
+    metric: str
+    sense: str
+    unit: str
+    scale: float = 1.0
+    label: str = ""
+
+    @property
+    def title(self) -> str:
+        """Axis title, e.g. ``effective GFLOPs [GFLOPs, lower is better]``."""
+        better = "higher" if self.sense == "max" else "lower"
+        return f"{self.label or self.name} [{self.unit}, {better} is better]"
+
+    def with_sense(self, sense: str) -> Objective:
+        return Objective(self.name, self.metric, sense, self.unit, self.scale, self.label)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective("accuracy", "accuracy", "max", "fraction", label="test accuracy"),
+        Objective("val_accuracy", "val_accuracy", "max", "fraction", label="validation accuracy"),
+        Objective("loss", "loss", "min", "nats", label="test loss"),
+        Objective("effective_gflops", "effective_gflops", "min", "GFLOPs", label="effective GFLOPs"),
+        Objective("dense_gflops", "dense_gflops", "min", "GFLOPs", label="dense GFLOPs"),
+        Objective("bops", "bops", "min", "GBOPs", 1e-9, label="bit operations"),
+        Objective("dense_bops", "dense_bops", "min", "GBOPs", 1e-9, label="dense bit operations"),
+        Objective("latency_ms", "latency_ms_median", "min", "ms", label="median latency"),
+        Objective("latency_p90_ms", "latency_ms_p90", "min", "ms", label="p90 latency"),
+        Objective("size_mb", "size_bytes", "min", "MB", 1e-6, label="size"),
+        Objective("peak_memory_mb", "peak_memory_bytes", "min", "MB", 1e-6, label="peak inference memory"),
+        Objective("params", "params_total", "min", "parameters", label="parameters"),
+        Objective("nonzero_params", "params_nonzero", "min", "parameters", label="non-zero parameters"),
+        Objective("sparsity", "sparsity", "max", "fraction", label="sparsity"),
+    )
+}
+
+
+def allowed() -> str:
+    return "one of " + ", ".join(OBJECTIVES) + " (optionally NAME:max or NAME:min)"
+
+
+def parse_objectives(specs: list[str] | tuple[str, ...], key: str = "--objectives") -> list[Objective]:
+    """``["accuracy", "size_mb:min"]`` -> objectives; 2 or 3 of them, each named once.
+
+    A ``:max``/``:min`` suffix overrides the registry's direction.
+    """
+    out: list[Objective] = []
+    for spec in specs:
+        name, _, sense = str(spec).partition(":")
+        if name not in OBJECTIVES:
+            raise ConfigError(key, spec, allowed())
+        obj = OBJECTIVES[name]
+        if sense:
+            if sense not in SENSES:
+                raise ConfigError(key, spec, "the direction after ':' must be max or min")
+            obj = obj.with_sense(sense)
+        if any(o.name == obj.name for o in out):
+            raise ConfigError(key, spec, "each objective may be named once")
+        out.append(obj)
+    if not 2 <= len(out) <= 3:
+        raise ConfigError(key, list(specs), "give two or three objectives, e.g. accuracy effective_gflops")
+    return out

@@ -1,0 +1,364 @@
+"""dpq.pareto on hand-built points and results: the front, objectives, gathering, seed merging, compare, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dpq.errors import ConfigError
+from dpq.pareto import OBJECTIVES, pareto_mask, parse_objectives
+from dpq.pareto.aggregate import add_objectives, merge_seeds
+from dpq.pareto.cli import main as cli_main
+from dpq.pareto.compare import compare
+from dpq.pareto.front import step_order
+from dpq.pareto.gather import find_results, gather, identity, is_sweep_id, points_from_results
+
+# --------------------------------------------------------------------------- the front
+
+
+def test_front_two_objectives_max_and_min():
+    # (accuracy: max, cost: min)
+    pts = [(0.90, 1.0), (0.85, 0.5), (0.80, 0.7), (0.95, 3.0), (0.70, 0.4), (0.92, 3.5)]
+    assert pareto_mask(pts, ["max", "min"]).tolist() == [True, True, False, True, True, False]
+
+
+def test_front_ties_in_one_objective_and_exact_duplicates():
+    pts = [(0.9, 1.0), (0.9, 2.0), (0.9, 1.0), (0.8, 0.5), (0.8, 0.5), (0.8, 0.6)]
+    # equal accuracy, higher cost: dominated; exact duplicates: both on the front
+    assert pareto_mask(pts, ["max", "min"]).tolist() == [True, False, True, True, True, False]
+    # all points identical: nobody dominates anybody
+    assert pareto_mask([(1, 1)] * 4, ["max", "min"]).all()
+
+
+def test_front_three_objectives():
+    # accuracy max, GFLOPs min, latency min
+    pts = [(0.90, 1.0, 5.0), (0.90, 1.0, 4.0), (0.85, 0.5, 9.0), (0.80, 0.6, 9.5), (0.95, 2.0, 6.0), (0.80, 2.0, 1.0)]
+    assert pareto_mask(pts, ["max", "min", "min"]).tolist() == [False, True, True, False, True, True]
+    # dropping the third objective changes the answer: (0.80, 2.0) is then dominated
+    assert pareto_mask([p[:2] for p in pts], ["max", "min"]).tolist() == [True, True, True, False, True, False]
+
+
+def test_front_sense_flips_the_answer():
+    pts = np.array([(1.0, 1.0), (2.0, 2.0), (1.5, 0.5)])
+    assert pareto_mask(pts, ["min", "min"]).tolist() == [True, False, True]
+    assert pareto_mask(pts, ["max", "max"]).tolist() == [False, True, False]
+    assert pareto_mask(pts, ["max", "min"]).tolist() == [False, True, True]
+    assert pareto_mask(pts, ["min", "max"]).tolist() == [True, True, False]
+
+
+def test_front_missing_values_and_bad_input():
+    pts = [(0.9, np.nan), (0.5, 1.0), (0.99, 0.1)]
+    assert pareto_mask(pts, ["max", "min"]).tolist() == [False, False, True]
+    assert pareto_mask(np.zeros((0, 2)), ["max", "min"]).tolist() == []
+    with pytest.raises(ValueError, match="senses"):
+        pareto_mask(pts, ["max"])
+    with pytest.raises(ValueError, match="'max' or 'min'"):
+        pareto_mask(pts, ["max", "smallest"])
+
+
+def test_front_agrees_with_brute_force_on_random_points():
+    rng = np.random.default_rng(0)
+    pts = rng.integers(0, 6, size=(300, 3)).astype(float)  # many ties and duplicates
+    senses = ["max", "min", "min"]
+    sign = np.array([-1, 1, 1])
+    m = pts * sign
+    brute = [not any((m[j] <= m[i]).all() and (m[j] < m[i]).any() for j in range(len(m))) for i in range(len(m))]
+    assert pareto_mask(pts, senses).tolist() == brute
+
+
+def test_step_order_follows_the_cost_direction():
+    order, where = step_order([3.0, 1.0, 2.0], "min")
+    assert order.tolist() == [1, 2, 0] and where == "post"
+    assert step_order([3.0, 1.0], "max")[1] == "pre"
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+def test_objectives_by_name_with_direction_override():
+    objs = parse_objectives(["accuracy", "size_mb", "latency_ms:max"])
+    assert [(o.name, o.metric, o.sense, o.scale) for o in objs] == [
+        ("accuracy", "accuracy", "max", 1.0), ("size_mb", "size_bytes", "min", 1e-6),
+        ("latency_ms", "latency_ms_median", "max", 1.0)]
+    assert OBJECTIVES["bops"].unit == "GBOPs" and "lower is better" in OBJECTIVES["effective_gflops"].title
+
+
+@pytest.mark.parametrize("specs, match", [
+    (["accuracy", "gflops"], "effective_gflops"),  # the message lists the allowed names
+    (["accuracy"], "two or three"),
+    (["accuracy", "size_mb", "bops", "latency_ms"], "two or three"),
+    (["accuracy", "accuracy:min"], "once"),
+    (["accuracy", "size_mb:lowest"], "max or min"),
+])
+def test_bad_objectives_are_config_errors(specs, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        parse_objectives(specs)
+    assert e.value.key == "--objectives"
+
+
+# --------------------------------------------------------------------------- results.json -> points
+
+
+def fake_results(pipeline: str, seed: int, acc: float, gflops: float, sparsity: float = 0.5, bits: int = 4,
+                 teacher_acc: float = 0.95, dense_acc: float = 0.9, lr: float = 1e-3) -> dict:
+    """A results.json shaped like dpq.train writes it (only what dpq.pareto reads)."""
+    orders = {"dq": ["teacher", "distill", "quantize"], "dpq": ["teacher", "distill", "prune", "recover", "quantize"],
+              "dense": ["teacher", "distill"]}
+    order = orders[pipeline]
+    stages = {"teacher": {"kind": "teacher", "epochs": 2}, "distill": {"kind": "distill", "lr": lr},
+              "prune": {"kind": "prune", "final_sparsity": sparsity}, "recover": {"kind": "recover"},
+              "quantize": {"kind": "quantize", "bits": bits}}
+    cfg = {"task": {"name": "toy"}, "teacher": {"name": "big"}, "model": {"name": "small"}, "seed": seed,
+           "run_name": f"{pipeline}-s{seed}", "paths": {"output_dir": f"/x/{pipeline}{seed}"}, "logger": {"kind": "none"},
+           "cost": {"batch_size": 1}, "pipeline": {"name": pipeline, "order": order, "stages": stages}}
+
+    def m(a, g):
+        return {"accuracy": a, "effective_gflops": g, "size_bytes": g * 1e6, "latency_ms_median": g,
+                "bops": g * 1e9, "device": "cpu", "threads": 2, "flops_convention": "fvcore"}
+
+    records = [{"stage": "teacher", "kind": "teacher", "model": "teacher", "metrics": m(teacher_acc, 10.0)},
+               {"stage": "distill", "kind": "distill", "model": "student", "metrics": m(dense_acc, 2.0)}]
+    records += [{"stage": s, "kind": stages[s]["kind"], "model": "student", "metrics": m(acc, gflops)} for s in order[2:]]
+    return {"status": "completed", "run_name": cfg["run_name"], "pipeline": pipeline, "order": order, "seed": seed,
+            "config": cfg, "stages": records, "final": {"stage": order[-1], "model": "student", **m(acc, gflops)}}
+
+
+def write_runs(root, runs: dict[str, dict]):
+    for name, res in runs.items():
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps(res))
+    return root
+
+
+def test_points_carry_final_teacher_and_dense_with_their_knobs():
+    pts = points_from_results(fake_results("dpq", 1, 0.88, 0.55, sparsity=0.2), "run0")
+    by = {p["kind"]: p for p in pts}
+    assert set(by) == {"final", "teacher", "dense"}
+    assert (by["final"]["accuracy"], by["final"]["final_sparsity"], by["final"]["bits"]) == (0.88, 0.2, 4)
+    assert by["final"]["label"] == "dpq 0.2 sparse 4-bit" and by["final"]["seed"] == 1
+    assert (by["teacher"]["accuracy"], by["teacher"]["final_sparsity"], by["teacher"]["bits"]) == (0.95, 0.0, None)
+    assert by["dense"]["accuracy"] == 0.9 and by["dense"]["order"] == "teacher → distill"
+    assert by["final"]["device"] == "cpu" and by["final"]["flops_convention"] == "fvcore"
+
+
+def test_post_training_quantization_and_activation_bits_are_read_from_any_stage_with_bits():
+    res = fake_results("dq", 1, 0.9, 1.0)
+    res["config"]["pipeline"]["stages"]["quantize"] = {"kind": "ptq", "bits": 8, "act_bits": 8}
+    final = next(p for p in points_from_results(res, "r") if p["kind"] == "final")
+    assert (final["bits"], final["act_bits"], final["label"]) == (8, 8, "dq W8A8")
+
+
+def test_config_identity_ignores_seed_paths_and_unused_stages():
+    a, b = fake_results("dq", 1, 0.9, 1.0, sparsity=0.2), fake_results("dq", 2, 0.9, 1.0, sparsity=0.8)
+    # dq never prunes: its (unused) prune sparsity and the seed do not make it another configuration
+    assert identity(a["config"]) == identity(b["config"])
+    c = fake_results("dpq", 1, 0.9, 1.0, sparsity=0.2)
+    d = fake_results("dpq", 1, 0.9, 1.0, sparsity=0.8)
+    assert identity(c["config"]) != identity(d["config"])
+    # ...but their teacher and dense references are the same configuration
+    assert identity(c["config"], ["teacher", "distill"]) == identity(d["config"], ["teacher", "distill"])
+
+
+def test_merge_seeds_mean_std_and_shared_references(tmp_path):
+    write_runs(tmp_path, {
+        "dq_s1": fake_results("dq", 1, 0.90, 1.0, dense_acc=0.91),
+        "dq_s2": fake_results("dq", 2, 0.86, 1.2, dense_acc=0.89),
+        "dq_s2_again": fake_results("dq", 2, 0.88, 1.2, dense_acc=0.89, sparsity=0.8),  # same seed once more
+        "dpq_s1": fake_results("dpq", 1, 0.84, 0.6, dense_acc=0.91),
+    })
+    runs = gather([str(tmp_path)], progress=False)
+    assert len(runs[runs["kind"] == "final"]) == 4
+    merged = merge_seeds(runs).set_index(["kind", "label"])
+    dq = merged.loc[("final", "dq 4-bit")]
+    # seed 2 is averaged first (0.87), then across seeds: mean(0.90, 0.87), std with ddof=1
+    assert dq["n_seeds"] == 2 and dq["n_runs"] == 3 and dq["seeds"] == "1,2"
+    assert dq["accuracy"] == pytest.approx(0.885)
+    assert dq["accuracy_std"] == pytest.approx(np.std([0.90, 0.87], ddof=1))
+    assert dq["effective_gflops"] == pytest.approx(1.1)
+    assert merged.loc[("final", "dpq 0.5 sparse 4-bit"), "accuracy_std"] == 0.0
+    # one teacher and one dense point for the whole grid, merged over its seeds
+    assert merged.loc[("teacher", "teacher"), "n_runs"] == 4
+    assert merged.loc[("dense", "dense student"), "accuracy"] == pytest.approx(np.mean([0.91, 0.89]))
+    # objective columns in their units, std included
+    pts = add_objectives(merge_seeds(runs), parse_objectives(["accuracy", "size_mb"]))
+    row = pts[pts["label"] == "dq 4-bit"].iloc[0]
+    assert row["size_mb"] == pytest.approx(1.1) and row["size_mb_std"] == pytest.approx(np.std([1.0, 1.2], ddof=1))
+
+
+def test_find_results_folders_globs_files_and_wandb_copies(tmp_path):
+    write_runs(tmp_path / "multi", {"0_a": fake_results("dq", 1, 0.9, 1), "1_b": fake_results("dq", 2, 0.9, 1)})
+    (tmp_path / "multi" / "0_a" / "wandb" / "run-1" / "files").mkdir(parents=True)
+    (tmp_path / "multi" / "0_a" / "wandb" / "run-1" / "files" / "results.json").write_text("{}")
+    assert [p.parent.name for p in find_results([str(tmp_path / "multi")])] == ["0_a", "1_b"]
+    assert len(find_results([str(tmp_path / "multi" / "*_a")])) == 1
+    # the same run named twice counts once
+    assert len(find_results([str(tmp_path / "multi" / "0_a"), str(tmp_path / "multi" / "0_a" / "results.json")])) == 1
+    with pytest.raises(ConfigError, match="no such file"):
+        find_results([str(tmp_path / "nope")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no results.json"):
+        find_results([str(tmp_path / "empty")])
+
+
+def test_unfinished_runs_are_skipped(tmp_path):
+    res = fake_results("dq", 1, 0.9, 1)
+    write_runs(tmp_path, {"ok": res, "diverged": {"status": "diverged", "stages": [], "config": res["config"]}})
+    runs = gather([str(tmp_path)], progress=False)
+    assert list(runs.loc[runs["kind"] == "final", "run"]) == ["ok"]
+
+
+def test_sweep_ids_are_told_from_paths(tmp_path):
+    assert is_sweep_id("me/dpq/abc123") and is_sweep_id("wandb:me/dpq/abc123")
+    assert not is_sweep_id(str(tmp_path)) and not is_sweep_id("outputs/*/x")
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def grid(tmp_path):
+    return write_runs(tmp_path, {
+        "dq1": fake_results("dq", 1, 0.90, 0.68), "dq2": fake_results("dq", 2, 0.92, 0.70),
+        "a1": fake_results("dpq", 1, 0.88, 0.55, sparsity=0.2), "a2": fake_results("dpq", 2, 0.89, 0.56, sparsity=0.2),
+        "b1": fake_results("dpq", 1, 0.80, 0.30, sparsity=0.8),
+    })
+
+
+def test_compare_paired_by_seed(tmp_path):
+    runs = gather([str(grid(tmp_path))], references=False, progress=False)
+    out = compare(runs, "dq", "dpq")
+    assert [r["candidate"]["label"] for r in out] == ["dpq 0.2 sparse 4-bit", "dpq 0.8 sparse 4-bit"]
+    a, b = out
+    assert a["pairing"] == "paired by seed" and a["seeds"] == [1, 2]
+    d = [0.88 - 0.90, 0.89 - 0.92]
+    assert a["deltas"]["accuracy"]["mean"] == pytest.approx(np.mean(d))
+    assert a["deltas"]["accuracy"]["std"] == pytest.approx(np.std(d, ddof=1))
+    r = [0.55 / 0.68, 0.56 / 0.70]
+    assert a["ratios"]["effective_gflops"]["mean"] == pytest.approx(np.mean(r))
+    assert a["ratios"]["effective_gflops"]["std"] == pytest.approx(np.std(r, ddof=1))
+    assert a["baseline"]["accuracy"]["mean"] == pytest.approx(0.91) and a["baseline"]["seeds"] == [1, 2]
+    # the 0.8 candidate has one seed: paired on it alone
+    assert b["seeds"] == [1] and b["deltas"]["accuracy"] == {"mean": pytest.approx(-0.10), "std": 0.0, "n": 1}
+    only = compare(runs, "dq", "dpq,final_sparsity=0.8")
+    assert len(only) == 1 and only[0]["candidate"]["final_sparsity"] == 0.8
+
+
+def test_compare_unpaired_propagates_spread(tmp_path):
+    write_runs(tmp_path, {"dq1": fake_results("dq", 1, 0.90, 1.0), "dq2": fake_results("dq", 2, 0.92, 1.2),
+                          "c3": fake_results("dpq", 3, 0.85, 0.5), "c4": fake_results("dpq", 4, 0.87, 0.7)})
+    [r] = compare(gather([str(tmp_path)], references=False, progress=False), "dq", "dpq")
+    assert r["pairing"].startswith("unpaired")
+    sd = np.std([0.90, 0.92], ddof=1)
+    assert r["deltas"]["accuracy"]["mean"] == pytest.approx(0.86 - 0.91)
+    assert r["deltas"]["accuracy"]["std"] == pytest.approx(np.hypot(sd, sd))
+    ratio = 0.6 / 1.1
+    rel = np.hypot(np.std([1.0, 1.2], ddof=1) / 1.1, np.std([0.5, 0.7], ddof=1) / 0.6)
+    assert r["ratios"]["effective_gflops"]["mean"] == pytest.approx(ratio)
+    assert r["ratios"]["effective_gflops"]["std"] == pytest.approx(ratio * rel)
+
+
+def test_compare_selector_errors(tmp_path):
+    runs = gather([str(grid(tmp_path))], references=False, progress=False)
+    with pytest.raises(ConfigError, match="pipelines found: dpq, dq"):
+        compare(runs, "quant_only", "dpq")
+    with pytest.raises(ConfigError, match="2 configurations"):
+        compare(runs, "dpq", "dq")  # two dpq configurations: the baseline must be one
+    with pytest.raises(ConfigError, match="no run matches"):
+        compare(runs, "dq,bits=8", "dpq")
+
+
+# --------------------------------------------------------------------------- CLI errors
+
+
+def test_cli_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
+    write_runs(tmp_path, {"r": fake_results("dq", 1, 0.9, 1.0)})
+    assert cli_main([str(tmp_path), "--objectives", "accuracy,flops"]) == 2
+    err = capsys.readouterr().err
+    assert "--objectives='flops'" in err and "effective_gflops" in err and "Traceback" not in err
+    assert cli_main([str(tmp_path / "missing")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # no inputs at all: argparse usage error
+        cli_main([])
+    assert e.value.code == 2
+
+
+def test_cli_sweep_id_offline_says_why(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "offline", "NETRC": str(tmp_path / "none")}
+    proc = subprocess.run([sys.executable, "-m", "dpq.pareto", "someone/dpq/abc123"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "needs W&B online" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_writes_tables_that_flag_the_front(tmp_path):
+    grid(tmp_path / "runs")
+    assert cli_main([str(tmp_path / "runs"), "--no-progress", "-O", "accuracy,effective_gflops"]) == 0
+    out = tmp_path / "runs" / "pareto"
+    table = pd.read_csv(out / "pareto.csv")
+    assert table.equals(table) and set(pd.read_parquet(out / "pareto.parquet")["label"]) == set(table["label"])
+    front = dict(zip(table["label"], table["pareto"]))
+    # teacher (0.95 @ 10), dense (0.9 @ 2), dq (0.91 @ 0.69), dpq 0.2 (0.885 @ 0.555), dpq 0.8 (0.80 @ 0.30)
+    assert front == {"teacher": True, "dense student": False, "dq 4-bit": True, "dpq 0.2 sparse 4-bit": True,
+                     "dpq 0.8 sparse 4-bit": True}
+    assert (out / "pareto.png").stat().st_size > 10_000 and (out / "pareto.html").exists()
+    assert len(pd.read_csv(out / "runs.csv").query("kind == 'final'")) == 5
+
+
+def test_sweep_runs_are_read_through_the_wandb_api(tmp_path, monkeypatch):
+    """No network here: a stand-in for wandb.Api with one run that uploaded results.json and one that did not."""
+    import wandb
+
+    from dpq.pareto import gather as gather_mod
+
+    full = fake_results("dpq", 1, 0.88, 0.55, sparsity=0.2)
+    old = fake_results("dq", 1, 0.90, 0.68)
+
+    class File:
+        def __init__(self, payload):
+            self.payload = payload
+
+        def download(self, root, replace):
+            if self.payload is None:
+                raise ValueError("file not found")
+            path = Path(root) / "results.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.payload))
+            return open(path)
+
+    class Run:
+        def __init__(self, rid, state, payload, config, summary):
+            self.id, self.state, self.path, self.name = rid, state, ["me", "dpq", rid], rid
+            self.payload, self.config, self.summary = payload, config, summary
+
+        def file(self, name):
+            assert name == "results.json"
+            return File(self.payload)
+
+    runs = [Run("r1", "finished", full, {}, {}),
+            Run("r2", "finished", None, old["config"], {"final/accuracy": 0.9, "final/effective_gflops": 0.68}),
+            Run("r3", "crashed", None, {}, {})]
+    asked = []
+
+    class Api:
+        def __init__(self, timeout=None):
+            pass
+
+        def sweep(self, path):
+            asked.append(path)
+            return type("Sweep", (), {"runs": runs})()
+
+    monkeypatch.setattr(gather_mod, "wandb_online", lambda: True)
+    monkeypatch.setattr(wandb, "Api", Api)
+    pts = gather(["me/dpq/abc123"], progress=False)
+    assert asked == ["me/dpq/abc123"]
+    finals = pts[pts["kind"] == "final"].set_index("run")
+    assert sorted(finals.index) == ["me/dpq/r1", "me/dpq/r2"]  # the crashed run is skipped
+    assert finals.loc["me/dpq/r1", "label"] == "dpq 0.2 sparse 4-bit" and finals.loc["me/dpq/r1", "accuracy"] == 0.88
+    assert finals.loc["me/dpq/r2", "label"] == "dq 4-bit" and finals.loc["me/dpq/r2", "effective_gflops"] == 0.68
+    assert set(pts.loc[pts["run"] == "me/dpq/r1", "kind"]) == {"final", "teacher", "dense"}
