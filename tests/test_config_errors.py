@@ -1,5 +1,7 @@
-"""User mistakes fail before any training, with one message naming the key."""
+"""User mistakes fail before any training, with one message naming the key, the value and what is allowed."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -18,37 +20,110 @@ def no_training(monkeypatch):
     monkeypatch.setattr(L.Trainer, "fit", boom)
 
 
-@pytest.mark.parametrize(
-    "overrides, key, words",
-    [
-        (["pipeline.order=[teacher,distill,prun]"], "pipeline.order[2]", "not a stage of this pipeline"),
-        (["pipeline.stages.prune.final_sparsity=1.2"], "pipeline.stages.prune.final_sparsity", "[0, 1)"),
-        (["pipeline.stages.prune.final_sparsity=-0.1"], "pipeline.stages.prune.final_sparsity", "[0, 1)"),
-        (["pipeline.order=[teacher,distill,quantize,prune]"], "pipeline.order", "quantization must be the last stage"),
-        (["pipeline.order=[distill,prune]"], "pipeline.order", "needs a teacher stage"),
-        (["pipeline.order=[teacher,distill,recover]"], "pipeline.order", "needs a prune stage"),
-        (["pipeline.stages.quantize.bits=5"], "pipeline.stages.quantize.bits", "2, 3, 4, 8"),
-        (["pipeline.stages.prune.kind=shrink"], "pipeline.stages.prune.kind", "unknown stage kind"),
-        (["+pipeline.stages.prune.sparsity=0.3"], "pipeline.stages.prune.sparsity", "allowed"),
-        (["pipeline.stages.distill.epochs=1.5"], "pipeline.stages.distill.epochs", "integer"),
-        (["task=sst2"], "task", "online-only"),
-        (["experiment=digits", "model=tiny_bert"], "model", "needs an mlp model"),
-    ],
-)
-def test_bad_config_fails_before_training(make_cfg, overrides, key, words):
-    cfg = make_cfg("experiment=tiny", *overrides)
+TINY, DIGITS = "experiment=tiny", "experiment=digits"
+P = "pipeline.stages"
+
+# (overrides, the key the message names, the bad value as shown, what is allowed).
+# "{tmp}" is the test's temporary folder: it holds "three_labels/" (a saved 3-label model's
+# config.json), "no_checkpoints/" (a folder that is not a run), and "run/results.json" when
+# the case is about an output folder that already holds a run.
+CASES = [
+    # stage order and stage names
+    ([TINY, "pipeline.order=[teacher,distill,prun]"], "pipeline.order[2]", "'prun'", "not a stage of this pipeline"),
+    ([TINY, "pipeline.order=[teacher,distill,quantize,prune]"], "pipeline.order", "'prune'", "quantization must be the last stage"),
+    ([TINY, "pipeline.order=[distill,prune]"], "pipeline.order", "'distill'", "needs a teacher stage"),
+    ([TINY, "pipeline.order=[teacher,distill,recover]"], "pipeline.order", "'recover'", "needs a prune stage"),
+    ([TINY, "pipeline.order=[teacher,distill,distill]"], "pipeline.order", "'distill'", "appears twice"),
+    ([TINY, f"{P}.prune.kind=shrink"], f"{P}.prune.kind", "'shrink'", "unknown stage kind; allowed:"),
+    ([TINY, f"+{P}.prune.sparsity=0.3"], f"{P}.prune.sparsity", "0.3", "is not a parameter of a prune stage; allowed:"),
+    # ranges and types of stage parameters
+    ([TINY, f"{P}.prune.final_sparsity=1.2"], f"{P}.prune.final_sparsity", "1.2", "must be in [0, 1)"),
+    ([TINY, f"{P}.prune.final_sparsity=-0.1"], f"{P}.prune.final_sparsity", "-0.1", "must be in [0, 1)"),
+    ([TINY, f"{P}.prune.initial_sparsity=0.6"], f"{P}.prune.initial_sparsity", "0.6", "must be <= final_sparsity"),
+    ([TINY, f"{P}.prune.scope=neuron"], f"{P}.prune.scope", "'neuron'", "must be one of layer, global"),
+    ([TINY, f"{P}.prune.criterion=random"], f"{P}.prune.criterion", "'random'", "must be one of magnitude"),
+    ([TINY, f"{P}.distill.epochs=1.5"], f"{P}.distill.epochs", "1.5", "must be an integer"),
+    ([TINY, f"{P}.distill.lr=0"], f"{P}.distill.lr", "0", "must be > 0"),
+    ([TINY, f"{P}.distill.alpha=1.5"], f"{P}.distill.alpha", "1.5", "must be in [0, 1]"),
+    ([TINY, f"{P}.distill.temperature=0"], f"{P}.distill.temperature", "0", "must be > 0"),
+    ([TINY, f"{P}.quantize.bits=5"], f"{P}.quantize.bits", "5", "must be one of"),
+    # module selectors must match modules of the student, before anything trains
+    ([TINY, f"{P}.prune.targets=re:nothing\\.here"], f"{P}.prune.targets", "'re:nothing\\\\.here'", "matches no module"),
+    ([TINY, f"{P}.prune.targets='re:(a'"], f"{P}.prune.targets", "'re:(a'", "is not a valid regular expression"),
+    ([TINY, "model.prune_targets=re:nomatch"], "model.prune_targets", "'re:nomatch'", "matches no module"),
+    ([TINY, f"{P}.quantize.targets=re:nomatch"], f"{P}.quantize.targets", "'re:nomatch'", "matches no module"),
+    ([TINY, f"~{P}.prune.overrides", f"+{P}.prune.overrides={{re\\:nomatch:0.7}}"], f"{P}.prune.overrides.re:nomatch", "0.7",
+     "selector matches none of this stage's targets"),
+    # models and label counts
+    ([DIGITS, "model=tiny_bert"], "model", "'tiny_bert'", "needs an mlp model"),
+    ([TINY, "model.init=from_teacher", "+model.layers=[0,9]"], "model.layers", "[0, 9]", "teacher layer indices in [0, 2)"),
+    ([TINY, f"{P}.teacher.load_from={{tmp}}/three_labels"], f"{P}.teacher.load_from", "three_labels",
+     "is a 3-label model, but task 'rotten_tomatoes' has 2 labels"),
+    ([TINY, "task.num_labels=1"], "task.num_labels", "1", "must be >= 2"),
+    ([DIGITS, "task.num_labels=5"], "task.num_labels", "5", "labels in the data range over 0..9"),
+    # the data
+    ([TINY, "task=sst2"], "task", "'sst2'", "online-only"),
+    ([DIGITS, "task.num_features=32"], "task.num_features", "32", "the data has 64 features per example"),
+    ([TINY, "task.batch_size=0"], "task.batch_size", "0", "must be an integer >= 1"),
+    # trainer, devices, tracking
+    ([TINY, "trainer.accelerator=tpu2"], "trainer.accelerator", "'tpu2'", "must be one of cpu, gpu, cuda"),
+    ([TINY, "trainer.precision=12"], "trainer.precision", "12", "Allowed precision values"),
+    ([TINY, "+trainer.warp_speed=9"], "trainer.warp_speed", "9", "is not a lightning.Trainer argument"),
+    ([TINY, "cost.device=tpu"], "cost.device", "'tpu'", "must be one of cpu, cuda, auto"),
+    ([TINY, "logger.kind=neptune"], "logger.kind", "'neptune'", "must be one of wandb, csv, tensorboard, none"),
+    # run-level switches
+    ([TINY, "seed=-3"], "seed", "-3", "must be an integer >= 0"),
+    ([TINY, "checkpoint.every_n_steps=-1"], "checkpoint.every_n_steps", "-1", "must be an integer >= 0"),
+    ([TINY, "checkpoint.keep=0"], "checkpoint.keep", "0", "must be an integer >= 1"),
+    ([TINY, "integrity=maybe"], "integrity", "'maybe'", "must be true or false"),
+    ([TINY, "integrity_tolerance=2"], "integrity_tolerance", "2", "must be a number in [0, 1]"),
+    # resume and output folders
+    ([TINY, "resume=/nonexistent/run"], "resume", "'/nonexistent/run'", "is not a folder"),
+    ([TINY, "resume={tmp}/no_checkpoints"], "resume", "no_checkpoints", "holds no dpq checkpoints"),
+    ([TINY], "hydra.run.dir", "run", "already holds another run (results.json)"),
+]
+
+
+@pytest.mark.parametrize("overrides, key, value, allowed", CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_config_fails_before_training(make_cfg, tmp_path, overrides, key, value, allowed):
+    (tmp_path / "three_labels").mkdir()
+    (tmp_path / "three_labels" / "config.json").write_text(json.dumps({"dpq_arch": "mlp", "num_labels": 3}))
+    (tmp_path / "no_checkpoints").mkdir()
+    if key == "hydra.run.dir":
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "results.json").write_text("{}")
+    cfg = make_cfg(*[o.replace("{tmp}", str(tmp_path)) for o in overrides])
     with pytest.raises(ConfigError) as err:
         train(cfg)
-    assert err.value.key == key
-    assert words in str(err.value)
+    msg = str(err.value)
+    assert err.value.key == key, msg
+    assert msg.startswith(f"{key}="), msg  # the key, then the value as given
+    assert value in msg.split(":", 1)[0] + msg, msg
+    assert allowed in msg, msg
 
 
-def test_cli_prints_one_clear_line_and_exits_2(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "dpq.train", "experiment=tiny", "logger=none", f"hydra.run.dir={tmp_path}",
-         "pipeline.order=[teacher,distill,quantize,prune]"],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "DPQ_CACHE_DIR": str(tmp_path)},
-    )
-    assert proc.returncode == 2
-    assert "dpq: config error: pipeline.order=" in proc.stderr
+def test_there_are_at_least_25_distinct_cases():
+    assert len(CASES) >= 25 and len({c[1] for c in CASES}) >= 25
+
+
+def run_cli(tmp_path, *overrides):
+    env = {**os.environ, "DPQ_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "dpq.train", *overrides], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)
+
+
+# Each case starts a Python process (~10 s on 2 cores): one in the fast suite, the others slow.
+@pytest.mark.parametrize("overrides, line", [
+    (["pipeline.order=[teacher,distill,quantize,prune]"], "dpq: config error: pipeline.order="),
+    pytest.param(["trainer.precision=12"], "dpq: config error: trainer.precision=12: Precision 12 is invalid",
+                 marks=pytest.mark.slow),
+    pytest.param(["resume={tmp}/run", "pipeline.stages.prune.final_sparsity=0.9"],
+                 "dpq: config error: resume='{tmp}/run': continues a run with the config it started with",
+                 marks=pytest.mark.slow),
+])
+def test_cli_prints_one_clear_line_and_exits_2(tmp_path, overrides, line):
+    overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
+    proc = run_cli(tmp_path, "experiment=tiny", "logger=none", f"hydra.run.dir={tmp_path}/new", *overrides)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert line.replace("{tmp}", str(tmp_path)) in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,26 +1,35 @@
-"""Behavioural tests for dpq.quant: fake quant, QAT prepare, packing, save/load."""
-
-from __future__ import annotations
+"""QAT preparation (torchao module, dpq quantizers), selection, LSQ, activation ranges, resume, export."""
 
 import copy
+import json
+import math
 
 import pytest
 import torch
 from torch import nn
 
+from dpq import cost
+from dpq.errors import ConfigError
 from dpq.quant import (
-    FakeQuantLinear,
-    QATConfig,
+    ActivationFakeQuant,
+    LSQWeightQuantizer,
+    MinMaxWeightQuantizer,
+    PackedLinear,
+    QuantConfig,
     QuantizedLinear,
     convert_,
     dequantize_,
     fake_quantize,
+    head_names,
     load_quantized_,
     prepare_qat_,
     quantized_state,
+    safetensors_data_bytes,
     save_quantized,
-    select_modules,
+    select_targets,
 )
+from dpq.quant.fake import load_quantizer_state_, quantizer_state
+from dpq.stages.quantize import QuantizationAware
 
 ENCODER_TARGETS = r"re:.*encoder\.layer\.\d+\..*"
 
@@ -28,9 +37,8 @@ ENCODER_TARGETS = r"re:.*encoder\.layer\.\d+\..*"
 def tiny_bert():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    )
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64)
     return transformers.BertForSequenceClassification(cfg).eval()
 
 
@@ -40,225 +48,213 @@ def bert_inputs():
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-# ---------------------------------------------------------------- fake_quantize
+def fake_quantized_linear():
+    from torchao.quantization.qat import FakeQuantizedLinear
 
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_fake_quantize_grid_and_zeros(bits):
-    torch.manual_seed(0)
-    w = torch.randn(16, 40)
-    w[w.abs() < 0.5] = 0.0
-    w[3] = 0.0  # an all-zero row must not produce NaN
-    q = fake_quantize(w, bits, "per_channel")
-    assert torch.isfinite(q).all()
-    assert (q[w == 0] == 0).all()
-    assert (q[3] == 0).all()
-    for row in q:
-        assert row.unique().numel() <= 2**bits - 1
-
-
-def test_fake_quantize_8bit_error_bound_and_per_tensor():
-    torch.manual_seed(0)
-    w = torch.randn(8, 33)
-    q = fake_quantize(w, 8, "per_channel")
-    scale = w.abs().amax(dim=1, keepdim=True) / 127
-    assert ((q - w).abs() <= scale / 2 * (1 + 1e-5)).all()
-    # Row maxima are representable exactly (code +-127).
-    assert torch.allclose(q.abs().amax(dim=1), w.abs().amax(dim=1))
-    qt = fake_quantize(w, 4, "per_tensor")
-    assert qt.unique().numel() <= 15
-
-
-def test_fake_quantize_straight_through_gradient():
-    torch.manual_seed(0)
-    w = torch.randn(5, 9, requires_grad=True)
-    upstream = torch.randn(5, 9)
-    fake_quantize(w, 4, "per_channel").backward(upstream)
-    assert torch.equal(w.grad, upstream)
+    return FakeQuantizedLinear
 
 
 # ---------------------------------------------------------------- config
 
 
-def test_config_validation():
-    with pytest.raises(ValueError, match=r"bits=5.*\[2, 3, 4, 8\]"):
-        QATConfig(bits=5)
-    with pytest.raises(ValueError, match="granularity"):
-        QATConfig(granularity="per_group")
-    with pytest.raises(ValueError, match="regex"):
-        QATConfig(targets="re:(")
-    cfg = QATConfig(bits=8, targets=("0", "re:2"))
-    assert cfg.targets == ["0", "re:2"]
-    assert cfg.to_dict() == {"bits": 8, "granularity": "per_channel", "targets": ["0", "re:2"]}
+@pytest.mark.parametrize("field,value,message", [
+    ("bits", 5, "2, 3, 4, 8"),
+    ("granularity", "per_row", "per_tensor, per_channel, per_group"),
+    ("group_size", 1, ">= 2"),
+    ("observer", "ema", "minmax, lsq"),
+    ("act_bits", 4, "null .* or 8"),
+    ("calibration", "kl", "minmax, percentile"),
+    ("percentile", 40, r"\(50, 100\]"),
+    ("targets", "re:(", "regular expression"),
+])
+def test_config_errors_name_the_key(field, value, message):
+    kw = {field: value}
+    if field == "group_size":
+        kw["granularity"] = "per_group"
+    with pytest.raises(ConfigError, match=message) as e:
+        QuantConfig(**kw).validate("pipeline.stages.quantize")
+    assert e.value.key == f"pipeline.stages.quantize.{field}"
 
 
-# ---------------------------------------------------------------- prepare_qat_
+def test_lsq_needs_the_symmetric_grid():
+    with pytest.raises(ConfigError, match="symmetric=true") as e:
+        QuantConfig(observer="lsq", symmetric=False).validate("q")
+    assert e.value.key == "q.observer"
+    assert QuantConfig(bits=8, targets=("0", "re:2")).targets == ["0", "re:2"]
 
 
-def test_prepare_sequential_shares_parameters_and_trains():
+# ---------------------------------------------------------------- prepare
+
+
+def test_prepare_uses_torchao_module_shares_parameters_and_trains():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3, bias=False))
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     params_before = dict(model.named_parameters())
     keys_before = list(model.state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built BEFORE prepare
-    assert select_modules(model, ["0", "re:2"]) == ["0", "2"]
-    assert prepare_qat_(model, QATConfig(bits=4)) == ["0", "2"]
-    assert isinstance(model[0], FakeQuantLinear) and isinstance(model[2], FakeQuantLinear)
+    assert prepare_qat_(model, QuantConfig(bits=4)) == ["0", "2"]  # the head "4" stays float
+    assert isinstance(model[0], fake_quantized_linear()) and type(model[4]) is nn.Linear
+    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+    assert isinstance(model[0].weight_fake_quantizer, IntxFakeQuantizer)  # torchao's QAT API for this case
+    assert (model[0].weight_bits, model[0].act_bits) == (4, None)
     assert list(model.state_dict()) == keys_before
     for name, p in model.named_parameters():
         assert p is params_before[name]
-    assert "bits=4" in repr(model[0])
     before = model[0].weight.detach().clone()
     model(torch.randn(4, 6)).pow(2).sum().backward()
     opt.step()
     assert not torch.equal(model[0].weight, before)
-    # Idempotent: already fake-quantized modules are not re-wrapped.
-    assert prepare_qat_(model, QATConfig(bits=4)) == []
+    assert prepare_qat_(model, QuantConfig(bits=4)) == []  # idempotent
 
 
-def test_prepare_bert_targets_encoder_only():
+@pytest.mark.parametrize("kw,quantizer", [
+    (dict(granularity="per_tensor"), MinMaxWeightQuantizer),
+    (dict(symmetric=False), MinMaxWeightQuantizer),
+    (dict(granularity="per_group", group_size=5), MinMaxWeightQuantizer),  # 5 does not divide 6
+    (dict(observer="lsq"), LSQWeightQuantizer),
+])
+def test_dpq_quantizers_where_torchao_has_no_equivalent(kw, quantizer):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    prepare_qat_(model, QuantConfig(act_bits=8, **kw))
+    assert isinstance(model[0], fake_quantized_linear())
+    assert isinstance(model[0].weight_fake_quantizer, quantizer)
+    assert isinstance(model[0].activation_fake_quantizer, ActivationFakeQuant)
+    assert model[0].act_bits == 8
+
+
+def test_bert_targets_encoder_and_head_stays_float_unless_asked():
     model = tiny_bert()
-    params_before = dict(model.named_parameters())
-    keys_before = list(model.state_dict())
-    replaced = prepare_qat_(model, QATConfig(bits=4, targets=ENCODER_TARGETS))
-    assert len(replaced) == 2 * 6  # q, k, v, attn out, intermediate, output per layer
-    assert all(".encoder.layer." in n for n in replaced)
-    assert not isinstance(model.classifier, FakeQuantLinear)
-    assert not isinstance(model.bert.pooler.dense, FakeQuantLinear)
-    assert isinstance(model.bert.encoder.layer[0].attention.self.query, FakeQuantLinear)
-    assert list(model.state_dict()) == keys_before
-    for name, p in model.named_parameters():
-        assert p is params_before[name]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    q = model.bert.encoder.layer[1].attention.self.query.weight
-    before = q.detach().clone()
+    assert head_names(model) == ["classifier"]
+    replaced = prepare_qat_(model, QuantConfig(bits=4, targets=ENCODER_TARGETS))
+    assert len(replaced) == 2 * 6 and all(".encoder.layer." in n for n in replaced)
+    assert type(model.classifier) is nn.Linear and type(model.bert.pooler.dense) is nn.Linear
+    everything = tiny_bert()
+    names = select_targets(everything, QuantConfig(targets="re:.*"))
+    assert "classifier" not in names and "bert.pooler.dense" in names
+    assert "classifier" in select_targets(everything, QuantConfig(targets="re:.*", quantize_head=True))
     model(**bert_inputs(), labels=torch.tensor([0, 1, 0])).loss.backward()
-    assert q.grad is not None and q.grad.abs().sum() > 0
-    opt.step()
-    assert not torch.equal(q.detach(), before)
+    assert model.bert.encoder.layer[1].attention.self.query.weight.grad.abs().sum() > 0
 
 
 def test_bad_targets_raise_helpful_error():
     model = tiny_bert()
     with pytest.raises(ValueError, match=r"re:.*nope.*matched no nn\.Linear.*bert\.encoder\.layer\.0"):
-        prepare_qat_(model, QATConfig(targets="re:.*nope"))
-    with pytest.raises(ValueError, match="classifier_typo"):
-        prepare_qat_(model, QATConfig(targets=["classifier_typo"]))
+        prepare_qat_(model, QuantConfig(targets="re:.*nope"))
+    with pytest.raises(ValueError, match="classifier.*quantize_head=true"):
+        prepare_qat_(model, QuantConfig(targets="classifier"))
 
 
-# ---------------------------------------------------------------- pruning survives
+# ---------------------------------------------------------------- LSQ
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_pruned_zeros_survive_qat_and_conversion(bits):
+def test_lsq_gradients_follow_the_paper():
+    """d w_hat / d s = (round(v) - v) inside the grid, -Q_N / Q_P outside, times g = 1/sqrt(N * Q_P)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(31, 24), nn.GELU(), nn.Linear(24, 5))
-    masks = {}
-    for i in (0, 2):
-        w = model[i].weight.data
-        thresh = w.abs().flatten().kthvalue(w.numel() // 2).values
-        masks[i] = (w.abs() > thresh).float()
-        w.mul_(masks[i])
-    zeros_before = {i: int((model[i].weight == 0).sum()) for i in (0, 2)}
-    assert all(z >= model[i].weight.numel() // 2 for i, z in zeros_before.items())
-
-    prepare_qat_(model, QATConfig(bits=bits))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = torch.randn(16, 31), torch.randn(16, 5)
-    for _ in range(3):
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-        with torch.no_grad():
-            for i in (0, 2):
-                model[i].weight.data.mul_(masks[i])  # mask-freeze callback
-
-    assert convert_(model) == ["0", "2"]
-    for i in (0, 2):
-        qm = model[i]
-        assert isinstance(qm, QuantizedLinear)
-        pruned = masks[i] == 0
-        assert (qm.codes()[pruned] == 0).all()
-        assert (qm.dequantize()[pruned] == 0).all()
-        assert int((qm.dequantize() == 0).sum()) == zeros_before[i]
-        assert qm.nonzero_weights() == qm.dequantize().count_nonzero().item()
-        assert qm.nonzero_weights() == qm.in_features * qm.out_features - zeros_before[i]
-
-
-# ---------------------------------------------------------------- conversion
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
-def test_converted_matches_fake_quant(bits, granularity):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(7, 16), nn.Tanh(), nn.Linear(16, 3, bias=False))  # odd in_features
-    prepare_qat_(model, QATConfig(bits=bits, granularity=granularity))
-    x = torch.randn(10, 7)
+    w = torch.randn(4, 10)
+    cfg = QuantConfig(bits=3, granularity="per_channel", observer="lsq")
+    q = LSQWeightQuantizer(cfg, w)
+    assert q.step.dim() == 1 and q.step.shape == (4,)  # 1-D: the optimizer's no-weight-decay group
     with torch.no_grad():
-        ref = model(x)
-        fq_weights = [fake_quantize(model[i].weight, bits, granularity) for i in (0, 2)]
-    convert_(model)
+        q.step.copy_(torch.tensor([0.3, 0.5, 0.7, 0.2]))
+    w.requires_grad_(True)
+    q(w).sum().backward()
+    s = q.step.detach().reshape(4, 1)
+    v = w.detach() / s
+    inside = (v >= -4) & (v <= 3)
+    d_ds = torch.where(inside, v.round() - v, torch.where(v < -4, torch.tensor(-4.0), torch.tensor(3.0)))
+    g = 1.0 / math.sqrt(10 * 3)
+    torch.testing.assert_close(q.step.grad, d_ds.sum(dim=1) * g, rtol=1e-5, atol=1e-6)
+    assert torch.equal(w.grad, inside.float())  # STE: 1 inside the grid, 0 where clipped
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_lsq_initial_step_is_never_worse_than_min_max(bits):
+    torch.manual_seed(bits)
+    w = torch.randn(16, 64)
+    q = LSQWeightQuantizer(QuantConfig(bits=bits, observer="lsq"), w)
+    mse_lsq = (q(w) - w).pow(2).sum()
+    mse_minmax = (fake_quantize(w, bits, "per_channel") - w).pow(2).sum()
+    assert mse_lsq <= mse_minmax * (1 + 1e-6)
+    if bits == 2:
+        assert mse_lsq < 0.9 * mse_minmax  # clipping pays off at low bit widths
+
+
+# ---------------------------------------------------------------- activations
+
+
+def test_activation_range_is_a_running_min_max_and_freezes_in_eval():
+    act = ActivationFakeQuant(8, averaging_constant=0.5)
+    x1, x2 = torch.full((4,), 2.0), torch.full((4,), 4.0)
+    act.train()
+    act(x1)
+    assert float(act.amax) == 2.0
+    act(x2)
+    assert float(act.amax) == 3.0  # 2 + 0.5 * (4 - 2)
+    act.eval()
+    y = act(torch.tensor([10.0, -10.0, 1.0, 0.0]))
+    scale = 3.0 / 127.5
+    assert float(act.amax) == 3.0  # frozen in eval
+    torch.testing.assert_close(y, torch.tensor([127 * scale, -128 * scale, round(1 / scale) * scale, 0.0]))
+
+
+def test_callback_state_carries_lsq_steps_and_activation_ranges():
+    torch.manual_seed(0)
+    cfg = QuantConfig(bits=4, observer="lsq", act_bits=8, targets=["0"])
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    fresh = copy.deepcopy(model)
+
+    class Holder(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.model = m
+
+    cb = QuantizationAware("quantize", cfg)
+    cb.setup(None, Holder(model), "fit")
+    model.train()
+    model(torch.randn(5, 6))
     with torch.no_grad():
-        out = model(x)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    for i, fq in zip((0, 2), fq_weights):
-        assert torch.equal(model[i].dequantize(), fq)
-        qmax = 2 ** (bits - 1) - 1
-        assert model[i].codes().dtype == torch.int8
-        assert model[i].codes().abs().max() <= qmax
+        model[0].weight_fake_quantizer.step.mul_(1.5)
+    state = cb.state_dict()
+    assert set(state["quantizers"]["0"]) == {"step", "act_amax", "act_observed"}
+
+    resumed = QuantizationAware("quantize", cfg)
+    resumed.setup(None, Holder(fresh), "fit")  # Lightning: setup first, then the checkpoint's callback state
+    resumed.load_state_dict(state)
+    assert torch.equal(fresh[0].weight_fake_quantizer.step, model[0].weight_fake_quantizer.step)
+    assert torch.equal(fresh[0].activation_fake_quantizer.amax, model[0].activation_fake_quantizer.amax)
+    assert resumed.state_key != QuantizationAware("quantize2", cfg).state_key
+    load_quantizer_state_(fresh, quantizer_state(model))  # the plain function round-trips too
 
 
-def test_storage_bytes_4bit_is_about_one_eighth():
-    torch.manual_seed(0)
-    lin = nn.Linear(64, 128)
-    q4 = QuantizedLinear.from_float(lin, bits=4)
-    fp32_weight = 64 * 128 * 4
-    scales_and_bias = 128 * 4 + 128 * 4
-    assert q4.qweight.dtype == torch.uint8 and q4.qweight.shape == (128, 32)
-    assert q4.storage_bytes() == fp32_weight // 8 + scales_and_bias
-    q8 = QuantizedLinear.from_float(lin, bits=8)
-    assert q8.storage_bytes() == fp32_weight // 4 + scales_and_bias
-    assert q4.storage_bits == 4 and QuantizedLinear.from_float(lin, bits=2).storage_bits == 4
+# ---------------------------------------------------------------- export
 
 
-def test_convert_plain_linear_with_cfg_ptq():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 2))
-    ref = [fake_quantize(model[i].weight, 8, "per_channel").detach() for i in (0, 1)]
-    assert convert_(model, cfg=QATConfig(bits=8, targets="1")) == ["1"]
-    assert isinstance(model[0], nn.Linear) and isinstance(model[1], QuantizedLinear)
-    assert torch.equal(model[1].dequantize(), ref[1])
-
-
-# ---------------------------------------------------------------- save / load
-
-
-def test_save_load_roundtrip_tiny_bert(tmp_path):
+def test_save_load_round_trip_tiny_bert_at_real_bit_width(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = tiny_bert()
-    prepare_qat_(model, QATConfig(bits=4, targets=ENCODER_TARGETS))
+    prepare_qat_(model, QuantConfig(bits=4, targets=ENCODER_TARGETS))
     inputs = bert_inputs()
     with torch.no_grad():
         fq_logits = model(**inputs).logits
     names = convert_(model)
     with torch.no_grad():
         q_logits = model(**inputs).logits
-    torch.testing.assert_close(q_logits, fq_logits, atol=1e-5, rtol=0)
+    assert torch.equal(q_logits, fq_logits)  # packed conversion is exact
+    entry = quantized_state(model)[names[0]]
+    assert entry["backend"] == "packed" and entry["bits"] == 4 and "bias" in entry
 
-    state = quantized_state(model)
-    assert set(state) == set(names)
-    entry = state[names[0]]
-    assert entry["bits"] == 4 and entry["granularity"] == "per_channel" and "bias" in entry
-
-    save_quantized(model, tmp_path)
-    assert (tmp_path / "quantized_weights.safetensors").exists()
-    import json
-
+    path = save_quantized(model, tmp_path)
     meta = json.loads((tmp_path / "quantization_config.json").read_text())
-    assert meta["bits"] == 4 and meta["format_version"] == 1 and set(meta["modules"]) == set(names)
+    assert meta["format_version"] == 2 and meta["bits"] == 4 and set(meta["modules"]) == set(names)
+    # The file holds the whole model at its real bit width: exactly the bytes cost.size_bytes counts.
+    assert safetensors_data_bytes(path) == cost.size_bytes(model)["size_bytes"]
+    packed_bytes = sum(m.storage_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
+    mods = [model.get_submodule(n) for n in names]
+    # 4 bits per weight + a float32 scale and a float32 bias per output row, nothing else.
+    assert packed_bytes == sum(m.out_features * (m.in_features // 2 + 4 + 4) for m in mods)
 
-    # Float copy for HF: dequantize, save_pretrained, reload, then re-quantize from disk.
     float_copy = copy.deepcopy(model)
     assert sorted(dequantize_(float_copy)) == sorted(names)
     with torch.no_grad():
@@ -266,17 +262,78 @@ def test_save_load_roundtrip_tiny_bert(tmp_path):
     float_copy.save_pretrained(tmp_path)
     reloaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
     assert sorted(load_quantized_(reloaded, tmp_path)) == sorted(names)
-    assert isinstance(reloaded.bert.encoder.layer[0].attention.self.query, QuantizedLinear)
+    assert isinstance(reloaded.bert.encoder.layer[0].attention.self.query, PackedLinear)
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, q_logits)
-    for n in names:
-        a, b = reloaded.get_submodule(n), model.get_submodule(n)
-        assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scale, b.scale)
+
+    # The file alone restores every tensor: a randomly initialised model becomes the same model.
+    torch.manual_seed(123)
+    other = transformers.BertForSequenceClassification(model.config).eval()
+    load_quantized_(other, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(other(**inputs).logits, q_logits)
 
 
-def test_load_quantized_rejects_mismatched_architecture(tmp_path):
-    model = nn.Sequential(nn.Linear(4, 6))
-    convert_(model, cfg=QATConfig(bits=4))
+def test_load_reads_format_1_files(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    codes = torch.randint(-7, 8, (4, 5), dtype=torch.int8)
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)
+    u = torch.nn.functional.pad(u, (0, 1), value=8)
+    save_file({"0.qweight": (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous(), "0.scale": torch.full((4,), 0.5),
+               "0.bias": torch.zeros(4)}, str(tmp_path / "quantized_weights.safetensors"))
+    (tmp_path / "quantization_config.json").write_text(json.dumps({"format_version": 1, "modules": {"0": {
+        "bits": 4, "granularity": "per_channel", "in_features": 5, "out_features": 4, "bias": True}}}))
+    model = nn.Sequential(nn.Linear(5, 4))
+    assert load_quantized_(model, tmp_path) == ["0"]
+    assert torch.equal(model[0].codes(), codes) and torch.equal(model[0].dequantize(), codes.float() * 0.5)
+
+
+def test_load_rejects_mismatched_architecture(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
+    convert_(model, cfg=QuantConfig(bits=4, targets="0"))
     save_quantized(model, tmp_path)
     with pytest.raises(ValueError, match="shape"):
-        load_quantized_(nn.Sequential(nn.Linear(4, 7)), tmp_path)
+        load_quantized_(nn.Sequential(nn.Linear(4, 7), nn.Linear(7, 2)), tmp_path)
+
+
+def test_lightning_resume_restores_lsq_steps_and_activation_ranges(tmp_path):
+    """A QAT fit checkpointed mid-way and resumed on a fresh float model continues with the learned steps."""
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return nn.functional.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.05)
+
+    class Peek(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            m = pl_module.model[0]
+            self.start = (m.weight_fake_quantizer.step.detach().clone(), m.activation_fake_quantizer.amax.clone())
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 6, generator=g),
+                                                                      torch.randint(0, 2, (32,), generator=g)), batch_size=8)
+    cfg = QuantConfig(bits=4, observer="lsq", act_bits=8, targets=["0"])
+    kw = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    first = Tiny()
+    trainer = L.Trainer(max_steps=3, callbacks=[QuantizationAware("quantize", cfg)], **kw)
+    trainer.fit(first, data)
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    trained = first.model[0]
+    assert not torch.equal(trained.weight_fake_quantizer.step, LSQWeightQuantizer(cfg, trained.weight).step)
+
+    peek = Peek()
+    L.Trainer(max_steps=4, callbacks=[QuantizationAware("quantize", cfg), peek], **kw).fit(
+        Tiny(), data, ckpt_path=tmp_path / "mid.ckpt")
+    assert torch.equal(peek.start[0], trained.weight_fake_quantizer.step.detach())
+    assert torch.equal(peek.start[1], trained.activation_fake_quantizer.amax)

@@ -2,7 +2,9 @@
 
 A :class:`ConfigError` is a user mistake (bad override, unknown stage, missing data
 offline). The Hydra entry point prints its message alone, without a traceback, and exits
-with status 2 -- always before any training starts.
+with status 2 -- always before any training starts. :class:`TrainingDiverged` (NaN/Inf loss or
+weights) exits with status 3 and :class:`IntegrityError` (a check between stages) with 4; both
+keep the results measured so far and the last good checkpoint.
 """
 
 
@@ -19,3 +21,7 @@ class ConfigError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stops instead of training on garbage."""
+
+
+class IntegrityError(RuntimeError):
+    """A check between stages failed (pruned weights came back, the saved model does not reproduce the run)."""

@@ -7,6 +7,7 @@ tracker failure never fails training: results.json is written locally regardless
 
 from __future__ import annotations
 
+import functools
 import logging
 import netrc
 import os
@@ -89,3 +90,80 @@ def finish(logger, summary: dict | None = None) -> None:
             logger.finalize("success")
     except Exception as e:  # the tracker must never fail the run
         log.warning("logger finish failed: %s", e)
+
+
+@functools.cache
+def _tolerant_logger_class():
+    from lightning.pytorch.loggers.logger import Logger
+
+    class TolerantLogger(Logger):
+        """What every stage's Trainer logs through: the tracker's calls, with its failures contained.
+
+        Lightning lets a logger's exception end ``fit``; a tracker that crashes mid-run (network
+        gone, expired key, a backend bug) must not. The first failure is logged once and the
+        tracker is left alone for the rest of the run; results.json and checkpoints are local.
+        """
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.failed = inner, False
+
+        def _call(self, method: str, *args, **kwargs):
+            if self.failed:
+                return None
+            try:
+                return getattr(self.inner, method)(*args, **kwargs)
+            except Exception as e:
+                self.failed = True
+                log.warning("tracker %s failed in %s (%s: %s); the run continues without it (results.json and "
+                            "checkpoints are written locally)", type(self.inner).__name__, method, type(e).__name__, e)
+                return None
+
+        @property
+        def name(self):
+            return self.inner.name
+
+        @property
+        def version(self):
+            return self.inner.version
+
+        @property
+        def save_dir(self):
+            return self.inner.save_dir
+
+        @property
+        def log_dir(self):
+            return getattr(self.inner, "log_dir", None)
+
+        @property
+        def root_dir(self):
+            return getattr(self.inner, "root_dir", None)
+
+        @property
+        def experiment(self):
+            return self.inner.experiment
+
+        def log_metrics(self, metrics, step=None):
+            return self._call("log_metrics", metrics, step)
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            return self._call("log_hyperparams", params, *args, **kwargs)
+
+        def log_graph(self, model, input_array=None):
+            return self._call("log_graph", model, input_array)
+
+        def save(self):
+            return self._call("save")
+
+        def finalize(self, status):
+            return self._call("finalize", status)
+
+        def after_save_checkpoint(self, checkpoint_callback):
+            return self._call("after_save_checkpoint", checkpoint_callback)
+
+    return TolerantLogger
+
+
+def tolerant(logger):
+    """``logger`` wrapped so that its failures never end training (None stays None)."""
+    return None if logger is None else _tolerant_logger_class()(logger)

@@ -245,6 +245,7 @@ class SparsityRamp(_MaskCallback):
         self.history: list[tuple[int, float]] = []  # (step, target sparsity) at each mask update
         self.scores: Masks = {}  # name -> accumulated float importance since the last mask update
         self.score_steps = 0  # optimizer steps accumulated into ``scores``
+        self._resumed = False  # set when Lightning restores this callback from a checkpoint
 
     def target_at(self, step: int, name: str | None = None) -> float:
         final = self.finals.get(name, self.final) if name is not None else self.final
@@ -324,9 +325,10 @@ class SparsityRamp(_MaskCallback):
         self.total_steps = int(trainer.estimated_stepping_batches)
         if not math.isfinite(self.total_steps) or self.total_steps <= 0:
             raise ValueError("the prune stage needs a finite number of training steps (set epochs or max_steps)")
-        if self.history and self.history[-1][0] == trainer.global_step:
-            # Resumed from a checkpoint taken right after this step's update: the restored
-            # masks (and scores accumulated since) are the state; updating again would differ.
+        if self._resumed:
+            # Restored from a checkpoint (at or between mask updates): the restored masks and
+            # the scores accumulated since are the state; an extra update here would diverge
+            # from the uninterrupted run, whose next update comes at its scheduled step.
             apply_masks(self._model(pl_module), self.masks)
             return
         self._update(pl_module, trainer.global_step, trainer)
@@ -362,3 +364,4 @@ class SparsityRamp(_MaskCallback):
         self.scores = dict(state_dict.get("scores", {}))
         self.score_steps = int(state_dict.get("score_steps", 0))
         self.group_keep = dict(state_dict.get("group_keep", {}))
+        self._resumed = True

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
-import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 
 PACKAGES = ("torch", "lightning", "transformers", "datasets", "torchmetrics", "hydra-core", "omegaconf", "fvcore", "wandb")
@@ -38,12 +35,10 @@ def git_info() -> dict:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write to a temporary file and rename it into place: a reader never sees half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, path)
+    """Write to a temporary file beside ``path``, fsync, rename: a reader never sees half a file."""
+    from dpq.snapshot import write_json_atomic as write
+
+    write(Path(path), payload)
 
 
 COLUMNS = [  # (header, metric key, format)

@@ -1,24 +1,44 @@
-"""Quantization: symmetric fake-quant QAT and conversion to packed low-bit linears.
+"""Quantization that keeps sparsity: QAT, PTQ, real low-bit backends, packed export.
 
-Verbs: ``prepare_qat_`` (swap Linear -> FakeQuantLinear), ``convert_``
-(FakeQuantLinear -> QuantizedLinear), ``save_quantized`` / ``load_quantized_``,
-``dequantize_`` (back to float for HF ``save_pretrained``). Symmetric codes keep
-pruned (exactly zero) weights exactly zero throughout.
+Verbs: ``prepare_qat_`` / ``prepare_ptq_`` (target Linears -> torchao ``FakeQuantizedLinear``
+with dpq or torchao quantizers), ``calibrate_`` (PTQ activation ranges), ``convert_`` (-> a
+backend's :class:`QuantizedLinear`: ``packed``, ``cpu_int8``, ``torchao``, ``bnb``),
+``check_zeros_kept`` (pruned weights still exactly zero), ``save_quantized`` /
+``load_quantized_`` (the model at its real bit width), ``dequantize_`` (back to float for
+Hugging Face ``save_pretrained``). Every grid maps 0.0 to exactly 0.0.
 """
 
-from .fake import FakeQuantLinear, QATConfig, fake_quantize, prepare_qat_, select_modules
-from .packed import QuantizedLinear, convert_, dequantize_, load_quantized_, quantized_state, save_quantized
+from .affine import Blocks, fake_quantize
+from .backends import BACKENDS, convert_, resolve_scheme
+from .config import ALLOWED_BITS, ALLOWED_GRANULARITY, QuantConfig, qrange
+from .fake import (
+    MinMaxWeightQuantizer,
+    head_names,
+    prepare_ptq_,
+    prepare_qat_,
+    prepared_modules,
+    select_modules,
+    select_targets,
+)
+from .integrity import SparsityLost, check_zeros_kept, zero_positions
+from .lsq import LSQWeightQuantizer
+from .observers import ActivationFakeQuant
+from .packed import (
+    PackedLinear,
+    QuantizedLinear,
+    dequantize_,
+    load_quantized_,
+    quantized_state,
+    safetensors_data_bytes,
+    save_quantized,
+)
+from .ptq import calibrate_
 
 __all__ = [
-    "QATConfig",
-    "fake_quantize",
-    "FakeQuantLinear",
-    "prepare_qat_",
-    "select_modules",
-    "QuantizedLinear",
-    "convert_",
-    "save_quantized",
-    "load_quantized_",
-    "dequantize_",
-    "quantized_state",
+    "QuantConfig", "ALLOWED_BITS", "ALLOWED_GRANULARITY", "qrange", "Blocks", "fake_quantize",
+    "prepare_qat_", "prepare_ptq_", "prepared_modules", "select_modules", "select_targets", "head_names",
+    "MinMaxWeightQuantizer", "LSQWeightQuantizer", "ActivationFakeQuant", "calibrate_",
+    "BACKENDS", "resolve_scheme", "convert_", "QuantizedLinear", "PackedLinear",
+    "SparsityLost", "zero_positions", "check_zeros_kept",
+    "save_quantized", "load_quantized_", "dequantize_", "quantized_state", "safetensors_data_bytes",
 ]

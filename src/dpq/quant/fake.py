@@ -1,170 +1,125 @@
-"""Fake quantization for quantization-aware training (QAT).
+"""Fake quantization for QAT and PTQ: which modules, and with which quantizers.
 
-Why hand-written rather than torch.ao / torchao: the foundation needs
-symmetric (zero point 0), per-output-channel low-bit weights (int4 first) that
-keep pruned weights *exactly* zero, run on CPU, are deterministic and add no
-dependency. Symmetric quantization maps 0.0 to code 0 and code 0 back to 0.0,
-so sparsity from the prune stage survives QAT and conversion. A later issue
-adds a torchao adapter behind the same verbs (``prepare_qat_`` / ``convert_``).
+Every target ``nn.Linear`` becomes torchao's ``FakeQuantizedLinear`` (it shares the
+Linear's Parameter objects, so an optimizer built before ``prepare_qat_`` keeps training
+them and state-dict keys stay ``weight`` / ``bias``). Its ``weight_fake_quantizer`` is:
 
-Codes live in ``[-qmax, qmax]`` with ``qmax = 2**(bits-1) - 1`` (4-bit: -7..7,
-8-bit: -127..127); the most negative two's-complement value is never used so
-the grid is symmetric. Scale is ``max|w| / qmax`` per output row (or per
-tensor); all-zero rows get scale 1.0 so nothing divides by zero and their
-codes are 0.
+* torchao's ``IntxFakeQuantizer`` (torchao's QAT API, ``dpq.quant.ao``) for symmetric
+  per-channel / per-group min-max weights;
+* :class:`MinMaxWeightQuantizer` (per-tensor, asymmetric, PTQ percentile, groups that do
+  not divide ``in_features``) or :class:`~dpq.quant.lsq.LSQWeightQuantizer` otherwise.
+
+With ``act_bits=8`` its ``activation_fake_quantizer`` is an
+:class:`~dpq.quant.observers.ActivationFakeQuant`. Each prepared module carries
+``weight_bits``, ``act_bits`` (``None`` = float) and ``quant_config`` for cost accounting
+and conversion. Every quantizer maps 0.0 to exactly 0.0, so pruned weights stay zero.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpq.selectors import select_linears
 
-ALLOWED_BITS: tuple[int, ...] = (2, 3, 4, 8)
-ALLOWED_GRANULARITY: tuple[str, ...] = ("per_channel", "per_tensor")
+from . import ao
+from .affine import Blocks, fake_quantize_weight, weight_qparams
+from .config import QuantConfig
+from .lsq import LSQWeightQuantizer
+from .observers import ActivationFakeQuant
 
 Targets = str | Sequence[str]
 
 
+class MinMaxWeightQuantizer(nn.Module):
+    """Weight fake quantizer from the min-max (or percentile) range, any granularity / symmetry.
+
+    ``static=False`` (QAT) recomputes the range from the current weight at every call;
+    ``static=True`` (PTQ) computes it once from the weight at construction (``scale`` /
+    ``zero_point`` buffers), with ``cfg.calibration`` min-max or percentile clipping.
+    """
+
+    def __init__(self, cfg: QuantConfig, weight: Tensor, static: bool = False):
+        super().__init__()
+        self.config = cfg  # torchao's QAT convert step reads ``weight_fake_quantizer.config``
+        self.bits, self.symmetric, self.static = cfg.bits, cfg.symmetric, static
+        self.layout = Blocks(cfg.granularity, weight.shape[0], weight.shape[1], cfg.group_size)
+        self.percentile = cfg.percentile if static and cfg.calibration == "percentile" else None
+        if static:
+            scale, zp = weight_qparams(weight, self.layout, self.bits, self.symmetric, self.percentile)
+            self.register_buffer("scale", scale)
+            self.register_buffer("zero_point", zp)
+
+    def qparams(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        if self.static:
+            return self.scale, self.zero_point
+        return weight_qparams(weight, self.layout, self.bits, self.symmetric)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        scale, zp = self.qparams(weight)
+        return fake_quantize_weight(weight, self.layout, scale, zp, self.bits)
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits}, granularity={self.layout.granularity}, symmetric={self.symmetric}, "
+                f"static={self.static}, percentile={self.percentile}")
+
+
 @dataclass
-class QATConfig:
-    """What to fake-quantize and how; pure data so Hydra can build it."""
+class WeightQParams:
+    """What conversion needs from a prepared module: layout, scale / zero point per block, bits."""
 
-    bits: int = 4
-    granularity: str = "per_channel"
-    # "re:<regex>" = re.fullmatch on the qualified module name, else an exact
-    # name; a list of selectors means their union.
-    targets: Any = r"re:.*"
-
-    def __post_init__(self) -> None:
-        _check_bits(self.bits)
-        _check_granularity(self.granularity)
-        if not isinstance(self.targets, str):
-            # Accept any sequence (e.g. an OmegaConf ListConfig) but store a list.
-            try:
-                self.targets = [str(t) for t in self.targets]
-            except TypeError:
-                raise ValueError(
-                    f"QATConfig.targets={self.targets!r} must be a selector string "
-                    "or a list of selector strings"
-                ) from None
-            if not self.targets:
-                raise ValueError("QATConfig.targets=[] must contain at least one selector")
-        for sel in _as_list(self.targets):
-            if sel.startswith("re:"):
-                try:
-                    re.compile(sel[3:])
-                except re.error as e:
-                    raise ValueError(f"QATConfig.targets has invalid regex {sel!r}: {e}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if isinstance(d["targets"], list):
-            d["targets"] = list(d["targets"])
-        return d
+    layout: Blocks
+    scale: Tensor
+    zero_point: Tensor
+    bits: int
+    symmetric: bool
 
 
-def _check_bits(bits: Any) -> None:
-    if isinstance(bits, bool) or bits not in ALLOWED_BITS:
-        raise ValueError(f"QATConfig.bits={bits!r} is not supported; allowed: {list(ALLOWED_BITS)}")
+def weight_qparams_of(module: nn.Module) -> WeightQParams:
+    """The quantization a prepared module applies to its current weight."""
+    q = module.weight_fake_quantizer
+    if isinstance(q, (MinMaxWeightQuantizer, LSQWeightQuantizer)):
+        scale, zp = q.qparams(module.weight)
+        return WeightQParams(q.layout, scale, zp, q.bits, bool(q.config.symmetric))
+    layout, scale, zp, bits = ao.intx_qparams(q, module.weight)
+    return WeightQParams(layout, scale, zp, bits, True)
 
 
-def _check_granularity(granularity: Any) -> None:
-    if granularity not in ALLOWED_GRANULARITY:
-        raise ValueError(
-            f"QATConfig.granularity={granularity!r} is not supported; "
-            f"allowed: {list(ALLOWED_GRANULARITY)}"
-        )
+def activation_scale_of(module: nn.Module) -> Tensor | None:
+    q = getattr(module, "activation_fake_quantizer", None)
+    return q.scale() if isinstance(q, ActivationFakeQuant) else None
+
+
+# ------------------------------------------------------------------------------ selection
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """The classifier head: the model's last ``nn.Linear`` (it produces the logits)."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1:]
 
 
 def _as_list(targets: Targets) -> list[str]:
     return [targets] if isinstance(targets, str) else list(targets)
 
 
-def qmax_for(bits: int) -> int:
-    """Largest code magnitude of the symmetric grid for ``bits``."""
-    _check_bits(bits)
-    return 2 ** (bits - 1) - 1
-
-
-def scale_and_codes(w: Tensor, bits: int, granularity: str) -> tuple[Tensor, Tensor]:
-    """Return ``(codes, scale)`` in float32, shared by fake quant and packing.
-
-    ``codes`` has ``w``'s shape (integral values in [-qmax, qmax]); ``scale``
-    has shape ``[out, 1, ...]`` (per_channel) or ``[1, 1, ...]`` (per_tensor)
-    so it broadcasts against ``w``. One function for both paths is what makes
-    the converted model reproduce the fake-quant model exactly.
-    """
-    _check_granularity(granularity)
-    qmax = qmax_for(bits)
-    wf = w.detach().float()
-    if granularity == "per_channel":
-        if wf.dim() < 2:
-            raise ValueError(f"per_channel quantization needs a >=2-D weight, got shape {tuple(w.shape)}")
-        amax = wf.abs().flatten(1).amax(dim=1).view(-1, *([1] * (wf.dim() - 1)))
-    else:
-        amax = wf.abs().amax().view(*([1] * max(wf.dim(), 1)))
-    # All-zero rows: scale 1.0 keeps the division finite and their codes 0.
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    codes = torch.clamp(torch.round(wf / scale), -qmax, qmax)
-    return codes, scale
-
-
-def fake_quantize(w: Tensor, bits: int = 4, granularity: str = "per_channel") -> Tensor:
-    """Quantize-dequantize ``w`` with a straight-through estimator.
-
-    Forward returns exactly the dequantized grid values (zero stays exactly
-    zero); backward passes the gradient through unchanged. We write the STE as
-    ``q + (w - w.detach())`` instead of ``w + (q - w).detach()``: both have
-    identity gradient, but the former is bit-exact ``q`` in forward (``w - w``
-    is exactly 0), so the converted model matches to the last bit.
-    """
-    codes, scale = scale_and_codes(w, bits, granularity)
-    q = (codes * scale).to(w.dtype)
-    return q + (w - w.detach())
-
-
-class FakeQuantLinear(nn.Linear):
-    """``nn.Linear`` whose forward uses fake-quantized weights.
-
-    It *shares* the wrapped module's ``weight``/``bias`` Parameter objects, so
-    an optimizer built before ``prepare_qat_`` keeps training them and the
-    state_dict keys stay ``weight``/``bias`` (HF ``save_pretrained`` works).
-    """
-
-    def __init__(self, linear: nn.Linear, bits: int = 4, granularity: str = "per_channel") -> None:
-        _check_bits(bits)
-        _check_granularity(granularity)
-        # Skip nn.Linear.__init__: it would allocate fresh parameters.
-        nn.Module.__init__(self)
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias  # Parameter or None; registered either way
-        self.bits = bits
-        self.granularity = granularity
-        self.train(linear.training)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, fake_quantize(self.weight, self.bits, self.granularity), self.bias)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, bits={self.bits}, granularity={self.granularity}"
-        )
-
-
 def select_modules(model: nn.Module, targets: Targets) -> list[str]:
     """Qualified names of ``nn.Linear`` modules (incl. subclasses) matching ``targets``."""
     return select_linears(model, _as_list(targets))
+
+
+def select_targets(model: nn.Module, cfg: QuantConfig) -> list[str]:
+    """``cfg.targets`` minus the classifier head (unless ``cfg.quantize_head``); never empty."""
+    names = select_modules(model, cfg.targets)
+    if not cfg.quantize_head:
+        head = set(head_names(model))
+        names = [n for n in names if n not in head]
+    if not names:
+        raise no_match_error(model, cfg.targets, head_excluded=not cfg.quantize_head)
+    return names
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -176,33 +131,102 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def no_match_error(model: nn.Module, targets: Targets) -> ValueError:
+def no_match_error(model: nn.Module, targets: Targets, head_excluded: bool = False) -> ValueError:
     """A ValueError that tells the user which Linear names they could have meant."""
     available = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not available:
         return ValueError(f"targets={targets!r} matched nothing: the model has no nn.Linear modules")
     shown = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "")
+    head = (f" (the classifier head {head_names(model)[0]!r} is left out unless quantize_head=true)"
+            if head_excluded else "")
     return ValueError(
-        f"targets={targets!r} matched no nn.Linear module "
-        f"({len(available)} available, e.g. {shown}). Use 're:<regex>' for a "
-        "full-match regex on the qualified name, or an exact name."
+        f"targets={targets!r} matched no nn.Linear module{head} ({len(available)} available, e.g. {shown}). "
+        "Use 're:<regex>' for a full-match regex on the qualified name, or an exact name."
     )
 
 
-def prepare_qat_(model: nn.Module, cfg: QATConfig) -> list[str]:
-    """Swap each targeted ``nn.Linear`` for a ``FakeQuantLinear`` in place.
+# ------------------------------------------------------------------------------ prepare
 
-    Already fake-quantized modules are left alone (idempotent). Returns the
-    names replaced; raises ``ValueError`` if ``cfg.targets`` matches no Linear.
+
+def is_prepared(module: nn.Module) -> bool:
+    return hasattr(module, "quant_config") and hasattr(module, "weight_fake_quantizer")
+
+
+def prepared_modules(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if is_prepared(m)]
+
+
+def _prepare(model: nn.Module, cfg: QuantConfig, names: list[str] | None, static: bool) -> list[str]:
+    cfg.validate()
+    names = select_targets(model, cfg) if names is None else list(names)
+    todo = [n for n in names if not is_prepared(model.get_submodule(n))]
+    if not todo:
+        return []
+    training = {n: model.get_submodule(n).training for n in todo}
+    # torchao's QAT API where it computes what cfg asks for ...
+    intx = [n for n in todo if ao.intx_fits(cfg, model.get_submodule(n).in_features, static)]
+    ao.prepare_intx_(model, intx, cfg)
+    for name in todo:
+        if name in intx:
+            mod = model.get_submodule(name)
+        else:  # ... dpq's quantizers inside the same torchao module otherwise
+            lin = model.get_submodule(name)
+            mod = ao.empty_fake_quantized_linear(lin)
+            if cfg.observer == "lsq" and not static:
+                mod.weight_fake_quantizer = LSQWeightQuantizer(cfg, lin.weight).to(lin.weight.device)
+            else:
+                mod.weight_fake_quantizer = MinMaxWeightQuantizer(cfg, lin.weight, static=static).to(lin.weight.device)
+            set_module(model, name, mod)
+        if cfg.act_bits:
+            act = ActivationFakeQuant(cfg.act_bits, percentile=cfg.percentile).to(mod.weight.device)
+            if static:
+                act.set_mode(f"calibrate_{cfg.calibration}")
+            mod.activation_fake_quantizer = act
+        mod.weight_bits = mod.bits = cfg.bits
+        mod.act_bits = cfg.act_bits
+        mod.quant_config = cfg
+        mod.train(training[name])
+    return todo
+
+
+def prepare_qat_(model: nn.Module, cfg: QuantConfig, names: list[str] | None = None) -> list[str]:
+    """Fake-quantize the target Linears for training (weights: dynamic min-max or LSQ).
+
+    ``names`` overrides the selection (``cfg.targets`` minus the head). Already prepared
+    modules are left alone (idempotent). Returns the names prepared by this call.
     """
-    names = select_modules(model, cfg.targets)
-    if not names:
-        raise no_match_error(model, cfg.targets)
-    replaced: list[str] = []
-    for name in names:
+    return _prepare(model, cfg, names, static=False)
+
+
+def prepare_ptq_(model: nn.Module, cfg: QuantConfig, names: list[str] | None = None) -> list[str]:
+    """Fake-quantize for post-training quantization: weight ranges fixed now (min-max or
+    percentile), activation observers (``act_bits``) in calibration mode; see ``dpq.quant.ptq``."""
+    return _prepare(model, cfg, names, static=True)
+
+
+def quantizer_state(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """Learned / observed quantizer tensors (LSQ steps, activation ranges), for resume."""
+    state: dict[str, dict[str, Tensor]] = {}
+    for name in prepared_modules(model):
         mod = model.get_submodule(name)
-        if isinstance(mod, FakeQuantLinear):
-            continue
-        set_module(model, name, FakeQuantLinear(mod, cfg.bits, cfg.granularity))
-        replaced.append(name)
-    return replaced
+        entry = {}
+        if isinstance(mod.weight_fake_quantizer, LSQWeightQuantizer):
+            entry["step"] = mod.weight_fake_quantizer.step.detach().cpu().clone()
+        act = getattr(mod, "activation_fake_quantizer", None)
+        if isinstance(act, ActivationFakeQuant):
+            entry["act_amax"] = act.amax.detach().cpu().clone()
+            entry["act_observed"] = act.observed.detach().cpu().clone()
+        if entry:
+            state[name] = entry
+    return state
+
+
+@torch.no_grad()
+def load_quantizer_state_(model: nn.Module, state: dict[str, dict[str, Tensor]]) -> None:
+    for name, entry in state.items():
+        mod = model.get_submodule(name)
+        if "step" in entry:
+            mod.weight_fake_quantizer.step.copy_(entry["step"])
+        if "act_amax" in entry:
+            mod.activation_fake_quantizer.amax.copy_(entry["act_amax"])
+            mod.activation_fake_quantizer.observed.copy_(entry["act_observed"])

@@ -1,236 +1,324 @@
-"""Real low-bit storage for fake-quantized linears, plus save/load.
+"""Converted low-bit linears, and the on-disk format that stores them at their real bit width.
 
-Why hand-written: see ``dpq.quant.fake``. Here the integer codes computed by
-the same ``scale_and_codes`` used in QAT are actually packed (two 4-bit codes
-per byte), so the size reduction is real and the converted model reproduces
-the fake-quant model's outputs. Compute stays float (weight-only quant,
-dequantized on the fly): honest on CPU, where there are no int4 kernels.
+:class:`QuantizedLinear` is what every backend's converted layer is (``dpq.cost`` duck-types
+its ``dequantize`` / ``storage_bytes`` / ``nonzero_weights``; ``dpq.checkpoints`` finds it by
+``isinstance``): it knows its ``weight_bits`` / ``act_bits``, the tensors that hold its
+weight (:meth:`~QuantizedLinear.packed_tensors`, whose bytes are its ``storage_bytes``) and
+how to rebuild itself from them (:meth:`~QuantizedLinear.from_packed`).
+
+:class:`PackedLinear` is the default backend (``packed``): the integer codes of the QAT/PTQ
+quantizer bit-packed (``bits`` per weight: 2- and 4-bit codes 4 resp. 2 per byte, 3-bit
+codes 8 per 3 bytes, 8-bit 1 per byte), a float32 scale per block, an int8 zero point per
+block when asymmetric, and an activation scale when activations are quantized. Compute is
+float (dequantize, then ``F.linear``): it reproduces the fake-quant model bit for bit and
+runs anywhere, but it is not a low-bit kernel (``cpu_int8``, ``torchao``, ``bnb`` are).
+
+``save_quantized`` writes ``quantized_weights.safetensors``: every quantized module's
+packed tensors *and* every other tensor of the model (float, tied ones once), so the file
+alone is the deployable model at its real bit width and its size is the model's size
+(``dpq.cost.size_bytes`` counts the same bytes; only the safetensors header is extra).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .fake import (
-    FakeQuantLinear,
-    QATConfig,
-    _check_bits,
-    _check_granularity,
-    no_match_error,
-    qmax_for,
-    scale_and_codes,
-    select_modules,
-    set_module,
-)
+from .affine import Blocks, dequantize_codes
+from .config import qrange
+from .observers import fake_quantize_activation
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_NAME = "quantized_weights.safetensors"
 CONFIG_NAME = "quantization_config.json"
-_NIBBLE_OFFSET = 8  # code + 8 is in 1..15 for every bits <= 4, stored unsigned
+
+# backend name -> module class; backends living in optional modules register on import.
+_MODULE_TYPES: dict[str, type["QuantizedLinear"]] = {}
+_BACKEND_MODULES = {"torchao": "dpq.quant.ao", "cpu_int8": "dpq.quant.cpu_int8", "bnb": "dpq.quant.bnb"}
 
 
-def _pack_nibbles(codes: Tensor) -> Tensor:
-    """[out, in] integer codes in [-7, 7] -> [out, ceil(in/2)] uint8 (low nibble = even column)."""
-    u = (codes.to(torch.int16) + _NIBBLE_OFFSET).to(torch.uint8)
-    if u.shape[1] % 2:
-        # Pad odd in_features with code 0 (nibble 8); dropped again on unpack.
-        u = F.pad(u, (0, 1), value=_NIBBLE_OFFSET)
-    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+def register_module_type(cls: type["QuantizedLinear"]) -> type["QuantizedLinear"]:
+    _MODULE_TYPES[cls.backend] = cls
+    return cls
 
 
-def _unpack_nibbles(packed: Tensor, in_features: int) -> Tensor:
-    lo = (packed & 0x0F).to(torch.int8)
-    hi = (packed >> 4).to(torch.int8)
-    u = torch.stack((lo, hi), dim=-1).flatten(1)[:, :in_features]
-    return u - _NIBBLE_OFFSET
+def module_type(backend: str) -> type["QuantizedLinear"]:
+    if backend not in _MODULE_TYPES and backend in _BACKEND_MODULES:
+        importlib.import_module(_BACKEND_MODULES[backend])
+    if backend not in _MODULE_TYPES:
+        raise ValueError(f"unknown quantized module backend {backend!r}; known: {sorted(_MODULE_TYPES)}")
+    return _MODULE_TYPES[backend]
+
+
+# ------------------------------------------------------------------------------ bit packing
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Signed codes ``[out, in]`` -> uint8 ``[out, ceil(in/8) * bits]`` (little-endian bit fields).
+
+    Each row is padded to a multiple of 8 codes, so 8 codes fill exactly ``bits`` bytes.
+    For 4-bit this is the classic nibble layout (low nibble = even column, stored as code + 8).
+    """
+    qmin, _ = qrange(bits)
+    u = codes.to(torch.int64) - qmin  # 0 .. 2^bits - 1
+    if bits == 8:
+        return u.to(torch.uint8).contiguous()
+    out, n = u.shape
+    pad = (-n) % 8
+    if pad:
+        u = F.pad(u, (0, pad), value=-qmin)
+    u = u.view(out, -1, 8)
+    shifts = torch.arange(8, device=u.device, dtype=torch.int64) * bits
+    word = (u << shifts).sum(dim=-1, keepdim=True)  # 8 * bits <= 32 bits
+    byte_shifts = torch.arange(bits, device=u.device, dtype=torch.int64) * 8
+    return ((word >> byte_shifts) & 0xFF).to(torch.uint8).reshape(out, -1).contiguous()
+
+
+def unpack_codes(packed: Tensor, bits: int, in_features: int) -> Tensor:
+    """Inverse of :func:`pack_codes`: int8 signed codes ``[out, in_features]``."""
+    qmin, _ = qrange(bits)
+    if bits == 8:
+        return (packed.to(torch.int16) + qmin).to(torch.int8)
+    out = packed.shape[0]
+    b = packed.to(torch.int64).view(out, -1, bits)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    word = (b << byte_shifts).sum(dim=-1, keepdim=True)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    u = ((word >> shifts) & ((1 << bits) - 1)).reshape(out, -1)[:, :in_features]
+    return (u + qmin).to(torch.int8)
+
+
+def packed_row_bytes(in_features: int, bits: int) -> int:
+    return in_features if bits == 8 else math.ceil(in_features / 8) * bits
+
+
+# ------------------------------------------------------------------------------ modules
 
 
 class QuantizedLinear(nn.Module):
-    """Weight-only symmetric low-bit linear.
+    """Base of every converted low-bit linear (one subclass per backend)."""
 
-    Buffers:
-      * ``qweight``: bits <= 4 -> uint8 ``[out, ceil(in/2)]``, two codes per
-        byte stored as ``code + 8`` nibbles (2- and 3-bit codes also use 4-bit
-        nibbles, see ``storage_bits``); bits == 8 -> int8 ``[out, in]``.
-      * ``scale``: float32 ``[out]`` (per_channel) or ``[1]`` (per_tensor).
-        float32, not float16, so dequantization is bit-identical to QAT.
-      * ``bias``: float32 ``[out]`` or None.
+    backend: ClassVar[str] = ""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, act_bits: int | None = None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.bits, self.act_bits = int(bits), act_bits
+
+    @property
+    def weight_bits(self) -> int:
+        return self.bits
+
+    def dequantize(self) -> Tensor:  # pragma: no cover - abstract
+        """Float32 ``[out, in]`` weight the layer computes with (exact zeros preserved)."""
+        raise NotImplementedError
+
+    def float_bias(self) -> Tensor | None:
+        t = self.packed_tensors().get("bias")
+        return None if t is None else t.detach().float()
+
+    def packed_tensors(self) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        """Every tensor that stores this layer (what the export writes)."""
+        raise NotImplementedError
+
+    def meta(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        """JSON-able description from which :meth:`from_packed` rebuilds the layer."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_packed(cls, meta: dict, tensors: dict[str, Tensor], device: torch.device | str = "cpu") -> "QuantizedLinear":
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def storage_bytes(self) -> int:
+        """Bytes of :meth:`packed_tensors` as stored (what the export writes for this layer)."""
+        return sum(t.numel() * t.element_size() for t in self.packed_tensors().values())
+
+    def nonzero_weights(self) -> int:
+        return int(torch.count_nonzero(self.dequantize()).item())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}, "
+                f"weight_bits={self.bits}, act_bits={self.act_bits}")
+
+
+@register_module_type
+class PackedLinear(QuantizedLinear):
+    """Bit-packed integer codes + scales (+ zero points, + activation scale); float compute.
+
+    Buffers: ``qweight`` uint8 ``[out, packed_row_bytes]``; ``scale`` float32 ``[A, B]`` and
+    ``zero_point`` int8 ``[A, B]`` (asymmetric only) per block of the layout
+    (:class:`~dpq.quant.affine.Blocks`); ``act_scale`` float32 scalar (``act_bits`` only);
+    ``bias`` float32 ``[out]``.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bits: int = 4,
-        granularity: str = "per_channel",
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        _check_bits(bits)
-        _check_granularity(granularity)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.bits = bits
-        self.granularity = granularity
-        if bits <= 4:
-            qweight = torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8)
-        else:
-            qweight = torch.zeros(out_features, in_features, dtype=torch.int8)
-        n_scale = out_features if granularity == "per_channel" else 1
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scale", torch.ones(n_scale, dtype=torch.float32))
+    backend = "packed"
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, granularity: str = "per_channel",
+                 group_size: int = 128, symmetric: bool = True, act_bits: int | None = None, bias: bool = True):
+        super().__init__(in_features, out_features, bits, act_bits)
+        self.granularity, self.group_size, self.symmetric = granularity, int(group_size), bool(symmetric)
+        a, b = self.layout.qparam_shape
+        self.register_buffer("qweight", torch.zeros(out_features, packed_row_bytes(in_features, bits), dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(a, b, dtype=torch.float32))
+        self.register_buffer("zero_point", None if symmetric else torch.zeros(a, b, dtype=torch.int8))
+        self.register_buffer("act_scale", torch.ones((), dtype=torch.float32) if act_bits else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
 
     @property
-    def storage_bits(self) -> int:
-        """Bits actually used per stored code (2/3-bit codes sit in 4-bit nibbles)."""
-        return 4 if self.bits <= 4 else 8
+    def layout(self) -> Blocks:
+        return Blocks(self.granularity, self.out_features, self.in_features, self.group_size)
 
-    @classmethod
-    def from_float(
-        cls, linear: nn.Linear, bits: int = 4, granularity: str = "per_channel"
-    ) -> QuantizedLinear:
-        """Quantize ``linear`` with exactly the codes ``fake_quantize`` uses."""
-        w = linear.weight.detach()
-        mod = cls(linear.in_features, linear.out_features, bits, granularity, linear.bias is not None)
-        codes, scale = scale_and_codes(w, bits, granularity)
-        mod.set_codes(codes, scale.reshape(-1))
-        if linear.bias is not None:
-            mod.bias.copy_(linear.bias.detach().float())
-        return mod.to(w.device)
+    @property
+    def storage_bits(self) -> int:
+        return self.bits
 
     @torch.no_grad()
-    def set_codes(self, codes: Tensor, scale: Tensor) -> None:
-        """Pack integer ``codes`` [out, in] and store ``scale``."""
-        qmax = qmax_for(self.bits)
-        if codes.shape != (self.out_features, self.in_features):
+    def set_codes(self, codes: Tensor, scale: Tensor, zero_point: Tensor | None = None) -> None:
+        """Pack integer ``codes`` ``[out, in]`` and store the block qparams."""
+        qmin, qmax = qrange(self.bits)
+        if tuple(codes.shape) != (self.out_features, self.in_features):
             raise ValueError(f"codes shape {tuple(codes.shape)} != {(self.out_features, self.in_features)}")
-        if codes.numel() and codes.abs().max().item() > qmax:
-            raise ValueError(f"codes exceed +-{qmax} for {self.bits}-bit quantization")
-        if self.bits <= 4:
-            packed = _pack_nibbles(codes)
-        else:
-            packed = codes.to(torch.int8)
-        self.qweight = packed.to(self.qweight.device)
+        if codes.numel() and (codes.min().item() < qmin or codes.max().item() > qmax):
+            raise ValueError(f"codes outside [{qmin}, {qmax}] for {self.bits}-bit quantization")
+        self.qweight = pack_codes(codes, self.bits).to(self.qweight.device)
         self.scale = scale.detach().float().reshape(self.scale.shape).to(self.scale.device).clone()
+        if self.zero_point is not None:
+            zp = torch.zeros_like(self.scale) if zero_point is None else zero_point
+            self.zero_point = zp.detach().reshape(self.scale.shape).round().to(torch.int8).to(self.scale.device)
+        elif zero_point is not None and bool((zero_point != 0).any()):
+            raise ValueError("a symmetric PackedLinear cannot store non-zero zero points")
+        self._codes_changed()
+
+    def _codes_changed(self) -> None:
+        """Hook for subclasses that keep an unpacked copy for their kernel."""
 
     def codes(self) -> Tensor:
-        """Unpacked integer codes as int8 ``[out, in]``."""
-        if self.bits <= 4:
-            return _unpack_nibbles(self.qweight, self.in_features)
-        return self.qweight.clone()
+        """Signed integer codes as int8 ``[out, in]``."""
+        return unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def _zero_point(self) -> Tensor:
+        return torch.zeros_like(self.scale) if self.zero_point is None else self.zero_point.float()
 
     def dequantize(self) -> Tensor:
-        """Float32 weight ``codes * scale``; code 0 gives exactly 0.0."""
-        return self.codes().float() * self.scale.view(-1, 1)
+        """Float32 ``(code - zero_point) * scale``; a code equal to its zero point gives exactly 0.0."""
+        return dequantize_codes(self.codes(), self.layout, self.scale, self._zero_point())
+
+    def nonzero_weights(self) -> int:
+        zp = self.layout.expand(self._zero_point())
+        return int((self.codes().float() != zp).sum().item())
 
     def forward(self, x: Tensor) -> Tensor:
-        # Weight-only quant: dequantize on the fly and compute in float.
+        if self.act_scale is not None:
+            x = fake_quantize_activation(x, self.act_scale, self.act_bits)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize().to(x.dtype), bias)
 
-    def storage_bytes(self) -> int:
-        """Bytes of ``qweight`` + ``scale`` + ``bias`` as stored."""
-        tensors = [self.qweight, self.scale] + ([self.bias] if self.bias is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+    def packed_tensors(self) -> dict[str, Tensor]:
+        names = ("qweight", "scale", "zero_point", "act_scale", "bias")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
-    def nonzero_weights(self) -> int:
-        return int((self.codes() != 0).sum().item())
+    def meta(self) -> dict[str, Any]:
+        return {"bits": self.bits, "granularity": self.granularity, "group_size": self.group_size,
+                "symmetric": self.symmetric, "act_bits": self.act_bits, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None}
+
+    @classmethod
+    def from_packed(cls, meta: dict, tensors: dict[str, Tensor], device: torch.device | str = "cpu") -> "PackedLinear":
+        mod = cls(meta["in_features"], meta["out_features"], meta["bits"], meta["granularity"], meta["group_size"],
+                  meta["symmetric"], meta["act_bits"], meta["bias"])
+        with torch.no_grad():
+            for key, buf in mod.packed_tensors().items():
+                t = tensors[key]
+                if t.shape != buf.shape or t.dtype != buf.dtype:
+                    raise ValueError(f"{key}: saved {tuple(t.shape)} {t.dtype} != expected {tuple(buf.shape)} {buf.dtype}")
+                buf.copy_(t)
+        mod._codes_changed()
+        return mod.to(device)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, bits={self.bits}, granularity={self.granularity}, "
-            f"storage_bits={self.storage_bits}"
-        )
+        return (super().extra_repr() + f", granularity={self.granularity}"
+                + (f", group_size={self.group_size}" if self.granularity == "per_group" else "")
+                + f", symmetric={self.symmetric}")
 
 
-def convert_(model: nn.Module, cfg: QATConfig | None = None) -> list[str]:
-    """Replace every ``FakeQuantLinear`` by a ``QuantizedLinear`` in place.
-
-    With ``cfg``, plain ``nn.Linear`` modules matching ``cfg.targets`` are
-    converted too (post-training quantization without a QAT phase). Returns
-    the converted names.
-    """
-    plan: dict[str, tuple[int, str]] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, FakeQuantLinear):
-            plan[name] = (mod.bits, mod.granularity)
-    if cfg is not None:
-        matched = select_modules(model, cfg.targets)
-        if not matched:
-            raise no_match_error(model, cfg.targets)
-        for name in matched:
-            plan.setdefault(name, (cfg.bits, cfg.granularity))
-    for name, (bits, granularity) in plan.items():
-        set_module(model, name, QuantizedLinear.from_float(model.get_submodule(name), bits, granularity))
-    return list(plan)
+# ------------------------------------------------------------------------------ model-level
 
 
-def _quantized_modules(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:
+def quantized_modules(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
 
 
+def _under(key: str, names) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in names)
+
+
 def quantized_state(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per-module packed tensors and metadata of every ``QuantizedLinear``."""
-    state: dict[str, dict[str, Any]] = {}
-    for name, m in _quantized_modules(model):
-        entry: dict[str, Any] = {
-            "qweight": m.qweight,
-            "scale": m.scale,
-            "bits": m.bits,
-            "in_features": m.in_features,
-            "out_features": m.out_features,
-            "granularity": m.granularity,
-        }
-        if m.bias is not None:
-            entry["bias"] = m.bias
-        state[name] = entry
-    return state
+    """Per quantized module: its backend, metadata and packed tensors."""
+    return {n: {"backend": m.backend, **m.meta(), **m.packed_tensors()} for n, m in quantized_modules(model)}
+
+
+def _tensor_key(t: Tensor) -> tuple:
+    return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+
+
+def float_tensors(model: nn.Module, skip: list[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``state_dict`` entries outside the ``skip`` modules, tied tensors once, plus ``alias -> key``."""
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in model.state_dict().items():
+        if not isinstance(t, Tensor) or _under(key.rpartition(".")[0], skip):
+            continue
+        k = _tensor_key(t)
+        if k in seen:
+            aliases[key] = seen[k]
+            continue
+        seen[k] = key
+        tensors[key] = t
+    return tensors, aliases
 
 
 def save_quantized(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``quantized_weights.safetensors`` + ``quantization_config.json``.
+    """Write ``quantized_weights.safetensors`` (every tensor, low-bit ones packed) + its JSON config.
 
-    Only the quantized modules are stored; the rest of the model is expected
-    to come from a float checkpoint (e.g. ``save_pretrained`` after
-    ``dequantize_`` on a copy). Returns the weights path.
+    Returns the weights path; its size on disk is the model's size at its real bit width.
     """
-    state = quantized_state(model)
-    if not state:
+    qmods = quantized_modules(model)
+    if not qmods:
         raise ValueError("model has no QuantizedLinear modules; call convert_ first")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     modules: dict[str, dict[str, Any]] = {}
-    for name, e in state.items():
-        tensors[f"{name}.qweight"] = e["qweight"].detach().cpu().contiguous()
-        tensors[f"{name}.scale"] = e["scale"].detach().cpu().contiguous()
-        if "bias" in e:
-            tensors[f"{name}.bias"] = e["bias"].detach().cpu().contiguous()
-        modules[name] = {
-            "bits": e["bits"],
-            "granularity": e["granularity"],
-            "in_features": e["in_features"],
-            "out_features": e["out_features"],
-            "bias": "bias" in e,
-        }
-    bits = {m["bits"] for m in modules.values()}
-    grans = {m["granularity"] for m in modules.values()}
+    names = [n for n, _ in qmods]
+    for name, m in qmods:
+        packed = m.packed_tensors()
+        for k, t in packed.items():
+            tensors[f"{name}.{k}"] = t.detach().cpu().contiguous()
+        modules[name] = {"backend": m.backend, **m.meta(), "tensors": sorted(packed)}
+    floats, aliases = float_tensors(model, names)
+    clash = set(floats) & set(tensors)
+    if clash:
+        raise ValueError(f"tensor names clash between quantized and float parts: {sorted(clash)[:3]}")
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in floats.items()})
+    bits = {m["bits"] for m in modules.values() if "bits" in m} | {m.bits for _, m in qmods}
     config = {
         "format_version": FORMAT_VERSION,
-        "quant_method": "dpq-symmetric-weight-only",
+        "quant_method": "dpq",
+        "backends": sorted({m.backend for _, m in qmods}),
         "bits": bits.pop() if len(bits) == 1 else "mixed",
-        "granularity": grans.pop() if len(grans) == 1 else "mixed",
-        "nibble_offset": _NIBBLE_OFFSET,
         "modules": modules,
+        "float_tensors": sorted(floats),
+        "aliases": aliases,
     }
     weights_path = directory / WEIGHTS_NAME
     save_file(tensors, str(weights_path), metadata={"format": "pt", "dpq_format_version": str(FORMAT_VERSION)})
@@ -238,19 +326,37 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
     return weights_path
 
 
-def load_quantized_(model: nn.Module, directory: str | Path) -> list[str]:
-    """Replace the saved modules of a same-architecture float model in place.
+def safetensors_data_bytes(path: str | Path) -> int:
+    """Bytes of tensor data in a safetensors file (file size minus its 8-byte length and JSON header)."""
+    path = Path(path)
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+    return path.stat().st_size - 8 - header_len
 
-    ``model`` is typically reloaded with ``from_pretrained`` from the
-    dequantized float save; its Linear values are ignored and the packed
-    tensors from ``directory`` are used. Returns the replaced names.
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def load_quantized_(model: nn.Module, directory: str | Path) -> list[str]:
+    """Put the saved low-bit modules (and float tensors) into a same-architecture model, in place.
+
+    ``model`` is typically the float copy reloaded with ``from_pretrained``; every saved
+    quantized module replaces its Linear, and the float tensors are loaded too (the file is
+    complete on its own). Returns the replaced module names.
     """
     directory = Path(directory)
     config = json.loads((directory / CONFIG_NAME).read_text())
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{directory / CONFIG_NAME}: format_version {version!r} != supported {FORMAT_VERSION}")
     tensors = load_file(str(directory / WEIGHTS_NAME))
+    if version == 1:
+        return _load_v1(model, config, tensors)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{directory / CONFIG_NAME}: format_version {version!r} not supported (1 or {FORMAT_VERSION})")
+    from .fake import set_module
+
     names: list[str] = []
     for name, meta in config["modules"].items():
         try:
@@ -260,43 +366,61 @@ def load_quantized_(model: nn.Module, directory: str | Path) -> list[str]:
         if not isinstance(old, (nn.Linear, QuantizedLinear)):
             raise ValueError(f"module {name!r} is {type(old).__name__}, expected nn.Linear")
         if (old.in_features, old.out_features) != (meta["in_features"], meta["out_features"]):
-            raise ValueError(
-                f"module {name!r} has shape ({old.in_features}, {old.out_features}) but the "
-                f"save has ({meta['in_features']}, {meta['out_features']})"
-            )
-        new = QuantizedLinear(
-            meta["in_features"], meta["out_features"], meta["bits"], meta["granularity"], meta["bias"]
-        )
-        keys = ["qweight", "scale"] + (["bias"] if meta["bias"] else [])
-        for key in keys:
-            t = tensors[f"{name}.{key}"]
-            buf = getattr(new, key)
-            if t.shape != buf.shape or t.dtype != buf.dtype:
-                raise ValueError(
-                    f"{name}.{key}: saved {tuple(t.shape)} {t.dtype} != expected {tuple(buf.shape)} {buf.dtype}"
-                )
-            buf.copy_(t)
-        device = next((p.device for p in old.parameters()), None) or next(
-            (b.device for b in old.buffers()), torch.device("cpu")
-        )
-        set_module(model, name, new.to(device))
+            raise ValueError(f"module {name!r} has shape ({old.in_features}, {old.out_features}) but the "
+                             f"save has ({meta['in_features']}, {meta['out_features']})")
+        own = {k: tensors[f"{name}.{k}"] for k in meta["tensors"]}
+        new = module_type(meta["backend"]).from_packed(meta, own, device=_device_of(old))
+        set_module(model, name, new)
+        names.append(name)
+    floats = {k: tensors[k] for k in config.get("float_tensors", [])}
+    for alias, key in config.get("aliases", {}).items():
+        floats[alias] = floats[key]
+    if floats:
+        missing, unexpected = model.load_state_dict(floats, strict=False)
+        missing = [k for k in missing if not _under(k.rpartition(".")[0], names)]
+        if missing or unexpected:
+            raise ValueError(f"{directory / WEIGHTS_NAME} does not match the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+    return names
+
+
+def _load_v1(model: nn.Module, config: dict, tensors: dict[str, Tensor]) -> list[str]:
+    """Format 1 (dpq 0.1): symmetric per-channel/per-tensor codes, <=4-bit ones in nibbles (code + 8)."""
+    from .fake import set_module
+
+    names = []
+    for name, meta in config["modules"].items():
+        bits, n_in, n_out = meta["bits"], meta["in_features"], meta["out_features"]
+        q = tensors[f"{name}.qweight"]
+        if bits <= 4:
+            codes = torch.stack(((q & 0x0F).to(torch.int8), (q >> 4).to(torch.int8)), dim=-1).flatten(1)[:, :n_in] - 8
+        else:
+            codes = q.to(torch.int8)
+        new = PackedLinear(n_in, n_out, bits, meta["granularity"], bias=meta["bias"])
+        new.set_codes(codes, tensors[f"{name}.scale"])
+        if meta["bias"]:
+            new.bias.copy_(tensors[f"{name}.bias"])
+        set_module(model, name, new.to(_device_of(model.get_submodule(name))))
         names.append(name)
     return names
 
 
 def dequantize_(model: nn.Module) -> list[str]:
-    """Replace every ``QuantizedLinear`` by an ``nn.Linear`` with the dequantized weight.
+    """Replace every ``QuantizedLinear`` by an ``nn.Linear`` holding its dequantized weight.
 
-    Gives a plain float model (exact zeros preserved) that HF ``save_pretrained``
-    can write. Returns the replaced names.
+    Gives a plain float model (exact zeros preserved) that ``save_pretrained`` can write.
     """
+    from .fake import set_module
+
     names: list[str] = []
-    for name, m in _quantized_modules(model):
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.scale.device)
+    for name, m in quantized_modules(model):
+        w = m.dequantize()
+        bias = m.float_bias()
+        lin = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device=w.device)
         with torch.no_grad():
-            lin.weight.copy_(m.dequantize())
-            if m.bias is not None:
-                lin.bias.copy_(m.bias)
+            lin.weight.copy_(w)
+            if bias is not None:
+                lin.bias.copy_(bias)
         set_module(model, name, lin)
         names.append(name)
     return names

@@ -1,0 +1,100 @@
+"""Activation fake quantization: per-tensor symmetric int8 with an observed range.
+
+Why hand-written: torchao's QAT activation fake quantizer is per-token and dynamic (it
+recomputes the range from every input), which a static int8 kernel cannot reproduce; here
+the range is *observed* -- a running min-max during QAT (exponential moving average, as
+``torch.ao``'s ``MovingAverageMinMaxObserver``), or min-max / percentile over N calibration
+batches in PTQ -- and then frozen, so the deployed kernel (``cpu_int8``) uses the very same
+scale. Grid ``[-128, 127]``, ``scale = amax / 127.5`` (torchao's symmetric rule).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .affine import EPS
+from .config import qrange
+
+MODES = ("qat", "calibrate_minmax", "calibrate_percentile", "frozen")
+_QUANTILE_MAX_ELEMENTS = 1 << 24  # torch.quantile's input limit
+
+
+def act_scale_from_amax(amax: Tensor, bits: int = 8) -> Tensor:
+    qmin, qmax = qrange(bits)
+    return torch.clamp(amax.float() / (float(qmax - qmin) / 2), min=EPS)
+
+
+def fake_quantize_activation(x: Tensor, scale: Tensor, bits: int = 8) -> Tensor:
+    """Per-tensor symmetric quantize-dequantize with a straight-through estimator (exact in forward)."""
+    qmin, qmax = qrange(bits)
+    s = scale.to(x.dtype)
+    q = torch.clamp(torch.round(x.detach() * (1.0 / s)), qmin, qmax) * s
+    return q + (x - x.detach())
+
+
+class ActivationFakeQuant(nn.Module):
+    """Observes the input range and fake-quantizes the input to ``bits`` (8) per tensor.
+
+    Modes: ``qat`` (training: update the running range, then quantize; eval: frozen range),
+    ``calibrate_minmax`` / ``calibrate_percentile`` (collect the range, pass inputs through
+    unquantized), ``frozen`` (quantize with the stored range). ``amax`` is a persistent
+    buffer, so Lightning checkpoints and the QAT callback's state carry it.
+    """
+
+    def __init__(self, bits: int = 8, averaging_constant: float = 0.01, percentile: float = 99.99):
+        super().__init__()
+        self.bits, self.averaging_constant, self.percentile = bits, averaging_constant, percentile
+        self.mode = "qat"
+        self.register_buffer("amax", torch.zeros(()))
+        self.register_buffer("observed", torch.zeros((), dtype=torch.long))  # inputs (batches) seen
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} not in {MODES}")
+        if mode.startswith("calibrate"):
+            self.amax.zero_()
+            self.observed.zero_()
+        self.mode = mode
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.observed.item() > 0)
+
+    def scale(self) -> Tensor:
+        if not self.ready:
+            raise RuntimeError("activation range was never observed: run training steps or calibration batches first")
+        return act_scale_from_amax(self.amax, self.bits)
+
+    @torch.no_grad()
+    def _observe(self, x: Tensor) -> None:
+        x = x.detach().float()
+        n = int(self.observed.item())
+        if self.mode == "calibrate_percentile":
+            flat = x.abs().flatten()
+            if flat.numel() > _QUANTILE_MAX_ELEMENTS:  # deterministic stride sample
+                flat = flat[:: flat.numel() // _QUANTILE_MAX_ELEMENTS + 1]
+            batch = torch.quantile(flat, self.percentile / 100.0)
+            self.amax.copy_((self.amax * n + batch) / (n + 1))  # mean over batches
+        else:
+            batch = x.abs().amax()
+            if n == 0:
+                self.amax.copy_(batch)
+            elif self.mode == "calibrate_minmax":
+                self.amax.copy_(torch.maximum(self.amax, batch))
+            else:
+                self.amax.add_(self.averaging_constant * (batch - self.amax))
+        self.observed.add_(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode.startswith("calibrate"):
+            self._observe(x)
+            return x
+        if self.mode == "qat" and self.training:
+            self._observe(x)
+        if not self.ready:
+            return x  # nothing observed yet (eval before the first training step)
+        return fake_quantize_activation(x, self.scale(), self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, mode={self.mode}, amax={float(self.amax):.4g}"

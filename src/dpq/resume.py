@@ -1,0 +1,304 @@
+"""Continue a killed run where it stopped, with the same result as if it had never stopped.
+
+Two levels of state:
+
+* between stages, :mod:`dpq.snapshot` folders (``<run>/checkpoints/stage_<i>_<name>/``);
+* within a stage, every Lightning fit writes a checkpoint every ``checkpoint.every_n_steps``
+  optimizer steps into ``stage_<i>_<name>/lightning/<fit>/`` (:class:`StageCheckpoint`,
+  written atomically by :class:`AtomicCheckpointIO`); on resume that fit calls
+  ``trainer.fit(..., ckpt_path=<newest readable>)`` so Lightning restores the weights,
+  optimizer, LR schedule, loop counters (global step) and every callback's state (masks,
+  the sparsity ramp's scores and history, the quantizer's state) by ``state_key``.
+
+What Lightning does not restore, :class:`ResumeState` carries in the same checkpoint: the
+global RNG streams (dropout), the data position, and the teacher's logit cache. Lightning
+2.6 restarts a mid-epoch resume at the beginning of a *new* sampler pass, and drops a
+stateful loader's state when ``configure_optimizers`` reads ``estimated_stepping_batches``
+(Lightning issue #20550, which dpq's module does) -- so the data order is made a pure
+function of (seed, epoch) by :class:`ResumableSampler`, which skips the batches already seen.
+
+The entry point: ``python -m dpq.train resume=<run folder>`` reloads the resolved config the
+run saved when it started (``checkpoints/run.json``) and continues in the same folder.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import TorchCheckpointIO
+from torch.utils.data import BatchSampler, DataLoader, Sampler
+
+from dpq import snapshot
+from dpq.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"  # <run>/checkpoints/run.json: the resolved config the run started with
+CHECKPOINTS = "checkpoints"
+LIGHTNING = "lightning"
+
+
+# ---- mid-stage Lightning checkpoints ---------------------------------------------------------
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file in the checkpoint's own folder, fsync, rename.
+
+    Lightning's own save goes through an fsspec transaction whose temporary file lives in the
+    system temp dir; across file systems its final move is a copy, so a kill can leave a
+    truncated checkpoint. A same-folder rename cannot.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        snapshot.write_file_atomic(Path(path), lambda p: torch.save(checkpoint, p))
+
+
+class StageCheckpoint(ModelCheckpoint):
+    """Every ``every_n_steps`` optimizer steps, keep the newest ``keep`` checkpoints of one fit.
+
+    Skipped: the fit's final step (the stage snapshot follows right after, and a checkpoint at
+    ``max_steps`` would resume into a loop that never calls the end-of-training hooks) and any
+    step whose weights hold NaN/Inf (the last good checkpoint is kept instead).
+    """
+
+    def __init__(self, dirpath: Path, every_n_steps: int, keep: int = 2):
+        super().__init__(dirpath=str(dirpath), filename="step{step:07d}", auto_insert_metric_name=False,
+                         every_n_train_steps=int(every_n_steps), save_top_k=int(keep), monitor="step", mode="max",
+                         save_last=False, save_on_train_epoch_end=False, enable_version_counter=False)
+
+    def _should_skip_saving_checkpoint(self, trainer) -> bool:
+        if super()._should_skip_saving_checkpoint(trainer):
+            return True
+        if trainer.global_step >= trainer.estimated_stepping_batches:
+            return True
+        bad = [n for n, p in trainer.lightning_module.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            log.warning("step %d: NaN/Inf in %s; not checkpointing (the previous checkpoint stays the last good one)",
+                        trainer.global_step, bad[0])
+            return True
+        return False
+
+
+def _step_of(path: Path) -> int:
+    m = re.search(r"step(\d+)", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def newest_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint in ``directory`` that ``torch.load`` reads; unreadable ones are renamed
+    ``*.corrupt`` with a warning and the previous one is used."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    for path in sorted(directory.glob("*.ckpt"), key=lambda p: (_step_of(p), p.stat().st_mtime), reverse=True):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            if "state_dict" not in ckpt or "loops" not in ckpt:
+                raise ValueError("not a Lightning training checkpoint")
+            return path
+        except Exception as e:  # a truncated zip, a bad pickle, a foreign file: all mean "do not use"
+            bad = path.with_name(path.name + ".corrupt")
+            log.warning("checkpoint %s is unreadable (%s: %s); renamed to %s, trying the previous one",
+                        path, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", bad.name)
+            try:
+                os.replace(path, bad)
+            except FileNotFoundError:  # another rank of a DDP run set it aside first
+                pass
+    return None
+
+
+# ---- data order --------------------------------------------------------------------------------
+class ResumableSampler(Sampler[int]):
+    """The wrapped sampler's order for epoch ``e`` drawn from a generator seeded by (seed, e).
+
+    A pure function of (seed, epoch) -- unlike ``RandomSampler``'s default, which draws from the
+    global RNG at every pass -- so a resumed fit can rebuild the order of the interrupted epoch
+    and skip the batches already trained on (:meth:`resume_at`). Works for any sampler with a
+    ``generator`` attribute (``RandomSampler``, transformers' ``LengthGroupedSampler``); others
+    are taken as they are.
+    """
+
+    def __init__(self, base: Sampler, seed: int):
+        self.base, self.seed = base, int(seed)
+        self.epoch, self._skip = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+        self.epoch = int(epoch)
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        """The next pass is epoch ``epoch``, without its first ``skip`` indices."""
+        self.epoch, self._skip = int(epoch), int(skip)
+
+    def generator(self, epoch: int) -> torch.Generator:
+        seed = int(np.random.SeedSequence([self.seed, int(epoch)]).generate_state(1)[0])
+        return torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        if hasattr(self.base, "generator"):
+            self.base.generator = self.generator(self.epoch)
+        return itertools.islice(iter(self.base), skip, None)
+
+
+def resumable_loader(loader: DataLoader, seed: int) -> tuple[DataLoader, ResumableSampler | None]:
+    """The same loader (dataset, batch size, collate, workers) over a :class:`ResumableSampler`.
+
+    A loader with a custom batch sampler is returned unchanged (``None``): its order is then
+    what it is, and a mid-epoch resume of it is not exact.
+    """
+    if type(loader.batch_sampler) is not BatchSampler:
+        return loader, None
+    sampler = ResumableSampler(loader.sampler, seed)
+    kw = dict(batch_size=loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+              drop_last=loader.drop_last, pin_memory=loader.pin_memory, timeout=loader.timeout,
+              worker_init_fn=loader.worker_init_fn, persistent_workers=loader.persistent_workers,
+              # Its own generator: creating an iterator would otherwise draw a worker seed from the global RNG.
+              generator=torch.Generator().manual_seed(int(seed)))
+    if loader.num_workers > 0:
+        kw["prefetch_factor"] = loader.prefetch_factor
+    return DataLoader(loader.dataset, **kw), sampler
+
+
+# ---- the state Lightning does not keep -------------------------------------------------------------
+class ResumeState(L.Callback):
+    """Carries the global RNG streams, the data position and the teacher's logit cache in every checkpoint.
+
+    Saved when a checkpoint is written (after the step's optimizer update and mask updates);
+    on resume the data position and cache are put back when the checkpoint is loaded and the
+    RNG streams at ``on_train_start``, after Lightning's own set-up, so dropout continues with
+    exactly the numbers the uninterrupted run drew next.
+    """
+
+    def __init__(self, name: str, sampler: ResumableSampler | None, batch_size: int = 1, teacher_logits=None):
+        self.name, self.sampler, self.batch_size = name, sampler, int(batch_size)
+        self.caches = snapshot.teacher_caches(teacher_logits)
+        self._trainer = None
+        self._rng: dict | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        from lightning.fabric.utilities.seed import _collect_rng_states
+
+        out: dict[str, Any] = {"rng": _collect_rng_states(), "teacher_logits": snapshot.cache_state(self.caches)}
+        t = self._trainer
+        if self.sampler is not None and t is not None:
+            done, epoch = int(t.fit_loop.epoch_loop.batch_progress.current.processed), int(t.current_epoch)
+            if done >= t.num_training_batches:  # saved on the epoch's last batch: the next pass is a new epoch
+                epoch, done = epoch + 1, 0
+            out["data"] = {"seed": self.sampler.seed, "epoch": epoch, "batches_done": done}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._rng = state_dict.get("rng")
+        if self.caches and state_dict.get("teacher_logits"):
+            snapshot.load_cache_state(self.caches, state_dict["teacher_logits"])
+        data = state_dict.get("data")
+        if data is not None and self.sampler is not None:
+            self.sampler.seed = int(data["seed"])
+            self.sampler.resume_at(int(data["epoch"]), int(data["batches_done"]) * self.batch_size)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._rng is not None:
+            from lightning.fabric.utilities.seed import _set_rng_states
+
+            _set_rng_states(self._rng)
+            self._rng = None
+
+
+# ---- the run folder ---------------------------------------------------------------------------------
+def is_global_zero() -> bool:
+    """Rank 0 of a DDP run (or a single process): the one that writes snapshots and claims the folder.
+
+    Lightning sets the rank from the launcher's environment at import and again when the strategy
+    starts; every rank runs the same stages and holds the same weights.
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def barrier() -> None:
+    """Wait for every rank of a DDP run (a single process does not wait)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def claim_output_dir(output_dir: Path, cfg_dict: dict) -> None:
+    """Start a new run in ``output_dir``: refuse a folder that holds another run, then record the config."""
+    output_dir = Path(output_dir)
+    if not is_global_zero():
+        return  # the other ranks of a DDP run share rank 0's folder
+    taken = [p for p in (output_dir / "results.json", checkpoints_dir(output_dir)) if p.exists()]
+    if taken:
+        raise ConfigError("hydra.run.dir", str(output_dir),
+                          f"already holds another run ({', '.join(p.name for p in taken)}); a run never writes into "
+                          "another run's folder: continue that run with resume=<folder>, or choose a new folder")
+    snapshot.write_json_atomic(checkpoints_dir(output_dir) / RUN_FILE, {"config": cfg_dict})
+
+
+def load_run_config(folder) -> dict:
+    """The resolved config a run started with (``checkpoints/run.json``), pointed at ``folder``."""
+    path = Path(str(folder)).expanduser()
+    if not path.is_dir():
+        raise ConfigError("resume", str(folder), "is not a folder; pass the run folder to continue "
+                          "(outputs/<date>/<time>_<run name>)")
+    run_file = checkpoints_dir(path) / RUN_FILE
+    if not run_file.exists():
+        raise ConfigError("resume", str(folder), f"holds no dpq checkpoints ({CHECKPOINTS}/{RUN_FILE} is missing); only a run "
+                          "started with checkpoint.enabled=true can be resumed")
+    try:
+        cfg = json.loads(run_file.read_text())["config"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError("resume", str(folder), f"its {CHECKPOINTS}/{RUN_FILE} is unreadable ({e})") from None
+    cfg["paths"]["output_dir"] = str(path.resolve())  # the folder may have been moved since
+    cfg["resume"] = None
+    return cfg
+
+
+def check_resume_overrides(resume, overrides: list[str]) -> None:
+    """``resume=<folder>`` continues with the run's own config: any other override would silently change it."""
+    if not resume:
+        return
+    bad = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "resume" and not o.lstrip("+~").startswith("hydra.")]
+    if bad:
+        raise ConfigError("resume", str(resume), f"continues a run with the config it started with, so no other override is "
+                          f"allowed (got {' '.join(bad)}); start a new run to change the config")
+
+
+def register_resolvers() -> None:
+    """Resolvers ``conf/hydra/default.yaml`` uses so that ``resume=<folder>`` runs in that folder.
+
+    ``dpq_run_dir``: the resumed folder, else a new one; ``dpq_hydra_subdir``: Hydra's record of
+    a resumed invocation goes to ``.hydra/resume-<time>/``, never over the run's own ``.hydra/``.
+    """
+    import time
+
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("dpq_run_dir", lambda resume, new: str(resume) if resume else new, replace=True)
+    OmegaConf.register_new_resolver(
+        "dpq_hydra_subdir", lambda resume: f".hydra/resume-{time.strftime('%Y%m%d-%H%M%S')}" if resume else ".hydra",
+        replace=True, use_cache=True)

@@ -1,0 +1,397 @@
+"""Reuse the state after a shared prefix of the pipeline across runs and sweep trials.
+
+Sweep trials differ mostly in their *later* stages (the final sparsity, the bit width), so
+most of them start with the same teacher -> distill (-> prune ...) prefix. The state after
+such a prefix is stored once under a key that hashes everything that determines it
+(:func:`prefix_key`), and every later trial loads it instead of training it again.
+
+:class:`StageCache` is safe for parallel agents on one machine (or on a shared file system
+with working ``flock``): an entry is built in a temporary folder and renamed into place with
+its manifest written last, so a reader never sees half an entry; builders of the same key
+take an exclusive ``fcntl.flock`` on ``<key>.lock``, so two trials that need the same
+missing prefix build it once -- the second waits, then reuses it. The kernel drops the lock
+when its holder dies, so a killed trial never blocks the others.
+
+Written by hand (fcntl + rename) rather than with a locking library: the standard library
+gives exactly the two primitives needed, and the semantics (lock released on death, atomic
+rename) are the operating system's, not a library's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+# Bump when the layout of an entry or the meaning of a key changes: older entries are ignored.
+CACHE_FORMAT = 1
+MANIFEST = "dpq-stage-cache.json"
+
+# Top-level config keys that never change what a stage computes (where results go, how they
+# are tracked and named, how cost is measured afterwards, the cache's own settings).
+# Checkpointing and integrity checks only save and verify state; they never change it.
+IGNORED_KEYS = frozenset({"logger", "paths", "run_name", "cost", "save_model", "hydra", "stage_cache", "resume",
+                          "objective", "checkpoint", "integrity", "integrity_tolerance"})
+# Trainer arguments that only change what is displayed or saved, never a number.
+DISPLAY_ONLY_TRAINER_KEYS = frozenset({"log_every_n_steps", "enable_progress_bar", "enable_model_summary",
+                                       "enable_checkpointing", "default_root_dir", "logger"})
+# Stage parameters that switch another cache, not the result.
+IGNORED_STAGE_KEYS = frozenset({"cache"})
+# Libraries whose major.minor version can change the numbers a stage produces.
+NUMERIC_LIBRARIES = ("torch", "transformers", "lightning")
+
+
+class CacheBusy(TimeoutError):
+    """Another process is still building this entry after ``timeout`` seconds."""
+
+
+def _major_minor(package: str) -> str:
+    import importlib.metadata
+
+    try:
+        return ".".join(importlib.metadata.version(package).split(".")[:2])
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _fingerprint_path(path: str | os.PathLike) -> Any:
+    """A saved model folder named in a config (``load_from``, ``ensemble``): its files' names, sizes, times.
+
+    The path alone is not enough: a folder overwritten with another model must give another key.
+    """
+    p = Path(path)
+    if not p.exists():
+        return {"path": str(path), "missing": True}
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return {"path": str(p.resolve()),
+            "files": [(str(f.relative_to(p)) if f != p else f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+
+
+def _stage_payload(stage) -> dict:
+    cfg = asdict(stage.cfg) if is_dataclass(stage.cfg) else dict(stage.cfg)
+    out = {k: v for k, v in cfg.items() if k not in IGNORED_STAGE_KEYS}
+    if out.get("load_from"):
+        out["load_from"] = _fingerprint_path(out["load_from"])
+    if out.get("ensemble"):
+        out["ensemble"] = [_fingerprint_path(p) for p in out["ensemble"]]
+    return {"name": stage.name, "kind": stage.kind, "config": out}
+
+
+def key_payload(cfg_dict: Mapping[str, Any], stage_names_prefix: Sequence[str], extra: Mapping[str, Any] | None = None) -> dict:
+    """What :func:`prefix_key` hashes (exposed so a cache entry can say what it holds)."""
+    from dpq.validate import build_stages
+
+    prefix = list(stage_names_prefix)
+    pipeline = cfg_dict["pipeline"]
+    order = list(pipeline.get("order") or [])
+    if not prefix or order[:len(prefix)] != prefix:
+        raise ValueError(f"{prefix} is not a non-empty prefix of pipeline.order {order}")
+    # Stage configs as the stages parse them (defaults filled, numbers coerced), so "0.5" and 0.5 agree.
+    stages = build_stages({"order": order, "stages": pipeline.get("stages") or {}})[:len(prefix)]
+    rest = {k: v for k, v in cfg_dict.items() if k not in IGNORED_KEYS and k != "pipeline"}
+    if isinstance(rest.get("trainer"), Mapping):
+        rest["trainer"] = {k: v for k, v in rest["trainer"].items() if k not in DISPLAY_ONLY_TRAINER_KEYS}
+    import dpq
+
+    return {
+        "format": CACHE_FORMAT,
+        "dpq": dpq.__version__,
+        "versions": {p: _major_minor(p) for p in NUMERIC_LIBRARIES},
+        "config": rest,  # task, teacher, model, trainer, seed and anything added later (correct before reusable)
+        "stages": [_stage_payload(s) for s in stages],  # in order: position i is also seeded with seed + i
+        "extra": dict(extra or {}),
+    }
+
+
+def prefix_key(cfg_dict: Mapping[str, Any], stage_names_prefix: Sequence[str], extra: Mapping[str, Any] | None = None) -> str:
+    """Hash of everything that determines the state after the stages ``stage_names_prefix``.
+
+    Covers the task, teacher and student specs, trainer arguments that affect numbers, the
+    seed, the prefix stages' parsed configs in order, numerics-relevant library versions,
+    dpq's version and :data:`CACHE_FORMAT`, plus ``extra`` (run-time facts such as the data
+    source actually loaded). Leaves out the logger, paths, run name, cost settings and every
+    stage after the prefix, so trials that differ only there share the key.
+    ``cfg_dict`` is the resolved run config (``OmegaConf.to_container(cfg, resolve=True)``).
+    """
+    payload = key_payload(cfg_dict, stage_names_prefix, extra)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def pipeline_keys(cfg_dict: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> list[str]:
+    """``keys[i]`` is the key of the state after stages ``order[: i + 1]``."""
+    order = list(cfg_dict["pipeline"]["order"])
+    return [prefix_key(cfg_dict, order[: i + 1], extra) for i in range(len(order))]
+
+
+class StageCache:
+    """Complete entries ``<root>/<key>/`` (manifest last), built under ``<root>/<key>.lock``."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def manifest(self, key: str) -> dict | None:
+        try:
+            return json.loads((self.path(key) / MANIFEST).read_text())
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+            return None
+
+    def lookup(self, key: str) -> Path | None:
+        """The entry for ``key`` if it is complete and of the current format, else None."""
+        entry = self.path(key)
+        if not entry.is_dir():
+            return None
+        man = self.manifest(key)
+        if man is None:
+            log.info("stage cache: %s has no manifest (incomplete or foreign); ignoring it", entry)
+            return None
+        if man.get("format") != CACHE_FORMAT:
+            log.info("stage cache: %s has cache format %s, this dpq writes %s; ignoring it",
+                     entry, man.get("format"), CACHE_FORMAT)
+            return None
+        if man.get("key") != key:
+            log.info("stage cache: %s holds key %s; ignoring it", entry, man.get("key"))
+            return None
+        return entry
+
+    def longest_prefix(self, keys: Sequence[str]) -> tuple[int, Path | None]:
+        """``(n, entry)`` for the longest cached prefix (``keys[n - 1]``); ``(0, None)`` if none is cached."""
+        for n in range(len(keys), 0, -1):
+            hit = self.lookup(keys[n - 1])
+            if hit is not None:
+                return n, hit
+        return 0, None
+
+    @contextlib.contextmanager
+    def lock(self, key: str, timeout: float | None = None, poll_s: float = 0.2) -> Iterator[None]:
+        """Exclusive per-key lock (``flock``); released on exit or when the holder dies.
+
+        Lock files are never deleted: removing one while another process waits on it would let
+        a third process lock a new file of the same name, and two builders would run at once.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if timeout is None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                deadline = time.monotonic() + timeout
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except OSError as e:
+                        if e.errno not in (errno.EAGAIN, errno.EACCES):
+                            raise
+                        if time.monotonic() >= deadline:
+                            raise CacheBusy(f"stage cache entry {key} is still being built by another process "
+                                            f"after {timeout:.0f} s") from None
+                        time.sleep(poll_s)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())  # for a person wondering who holds it
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    def build(self, key: str, builder: Callable[[Path], None], meta: Mapping[str, Any] | None = None,
+              timeout: float | None = None) -> Path:
+        """The complete entry for ``key``, calling ``builder(folder)`` to write it if it is missing."""
+        return self.get_or_build(key, builder, meta, timeout)[0]
+
+    def get_or_build(self, key: str, builder: Callable[[Path], None], meta: Mapping[str, Any] | None = None,
+                     timeout: float | None = None) -> tuple[Path, bool]:
+        """``(entry, built_here)``. ``builder`` writes into an empty folder; it runs at most once per key.
+
+        Under the key's lock: look again (another process may have finished it while we
+        waited), remove debris (temporary folders of dead builders, an entry of an older
+        format), build into a temporary folder, write the manifest last, rename into place.
+        A builder that raises leaves nothing behind. ``timeout`` (seconds) bounds the wait
+        for another builder; then :class:`CacheBusy` is raised.
+        """
+        hit = self.lookup(key)
+        if hit is not None:
+            return hit, False
+        with self.lock(key, timeout):
+            hit = self.lookup(key)
+            if hit is not None:
+                log.info("stage cache: %s was built by another process while this one waited; reusing it", key)
+                return hit, False
+            self._remove_debris(key)
+            tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".tmp-{key}-"))
+            try:
+                builder(tmp)
+                self._write_manifest(tmp, key, meta)
+                os.rename(tmp, self.path(key))
+                _fsync_dir(self.root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        log.info("stage cache: stored %s", self.path(key))
+        return self.path(key), True
+
+    def discard(self, key: str, reason: str = "") -> None:
+        """Remove an entry that turned out unusable (e.g. a file fails its checksum); others rebuild it."""
+        with self.lock(key):
+            if self.path(key).exists():
+                log.warning("stage cache: discarding %s%s", self.path(key), f" ({reason})" if reason else "")
+            self._remove_debris(key)
+
+    def _remove_debris(self, key: str) -> None:
+        """Call with the key's lock held: nothing else can be writing these."""
+        for tmp in self.root.glob(f".tmp-{key}-*"):
+            shutil.rmtree(tmp, ignore_errors=True)  # a builder that died (its lock is gone, ours is held)
+        entry = self.path(key)
+        if entry.exists():  # lookup() rejected it: older format or incomplete; never read, replace
+            trash = self.root / f".trash-{key}-{os.getpid()}-{time.monotonic_ns()}"
+            os.rename(entry, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    @staticmethod
+    def _write_manifest(folder: Path, key: str, meta: Mapping[str, Any] | None) -> None:
+        man = {"format": CACHE_FORMAT, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "host": os.uname().nodename, "pid": os.getpid(), **dict(meta or {})}
+        path = folder / MANIFEST
+        with open(path, "w") as f:
+            json.dump(man, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---- several processes of one run (DDP) -------------------------------------------------------
+
+def trainer_world_size(trainer: Mapping[str, Any]) -> int:
+    """Processes a run's ``trainer`` config will train with (devices x num_nodes).
+
+    Known before Lightning launches the other ranks, when the environment still says 1.
+    """
+    devices, nodes = trainer.get("devices", "auto"), int(trainer.get("num_nodes", 1) or 1)
+    if isinstance(devices, (list, tuple)):
+        n = len(devices)
+    elif str(devices) in ("auto", "-1"):
+        n = 1
+        if str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto"):
+            import torch
+
+            n = max(1, torch.cuda.device_count())
+    else:
+        n = int(devices)
+    return max(1, n) * nodes
+
+
+T = TypeVar("T")
+PLAN_ENV = "DPQ_STAGE_CACHE_PLAN"
+_IMPORTED_AT = time.time()  # ~ this process's start: a plan file older than that is from an earlier launch
+CLOCK_SLACK_S = 60.0  # ranks on several nodes: clocks may differ a little
+
+
+def process_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` from the launcher's environment, before any process group exists.
+
+    The rank is the global one where the launcher sets it (torchrun ``RANK``, srun
+    ``SLURM_PROCID``); under Lightning's own launcher it is 0 exactly for local rank 0 on
+    node 0 (other values only say "not rank 0").
+    """
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var) not in (None, ""):
+            return int(os.environ[var]), world
+    return int(os.environ.get("LOCAL_RANK") or 0) + int(os.environ.get("NODE_RANK") or 0), world
+
+
+def _launch_id() -> str | None:
+    """A name every process of one launch shares, for launchers that start all ranks at once."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return f"torchrun-{run_id}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '0')}"
+    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+        return f"addr-{os.environ['MASTER_ADDR']}-{os.environ['MASTER_PORT']}"
+    return None
+
+
+def rank_zero_decides(topic: str, decide: Callable[[], T], root: str | os.PathLike, timeout_s: float = 600.0) -> T:
+    """The value rank 0's ``decide()`` returned, on every rank (JSON-serialisable values).
+
+    In a DDP run every rank must skip the same cached stages, or the collectives of the stages
+    one rank trains would wait forever for a rank that skipped them; each rank looking the
+    cache up itself is not enough (another trial may complete an entry between two looks).
+    Rank 0 decides. Ranks that Lightning's ``ddp`` launcher starts later inherit the decision
+    through the environment (:data:`PLAN_ENV`, set before the first ``Trainer`` call);
+    ranks started together (torchrun, srun) read it from ``<root>/.plans/<launch id>.json``.
+    ``topic`` names what is decided (e.g. the run's key list): a plan for another topic is
+    never used.
+    """
+    rank, world = process_rank()
+    if rank == 0:
+        value = decide()
+        plan = json.dumps({"topic": topic, "value": value, "pid": os.getpid(), "time": time.time()})
+        os.environ[PLAN_ENV] = plan
+        launch = _launch_id()
+        if world > 1 and launch is not None:
+            plans = Path(root) / ".plans"
+            plans.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=plans, prefix=".tmp-")
+            with os.fdopen(fd, "w") as f:
+                f.write(plan)
+            os.replace(tmp, plans / f"{launch}.json")
+        return value
+    # Only a plan written by the process that started this one (Lightning's launcher is rank 0).
+    inherited = _read_plan(os.environ.get(PLAN_ENV), topic, writer_pid=os.getppid())
+    if inherited is not None:
+        return inherited[0]
+    launch = _launch_id()
+    if launch is not None:
+        path = Path(root) / ".plans" / f"{launch}.json"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = _read_plan(path.read_text() if path.exists() else None, topic,
+                               not_before=_IMPORTED_AT - CLOCK_SLACK_S)
+            if found is not None:
+                return found[0]
+            time.sleep(0.2)
+    log.warning("stage cache: rank %d found no plan from rank 0 for this run; deciding on its own", rank)
+    return decide()
+
+
+def _read_plan(text: str | None, topic: str, writer_pid: int | None = None,
+               not_before: float | None = None) -> tuple[Any] | None:
+    if not text:
+        return None
+    try:
+        plan = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if plan.get("topic") != topic or (writer_pid is not None and plan.get("pid") != writer_pid):
+        return None
+    if not_before is not None and float(plan.get("time", 0)) < not_before:
+        return None  # e.g. a requeued SLURM job (same job id) reading its previous launch's plan
+    return (plan["value"],)

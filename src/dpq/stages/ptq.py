@@ -1,0 +1,64 @@
+"""``ptq``: post-training quantization -- no training, ranges from N calibration batches.
+
+A pipeline can end in ``ptq`` instead of ``quantize`` (presets ``dq_ptq``, ``dpq_ptq``).
+Weight ranges come from the weights (min-max, or a percentile of |w| per block);
+activation ranges (``act_bits=8``) from ``calibration_batches`` training batches. Then the
+same conversion, sparsity check, export and measurement as the QAT stage
+(:func:`dpq.stages.quantize.finish_quantization`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dpq.errors import ConfigError
+from dpq.quant import calibrate_, check_zeros_kept, prepare_ptq_, zero_positions
+from dpq.quant.config import ALLOWED_CALIBRATION
+from dpq.quant.integrity import summarize
+from dpq.stages.base import Stage, register
+from dpq.stages.quantize import QuantOptions, QuantStageMixin, finish_quantization, trainer_device
+
+
+@dataclass
+class PtqConfig(QuantOptions):
+    kind: str = ""
+    calibration: str = "minmax"  # minmax | percentile
+    percentile: float = 99.99  # percentile calibration: of |w| per block, of |x| per batch (averaged)
+    calibration_batches: int = 8  # training batches fed to the activation observers (act_bits=8)
+
+    def check(self, key: str) -> None:
+        if self.calibration not in ALLOWED_CALIBRATION:
+            raise ConfigError(f"{key}.calibration", self.calibration, f"must be one of {', '.join(ALLOWED_CALIBRATION)}")
+        if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) \
+                or self.calibration_batches < 1:
+            raise ConfigError(f"{key}.calibration_batches", self.calibration_batches, "must be an integer >= 1")
+        self.check_quant(key, calibration=self.calibration, percentile=self.percentile)
+
+
+@register
+class PtqStage(QuantStageMixin, Stage):
+    kind = "ptq"
+    Config = PtqConfig
+
+    def _quant_extra(self) -> dict:
+        return {"calibration": self.cfg.calibration, "percentile": self.cfg.percentile}
+
+    def run(self, run) -> None:
+        from dpq.module import logits_of
+
+        student = run.ensure_student()
+        qcfg, names = self._targets(run, student)
+        pruned = list(run.masks or {})
+        before = zero_positions(student, sorted(set(pruned) | set(names)))
+        prepare_ptq_(student, qcfg, names)
+        device = trainer_device(run)
+        home = next(student.parameters()).device
+        student.to(device)
+        used = calibrate_(student, run.data.train_dataloader(), self.cfg.calibration_batches,
+                          forward=lambda m, b: logits_of(m, b))
+        student.to(home)
+        report = check_zeros_kept(student, before, f"stage '{self.name}': after PTQ calibration")
+        finish_quantization(self, run, student, qcfg, names, pruned, extra={
+            "calibration": qcfg.calibration, "percentile": qcfg.percentile if qcfg.calibration == "percentile" else None,
+            "calibration_batches": used, "ptq_zeros": summarize(report)})
+

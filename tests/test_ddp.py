@@ -1,0 +1,157 @@
+"""Scale-out with Lightning's DDP: the trainer configs build DDP strategies, and a real
+2-process run on CPU (gloo) ends with the same masks and quantized weights on both ranks.
+
+Run as a script (``python tests/test_ddp.py OUT_DIR override...``) this file is one rank of
+that run: Lightning's ``ddp`` launcher re-runs the same command for rank 1, each rank runs
+the whole pipeline and writes what it holds in memory to ``OUT_DIR/rank<r>.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def _digest(t) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _rank_main(out: Path, overrides: list[str]) -> None:
+    """One rank: run the pipeline, then dump masks, quantized state and the examples it trained on."""
+    sys.path.insert(0, str(HERE))
+    from conftest import compose_cfg
+    from dpq.module import ClassifierModule
+    from dpq.pipeline import RunState
+    from dpq.quant import QuantizedLinear
+    from dpq.train import train
+
+    seen: dict[str, set[int]] = {}
+    holder: dict = {}
+    real_run, real_step, real_trainer = RunState.run, ClassifierModule.training_step, RunState.make_trainer
+
+    def run(self, stages):
+        holder["run"] = self
+        return real_run(self, stages)
+
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch == 0:  # DistributedSampler reshuffles (and re-shards) every epoch
+            seen.setdefault(self.stage, set()).update(int(i) for i in batch["idx"])
+        return real_step(self, batch, batch_idx)
+
+    def make_trainer(self, *a, **k):
+        holder["trainer"] = real_trainer(self, *a, **k)
+        return holder["trainer"]
+
+    RunState.run, ClassifierModule.training_step, RunState.make_trainer = run, training_step, make_trainer
+    cfg = compose_cfg(out, [o for o in overrides if not o.startswith("hydra.")])  # one run folder, as under Hydra
+    results = train(cfg)
+    state, trainer = holder["run"], holder["trainer"]
+    quantized = {}
+    for name, mod in state.student.named_modules():
+        if isinstance(mod, QuantizedLinear):
+            quantized[name] = {k: _digest(v) for k, v in mod.state_dict().items()}
+    dump = {
+        "rank": trainer.global_rank, "world_size": trainer.world_size, "pid": os.getpid(),
+        "masks": {n: _digest(m) for n, m in sorted(state.masks.items())},
+        "mask_kept": {n: int(m.sum()) for n, m in sorted(state.masks.items())},
+        "mask_size": {n: m.numel() for n, m in sorted(state.masks.items())},
+        "quantized": quantized,
+        "zeros_match_masks": all(bool(((w := _weight(state.student, n)) == 0)[~m].all()) for n, m in state.masks.items()),
+        "seen": {k: sorted(v) for k, v in seen.items()},
+        "final_sparsity": results["final"]["sparsity"],
+    }
+    tmp = out / f".rank{trainer.global_rank}.json.tmp"
+    tmp.write_text(json.dumps(dump))
+    tmp.replace(out / f"rank{trainer.global_rank}.json")
+
+
+def _weight(model, name):
+    from dpq.quant import QuantizedLinear
+
+    mod = model.get_submodule(name)
+    return mod.dequantize() if isinstance(mod, QuantizedLinear) else mod.weight
+
+
+# ---- fast: the configs ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, backend, devices", [("ddp_cpu", "gloo", 2), ("ddp", "nccl", "auto")])
+def test_ddp_trainer_configs_build_a_ddp_strategy(make_cfg, name, backend, devices):
+    import hydra
+    from lightning.pytorch.strategies import DDPStrategy
+
+    cfg = make_cfg("experiment=digits", f"trainer={name}")
+    assert cfg.trainer.devices == devices
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, DDPStrategy) and strategy._process_group_backend == backend
+    if name == "ddp_cpu":  # builds (does not launch: launching happens at fit)
+        trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=1, logger=False)
+        assert trainer.world_size == 2 and isinstance(trainer.strategy, DDPStrategy)
+
+
+# ---- slow: a real 2-process run ---------------------------------------------------------------
+
+DDP_RUN = ["experiment=digits", "trainer=ddp_cpu", "pipeline=dpq", "pipeline.stages.prune.criterion=movement",
+           "pipeline.stages.prune.update_every=2", "+trainer.limit_train_batches=6", "+trainer.limit_val_batches=2",
+           "+trainer.limit_test_batches=2", "cost.repeats=1", "cost.warmup=0", "logger=none"]
+
+
+def _env() -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "DPQ_STAGE_CACHE_PLAN"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_ends_with_identical_masks_and_quantized_weights(tmp_path):
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(tmp_path), *DDP_RUN], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    files = [tmp_path / "rank0.json", tmp_path / "rank1.json"]
+    deadline = time.monotonic() + 120  # rank 1 is a child that may finish just after rank 0 exits
+    while not all(f.exists() for f in files) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert all(f.exists() for f in files), proc.stderr[-4000:]
+    r0, r1 = (json.loads(f.read_text()) for f in files)
+    assert (r0["rank"], r1["rank"]) == (0, 1) and r0["world_size"] == r1["world_size"] == 2
+    assert r0["pid"] != r1["pid"]
+    # The ranks trained on different examples in each epoch (DistributedSampler shards) ...
+    for stage in ("teacher", "distill", "prune", "recover", "quantize"):
+        assert r0["seen"][stage] and r1["seen"][stage], stage
+        assert not set(r0["seen"][stage]) & set(r1["seen"][stage]), stage
+    # ... yet hold the same masks (movement scores use the all-reduced gradients) and quantized state.
+    assert r0["masks"] and r0["masks"] == r1["masks"]
+    assert r0["mask_kept"] == r1["mask_kept"]
+    assert r0["quantized"] and r0["quantized"] == r1["quantized"]
+    assert r0["zeros_match_masks"] and r1["zeros_match_masks"]
+    kept, size = sum(r0["mask_kept"].values()), sum(r0["mask_size"].values())
+    assert 1 - kept / size == pytest.approx(0.5, abs=1e-3)  # the prune target, held through QAT
+    assert r0["final_sparsity"] >= 0.5 - 1e-3  # 4-bit rounding may add zeros, never remove pruned ones
+
+
+
+@pytest.mark.slow
+def test_the_ddp_command_line_run_completes_in_one_run_folder(tmp_path):
+    """``python -m dpq.train trainer=ddp_cpu``: Lightning re-runs the command for rank 1 in the same folder."""
+    proc = subprocess.run([sys.executable, "-m", "dpq.train", *DDP_RUN, f"hydra.run.dir={tmp_path / 'run'}",
+                           f"paths.cache_dir={tmp_path / 'cache'}"], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "completed" and results["order"][-1] == "quantize"
+    assert results["stages"][2]["metrics"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+if __name__ == "__main__":
+    _rank_main(Path(sys.argv[1]), sys.argv[2:])

@@ -1,0 +1,174 @@
+"""Fake-quant numerics: a float64 reference, bit-equality with torchao, exact zeros, bit packing."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dpq.quant import (
+    Blocks,
+    PackedLinear,
+    QuantConfig,
+    check_zeros_kept,
+    convert_,
+    fake_quantize,
+    prepare_qat_,
+    zero_positions,
+)
+from dpq.quant.affine import weight_qparams
+from dpq.quant.packed import pack_codes, packed_row_bytes, unpack_codes
+
+BITS = [2, 3, 4, 8]
+LAYOUTS = [("per_tensor", 0), ("per_channel", 0), ("per_group", 16), ("per_group", 7)]  # 7 does not divide 40
+
+
+def reference_fake_quant(w: np.ndarray, bits: int, granularity: str, group: int, symmetric: bool):
+    """Independent float64 reference: returns (dequantized, codes, scale per element, zero point per element)."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    out, n = w.shape
+    if granularity == "per_tensor":
+        ids = np.zeros_like(w, dtype=np.int64)
+    elif granularity == "per_channel":
+        ids = np.repeat(np.arange(out)[:, None], n, axis=1)
+    else:
+        ids = np.arange(out)[:, None] * 10_000 + (np.arange(n)[None, :] // group)
+    deq, codes = np.zeros_like(w), np.zeros_like(w)
+    scales, zps = np.zeros_like(w), np.zeros_like(w)
+    for b in np.unique(ids):
+        sel = ids == b
+        lo, hi = min(w[sel].min(), 0.0), max(w[sel].max(), 0.0)
+        eps = float(np.finfo(np.float32).tiny)  # an all-zero block: tiny scale, codes = zero point
+        if symmetric:
+            scale, zp = max(max(-lo, hi) / ((qmax - qmin) / 2), eps), 0.0
+        else:
+            scale = max((hi - lo) / (qmax - qmin), eps)
+            zp = float(np.clip(qmin - np.round(lo / scale), qmin, qmax))
+        c = np.clip(np.round(w[sel] / scale) + zp, qmin, qmax)
+        codes[sel], deq[sel], scales[sel], zps[sel] = c, (c - zp) * scale, scale, zp
+    return deq, codes, scales, zps
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("granularity,group", LAYOUTS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fake_quant_matches_float64_reference(bits, granularity, group, symmetric):
+    torch.manual_seed(bits)
+    w = torch.randn(12, 40) * torch.rand(12, 1) * 3  # rows of different ranges
+    w[w.abs() < 0.3] = 0.0
+    w[5] = 0.0  # an all-zero row: finite scale, codes = zero point
+    q = fake_quantize(w, bits, granularity, group or 128, symmetric)
+    ref, codes, scales, zps = reference_fake_quant(w.double().numpy(), bits, granularity, group, symmetric)
+    assert torch.isfinite(q).all()
+    # Same codes as the float64 reference, except at exact ties (w / scale = k + 1/2, e.g. the
+    # largest |w| of a symmetric block sits at (qmax - qmin) / 2), where float32 may round either way.
+    layout = Blocks(granularity, 12, 40, group or 128)
+    scale, zp = weight_qparams(w, layout, bits, symmetric)
+    ours = layout.merge(torch.clamp(torch.round(layout.split(w) * (1.0 / scale.unsqueeze(-1))) + zp.unsqueeze(-1),
+                                    -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)).numpy()
+    ratio = np.abs(w.double().numpy() / np.where(scales > 0, scales, 1.0))
+    tie = np.abs(ratio - np.floor(ratio) - 0.5) < 1e-5
+    np.testing.assert_array_equal(ours[~tie], codes[~tie])
+    assert (np.abs(ours - codes)[tie] <= 1).all()
+    # ... and the same values up to float32 rounding of the scale.
+    np.testing.assert_allclose(q.double().numpy()[~tie], ref[~tie], rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    # Error bound: within half a step wherever the value is inside the grid.
+    inside = (codes > -(2 ** (bits - 1))) & (codes < 2 ** (bits - 1) - 1)
+    err = np.abs(q.double().numpy() - w.double().numpy())
+    assert (err[inside] <= scales[inside] / 2 * (1 + 1e-5)).all()
+    # Exact zeros stay exact, and the zero point of an asymmetric grid is an integer.
+    assert (q[w == 0] == 0).all() and (q[5] == 0).all()
+    assert np.array_equal(zps, np.round(zps))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("granularity,group", [("per_channel", 0), ("per_group", 8)])
+def test_dpq_quantizer_is_bit_identical_to_torchao(bits, granularity, group):
+    """Where torchao's IntxFakeQuantizer applies, dpq's formulas (used for packing) give the same bits."""
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 32)
+    w[w.abs() < 0.5] = 0.0
+    gran = PerAxis(0) if granularity == "per_channel" else PerGroup(group)
+    ao = IntxFakeQuantizer(IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), granularity=gran, is_symmetric=True))
+    assert torch.equal(fake_quantize(w, bits, granularity, group or 128, True), ao(w))
+
+
+def test_straight_through_gradient_is_identity():
+    torch.manual_seed(0)
+    w = torch.randn(5, 9, requires_grad=True)
+    upstream = torch.randn(5, 9)
+    fake_quantize(w, 4, "per_group", 4, symmetric=False).backward(upstream)
+    assert torch.equal(w.grad, upstream)
+
+
+def _pruned_mlp(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(40, 24), nn.GELU(), nn.Linear(24, 16), nn.GELU(), nn.Linear(16, 3))
+    masks = {}
+    for name in ("0", "2"):
+        w = model.get_submodule(name).weight.data
+        keep = w.abs() > w.abs().flatten().kthvalue(w.numel() // 2).values
+        w.mul_(keep)
+        masks[name] = keep
+    return model, masks
+
+
+COMBOS = [(b, g, s, o) for b, (g, s, o) in itertools.product(BITS, [
+    (g, s, "minmax") for g, s in itertools.product(LAYOUTS, [True, False])] + [(g, True, "lsq") for g in LAYOUTS])]
+
+
+@pytest.mark.parametrize("bits,layout,symmetric,observer", COMBOS)
+def test_pruned_zeros_stay_zero_through_qat_and_conversion(bits, layout, symmetric, observer):
+    granularity, group = layout
+    model, masks = _pruned_mlp(bits)
+    cfg = QuantConfig(bits=bits, granularity=granularity, group_size=group or 128, symmetric=symmetric,
+                      observer=observer, targets=["0", "2"])
+    zeros = zero_positions(model, list(masks))
+    assert prepare_qat_(model, cfg) == ["0", "2"]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(32, 40), torch.randint(0, 3, (32,))
+    for _ in range(3):  # a few QAT steps with the mask held, as MaskFreeze does
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        with torch.no_grad():
+            for n, keep in masks.items():
+                model.get_submodule(n).weight.mul_(keep)
+    check_zeros_kept(model, zeros, "after QAT")
+    with torch.no_grad():
+        fq = model(x)
+    convert_(model)
+    report = check_zeros_kept(model, zeros, "after conversion")
+    for n, keep in masks.items():
+        q = model.get_submodule(n)
+        assert isinstance(q, PackedLinear) and q.bits == bits
+        codes = q.codes().float()
+        zp = q.layout.expand(q._zero_point())
+        assert torch.equal(codes[~keep], zp[~keep])  # pruned weights are stored as the zero point
+        assert (q.dequantize()[~keep] == 0).all()
+        assert report[n]["zeros_before"] == int((~keep).sum()) and report[n]["zeros_after"] >= report[n]["zeros_before"]
+        assert q.nonzero_weights() == int(q.dequantize().count_nonzero())
+    with torch.no_grad():
+        assert torch.equal(model(x), fq)  # packed conversion reproduces the fake-quant model bit for bit
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n_in", [1, 7, 8, 33])
+def test_pack_unpack_round_trip_at_real_bit_width(bits, n_in):
+    g = torch.Generator().manual_seed(bits * 100 + n_in)
+    codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (5, n_in), generator=g, dtype=torch.int8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, packed_row_bytes(n_in, bits))
+    assert packed_row_bytes(n_in, bits) == (n_in if bits == 8 else -(-n_in // 8) * bits)
+    assert torch.equal(unpack_codes(packed, bits, n_in), codes)
+
+
+def test_4bit_packing_keeps_the_nibble_layout():
+    codes = torch.tensor([[-8, 7, 0, -1, 3, 2, 1, -2]], dtype=torch.int8)
+    packed = pack_codes(codes, 4)
+    assert packed.tolist() == [[0 | (15 << 4), 8 | (7 << 4), 11 | (10 << 4), 9 | (6 << 4)]]

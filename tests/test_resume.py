@@ -1,0 +1,278 @@
+"""A killed run resumes where it stopped and ends exactly as the uninterrupted run (CPU, deterministic).
+
+Fast tests: the pieces (sampler, atomic writes, checkpoint choice, snapshots, the run folder)
+and one in-process crash mid-prune resumed with its newest checkpoint *and* its newest stage
+snapshot corrupted. Slow: real ``SIGKILL``s of ``python -m dpq.train`` during prune and during
+quantize, each resumed with ``python -m dpq.train resume=<run folder>``.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import RandomSampler
+
+from conftest import compose_cfg
+from dpq import resume, snapshot
+from dpq.errors import ConfigError
+from dpq.pipeline import RunState
+from dpq.train import train
+
+# digits, a few batches per epoch, a mid-stage checkpoint every 3 steps. The prune ramp updates its
+# masks every 2 steps (experiment=digits), so checkpoints fall on update steps and between them.
+FAST = ["experiment=digits", "trainer.deterministic=true", "checkpoint.every_n_steps=3", "cost.repeats=1",
+        "cost.warmup=0", "+trainer.limit_train_batches=6", "pipeline.stages.teacher.epochs=2",
+        "pipeline.stages.distill.epochs=2", "pipeline.stages.prune.epochs=3", "pipeline.stages.recover.epochs=1",
+        "pipeline.stages.quantize.epochs=2"]
+# Numbers that are a function of the weights (latency, peak memory and durations are measurements).
+DETERMINISTIC = ["accuracy", "loss", "val_accuracy", "val_loss", "sparsity", "params_nonzero", "params_total",
+                 "effective_gflops", "dense_gflops", "size_bytes"]
+
+
+# ---- pieces -------------------------------------------------------------------------------------
+def test_resumable_sampler_order_is_a_function_of_seed_and_epoch_and_skips_what_was_seen():
+    data = list(range(50))
+    a, b = resume.ResumableSampler(RandomSampler(data), 7), resume.ResumableSampler(RandomSampler(data), 7)
+    torch.manual_seed(0)
+    first = list(a)
+    torch.manual_seed(123)  # the global RNG does not matter
+    assert list(b) == first and sorted(first) == data
+    a.set_epoch(1)
+    second = list(a)
+    assert second != first and sorted(second) == data
+    b.resume_at(1, 20)  # resumed in epoch 1 after 20 examples: the rest of that same epoch
+    assert list(b) == second[20:]
+    assert list(b) == second  # the skip applies to one pass only
+    assert list(resume.ResumableSampler(RandomSampler(data), 8)) != first
+
+
+def test_atomic_checkpoint_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
+    io = resume.AtomicCheckpointIO()
+    path = tmp_path / "step0000003.ckpt"
+    io.save_checkpoint({"x": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def dies_halfway(obj, f, *a, **k):
+        Path(f).write_bytes(b"PK\x03\x04 half a zip")
+        raise OSError("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"x": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(torch.load(path)["x"], torch.ones(3))  # the previous checkpoint, intact
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary debris
+
+
+def test_newest_readable_checkpoint_wins_and_a_truncated_one_is_set_aside(tmp_path, caplog):
+    for step in (3, 6, 9):
+        torch.save({"state_dict": {"w": torch.full((4,), float(step))}, "loops": {}}, tmp_path / f"step{step:07d}.ckpt")
+    newest = tmp_path / "step0000009.ckpt"
+    newest.write_bytes(newest.read_bytes()[:40])  # truncated
+    assert resume.newest_checkpoint(tmp_path) == tmp_path / "step0000006.ckpt"
+    assert (tmp_path / "step0000009.ckpt.corrupt").exists() and not newest.exists()
+    assert "unreadable" in caplog.text
+    assert resume.newest_checkpoint(tmp_path / "missing") is None
+
+
+def _tiny_snapshot(tmp_path):
+    from dpq.distill import TeacherLogits
+    from dpq.models import MLPClassifier
+
+    torch.manual_seed(0)
+    student, teacher = MLPClassifier(8, 3, [6]), MLPClassifier(8, 3, [16])
+    masks = {"hidden.0": torch.rand(6, 8) > 0.5}
+    cache = TeacherLogits(teacher, 10, 3)
+    cache(dict(features=torch.randn(4, 8)), torch.tensor([1, 3, 5, 7]))
+    manifest = {"stage_index": 2, "stage": "prune", "kind": "prune", "order": ["teacher", "distill", "prune"],
+                "quantized": False, "records": [{"stage": "teacher"}], "fit_steps": {"prune": 18}}
+    snap = snapshot.write(tmp_path / "stage_2_prune", manifest, student=student, teacher=teacher, masks=masks,
+                          teacher_logits=snapshot.cache_state([cache]))
+    return snap, student, masks, cache
+
+
+def test_snapshot_round_trip_and_every_kind_of_damage_is_detected(tmp_path):
+    from dpq.checkpoints import load_model
+
+    snap, student, masks, cache = _tiny_snapshot(tmp_path)
+    back = snapshot.read(snap.directory)
+    assert back.manifest["fit_steps"] == {"prune": 18} and back.stage_index == 2
+    assert torch.equal(snapshot.load_masks(back)["hidden.0"], masks["hidden.0"])
+    reloaded = load_model({"arch": "mlp"}, {}, back.path(snapshot.STUDENT))
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), student.state_dict().values()))
+    state = snapshot.load_teacher_logits(back)
+    assert torch.equal(state["0.filled"], cache.filled) and torch.equal(state["0.logits"], cache.logits)
+    assert snapshot.latest(tmp_path, ["teacher", "distill", "prune"]).directory == snap.directory
+    assert snapshot.latest(tmp_path, ["teacher", "prune"]) is None  # another pipeline's snapshot is not used
+
+    weights = snap.directory / "student" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF  # one flipped byte, same size
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(snapshot.SnapshotError, match="SHA-256"):
+        snapshot.read(snap.directory)
+    weights.write_bytes(bytes(raw[:-10]))  # truncated
+    with pytest.raises(snapshot.SnapshotError, match="truncated"):
+        snapshot.read(snap.directory)
+    mf = snap.directory / snapshot.MANIFEST
+    mf.write_text(json.dumps({**json.loads(mf.read_text()), "format": 0}))
+    with pytest.raises(snapshot.SnapshotError, match="format 0"):
+        snapshot.read(snap.directory)
+    mf.unlink()
+    with pytest.raises(snapshot.SnapshotError, match="incomplete"):
+        snapshot.read(snap.directory)
+
+
+def test_a_new_run_never_writes_into_another_runs_folder(tmp_path):
+    resume.claim_output_dir(tmp_path / "run", {"seed": 1})
+    assert json.loads((tmp_path / "run" / "checkpoints" / "run.json").read_text()) == {"config": {"seed": 1}}
+    with pytest.raises(ConfigError, match="already holds another run"):
+        resume.claim_output_dir(tmp_path / "run", {"seed": 2})
+
+
+def test_resume_refuses_overrides_that_would_change_the_run():
+    resume.check_resume_overrides("out/run", ["resume=out/run", "hydra.verbose=true"])
+    with pytest.raises(ConfigError) as err:
+        resume.check_resume_overrides("out/run", ["resume=out/run", "pipeline.stages.prune.final_sparsity=0.9"])
+    assert err.value.key == "resume" and "pipeline.stages.prune.final_sparsity=0.9" in str(err.value)
+
+
+# ---- the whole run --------------------------------------------------------------------------------
+class Crash(L.Callback):
+    """Stands in for a kill: the process dies right after an optimizer step (not on a checkpoint step)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated kill at step {self.step}")
+
+
+def crash_in(monkeypatch, stage_name: str, step: int) -> None:
+    real = RunState.fit
+
+    def fit(self, model, stage, *a, callbacks=(), **k):
+        if stage.name == stage_name:
+            callbacks = [*callbacks, Crash(step)]
+        return real(self, model, stage, *a, callbacks=callbacks, **k)
+
+    monkeypatch.setattr(RunState, "fit", fit)
+
+
+def final_snapshot(run_dir: Path) -> snapshot.Snapshot:
+    return snapshot.latest(run_dir / "checkpoints", json.loads((run_dir / "results.json").read_text())["order"])
+
+
+def assert_same_run(a_dir: Path, b_dir: Path) -> None:
+    """Same per-stage numbers, masks, ramp position, step counts and final weights (bit for bit)."""
+    a, b = (json.loads((d / "results.json").read_text()) for d in (a_dir, b_dir))
+    assert [s["stage"] for s in a["stages"]] == [s["stage"] for s in b["stages"]]
+    for ra, rb in zip(a["stages"], b["stages"]):
+        assert ra.get("mask_updates") == rb.get("mask_updates"), (
+            f"{ra['stage']}: the sparsity ramp made {rb.get('mask_updates')} mask updates after resuming, "
+            f"{ra.get('mask_updates')} uninterrupted -- SparsityRamp.on_train_start must not update masks it restored")
+        for k in ("ramp", "fake_quant_accuracy"):
+            assert ra.get(k) == rb.get(k), (ra["stage"], k)
+        for k in DETERMINISTIC:
+            assert ra["metrics"][k] == rb["metrics"][k], (ra["stage"], k)
+    assert b["status"] == "completed" and b["final"]["reload_accuracy"] == b["final"]["accuracy"]
+    sa, sb = final_snapshot(a_dir), final_snapshot(b_dir)
+    assert sa.manifest["fit_steps"] == sb.manifest["fit_steps"] and sa.stage == sb.stage
+    ma, mb = snapshot.load_masks(sa), snapshot.load_masks(sb)
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    for f in sorted(p.name for p in (a_dir / "model").glob("*.safetensors")):
+        wa, wb = load_file(str(a_dir / "model" / f)), load_file(str(b_dir / "model" / f))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f
+
+
+@pytest.fixture(scope="module")
+def reference_dp(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    train(compose_cfg(tmp, [*FAST, "pipeline=dp"]))
+    return tmp / "run"
+
+
+def test_killed_mid_prune_with_damaged_newest_checkpoint_and_snapshot_resumes_to_the_same_result(
+        tmp_path, monkeypatch, reference_dp, caplog):
+    crash_in(monkeypatch, "prune", 13)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(compose_cfg(tmp_path, [*FAST, "pipeline=dp"]))
+    monkeypatch.undo()
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints" / "stage_2_prune" / "lightning" / "prune"
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["step0000009.ckpt", "step0000012.ckpt"]
+    assert not (run_dir / "checkpoints" / "stage_2_prune" / snapshot.MANIFEST).exists()
+    # Damage the newest of everything: the step-12 checkpoint is cut short, the distill snapshot's student edited.
+    newest = ckpts / "step0000012.ckpt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    student = run_dir / "checkpoints" / "stage_1_distill" / "student" / "model.safetensors"
+    raw = bytearray(student.read_bytes())
+    raw[-1] ^= 0x01
+    student.write_bytes(bytes(raw))
+
+    results = train(compose_cfg(tmp_path / "elsewhere", ["resume=" + str(run_dir)]))
+    assert "does not match its SHA-256" in caplog.text and "step0000012.ckpt is unreadable" in caplog.text
+    # distill re-runs from the teacher snapshot; prune resumes at step 9, between two mask updates (every 2 steps)
+    assert results["resumed_after"] == "teacher"
+    assert (ckpts.parent.parent / snapshot.MANIFEST).exists() and not ckpts.exists()  # mid-stage checkpoints cleaned up
+    assert_same_run(reference_dp, run_dir)
+    # Resuming a finished run changes nothing.
+    again = train(compose_cfg(tmp_path / "elsewhere2", ["resume=" + str(run_dir)]))
+    assert again["wall_time_s"] == results["wall_time_s"]
+
+
+# ---- real kills ----------------------------------------------------------------------------------------
+def _cli(run_dir: Path, args: list[str], cache: Path) -> subprocess.Popen:
+    env = {**os.environ, "DPQ_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.Popen([sys.executable, "-m", "dpq.train", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=run_dir.parent)
+
+
+def _kill_when(proc: subprocess.Popen, folder: Path, timeout: float = 400) -> None:
+    """SIGKILL ``proc`` as soon as a mid-stage checkpoint appears in ``folder``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before it could be killed: {proc.stderr.read()[-3000:]}")
+        if any(folder.glob("*.ckpt")):
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"no checkpoint appeared in {folder}")
+
+
+@pytest.mark.slow
+def test_sigkill_during_prune_and_during_quantize_then_resume_gives_the_uninterrupted_result(tmp_path):
+    args = [*FAST, "pipeline=dpq", "logger=none"]
+    ref = compose_cfg(tmp_path / "ref", args)
+    train(ref)
+    run_dir, cache = tmp_path / "killed" / "run", tmp_path / "cache"
+    run_dir.parent.mkdir()
+    ck = run_dir / "checkpoints"
+
+    proc = _cli(run_dir, [*args, f"hydra.run.dir={run_dir}"], cache)
+    _kill_when(proc, ck / "stage_2_prune" / "lightning" / "prune")
+    assert proc.returncode == -signal.SIGKILL
+    assert not (ck / "stage_2_prune" / snapshot.MANIFEST).exists()  # killed inside the stage
+
+    proc = _cli(run_dir, [f"resume={run_dir}"], cache)
+    _kill_when(proc, ck / "stage_4_quantize" / "lightning" / "quantize")
+    assert (ck / "stage_3_recover" / snapshot.MANIFEST).exists() and not (run_dir / "results.json").exists()
+
+    proc = _cli(run_dir, [f"resume={run_dir}"], cache)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert (run_dir / ".hydra" / "config.yaml").exists() and len(list((run_dir / ".hydra").glob("resume-*"))) >= 1
+    assert json.loads((run_dir / "results.json").read_text())["resumed_after"] == "recover"
+    assert_same_run(tmp_path / "ref" / "run", run_dir)

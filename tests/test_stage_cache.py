@@ -1,0 +1,292 @@
+"""The stage cache: keys cover exactly what determines a prefix; entries are whole or absent,
+built once under real concurrency, and a dead builder blocks no one."""
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import compose_cfg
+from dpq import stage_cache
+from dpq.stage_cache import MANIFEST, CacheBusy, StageCache, pipeline_keys, prefix_key, rank_zero_decides
+
+CTX = mp.get_context("spawn")  # no fork after torch may have started threads in this process
+
+
+def cfg_dict(tmp_path, *overrides):
+    cfg = compose_cfg(tmp_path, ["experiment=tiny", *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+# ---- keys -------------------------------------------------------------------------------------
+
+def test_later_stages_and_bookkeeping_do_not_change_a_prefix_key(tmp_path):
+    base = cfg_dict(tmp_path, "pipeline=dpq")
+    key = prefix_key(base, ["teacher", "distill"])
+    same = [
+        ("pipeline.stages.prune.final_sparsity=0.8",),  # a later stage
+        ("pipeline.stages.quantize.bits=8",),
+        ("pipeline=dp",),  # another preset with the same first stages (and another pipeline.name)
+        ("pipeline=spiral",),
+        ("logger=csv",), ("run_name=other",), ("cost.repeats=7", "cost.seq_len=32"), ("save_model=false",),
+        ("trainer.log_every_n_steps=3",), ("pipeline.stages.teacher.cache=false",),
+        ("pipeline.stages.distill.lr=0.0001",),  # the same number written differently
+    ]
+    for overrides in same:
+        other = cfg_dict(tmp_path, "pipeline=dpq", *overrides)
+        assert prefix_key(other, ["teacher", "distill"]) == key, overrides
+    moved = dict(base, paths={"output_dir": "/elsewhere", "cache_dir": "/other/cache"})
+    assert prefix_key(moved, ["teacher", "distill"]) == key
+
+
+def test_anything_in_the_prefix_changes_the_key(tmp_path):
+    base = cfg_dict(tmp_path, "pipeline=dpq")
+    key = prefix_key(base, ["teacher", "distill"])
+    changed = [
+        ("pipeline.stages.distill.lr=3e-4",), ("pipeline.stages.distill.alpha=0.9",),
+        ("pipeline.stages.teacher.epochs=3",), ("seed=7",), ("task.subsample=128",), ("task.max_length=32",),
+        ("model.config.hidden_size=32",), ("teacher.config.num_hidden_layers=1",), ("trainer=cpu",),
+        ("trainer.limit_train_batches=3",), ("trainer.gradient_clip_val=0.5",),
+    ]
+    keys = {key}
+    for overrides in changed:
+        k = prefix_key(cfg_dict(tmp_path, "pipeline=dpq", *overrides), ["teacher", "distill"])
+        assert k not in keys, overrides
+        keys.add(k)
+    # Stage names are part of the prefix (they name records and metrics).
+    renamed = cfg_dict(tmp_path, "pipeline=dpq", "pipeline.order=[teacher,kd,prune,recover,quantize]",
+                       "+pipeline.stages.kd={kind:distill}")
+    assert prefix_key(renamed, ["teacher", "kd"]) != key
+
+
+def test_dp_and_dpq_share_every_key_of_their_common_stages(tmp_path):
+    dpq_keys = pipeline_keys(cfg_dict(tmp_path, "pipeline=dpq"))
+    dp_keys = pipeline_keys(cfg_dict(tmp_path, "pipeline=dp"))
+    assert dp_keys == dpq_keys[:4] and len(set(dpq_keys)) == 5
+    dq_keys = pipeline_keys(cfg_dict(tmp_path, "pipeline=dq"))
+    assert dq_keys[:2] == dpq_keys[:2] and dq_keys[2] != dpq_keys[2]  # quantize at position 2 is not prune
+
+
+def test_library_versions_format_and_extra_facts_are_in_the_key(tmp_path, monkeypatch):
+    base = cfg_dict(tmp_path, "pipeline=dense")
+    key = prefix_key(base, ["teacher"])
+    assert prefix_key(base, ["teacher"], extra={"data_source": "offline:x"}) != key
+    monkeypatch.setattr(stage_cache, "CACHE_FORMAT", stage_cache.CACHE_FORMAT + 1)
+    assert prefix_key(base, ["teacher"]) != key
+    monkeypatch.undo()
+    real = stage_cache._major_minor
+    monkeypatch.setattr(stage_cache, "_major_minor", lambda p: "9.9" if p == "torch" else real(p))
+    assert prefix_key(base, ["teacher"]) != key
+
+
+def test_a_loaded_teacher_folder_is_fingerprinted_by_content(tmp_path):
+    folder = tmp_path / "teacher_model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"a" * 10)
+    cfg = cfg_dict(tmp_path, "pipeline=dense", f"pipeline.stages.teacher.load_from={folder}")
+    key = prefix_key(cfg, ["teacher"])
+    assert prefix_key(cfg, ["teacher"]) == key
+    (folder / "model.safetensors").write_bytes(b"b" * 11)  # overwritten with another model
+    assert prefix_key(cfg, ["teacher"]) != key
+
+
+def test_a_name_list_that_is_not_a_prefix_is_rejected(tmp_path):
+    cfg = cfg_dict(tmp_path, "pipeline=dpq")
+    for bad in ([], ["distill"], ["teacher", "prune"]):
+        with pytest.raises(ValueError, match="prefix"):
+            prefix_key(cfg, bad)
+
+
+# ---- entries ----------------------------------------------------------------------------------
+
+def write_payload(folder: Path, text: str = "state") -> None:
+    (folder / "state.txt").write_text(text)
+
+
+def test_build_then_lookup_and_a_failed_builder_leaves_nothing(tmp_path):
+    cache = StageCache(tmp_path / "c")
+    assert cache.lookup("k1") is None
+    path, built = cache.get_or_build("k1", write_payload, meta={"stages": ["teacher"]})
+    assert built and path == cache.lookup("k1") and (path / "state.txt").read_text() == "state"
+    man = json.loads((path / MANIFEST).read_text())
+    assert man["key"] == "k1" and man["format"] == stage_cache.CACHE_FORMAT and man["stages"] == ["teacher"]
+    assert cache.get_or_build("k1", lambda d: pytest.fail("must not rebuild")) == (path, False)
+
+    def crash(folder):
+        write_payload(folder, "half")
+        raise RuntimeError("builder died")
+
+    with pytest.raises(RuntimeError, match="builder died"):
+        cache.build("k2", crash)
+    assert cache.lookup("k2") is None and not (tmp_path / "c" / "k2").exists()
+    assert not list((tmp_path / "c").glob(".tmp-*"))
+    assert (cache.build("k2", write_payload) / "state.txt").read_text() == "state"
+
+
+def test_an_older_format_or_incomplete_entry_is_ignored_with_a_message_and_replaced(tmp_path, caplog):
+    cache = StageCache(tmp_path)
+    old = tmp_path / "k"
+    old.mkdir()
+    (old / "state.txt").write_text("old")
+    (old / MANIFEST).write_text(json.dumps({"format": stage_cache.CACHE_FORMAT - 1, "key": "k"}))
+    with caplog.at_level(logging.INFO, logger="dpq.stage_cache"):
+        assert cache.lookup("k") is None
+    assert "cache format" in caplog.text
+    assert (cache.build("k", write_payload) / "state.txt").read_text() == "state"
+    (old / MANIFEST).unlink()  # as if written by hand / a writer without the manifest
+    assert cache.lookup("k") is None
+    assert (cache.build("k", lambda d: write_payload(d, "new")) / "state.txt").read_text() == "new"
+
+
+def test_discard_removes_an_entry_so_it_is_rebuilt(tmp_path):
+    cache = StageCache(tmp_path)
+    cache.build("k", write_payload)
+    cache.discard("k", "checksum mismatch")
+    assert cache.lookup("k") is None and not (tmp_path / "k").exists()
+    assert cache.get_or_build("k", lambda d: write_payload(d, "again"))[1] is True
+
+
+def test_world_size_from_the_trainer_config(make_cfg):
+    from dpq.stage_cache import trainer_world_size
+
+    assert trainer_world_size(make_cfg("trainer=cpu").trainer) == 1
+    assert trainer_world_size(make_cfg("trainer=ddp_cpu").trainer) == 2
+    assert trainer_world_size({"devices": [0, 1, 2], "num_nodes": 2}) == 6
+    assert trainer_world_size({"devices": "auto", "accelerator": "cpu"}) == 1
+
+
+# ---- concurrency (real processes) ---------------------------------------------------------------
+
+def _slow_builder(root, key, log_file, barrier, result_file):
+    cache = StageCache(root)
+
+    def builder(folder):
+        with open(log_file, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        for i in range(10):  # slow, in pieces: a reader must never see this half done
+            with open(folder / "state.txt", "a") as f:
+                f.write(f"part{i};")
+            time.sleep(0.05)
+
+    barrier.wait()
+    path, built = cache.get_or_build(key, builder)
+    Path(result_file).write_text(json.dumps({"path": str(path), "built": built,
+                                             "content": (path / "state.txt").read_text()}))
+
+
+def _watcher(root, key, stop_file, seen_file):
+    cache = StageCache(root)
+    seen = []
+    while not Path(stop_file).exists():
+        hit = cache.lookup(key)
+        if hit is not None:
+            seen.append((hit / "state.txt").read_text())
+        time.sleep(0.005)
+    Path(seen_file).write_text(json.dumps(seen))
+
+
+def test_two_processes_building_the_same_key_build_it_once(tmp_path):
+    root, log_file = tmp_path / "cache", tmp_path / "builds.log"
+    barrier = CTX.Barrier(2)
+    results = [tmp_path / "r0.json", tmp_path / "r1.json"]
+    watcher = CTX.Process(target=_watcher, args=(root, "shared", tmp_path / "stop", tmp_path / "seen.json"))
+    watcher.start()
+    procs = [CTX.Process(target=_slow_builder, args=(root, "shared", log_file, barrier, r)) for r in results]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    (tmp_path / "stop").touch()
+    watcher.join(30)
+    assert len(log_file.read_text().split()) == 1  # the builder ran once
+    out = [json.loads(r.read_text()) for r in results]
+    assert out[0]["path"] == out[1]["path"] == str(root / "shared")
+    assert sorted(o["built"] for o in out) == [False, True]
+    whole = "".join(f"part{i};" for i in range(10))
+    assert out[0]["content"] == out[1]["content"] == whole
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert all(s == whole for s in seen)  # every look at the entry saw it whole
+
+
+def _hold_lock_forever(root, key, ready):
+    cache = StageCache(root)
+
+    def builder(folder):
+        write_payload(folder, "half")
+        ready.set()
+        time.sleep(600)
+
+    cache.build(key, builder)
+
+
+def test_a_killed_builder_blocks_no_one_and_leaves_no_half_entry(tmp_path):
+    root = tmp_path / "cache"
+    ready = CTX.Event()
+    p = CTX.Process(target=_hold_lock_forever, args=(root, "k", ready))
+    p.start()
+    assert ready.wait(60)
+    cache = StageCache(root)
+    with pytest.raises(CacheBusy):  # alive and building: others wait (here: up to the timeout)
+        cache.build("k", write_payload, timeout=0.5)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(10)
+    assert cache.lookup("k") is None and list(root.glob(".tmp-k-*"))  # its debris, never an entry
+    start = time.monotonic()
+    path = cache.build("k", write_payload, timeout=10)
+    assert time.monotonic() - start < 5  # the kernel released the dead holder's lock
+    assert (path / "state.txt").read_text() == "state"
+    assert not list(root.glob(".tmp-k-*"))  # debris cleared under the lock
+
+
+# ---- one decision for all ranks of a DDP run ----------------------------------------------------
+
+def _decide_in_env(env, topic, own_value, root, out, timeout_s=30):
+    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID",
+              "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", stage_cache.PLAN_ENV):
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    Path(out).write_text(json.dumps(rank_zero_decides(topic, lambda: own_value, root, timeout_s=timeout_s)))
+
+
+def test_ranks_follow_rank_zero_through_the_environment_or_a_plan_file(tmp_path, monkeypatch):
+    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID",
+              stage_cache.PLAN_ENV):
+        monkeypatch.delenv(k, raising=False)
+    # Lightning's ddp launcher: rank 0 decides, then starts the other ranks with its environment.
+    assert rank_zero_decides("keys-A", lambda: [3, "k3"], tmp_path) == [3, "k3"]
+    inherited = {stage_cache.PLAN_ENV: os.environ[stage_cache.PLAN_ENV], "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
+    child = CTX.Process(target=_decide_in_env, args=(inherited, "keys-A", [0, None], tmp_path, tmp_path / "c.json"))
+    child.start(), child.join(60)
+    assert json.loads((tmp_path / "c.json").read_text()) == [3, "k3"]
+    # A plan about another run (other keys) is never followed.
+    child = CTX.Process(target=_decide_in_env, args=(inherited, "keys-B", [0, None], tmp_path, tmp_path / "d.json"))
+    child.start(), child.join(60)
+    assert json.loads((tmp_path / "d.json").read_text()) == [0, None]
+    # torchrun: all ranks start at once; rank 1 (started first) waits for rank 0's plan file.
+    env = {"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job7"}
+    r1 = CTX.Process(target=_decide_in_env, args=({**env, "RANK": "1"}, "keys-A", 1, tmp_path, tmp_path / "r1.json"))
+    r1.start()
+    time.sleep(1.0)
+    r0 = CTX.Process(target=_decide_in_env, args=({**env, "RANK": "0"}, "keys-A", 2, tmp_path, tmp_path / "r0.json"))
+    r0.start()
+    r0.join(60), r1.join(60)
+    assert json.loads((tmp_path / "r0.json").read_text()) == json.loads((tmp_path / "r1.json").read_text()) == 2
+
+
+def test_a_plan_file_from_an_earlier_launch_is_not_followed(tmp_path):
+    """A requeued SLURM job keeps its job id: its previous launch's plan must not decide for it."""
+    plans = tmp_path / ".plans"
+    plans.mkdir()
+    (plans / "slurm-99-0.json").write_text(json.dumps({"topic": "keys-A", "value": 4, "pid": 1, "time": time.time() - 3600}))
+    env = {"WORLD_SIZE": "2", "SLURM_JOB_ID": "99", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
+    p = CTX.Process(target=_decide_in_env, args=(env, "keys-A", 7, tmp_path, tmp_path / "r1.json", 1.0))
+    p.start(), p.join(60)
+    assert json.loads((tmp_path / "r1.json").read_text()) == 7  # waited, found no fresh plan, decided itself
