@@ -67,8 +67,9 @@ def main(argv=None) -> dict:
     from dpq.checkpoints import load_model
 
     results = json.loads((args.run / "results.json").read_text())
-    cfg = OmegaConf.to_container(OmegaConf.load(args.run / ".hydra" / "config.yaml"), resolve=False)
-    cfg = results.get("config") or cfg
+    cfg = results.get("config")  # the resolved config the run used
+    if cfg is None:
+        cfg = OmegaConf.to_container(OmegaConf.load(args.run / ".hydra" / "config.yaml"), resolve=False)
     shrunk = load_model(cfg["model"], cfg["task"], args.run / "model").eval()
     if not getattr(shrunk.config, "dpq_structure", None):
         sys.exit(f"{args.run}: the saved model was not structurally shrunk (no config.dpq_structure)")

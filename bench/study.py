@@ -1,0 +1,154 @@
+"""The compression study: every ordering and sparsity on the embedded default task, several seeds.
+
+Usage::
+
+    python bench/study.py                       # all configs, seeds 42 43 44 (hours on a 2-core CPU)
+    python bench/study.py --seeds 42 --configs dq dpq_u50 dpq_s50
+    python bench/study.py --tiny                # tiny random BERTs, a few batches: checks the script
+
+Each (config, seed) is one ``dpq.train.train`` run in this process, written to
+``<out>/<config>-s<seed>/``; a run whose ``results.json`` says ``completed`` is not redone, so
+an interrupted study continues where it stopped. The teacher cache (and the stage cache where
+enabled) shares the fine-tuned teacher between runs. At the end: ``<out>/study.json`` with
+every run's final metrics and each config's mean ± std over seeds, the goal checks of the
+study, and the Pareto report (``python -m dpq.pareto``) under ``<out>/pareto/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+# name -> Hydra overrides. `dense` gives the teacher and the dense distilled student points.
+CONFIGS: dict[str, list[str]] = {
+    "dense": ["pipeline=dense"],
+    "dq": ["pipeline=dq"],
+    "dpq_u20": ["pipeline=dpq", "pipeline.stages.prune.final_sparsity=0.2"],
+    "dpq_u50": ["pipeline=dpq", "pipeline.stages.prune.final_sparsity=0.5"],
+    "dpq_u80": ["pipeline=dpq", "pipeline.stages.prune.final_sparsity=0.8"],
+    "dpq_s50": ["pipeline=dpq", "pipeline.stages.prune.granularity=heads+neurons",
+                "pipeline.stages.prune.final_sparsity=0.5"],
+    "spiral_u50": ["pipeline=spiral", "pipeline.stages.prune.final_sparsity=0.5"],
+}
+METRICS = ["accuracy", "dense_gflops", "effective_gflops", "size_bytes", "latency_ms_median", "params_nonzero"]
+TINY = ["experiment=tiny", "cost.repeats=2", "cost.warmup=1"]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from dpq.configs import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
+
+
+def run_one(name: str, seed: int, out: Path, extra: list[str]) -> dict:
+    from omegaconf import open_dict
+
+    from dpq.train import train
+
+    run_dir = out / f"{name}-s{seed}"
+    done = run_dir / "results.json"
+    if done.exists():
+        prev = json.loads(done.read_text())
+        if prev.get("status") == "completed":
+            print(f"[study] {run_dir.name}: done before, reusing", flush=True)
+            return prev
+    cfg = compose([*CONFIGS[name], f"seed={seed}", f"run_name={name}-s{seed}", *extra])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    t0 = time.perf_counter()
+    results = train(cfg)
+    print(f"[study] {run_dir.name}: accuracy {results['final']['accuracy']:.4f} in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    return results
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def summarise(runs: dict[tuple[str, int], dict]) -> dict:
+    by_config: dict[str, dict] = {}
+    for name in dict.fromkeys(n for n, _ in runs):
+        finals = [r["final"] for (n, _), r in runs.items() if n == name]
+        by_config[name] = {m: mean_std([f[m] for f in finals]) for m in METRICS if all(m in f for f in finals)}
+    # Reference points from the dense runs: the teacher and the distilled student.
+    for role, kind in (("teacher", "teacher"), ("student_dense", "distill")):
+        recs = [next(s["metrics"] for s in r["stages"] if s["kind"] == kind) for (n, _), r in runs.items()
+                if any(s["kind"] == kind for s in r["stages"]) and n == "dense"]
+        if recs:
+            by_config[role] = {m: mean_std([x[m] for x in recs]) for m in METRICS if all(m in x for x in recs)}
+    return by_config
+
+
+def goals(summary: dict) -> dict:
+    """The study's goals: a dpq point at >= 50% fewer effective GFLOPs than dq within 1 accuracy
+    point of it, and the structured point measurably faster than dq on this machine."""
+    out = {}
+    dq = summary.get("dq")
+    if not dq:
+        return out
+    cands = []
+    for name, s in summary.items():
+        if name.startswith("dpq") and "effective_gflops" in s:
+            ratio = s["effective_gflops"]["mean"] / dq["effective_gflops"]["mean"]
+            delta = s["accuracy"]["mean"] - dq["accuracy"]["mean"]
+            cands.append({"config": name, "effective_gflops_ratio": ratio, "accuracy_delta": delta,
+                          "meets": ratio <= 0.5 and delta >= -0.01})
+    out["dpq_vs_dq"] = cands
+    if "dpq_s50" in summary:
+        s = summary["dpq_s50"]["latency_ms_median"]["mean"]
+        d = dq["latency_ms_median"]["mean"]
+        out["structured_vs_dq_latency"] = {"dq_ms": d, "dpq_s50_ms": s, "speedup": d / s, "faster": s < d}
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--tiny", action="store_true", help="tiny random BERTs and a few batches (a check, not a study)")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. logger=csv)")
+    args = ap.parse_args(argv)
+    out = args.out or RESULTS / ("study_tiny" if args.tiny else "study")
+    out.mkdir(parents=True, exist_ok=True)
+    extra = ["logger=none", *(TINY if args.tiny else []), *args.overrides]
+    started = time.perf_counter()
+    runs = {(n, s): run_one(n, s, out, extra) for s in args.seeds for n in args.configs}
+    summary = summarise(runs)
+    report = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", "bench/study.py", *(argv or sys.argv[1:])]),
+              "tiny": args.tiny, "seeds": args.seeds, "configs": {n: CONFIGS[n] for n in args.configs},
+              "wall_time_s": time.perf_counter() - started,
+              "runs": {f"{n}-s{s}": {"final": r["final"], "wall_time_s": r.get("wall_time_s")} for (n, s), r in runs.items()},
+              "summary": summary, "goals": goals(summary)}
+    first = next(iter(runs.values()))
+    report["machine"] = {"versions": first.get("versions"), "cost_conditions": first.get("cost_conditions"),
+                         "git": first.get("git")}
+    (out / "study.json").write_text(json.dumps(report, indent=2))
+    pareto = subprocess.run([sys.executable, "-m", "dpq.pareto", str(out), "--out", str(out / "pareto")],
+                            capture_output=True, text=True)
+    report["pareto_report"] = str(out / "pareto") if pareto.returncode == 0 else f"failed: {pareto.stderr[-500:]}"
+    (out / "study.json").write_text(json.dumps(report, indent=2))
+    print(f"{'config':<14} {'accuracy':>16} {'eff. GFLOPs':>12} {'size MB':>8} {'latency ms':>11}")
+    for name, s in summary.items():
+        acc = s["accuracy"]
+        print(f"{name:<14} {acc['mean']:>9.4f} ± {acc['std']:.4f} {s['effective_gflops']['mean']:>12.4f} "
+              f"{s['size_bytes']['mean'] / 1e6:>8.2f} {s['latency_ms_median']['mean']:>11.2f}")
+    print(json.dumps(report["goals"], indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

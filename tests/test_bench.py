@@ -1,0 +1,68 @@
+"""The benchmark scripts run end to end in their tiny mode and write what BENCHMARKS.md reads."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # ~10 tiny pipeline runs; CI runs the slow set
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    report = load("study").main(["--tiny", "--seeds", "1", "2", "--configs", "dense", "dq", "dpq_u50", "dpq_s50",
+                                 "--out", str(out), f"paths.cache_dir={out / 'cache'}"])
+    return out, report
+
+
+def test_study_runs_every_config_and_seed_and_summarises_mean_and_std(tiny_study):
+    out, report = tiny_study
+    assert set(report["runs"]) == {f"{c}-s{s}" for c in ("dense", "dq", "dpq_u50", "dpq_s50") for s in (1, 2)}
+    s = report["summary"]
+    assert s["dq"]["accuracy"]["n"] == 2 and s["dq"]["accuracy"]["std"] >= 0
+    assert {"teacher", "student_dense"} <= set(s)
+    # the unstructured point has half the effective FLOPs of its dense encoder linears; the
+    # structured one has fewer *dense* FLOPs (it was shrunk), the unstructured one does not
+    assert s["dpq_u50"]["effective_gflops"]["mean"] < s["dq"]["effective_gflops"]["mean"]
+    assert s["dpq_s50"]["dense_gflops"]["mean"] < s["dq"]["dense_gflops"]["mean"]
+    assert s["dpq_u50"]["dense_gflops"]["mean"] == pytest.approx(s["dq"]["dense_gflops"]["mean"])
+    assert "dpq_vs_dq" in report["goals"] and "structured_vs_dq_latency" in report["goals"]
+    assert json.loads((out / "study.json").read_text())["summary"] == json.loads(json.dumps(s))
+
+
+def test_study_reuses_completed_runs(tiny_study):
+    out, _ = tiny_study
+    before = (out / "dq-s1" / "results.json").stat().st_mtime_ns
+    load("study").main(["--tiny", "--seeds", "1", "--configs", "dq", "--out", str(out)])
+    assert (out / "dq-s1" / "results.json").stat().st_mtime_ns == before
+
+
+def test_structured_latency_compares_shrunk_and_dense_in_one_process(tiny_study, tmp_path):
+    out, _ = tiny_study
+    res = load("structured_latency").main([str(out / "dpq_s50-s1"), "--batches", "1", "4", "--rounds", "2",
+                                           "--per-round", "2", "--warmup", "1", "--seq-len", "16",
+                                           "--out", str(tmp_path / "lat.json")])
+    for b in ("1", "4"):
+        r = json.loads((tmp_path / "lat.json").read_text())["batches"][b]
+        assert r["gflops_shrunk"] < r["gflops_dense"] and r["flop_ratio"] > 1
+        assert r["latency_ms_dense"] > 0 and r["latency_ms_shrunk"] > 0
+    assert res["params_shrunk"] < res["params_dense"]
+
+
+def test_overhead_times_plain_prune_and_qat_steps(tmp_path):
+    res = load("overhead").main(["--tiny", "--steps", "8", "--warmup", "2", "--out", str(tmp_path / "o.json")])
+    for k in ("plain_ms", "prune_ms", "qat_ms"):
+        assert res[k] > 0
+    assert res["prune_ratio"] == pytest.approx(res["prune_ms"] / res["plain_ms"])
+    assert json.loads((tmp_path / "o.json").read_text())["steps"] == 8
