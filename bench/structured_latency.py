@@ -35,6 +35,33 @@ def dense_student(cfg: dict):
     return build_model(cfg["model"], cfg["task"], "model", teacher=teacher).eval()
 
 
+def default_config() -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from dpq.configs import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["logger=none"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = "unused"
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def shrink_by_magnitude(dense, sparsity: float):
+    """A copy of ``dense`` with ``sparsity`` of the heads and FFN neurons of every layer removed (by L2 norm)."""
+    import copy
+
+    from dpq import structured
+
+    model = copy.deepcopy(dense)
+    sets = structured.find_groups(model, "heads+neurons")
+    scores = {n: model.get_submodule(n).weight.abs() for g in sets for n in g.modules}
+    keep = structured.select_groups(sets, scores, sparsity)
+    structured.shrink_(model, sets, keep)
+    return model.eval()
+
+
 def interleaved_latency(models: dict, inputs: dict, rounds: int, per_round: int, warmup: int) -> dict[str, list[float]]:
     times = {k: [] for k in models}
     with torch.inference_mode():
@@ -52,7 +79,10 @@ def interleaved_latency(models: dict, inputs: dict, rounds: int, per_round: int,
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", type=Path)
+    ap.add_argument("run", type=Path, nargs="?", help="run folder; omit with --shape-only")
+    ap.add_argument("--shape-only", type=float, metavar="SPARSITY", default=None,
+                    help="no run: shrink the default dense student's heads and neurons by magnitude to this "
+                         "fraction (untrained, so speed only; accuracies are not measured)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=10)
@@ -66,21 +96,27 @@ def main(argv=None) -> dict:
     from dpq import cost
     from dpq.checkpoints import load_model
 
-    results = json.loads((args.run / "results.json").read_text())
-    cfg = results.get("config")  # the resolved config the run used
-    if cfg is None:
-        cfg = OmegaConf.to_container(OmegaConf.load(args.run / ".hydra" / "config.yaml"), resolve=False)
-    shrunk = load_model(cfg["model"], cfg["task"], args.run / "model").eval()
-    if not getattr(shrunk.config, "dpq_structure", None):
-        sys.exit(f"{args.run}: the saved model was not structurally shrunk (no config.dpq_structure)")
-    dense = dense_student(cfg)
+    if args.shape_only is not None:
+        results, cfg = None, default_config()
+        dense = dense_student(cfg)
+        shrunk = shrink_by_magnitude(dense, args.shape_only)
+    else:
+        results = json.loads((args.run / "results.json").read_text())
+        cfg = results.get("config")  # the resolved config the run used
+        if cfg is None:
+            cfg = OmegaConf.to_container(OmegaConf.load(args.run / ".hydra" / "config.yaml"), resolve=False)
+        shrunk = load_model(cfg["model"], cfg["task"], args.run / "model").eval()
+        if not getattr(shrunk.config, "dpq_structure", None):
+            sys.exit(f"{args.run}: the saved model was not structurally shrunk (no config.dpq_structure)")
+        dense = dense_student(cfg)
     vocab = int(dense.config.vocab_size)
-    by_stage = {r["stage"]: r for r in results["stages"]}
-    dense_rec = next(r for r in results["stages"] if r["kind"] == "distill")
-    out = {"run": str(args.run), "threads": torch.get_num_threads(), "seq_len": args.seq_len,
-           "rounds": args.rounds, "per_round": args.per_round, "warmup": args.warmup,
-           "accuracy_dense": dense_rec["metrics"]["accuracy"], "accuracy_shrunk": results["final"]["accuracy"],
-           "structure": next((r.get("structure") for r in by_stage.values() if r.get("structure")), None),
+    stages = results["stages"] if results else []
+    dense_rec = next((r for r in stages if r["kind"] == "distill"), None)
+    out = {"run": str(args.run) if results else f"shape-only {args.shape_only}", "threads": torch.get_num_threads(),
+           "seq_len": args.seq_len, "rounds": args.rounds, "per_round": args.per_round, "warmup": args.warmup,
+           "accuracy_dense": dense_rec["metrics"]["accuracy"] if dense_rec else None,
+           "accuracy_shrunk": results["final"]["accuracy"] if results else None,
+           "structure": next((r.get("structure") for r in stages if r.get("structure")), None),
            "params_dense": cost.parameter_counts(dense)["params_total"],
            "params_shrunk": cost.parameter_counts(shrunk)["params_total"], "batches": {}}
     for b in args.batches:
@@ -98,8 +134,9 @@ def main(argv=None) -> dict:
                              "latency_ms_shrunk_iqr": statistics.quantiles(t["shrunk"], n=4)[::2]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
-    print(f"accuracy dense {out['accuracy_dense']:.4f} -> shrunk {out['accuracy_shrunk']:.4f}; "
-          f"params {out['params_dense']:,} -> {out['params_shrunk']:,}; threads {out['threads']}")
+    if results:
+        print(f"accuracy dense {out['accuracy_dense']:.4f} -> shrunk {out['accuracy_shrunk']:.4f}")
+    print(f"params {out['params_dense']:,} -> {out['params_shrunk']:,}; threads {out['threads']}")
     print(f"{'batch':>5} {'GFLOPs dense':>13} {'shrunk':>8} {'FLOP ratio':>10} {'ms dense':>9} {'ms shrunk':>9} "
           f"{'speedup':>8} {'speedup/FLOP ratio':>18}")
     for b, r in out["batches"].items():

@@ -26,7 +26,7 @@ def test_embedded_rotten_tomatoes(make_cfg):
 
 def test_online_only_task_offline_fails_clearly(make_cfg, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="offline tasks: digits, rotten_tomatoes"):
+    with pytest.raises(ConfigError, match="offline tasks: digits, fashion_mnist, rotten_tomatoes"):
         load_task(task(make_cfg, "task=sst2"))
 
 

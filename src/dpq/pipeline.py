@@ -35,7 +35,7 @@ from dpq.loggers import tolerant
 from dpq.models import build_model
 from dpq.module import ClassifierModule
 from dpq.pruning import MaskFreeze, Masks
-from dpq.selectors import select_linears
+from dpq.selectors import PRUNABLE, select_prunable
 from dpq.stages import KDStageConfig, Stage
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,10 @@ class RunState:
         selector = selector if selector is not None else self.model_spec.get("prune_targets")
         if selector is None:
             raise ConfigError(key, None, "no pruning targets: set it or model.prune_targets")
-        names = select_linears(model, selector)
+        names = select_prunable(model, selector)
         if not names:
-            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-            raise ConfigError(key, selector, f"matches no nn.Linear module; the model has e.g. {', '.join(linears[:6])}")
+            linears = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
+            raise ConfigError(key, selector, f"matches no nn.Linear or conv module; the model has e.g. {', '.join(linears[:6])}")
         return names
 
     def _prunable_names(self, model: nn.Module, role: str) -> list[str]:
@@ -110,7 +110,7 @@ class RunState:
             return list(self.masks)
         if id(model) not in self._prunable:
             spec = self.teacher_spec if role == "teacher" else self.model_spec
-            self._prunable[id(model)] = select_linears(model, spec.get("prune_targets") or [])
+            self._prunable[id(model)] = select_prunable(model, spec.get("prune_targets") or [])
         return self._prunable[id(model)]
 
     # ---- training -----------------------------------------------------------------------

@@ -34,3 +34,11 @@ def matches(name: str, selector: Selector) -> bool:
 def select_linears(model: nn.Module, selector: Selector) -> list[str]:
     """Qualified names of the ``nn.Linear`` modules of ``model`` that ``selector`` picks."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches(n, selector)]
+
+
+PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def select_prunable(model: nn.Module, selector: Selector) -> list[str]:
+    """Linear and convolution modules that ``selector`` picks (pruning targets; quantization is Linear-only)."""
+    return [n for n, m in model.named_modules() if isinstance(m, PRUNABLE) and matches(n, selector)]

@@ -141,6 +141,8 @@ def find_groups(model: nn.Module, granularity: str, targets: list[str] | None = 
         own = getattr(model, "structured_groups", None)
         found = list(own(kind)) if callable(own) else _transformer_groups(model, kind)
         sets.extend(found)
+    seen: set[str] = set()  # an MLP's channels are its neurons: neurons+channels must not list them twice
+    sets = [s for s in sets if not (s.name in seen or seen.add(s.name))]
     if targets is not None:
         wanted = set(targets)
         sets = [s for s in sets if s.producers[0].module in wanted]

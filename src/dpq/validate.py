@@ -17,7 +17,9 @@ from torch import nn
 from dpq.errors import ConfigError
 from dpq.stages import STAGES, Stage
 
-TASK_KINDS = ("text", "features")
+TASK_KINDS = ("text", "features", "image")
+# Which model architectures can read each task kind's inputs.
+ARCHES_FOR_KIND = {"text": ("hf",), "features": ("mlp",), "image": ("cnn", "mlp")}
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 
 
@@ -57,10 +59,10 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
         raise ConfigError("task.kind", task.get("kind"), f"must be one of {', '.join(TASK_KINDS)}")
     for key in ("model", "teacher"):
         arch = cfg[key].get("arch")
-        want = "hf" if task["kind"] == "text" else "mlp"
-        if arch != want:
+        want = ARCHES_FOR_KIND[task["kind"]]
+        if arch not in want:
             raise ConfigError(f"{key}", cfg[key].get("name"),
-                              f"is a {arch} model but task '{task['name']}' ({task['kind']}) needs an {want} model")
+                              f"is a {arch} model but task '{task['name']}' ({task['kind']}) needs an {' or '.join(want)} model")
     if int(task.get("num_labels", 0)) < 2:
         raise ConfigError("task.num_labels", task.get("num_labels"), "must be >= 2")
     stages = build_stages(cfg["pipeline"])
@@ -242,7 +244,7 @@ def _saved_labels(path: str) -> int | None:
 
 def _select(model: nn.Module, selector: Any, key: str, quant: bool = False) -> list[str]:
     """Names ``selector`` picks; a bad regex or an empty match is a :class:`ConfigError` naming ``key``."""
-    from dpq.selectors import select_linears
+    from dpq.selectors import PRUNABLE, select_prunable
 
     if selector is None:
         raise ConfigError(key, None, "no target modules: set it (a name, 're:<regex>' or a list of those)")
@@ -260,9 +262,9 @@ def _select(model: nn.Module, selector: Any, key: str, quant: bool = False) -> l
 
         names = select_modules(model, selector)
     else:
-        names = select_linears(model, selector)
+        names = select_prunable(model, selector)
     if not names:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linears = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
         raise ConfigError(key, selector, f"matches no module of the {model.__class__.__name__}; it has e.g. "
                           f"{', '.join(linears[:6]) or 'no nn.Linear'}")
     return names

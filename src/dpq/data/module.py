@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -14,6 +15,20 @@ NON_INPUT_KEYS = ("labels", "idx")
 def model_inputs(batch: dict) -> dict:
     """The part of a batch that is fed to the model (everything but labels and the example index)."""
     return {k: v for k, v in batch.items() if k not in NON_INPUT_KEYS}
+
+
+def image_batch(rows: list[dict], mean, std) -> dict:
+    """uint8 images (H x W or H x W x C) -> normalised float ``pixel_values`` [B, C, H, W], as torchvision's
+    ToTensor + Normalize would give; the other columns stacked as tensors."""
+    x = torch.from_numpy(np.stack([r["pixel_values"] for r in rows])).float().div_(255.0)
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    out = {"pixel_values": ((x - mean) / std).contiguous()}
+    for k in rows[0]:
+        if k != "pixel_values":
+            out[k] = torch.as_tensor(np.stack([r[k] for r in rows]))
+    return out
 
 
 class ClassificationDataModule(L.LightningDataModule):
@@ -44,10 +59,17 @@ class ClassificationDataModule(L.LightningDataModule):
 
                 ds = ds.map(encode, batched=True, remove_columns=[c for c in ("text", "text_pair") if c in ds.column_names],
                             desc=f"tokenize {split}")
-            ds = ds.rename_column("label", "labels").with_format("torch")
+            ds = ds.rename_column("label", "labels")
+            if self.splits.kind == "image":
+                # numpy rows are ~3x faster to fetch than torch-formatted ones; image_batch converts.
+                ds = ds.rename_column("image", "pixel_values").with_format("numpy")
+            else:
+                ds = ds.with_format("torch")
             self._encoded[split] = ds
 
     def _collate(self, rows: list[dict]) -> dict:
+        if self.splits.kind == "image":
+            return image_batch(rows, self.splits.image_mean, self.splits.image_std)
         if self.splits.kind != "text":
             return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
         # Dynamic padding to the longest sequence of the batch (cheaper than max_length on CPU).

@@ -8,15 +8,20 @@ the pipeline sees one kind of object.
 from __future__ import annotations
 
 import csv
+import functools
+import gzip
 import importlib.metadata
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import datasets
+import numpy as np
 
 from dpq.errors import ConfigError
 
-OfflineLoader = Callable[[], "datasets.Dataset | datasets.DatasetDict"]
+# A loader takes the task's ``offline`` block minus ``loader`` as keyword arguments (e.g. ``path``).
+OfflineLoader = Callable[..., "datasets.Dataset | datasets.DatasetDict"]
 OFFLINE_LOADERS: dict[str, OfflineLoader] = {}
 
 
@@ -65,6 +70,69 @@ def digits_sklearn() -> datasets.Dataset:
     return datasets.Dataset.from_dict(
         {"features": (bunch.data / 16.0).astype("float32").tolist(), "label": bunch.target.tolist()}
     )
+
+
+FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                        "Ankle boot"]
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format, optionally gzipped) as a numpy array.
+
+    Hand-written (a dozen lines, no dependency): bytes 0-1 are zero, byte 2 the element type
+    (0x08 = uint8, the only one MNIST-style sets use), byte 3 the number of dimensions, then
+    one big-endian uint32 per dimension, then the data in C order.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] or data[1] or data[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (header {data[:4].hex()})")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(data) - offset != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} but holds {len(data) - offset} bytes")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def image_features(shape: tuple[int, ...], label_names: list[str]) -> datasets.Features:
+    """Columns of an image task: ``image`` (uint8, H x W or H x W x C) and ``label``."""
+    array = datasets.Array2D(tuple(shape), "uint8") if len(shape) == 2 else datasets.Array3D(tuple(shape), "uint8")
+    return datasets.Features({"image": array, "label": datasets.ClassLabel(names=label_names)})
+
+
+@functools.lru_cache(maxsize=4)
+def _idx_image_splits(directory: str, stamp: tuple) -> datasets.DatasetDict:
+    """Parsed once per process (``stamp`` = file sizes and mtimes, so a changed file is re-read)."""
+    parts = {}
+    for split, (images_name, labels_name) in IDX_FILES.items():
+        images, labels = read_idx(Path(directory) / images_name), read_idx(Path(directory) / labels_name)
+        if len(images) != len(labels):
+            raise ValueError(f"{directory}: {len(images)} images but {len(labels)} labels in the {split} split")
+        parts[split] = datasets.Dataset.from_dict({"image": images, "label": labels.astype(np.int64)},
+                                                  features=image_features(images.shape[1:], FASHION_MNIST_LABELS))
+    return datasets.DatasetDict(parts)
+
+
+@offline_loader("idx_fashion_mnist")
+def fashion_mnist_idx(path: str = FASHION_MNIST_DIR) -> datasets.DatasetDict:
+    """Fashion-MNIST (60,000 train / 10,000 test 28x28 grey images) from its IDX files.
+
+    Debian's ``dataset-fashion-mnist`` package installs them under ``/usr/share/datasets/fashion-mnist``;
+    any folder holding the four ``*-idx?-ubyte.gz`` files works (``task.offline.path``).
+    """
+    files = [Path(path) / f for pair in IDX_FILES.values() for f in pair]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise SourceUnavailable(f"the Fashion-MNIST IDX files are not in {path} (missing {', '.join(missing)}); "
+                                "install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or set "
+                                "task.offline.path to a folder holding them, or task.source=online (needs network)")
+    stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _idx_image_splits(str(Path(path).resolve()), stamp)
 
 
 def hub_offline() -> bool:

@@ -155,6 +155,10 @@ class PruneStage(Stage):
         if n_m is not None:
             for n in targets:
                 shape = tuple(student.get_submodule(n).weight.shape)
+                if len(shape) != 2:
+                    raise ConfigError(f"{self.key}.granularity", cfg.granularity,
+                                      f"N:M groups input weights of linear layers; target {n} is a convolution "
+                                      "(exclude it with targets, or use unstructured or channels)")
                 if shape[1] % n_m[1]:
                     raise ConfigError(f"{self.key}.n_m", list(n_m),
                                       f"module {n} has in_features={shape[1]}, not divisible by M={n_m[1]}")
