@@ -47,7 +47,8 @@ def build_stages(pipeline: dict[str, Any]) -> list[Stage]:
         if i and stages[i - 1].kind in ("quantize", "ptq"):
             raise ConfigError("pipeline.order", list(order),
                               f"stage '{stage.name}' ({stage.kind}) comes after quantization stage '{stages[i - 1].name}'; "
-                              "quantization must be the last stage")
+                              "quantization must be the last stage" +
+                              (" (only one quantization stage per pipeline)" if stage.kind in ("quantize", "ptq") else ""))
         stage.check_order(stages[:i])
     return stages
 
