@@ -6,7 +6,9 @@ from conftest import compose_cfg
 from dpq.pipeline import RunState
 from dpq.train import train
 
-BASE = ["experiment=tiny", "pipeline=dense", "cost.repeats=1", "cost.warmup=0"]
+# The stage cache off: it would restore the whole pipeline before the teacher cache is asked
+# (the stage cache has its own tests in test_sweeps / test_stage_cache).
+BASE = ["experiment=tiny", "pipeline=dense", "cost.repeats=1", "cost.warmup=0", "stage_cache.enabled=false"]
 
 
 @pytest.fixture
