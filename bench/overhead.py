@@ -88,7 +88,8 @@ def main(argv=None) -> dict:
     from dpq.train import quiet_libraries, train
 
     quiet_libraries()
-    base = ["logger=none", "save_model=false", "cost.repeats=2", "cost.warmup=1",
+    # The stage cache off: a cached prune/quantize stage would be restored, not trained and timed.
+    base = ["logger=none", "save_model=false", "cost.repeats=2", "cost.warmup=1", "stage_cache.enabled=false",
             *(["experiment=tiny", "trainer=cpu", "task.subsample=null"] if args.tiny else []),
             "pipeline.order=[prune,quantize]", "pipeline.stages.prune.alpha=0", "pipeline.stages.quantize.alpha=0",
             f"+pipeline.stages.prune.max_steps={n}", f"+pipeline.stages.quantize.max_steps={n}",
