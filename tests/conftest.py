@@ -27,3 +27,19 @@ def make_cfg(tmp_path):
         return compose_cfg(tmp_path, overrides)
 
     return make
+
+
+@pytest.fixture
+def count_fits(monkeypatch):
+    """Names of the stages that really trained (``RunState.fit`` calls) during the test."""
+    from dpq.pipeline import RunState
+
+    calls = []
+    real = RunState.fit
+
+    def counting(self, model, stage, *a, **k):
+        calls.append(stage.name)
+        return real(self, model, stage, *a, **k)
+
+    monkeypatch.setattr(RunState, "fit", counting)
+    return calls

@@ -298,19 +298,6 @@ def test_the_multi_objective_optuna_study_and_dpq_pareto_report_the_same_front(t
 
 # ---- the stage cache across trials (slow; needs the pipeline integration) -------------------------
 
-@pytest.fixture
-def count_fits(monkeypatch):
-    from dpq.pipeline import RunState
-
-    calls = []
-    real = RunState.fit
-
-    def counting(self, model, stage, *a, **k):
-        calls.append(stage.name)
-        return real(self, model, stage, *a, **k)
-
-    monkeypatch.setattr(RunState, "fit", counting)
-    return calls
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@
 import pytest
 
 from conftest import compose_cfg
-from dpq.pipeline import RunState
 from dpq.train import train
 
 # The stage cache off: it would restore the whole pipeline before the teacher cache is asked
@@ -11,17 +10,6 @@ from dpq.train import train
 BASE = ["experiment=tiny", "pipeline=dense", "cost.repeats=1", "cost.warmup=0", "stage_cache.enabled=false"]
 
 
-@pytest.fixture
-def count_fits(monkeypatch):
-    calls = []
-    real = RunState.fit
-
-    def counting(self, model, stage, *a, **k):
-        calls.append(stage.name)
-        return real(self, model, stage, *a, **k)
-
-    monkeypatch.setattr(RunState, "fit", counting)
-    return calls
 
 
 def run(tmp_path, name, *extra):
