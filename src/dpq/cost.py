@@ -8,7 +8,7 @@ config), so that a compressed model is reported honestly:
 * FLOPs are counted by fvcore on a trace of the real forward pass, with an
   explicit handle for ``aten::scaled_dot_product_attention`` (fvcore ignores
   it otherwise, which would silently drop attention cost);
-* "effective" FLOPs scale each linear layer's traced cost by its weight density,
+* "effective" FLOPs scale each Linear / Conv layer's traced cost by its weight density,
   i.e. assume perfect exploitation of exactly-zero weights and nothing else;
 * BOPs (bit operations) are the MACs of every Linear/Conv layer times its weight
   bits times its activation bits, counting only MACs with a non-zero weight
@@ -289,9 +289,12 @@ class _PositionalWrapper(nn.Module):
 def flops(model: nn.Module, example_inputs: dict[str, Tensor]) -> dict:
     """Dense and effective (zero-weight-skipping) GFLOPs via fvcore.
 
-    Effective FLOPs scale each linear(-like) layer's traced cost by its weight
-    density (nonzero / numel); every other op is counted dense. Quantized linears
-    dequantize then call F.linear, so their dense count equals the float model's.
+    Effective FLOPs scale each linear(-like) and conv layer's traced cost by its
+    weight density (nonzero / numel); every other op is counted dense. Quantized
+    linears (and convs) dequantize then call F.linear (F.conv2d) when traced, so their
+    dense count equals the float model's; counting float convs' zeros too keeps a
+    pruned CNN's effective FLOPs unchanged by quantizing it. ``linear_*`` totals
+    cover these Linear and Conv layers.
     """
     from fvcore.nn import FlopCountAnalysis
 
@@ -315,12 +318,12 @@ def flops(model: nn.Module, example_inputs: dict[str, Tensor]) -> dict:
     finally:
         fv_logger.setLevel(old_level)
 
-    # Linear-like layers: outermost only (a quantized layer may wrap internals).
+    # Linear-like and conv layers: outermost only (a quantized layer may wrap internals).
     linear_dense = 0.0
     linear_eff = 0.0
     linear_names: list[str] = []
     for name, mod in model.named_modules():
-        if not _is_linear_like(mod) or _under(name, [n for n in linear_names]):
+        if not (_is_linear_like(mod) or _is_conv(mod)) or _under(name, [n for n in linear_names]):
             continue
         linear_names.append(name)
         f = by_module.get(f"model.{name}" if name else "model", 0)

@@ -40,5 +40,8 @@ PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 def select_prunable(model: nn.Module, selector: Selector) -> list[str]:
-    """Linear and convolution modules that ``selector`` picks (pruning targets; quantization is Linear-only)."""
+    """Linear and convolution modules that ``selector`` picks (pruning targets).
+
+    Quantization targets are chosen by ``dpq.quant.select_modules``: ``nn.Linear`` and ``nn.Conv2d``.
+    """
     return [n for n, m in model.named_modules() if isinstance(m, PRUNABLE) and matches(n, selector)]

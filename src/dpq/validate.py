@@ -260,14 +260,15 @@ def _select(model: nn.Module, selector: Any, key: str, quant: bool = False) -> l
                 raise ConfigError(key, selector, f"'{pat}' is not a valid regular expression ({e})") from None
     if quant:
         from dpq.quant import select_modules
+        from dpq.quant.fake import QUANTIZABLE
 
-        names = select_modules(model, selector)
+        names, kinds, what = select_modules(model, selector), QUANTIZABLE, "nn.Linear or nn.Conv2d"
     else:
-        names = select_prunable(model, selector)
+        names, kinds, what = select_prunable(model, selector), PRUNABLE, "nn.Linear or conv"
     if not names:
-        linears = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
+        linears = [n for n, m in model.named_modules() if isinstance(m, kinds)]
         raise ConfigError(key, selector, f"matches no module of the {model.__class__.__name__}; it has e.g. "
-                          f"{', '.join(linears[:6]) or 'no nn.Linear'}")
+                          f"{', '.join(linears[:6]) or 'no ' + what}")
     return names
 
 
@@ -301,10 +302,13 @@ def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
 
             _check_prune(student, PruneConfig(**{**stage.cfg.prune, "kind": "prune"}), f"{stage.key}.prune", model_spec)
         elif stage.kind in QUANT_KINDS and hasattr(stage.cfg, "targets"):
+            from dpq.quant.backends import check_module_kinds
+
             sel, key = stage.cfg.targets, f"{stage.key}.targets"
             if sel is None:
                 sel, key = model_spec.get("quant_targets"), "model.quant_targets"
-            _select(student, sel, key, quant=True)
+            names = _select(student, sel, key, quant=True)
+            check_module_kinds(stage.cfg.backend, student, names, stage.key, key, sel)  # torchao / bnb: no conv
 
 
 def _check_prune(student: nn.Module, pcfg, key: str, model_spec: dict[str, Any]) -> None:

@@ -12,6 +12,9 @@ What dpq takes from torchao:
   ``Int8WeightOnlyConfig`` / ``Int8DynamicActivationInt8WeightConfig`` (CPU and CUDA) or
   ``Int4WeightOnlyConfig`` (tinygemm, CUDA + bfloat16 only in torchao 0.18), each resulting
   ``nn.Linear`` wrapped in :class:`TorchaoLinear` so cost accounting and export see it.
+  torchao has no conv path in either API, so ``nn.Conv2d`` targets use dpq's own
+  :class:`~dpq.quant.conv.FakeQuantizedConv2d`, and the ``torchao`` backend refuses them
+  (:func:`dpq.quant.backends.check_module_kinds`).
 
 torchao is imported lazily (``import dpq.quant`` stays light); the warnings it logs on a CPU
 machine about CUDA-only extensions are filtered (see :func:`_silence_import_noise`).

@@ -12,6 +12,9 @@ backend       scheme                 weights (bits, granularity, symmetry)      
 ``bnb``       ``int8``               8, per channel (LLM.int8, no outliers)      cuda
 ============  =====================  ==========================================  ============
 
+``packed`` and ``cpu_int8`` convert ``nn.Conv2d`` targets too (:class:`~dpq.quant.conv.PackedConv2d`,
+:class:`~dpq.quant.cpu_int8.Int8Conv2d`); ``torchao`` and ``bnb`` have linear layers only, so
+targets that select a conv are a config error for them (:func:`check_module_kinds`).
 ``packed`` and ``cpu_int8`` reuse the QAT/PTQ codes (LSQ steps, percentile ranges, zero
 points, activation ranges); ``torchao`` and ``bnb`` re-quantize the trained float weights
 with their own rules. Every backend except torchao's int4 (its tinygemm format uses a
@@ -31,11 +34,13 @@ from dpq.errors import ConfigError
 
 from . import ao
 from .config import ALLOWED_BITS, ALLOWED_GRANULARITY, QuantConfig
-from .cpu_int8 import Int8Linear
-from .fake import activation_scale_of, prepared_modules, set_module, weight_qparams_of
+from .conv import PackedConv2d, conv_geometry, weight_matrix
+from .cpu_int8 import Int8Conv2d, Int8Linear
+from .fake import activation_scale_of, conv_names, prepared_modules, set_module, weight_qparams_of
 from .packed import PackedLinear
 
 CPU_BACKENDS = "packed, cpu_int8, torchao (schemes int8_weight_only, int8_dynamic)"
+CONV_BACKENDS = ("packed", "cpu_int8")  # backends with a low-bit nn.Conv2d
 
 
 @dataclass(frozen=True)
@@ -158,14 +163,31 @@ def check_keeps_zeros(backend: str, scheme: Scheme, pruned_by: list[str], key: s
                           "cpu_int8, torchao int8_*, or bnb")
 
 
-def _to_codes_module(cls, module: nn.Module):
+def check_module_kinds(backend: str, model: nn.Module, names: list[str], key: str, targets_key: str, targets) -> None:
+    """Raise :class:`ConfigError` if ``backend`` has no low-bit conv but the targets select ``nn.Conv2d`` modules."""
+    convs = conv_names(model, names)
+    if convs and backend not in CONV_BACKENDS:
+        shown = ", ".join(convs[:6]) + (", ..." if len(convs) > 6 else "")
+        raise ConfigError(f"{key}.backend", backend,
+                          f"backend {backend} quantizes nn.Linear layers only, but {targets_key}={targets!r} selects "
+                          f"{len(convs)} nn.Conv2d module(s) ({shown}); use backend {' or '.join(CONV_BACKENDS)}, or "
+                          f"set {key}.targets to select only linear layers")
+
+
+def _to_codes_module(backend: str, module: nn.Module):
     qp = weight_qparams_of(module)
     cfg: QuantConfig = module.quant_config
-    w = module.weight.detach()
+    w = weight_matrix(module).detach()
     from .affine import weight_codes
 
-    new = cls(module.in_features, module.out_features, qp.bits, qp.layout.granularity, qp.layout.group_size,
-              qp.symmetric, cfg.act_bits, module.bias is not None)
+    if isinstance(module, nn.Conv2d):
+        cls = PackedConv2d if backend == "packed" else Int8Conv2d
+        shape = conv_geometry(module)
+    else:
+        cls = PackedLinear if backend == "packed" else Int8Linear
+        shape = {"in_features": module.in_features, "out_features": module.out_features}
+    new = cls(**shape, bits=qp.bits, granularity=qp.layout.granularity, group_size=qp.layout.group_size,
+              symmetric=qp.symmetric, act_bits=cfg.act_bits, bias=module.bias is not None)
     new.set_codes(weight_codes(w, qp.layout, qp.scale, qp.zero_point, qp.bits), qp.scale,
                   None if qp.symmetric else qp.zero_point)
     with torch.no_grad():
@@ -182,7 +204,7 @@ def convert_(model: nn.Module, cfg: QuantConfig | None = None, backend: str = "p
     """Replace fake-quantized modules by the backend's real low-bit modules, in place.
 
     ``names`` defaults to every prepared (fake-quantized) module. With ``cfg``, plain
-    ``nn.Linear`` modules it selects are first prepared for PTQ with min-max ranges
+    ``nn.Linear`` / ``nn.Conv2d`` modules it selects are first prepared for PTQ with min-max ranges
     (post-training quantization without a QAT phase). ``device`` is where the backend
     places the converted layers (bitsandbytes quantizes while moving to the GPU).
     Returns the converted names.
@@ -196,10 +218,10 @@ def convert_(model: nn.Module, cfg: QuantConfig | None = None, backend: str = "p
         return []
     qcfg: QuantConfig = model.get_submodule(names[0]).quant_config
     s = resolve_scheme(backend, scheme, qcfg, "quant")
+    check_module_kinds(backend, model, names, "quant", "names", names)
     if backend in ("packed", "cpu_int8"):
-        cls = PackedLinear if backend == "packed" else Int8Linear
         for n in names:
-            set_module(model, n, _to_codes_module(cls, model.get_submodule(n)))
+            set_module(model, n, _to_codes_module(backend, model.get_submodule(n)))
     elif backend == "torchao":
         ao.convert_(model, names, s.name, qcfg, device)
     else:

@@ -27,11 +27,11 @@ def qrange(bits: int) -> tuple[int, int]:
 
 @dataclass
 class QuantConfig:
-    """Weight (and optional activation) quantization of the selected ``nn.Linear`` modules.
+    """Weight (and optional activation) quantization of the selected ``nn.Linear`` / ``nn.Conv2d`` modules.
 
     * ``bits``: weight bits, 2 | 3 | 4 | 8.
     * ``granularity``: one scale per tensor, per output channel, or per ``group_size``
-      consecutive input weights of a row.
+      consecutive input weights of a row (a conv's row: its flattened ``in/groups*kh*kw`` filter).
     * ``symmetric``: zero point 0; otherwise an integer zero point (so 0.0 is always
       exactly representable and pruned weights stay exactly zero).
     * ``observer``: weight range from the current ``minmax`` (recomputed every step), or

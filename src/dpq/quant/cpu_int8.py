@@ -9,6 +9,11 @@ per token (row) otherwise. The integer product is exact; asymmetric weights are 
 subtracting ``zero_point * sum(x_q)`` from it. One scale per output channel (or per tensor)
 is required, because the int32 accumulator of a whole row is scaled once.
 
+Convolutions (:class:`Int8Conv2d`) run the same integer product on im2col patches
+(``F.unfold``): each patch is a row of the input matrix (a "token" for dynamic per-row
+scaling), each output channel's flattened filter a column; grouped convs do one product per
+group.
+
 Why hand-written rather than torchao's ``Int8DynamicActivationInt8WeightConfig`` (which is
 the ``torchao`` backend's ``int8_dynamic`` scheme and also runs here): torchao re-derives
 min-max scales from the float weights, so LSQ steps, percentile ranges, asymmetric zero
@@ -20,12 +25,33 @@ unpacked int8 copy for the kernel is rebuilt on load.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .affine import EPS
+from .conv import PackedConv2d
 from .packed import PackedLinear, register_module_type
 
 GRANULARITIES = ("per_tensor", "per_channel")
+
+
+def int8_matmul(x2: Tensor, w_int8_t: Tensor, scale: Tensor, zero_point: Tensor | None,
+                act_scale: Tensor | None) -> Tensor:
+    """``[N, K]`` float inputs times int8 weight codes ``[K, O]`` -> float32 ``[N, O]`` (no bias).
+
+    Inputs become int8 with ``act_scale`` (static, per tensor) or a per-row dynamic scale;
+    ``scale`` / ``zero_point`` hold one value per output column (or a single one, per tensor).
+    """
+    x2 = x2.float()
+    if act_scale is not None:  # static range from QAT / PTQ
+        sx = act_scale.float()
+    else:  # dynamic, per token (row)
+        sx = torch.clamp(x2.abs().amax(dim=-1, keepdim=True) / 127.5, min=EPS)
+    xq = torch.clamp(torch.round(x2 * (1.0 / sx)), -128, 127).to(torch.int8)
+    acc = torch._int_mm(xq, w_int8_t)
+    if zero_point is not None:
+        acc = acc - xq.sum(dim=-1, keepdim=True, dtype=torch.int32) * zero_point.reshape(1, -1).to(torch.int32)
+    return acc.float() * sx * scale.reshape(1, -1)
 
 
 @register_module_type
@@ -51,16 +77,7 @@ class Int8Linear(PackedLinear):
         if torch.jit.is_tracing():  # FLOP counters trace: the same multiply-adds as a float linear
             return super().forward(x)
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float()
-        if self.act_scale is not None:  # static range from QAT / PTQ
-            sx = self.act_scale.float()
-        else:  # dynamic, per token
-            sx = torch.clamp(x2.abs().amax(dim=-1, keepdim=True) / 127.5, min=EPS)
-        xq = torch.clamp(torch.round(x2 * (1.0 / sx)), -128, 127).to(torch.int8)
-        acc = torch._int_mm(xq, self.w_int8_t)
-        if self.zero_point is not None:
-            acc = acc - xq.sum(dim=-1, keepdim=True, dtype=torch.int32) * self.zero_point.reshape(1, -1).to(torch.int32)
-        y = acc.float() * sx * self.scale.reshape(1, -1)
+        y = int8_matmul(x.reshape(-1, self.in_features), self.w_int8_t, self.scale, self.zero_point, self.act_scale)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
@@ -68,3 +85,61 @@ class Int8Linear(PackedLinear):
     def extra_repr(self) -> str:
         act = f"static int{self.act_bits}" if self.act_scale is not None else "dynamic per-token int8"
         return super().extra_repr() + f", activations={act}"
+
+
+@register_module_type
+class Int8Conv2d(PackedConv2d):
+    """``cpu_int8`` conv: im2col (``F.unfold``) patches x the int8 filter codes with ``torch._int_mm``.
+
+    Same codes, scales, activation handling and on-disk format as :class:`Int8Linear` (and
+    :class:`~dpq.quant.conv.PackedConv2d`); one scale per output channel or per tensor.
+    """
+
+    backend = "cpu_int8"
+
+    def __init__(self, *args, granularity: str = "per_channel", act_bits: int | None = None, **kwargs):
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"cpu_int8 needs one scale per output channel or per tensor, not {granularity!r}")
+        super().__init__(*args, granularity=granularity, act_bits=act_bits, **kwargs)
+        g = self.groups
+        # [groups, K, out/groups]: each group's filter codes as the right operand of torch._int_mm.
+        self.register_buffer("w_int8_t", torch.zeros(g, self.in_features, self.out_features // g, dtype=torch.int8),
+                             persistent=False)
+        self.static_act_bits, self.act_bits = act_bits, 8  # inputs are int8 either way (static or dynamic)
+
+    def meta(self) -> dict:
+        return {**super().meta(), "act_bits": self.static_act_bits}
+
+    def _codes_changed(self) -> None:
+        g = self.groups
+        codes = self.codes().reshape(g, self.out_features // g, self.in_features)
+        self.w_int8_t = codes.transpose(1, 2).contiguous().to(self.qweight.device)
+
+    def _per_group(self, t: Tensor | None, i: int) -> Tensor | None:
+        """Group ``i``'s slice of a per-output-channel qparam (a per-tensor one as is)."""
+        if t is None or t.numel() == 1:
+            return t
+        n = self.out_features // self.groups
+        return t.reshape(-1)[i * n:(i + 1) * n]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_tracing():  # FLOP counters trace: the same multiply-adds as a float conv
+            return super().forward(x)
+        x = F.pad(x, self._reversed_padding_repeated_twice,
+                  mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        b, _, h, w = x.shape
+        kh, kw = self.kernel_size
+        out_h = (h - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (w - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        cols = F.unfold(x.float(), self.kernel_size, dilation=self.dilation, padding=0, stride=self.stride)
+        g, k = self.groups, self.in_features
+        cols = cols.reshape(b, g, k, -1).permute(1, 0, 3, 2).reshape(g, -1, k)  # [groups, B * positions, K]
+        y = torch.cat([int8_matmul(cols[i], self.w_int8_t[i], self._per_group(self.scale, i),
+                                   self._per_group(self.zero_point, i), self.act_scale) for i in range(g)], dim=-1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(b, out_h * out_w, self.out_features).transpose(1, 2).reshape(b, -1, out_h, out_w).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        act = f"static int{self.act_bits}" if self.act_scale is not None else "dynamic per-patch int8"
+        return super().extra_repr() + f", activations={act}, im2col"

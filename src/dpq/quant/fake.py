@@ -1,13 +1,16 @@
 """Fake quantization for QAT and PTQ: which modules, and with which quantizers.
 
-Every target ``nn.Linear`` becomes torchao's ``FakeQuantizedLinear`` (it shares the
-Linear's Parameter objects, so an optimizer built before ``prepare_qat_`` keeps training
+Every target ``nn.Linear`` becomes torchao's ``FakeQuantizedLinear`` and every target
+``nn.Conv2d`` a :class:`~dpq.quant.conv.FakeQuantizedConv2d` (both share the original
+module's Parameter objects, so an optimizer built before ``prepare_qat_`` keeps training
 them and state-dict keys stay ``weight`` / ``bias``). Its ``weight_fake_quantizer`` is:
 
 * torchao's ``IntxFakeQuantizer`` (torchao's QAT API, ``dpq.quant.ao``) for symmetric
-  per-channel / per-group min-max weights;
+  per-channel / per-group min-max weights of a Linear;
 * :class:`MinMaxWeightQuantizer` (per-tensor, asymmetric, PTQ percentile, groups that do
-  not divide ``in_features``) or :class:`~dpq.quant.lsq.LSQWeightQuantizer` otherwise.
+  not divide ``in_features``, every conv) or :class:`~dpq.quant.lsq.LSQWeightQuantizer`
+  otherwise. A conv's quantizer sees its weight as the ``[out, in/groups*kh*kw]`` matrix
+  (:func:`~dpq.quant.conv.weight_matrix`).
 
 With ``act_bits=8`` its ``activation_fake_quantizer`` is an
 :class:`~dpq.quant.observers.ActivationFakeQuant`. Each prepared module carries
@@ -23,15 +26,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dpq.selectors import select_linears
+from dpq.selectors import matches
 
 from . import ao
 from .affine import Blocks, fake_quantize_weight, weight_qparams
 from .config import QuantConfig
+from .conv import FakeQuantizedConv2d, weight_matrix
 from .lsq import LSQWeightQuantizer
 from .observers import ActivationFakeQuant
 
 Targets = str | Sequence[str]
+
+# Module types the quantizers handle (subclasses included).
+QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
 
 class MinMaxWeightQuantizer(nn.Module):
@@ -43,6 +50,7 @@ class MinMaxWeightQuantizer(nn.Module):
     """
 
     def __init__(self, cfg: QuantConfig, weight: Tensor, static: bool = False):
+        """``weight``: the ``[out, in]`` weight matrix (a conv's :func:`~dpq.quant.conv.weight_matrix`)."""
         super().__init__()
         self.config = cfg  # torchao's QAT convert step reads ``weight_fake_quantizer.config``
         self.bits, self.symmetric, self.static = cfg.bits, cfg.symmetric, static
@@ -82,7 +90,7 @@ def weight_qparams_of(module: nn.Module) -> WeightQParams:
     """The quantization a prepared module applies to its current weight."""
     q = module.weight_fake_quantizer
     if isinstance(q, (MinMaxWeightQuantizer, LSQWeightQuantizer)):
-        scale, zp = q.qparams(module.weight)
+        scale, zp = q.qparams(weight_matrix(module))
         return WeightQParams(q.layout, scale, zp, q.bits, bool(q.config.symmetric))
     layout, scale, zp, bits = ao.intx_qparams(q, module.weight)
     return WeightQParams(layout, scale, zp, bits, True)
@@ -107,8 +115,14 @@ def _as_list(targets: Targets) -> list[str]:
 
 
 def select_modules(model: nn.Module, targets: Targets) -> list[str]:
-    """Qualified names of ``nn.Linear`` modules (incl. subclasses) matching ``targets``."""
-    return select_linears(model, _as_list(targets))
+    """Qualified names of ``nn.Linear`` and ``nn.Conv2d`` modules (incl. subclasses) matching ``targets``."""
+    sel = _as_list(targets)
+    return [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE) and matches(n, sel)]
+
+
+def conv_names(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """The ``nn.Conv2d`` modules among ``names``."""
+    return [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]
 
 
 def select_targets(model: nn.Module, cfg: QuantConfig) -> list[str]:
@@ -132,15 +146,15 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def no_match_error(model: nn.Module, targets: Targets, head_excluded: bool = False) -> ValueError:
-    """A ValueError that tells the user which Linear names they could have meant."""
-    available = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """A ValueError that tells the user which Linear / Conv2d names they could have meant."""
+    available = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
     if not available:
-        return ValueError(f"targets={targets!r} matched nothing: the model has no nn.Linear modules")
+        return ValueError(f"targets={targets!r} matched nothing: the model has no nn.Linear or nn.Conv2d modules")
     shown = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "")
     head = (f" (the classifier head {head_names(model)[0]!r} is left out unless quantize_head=true)"
-            if head_excluded else "")
+            if head_excluded and head_names(model) else "")
     return ValueError(
-        f"targets={targets!r} matched no nn.Linear module{head} ({len(available)} available, e.g. {shown}). "
+        f"targets={targets!r} matched no nn.Linear or nn.Conv2d module{head} ({len(available)} available, e.g. {shown}). "
         "Use 're:<regex>' for a full-match regex on the qualified name, or an exact name."
     )
 
@@ -163,19 +177,24 @@ def _prepare(model: nn.Module, cfg: QuantConfig, names: list[str] | None, static
     if not todo:
         return []
     training = {n: model.get_submodule(n).training for n in todo}
-    # torchao's QAT API where it computes what cfg asks for ...
-    intx = [n for n in todo if ao.intx_fits(cfg, model.get_submodule(n).in_features, static)]
+    # torchao's QAT API where it computes what cfg asks for (Linears only: torchao has no conv QAT) ...
+    intx = [n for n in todo if isinstance(model.get_submodule(n), nn.Linear)
+            and ao.intx_fits(cfg, model.get_submodule(n).in_features, static)]
     ao.prepare_intx_(model, intx, cfg)
     for name in todo:
         if name in intx:
             mod = model.get_submodule(name)
-        else:  # ... dpq's quantizers inside the same torchao module otherwise
-            lin = model.get_submodule(name)
-            mod = ao.empty_fake_quantized_linear(lin)
-            if cfg.observer == "lsq" and not static:
-                mod.weight_fake_quantizer = LSQWeightQuantizer(cfg, lin.weight).to(lin.weight.device)
+        else:  # ... dpq's quantizers inside the same torchao module, or dpq's conv, otherwise
+            old = model.get_submodule(name)
+            if isinstance(old, nn.Conv2d):
+                mod = FakeQuantizedConv2d.from_conv(old)
             else:
-                mod.weight_fake_quantizer = MinMaxWeightQuantizer(cfg, lin.weight, static=static).to(lin.weight.device)
+                mod = ao.empty_fake_quantized_linear(old)
+            w = weight_matrix(old)
+            if cfg.observer == "lsq" and not static:
+                mod.weight_fake_quantizer = LSQWeightQuantizer(cfg, w).to(w.device)
+            else:
+                mod.weight_fake_quantizer = MinMaxWeightQuantizer(cfg, w, static=static).to(w.device)
             set_module(model, name, mod)
         if cfg.act_bits:
             act = ActivationFakeQuant(cfg.act_bits, percentile=cfg.percentile).to(mod.weight.device)
@@ -190,7 +209,7 @@ def _prepare(model: nn.Module, cfg: QuantConfig, names: list[str] | None, static
 
 
 def prepare_qat_(model: nn.Module, cfg: QuantConfig, names: list[str] | None = None) -> list[str]:
-    """Fake-quantize the target Linears for training (weights: dynamic min-max or LSQ).
+    """Fake-quantize the target Linears and Conv2ds for training (weights: dynamic min-max or LSQ).
 
     ``names`` overrides the selection (``cfg.targets`` minus the head). Already prepared
     modules are left alone (idempotent). Returns the names prepared by this call.

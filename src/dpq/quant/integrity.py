@@ -1,5 +1,8 @@
 """Sparsity integrity: pruned (exactly-zero) weights must stay exactly zero through quantization.
 
+It covers every quantized layer kind (Linear and Conv2d: fake-quantized modules expose their
+float ``weight``, converted ones dequantize to the same shape).
+
 The usual way sparsity is lost (asymmetric grids whose zero point is not an integer, a
 re-initialised or re-quantized weight, a kernel that repacks) is silent; this check makes it
 loud. :func:`zero_positions` records where every checked layer's weight is exactly zero;
@@ -32,7 +35,8 @@ def effective_weight(module: nn.Module) -> Tensor:
 
 @torch.no_grad()
 def zero_positions(model: nn.Module, names) -> dict[str, Tensor]:
-    """Boolean ``[out, in]`` mask of exactly-zero weights for each named layer (on CPU)."""
+    """Boolean mask (the weight's shape: ``[out, in]``, a conv's ``[out, in/groups, kh, kw]``) of
+    exactly-zero weights for each named layer (on CPU)."""
     return {n: (effective_weight(model.get_submodule(n)) == 0).cpu() for n in names}
 
 

@@ -1,10 +1,12 @@
-"""Converted low-bit linears, and the on-disk format that stores them at their real bit width.
+"""Converted low-bit layers, and the on-disk format that stores them at their real bit width.
 
 :class:`QuantizedLinear` is what every backend's converted layer is (``dpq.cost`` duck-types
 its ``dequantize`` / ``storage_bytes`` / ``nonzero_weights``; ``dpq.checkpoints`` finds it by
 ``isinstance``): it knows its ``weight_bits`` / ``act_bits``, the tensors that hold its
 weight (:meth:`~QuantizedLinear.packed_tensors`, whose bytes are its ``storage_bytes``) and
-how to rebuild itself from them (:meth:`~QuantizedLinear.from_packed`).
+how to rebuild itself from them (:meth:`~QuantizedLinear.from_packed`). Convolutions are
+``QuantizedLinear`` s too (``module_kind = "conv2d"``, :mod:`dpq.quant.conv`): their weight is
+stored as the ``[out, in/groups*kh*kw]`` matrix that ``in_features`` / ``out_features`` describe.
 
 :class:`PackedLinear` is the default backend (``packed``): the integer codes of the QAT/PTQ
 quantizer bit-packed (``bits`` per weight: 2- and 4-bit codes 4 resp. 2 per byte, 3-bit
@@ -41,22 +43,26 @@ FORMAT_VERSION = 2
 WEIGHTS_NAME = "quantized_weights.safetensors"
 CONFIG_NAME = "quantization_config.json"
 
-# backend name -> module class; backends living in optional modules register on import.
-_MODULE_TYPES: dict[str, type["QuantizedLinear"]] = {}
-_BACKEND_MODULES = {"torchao": "dpq.quant.ao", "cpu_int8": "dpq.quant.cpu_int8", "bnb": "dpq.quant.bnb"}
+# (backend name, module kind) -> module class; classes living in other modules register on import.
+_MODULE_TYPES: dict[tuple[str, str], type["QuantizedLinear"]] = {}
+_HOME_MODULES = {("torchao", "linear"): "dpq.quant.ao", ("cpu_int8", "linear"): "dpq.quant.cpu_int8",
+                 ("bnb", "linear"): "dpq.quant.bnb", ("packed", "conv2d"): "dpq.quant.conv",
+                 ("cpu_int8", "conv2d"): "dpq.quant.cpu_int8"}
 
 
 def register_module_type(cls: type["QuantizedLinear"]) -> type["QuantizedLinear"]:
-    _MODULE_TYPES[cls.backend] = cls
+    _MODULE_TYPES[(cls.backend, cls.module_kind)] = cls
     return cls
 
 
-def module_type(backend: str) -> type["QuantizedLinear"]:
-    if backend not in _MODULE_TYPES and backend in _BACKEND_MODULES:
-        importlib.import_module(_BACKEND_MODULES[backend])
-    if backend not in _MODULE_TYPES:
-        raise ValueError(f"unknown quantized module backend {backend!r}; known: {sorted(_MODULE_TYPES)}")
-    return _MODULE_TYPES[backend]
+def module_type(backend: str, kind: str = "linear") -> type["QuantizedLinear"]:
+    """The class that rebuilds a saved ``kind`` (``linear`` | ``conv2d``) module of ``backend``."""
+    key = (backend, kind)
+    if key not in _MODULE_TYPES and key in _HOME_MODULES:
+        importlib.import_module(_HOME_MODULES[key])
+    if key not in _MODULE_TYPES:
+        raise ValueError(f"unknown quantized module {kind!r} of backend {backend!r}; known: {sorted(_MODULE_TYPES)}")
+    return _MODULE_TYPES[key]
 
 
 # ------------------------------------------------------------------------------ bit packing
@@ -105,9 +111,10 @@ def packed_row_bytes(in_features: int, bits: int) -> int:
 
 
 class QuantizedLinear(nn.Module):
-    """Base of every converted low-bit linear (one subclass per backend)."""
+    """Base of every converted low-bit layer (one subclass per backend and module kind)."""
 
     backend: ClassVar[str] = ""
+    module_kind: ClassVar[str] = "linear"  # what it replaces: linear (nn.Linear) | conv2d (nn.Conv2d)
 
     def __init__(self, in_features: int, out_features: int, bits: int, act_bits: int | None = None):
         super().__init__()
@@ -119,7 +126,8 @@ class QuantizedLinear(nn.Module):
         return self.bits
 
     def dequantize(self) -> Tensor:  # pragma: no cover - abstract
-        """Float32 ``[out, in]`` weight the layer computes with (exact zeros preserved)."""
+        """Float32 weight the layer computes with, in the replaced module's weight shape (``[out, in]``
+        for a linear, ``[out, in/groups, kh, kw]`` for a conv); exact zeros preserved."""
         raise NotImplementedError
 
     def float_bias(self) -> Tensor | None:
@@ -137,6 +145,26 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_packed(cls, meta: dict, tensors: dict[str, Tensor], device: torch.device | str = "cpu") -> "QuantizedLinear":
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def float_module(self) -> nn.Module:
+        """The float module this layer replaced, holding the dequantized weight (same logits)."""
+        w, bias = self.dequantize(), self.float_bias()
+        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if bias is not None:
+                lin.bias.copy_(bias)
+        return lin
+
+    @classmethod
+    def mismatch(cls, module: nn.Module, meta: dict) -> str | None:
+        """Why a saved layer described by ``meta`` cannot replace ``module`` (None when it can)."""
+        if not isinstance(module, (nn.Linear, QuantizedLinear)) or getattr(module, "module_kind", "linear") != "linear":
+            return f"is {type(module).__name__}, expected nn.Linear"
+        if (module.in_features, module.out_features) != (meta["in_features"], meta["out_features"]):
+            return (f"has shape ({module.in_features}, {module.out_features}) but the save has "
+                    f"({meta['in_features']}, {meta['out_features']})")
+        return None
 
     def storage_bytes(self) -> int:
         """Bytes of :meth:`packed_tensors` as stored (what the export writes for this layer)."""
@@ -235,14 +263,18 @@ class PackedLinear(QuantizedLinear):
     def from_packed(cls, meta: dict, tensors: dict[str, Tensor], device: torch.device | str = "cpu") -> "PackedLinear":
         mod = cls(meta["in_features"], meta["out_features"], meta["bits"], meta["granularity"], meta["group_size"],
                   meta["symmetric"], meta["act_bits"], meta["bias"])
+        return mod._load_packed(tensors, device)
+
+    def _load_packed(self, tensors: dict[str, Tensor], device: torch.device | str) -> "PackedLinear":
+        """Copy saved packed tensors into this (freshly built) module's buffers, checking shapes and dtypes."""
         with torch.no_grad():
-            for key, buf in mod.packed_tensors().items():
+            for key, buf in self.packed_tensors().items():
                 t = tensors[key]
                 if t.shape != buf.shape or t.dtype != buf.dtype:
                     raise ValueError(f"{key}: saved {tuple(t.shape)} {t.dtype} != expected {tuple(buf.shape)} {buf.dtype}")
                 buf.copy_(t)
-        mod._codes_changed()
-        return mod.to(device)
+        self._codes_changed()
+        return self.to(device)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", granularity={self.granularity}"
@@ -344,7 +376,7 @@ def load_quantized_(model: nn.Module, directory: str | Path) -> list[str]:
     """Put the saved low-bit modules (and float tensors) into a same-architecture model, in place.
 
     ``model`` is typically the float copy reloaded with ``from_pretrained``; every saved
-    quantized module replaces its Linear, and the float tensors are loaded too (the file is
+    quantized module replaces its Linear or Conv2d, and the float tensors are loaded too (the file is
     complete on its own). Returns the replaced module names.
     """
     directory = Path(directory)
@@ -363,13 +395,12 @@ def load_quantized_(model: nn.Module, directory: str | Path) -> list[str]:
             old = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"saved quantized module {name!r} does not exist in the model") from None
-        if not isinstance(old, (nn.Linear, QuantizedLinear)):
-            raise ValueError(f"module {name!r} is {type(old).__name__}, expected nn.Linear")
-        if (old.in_features, old.out_features) != (meta["in_features"], meta["out_features"]):
-            raise ValueError(f"module {name!r} has shape ({old.in_features}, {old.out_features}) but the "
-                             f"save has ({meta['in_features']}, {meta['out_features']})")
+        cls = module_type(meta["backend"], meta.get("module", "linear"))
+        why = cls.mismatch(old, meta)
+        if why:
+            raise ValueError(f"module {name!r} {why}")
         own = {k: tensors[f"{name}.{k}"] for k in meta["tensors"]}
-        new = module_type(meta["backend"]).from_packed(meta, own, device=_device_of(old))
+        new = cls.from_packed(meta, own, device=_device_of(old))
         set_module(model, name, new)
         names.append(name)
     floats = {k: tensors[k] for k in config.get("float_tensors", [])}
@@ -406,7 +437,8 @@ def _load_v1(model: nn.Module, config: dict, tensors: dict[str, Tensor]) -> list
 
 
 def dequantize_(model: nn.Module) -> list[str]:
-    """Replace every ``QuantizedLinear`` by an ``nn.Linear`` holding its dequantized weight.
+    """Replace every ``QuantizedLinear`` by the float module it replaced (``nn.Linear`` / ``nn.Conv2d``)
+    holding its dequantized weight.
 
     Gives a plain float model (exact zeros preserved) that ``save_pretrained`` can write.
     """
@@ -414,13 +446,6 @@ def dequantize_(model: nn.Module) -> list[str]:
 
     names: list[str] = []
     for name, m in quantized_modules(model):
-        w = m.dequantize()
-        bias = m.float_bias()
-        lin = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device=w.device)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if bias is not None:
-                lin.bias.copy_(bias)
-        set_module(model, name, lin)
+        set_module(model, name, m.float_module())
         names.append(name)
     return names

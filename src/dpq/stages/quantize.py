@@ -1,6 +1,6 @@
 """``quantize``: quantization-aware training, then conversion to a real low-bit backend.
 
-:class:`QuantizationAware` swaps the target Linears for fake-quantized ones at setup (same
+:class:`QuantizationAware` swaps the target Linears and Conv2ds for fake-quantized ones at setup (same
 Parameter objects, so the optimizer and state-dict keys are unchanged; LSQ steps and
 activation ranges travel in its ``state_dict`` under a unique ``state_key``). After
 training, :func:`finish_quantization` (shared with the ``ptq`` stage) measures the
@@ -34,7 +34,7 @@ from dpq.quant import (
     select_targets,
     zero_positions,
 )
-from dpq.quant.backends import check_device, check_keeps_zeros
+from dpq.quant.backends import check_device, check_keeps_zeros, check_module_kinds
 from dpq.quant.fake import load_quantizer_state_, quantizer_state
 from dpq.quant.integrity import SparsityLost, summarize
 from dpq.stages.base import KDStageConfig, Stage, register
@@ -83,7 +83,7 @@ def trainer_device(run) -> str:
 
 
 class QuantizationAware(L.Callback):
-    """Fake-quantize the target Linears for the whole fit (straight-through estimator in backward)."""
+    """Fake-quantize the target Linears / Conv2ds for the whole fit (straight-through estimator in backward)."""
 
     def __init__(self, name: str, cfg: QuantConfig, names: list[str] | None = None):
         self.name, self.cfg, self.names = name, cfg, names
@@ -167,6 +167,7 @@ def finish_quantization(stage: Stage, run, model: torch.nn.Module, qcfg: QuantCo
         "backend": opts.backend, "scheme": scheme.name, "bits": qcfg.bits, "granularity": qcfg.granularity,
         "group_size": qcfg.group_size if qcfg.granularity == "per_group" else None, "symmetric": qcfg.symmetric,
         "act_bits": qcfg.act_bits, "quantize_head": qcfg.quantize_head, "quantized_modules": len(names),
+        "quantized_names": list(names),
         "fake_quant_accuracy": fake["accuracy"], "fake_quant_val_accuracy": fake["val_accuracy"],
         "backend_max_logit_diff": max_diff, "backend_rel_logit_diff": rel_diff,
         "sparsity_kept": True, "zeros": summarize(report), **extra})
@@ -214,6 +215,8 @@ class QuantStageMixin:
             names = select_targets(model, qcfg)
         except ValueError as e:
             raise ConfigError(f"{self.key}.targets", targets, str(e)) from None
+        tkey = f"{self.key}.targets" if cfg.targets is not None else "model.quant_targets"
+        check_module_kinds(cfg.backend, model, names, self.key, tkey, targets)  # torchao / bnb: no conv
         self.check_devices(trainer_device(run), "cuda" if run.latency_device() == "cuda" else "cpu")
         return qcfg, names
 
