@@ -36,7 +36,9 @@ CONFIGS: dict[str, list[str]] = {
     "dpq_u80": ["pipeline=dpq", "pipeline.stages.prune.final_sparsity=0.8"],
     # Structured: the recipe of conf/experiment/heads_neurons_50.yaml (Taylor scores, 4 recovery
     # epochs at 5e-5), which lost no accuracy where magnitude scores + 1 epoch lost 3.4 points.
-    "dpq_s50": ["pipeline=dpq", "experiment=heads_neurons_50"],
+    # (spelled out, not `experiment=`, so that --tiny's experiment=tiny can combine with it).
+    "dpq_s50": ["pipeline=dpq", "pipeline.stages.prune.granularity=heads+neurons", "pipeline.stages.prune.final_sparsity=0.5",
+                "pipeline.stages.prune.criterion=taylor", "pipeline.stages.recover.epochs=4", "pipeline.stages.recover.lr=5e-5"],
     "spiral_u50": ["pipeline=spiral", "pipeline.stages.prune.final_sparsity=0.5"],
 }
 METRICS = ["accuracy", "dense_gflops", "effective_gflops", "size_bytes", "latency_ms_median", "params_nonzero"]

@@ -257,3 +257,19 @@ def test_a_uniform_neuron_shrink_reloads_with_plain_from_pretrained(tmp_path):
     save_model(model, tmp_path / "m")
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
     assert torch.allclose(logits(model, x), logits(again, x), atol=1e-6, rtol=0)
+
+
+def test_heads_neurons_experiment_is_the_studys_structured_recipe(make_cfg):
+    """conf/experiment/heads_neurons_50.yaml and bench/study.py's dpq_s50 must not drift apart:
+    BENCHMARKS.md reports the study's structured point as that experiment's recipe."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "study.py"
+    spec = importlib.util.spec_from_file_location("study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    exp = make_cfg("pipeline=dpq", "experiment=heads_neurons_50")
+    bench = make_cfg(*study.CONFIGS["dpq_s50"])
+    assert exp.pipeline == bench.pipeline
+    assert exp.pipeline.stages.prune.criterion == "taylor" and exp.pipeline.stages.prune.granularity == "heads+neurons"
