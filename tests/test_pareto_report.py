@@ -114,7 +114,7 @@ def test_html_is_self_contained_and_lists_every_run(report):
         assert name in page
 
 
-def check_renders(html: Path, runs: list[str], tmp_path: Path) -> None:
+def check_renders(html: Path, runs: list[str], tmp_path: Path, error_bars: bool = True) -> None:
     """Headless Chromium runs the page's JS: the chart is drawn and the runs table lists every run."""
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -125,7 +125,8 @@ def check_renders(html: Path, runs: list[str], tmp_path: Path) -> None:
     assert 'class="main-svg"' in dom, dom[:500]
     points = pd.read_csv(html.parent / "pareto.csv")
     assert len(re.findall(r'<path class="point', dom)) >= len(points)
-    assert 'class="errorbar"' in dom and 'class="js-line"' in dom
+    assert 'class="js-line"' in dom
+    assert ('class="errorbar"' in dom) == error_bars  # error bars only where a config has several seeds
     assert "Pareto front" in dom and "effective GFLOPs" in dom
     # the runs table, as rendered, lists every run
     table = dom[dom.index('id="runs"'):]
@@ -208,3 +209,41 @@ def test_cli_wandb_flag_logs_report_offline(multirun, tmp_path):
     points = pd.read_csv(tmp_path / "rep" / "pareto.csv")  # three objectives: the front is 3-d
     mask = pareto_mask(points[["accuracy", "size_mb", "latency_ms"]], ["max", "min", "min"])
     assert points["pareto"].tolist() == mask.tolist()
+
+
+STUDY = Path(__file__).resolve().parents[1] / "bench" / "results" / "study"
+GRID_ON_DEFAULT_TASK = {"dq-s42", "dpq_u20-s42", "dpq_u50-s42", "dpq_u80-s42"}
+
+
+@needs_chromium
+def test_report_of_the_real_default_task_study_renders_in_chromium(tmp_path):
+    """The real grid on the embedded default task (MiniLM-L3 student on Rotten Tomatoes): the
+    results.json files that ``python bench/study.py`` wrote and BENCHMARKS.md reports (committed
+    under bench/results/study/) -> python -m dpq.pareto -> PNG + HTML -> headless Chromium."""
+    import shutil
+
+    found = sorted(STUDY.glob("*/results.json"))
+    runs = [p.parent.name for p in found]
+    assert GRID_ON_DEFAULT_TASK <= set(runs), runs
+    folder = tmp_path / "study"
+    for p in found:
+        r = json.loads(p.read_text())
+        assert r["status"] == "completed" and r["task"]["name"] == "rotten_tomatoes"
+        assert r["task"]["sizes"]["test"] == 1057  # the whole test split, not a subsample
+        assert r["config"]["model"]["name"] == "minilm_l3"
+        (folder / p.parent.name).mkdir(parents=True)
+        shutil.copy(p, folder / p.parent.name / "results.json")
+    _cli(str(folder), "--no-progress", cwd=tmp_path)
+    out = folder / "pareto"
+    points = pd.read_csv(out / "pareto.csv")
+    finals = {p.parent.name: json.loads(p.read_text())["final"] for p in found}
+    for name, final in finals.items():  # the table holds each run's measured final metrics
+        row = points[(points["kind"] == "final") & (points["runs"] == name)]
+        assert len(row) == 1, name
+        assert row["accuracy"].item() == pytest.approx(final["accuracy"])
+    assert points["pareto"].any() and not points["pareto"].all()
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(out / "pareto.png")
+    assert img[..., :3].std() > 0.05
+    check_renders(out / "pareto.html", runs, tmp_path, error_bars=False)

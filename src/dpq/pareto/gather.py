@@ -156,19 +156,23 @@ def _stage_cfgs(cfg: dict, names: list[str]) -> list[dict]:
     return [stages.get(n, {}) for n in names]
 
 
-def _knobs(cfg: dict, names: list[str]) -> tuple[float, int | None, int | None]:
-    """(final sparsity, weight bits, activation bits) the stages ``names`` aim for; 0.0 / None when they do not.
+def _knobs(cfg: dict, names: list[str]) -> tuple[float, int | None, int | None, str | None]:
+    """(final sparsity, weight bits, activation bits, pruning granularity) the stages ``names`` aim
+    for; 0.0 / None when they do not.
 
-    Any stage with ``bits`` quantizes (QAT ``quantize``, post-training ``ptq``, ...).
+    Any stage with ``bits`` quantizes (QAT ``quantize``, post-training ``ptq``, ...). The
+    granularity keeps a structured (shrunk) point apart from an unstructured one of the same
+    sparsity in labels and tables.
     """
-    sparsity, bits, act_bits = 0.0, None, None
+    sparsity, bits, act_bits, granularity = 0.0, None, None, None
     for st in _stage_cfgs(cfg, names):
         if st.get("kind") in ("prune", "spiral") and st.get("final_sparsity") is not None:
             sparsity = float(st["final_sparsity"])
+            granularity = str(st.get("granularity") or "unstructured")
         if isinstance(st.get("bits"), int):
             bits = int(st["bits"])
             act_bits = int(st["act_bits"]) if isinstance(st.get("act_bits"), int) else None
-    return sparsity, bits, act_bits
+    return sparsity, bits, act_bits, granularity
 
 
 def identity(cfg: dict, upto: list[str] | None = None, drop: tuple[str, ...] = ()) -> dict:
@@ -196,14 +200,14 @@ def _scalars(metrics: dict) -> dict:
 
 
 def _label(kind: str, pipeline: str, sparsity: float, bits: int | None, stage: str | None = None,
-           act_bits: int | None = None) -> str:
+           act_bits: int | None = None, granularity: str | None = None) -> str:
     if kind == "teacher":
         return "teacher"
     if kind == "dense":
         return "dense student"
     parts = [pipeline if kind == "final" else f"{pipeline}:{stage}"]
     if sparsity:
-        parts.append(f"{sparsity:g} sparse")
+        parts.append(f"{sparsity:g} sparse" if granularity in (None, "unstructured") else f"{sparsity:g} {granularity}")
     if bits:
         parts.append(f"W{bits}A{act_bits}" if act_bits else f"{bits}-bit")
     return " ".join(parts)
@@ -223,12 +227,12 @@ def points_from_results(results: dict, run: str, stages: bool = False) -> list[d
 
     def add(kind: str, metrics: dict, names: list[str], stage: str | None, role: str | None,
             drop: tuple[str, ...] = ()) -> None:
-        sparsity, bits, act_bits = _knobs(cfg, names)
+        sparsity, bits, act_bits, granularity = _knobs(cfg, names)
         ident = identity(cfg, None if kind == "final" else names, drop)
         # A reference point depends only on the stages up to it: that is its ordering.
         order_of = " → ".join(names) if kind in ("teacher", "dense") else common["order"]
-        points.append({**common, "order": order_of, "kind": kind, "stage": stage, "role": role, "label": _label(kind, pipeline, sparsity, bits, stage, act_bits),
-                       "final_sparsity": sparsity, "bits": bits, "act_bits": act_bits, "config_key": config_key({"kind": kind, **ident}),
+        points.append({**common, "order": order_of, "kind": kind, "stage": stage, "role": role, "label": _label(kind, pipeline, sparsity, bits, stage, act_bits, granularity),
+                       "final_sparsity": sparsity, "granularity": granularity, "bits": bits, "act_bits": act_bits, "config_key": config_key({"kind": kind, **ident}),
                        "config": json.dumps(ident, sort_keys=True, default=str), **_scalars(metrics),
                        **{k: metrics[k] for k in (*CONDITION_KEYS, *CONVENTION_KEYS) if k in metrics}})
 
