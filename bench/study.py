@@ -33,7 +33,7 @@ CONFIGS: dict[str, list[str]] = {
     "dq": ["pipeline=dq"],
     "dpq_u20": ["pipeline=dpq", "pipeline.stages.prune.final_sparsity=0.2"],
     "dpq_u50": ["pipeline=dpq", "pipeline.stages.prune.final_sparsity=0.5"],
-    # 60% and 70%: dq's own 4-bit rounding leaves ~21% of its weights exactly zero, so its effective
+    # 60% and 70%: dq's own 4-bit rounding leaves ~22% of its encoder weights exactly zero, so its effective
     # GFLOPs are ~0.79x dense, and attention score products, embeddings and norms are never pruned:
     # a dpq point needs well over 50% sparsity for half of dq's effective GFLOPs (the study's goal).
     "dpq_u60": ["pipeline=dpq", "pipeline.stages.prune.final_sparsity=0.6"],
