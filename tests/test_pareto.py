@@ -362,3 +362,41 @@ def test_sweep_runs_are_read_through_the_wandb_api(tmp_path, monkeypatch):
     assert finals.loc["me/dpq/r1", "label"] == "dpq 0.2 sparse 4-bit" and finals.loc["me/dpq/r1", "accuracy"] == 0.88
     assert finals.loc["me/dpq/r2", "label"] == "dq 4-bit" and finals.loc["me/dpq/r2", "effective_gflops"] == 0.68
     assert set(pts.loc[pts["run"] == "me/dpq/r1", "kind"]) == {"final", "teacher", "dense"}
+
+
+def test_point_labels_do_not_overlap_each_other_or_markers():
+    """A study's points crowd (dq and dpq 0.2 a few pixels apart, several configs at one FLOP
+    count): every label gets a slot of its own, and a label moved off its point gets a leader line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from dpq.pareto.plots import place_labels
+
+    xs = [0.275, 0.270, 0.180, 0.180, 0.122, 0.140, 0.146, 0.112, 0.078]
+    ys = [0.859, 0.858, 0.858, 0.856, 0.858, 0.865, 0.862, 0.842, 0.795]
+    labels = [f"config number {i} 4-bit" for i in range(len(xs))]
+    fig, ax = plt.subplots(figsize=(7.5, 5.6))
+    ax.scatter(xs, ys, s=40)
+    ax.set_xlim(0.05, 0.72)
+    fig.tight_layout()
+    anns = place_labels(ax, labels, xs, ys, avoid=[(0.35, 0.856)])
+    r = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(a, r) for a in anns]
+    assert sorted(a.get_text() for a in anns) == sorted(labels)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+    half = 3.5 * fig.dpi / 72
+    marks = ax.transData.transform(list(zip(xs, ys)) + [(0.35, 0.856)])
+    for box in boxes:
+        for x, y in marks:
+            assert not (box.x0 < x + half and x - half < box.x1 and box.y0 < y + half and y - half < box.y1)
+    frame = ax.get_window_extent(r)
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 for b in boxes)  # nothing cut off at the edges
+    # the two points 2 px apart cannot both sit beside their marker: one label is moved and linked
+    assert any(a.arrow_patch is not None for a in anns)
+    assert all(a.arrow_patch is None for a in anns if a.get_text() == labels[-1])  # a lone point keeps its label beside it
+    plt.close(fig)

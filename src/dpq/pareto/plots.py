@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.text import Text
 
 from .front import step_order
 from .objectives import Objective
@@ -73,11 +74,6 @@ def figure(points: pd.DataFrame, objectives: list[Objective], baseline: str | No
         elif len(front):
             ax.scatter(front[x_obj.name], front[y_obj.name], s=130, facecolors="none", edgecolors="black",
                        linewidths=1.4, zorder=5, label=f"on the {len(objectives)}-objective front")
-        if annotate:
-            for _, r in runs.iterrows():
-                if np.isfinite(r[x_obj.name]) and np.isfinite(r[y_obj.name]):
-                    ax.annotate(r["label"], (r[x_obj.name], r[y_obj.name]), xytext=(4, 4),
-                                textcoords="offset points", fontsize=7, color="0.25")
         if use_log(points[x_obj.name], log_x):
             ax.set_xscale("log")
         ax.set_xlabel(x_obj.title)
@@ -88,7 +84,72 @@ def figure(points: pd.DataFrame, objectives: list[Objective], baseline: str | No
     fig.suptitle(title or f"{y_obj.name} vs {', '.join(o.name for o in x_objs)}"
                  + (f" (mean ± std over up to {n} seeds)" if n > 1 else ""), fontsize=11)
     fig.tight_layout()
+    if annotate:  # after the layout: placing labels needs the axes' final size on the canvas
+        for ax, x_obj in zip(axes[0], x_objs):
+            ok = runs[np.isfinite(runs[x_obj.name].astype(float)) & np.isfinite(runs[y_obj.name].astype(float))]
+            refs = points[points["kind"].isin(list(REFERENCE_STYLE))]
+            place_labels(ax, list(ok["label"]), list(ok[x_obj.name]), list(ok[y_obj.name]),
+                         avoid=list(zip(refs[x_obj.name], refs[y_obj.name])))
     return fig
+
+
+# (dx, dy) in points from the marker, and the text's alignment there: beside the point first,
+# then further above / below it. Nearby points of a study (dq next to dpq 0.2, several configs
+# at one FLOP count) otherwise print their labels on top of each other.
+_SLOTS = [((5, 4), "left", "bottom"), ((5, -4), "left", "top"), ((-5, 4), "right", "bottom"),
+          ((-5, -4), "right", "top")] + [((sx * 5, sy * k), ha, va) for k in (12, 20, 28, 36)
+                                         for sx, ha in ((1, "left"), (-1, "right"))
+                                         for sy, va in ((1, "bottom"), (-1, "top"))]
+
+
+def place_labels(ax, labels: list[str], xs: list[float], ys: list[float], fontsize: float = 7,
+                 avoid: list[tuple[float, float]] = ()) -> list:
+    """Annotate each point with its label at the first slot where the text overlaps neither an
+    earlier label nor a marker and stays inside the axes; where no slot is free, the least
+    overlapping one. Labels away from their point get a leader line; ``avoid`` holds further
+    markers (data coordinates) to keep clear of. Deterministic: the PNG is the same on every run.
+
+    Hand-written rather than adjustText: that library moves labels iteratively and does not
+    guarantee a free slot is used; this greedy search does, and needs no extra dependency."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    pts = ax.transData.transform(np.column_stack([xs, ys])) if len(xs) else np.empty((0, 2))
+    half = 3.5 * fig.dpi / 72  # marker half-size in pixels (s=40 points^2 -> ~6.3 pt across)
+    marks = np.vstack([pts, ax.transData.transform(np.asarray(avoid, float))]) if len(avoid) else pts
+    taken = [(x - half, y - half, x + half, y + half) for x, y in marks]
+    placed = []
+    order = np.argsort(-pts[:, 1], kind="stable") if len(pts) else []
+    for i in order:
+        best = None
+        for k, ((dx, dy), ha, va) in enumerate(_SLOTS):
+            # a label moved away from its point gets a leader line, so it is read with the right point
+            leader = dict(arrowstyle="-", color="0.55", lw=0.6, shrinkA=1, shrinkB=3) if k >= 4 else None
+            ann = ax.annotate(labels[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points",
+                              fontsize=fontsize, color="0.25", ha=ha, va=va, arrowprops=leader)
+            ann.update_positions(renderer)
+            bb = Text.get_window_extent(ann, renderer)  # the text alone, not its leader line
+            box = (bb.x0, bb.y0, bb.x1, bb.y1)
+            cost = sum(_overlap(box, t) for t in taken)
+            inside = frame.x0 <= box[0] and box[2] <= frame.x1 and frame.y0 <= box[1] and box[3] <= frame.y1
+            cost += 0 if inside else (box[2] - box[0]) * (box[3] - box[1])
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann, box)
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        taken.append(best[2])
+        placed.append(best[1])
+    return placed
+
+
+def _overlap(a: tuple, b: tuple) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return w * h if w > 0 and h > 0 else 0.0
 
 
 def _errorbars(ax, sub: pd.DataFrame, x_obj: Objective, y_obj: Objective, color) -> None:
