@@ -62,21 +62,6 @@ def shrink_by_magnitude(dense, sparsity: float):
     return model.eval()
 
 
-def interleaved_latency(models: dict, inputs: dict, rounds: int, per_round: int, warmup: int) -> dict[str, list[float]]:
-    times = {k: [] for k in models}
-    with torch.inference_mode():
-        for m in models.values():
-            for _ in range(warmup):
-                m(**inputs)
-        for _ in range(rounds):
-            for k, m in models.items():
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    m(**inputs)
-                    times[k].append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, nargs="?", help="run folder; omit with --shape-only")
@@ -125,7 +110,7 @@ def main(argv=None) -> dict:
              "attention_mask": torch.ones(b, args.seq_len, dtype=torch.long)}
         f_dense = cost.flops(dense, {"input_ids": x["input_ids"]})["dense_gflops"]
         f_shrunk = cost.flops(shrunk, {"input_ids": x["input_ids"]})["dense_gflops"]
-        t = interleaved_latency({"dense": dense, "shrunk": shrunk}, x, args.rounds, args.per_round, args.warmup)
+        t = cost.interleaved_latency({"dense": dense, "shrunk": shrunk}, x, args.rounds, args.per_round, args.warmup)
         md, ms = statistics.median(t["dense"]), statistics.median(t["shrunk"])
         out["batches"][b] = {"gflops_dense": f_dense, "gflops_shrunk": f_shrunk, "flop_ratio": f_dense / f_shrunk,
                              "latency_ms_dense": md, "latency_ms_shrunk": ms, "speedup": md / ms,

@@ -146,7 +146,7 @@ def goals(summary: dict, runs: dict[tuple[str, int], dict] | None = None) -> dic
     dq_acc = {s: r["final"]["accuracy"] for (n, s), r in (runs or {}).items() if n == "dq"}
     cands = []
     for name, s in summary.items():
-        if name.startswith("dpq") and "effective_gflops" in s:
+        if name.startswith(("dpq", "spiral")) and "effective_gflops" in s:  # every compressed ordering
             ratio = s["effective_gflops"]["mean"] / dq["effective_gflops"]["mean"]
             paired = {str(sd): r["final"]["accuracy"] - dq_acc[sd] for (n, sd), r in (runs or {}).items()
                       if n == name and sd in dq_acc}
@@ -169,6 +169,36 @@ def goals(summary: dict, runs: dict[tuple[str, int], dict] | None = None) -> dic
     return out
 
 
+LABELS = {"teacher": "teacher (dense)", "student_dense": "distilled student, float", "dense": "`dense` pipeline final",
+          "dq": "`dq`: 4-bit, no pruning"}
+
+
+def markdown(report: dict) -> str:
+    """The study as a Markdown table (BENCHMARKS.md's): accuracy mean ± std over seeds, the paired
+    difference to dq, costs. Every figure comes from ``report`` (study.json)."""
+    summary, cands = report["summary"], {c["config"]: c for c in report["goals"].get("dpq_vs_dq", [])}
+    per_seed = report.get("seeds_per_config", {})
+    dq_eff = summary.get("dq", {}).get("effective_gflops", {}).get("mean")
+    rows = ["| config | seeds | test acc (mean ± std) | Δ vs `dq` (paired, per seed) | dense GFLOPs | eff. GFLOPs | "
+            "eff. ratio to `dq` | size MB | latency ms (in run) |", "|---|---|---|---|---|---|---|---|---|"]
+    order = ["teacher", "student_dense", *[n for n in summary if n not in ("teacher", "student_dense", "dense")]]
+    for name in order:
+        s = summary[name]
+        acc = s["accuracy"]
+        c = cands.get(name)
+        delta = ""
+        if c:
+            seeds = ", ".join(f"{100 * d:+.2f}" for d in c.get("accuracy_delta_per_seed", {}).values())
+            delta = f"{100 * c['accuracy_delta']:+.2f} ({seeds})" if seeds else f"{100 * c['accuracy_delta']:+.2f}"
+        n_seeds = ",".join(str(x) for x in per_seed.get(name, per_seed.get("dense", [])))
+        eff = s["effective_gflops"]["mean"]
+        ratio = f"{eff / dq_eff:.3f}" if dq_eff and name not in ("teacher",) else ""
+        rows.append(f"| {LABELS.get(name, '`' + name + '`')} | {n_seeds} | {acc['mean']:.4f} ± {acc['std']:.4f} | {delta} | "
+                    f"{s['dense_gflops']['mean']:.3f} | {eff:.3f} | {ratio} | {s['size_bytes']['mean'] / 1e6:.1f} | "
+                    f"{s['latency_ms_median']['mean']:.2f} ± {s['latency_ms_median']['std']:.2f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 42 43 44")
@@ -178,6 +208,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--collect", action="store_true",
                     help="train nothing: summarise the completed runs already under --out (all of them, or those "
                          "of --configs / --seeds when given)")
+    ap.add_argument("--markdown", action="store_true", help="also print the summary as a Markdown table")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. logger=csv)")
     args = ap.parse_args(argv)
     out = args.out or RESULTS / ("study_tiny" if args.tiny else "study")
@@ -213,6 +244,8 @@ def main(argv=None) -> dict:
         print(f"{name:<14} {acc['mean']:>9.4f} ± {acc['std']:.4f} {s['effective_gflops']['mean']:>12.4f} "
               f"{s['size_bytes']['mean'] / 1e6:>8.2f} {s['latency_ms_median']['mean']:>11.2f}")
     print(json.dumps(report["goals"], indent=2))
+    if args.markdown:
+        print(markdown(report))
     return report
 
 

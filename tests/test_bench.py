@@ -60,6 +60,24 @@ def test_structured_latency_compares_shrunk_and_dense_in_one_process(tiny_study,
     assert res["params_shrunk"] < res["params_dense"]
 
 
+def test_latency_times_every_configs_saved_model_in_one_process(tiny_study, tmp_path):
+    out, _ = tiny_study
+    res = load("latency").main([str(out), "--batches", "1", "3", "--rounds", "2", "--per-round", "1", "--warmup", "1",
+                                "--seq-len", "8", "--out", str(tmp_path / "lat.json")])
+    models = res["models"]
+    assert set(models) == {"teacher", "dense", "dq", "dpq_u50", "dpq_s50"}
+    assert all(m["run"].endswith("-s1") for k, m in models.items())  # one run per config: the lowest seed
+    for k, m in models.items():  # each reloaded model is the run's own: same accuracy record, shape
+        if k != "teacher":
+            assert m["accuracy"] == json.loads((out / f"{k}-s1" / "results.json").read_text())["final"]["accuracy"]
+    assert models["dpq_s50"]["params_total"] < models["dense"]["params_total"]  # the shrunk structure was reloaded
+    for b in ("1", "3"):
+        r = res["batches"][b]
+        assert r["dq"]["speedup_vs_dq"] == 1.0
+        assert all(v["latency_ms_median"] > 0 for v in r.values())
+    assert json.loads((tmp_path / "lat.json").read_text())["batches"]["3"].keys() == res["batches"]["3"].keys()
+
+
 def test_overhead_times_plain_prune_and_qat_steps(tmp_path):
     res = load("overhead").main(["--tiny", "--steps", "8", "--warmup", "2", "--out", str(tmp_path / "o.json")])
     for k in ("plain_ms", "prune_ms", "qat_ms"):

@@ -448,3 +448,24 @@ def test_every_measured_number_has_a_unit():
     assert numeric - conditions <= set(cost.UNITS), numeric - conditions - set(cost.UNITS)
     assert {"bops", "dense_bops", "peak_memory_bytes", "peak_activation_bytes"} <= numeric
     assert out["bops_convention"] == cost.BOPS_CONVENTION and out["peak_memory_method"]
+
+
+def test_interleaved_latency_cycles_through_the_models_each_round():
+    """Noise must hit every compared model alike: warm-up for all, then round after round of each in turn."""
+    calls = []
+
+    class Tag(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.lin = name, nn.Linear(16, 16)
+
+        def forward(self, features):
+            calls.append(self.name)
+            return self.lin(features)
+
+    models = {"small": Tag("small"), "big": Tag("big")}
+    x = {"features": torch.randn(64, 16)}
+    t = cost.interleaved_latency(models, x, rounds=3, per_round=2, warmup=1)
+    assert calls == ["small", "big"] + ["small", "small", "big", "big"] * 3
+    assert {k: len(v) for k, v in t.items()} == {"small": 6, "big": 6}
+    assert all(v > 0 for vs in t.values() for v in vs)  # (which is faster is a benchmark's question, not a test's)

@@ -82,3 +82,16 @@ def test_collect_cli_writes_one_report_over_all_seeds(study, folder, monkeypatch
     assert saved["git_per_run"]["dq-s2"] == "abcdq-s2"
     assert set(report["runs"]) == {"dense-s1", "dense-s2", "dq-s1", "dq-s2", "dpq_s55-s1", "dpq_s55-s2", "dpq_s55-s3"}
     assert calls and "dpq.pareto" in calls[0][0]  # the Pareto report is built from the same folder
+
+
+def test_markdown_table_holds_the_reports_figures(study, folder, monkeypatch):
+    monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: type("P", (), {"returncode": 0})())
+    report = study.main(["--collect", "--out", str(folder)])
+    table = study.markdown(report).splitlines()
+    row = next(r for r in table if r.startswith("| `dpq_s55`"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "1,2,3"
+    assert cells[2] == f"{(0.855 + 0.78 + 0.99) / 3:.4f} ± {report['summary']['dpq_s55']['accuracy']['std']:.4f}"
+    assert cells[3] == "-1.25 (-0.50, -2.00)"  # paired with dq on seeds 1 and 2
+    assert cells[6] == f"{0.12 / 0.28:.3f}"
+    assert any(r.startswith("| teacher") and "0.8650 ± 0.0071" in r for r in table)

@@ -631,6 +631,28 @@ def latency(
     }
 
 
+def interleaved_latency(models: dict[str, nn.Module], example_inputs: dict[str, Tensor], rounds: int = 10,
+                        per_round: int = 5, warmup: int = 3) -> dict[str, list[float]]:
+    """Per-call CPU wall-clock milliseconds of several models on the same inputs, for comparing them.
+
+    Each round times every model ``per_round`` times in turn, so machine noise (a neighbour
+    process, frequency changes) hits all alike; :func:`latency` one model at a time cannot
+    promise that for models measured minutes apart. Compare medians.
+    """
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            for _ in range(max(0, warmup)):
+                m(**example_inputs)
+        for _ in range(rounds):
+            for k, m in models.items():
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    m(**example_inputs)
+                    times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 # --------------------------------------------------------------------------- inputs / entry point
 
 

@@ -1,0 +1,127 @@
+"""Measured latency of a study's final models, all in one process, interleaved.
+
+Usage::
+
+    python bench/latency.py bench/results/study                # one run per config (lowest seed)
+    python bench/latency.py bench/results/study --batches 1 32 --seq-len 64
+    python bench/latency.py <run folder> <run folder> ...      # any finished runs
+
+Each run of the study measures its own latency at its end (``cost.latency``), minutes or hours
+apart from the others: a busy neighbour process or a thermal change then lands on one config
+and not another. Here every model is loaded from its run's ``model/`` folder (packed low-bit
+weights and shrunk structures included, via :func:`dpq.checkpoints.load_model`) and timed in
+rounds that cycle through all models, so noise hits each alike; the teacher is the dense run's
+teacher architecture (its weights do not change its latency). Ratios to ``dq`` are the figures
+to read; absolute milliseconds depend on the machine.
+
+Writes ``bench/results/latency.json`` (or ``--out``) and prints one table per batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_DIR = re.compile(r"^(?P<config>.+)-s(?P<seed>\d+)$")
+
+
+def pick_runs(paths: list[Path]) -> dict[str, Path]:
+    """name -> run folder. A study folder contributes one completed run per config (its lowest
+    seed: the architecture, and so the latency, is the same on every seed); a run folder itself."""
+    runs: dict[str, Path] = {}
+    for p in paths:
+        if (p / "results.json").exists():
+            runs[p.name] = p
+            continue
+        found = sorted(p.glob("*/results.json"))
+        if not found:
+            sys.exit(f"{p}: neither a run folder (results.json) nor a study folder (<config>-s<seed>/results.json)")
+        best: dict[str, tuple[int, Path]] = {}
+        for f in found:
+            m = RUN_DIR.match(f.parent.name)
+            if not m or json.loads(f.read_text()).get("status") != "completed" or not (f.parent / "model").is_dir():
+                continue
+            seed = int(m["seed"])
+            if m["config"] not in best or seed < best[m["config"]][0]:
+                best[m["config"]] = (seed, f.parent)
+        runs.update({c: d for c, (_, d) in best.items()})
+    if not runs:
+        sys.exit(f"no completed run with a saved model/ folder under {', '.join(map(str, paths))}")
+    return runs
+
+
+def load_models(runs: dict[str, Path], teacher: bool) -> tuple[dict[str, torch.nn.Module], dict[str, dict]]:
+    from dpq import cost
+    from dpq.checkpoints import load_model
+    from dpq.models import build_model
+
+    models, info = {}, {}
+    for name, d in runs.items():
+        res = json.loads((d / "results.json").read_text())
+        cfg = res["config"]
+        if teacher and name == "dense" and "teacher" not in models:
+            models["teacher"] = build_model(cfg["teacher"], cfg["task"], "teacher").eval()
+            rec = next(s["metrics"] for s in res["stages"] if s["kind"] == "teacher")
+            info["teacher"] = {"run": str(d), "accuracy": rec["accuracy"], "effective_gflops": rec.get("effective_gflops"),
+                               "params_total": cost.parameter_counts(models["teacher"])["params_total"]}
+        models[name] = load_model(cfg["model"], cfg["task"], d / "model").eval()
+        info[name] = {"run": str(d), "accuracy": res["final"]["accuracy"],
+                      "effective_gflops": res["final"].get("effective_gflops"),
+                      "size_bytes": res["final"].get("size_bytes"),
+                      "latency_ms_in_run": res["final"].get("latency_ms_median"),
+                      "params_total": cost.parameter_counts(models[name])["params_total"]}
+    return models, info
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", type=Path, nargs="+", help="study folder(s) and/or run folders")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--seq-len", type=int, default=64, help="the study's own latency uses 64 (conf/train.yaml cost.seq_len)")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--per-round", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--baseline", default="dq", help="ratios are baseline latency / model latency (speedup)")
+    ap.add_argument("--no-teacher", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latency.json")
+    args = ap.parse_args(argv)
+    from dpq import cost
+
+    runs = pick_runs(args.paths)
+    models, info = load_models(runs, teacher=not args.no_teacher)
+    vocab = min(int(getattr(m.config, "vocab_size", 0) or 0) for m in models.values())
+    out = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", "bench/latency.py", *(argv or sys.argv[1:])]),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "seq_len": args.seq_len,
+           "rounds": args.rounds, "per_round": args.per_round, "warmup": args.warmup, "baseline": args.baseline,
+           "models": info, "batches": {}}
+    for b in args.batches:
+        g = torch.Generator().manual_seed(0)
+        x = {"input_ids": torch.randint(0, vocab, (b, args.seq_len), generator=g),
+             "attention_mask": torch.ones(b, args.seq_len, dtype=torch.long)}
+        t = cost.interleaved_latency(models, x, args.rounds, args.per_round, args.warmup)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        base = med.get(args.baseline)
+        out["batches"][str(b)] = {k: {"latency_ms_median": med[k], "latency_ms_iqr": statistics.quantiles(v, n=4)[::2],
+                                      f"speedup_vs_{args.baseline}": (base / med[k]) if base else None}
+                                  for k, v in t.items()}
+        print(f"batch {b}, sequence {args.seq_len}, {out['threads']} threads: median of {args.rounds * args.per_round} calls")
+        print(f"  {'model':<12} {'accuracy':>8} {'ms':>9} {'IQR ms':>15} {'speedup vs ' + args.baseline:>15}")
+        for k, r in out["batches"][str(b)].items():
+            lo, hi = r["latency_ms_iqr"]
+            sp = f"{r[f'speedup_vs_{args.baseline}']:.2f}x" if base else "-"
+            print(f"  {k:<12} {info[k]['accuracy']:>8.4f} {r['latency_ms_median']:>9.2f} {lo:>7.2f}-{hi:<7.2f} {sp:>15}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
