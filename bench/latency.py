@@ -38,8 +38,9 @@ def pick_runs(paths: list[Path]) -> dict[str, Path]:
     seed: the architecture, and so the latency, is the same on every seed); a run folder itself."""
     runs: dict[str, Path] = {}
     for p in paths:
-        if (p / "results.json").exists():
-            runs[p.name] = p
+        if (p / "results.json").exists():  # a run folder: named by its config when it is a study's
+            m = RUN_DIR.match(p.name)
+            runs[m["config"] if m else p.name] = p
             continue
         found = sorted(p.glob("*/results.json"))
         if not found:
