@@ -5,6 +5,7 @@ Usage::
     python bench/latency.py bench/results/study                # one run per config (lowest seed)
     python bench/latency.py bench/results/study --batches 1 32 --seq-len 64
     python bench/latency.py <run folder> <run folder> ...      # any finished runs
+    python bench/latency.py bench/results/study --device cuda --dtype bfloat16 --batches 1 32 256 --seq-len 128
 
 Each run of the study measures its own latency at its end (``cost.latency``), minutes or hours
 apart from the others: a busy neighbour process or a thermal change then lands on one config
@@ -31,6 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR = re.compile(r"^(?P<config>.+)-s(?P<seed>\d+)$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_runs(paths: list[Path]) -> dict[str, Path]:
@@ -90,6 +92,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--per-round", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (calls are synchronized)")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                    help="float dtype the models run in (bfloat16 casts weights, scales and activations; "
+                         "low-bit codes stay integers)")
     ap.add_argument("--baseline", default="dq", help="ratios are baseline latency / model latency (speedup)")
     ap.add_argument("--no-teacher", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latency.json")
@@ -97,23 +103,29 @@ def main(argv=None) -> dict:
     from dpq import cost
 
     runs = pick_runs(args.paths)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: no CUDA device here (torch {torch.__version__})")
     models, info = load_models(runs, teacher=not args.no_teacher)
+    models = {k: m.to(device=args.device, dtype=DTYPES[args.dtype]) for k, m in models.items()}
     vocab = min(int(getattr(m.config, "vocab_size", 0) or 0) for m in models.values())
     out = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", "bench/latency.py", *(argv or sys.argv[1:])]),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "seq_len": args.seq_len,
+           "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
+           "dtype": args.dtype,
            "rounds": args.rounds, "per_round": args.per_round, "warmup": args.warmup, "baseline": args.baseline,
            "models": info, "batches": {}}
     for b in args.batches:
         g = torch.Generator().manual_seed(0)
-        x = {"input_ids": torch.randint(0, vocab, (b, args.seq_len), generator=g),
-             "attention_mask": torch.ones(b, args.seq_len, dtype=torch.long)}
+        x = {"input_ids": torch.randint(0, vocab, (b, args.seq_len), generator=g).to(args.device),
+             "attention_mask": torch.ones(b, args.seq_len, dtype=torch.long, device=args.device)}
         t = cost.interleaved_latency(models, x, args.rounds, args.per_round, args.warmup)
         med = {k: statistics.median(v) for k, v in t.items()}
         base = med.get(args.baseline)
         out["batches"][str(b)] = {k: {"latency_ms_median": med[k], "latency_ms_iqr": statistics.quantiles(v, n=4)[::2],
                                       f"speedup_vs_{args.baseline}": (base / med[k]) if base else None}
                                   for k, v in t.items()}
-        print(f"batch {b}, sequence {args.seq_len}, {out['threads']} threads: median of {args.rounds * args.per_round} calls")
+        print(f"batch {b}, sequence {args.seq_len}, {out['device']}, {args.dtype}, {out['threads']} threads: "
+              f"median of {args.rounds * args.per_round} calls")
         print(f"  {'model':<12} {'accuracy':>8} {'ms':>9} {'IQR ms':>15} {'speedup vs ' + args.baseline:>15}")
         for k, r in out["batches"][str(b)].items():
             lo, hi = r["latency_ms_iqr"]

@@ -76,6 +76,10 @@ def test_latency_times_every_configs_saved_model_in_one_process(tiny_study, tmp_
         assert r["dq"]["speedup_vs_dq"] == 1.0
         assert all(v["latency_ms_median"] > 0 for v in r.values())
     assert json.loads((tmp_path / "lat.json").read_text())["batches"]["3"].keys() == res["batches"]["3"].keys()
+    # bf16 (the GPU item's dtype) runs too, packed 4-bit and shrunk models included
+    bf = load("latency").main([str(out), "--dtype", "bfloat16", "--batches", "2", "--rounds", "1", "--per-round", "1",
+                               "--warmup", "0", "--seq-len", "8", "--out", str(tmp_path / "bf.json")])
+    assert bf["dtype"] == "bfloat16" and set(bf["batches"]["2"]) == set(models)
 
 
 def test_overhead_times_plain_prune_and_qat_steps(tmp_path):

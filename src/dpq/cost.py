@@ -637,18 +637,24 @@ def interleaved_latency(models: dict[str, nn.Module], example_inputs: dict[str, 
 
     Each round times every model ``per_round`` times in turn, so machine noise (a neighbour
     process, frequency changes) hits all alike; :func:`latency` one model at a time cannot
-    promise that for models measured minutes apart. Compare medians.
+    promise that for models measured minutes apart. Compare medians. Models and inputs must
+    be on one device; on CUDA each call is synchronized before the clock stops.
     """
+    first = next((v for v in example_inputs.values() if isinstance(v, Tensor)), None)
+    cuda = first is not None and first.device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(first.device)) if cuda else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         for m in models.values():
             for _ in range(max(0, warmup)):
                 m(**example_inputs)
+        sync()
         for _ in range(rounds):
             for k, m in models.items():
                 for _ in range(per_round):
                     t0 = time.perf_counter()
                     m(**example_inputs)
+                    sync()
                     times[k].append((time.perf_counter() - t0) * 1e3)
     return times
 
