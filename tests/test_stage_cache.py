@@ -153,6 +153,83 @@ def test_discard_removes_an_entry_so_it_is_rebuilt(tmp_path):
     assert cache.get_or_build("k", lambda d: write_payload(d, "again"))[1] is True
 
 
+def _sized(folder, n):
+    (folder / "state.bin").write_bytes(b"x" * n)
+
+
+def test_entries_are_listed_least_recently_used_first_and_a_hit_counts_as_use(tmp_path):
+    cache = StageCache(tmp_path)
+    for i, key in enumerate(("a", "b", "c")):
+        cache.build(key, lambda d, i=i: _sized(d, 1000 * (i + 1)), meta={"stages": ["teacher"] * (i + 1)})
+        os.utime(tmp_path / key / MANIFEST, (1e9 + i, 1e9 + i))  # a, b, c: oldest to newest
+    (tmp_path / ".tmp-d-123").mkdir()  # a builder's temporary folder is not an entry
+    assert [e["key"] for e in cache.entries()] == ["a", "b", "c"]
+    assert cache.lookup("a") is not None  # used now: the newest
+    listed = cache.entries()
+    assert [e["key"] for e in listed] == ["b", "c", "a"]
+    assert {e["key"]: e["stages"] for e in listed}["c"] == ["teacher"] * 3
+    sizes = {e["key"]: e["bytes"] - (tmp_path / e["key"] / MANIFEST).stat().st_size for e in listed}
+    assert sizes == {"a": 1000, "b": 2000, "c": 3000}
+
+
+def test_prune_evicts_the_least_recently_used_until_the_rest_fits(tmp_path):
+    cache = StageCache(tmp_path)
+    for i, key in enumerate(("a", "b", "c")):
+        cache.build(key, lambda d: _sized(d, 10_000))
+        os.utime(tmp_path / key / MANIFEST, (time.time() - 86400 * (3 - i),) * 2)  # a: 3 days, b: 2, c: 1
+    per = cache.entries()[0]["bytes"]
+    assert [e["key"] for e in cache.prune(max_bytes=per, dry_run=True)] == ["a", "b"]
+    assert len(cache.entries()) == 3  # a dry run evicts nothing
+    assert [e["key"] for e in cache.prune(older_than_s=2.5 * 86400)] == ["a"]
+    assert [e["key"] for e in cache.prune(max_bytes=per)] == ["b"]
+    assert [e["key"] for e in cache.entries()] == ["c"] and not (tmp_path / "b").exists()
+    assert cache.get_or_build("b", write_payload)[1] is True  # an evicted prefix is simply built again
+
+
+def test_files_hard_linked_between_entries_count_once_towards_the_size(tmp_path):
+    """A later prefix links the teacher file of an earlier one: evicting the older entry frees
+    nothing while the newer holds the file, so the newer alone must not be evicted for size."""
+    cache = StageCache(tmp_path)
+    cache.build("teacher", lambda d: _sized(d, 50_000))
+    cache.build("distill", lambda d: (os.link(tmp_path / "teacher" / "state.bin", d / "teacher.bin"),
+                                      (d / "student.bin").write_bytes(b"s" * 10_000)))
+    os.utime(tmp_path / "teacher" / MANIFEST, (1e9, 1e9))
+    entries = cache.entries()
+    assert sum(e["bytes"] for e in entries) > 110_000 and StageCache.disk_bytes(entries) < 61_000
+    assert [e["key"] for e in cache.prune(max_bytes=61_000)] == []  # already fits: the link is not counted twice
+    assert [e["key"] for e in cache.prune(max_bytes=60_000, dry_run=True)] == ["teacher", "distill"]
+
+
+def test_an_entry_being_read_is_not_evicted_and_a_reader_sees_an_eviction(tmp_path):
+    cache = StageCache(tmp_path)
+    cache.build("k", write_payload)
+    with cache.reading("k") as entry:
+        assert entry == tmp_path / "k"
+        assert cache.evict("k") is False and cache.prune(max_bytes=0) == []
+        assert (entry / "state.txt").read_text() == "state"
+    assert cache.evict("k") is True
+    with cache.reading("k") as entry:
+        assert entry is None  # the run builds the prefix again instead of reading half an entry
+
+
+def test_stage_cache_command_lists_and_prunes(tmp_path, capsys):
+    cache = StageCache(tmp_path)
+    cache.build("k1", lambda d: _sized(d, 2_000_000), meta={"stages": ["teacher", "distill"]})
+    assert stage_cache.main(["--dir", str(tmp_path), "list"]) == 0
+    out = capsys.readouterr().out
+    assert "k1" in out and "teacher -> distill" in out and "1 entries, 2.0 MB on disk" in out
+    with pytest.raises(SystemExit) as e:
+        stage_cache.main(["--dir", str(tmp_path), "prune"])
+    assert e.value.code == 2 and "--max-gb" in capsys.readouterr().err
+    assert stage_cache.main(["--dir", str(tmp_path), "prune", "--max-gb", "0", "--dry-run"]) == 0
+    assert "would evict 1 entries" in capsys.readouterr().out and cache.lookup("k1")
+    assert stage_cache.main(["--dir", str(tmp_path), "prune", "--max-gb", "0"]) == 0
+    assert "evicted 1 entries; 0 B left" in capsys.readouterr().out and cache.lookup("k1") is None
+    with pytest.raises(SystemExit) as e:
+        stage_cache.main(["--dir", str(tmp_path / "nope"), "list"])
+    assert e.value.code == 2
+
+
 def test_world_size_from_the_trainer_config(make_cfg):
     from dpq.stage_cache import trainer_world_size
 

@@ -327,6 +327,35 @@ def test_a_second_trial_with_the_same_prefix_reuses_it_and_matches_a_cold_run(tm
 
 
 @pytest.mark.slow
+def test_a_prefix_evicted_between_lookup_and_read_is_trained_again(tmp_path, count_fits, monkeypatch):
+    """`python -m dpq.stage_cache prune` racing a run: the run found the entry, the entry went before
+    the run took its reader's lock; the run trains the prefix again, from a clean state."""
+    from dpq.stage_cache import StageCache
+    from dpq.train import train
+
+    def trial(name):
+        cfg = compose_cfg(tmp_path / name, [*TINY, "pipeline=dp"])
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+        return train(cfg)
+
+    first = trial("a")
+    count_fits.clear()
+    reading = StageCache.reading
+
+    def evicted_first(self, key):
+        assert self.evict(key)
+        return reading(self, key)
+
+    monkeypatch.setattr(StageCache, "reading", evicted_first)
+    second = trial("b")
+    # nothing restored from the stage cache (the teacher comes from the separate teacher cache)
+    assert count_fits == ["distill", "prune", "recover"]
+    assert not any(r.get("cached_from") for r in second["stages"])
+    assert [r["stage"] for r in second["stages"]] == [r["stage"] for r in first["stages"]]  # no doubled records
+    assert second["final"]["accuracy"] == pytest.approx(first["final"]["accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_two_concurrent_trials_that_share_a_missing_prefix_both_finish_correctly(tmp_path):
     from dpq.stage_cache import MANIFEST
 

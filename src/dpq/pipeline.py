@@ -291,7 +291,11 @@ class RunState:
 
     def _restore_cached(self, cache: stage_cache.StageCache, key: str, stages: list[Stage]) -> bool:
         try:
-            snap = self.load_snapshot(cache.path(key))
+            with cache.reading(key) as entry:  # `python -m dpq.stage_cache prune` skips an entry being read
+                if entry is None:
+                    log.warning("stage cache: %s was evicted before this run read it; building it again", cache.path(key))
+                    return False
+                snap = self.load_snapshot(entry)
         except snapshot.SnapshotError as e:
             cache.discard(key, str(e))
             return False

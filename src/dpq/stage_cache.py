@@ -167,6 +167,8 @@ class StageCache:
         if man.get("key") != key:
             log.info("stage cache: %s holds key %s; ignoring it", entry, man.get("key"))
             return None
+        with contextlib.suppress(OSError):  # last use, for evicting the least recently used (read-only cache: skip)
+            os.utime(entry / MANIFEST)
         return entry
 
     def longest_prefix(self, keys: Sequence[str]) -> tuple[int, Path | None]:
@@ -178,22 +180,24 @@ class StageCache:
         return 0, None
 
     @contextlib.contextmanager
-    def lock(self, key: str, timeout: float | None = None, poll_s: float = 0.2) -> Iterator[None]:
+    def lock(self, key: str, timeout: float | None = None, poll_s: float = 0.2, shared: bool = False) -> Iterator[None]:
         """Exclusive per-key lock (``flock``); released on exit or when the holder dies.
+        ``shared``: a reader's lock -- many at once, none while a builder or an eviction holds it.
 
         Lock files are never deleted: removing one while another process waits on it would let
         a third process lock a new file of the same name, and two builders would run at once.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         try:
             if timeout is None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, mode)
             else:
                 deadline = time.monotonic() + timeout
                 while True:
                     try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        fcntl.flock(fd, mode | fcntl.LOCK_NB)
                         break
                     except OSError as e:
                         if e.errno not in (errno.EAGAIN, errno.EACCES):
@@ -202,8 +206,9 @@ class StageCache:
                             raise CacheBusy(f"stage cache entry {key} is still being built by another process "
                                             f"after {timeout:.0f} s") from None
                         time.sleep(poll_s)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())  # for a person wondering who holds it
+            if not shared:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())  # for a person wondering who holds it
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the flock
@@ -250,6 +255,64 @@ class StageCache:
             if self.path(key).exists():
                 log.warning("stage cache: discarding %s%s", self.path(key), f" ({reason})" if reason else "")
             self._remove_debris(key)
+
+    def entries(self) -> list[dict]:
+        """Every complete entry of the current format: key, path, bytes, stages, created, last use
+        (the manifest's mtime, refreshed on each hit), least recently used first."""
+        out = []
+        for man_path in self.root.glob(f"*/{MANIFEST}"):
+            key = man_path.parent.name
+            if key.startswith(".") or self.manifest(key) is None:
+                continue
+            man = self.manifest(key)
+            if man.get("format") != CACHE_FORMAT or man.get("key") != key:
+                continue
+            stats = [f.stat() for f in man_path.parent.rglob("*") if f.is_file()]
+            out.append({"key": key, "path": str(man_path.parent), "bytes": sum(st.st_size for st in stats),
+                        "files": {(st.st_dev, st.st_ino): st.st_size for st in stats},
+                        "stages": man.get("stages"), "created": man.get("created"),
+                        "last_used": man_path.stat().st_mtime})
+        return sorted(out, key=lambda e: e["last_used"])
+
+    @staticmethod
+    def disk_bytes(entries: list[dict]) -> int:
+        """Bytes on disk of ``entries`` together: entries hard-link the files they share (a
+        teacher published with each later prefix), which their ``bytes`` count once each."""
+        return sum({k: v for e in entries for k, v in e["files"].items()}.values())
+
+    @contextlib.contextmanager
+    def reading(self, key: str) -> Iterator[Path | None]:
+        """Hold ``key`` against eviction while restoring from it: yields the entry, or None if it
+        went (evicted or discarded) between the lookup and now."""
+        with self.lock(key, shared=True):
+            yield self.lookup(key)
+
+    def evict(self, key: str, wait_s: float = 0.0) -> bool:
+        """Remove an entry unless a run is reading it or another process building it (then False)."""
+        try:
+            with self.lock(key, timeout=wait_s):
+                if not self.path(key).exists():
+                    return False
+                self._remove_debris(key)
+        except CacheBusy:
+            return False
+        log.info("stage cache: evicted %s", key)
+        return True
+
+    def prune(self, max_bytes: int | None = None, older_than_s: float | None = None, dry_run: bool = False) -> list[dict]:
+        """Evict least recently used entries: every entry unused for ``older_than_s`` seconds, then
+        more until the rest fit in ``max_bytes``. Returns the evicted (or, dry run, the chosen) entries."""
+        entries, now = self.entries(), time.time()
+        kept, chosen = list(entries), []
+        for e in entries:  # least recently used first
+            too_old = older_than_s is not None and now - e["last_used"] > older_than_s
+            too_big = max_bytes is not None and self.disk_bytes(kept) > max_bytes
+            if not (too_old or too_big):
+                continue
+            if dry_run or self.evict(e["key"]):
+                chosen.append(e)
+                kept.remove(e)
+        return chosen
 
     def _remove_debris(self, key: str) -> None:
         """Call with the key's lock held: nothing else can be writing these."""
@@ -395,3 +458,64 @@ def _read_plan(text: str | None, topic: str, writer_pid: int | None = None,
     if not_before is not None and float(plan.get("time", 0)) < not_before:
         return None  # e.g. a requeued SLURM job (same job id) reading its previous launch's plan
     return (plan["value"],)
+
+
+# --------------------------------------------------------------------------- command line
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def default_dir() -> Path:
+    """``stage_cache.dir`` of conf/train.yaml: ``$DPQ_CACHE_DIR/stages`` (else ``~/.cache/dpq/stages``)."""
+    return Path(os.environ.get("DPQ_CACHE_DIR") or Path(os.environ.get("HOME", ".")) / ".cache" / "dpq") / "stages"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dpq.stage_cache [--dir D] list | prune [--max-gb X] [--older-than-days N] [--dry-run]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m dpq.stage_cache",
+                                 description="List the stage cache, or evict its least recently used entries.")
+    ap.add_argument("--dir", type=Path, default=None, help="default: $DPQ_CACHE_DIR/stages (stage_cache.dir)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="entries, least recently used first, with sizes")
+    pr = sub.add_parser("prune", help="evict entries unused for N days, then the least recently used above a size")
+    pr.add_argument("--max-gb", type=float, default=None)
+    pr.add_argument("--older-than-days", type=float, default=None)
+    pr.add_argument("--dry-run", action="store_true")
+    args = ap.parse_args(argv)
+    root = args.dir or default_dir()
+    if not root.is_dir():
+        ap.exit(2, f"stage cache: no folder {root} (set --dir or DPQ_CACHE_DIR)\n")
+    cache = StageCache(root)
+    if args.cmd == "list":
+        entries = cache.entries()
+        for e in entries:
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"]))
+            print(f"{e['key']}  {_human(e['bytes']):>9}  last used {used}  {' -> '.join(e['stages'] or [])}")
+        print(f"{len(entries)} entries, {_human(StageCache.disk_bytes(entries))} on disk in {root} "
+              f"(files shared by several entries are hard links, counted once)")
+        return 0
+    if args.max_gb is None and args.older_than_days is None:
+        ap.exit(2, "stage cache prune: give --max-gb and/or --older-than-days\n")
+    for name, v in (("--max-gb", args.max_gb), ("--older-than-days", args.older_than_days)):
+        if v is not None and v < 0:
+            ap.exit(2, f"stage cache prune: {name} must be >= 0, got {v}\n")
+    gone = cache.prune(None if args.max_gb is None else int(args.max_gb * 1e9),
+                       None if args.older_than_days is None else args.older_than_days * 86400, args.dry_run)
+    verb = "would evict" if args.dry_run else "evicted"
+    for e in gone:
+        print(f"{verb} {e['key']}  {_human(e['bytes'])}  {' -> '.join(e['stages'] or [])}")
+    gone_keys = {e["key"] for e in gone}
+    left = StageCache.disk_bytes([e for e in cache.entries() if e["key"] not in gone_keys])
+    print(f"{verb} {len(gone)} entries; {_human(left)} left on disk in {root}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
