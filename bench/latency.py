@@ -61,6 +61,11 @@ def pick_runs(paths: list[Path]) -> dict[str, Path]:
     return runs
 
 
+def iqr(values: list[float]) -> list[float]:
+    """[first, third] quartile; both the value itself when there is one."""
+    return statistics.quantiles(values, n=4)[::2] if len(values) > 1 else [values[0], values[0]]
+
+
 def load_models(runs: dict[str, Path], teacher: bool) -> tuple[dict[str, torch.nn.Module], dict[str, dict]]:
     from dpq import cost
     from dpq.checkpoints import load_model
@@ -121,7 +126,7 @@ def main(argv=None) -> dict:
         t = cost.interleaved_latency(models, x, args.rounds, args.per_round, args.warmup)
         med = {k: statistics.median(v) for k, v in t.items()}
         base = med.get(args.baseline)
-        out["batches"][str(b)] = {k: {"latency_ms_median": med[k], "latency_ms_iqr": statistics.quantiles(v, n=4)[::2],
+        out["batches"][str(b)] = {k: {"latency_ms_median": med[k], "latency_ms_iqr": iqr(v),
                                       f"speedup_vs_{args.baseline}": (base / med[k]) if base else None}
                                   for k, v in t.items()}
         print(f"batch {b}, sequence {args.seq_len}, {out['device']}, {args.dtype}, {out['threads']} threads: "
