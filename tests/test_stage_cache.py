@@ -212,6 +212,18 @@ def test_an_entry_being_read_is_not_evicted_and_a_reader_sees_an_eviction(tmp_pa
         assert entry is None  # the run builds the prefix again instead of reading half an entry
 
 
+def test_a_read_only_cache_is_read_without_a_lock(tmp_path, monkeypatch):
+    cache = StageCache(tmp_path)
+    cache.build("k", write_payload)
+
+    def read_only(self, key, *a, **k):
+        raise PermissionError(30, "Read-only file system", str(tmp_path / f"{key}.lock"))
+
+    monkeypatch.setattr(StageCache, "lock", read_only)
+    with cache.reading("k") as entry:
+        assert entry == tmp_path / "k" and (entry / "state.txt").read_text() == "state"
+
+
 def test_stage_cache_command_lists_and_prunes(tmp_path, capsys):
     cache = StageCache(tmp_path)
     cache.build("k1", lambda d: _sized(d, 2_000_000), meta={"stages": ["teacher", "distill"]})

@@ -633,7 +633,7 @@ def latency(
 
 def interleaved_latency(models: dict[str, nn.Module], example_inputs: dict[str, Tensor], rounds: int = 10,
                         per_round: int = 5, warmup: int = 3) -> dict[str, list[float]]:
-    """Per-call CPU wall-clock milliseconds of several models on the same inputs, for comparing them.
+    """Per-call wall-clock milliseconds of several models on the same inputs, for comparing them.
 
     Each round times every model ``per_round`` times in turn, so machine noise (a neighbour
     process, frequency changes) hits all alike; :func:`latency` one model at a time cannot

@@ -262,10 +262,8 @@ class StageCache:
         out = []
         for man_path in self.root.glob(f"*/{MANIFEST}"):
             key = man_path.parent.name
-            if key.startswith(".") or self.manifest(key) is None:
-                continue
-            man = self.manifest(key)
-            if man.get("format") != CACHE_FORMAT or man.get("key") != key:
+            man = None if key.startswith(".") else self.manifest(key)
+            if man is None or man.get("format") != CACHE_FORMAT or man.get("key") != key:
                 continue
             stats = [f.stat() for f in man_path.parent.rglob("*") if f.is_file()]
             out.append({"key": key, "path": str(man_path.parent), "bytes": sum(st.st_size for st in stats),
@@ -284,7 +282,11 @@ class StageCache:
     def reading(self, key: str) -> Iterator[Path | None]:
         """Hold ``key`` against eviction while restoring from it: yields the entry, or None if it
         went (evicted or discarded) between the lookup and now."""
-        with self.lock(key, shared=True):
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.lock(key, shared=True))
+            except OSError as e:  # a read-only cache (shared, mounted): nothing can evict from it either
+                log.debug("stage cache: reading %s without a lock (%s)", key, e)
             yield self.lookup(key)
 
     def evict(self, key: str, wait_s: float = 0.0) -> bool:
