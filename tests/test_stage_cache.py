@@ -379,3 +379,8 @@ def test_a_plan_file_from_an_earlier_launch_is_not_followed(tmp_path):
     p = CTX.Process(target=_decide_in_env, args=(env, "keys-A", 7, tmp_path, tmp_path / "r1.json", 1.0))
     p.start(), p.join(60)
     assert json.loads((tmp_path / "r1.json").read_text()) == 7  # waited, found no fresh plan, decided itself
+
+
+def test_the_command_defaults_to_the_configs_stage_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPQ_CACHE_DIR", str(tmp_path))
+    assert stage_cache.default_dir() == tmp_path / "stages"  # conf/train.yaml's stage_cache.dir, not a copy of it

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -265,7 +266,7 @@ class StageCache:
             man = None if key.startswith(".") else self.manifest(key)
             if man is None or man.get("format") != CACHE_FORMAT or man.get("key") != key:
                 continue
-            stats = [f.stat() for f in man_path.parent.rglob("*") if f.is_file()]
+            stats = [st for st in (f.stat() for f in man_path.parent.rglob("*")) if stat.S_ISREG(st.st_mode)]
             out.append({"key": key, "path": str(man_path.parent), "bytes": sum(st.st_size for st in stats),
                         "files": {(st.st_dev, st.st_ino): st.st_size for st in stats},
                         "stages": man.get("stages"), "created": man.get("created"),
@@ -465,16 +466,17 @@ def _read_plan(text: str | None, topic: str, writer_pid: int | None = None,
 # --------------------------------------------------------------------------- command line
 
 def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
+    return f"{int(n)} B" if n < 1000 else next(f"{n / d:.1f} {u}" for d, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "KB")) if n >= d)
 
 
 def default_dir() -> Path:
-    """``stage_cache.dir`` of conf/train.yaml: ``$DPQ_CACHE_DIR/stages`` (else ``~/.cache/dpq/stages``)."""
-    return Path(os.environ.get("DPQ_CACHE_DIR") or Path(os.environ.get("HOME", ".")) / ".cache" / "dpq") / "stages"
+    """``stage_cache.dir`` as conf/train.yaml resolves it (``$DPQ_CACHE_DIR/stages`` by default)."""
+    from hydra import compose, initialize_config_dir
+
+    from dpq.configs import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return Path(compose("train").stage_cache.dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.text import Text
 
 from .front import step_order
 from .objectives import Objective
@@ -85,9 +84,9 @@ def figure(points: pd.DataFrame, objectives: list[Objective], baseline: str | No
                  + (f" (mean ± std over up to {n} seeds)" if n > 1 else ""), fontsize=11)
     fig.tight_layout()
     if annotate:  # after the layout: placing labels needs the axes' final size on the canvas
+        refs = points[points["kind"].isin(list(REFERENCE_STYLE))]
         for ax, x_obj in zip(axes[0], x_objs):
             ok = runs[np.isfinite(runs[x_obj.name].astype(float)) & np.isfinite(runs[y_obj.name].astype(float))]
-            refs = points[points["kind"].isin(list(REFERENCE_STYLE))]
             place_labels(ax, list(ok["label"]), list(ok[x_obj.name]), list(ok[y_obj.name]),
                          avoid=list(zip(refs[x_obj.name], refs[y_obj.name])))
     return fig
@@ -111,6 +110,8 @@ def place_labels(ax, labels: list[str], xs: list[float], ys: list[float], fontsi
 
     Hand-written rather than adjustText: that library moves labels iteratively and does not
     guarantee a free slot is used; this greedy search does, and needs no extra dependency."""
+    from matplotlib.text import Text
+
     fig = ax.figure
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
