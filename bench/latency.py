@@ -46,11 +46,17 @@ def pick_runs(paths: list[Path]) -> dict[str, Path]:
             continue
         found = sorted(p.glob("*/results.json"))
         if not found:
-            sys.exit(f"{p}: neither a run folder (results.json) nor a study folder (<config>-s<seed>/results.json)")
+            sys.exit(
+                f"{p}: neither a run folder (results.json) nor a study folder (<config>-s<seed>/results.json)"
+            )
         best: dict[str, tuple[int, Path]] = {}
         for f in found:
             m = RUN_DIR.match(f.parent.name)
-            if not m or json.loads(f.read_text()).get("status") != "completed" or not (f.parent / "model").is_dir():
+            if (
+                not m
+                or json.loads(f.read_text()).get("status") != "completed"
+                or not (f.parent / "model").is_dir()
+            ):
                 continue
             seed = int(m["seed"])
             if m["config"] not in best or seed < best[m["config"]][0]:
@@ -78,14 +84,21 @@ def load_models(runs: dict[str, Path], teacher: bool) -> tuple[dict[str, torch.n
         if teacher and name == "dense" and "teacher" not in models:
             models["teacher"] = build_model(cfg["teacher"], cfg["task"], "teacher").eval()
             rec = next(s["metrics"] for s in res["stages"] if s["kind"] == "teacher")
-            info["teacher"] = {"run": str(d), "accuracy": rec["accuracy"], "effective_gflops": rec.get("effective_gflops"),
-                               "params_total": cost.parameter_counts(models["teacher"])["params_total"]}
+            info["teacher"] = {
+                "run": str(d),
+                "accuracy": rec["accuracy"],
+                "effective_gflops": rec.get("effective_gflops"),
+                "params_total": cost.parameter_counts(models["teacher"])["params_total"],
+            }
         models[name] = load_model(cfg["model"], cfg["task"], d / "model").eval()
-        info[name] = {"run": str(d), "accuracy": res["final"]["accuracy"],
-                      "effective_gflops": res["final"].get("effective_gflops"),
-                      "size_bytes": res["final"].get("size_bytes"),
-                      "latency_ms_in_run": res["final"].get("latency_ms_median"),
-                      "params_total": cost.parameter_counts(models[name])["params_total"]}
+        info[name] = {
+            "run": str(d),
+            "accuracy": res["final"]["accuracy"],
+            "effective_gflops": res["final"].get("effective_gflops"),
+            "size_bytes": res["final"].get("size_bytes"),
+            "latency_ms_in_run": res["final"].get("latency_ms_median"),
+            "params_total": cost.parameter_counts(models[name])["params_total"],
+        }
     return models, info
 
 
@@ -93,14 +106,23 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", type=Path, nargs="+", help="study folder(s) and/or run folders")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--seq-len", type=int, default=64, help="the study's own latency uses 64 (conf/train.yaml cost.seq_len)")
+    ap.add_argument(
+        "--seq-len",
+        type=int,
+        default=64,
+        help="the study's own latency uses 64 (conf/train.yaml cost.seq_len)",
+    )
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--per-round", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="cpu | cuda (calls are synchronized)")
-    ap.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                    help="float dtype the models run in (bfloat16 casts weights, scales and activations; "
-                         "low-bit codes stay integers)")
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=list(DTYPES),
+        help="float dtype the models run in (bfloat16 casts weights, scales and activations; "
+        "low-bit codes stay integers)",
+    )
     ap.add_argument("--baseline", default="dq", help="ratios are baseline latency / model latency (speedup)")
     ap.add_argument("--no-teacher", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latency.json")
@@ -113,29 +135,49 @@ def main(argv=None) -> dict:
     models, info = load_models(runs, teacher=not args.no_teacher)
     models = {k: m.to(device=args.device, dtype=DTYPES[args.dtype]) for k, m in models.items()}
     vocab = min(int(getattr(m.config, "vocab_size", 0) or 0) for m in models.values())
-    out = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", "bench/latency.py", *(argv or sys.argv[1:])]),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "seq_len": args.seq_len,
-           "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
-           "dtype": args.dtype,
-           "rounds": args.rounds, "per_round": args.per_round, "warmup": args.warmup, "baseline": args.baseline,
-           "models": info, "batches": {}}
+    out = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python", "bench/latency.py", *(argv or sys.argv[1:])]),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "seq_len": args.seq_len,
+        "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
+        "dtype": args.dtype,
+        "rounds": args.rounds,
+        "per_round": args.per_round,
+        "warmup": args.warmup,
+        "baseline": args.baseline,
+        "models": info,
+        "batches": {},
+    }
     for b in args.batches:
         g = torch.Generator().manual_seed(0)
-        x = {"input_ids": torch.randint(0, vocab, (b, args.seq_len), generator=g).to(args.device),
-             "attention_mask": torch.ones(b, args.seq_len, dtype=torch.long, device=args.device)}
+        x = {
+            "input_ids": torch.randint(0, vocab, (b, args.seq_len), generator=g).to(args.device),
+            "attention_mask": torch.ones(b, args.seq_len, dtype=torch.long, device=args.device),
+        }
         t = cost.interleaved_latency(models, x, args.rounds, args.per_round, args.warmup)
         med = {k: statistics.median(v) for k, v in t.items()}
         base = med.get(args.baseline)
-        out["batches"][str(b)] = {k: {"latency_ms_median": med[k], "latency_ms_iqr": iqr(v),
-                                      f"speedup_vs_{args.baseline}": (base / med[k]) if base else None}
-                                  for k, v in t.items()}
-        print(f"batch {b}, sequence {args.seq_len}, {out['device']}, {args.dtype}, {out['threads']} threads: "
-              f"median of {args.rounds * args.per_round} calls")
+        out["batches"][str(b)] = {
+            k: {
+                "latency_ms_median": med[k],
+                "latency_ms_iqr": iqr(v),
+                f"speedup_vs_{args.baseline}": (base / med[k]) if base else None,
+            }
+            for k, v in t.items()
+        }
+        print(
+            f"batch {b}, sequence {args.seq_len}, {out['device']}, {args.dtype}, {out['threads']} threads: "
+            f"median of {args.rounds * args.per_round} calls"
+        )
         print(f"  {'model':<12} {'accuracy':>8} {'ms':>9} {'IQR ms':>15} {'speedup vs ' + args.baseline:>15}")
         for k, r in out["batches"][str(b)].items():
             lo, hi = r["latency_ms_iqr"]
             sp = f"{r[f'speedup_vs_{args.baseline}']:.2f}x" if base else "-"
-            print(f"  {k:<12} {info[k]['accuracy']:>8.4f} {r['latency_ms_median']:>9.2f} {lo:>7.2f}-{hi:<7.2f} {sp:>15}")
+            print(
+                f"  {k:<12} {info[k]['accuracy']:>8.4f} {r['latency_ms_median']:>9.2f} {lo:>7.2f}-{hi:<7.2f} {sp:>15}"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     return out

@@ -65,7 +65,7 @@ def compose(overrides):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from dpq.configs import CONF_DIR
+    from dpq.core.config import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("train", overrides=overrides)
@@ -82,18 +82,26 @@ def main(argv=None) -> dict:
 
     from omegaconf import OmegaConf, open_dict
 
-    import dpq.pipeline as pipeline
+    import dpq.run.context as pipeline
     from dpq.data import ClassificationDataModule, load_task
     from dpq.models import build_model, load_tokenizer
     from dpq.train import quiet_libraries, train
 
     quiet_libraries()
     # The stage cache off: a cached prune/quantize stage would be restored, not trained and timed.
-    base = ["logger=none", "save_model=false", "cost.repeats=2", "cost.warmup=1", "stage_cache.enabled=false",
-            *(["experiment=tiny", "trainer=cpu", "task.subsample=null"] if args.tiny else []),
-            "pipeline.order=[prune,quantize]", "pipeline.stages.prune.alpha=0", "pipeline.stages.quantize.alpha=0",
-            f"+pipeline.stages.prune.max_steps={n}", f"+pipeline.stages.quantize.max_steps={n}",
-            ]
+    base = [
+        "logger=none",
+        "save_model=false",
+        "cost.repeats=2",
+        "cost.warmup=1",
+        "stage_cache.enabled=false",
+        *(["experiment=tiny", "trainer=cpu", "task.subsample=null"] if args.tiny else []),
+        "pipeline.order=[prune,quantize]",
+        "pipeline.stages.prune.alpha=0",
+        "pipeline.stages.quantize.alpha=0",
+        f"+pipeline.stages.prune.max_steps={n}",
+        f"+pipeline.stages.quantize.max_steps={n}",
+    ]
     cfg = compose(base)
     with open_dict(cfg):
         cfg.paths.output_dir = str(args.out.parent / "overhead_run")
@@ -104,17 +112,34 @@ def main(argv=None) -> dict:
     # --- the plain Lightning baseline on the same data module and the same student ------------
     splits = load_task(task)
     tok = load_tokenizer(cfg_dict["teacher"]) if splits.kind == "text" else None
-    data = ClassificationDataModule(splits, tok, max_length=int(task.get("max_length") or 128),
-                                    batch_size=int(task["batch_size"]), eval_batch_size=int(task["eval_batch_size"]),
-                                    group_by_length=bool(task.get("group_by_length", True)))
-    teacher = build_model(cfg_dict["teacher"], task, "teacher") if cfg_dict["model"].get("init") == "from_teacher" else None
+    data = ClassificationDataModule(
+        splits,
+        tok,
+        max_length=int(task.get("max_length") or 128),
+        batch_size=int(task["batch_size"]),
+        eval_batch_size=int(task["eval_batch_size"]),
+        group_by_length=bool(task.get("group_by_length", True)),
+    )
+    teacher = (
+        build_model(cfg_dict["teacher"], task, "teacher")
+        if cfg_dict["model"].get("init") == "from_teacher"
+        else None
+    )
     student = build_model(cfg_dict["model"], task, "model", teacher=teacher)
 
     def plain_run() -> list[float]:
         timer = StepTimer()
-        trainer = L.Trainer(max_steps=n, callbacks=[timer], logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                            gradient_clip_val=cfg_dict["trainer"].get("gradient_clip_val"), limit_val_batches=0)
+        trainer = L.Trainer(
+            max_steps=n,
+            callbacks=[timer],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            gradient_clip_val=cfg_dict["trainer"].get("gradient_clip_val"),
+            limit_val_batches=0,
+        )
         trainer.fit(PlainModule(copy.deepcopy(student), 5e-5), datamodule=data)
         return timer.times
 
@@ -138,20 +163,34 @@ def main(argv=None) -> dict:
     plain_last = plain_run()
 
     def med(times):
-        return statistics.median(times[args.warmup:])
+        return statistics.median(times[args.warmup :])
 
     prune_t, qat_t = timers[0].times, timers[1].times
-    base_ms = statistics.median(plain_first[args.warmup:] + plain_last[args.warmup:])
-    out = {"date": time.strftime("%Y-%m-%d"), "tiny": args.tiny, "steps": args.steps, "warmup": args.warmup,
-           "threads": torch.get_num_threads(), "batch_size": int(task["batch_size"]), "model": cfg_dict["model"]["name"],
-           "task": task["name"],
-           "plain_ms": base_ms, "plain_first_ms": med(plain_first), "plain_last_ms": med(plain_last),
-           "prune_ms": med(prune_t), "qat_ms": med(qat_t),
-           "prune_ratio": med(prune_t) / base_ms, "qat_ratio": med(qat_t) / base_ms, "goal_ratio": 1.15}
+    base_ms = statistics.median(plain_first[args.warmup :] + plain_last[args.warmup :])
+    out = {
+        "date": time.strftime("%Y-%m-%d"),
+        "tiny": args.tiny,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "threads": torch.get_num_threads(),
+        "batch_size": int(task["batch_size"]),
+        "model": cfg_dict["model"]["name"],
+        "task": task["name"],
+        "plain_ms": base_ms,
+        "plain_first_ms": med(plain_first),
+        "plain_last_ms": med(plain_last),
+        "prune_ms": med(prune_t),
+        "qat_ms": med(qat_t),
+        "prune_ratio": med(prune_t) / base_ms,
+        "qat_ratio": med(qat_t) / base_ms,
+        "goal_ratio": 1.15,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
-    print(f"plain {base_ms:.1f} ms/step (first {out['plain_first_ms']:.1f}, last {out['plain_last_ms']:.1f}); "
-          f"prune {out['prune_ms']:.1f} ({out['prune_ratio']:.3f}x); QAT {out['qat_ms']:.1f} ({out['qat_ratio']:.3f}x)")
+    print(
+        f"plain {base_ms:.1f} ms/step (first {out['plain_first_ms']:.1f}, last {out['plain_last_ms']:.1f}); "
+        f"prune {out['prune_ms']:.1f} ({out['prune_ratio']:.3f}x); QAT {out['qat_ms']:.1f} ({out['qat_ratio']:.3f}x)"
+    )
     return out
 
 

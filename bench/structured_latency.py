@@ -20,7 +20,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ def default_config() -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
-    from dpq.configs import CONF_DIR
+    from dpq.core.config import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["logger=none"])
@@ -52,7 +51,7 @@ def shrink_by_magnitude(dense, sparsity: float):
     """A copy of ``dense`` with ``sparsity`` of the heads and FFN neurons of every layer removed (by L2 norm)."""
     import copy
 
-    from dpq import structured
+    from dpq.prune import structured
 
     model = copy.deepcopy(dense)
     sets = structured.find_groups(model, "heads+neurons")
@@ -65,9 +64,14 @@ def shrink_by_magnitude(dense, sparsity: float):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, nargs="?", help="run folder; omit with --shape-only")
-    ap.add_argument("--shape-only", type=float, metavar="SPARSITY", default=None,
-                    help="no run: shrink the default dense student's heads and neurons by magnitude to this "
-                         "fraction (untrained, so speed only; accuracies are not measured)")
+    ap.add_argument(
+        "--shape-only",
+        type=float,
+        metavar="SPARSITY",
+        default=None,
+        help="no run: shrink the default dense student's heads and neurons by magnitude to this "
+        "fraction (untrained, so speed only; accuracies are not measured)",
+    )
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=10)
@@ -97,37 +101,58 @@ def main(argv=None) -> dict:
     vocab = int(dense.config.vocab_size)
     stages = results["stages"] if results else []
     dense_rec = next((r for r in stages if r["kind"] == "distill"), None)
-    out = {"run": str(args.run) if results else f"shape-only {args.shape_only}", "threads": torch.get_num_threads(),
-           "seq_len": args.seq_len, "rounds": args.rounds, "per_round": args.per_round, "warmup": args.warmup,
-           "accuracy_dense": dense_rec["metrics"]["accuracy"] if dense_rec else None,
-           "accuracy_shrunk": results["final"]["accuracy"] if results else None,
-           "structure": next((r.get("structure") for r in stages if r.get("structure")), None),
-           "params_dense": cost.parameter_counts(dense)["params_total"],
-           "params_shrunk": cost.parameter_counts(shrunk)["params_total"], "batches": {}}
+    out = {
+        "run": str(args.run) if results else f"shape-only {args.shape_only}",
+        "threads": torch.get_num_threads(),
+        "seq_len": args.seq_len,
+        "rounds": args.rounds,
+        "per_round": args.per_round,
+        "warmup": args.warmup,
+        "accuracy_dense": dense_rec["metrics"]["accuracy"] if dense_rec else None,
+        "accuracy_shrunk": results["final"]["accuracy"] if results else None,
+        "structure": next((r.get("structure") for r in stages if r.get("structure")), None),
+        "params_dense": cost.parameter_counts(dense)["params_total"],
+        "params_shrunk": cost.parameter_counts(shrunk)["params_total"],
+        "batches": {},
+    }
     for b in args.batches:
         g = torch.Generator().manual_seed(0)
-        x = {"input_ids": torch.randint(0, vocab, (b, args.seq_len), generator=g),
-             "attention_mask": torch.ones(b, args.seq_len, dtype=torch.long)}
+        x = {
+            "input_ids": torch.randint(0, vocab, (b, args.seq_len), generator=g),
+            "attention_mask": torch.ones(b, args.seq_len, dtype=torch.long),
+        }
         f_dense = cost.flops(dense, {"input_ids": x["input_ids"]})["dense_gflops"]
         f_shrunk = cost.flops(shrunk, {"input_ids": x["input_ids"]})["dense_gflops"]
-        t = cost.interleaved_latency({"dense": dense, "shrunk": shrunk}, x, args.rounds, args.per_round, args.warmup)
+        t = cost.interleaved_latency(
+            {"dense": dense, "shrunk": shrunk}, x, args.rounds, args.per_round, args.warmup
+        )
         md, ms = statistics.median(t["dense"]), statistics.median(t["shrunk"])
-        out["batches"][b] = {"gflops_dense": f_dense, "gflops_shrunk": f_shrunk, "flop_ratio": f_dense / f_shrunk,
-                             "latency_ms_dense": md, "latency_ms_shrunk": ms, "speedup": md / ms,
-                             "speedup_over_flop_ratio": (md / ms) / (f_dense / f_shrunk),
-                             "latency_ms_dense_iqr": statistics.quantiles(t["dense"], n=4)[::2],
-                             "latency_ms_shrunk_iqr": statistics.quantiles(t["shrunk"], n=4)[::2]}
+        out["batches"][b] = {
+            "gflops_dense": f_dense,
+            "gflops_shrunk": f_shrunk,
+            "flop_ratio": f_dense / f_shrunk,
+            "latency_ms_dense": md,
+            "latency_ms_shrunk": ms,
+            "speedup": md / ms,
+            "speedup_over_flop_ratio": (md / ms) / (f_dense / f_shrunk),
+            "latency_ms_dense_iqr": statistics.quantiles(t["dense"], n=4)[::2],
+            "latency_ms_shrunk_iqr": statistics.quantiles(t["shrunk"], n=4)[::2],
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     if results:
         print(f"accuracy dense {out['accuracy_dense']:.4f} -> shrunk {out['accuracy_shrunk']:.4f}")
     print(f"params {out['params_dense']:,} -> {out['params_shrunk']:,}; threads {out['threads']}")
-    print(f"{'batch':>5} {'GFLOPs dense':>13} {'shrunk':>8} {'FLOP ratio':>10} {'ms dense':>9} {'ms shrunk':>9} "
-          f"{'speedup':>8} {'speedup/FLOP ratio':>18}")
+    print(
+        f"{'batch':>5} {'GFLOPs dense':>13} {'shrunk':>8} {'FLOP ratio':>10} {'ms dense':>9} {'ms shrunk':>9} "
+        f"{'speedup':>8} {'speedup/FLOP ratio':>18}"
+    )
     for b, r in out["batches"].items():
-        print(f"{b:>5} {r['gflops_dense']:>13.3f} {r['gflops_shrunk']:>8.3f} {r['flop_ratio']:>10.2f} "
-              f"{r['latency_ms_dense']:>9.2f} {r['latency_ms_shrunk']:>9.2f} {r['speedup']:>8.2f} "
-              f"{r['speedup_over_flop_ratio']:>18.2f}")
+        print(
+            f"{b:>5} {r['gflops_dense']:>13.3f} {r['gflops_shrunk']:>8.3f} {r['flop_ratio']:>10.2f} "
+            f"{r['latency_ms_dense']:>9.2f} {r['latency_ms_shrunk']:>9.2f} {r['speedup']:>8.2f} "
+            f"{r['speedup_over_flop_ratio']:>18.2f}"
+        )
     return out
 
 

@@ -4,7 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from dpq.configs import CONF_DIR
+from dpq.core.config import CONF_DIR
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -31,15 +31,15 @@ def make_cfg(tmp_path):
 
 @pytest.fixture
 def count_fits(monkeypatch):
-    """Names of the stages that really trained (``RunState.fit`` calls) during the test."""
-    from dpq.pipeline import RunState
+    """Names of the stages that really trained (``RunContext.fit`` calls) during the test."""
+    from dpq.run.context import RunContext
 
     calls = []
-    real = RunState.fit
+    real = RunContext.fit
 
-    def counting(self, model, stage, *a, **k):
+    def counting(self, state, model, stage, *a, **k):
         calls.append(stage.name)
-        return real(self, model, stage, *a, **k)
+        return real(self, state, model, stage, *a, **k)
 
-    monkeypatch.setattr(RunState, "fit", counting)
+    monkeypatch.setattr(RunContext, "fit", counting)
     return calls

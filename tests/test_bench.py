@@ -21,8 +21,22 @@ def load(name):
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    report = load("study").main(["--tiny", "--seeds", "1", "2", "--configs", "dense", "dq", "dpq_u50", "dpq_s50",
-                                 "--out", str(out), f"paths.cache_dir={out / 'cache'}"])
+    report = load("study").main(
+        [
+            "--tiny",
+            "--seeds",
+            "1",
+            "2",
+            "--configs",
+            "dense",
+            "dq",
+            "dpq_u50",
+            "dpq_s50",
+            "--out",
+            str(out),
+            f"paths.cache_dir={out / 'cache'}",
+        ]
+    )
     return out, report
 
 
@@ -50,9 +64,24 @@ def test_study_reuses_completed_runs(tiny_study):
 
 def test_structured_latency_compares_shrunk_and_dense_in_one_process(tiny_study, tmp_path):
     out, _ = tiny_study
-    res = load("structured_latency").main([str(out / "dpq_s50-s1"), "--batches", "1", "4", "--rounds", "2",
-                                           "--per-round", "2", "--warmup", "1", "--seq-len", "16",
-                                           "--out", str(tmp_path / "lat.json")])
+    res = load("structured_latency").main(
+        [
+            str(out / "dpq_s50-s1"),
+            "--batches",
+            "1",
+            "4",
+            "--rounds",
+            "2",
+            "--per-round",
+            "2",
+            "--warmup",
+            "1",
+            "--seq-len",
+            "16",
+            "--out",
+            str(tmp_path / "lat.json"),
+        ]
+    )
     for b in ("1", "4"):
         r = json.loads((tmp_path / "lat.json").read_text())["batches"][b]
         assert r["gflops_shrunk"] < r["gflops_dense"] and r["flop_ratio"] > 1
@@ -62,28 +91,70 @@ def test_structured_latency_compares_shrunk_and_dense_in_one_process(tiny_study,
 
 def test_latency_times_every_configs_saved_model_in_one_process(tiny_study, tmp_path):
     out, _ = tiny_study
-    res = load("latency").main([str(out), "--batches", "1", "3", "--rounds", "2", "--per-round", "1", "--warmup", "1",
-                                "--seq-len", "8", "--out", str(tmp_path / "lat.json")])
+    res = load("latency").main(
+        [
+            str(out),
+            "--batches",
+            "1",
+            "3",
+            "--rounds",
+            "2",
+            "--per-round",
+            "1",
+            "--warmup",
+            "1",
+            "--seq-len",
+            "8",
+            "--out",
+            str(tmp_path / "lat.json"),
+        ]
+    )
     models = res["models"]
     assert set(models) == {"teacher", "dense", "dq", "dpq_u50", "dpq_s50"}
     assert all(m["run"].endswith("-s1") for k, m in models.items())  # one run per config: the lowest seed
     for k, m in models.items():  # each reloaded model is the run's own: same accuracy record, shape
         if k != "teacher":
-            assert m["accuracy"] == json.loads((out / f"{k}-s1" / "results.json").read_text())["final"]["accuracy"]
-    assert models["dpq_s50"]["params_total"] < models["dense"]["params_total"]  # the shrunk structure was reloaded
+            assert (
+                m["accuracy"]
+                == json.loads((out / f"{k}-s1" / "results.json").read_text())["final"]["accuracy"]
+            )
+    assert (
+        models["dpq_s50"]["params_total"] < models["dense"]["params_total"]
+    )  # the shrunk structure was reloaded
     for b in ("1", "3"):
         r = res["batches"][b]
         assert r["dq"]["speedup_vs_dq"] == 1.0
         assert all(v["latency_ms_median"] > 0 for v in r.values())
-    assert json.loads((tmp_path / "lat.json").read_text())["batches"]["3"].keys() == res["batches"]["3"].keys()
+    assert (
+        json.loads((tmp_path / "lat.json").read_text())["batches"]["3"].keys() == res["batches"]["3"].keys()
+    )
     # bf16 (the GPU item's dtype) runs too, packed 4-bit and shrunk models included
-    bf = load("latency").main([str(out), "--dtype", "bfloat16", "--batches", "2", "--rounds", "1", "--per-round", "1",
-                               "--warmup", "0", "--seq-len", "8", "--out", str(tmp_path / "bf.json")])
+    bf = load("latency").main(
+        [
+            str(out),
+            "--dtype",
+            "bfloat16",
+            "--batches",
+            "2",
+            "--rounds",
+            "1",
+            "--per-round",
+            "1",
+            "--warmup",
+            "0",
+            "--seq-len",
+            "8",
+            "--out",
+            str(tmp_path / "bf.json"),
+        ]
+    )
     assert bf["dtype"] == "bfloat16" and set(bf["batches"]["2"]) == set(models)
 
 
 def test_overhead_times_plain_prune_and_qat_steps(tmp_path):
-    res = load("overhead").main(["--tiny", "--steps", "8", "--warmup", "2", "--out", str(tmp_path / "o.json")])
+    res = load("overhead").main(
+        ["--tiny", "--steps", "8", "--warmup", "2", "--out", str(tmp_path / "o.json")]
+    )
     for k in ("plain_ms", "prune_ms", "qat_ms"):
         assert res[k] > 0
     assert res["prune_ratio"] == pytest.approx(res["prune_ms"] / res["plain_ms"])

@@ -8,7 +8,7 @@ import sys
 import lightning as L
 import pytest
 
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
 from dpq.train import train
 
 
@@ -29,17 +29,42 @@ P = "pipeline.stages"
 # the case is about an output folder that already holds a run.
 CASES = [
     # stage order and stage names
-    ([TINY, "pipeline.order=[teacher,distill,prun]"], "pipeline.order[2]", "'prun'", "not a stage of this pipeline"),
-    ([TINY, "pipeline.order=[teacher,distill,quantize,prune]"], "pipeline.order", "'prune'", "quantization must be the last stage"),
+    (
+        [TINY, "pipeline.order=[teacher,distill,prun]"],
+        "pipeline.order[2]",
+        "'prun'",
+        "not a stage of this pipeline",
+    ),
+    (
+        [TINY, "pipeline.order=[teacher,distill,quantize,prune]"],
+        "pipeline.order",
+        "'prune'",
+        "quantization must be the last stage",
+    ),
     ([TINY, "pipeline.order=[distill,prune]"], "pipeline.order", "'distill'", "needs a teacher stage"),
-    ([TINY, "pipeline.order=[teacher,distill,recover]"], "pipeline.order", "'recover'", "needs a prune stage"),
+    (
+        [TINY, "pipeline.order=[teacher,distill,recover]"],
+        "pipeline.order",
+        "'recover'",
+        "needs a prune stage",
+    ),
     ([TINY, "pipeline.order=[teacher,distill,distill]"], "pipeline.order", "'distill'", "appears twice"),
     ([TINY, f"{P}.prune.kind=shrink"], f"{P}.prune.kind", "'shrink'", "unknown stage kind; allowed:"),
-    ([TINY, f"+{P}.prune.sparsity=0.3"], f"{P}.prune.sparsity", "0.3", "is not a parameter of a prune stage; allowed:"),
+    (
+        [TINY, f"+{P}.prune.sparsity=0.3"],
+        f"{P}.prune.sparsity",
+        "0.3",
+        "is not a parameter of a prune stage; allowed:",
+    ),
     # ranges and types of stage parameters
     ([TINY, f"{P}.prune.final_sparsity=1.2"], f"{P}.prune.final_sparsity", "1.2", "must be in [0, 1)"),
     ([TINY, f"{P}.prune.final_sparsity=-0.1"], f"{P}.prune.final_sparsity", "-0.1", "must be in [0, 1)"),
-    ([TINY, f"{P}.prune.initial_sparsity=0.6"], f"{P}.prune.initial_sparsity", "0.6", "must be <= final_sparsity"),
+    (
+        [TINY, f"{P}.prune.initial_sparsity=0.6"],
+        f"{P}.prune.initial_sparsity",
+        "0.6",
+        "must be <= final_sparsity",
+    ),
     ([TINY, f"{P}.prune.scope=neuron"], f"{P}.prune.scope", "'neuron'", "must be one of layer, global"),
     ([TINY, f"{P}.prune.criterion=random"], f"{P}.prune.criterion", "'random'", "must be one of magnitude"),
     ([TINY, f"{P}.distill.epochs=1.5"], f"{P}.distill.epochs", "1.5", "must be an integer"),
@@ -48,17 +73,45 @@ CASES = [
     ([TINY, f"{P}.distill.temperature=0"], f"{P}.distill.temperature", "0", "must be > 0"),
     ([TINY, f"{P}.quantize.bits=5"], f"{P}.quantize.bits", "5", "must be one of"),
     # module selectors must match modules of the student, before anything trains
-    ([TINY, f"{P}.prune.targets=re:nothing\\.here"], f"{P}.prune.targets", "'re:nothing\\\\.here'", "matches no module"),
-    ([TINY, f"{P}.prune.targets='re:(a'"], f"{P}.prune.targets", "'re:(a'", "is not a valid regular expression"),
+    (
+        [TINY, f"{P}.prune.targets=re:nothing\\.here"],
+        f"{P}.prune.targets",
+        "'re:nothing\\\\.here'",
+        "matches no module",
+    ),
+    (
+        [TINY, f"{P}.prune.targets='re:(a'"],
+        f"{P}.prune.targets",
+        "'re:(a'",
+        "is not a valid regular expression",
+    ),
     ([TINY, "model.prune_targets=re:nomatch"], "model.prune_targets", "'re:nomatch'", "matches no module"),
-    ([TINY, f"{P}.quantize.targets=re:nomatch"], f"{P}.quantize.targets", "'re:nomatch'", "matches no module"),
-    ([TINY, f"~{P}.prune.overrides", f"+{P}.prune.overrides={{re\\:nomatch:0.7}}"], f"{P}.prune.overrides.re:nomatch", "0.7",
-     "selector matches none of this stage's targets"),
+    (
+        [TINY, f"{P}.quantize.targets=re:nomatch"],
+        f"{P}.quantize.targets",
+        "'re:nomatch'",
+        "matches no module",
+    ),
+    (
+        [TINY, f"~{P}.prune.overrides", f"+{P}.prune.overrides={{re\\:nomatch:0.7}}"],
+        f"{P}.prune.overrides.re:nomatch",
+        "0.7",
+        "selector matches none of this stage's targets",
+    ),
     # models and label counts
     ([DIGITS, "model=tiny_bert"], "model", "'tiny_bert'", "needs an mlp model"),
-    ([TINY, "model.init=from_teacher", "+model.layers=[0,9]"], "model.layers", "[0, 9]", "teacher layer indices in [0, 2)"),
-    ([TINY, f"{P}.teacher.load_from={{tmp}}/three_labels"], f"{P}.teacher.load_from", "three_labels",
-     "is a 3-label model, but task 'rotten_tomatoes' has 2 labels"),
+    (
+        [TINY, "model.init=from_teacher", "+model.layers=[0,9]"],
+        "model.layers",
+        "[0, 9]",
+        "teacher layer indices in [0, 2)",
+    ),
+    (
+        [TINY, f"{P}.teacher.load_from={{tmp}}/three_labels"],
+        f"{P}.teacher.load_from",
+        "three_labels",
+        "is a 3-label model, but task 'rotten_tomatoes' has 2 labels",
+    ),
     ([TINY, "task.num_labels=1"], "task.num_labels", "1", "must be >= 2"),
     ([DIGITS, "task.num_labels=5"], "task.num_labels", "5", "labels in the data range over 0..9"),
     # the data
@@ -70,7 +123,12 @@ CASES = [
     ([TINY, "trainer.precision=12"], "trainer.precision", "12", "Allowed precision values"),
     ([TINY, "+trainer.warp_speed=9"], "trainer.warp_speed", "9", "is not a lightning.Trainer argument"),
     ([TINY, "cost.device=tpu"], "cost.device", "'tpu'", "must be one of cpu, cuda, auto"),
-    ([TINY, "logger.kind=neptune"], "logger.kind", "'neptune'", "must be one of wandb, csv, tensorboard, none"),
+    (
+        [TINY, "logger.kind=neptune"],
+        "logger.kind",
+        "'neptune'",
+        "must be one of wandb, csv, tensorboard, none",
+    ),
     # run-level switches
     ([TINY, "seed=-3"], "seed", "-3", "must be an integer >= 0"),
     ([TINY, "checkpoint.every_n_steps=-1"], "checkpoint.every_n_steps", "-1", "must be an integer >= 0"),
@@ -84,7 +142,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("overrides, key, value, allowed", CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "overrides, key, value, allowed", CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)]
+)
 def test_bad_config_fails_before_training(make_cfg, tmp_path, overrides, key, value, allowed):
     (tmp_path / "three_labels").mkdir()
     (tmp_path / "three_labels" / "config.json").write_text(json.dumps({"dpq_arch": "mlp", "num_labels": 3}))
@@ -108,19 +168,33 @@ def test_there_are_at_least_25_distinct_cases():
 
 def run_cli(tmp_path, *overrides):
     env = {**os.environ, "DPQ_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "dpq.train", *overrides], capture_output=True, text=True, timeout=300,
-                          env=env, cwd=tmp_path)
+    return subprocess.run(
+        [sys.executable, "-m", "dpq.train", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
 
 
 # Each case starts a Python process (~10 s on 2 cores): one in the fast suite, the others slow.
-@pytest.mark.parametrize("overrides, line", [
-    (["pipeline.order=[teacher,distill,quantize,prune]"], "dpq: config error: pipeline.order="),
-    pytest.param(["trainer.precision=12"], "dpq: config error: trainer.precision=12: Precision 12 is invalid",
-                 marks=pytest.mark.slow),
-    pytest.param(["resume={tmp}/run", "pipeline.stages.prune.final_sparsity=0.9"],
-                 "dpq: config error: resume='{tmp}/run': continues a run with the config it started with",
-                 marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (["pipeline.order=[teacher,distill,quantize,prune]"], "dpq: config error: pipeline.order="),
+        pytest.param(
+            ["trainer.precision=12"],
+            "dpq: config error: trainer.precision=12: Precision 12 is invalid",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["resume={tmp}/run", "pipeline.stages.prune.final_sparsity=0.9"],
+            "dpq: config error: resume='{tmp}/run': continues a run with the config it started with",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
 def test_cli_prints_one_clear_line_and_exits_2(tmp_path, overrides, line):
     overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
     proc = run_cli(tmp_path, "experiment=tiny", "logger=none", f"hydra.run.dir={tmp_path}/new", *overrides)

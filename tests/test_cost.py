@@ -107,7 +107,9 @@ def test_bert_effective_flops_scale_only_the_linear_part():
     linear_macs = []
     hooks = [
         m.register_forward_hook(
-            lambda mod, inp, out: linear_macs.append(inp[0].numel() // mod.in_features * mod.in_features * mod.out_features)
+            lambda mod, inp, out: linear_macs.append(
+                inp[0].numel() // mod.in_features * mod.in_features * mod.out_features
+            )
         )
         for m in model.modules()
         if isinstance(m, nn.Linear)
@@ -124,7 +126,9 @@ def test_bert_effective_flops_scale_only_the_linear_part():
             _zero_half(m)
     after = cost.flops(model, x)
     assert after["dense_gflops"] == pytest.approx(before["dense_gflops"])
-    assert after["effective_gflops"] * 1e9 == pytest.approx(before["dense_gflops"] * 1e9 - linear / 2, rel=1e-9)
+    assert after["effective_gflops"] * 1e9 == pytest.approx(
+        before["dense_gflops"] * 1e9 - linear / 2, rel=1e-9
+    )
     assert 0 < after["effective_gflops"] < after["dense_gflops"]
 
 
@@ -285,10 +289,27 @@ def test_measure_bert_entry_point():
     n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     out = cost.measure(model, x, prunable, latency_kwargs={"warmup": 1, "repeats": 3})
     for key in (
-        "params_total", "params_nonzero", "sparsity", "sparsity_per_layer", "dense_gflops",
-        "effective_gflops", "flops_convention", "size_bytes", "size_breakdown",
-        "latency_ms_median", "latency_ms_p90", "device", "threads", "batch_size", "seq_len",
-        "bops", "dense_bops", "bops_convention", "peak_memory_bytes", "peak_activation_bytes", "peak_memory_method",
+        "params_total",
+        "params_nonzero",
+        "sparsity",
+        "sparsity_per_layer",
+        "dense_gflops",
+        "effective_gflops",
+        "flops_convention",
+        "size_bytes",
+        "size_breakdown",
+        "latency_ms_median",
+        "latency_ms_p90",
+        "device",
+        "threads",
+        "batch_size",
+        "seq_len",
+        "bops",
+        "dense_bops",
+        "bops_convention",
+        "peak_memory_bytes",
+        "peak_activation_bytes",
+        "peak_memory_method",
     ):
         assert key in out, key
     assert out["sparsity"] == pytest.approx(0.25)
@@ -338,12 +359,26 @@ def _flop_counter_macs(model: nn.Module, x: dict) -> float:
 # (model, input shape, hand-counted multiply-adds, of which in Linear/Conv layers)
 KNOWN_LAYERS = {
     "linear": (lambda: nn.Linear(16, 8), (4, 10, 16), 4 * 10 * 16 * 8, 4 * 10 * 16 * 8),
-    "conv2d": (lambda: nn.Conv2d(3, 6, 3, padding=1), (2, 3, 8, 8), 2 * 6 * 8 * 8 * 3 * 3 * 3, 2 * 6 * 8 * 8 * 3 * 3 * 3),
+    "conv2d": (
+        lambda: nn.Conv2d(3, 6, 3, padding=1),
+        (2, 3, 8, 8),
+        2 * 6 * 8 * 8 * 3 * 3 * 3,
+        2 * 6 * 8 * 8 * 3 * 3 * 3,
+    ),
     # groups=3: each output channel sees 6/3 input channels; no padding -> 6x6 output
-    "conv2d_grouped": (lambda: nn.Conv2d(6, 6, 3, groups=3), (2, 6, 8, 8), 2 * 6 * 6 * 6 * 2 * 9, 2 * 6 * 6 * 6 * 2 * 9),
+    "conv2d_grouped": (
+        lambda: nn.Conv2d(6, 6, 3, groups=3),
+        (2, 6, 8, 8),
+        2 * 6 * 6 * 6 * 2 * 9,
+        2 * 6 * 6 * 6 * 2 * 9,
+    ),
     # B=2, L=12, d=16, 2 heads: qkv + out projections 4*B*L*d^2; QK^T and AV each B*L*L*d
-    "attention": (lambda: SelfAttention(16, 2), (2, 12, 16), 4 * 2 * 12 * 16 * 16 + 2 * 2 * 12 * 12 * 16,
-                  4 * 2 * 12 * 16 * 16),
+    "attention": (
+        lambda: SelfAttention(16, 2),
+        (2, 12, 16),
+        4 * 2 * 12 * 16 * 16 + 2 * 2 * 12 * 12 * 16,
+        4 * 2 * 12 * 16 * 16,
+    ),
 }
 
 
@@ -416,7 +451,10 @@ def test_peak_memory_cpu_counts_resident_weights_and_live_activations(capfd):
         assert out["peak_memory_bytes"] - out["peak_activation_bytes"] == params + batch * 256 * 4
         hidden = batch * 1024 * 4  # linear output and ReLU output are both alive at the peak
         assert 2 * hidden <= out["peak_activation_bytes"] <= 2 * hidden + batch * 10 * 4 + 4096
-        assert out["peak_memory_method"] == cost.PEAK_MEMORY_METHODS["cpu"] and out["peak_memory_device"] == "cpu"
+        assert (
+            out["peak_memory_method"] == cost.PEAK_MEMORY_METHODS["cpu"]
+            and out["peak_memory_device"] == "cpu"
+        )
         peaks[batch] = out["peak_activation_bytes"]
     assert peaks[64] == pytest.approx(2 * peaks[32], rel=0.05)
     assert "USDT" not in capfd.readouterr().err  # the native profiler banner is filtered
@@ -425,7 +463,9 @@ def test_peak_memory_cpu_counts_resident_weights_and_live_activations(capfd):
 def test_latency_is_reproducible_within_its_reported_spread():
     """Two measurements agree within their own spread (p90 - min) plus a margin for a shared machine."""
     torch.manual_seed(0)
-    model = FeatureModel(nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)))
+    model = FeatureModel(
+        nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    )
     x = {"features": torch.randn(16, 256)}
     attempts = []
     for _ in range(3):  # other processes share the 2 cores: a burst of load may hit one pair
@@ -442,7 +482,9 @@ def test_latency_is_reproducible_within_its_reported_spread():
 
 def test_every_measured_number_has_a_unit():
     model = FeatureModel(_mlp())
-    out = cost.measure(model, {"features": torch.randn(2, 16)}, ["body.0"], latency_kwargs={"warmup": 1, "repeats": 3})
+    out = cost.measure(
+        model, {"features": torch.randn(2, 16)}, ["body.0"], latency_kwargs={"warmup": 1, "repeats": 3}
+    )
     conditions = {"threads", "warmup", "repeats", "batch_size", "seq_len"}
     numeric = {k for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert numeric - conditions <= set(cost.UNITS), numeric - conditions - set(cost.UNITS)
@@ -468,4 +510,6 @@ def test_interleaved_latency_cycles_through_the_models_each_round():
     t = cost.interleaved_latency(models, x, rounds=3, per_round=2, warmup=1)
     assert calls == ["small", "big"] + ["small", "small", "big", "big"] * 3
     assert {k: len(v) for k, v in t.items()} == {"small": 6, "big": 6}
-    assert all(v > 0 for vs in t.values() for v in vs)  # (which is faster is a benchmark's question, not a test's)
+    assert all(
+        v > 0 for vs in t.values() for v in vs
+    )  # (which is faster is a benchmark's question, not a test's)

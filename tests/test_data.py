@@ -1,7 +1,7 @@
 import pytest
 
+from dpq.core.errors import ConfigError
 from dpq.data import ClassificationDataModule, load_task
-from dpq.errors import ConfigError
 from dpq.models import load_tokenizer
 
 

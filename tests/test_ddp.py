@@ -30,17 +30,18 @@ def _rank_main(out: Path, overrides: list[str]) -> None:
     """One rank: run the pipeline, then dump masks, quantized state and the examples it trained on."""
     sys.path.insert(0, str(HERE))
     from conftest import compose_cfg
-    from dpq.module import ClassifierModule
-    from dpq.pipeline import RunState
+
+    from dpq.distill.module import ClassifierModule
     from dpq.quant import QuantizedLinear
+    from dpq.run import RunContext, Runner
     from dpq.train import train
 
     seen: dict[str, set[int]] = {}
     holder: dict = {}
-    real_run, real_step, real_trainer = RunState.run, ClassifierModule.training_step, RunState.make_trainer
+    real_run, real_step, real_trainer = Runner.run, ClassifierModule.training_step, RunContext.make_trainer
 
     def run(self, stages):
-        holder["run"] = self
+        holder["runner"] = self
         return real_run(self, stages)
 
     def training_step(self, batch, batch_idx):
@@ -52,21 +53,27 @@ def _rank_main(out: Path, overrides: list[str]) -> None:
         holder["trainer"] = real_trainer(self, *a, **k)
         return holder["trainer"]
 
-    RunState.run, ClassifierModule.training_step, RunState.make_trainer = run, training_step, make_trainer
-    cfg = compose_cfg(out, [o for o in overrides if not o.startswith("hydra.")])  # one run folder, as under Hydra
+    Runner.run, ClassifierModule.training_step, RunContext.make_trainer = run, training_step, make_trainer
+    cfg = compose_cfg(
+        out, [o for o in overrides if not o.startswith("hydra.")]
+    )  # one run folder, as under Hydra
     results = train(cfg)
-    state, trainer = holder["run"], holder["trainer"]
+    state, trainer = holder["runner"].state, holder["trainer"]
     quantized = {}
     for name, mod in state.student.named_modules():
         if isinstance(mod, QuantizedLinear):
             quantized[name] = {k: _digest(v) for k, v in mod.state_dict().items()}
     dump = {
-        "rank": trainer.global_rank, "world_size": trainer.world_size, "pid": os.getpid(),
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "pid": os.getpid(),
         "masks": {n: _digest(m) for n, m in sorted(state.masks.items())},
         "mask_kept": {n: int(m.sum()) for n, m in sorted(state.masks.items())},
         "mask_size": {n: m.numel() for n, m in sorted(state.masks.items())},
         "quantized": quantized,
-        "zeros_match_masks": all(bool(((w := _weight(state.student, n)) == 0)[~m].all()) for n, m in state.masks.items()),
+        "zeros_match_masks": all(
+            bool((_weight(state.student, n) == 0)[~m].all()) for n, m in state.masks.items()
+        ),
         "seen": {k: sorted(v) for k, v in seen.items()},
         "final_sparsity": results["final"]["sparsity"],
     }
@@ -84,6 +91,7 @@ def _weight(model, name):
 
 # ---- fast: the configs ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name, backend, devices", [("ddp_cpu", "gloo", 2), ("ddp", "nccl", "auto")])
 def test_ddp_trainer_configs_build_a_ddp_strategy(make_cfg, name, backend, devices):
     import hydra
@@ -100,23 +108,50 @@ def test_ddp_trainer_configs_build_a_ddp_strategy(make_cfg, name, backend, devic
 
 # ---- slow: a real 2-process run ---------------------------------------------------------------
 
-DDP_RUN = ["experiment=digits", "trainer=ddp_cpu", "pipeline=dpq", "pipeline.stages.prune.criterion=movement",
-           "pipeline.stages.prune.update_every=2", "+trainer.limit_train_batches=6", "+trainer.limit_val_batches=2",
-           "+trainer.limit_test_batches=2", "cost.repeats=1", "cost.warmup=0", "logger=none"]
+DDP_RUN = [
+    "experiment=digits",
+    "trainer=ddp_cpu",
+    "pipeline=dpq",
+    "pipeline.stages.prune.criterion=movement",
+    "pipeline.stages.prune.update_every=2",
+    "+trainer.limit_train_batches=6",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+    "cost.repeats=1",
+    "cost.warmup=0",
+    "logger=none",
+]
 
 
 def _env() -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "DPQ_STAGE_CACHE_PLAN"):
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+    }
+    for k in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "NODE_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "DPQ_STAGE_CACHE_PLAN",
+    ):
         env.pop(k, None)
     return env
 
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu_ends_with_identical_masks_and_quantized_weights(tmp_path):
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(tmp_path), *DDP_RUN], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), str(tmp_path), *DDP_RUN],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     files = [tmp_path / "rank0.json", tmp_path / "rank1.json"]
     deadline = time.monotonic() + 120  # rank 1 is a child that may finish just after rank 0 exits
@@ -140,13 +175,24 @@ def test_two_process_ddp_on_cpu_ends_with_identical_masks_and_quantized_weights(
     assert r0["final_sparsity"] >= 0.5 - 1e-3  # 4-bit rounding may add zeros, never remove pruned ones
 
 
-
 @pytest.mark.slow
 def test_the_ddp_command_line_run_completes_in_one_run_folder(tmp_path):
     """``python -m dpq.train trainer=ddp_cpu``: Lightning re-runs the command for rank 1 in the same folder."""
-    proc = subprocess.run([sys.executable, "-m", "dpq.train", *DDP_RUN, f"hydra.run.dir={tmp_path / 'run'}",
-                           f"paths.cache_dir={tmp_path / 'cache'}"], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpq.train",
+            *DDP_RUN,
+            f"hydra.run.dir={tmp_path / 'run'}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "completed" and results["order"][-1] == "quantize"

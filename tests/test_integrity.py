@@ -6,31 +6,44 @@ import json
 import pytest
 import torch
 
-from dpq import integrity, snapshot
-from dpq.errors import IntegrityError, TrainingDiverged
+from dpq.core.errors import IntegrityError, TrainingDiverged
+from dpq.run import integrity, snapshot
 from dpq.train import train
 
-QUICK = ["experiment=digits", "pipeline=dp", "trainer=debug", "cost.repeats=1", "cost.warmup=0",
-         "pipeline.stages.teacher.epochs=2", "pipeline.stages.distill.epochs=2", "pipeline.stages.prune.epochs=2",
-         "pipeline.stages.recover.epochs=1"]
+QUICK = [
+    "experiment=digits",
+    "pipeline=dp",
+    "trainer=debug",
+    "cost.repeats=1",
+    "cost.warmup=0",
+    "pipeline.stages.teacher.epochs=2",
+    "pipeline.stages.distill.epochs=2",
+    "pipeline.stages.prune.epochs=2",
+    "pipeline.stages.recover.epochs=1",
+]
 
 
 def test_sparsity_check_compares_same_sized_layers_only():
     before = {"a": (50, 100), "b": (10, 40)}
     integrity.check_sparsity_kept(before, {"a": (60, 100), "b": (0, 20)}, "s")  # b was shrunk: not comparable
-    with pytest.raises(IntegrityError, match=r"lowered the sparsity of a from 0.5000 to 0.4900 \(1 pruned weights came back\)"):
+    with pytest.raises(
+        IntegrityError,
+        match=r"lowered the sparsity of a from 0.5000 to 0.4900 \(1 pruned weights came back\)",
+    ):
         integrity.check_sparsity_kept(before, {"a": (49, 100)}, "s")
 
 
-def test_weights_turned_nan_after_a_stage_stop_the_run_and_keep_the_last_good_snapshot(make_cfg, tmp_path, monkeypatch):
+def test_weights_turned_nan_after_a_stage_stop_the_run_and_keep_the_last_good_snapshot(
+    make_cfg, tmp_path, monkeypatch
+):
     from dpq.stages.prune import PruneStage
 
     real = PruneStage.run
 
-    def poisoned(self, run):
-        real(self, run)
+    def poisoned(self, state, ctx):
+        real(self, state, ctx)
         with torch.no_grad():
-            run.student.get_submodule("hidden.0").weight[0, :3] = float("nan")
+            state.student.get_submodule("hidden.0").weight[0, :3] = float("nan")
 
     monkeypatch.setattr(PruneStage, "run", poisoned)
     with pytest.raises(TrainingDiverged) as err:
@@ -47,9 +60,9 @@ def test_weights_turned_nan_after_a_stage_stop_the_run_and_keep_the_last_good_sn
 
 
 def test_a_nan_loss_mid_stage_stops_before_a_nan_checkpoint_is_written(make_cfg, tmp_path, monkeypatch):
-    import dpq.module
+    import dpq.distill.module
 
-    real = dpq.module.kd_loss
+    real = dpq.distill.module.kd_loss
     calls = {"n": 0}
 
     def nan_at_step_7(*a, **k):
@@ -57,23 +70,27 @@ def test_a_nan_loss_mid_stage_stops_before_a_nan_checkpoint_is_written(make_cfg,
         calls["n"] += 1
         return (loss * float("nan"), parts) if calls["n"] == 7 else (loss, parts)
 
-    cfg = make_cfg(*QUICK, "pipeline.stages.distill.epochs=3", "checkpoint.every_n_steps=2")  # 4 batches per epoch
+    cfg = make_cfg(
+        *QUICK, "pipeline.stages.distill.epochs=3", "checkpoint.every_n_steps=2"
+    )  # 4 batches per epoch
     # The teacher trains too; count only the distill stage's steps.
     from dpq.stages.distill import DistillStage
 
     real_run = DistillStage.run
 
-    def counted(self, run):
-        monkeypatch.setattr(dpq.module, "kd_loss", nan_at_step_7)
+    def counted(self, state, ctx):
+        monkeypatch.setattr(dpq.distill.module, "kd_loss", nan_at_step_7)
         try:
-            real_run(self, run)
+            real_run(self, state, ctx)
         finally:
-            monkeypatch.setattr(dpq.module, "kd_loss", real)
+            monkeypatch.setattr(dpq.distill.module, "kd_loss", real)
 
     monkeypatch.setattr(DistillStage, "run", counted)
     with pytest.raises(TrainingDiverged, match=r"stage 'distill', step 6: loss is nan"):
         train(cfg)
-    ckpts = sorted((tmp_path / "run" / "checkpoints" / "stage_1_distill" / "lightning" / "distill").glob("*.ckpt"))
+    ckpts = sorted(
+        (tmp_path / "run" / "checkpoints" / "stage_1_distill" / "lightning" / "distill").glob("*.ckpt")
+    )
     assert [p.name for p in ckpts] == ["step0000004.ckpt", "step0000006.ckpt"]  # the last good steps
     state = torch.load(ckpts[-1], weights_only=False)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
@@ -84,23 +101,25 @@ def test_pruned_weights_that_come_back_stop_the_run(make_cfg, tmp_path, monkeypa
 
     real = RecoverStage.run
 
-    def regrow(self, run):
-        real(self, run)
+    def regrow(self, state, ctx):
+        real(self, state, ctx)
         with torch.no_grad():
-            w = run.student.get_submodule("hidden.0").weight
-            w[~run.masks["hidden.0"]] = 0.5
+            w = state.student.get_submodule("hidden.0").weight
+            w[~state.masks["hidden.0"]] = 0.5
 
     monkeypatch.setattr(RecoverStage, "run", regrow)
-    with pytest.raises(IntegrityError, match=r"after stage 'recover': \d+ pruned weights of hidden.0 are non-zero"):
+    with pytest.raises(
+        IntegrityError, match=r"after stage 'recover': \d+ pruned weights of hidden.0 are non-zero"
+    ):
         train(make_cfg(*QUICK))
     partial = json.loads((tmp_path / "run" / "results.json").read_text())
     assert partial["status"] == "integrity_failed"
 
 
 def test_a_saved_model_that_does_not_reproduce_the_run_fails_it(make_cfg, tmp_path, monkeypatch):
-    import dpq.checkpoints
+    import dpq.run.context
 
-    real = dpq.checkpoints.load_model
+    real = dpq.run.context.load_model
 
     def drifted(*a, **k):  # an export that lost something: the reloaded model is not the trained one
         model = real(*a, **k)
@@ -108,14 +127,19 @@ def test_a_saved_model_that_does_not_reproduce_the_run_fails_it(make_cfg, tmp_pa
             model.head.weight.mul_(-1)
         return model
 
-    monkeypatch.setattr(dpq.checkpoints, "load_model", drifted)
+    monkeypatch.setattr(dpq.run.context, "load_model", drifted)
     with pytest.raises(IntegrityError, match="the saved model reloads with accuracy"):
         train(make_cfg(*QUICK))
     on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert on_disk["status"] == "integrity_failed" and on_disk["final"]["reload_accuracy"] != on_disk["final"]["accuracy"]
+    assert (
+        on_disk["status"] == "integrity_failed"
+        and on_disk["final"]["reload_accuracy"] != on_disk["final"]["accuracy"]
+    )
 
 
-def test_a_wandb_logger_whose_backend_raises_mid_run_does_not_fail_the_run(make_cfg, tmp_path, monkeypatch, caplog):
+def test_a_wandb_logger_whose_backend_raises_mid_run_does_not_fail_the_run(
+    make_cfg, tmp_path, monkeypatch, caplog
+):
     from lightning.pytorch.loggers import WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "offline")

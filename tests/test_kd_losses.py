@@ -5,17 +5,33 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification
 
-from dpq.kd_losses import (FeatureKDConfig, HiddenProjection, attention_loss, combine_teachers, feature_kd_loss,
-                           hidden_state_loss, relation_loss, resolve_layer_map, uniform_layer_map)
+from dpq.distill.features import (
+    FeatureKDConfig,
+    HiddenProjection,
+    attention_loss,
+    combine_teachers,
+    feature_kd_loss,
+    hidden_state_loss,
+    relation_loss,
+    resolve_layer_map,
+    uniform_layer_map,
+)
 
 ATOL = 1e-6
 
 
 def tiny_bert(seed: int, hidden: int = 32, layers: int = 2, heads: int = 2, attn: str = "eager"):
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=2 * hidden, num_labels=3, attn_implementation=attn,
-                     initializer_range=0.3)  # larger than BERT's 0.02, so attention is far from uniform
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        num_labels=3,
+        attn_implementation=attn,
+        initializer_range=0.3,
+    )  # larger than BERT's 0.02, so attention is far from uniform
     return BertForSequenceClassification(cfg).eval()
 
 
@@ -111,8 +127,13 @@ def test_gradients_flow_into_projection_and_student(batch, teacher_out):
     student = tiny_bert(1, hidden=16, layers=1).train()
     proj = HiddenProjection(16, 32, n_layers=1)
     out = run(student, batch)
-    loss, parts = feature_kd_loss(FeatureKDConfig(hidden=1.0, attention=1.0, relation=1.0), out, teacher_out,
-                                  batch["attention_mask"], proj)
+    loss, parts = feature_kd_loss(
+        FeatureKDConfig(hidden=1.0, attention=1.0, relation=1.0),
+        out,
+        teacher_out,
+        batch["attention_mask"],
+        proj,
+    )
     assert set(parts) == {"hidden", "attention", "relation"}
     loss.backward()
     for p in proj.parameters():
@@ -133,12 +154,16 @@ def test_different_widths_without_projection_raise(student_out, teacher_out):
 def test_hidden_loss_zero_when_equal_positive_when_different(kind, batch, teacher_out, student_out):
     mask = batch["attention_mask"]
     hs = teacher_out.hidden_states
-    same = hidden_state_loss(hs, hs, None, kind=kind, projection=HiddenProjection(32, 32, 2), attention_mask=mask)
+    same = hidden_state_loss(
+        hs, hs, None, kind=kind, projection=HiddenProjection(32, 32, 2), attention_mask=mask
+    )
     assert same.item() == pytest.approx(0.0, abs=ATOL)
     other = run(tiny_bert(5), batch).hidden_states  # same shape, other weights
     assert hidden_state_loss(other, hs, None, kind=kind, attention_mask=mask).item() > 1e-3
     proj = HiddenProjection(16, 32, 1)
-    diff = hidden_state_loss(student_out.hidden_states, hs, None, kind=kind, projection=proj, attention_mask=mask)
+    diff = hidden_state_loss(
+        student_out.hidden_states, hs, None, kind=kind, projection=proj, attention_mask=mask
+    )
     assert diff.item() > 1e-3
 
 
@@ -150,8 +175,10 @@ def test_hidden_mse_matches_formula_without_mask():
     expected = (F.mse_loss(s[1], t[2]) + F.mse_loss(s[2], t[4])) / 2
     torch.testing.assert_close(loss, expected)
     cos = hidden_state_loss(s, t, [2, 4], kind="cosine")
-    expected = ((1 - F.cosine_similarity(s[1], t[2], dim=-1)).mean()
-                + (1 - F.cosine_similarity(s[2], t[4], dim=-1)).mean()) / 2
+    expected = (
+        (1 - F.cosine_similarity(s[1], t[2], dim=-1)).mean()
+        + (1 - F.cosine_similarity(s[2], t[4], dim=-1)).mean()
+    ) / 2
     torch.testing.assert_close(cos, expected)
 
 
@@ -212,10 +239,13 @@ def test_padding_positions_are_ignored(kind):
     changed = [x.clone() for x in s]
     for x in changed:
         x[mask == 0] = 100 * torch.randn_like(x[mask == 0])
-    torch.testing.assert_close(hidden_state_loss(tuple(changed), t, None, kind=kind, attention_mask=mask), base)
+    torch.testing.assert_close(
+        hidden_state_loss(tuple(changed), t, None, kind=kind, attention_mask=mask), base
+    )
     # without the mask the change is visible, so the check above can fail
-    assert not torch.isclose(hidden_state_loss(tuple(changed), t, None, kind=kind),
-                             hidden_state_loss(tuple(s), t, None, kind=kind))
+    assert not torch.isclose(
+        hidden_state_loss(tuple(changed), t, None, kind=kind), hidden_state_loss(tuple(s), t, None, kind=kind)
+    )
 
 
 def test_attention_padding_queries_are_ignored(batch, teacher_out, student_out):

@@ -6,21 +6,30 @@ from dpq.models import build_model, student_from_teacher
 def test_student_copies_the_chosen_teacher_layers(make_cfg):
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(make_cfg("experiment=tiny", "teacher.config.num_hidden_layers=4"), resolve=True)
+    cfg = OmegaConf.to_container(
+        make_cfg("experiment=tiny", "teacher.config.num_hidden_layers=4"), resolve=True
+    )
     teacher = build_model(cfg["teacher"], cfg["task"], "teacher")
     student = student_from_teacher(teacher, [0, 3])
     assert student.config.num_hidden_layers == 2
     t, s = teacher.state_dict(), student.state_dict()
-    assert torch.equal(s["bert.encoder.layer.1.output.dense.weight"], t["bert.encoder.layer.3.output.dense.weight"])
-    assert torch.equal(s["bert.encoder.layer.0.attention.self.query.weight"], t["bert.encoder.layer.0.attention.self.query.weight"])
+    assert torch.equal(
+        s["bert.encoder.layer.1.output.dense.weight"], t["bert.encoder.layer.3.output.dense.weight"]
+    )
+    assert torch.equal(
+        s["bert.encoder.layer.0.attention.self.query.weight"],
+        t["bert.encoder.layer.0.attention.self.query.weight"],
+    )
     assert torch.equal(s["classifier.weight"], t["classifier.weight"])
-    assert torch.equal(s["bert.embeddings.word_embeddings.weight"], t["bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(
+        s["bert.embeddings.word_embeddings.weight"], t["bert.embeddings.word_embeddings.weight"]
+    )
 
 
 def test_every_kth_layer_and_bad_layer_specs():
     import pytest
 
-    from dpq.errors import ConfigError
+    from dpq.core.errors import ConfigError
     from dpq.models import resolve_layers
 
     assert resolve_layers("every_2", 6) == [0, 2, 4]

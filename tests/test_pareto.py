@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
 from dpq.pareto import OBJECTIVES, pareto_mask, parse_objectives
 from dpq.pareto.aggregate import add_objectives, merge_seeds
 from dpq.pareto.cli import main as cli_main
@@ -38,10 +38,24 @@ def test_front_ties_in_one_objective_and_exact_duplicates():
 
 def test_front_three_objectives():
     # accuracy max, GFLOPs min, latency min
-    pts = [(0.90, 1.0, 5.0), (0.90, 1.0, 4.0), (0.85, 0.5, 9.0), (0.80, 0.6, 9.5), (0.95, 2.0, 6.0), (0.80, 2.0, 1.0)]
+    pts = [
+        (0.90, 1.0, 5.0),
+        (0.90, 1.0, 4.0),
+        (0.85, 0.5, 9.0),
+        (0.80, 0.6, 9.5),
+        (0.95, 2.0, 6.0),
+        (0.80, 2.0, 1.0),
+    ]
     assert pareto_mask(pts, ["max", "min", "min"]).tolist() == [False, True, True, False, True, True]
     # dropping the third objective changes the answer: (0.80, 2.0) is then dominated
-    assert pareto_mask([p[:2] for p in pts], ["max", "min"]).tolist() == [True, True, True, False, True, False]
+    assert pareto_mask([p[:2] for p in pts], ["max", "min"]).tolist() == [
+        True,
+        True,
+        True,
+        False,
+        True,
+        False,
+    ]
 
 
 def test_front_sense_flips_the_answer():
@@ -68,7 +82,9 @@ def test_front_agrees_with_brute_force_on_random_points():
     senses = ["max", "min", "min"]
     sign = np.array([-1, 1, 1])
     m = pts * sign
-    brute = [not any((m[j] <= m[i]).all() and (m[j] < m[i]).any() for j in range(len(m))) for i in range(len(m))]
+    brute = [
+        not any((m[j] <= m[i]).all() and (m[j] < m[i]).any() for j in range(len(m))) for i in range(len(m))
+    ]
     assert pareto_mask(pts, senses).tolist() == brute
 
 
@@ -84,18 +100,23 @@ def test_step_order_follows_the_cost_direction():
 def test_objectives_by_name_with_direction_override():
     objs = parse_objectives(["accuracy", "size_mb", "latency_ms:max"])
     assert [(o.name, o.metric, o.sense, o.scale) for o in objs] == [
-        ("accuracy", "accuracy", "max", 1.0), ("size_mb", "size_bytes", "min", 1e-6),
-        ("latency_ms", "latency_ms_median", "max", 1.0)]
+        ("accuracy", "accuracy", "max", 1.0),
+        ("size_mb", "size_bytes", "min", 1e-6),
+        ("latency_ms", "latency_ms_median", "max", 1.0),
+    ]
     assert OBJECTIVES["bops"].unit == "GBOPs" and "lower is better" in OBJECTIVES["effective_gflops"].title
 
 
-@pytest.mark.parametrize("specs, match", [
-    (["accuracy", "gflops"], "effective_gflops"),  # the message lists the allowed names
-    (["accuracy"], "two or three"),
-    (["accuracy", "size_mb", "bops", "latency_ms"], "two or three"),
-    (["accuracy", "accuracy:min"], "once"),
-    (["accuracy", "size_mb:lowest"], "max or min"),
-])
+@pytest.mark.parametrize(
+    "specs, match",
+    [
+        (["accuracy", "gflops"], "effective_gflops"),  # the message lists the allowed names
+        (["accuracy"], "two or three"),
+        (["accuracy", "size_mb", "bops", "latency_ms"], "two or three"),
+        (["accuracy", "accuracy:min"], "once"),
+        (["accuracy", "size_mb:lowest"], "max or min"),
+    ],
+)
 def test_bad_objectives_are_config_errors(specs, match):
     with pytest.raises(ConfigError, match=match) as e:
         parse_objectives(specs)
@@ -105,28 +126,73 @@ def test_bad_objectives_are_config_errors(specs, match):
 # --------------------------------------------------------------------------- results.json -> points
 
 
-def fake_results(pipeline: str, seed: int, acc: float, gflops: float, sparsity: float = 0.5, bits: int = 4,
-                 teacher_acc: float = 0.95, dense_acc: float = 0.9, lr: float = 1e-3) -> dict:
+def fake_results(
+    pipeline: str,
+    seed: int,
+    acc: float,
+    gflops: float,
+    sparsity: float = 0.5,
+    bits: int = 4,
+    teacher_acc: float = 0.95,
+    dense_acc: float = 0.9,
+    lr: float = 1e-3,
+) -> dict:
     """A results.json shaped like dpq.train writes it (only what dpq.pareto reads)."""
-    orders = {"dq": ["teacher", "distill", "quantize"], "dpq": ["teacher", "distill", "prune", "recover", "quantize"],
-              "dense": ["teacher", "distill"]}
+    orders = {
+        "dq": ["teacher", "distill", "quantize"],
+        "dpq": ["teacher", "distill", "prune", "recover", "quantize"],
+        "dense": ["teacher", "distill"],
+    }
     order = orders[pipeline]
-    stages = {"teacher": {"kind": "teacher", "epochs": 2}, "distill": {"kind": "distill", "lr": lr},
-              "prune": {"kind": "prune", "final_sparsity": sparsity}, "recover": {"kind": "recover"},
-              "quantize": {"kind": "quantize", "bits": bits}}
-    cfg = {"task": {"name": "toy"}, "teacher": {"name": "big"}, "model": {"name": "small"}, "seed": seed,
-           "run_name": f"{pipeline}-s{seed}", "paths": {"output_dir": f"/x/{pipeline}{seed}"}, "logger": {"kind": "none"},
-           "cost": {"batch_size": 1}, "pipeline": {"name": pipeline, "order": order, "stages": stages}}
+    stages = {
+        "teacher": {"kind": "teacher", "epochs": 2},
+        "distill": {"kind": "distill", "lr": lr},
+        "prune": {"kind": "prune", "final_sparsity": sparsity},
+        "recover": {"kind": "recover"},
+        "quantize": {"kind": "quantize", "bits": bits},
+    }
+    cfg = {
+        "task": {"name": "toy"},
+        "teacher": {"name": "big"},
+        "model": {"name": "small"},
+        "seed": seed,
+        "run_name": f"{pipeline}-s{seed}",
+        "paths": {"output_dir": f"/x/{pipeline}{seed}"},
+        "logger": {"kind": "none"},
+        "cost": {"batch_size": 1},
+        "pipeline": {"name": pipeline, "order": order, "stages": stages},
+    }
 
     def m(a, g):
-        return {"accuracy": a, "effective_gflops": g, "size_bytes": g * 1e6, "latency_ms_median": g,
-                "bops": g * 1e9, "device": "cpu", "threads": 2, "flops_convention": "fvcore"}
+        return {
+            "accuracy": a,
+            "effective_gflops": g,
+            "size_bytes": g * 1e6,
+            "latency_ms_median": g,
+            "bops": g * 1e9,
+            "device": "cpu",
+            "threads": 2,
+            "flops_convention": "fvcore",
+        }
 
-    records = [{"stage": "teacher", "kind": "teacher", "model": "teacher", "metrics": m(teacher_acc, 10.0)},
-               {"stage": "distill", "kind": "distill", "model": "student", "metrics": m(dense_acc, 2.0)}]
-    records += [{"stage": s, "kind": stages[s]["kind"], "model": "student", "metrics": m(acc, gflops)} for s in order[2:]]
-    return {"status": "completed", "run_name": cfg["run_name"], "pipeline": pipeline, "order": order, "seed": seed,
-            "config": cfg, "stages": records, "final": {"stage": order[-1], "model": "student", **m(acc, gflops)}}
+    records = [
+        {"stage": "teacher", "kind": "teacher", "model": "teacher", "metrics": m(teacher_acc, 10.0)},
+        {"stage": "distill", "kind": "distill", "model": "student", "metrics": m(dense_acc, 2.0)},
+    ]
+    records += [
+        {"stage": s, "kind": stages[s]["kind"], "model": "student", "metrics": m(acc, gflops)}
+        for s in order[2:]
+    ]
+    return {
+        "status": "completed",
+        "run_name": cfg["run_name"],
+        "pipeline": pipeline,
+        "order": order,
+        "seed": seed,
+        "config": cfg,
+        "stages": records,
+        "final": {"stage": order[-1], "model": "student", **m(acc, gflops)},
+    }
 
 
 def write_runs(root, runs: dict[str, dict]):
@@ -143,7 +209,11 @@ def test_points_carry_final_teacher_and_dense_with_their_knobs():
     assert set(by) == {"final", "teacher", "dense"}
     assert (by["final"]["accuracy"], by["final"]["final_sparsity"], by["final"]["bits"]) == (0.88, 0.2, 4)
     assert by["final"]["label"] == "dpq 0.2 sparse 4-bit" and by["final"]["seed"] == 1
-    assert (by["teacher"]["accuracy"], by["teacher"]["final_sparsity"], by["teacher"]["bits"]) == (0.95, 0.0, None)
+    assert (by["teacher"]["accuracy"], by["teacher"]["final_sparsity"], by["teacher"]["bits"]) == (
+        0.95,
+        0.0,
+        None,
+    )
     assert by["dense"]["accuracy"] == 0.9 and by["dense"]["order"] == "teacher → distill"
     assert by["final"]["device"] == "cpu" and by["final"]["flops_convention"] == "fvcore"
 
@@ -167,12 +237,17 @@ def test_config_identity_ignores_seed_paths_and_unused_stages():
 
 
 def test_merge_seeds_mean_std_and_shared_references(tmp_path):
-    write_runs(tmp_path, {
-        "dq_s1": fake_results("dq", 1, 0.90, 1.0, dense_acc=0.91),
-        "dq_s2": fake_results("dq", 2, 0.86, 1.2, dense_acc=0.89),
-        "dq_s2_again": fake_results("dq", 2, 0.88, 1.2, dense_acc=0.89, sparsity=0.8),  # same seed once more
-        "dpq_s1": fake_results("dpq", 1, 0.84, 0.6, dense_acc=0.91),
-    })
+    write_runs(
+        tmp_path,
+        {
+            "dq_s1": fake_results("dq", 1, 0.90, 1.0, dense_acc=0.91),
+            "dq_s2": fake_results("dq", 2, 0.86, 1.2, dense_acc=0.89),
+            "dq_s2_again": fake_results(
+                "dq", 2, 0.88, 1.2, dense_acc=0.89, sparsity=0.8
+            ),  # same seed once more
+            "dpq_s1": fake_results("dpq", 1, 0.84, 0.6, dense_acc=0.91),
+        },
+    )
     runs = gather([str(tmp_path)], progress=False)
     assert len(runs[runs["kind"] == "final"]) == 4
     merged = merge_seeds(runs).set_index(["kind", "label"])
@@ -189,17 +264,24 @@ def test_merge_seeds_mean_std_and_shared_references(tmp_path):
     # objective columns in their units, std included
     pts = add_objectives(merge_seeds(runs), parse_objectives(["accuracy", "size_mb"]))
     row = pts[pts["label"] == "dq 4-bit"].iloc[0]
-    assert row["size_mb"] == pytest.approx(1.1) and row["size_mb_std"] == pytest.approx(np.std([1.0, 1.2], ddof=1))
+    assert row["size_mb"] == pytest.approx(1.1) and row["size_mb_std"] == pytest.approx(
+        np.std([1.0, 1.2], ddof=1)
+    )
 
 
 def test_find_results_folders_globs_files_and_wandb_copies(tmp_path):
-    write_runs(tmp_path / "multi", {"0_a": fake_results("dq", 1, 0.9, 1), "1_b": fake_results("dq", 2, 0.9, 1)})
+    write_runs(
+        tmp_path / "multi", {"0_a": fake_results("dq", 1, 0.9, 1), "1_b": fake_results("dq", 2, 0.9, 1)}
+    )
     (tmp_path / "multi" / "0_a" / "wandb" / "run-1" / "files").mkdir(parents=True)
     (tmp_path / "multi" / "0_a" / "wandb" / "run-1" / "files" / "results.json").write_text("{}")
     assert [p.parent.name for p in find_results([str(tmp_path / "multi")])] == ["0_a", "1_b"]
     assert len(find_results([str(tmp_path / "multi" / "*_a")])) == 1
     # the same run named twice counts once
-    assert len(find_results([str(tmp_path / "multi" / "0_a"), str(tmp_path / "multi" / "0_a" / "results.json")])) == 1
+    assert (
+        len(find_results([str(tmp_path / "multi" / "0_a"), str(tmp_path / "multi" / "0_a" / "results.json")]))
+        == 1
+    )
     with pytest.raises(ConfigError, match="no such file"):
         find_results([str(tmp_path / "nope")])
     (tmp_path / "empty").mkdir()
@@ -209,7 +291,9 @@ def test_find_results_folders_globs_files_and_wandb_copies(tmp_path):
 
 def test_unfinished_runs_are_skipped(tmp_path):
     res = fake_results("dq", 1, 0.9, 1)
-    write_runs(tmp_path, {"ok": res, "diverged": {"status": "diverged", "stages": [], "config": res["config"]}})
+    write_runs(
+        tmp_path, {"ok": res, "diverged": {"status": "diverged", "stages": [], "config": res["config"]}}
+    )
     runs = gather([str(tmp_path)], progress=False)
     assert list(runs.loc[runs["kind"] == "final", "run"]) == ["ok"]
 
@@ -223,11 +307,16 @@ def test_sweep_ids_are_told_from_paths(tmp_path):
 
 
 def grid(tmp_path):
-    return write_runs(tmp_path, {
-        "dq1": fake_results("dq", 1, 0.90, 0.68), "dq2": fake_results("dq", 2, 0.92, 0.70),
-        "a1": fake_results("dpq", 1, 0.88, 0.55, sparsity=0.2), "a2": fake_results("dpq", 2, 0.89, 0.56, sparsity=0.2),
-        "b1": fake_results("dpq", 1, 0.80, 0.30, sparsity=0.8),
-    })
+    return write_runs(
+        tmp_path,
+        {
+            "dq1": fake_results("dq", 1, 0.90, 0.68),
+            "dq2": fake_results("dq", 2, 0.92, 0.70),
+            "a1": fake_results("dpq", 1, 0.88, 0.55, sparsity=0.2),
+            "a2": fake_results("dpq", 2, 0.89, 0.56, sparsity=0.2),
+            "b1": fake_results("dpq", 1, 0.80, 0.30, sparsity=0.8),
+        },
+    )
 
 
 def test_compare_paired_by_seed(tmp_path):
@@ -250,8 +339,15 @@ def test_compare_paired_by_seed(tmp_path):
 
 
 def test_compare_unpaired_propagates_spread(tmp_path):
-    write_runs(tmp_path, {"dq1": fake_results("dq", 1, 0.90, 1.0), "dq2": fake_results("dq", 2, 0.92, 1.2),
-                          "c3": fake_results("dpq", 3, 0.85, 0.5), "c4": fake_results("dpq", 4, 0.87, 0.7)})
+    write_runs(
+        tmp_path,
+        {
+            "dq1": fake_results("dq", 1, 0.90, 1.0),
+            "dq2": fake_results("dq", 2, 0.92, 1.2),
+            "c3": fake_results("dpq", 3, 0.85, 0.5),
+            "c4": fake_results("dpq", 4, 0.87, 0.7),
+        },
+    )
     [r] = compare(gather([str(tmp_path)], references=False, progress=False), "dq", "dpq")
     assert r["pairing"].startswith("unpaired")
     sd = np.std([0.90, 0.92], ddof=1)
@@ -289,9 +385,20 @@ def test_cli_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
 
 
 def test_cli_sweep_id_offline_says_why(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "offline", "NETRC": str(tmp_path / "none")}
-    proc = subprocess.run([sys.executable, "-m", "dpq.pareto", "someone/dpq/abc123"], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=120)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "WANDB_MODE": "offline",
+        "NETRC": str(tmp_path / "none"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpq.pareto", "someone/dpq/abc123"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "needs W&B online" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -301,11 +408,18 @@ def test_cli_writes_tables_that_flag_the_front(tmp_path):
     assert cli_main([str(tmp_path / "runs"), "--no-progress", "-O", "accuracy,effective_gflops"]) == 0
     out = tmp_path / "runs" / "pareto"
     table = pd.read_csv(out / "pareto.csv")
-    assert table.equals(table) and set(pd.read_parquet(out / "pareto.parquet")["label"]) == set(table["label"])
+    assert table.equals(table) and set(pd.read_parquet(out / "pareto.parquet")["label"]) == set(
+        table["label"]
+    )
     front = dict(zip(table["label"], table["pareto"]))
     # teacher (0.95 @ 10), dense (0.9 @ 2), dq (0.91 @ 0.69), dpq 0.2 (0.885 @ 0.555), dpq 0.8 (0.80 @ 0.30)
-    assert front == {"teacher": True, "dense student": False, "dq 4-bit": True, "dpq 0.2 sparse 4-bit": True,
-                     "dpq 0.8 sparse 4-bit": True}
+    assert front == {
+        "teacher": True,
+        "dense student": False,
+        "dq 4-bit": True,
+        "dpq 0.2 sparse 4-bit": True,
+        "dpq 0.8 sparse 4-bit": True,
+    }
     assert (out / "pareto.png").stat().st_size > 10_000 and (out / "pareto.html").exists()
     assert len(pd.read_csv(out / "runs.csv").query("kind == 'final'")) == 5
 
@@ -340,9 +454,11 @@ def test_sweep_runs_are_read_through_the_wandb_api(tmp_path, monkeypatch):
             assert name == "results.json"
             return File(self.payload)
 
-    runs = [Run("r1", "finished", full, {}, {}),
-            Run("r2", "finished", None, old["config"], {"final/accuracy": 0.9, "final/effective_gflops": 0.68}),
-            Run("r3", "crashed", None, {}, {})]
+    runs = [
+        Run("r1", "finished", full, {}, {}),
+        Run("r2", "finished", None, old["config"], {"final/accuracy": 0.9, "final/effective_gflops": 0.68}),
+        Run("r3", "crashed", None, {}, {}),
+    ]
     asked = []
 
     class Api:
@@ -359,8 +475,13 @@ def test_sweep_runs_are_read_through_the_wandb_api(tmp_path, monkeypatch):
     assert asked == ["me/dpq/abc123"]
     finals = pts[pts["kind"] == "final"].set_index("run")
     assert sorted(finals.index) == ["me/dpq/r1", "me/dpq/r2"]  # the crashed run is skipped
-    assert finals.loc["me/dpq/r1", "label"] == "dpq 0.2 sparse 4-bit" and finals.loc["me/dpq/r1", "accuracy"] == 0.88
-    assert finals.loc["me/dpq/r2", "label"] == "dq 4-bit" and finals.loc["me/dpq/r2", "effective_gflops"] == 0.68
+    assert (
+        finals.loc["me/dpq/r1", "label"] == "dpq 0.2 sparse 4-bit"
+        and finals.loc["me/dpq/r1", "accuracy"] == 0.88
+    )
+    assert (
+        finals.loc["me/dpq/r2", "label"] == "dq 4-bit" and finals.loc["me/dpq/r2", "effective_gflops"] == 0.68
+    )
     assert set(pts.loc[pts["run"] == "me/dpq/r1", "kind"]) == {"final", "teacher", "dense"}
 
 
@@ -387,7 +508,7 @@ def test_point_labels_do_not_overlap_each_other_or_markers():
     boxes = [Text.get_window_extent(a, r) for a in anns]
     assert sorted(a.get_text() for a in anns) == sorted(labels)
     for i, a in enumerate(boxes):
-        for b in boxes[i + 1:]:
+        for b in boxes[i + 1 :]:
             assert not a.overlaps(b), (a, b)
     half = 3.5 * fig.dpi / 72
     marks = ax.transData.transform(list(zip(xs, ys)) + [(0.35, 0.856)])
@@ -398,5 +519,7 @@ def test_point_labels_do_not_overlap_each_other_or_markers():
     assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 for b in boxes)  # nothing cut off at the edges
     # the two points 2 px apart cannot both sit beside their marker: one label is moved and linked
     assert any(a.arrow_patch is not None for a in anns)
-    assert all(a.arrow_patch is None for a in anns if a.get_text() == labels[-1])  # a lone point keeps its label beside it
+    assert all(
+        a.arrow_patch is None for a in anns if a.get_text() == labels[-1]
+    )  # a lone point keeps its label beside it
     plt.close(fig)

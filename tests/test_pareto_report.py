@@ -21,14 +21,22 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from dpq.configs import CONF_DIR
+from dpq.core.config import CONF_DIR
 from dpq.pareto import pareto_mask, parse_objectives
 from dpq.train import train
 
 CHROMIUM = "/usr/bin/chromium"
-FAST = ["experiment=digits", "save_model=false", "cost.repeats=5", "cost.warmup=1",
-        "pipeline.stages.teacher.epochs=4", "pipeline.stages.distill.epochs=4", "pipeline.stages.prune.epochs=3",
-        "pipeline.stages.recover.epochs=1", "pipeline.stages.quantize.epochs=1"]
+FAST = [
+    "experiment=digits",
+    "save_model=false",
+    "cost.repeats=5",
+    "cost.warmup=1",
+    "pipeline.stages.teacher.epochs=4",
+    "pipeline.stages.distill.epochs=4",
+    "pipeline.stages.prune.epochs=3",
+    "pipeline.stages.recover.epochs=1",
+    "pipeline.stages.quantize.epochs=1",
+]
 # Hydra-multirun-like folder names; dq seed 2 runs with the W&B logger (offline) to check its logging.
 GRID = {
     "0_pipeline=dq,seed=1": ["pipeline=dq", "seed=1"],
@@ -41,8 +49,14 @@ GRID = {
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "dpq.pareto", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpq.pareto", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -54,7 +68,9 @@ def multirun(tmp_path_factory):
     for name, overrides in GRID.items():
         logger = [o for o in overrides if o.startswith("logger=")] or ["logger=none"]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=[*FAST, *logger, *(o for o in overrides if not o.startswith("logger="))])
+            cfg = compose(
+                "train", overrides=[*FAST, *logger, *(o for o in overrides if not o.startswith("logger="))]
+            )
         with open_dict(cfg):
             cfg.paths.output_dir = str(root / "multirun" / name)
             cfg.paths.cache_dir = str(root / "cache")
@@ -77,7 +93,12 @@ def test_tables_list_every_run_and_flag_the_front(multirun, report):
     assert pd.read_parquet(out / "pareto.parquet")[["label", "pareto"]].equals(points[["label", "pareto"]])
     # dq (2 seeds), dpq x 3, plus one teacher and one dense reference per seed-configuration
     finals = points[points["kind"] == "final"].set_index("label")
-    assert sorted(finals.index) == ["dpq 0.2 sparse 4-bit", "dpq 0.5 sparse 4-bit", "dpq 0.8 sparse 4-bit", "dq 4-bit"]
+    assert sorted(finals.index) == [
+        "dpq 0.2 sparse 4-bit",
+        "dpq 0.5 sparse 4-bit",
+        "dpq 0.8 sparse 4-bit",
+        "dq 4-bit",
+    ]
     assert finals.loc["dq 4-bit", "n_seeds"] == 2
     dq_acc = [results[n]["final"]["accuracy"] for n in GRID if "dq" in n]
     assert finals.loc["dq 4-bit", "accuracy"] == pytest.approx(np.mean(dq_acc))
@@ -87,7 +108,10 @@ def test_tables_list_every_run_and_flag_the_front(multirun, report):
     assert set(points["kind"]) == {"final", "teacher", "dense"}
     # the flag is the non-dominated set of the written numbers
     objs = parse_objectives(["accuracy", "effective_gflops"])
-    assert points["pareto"].tolist() == pareto_mask(points[["accuracy", "effective_gflops"]], ["max", "min"]).tolist()
+    assert (
+        points["pareto"].tolist()
+        == pareto_mask(points[["accuracy", "effective_gflops"]], ["max", "min"]).tolist()
+    )
     assert points["pareto"].any() and objs[0].name in points
     runs = pd.read_csv(out / "runs.csv")
     assert sorted(runs.loc[runs["kind"] == "final", "run"]) == sorted(GRID)
@@ -116,9 +140,19 @@ def test_html_is_self_contained_and_lists_every_run(report):
 
 def check_renders(html: Path, runs: list[str], tmp_path: Path, error_bars: bool = True) -> None:
     """Headless Chromium runs the page's JS: the chart is drawn and the runs table lists every run."""
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1800"]
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,1800",
+    ]
     url = html.resolve().as_uri()
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     # plotly drew the chart: its SVG, a marker per point, seed error bars, the front's step line
@@ -129,8 +163,8 @@ def check_renders(html: Path, runs: list[str], tmp_path: Path, error_bars: bool 
     assert ('class="errorbar"' in dom) == error_bars  # error bars only where a config has several seeds
     assert "Pareto front" in dom and "effective GFLOPs" in dom
     # the runs table, as rendered, lists every run
-    table = dom[dom.index('id="runs"'):]
-    body = table[table.index("<tbody>"): table.index("</table>")]
+    table = dom[dom.index('id="runs"') :]
+    body = table[table.index("<tbody>") : table.index("</table>")]
     assert len(re.findall(r"<tr[ >]", body)) == len(runs)  # one row per run
     for name in runs:
         assert f"<td>{name}</td>" in body
@@ -142,8 +176,10 @@ def check_renders(html: Path, runs: list[str], tmp_path: Path, error_bars: bool 
     assert img.shape[:2] == (1800, 1400) and img[..., :3].std() > 0.05  # something was painted
 
 
-needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                    reason=f"{CHROMIUM} not installed (Debian package 'chromium'; CI installs it)")
+needs_chromium = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM),
+    reason=f"{CHROMIUM} not installed (Debian package 'chromium'; CI installs it)",
+)
 
 
 @needs_chromium
@@ -166,8 +202,18 @@ def test_report_of_the_real_grid_renders_in_chromium(multirun, report, tmp_path)
 @pytest.mark.slow
 def test_compare_reports_deltas_and_ratios(multirun, tmp_path):
     folder, results = multirun
-    _cli("compare", "--baseline", "dq", "--candidate", "dpq", str(folder), "-o", str(tmp_path), "--no-progress",
-         cwd=tmp_path)
+    _cli(
+        "compare",
+        "--baseline",
+        "dq",
+        "--candidate",
+        "dpq",
+        str(folder),
+        "-o",
+        str(tmp_path),
+        "--no-progress",
+        cwd=tmp_path,
+    )
     payload = json.loads((tmp_path / "compare.json").read_text())
     comps = {c["candidate"]["final_sparsity"]: c for c in payload["comparisons"]}
     assert sorted(comps) == [0.2, 0.5, 0.8]
@@ -179,7 +225,11 @@ def test_compare_reports_deltas_and_ratios(multirun, tmp_path):
         for m in ("effective_gflops", "bops", "size_bytes", "latency_ms_median"):
             assert c["ratios"][m]["mean"] == pytest.approx(cand[m] / base[m]), m
         assert c["baseline"]["seeds"] == [1, 2]
-    assert comps[0.8]["ratios"]["effective_gflops"]["mean"] < comps[0.2]["ratios"]["effective_gflops"]["mean"] < 1
+    assert (
+        comps[0.8]["ratios"]["effective_gflops"]["mean"]
+        < comps[0.2]["ratios"]["effective_gflops"]["mean"]
+        < 1
+    )
 
 
 @pytest.mark.slow
@@ -193,14 +243,24 @@ def test_wandb_run_gets_table_plot_and_results(multirun):
     assert len(data["data"]) == len(results["1_pipeline=dq,seed=2"]["stages"])  # one row per stage
     assert "pareto" in data["columns"] and "accuracy" in data["columns"]
     assert glob.glob(str(files / "media" / "images" / "pareto" / "plot_*.png"))
-    assert json.loads((files / "results.json").read_text())["final"] == results["1_pipeline=dq,seed=2"]["final"]
+    assert (
+        json.loads((files / "results.json").read_text())["final"] == results["1_pipeline=dq,seed=2"]["final"]
+    )
 
 
 @pytest.mark.slow
 def test_cli_wandb_flag_logs_report_offline(multirun, tmp_path):
     folder, _ = multirun
-    _cli(str(folder), "--wandb", "-o", str(tmp_path / "rep"), "--no-progress", "-O", "accuracy,size_mb,latency_ms",
-         cwd=tmp_path)
+    _cli(
+        str(folder),
+        "--wandb",
+        "-o",
+        str(tmp_path / "rep"),
+        "--no-progress",
+        "-O",
+        "accuracy,size_mb,latency_ms",
+        cwd=tmp_path,
+    )
     [offline] = glob.glob(str(tmp_path / "rep" / "wandb" / "offline-run-*"))
     media = Path(offline) / "files" / "media"
     assert glob.glob(str(media / "table" / "pareto" / "points_*.table.json"))
@@ -238,7 +298,9 @@ def test_report_of_the_real_default_task_study_renders_in_chromium(tmp_path):
     points = pd.read_csv(out / "pareto.csv")
     by_config: dict[str, dict[str, float]] = {}  # config -> run -> its measured final accuracy
     for p in found:
-        by_config.setdefault(p.parent.name.rsplit("-s", 1)[0], {})[p.parent.name] = json.loads(p.read_text())["final"]["accuracy"]
+        by_config.setdefault(p.parent.name.rsplit("-s", 1)[0], {})[p.parent.name] = json.loads(p.read_text())[
+            "final"
+        ]["accuracy"]
     finals = points[points["kind"] == "final"]
     for config, accs in by_config.items():  # one row per config: the mean over its seeds' measured accuracies
         row = finals[finals["runs"].map(lambda r: set(r.split("; "))) == set(accs)]

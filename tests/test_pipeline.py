@@ -6,14 +6,31 @@ import pytest
 import torch
 
 from dpq.checkpoints import load_model
-from dpq.configs import list_options
+from dpq.core.config import list_options
 from dpq.quant import QuantizedLinear
 from dpq.train import train
 
 PRESETS = list_options("pipeline")
-STAGE_FIELDS = ["accuracy", "loss", "val_accuracy", "params_total", "params_nonzero", "sparsity", "dense_gflops",
-                "effective_gflops", "size_bytes", "latency_ms_median", "latency_ms_p90", "device", "threads",
-                "batch_size", "seq_len", "warmup", "repeats", "flops_convention"]
+STAGE_FIELDS = [
+    "accuracy",
+    "loss",
+    "val_accuracy",
+    "params_total",
+    "params_nonzero",
+    "sparsity",
+    "dense_gflops",
+    "effective_gflops",
+    "size_bytes",
+    "latency_ms_median",
+    "latency_ms_p90",
+    "device",
+    "threads",
+    "batch_size",
+    "seq_len",
+    "warmup",
+    "repeats",
+    "flops_convention",
+]
 
 
 def test_presets_are_the_documented_ones():
@@ -23,7 +40,9 @@ def test_presets_are_the_documented_ones():
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("experiment", ["tiny", "digits"])
 def test_every_preset_runs_a_few_steps(make_cfg, preset, experiment):
-    cfg = make_cfg(f"pipeline={preset}", f"experiment={experiment}", "trainer=debug", "cost.repeats=2", "cost.warmup=1")
+    cfg = make_cfg(
+        f"pipeline={preset}", f"experiment={experiment}", "trainer=debug", "cost.repeats=2", "cost.warmup=1"
+    )
     results = train(cfg)
     order = list(cfg.pipeline.order)
     top_level = [r["stage"].split(".")[0] for r in results["stages"]]  # spiral.r0.prune -> spiral
@@ -47,11 +66,26 @@ def dpq_run(tmp_path_factory):
 def test_results_json_has_all_fields(dpq_run):
     cfg, results, out = dpq_run
     on_disk = json.loads((out / "results.json").read_text())
-    for key in ["run_name", "pipeline", "order", "task", "seed", "git", "versions", "cost_conditions", "stages", "final",
-                "config", "model_dir", "wall_time_s"]:
+    for key in [
+        "run_name",
+        "pipeline",
+        "order",
+        "task",
+        "seed",
+        "git",
+        "versions",
+        "cost_conditions",
+        "stages",
+        "final",
+        "config",
+        "model_dir",
+        "wall_time_s",
+    ]:
         assert key in on_disk, key
     assert on_disk["config"]["pipeline"]["order"] == list(cfg.pipeline.order)
-    assert {"torch", "lightning", "transformers", "datasets", "torchmetrics", "fvcore"} <= set(on_disk["versions"])
+    assert {"torch", "lightning", "transformers", "datasets", "torchmetrics", "fvcore"} <= set(
+        on_disk["versions"]
+    )
     assert set(on_disk["git"]) == {"sha", "dirty"}
     assert [s["stage"] for s in on_disk["stages"]] == ["teacher", "distill", "prune", "recover", "quantize"]
     for rec in on_disk["stages"] + [on_disk["final"]]:
@@ -71,7 +105,9 @@ def test_quantized_model_keeps_pruned_weights_zero_and_reloads(dpq_run):
     model = load_model(dict(cfg.model), dict(cfg.task), out / "model")
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     assert qmods and all(m.bits == 4 for m in qmods.values())
-    zero_frac = sum(int((m.codes() == 0).sum()) for m in qmods.values()) / sum(m.codes().numel() for m in qmods.values())
+    zero_frac = sum(int((m.codes() == 0).sum()) for m in qmods.values()) / sum(
+        m.codes().numel() for m in qmods.values()
+    )
     assert zero_frac >= 0.5  # the pruned half is exactly zero after QAT and conversion
     # The float copy (from_pretrained alone) gives the same logits as the packed low-bit model.
     from transformers import AutoModelForSequenceClassification
@@ -88,8 +124,14 @@ def test_second_run_reuses_the_cached_teacher_and_reproduces_the_first(tmp_path)
     from conftest import compose_cfg
 
     # The stage cache off: it would restore the whole pipeline, teacher record included (tested in test_sweeps).
-    overrides = ["experiment=tiny", "pipeline=dp", "cost.repeats=1", "cost.warmup=0", "save_model=false",
-                 "stage_cache.enabled=false"]
+    overrides = [
+        "experiment=tiny",
+        "pipeline=dp",
+        "cost.repeats=1",
+        "cost.warmup=0",
+        "save_model=false",
+        "stage_cache.enabled=false",
+    ]
     runs = []
     for name in ("a", "b"):
         cfg = compose_cfg(tmp_path / name, overrides)
@@ -103,10 +145,17 @@ def test_second_run_reuses_the_cached_teacher_and_reproduces_the_first(tmp_path)
 
 
 def test_a_nan_loss_stops_the_run_with_a_clear_error(make_cfg, tmp_path):
-    from dpq.errors import TrainingDiverged
+    from dpq.core.errors import TrainingDiverged
 
-    cfg = make_cfg("experiment=digits", "pipeline=dense", "trainer=debug", "pipeline.stages.distill.lr=1e30",
-                   "pipeline.stages.distill.epochs=3", "cost.repeats=1", "cost.warmup=0")
+    cfg = make_cfg(
+        "experiment=digits",
+        "pipeline=dense",
+        "trainer=debug",
+        "pipeline.stages.distill.lr=1e30",
+        "pipeline.stages.distill.epochs=3",
+        "cost.repeats=1",
+        "cost.warmup=0",
+    )
     with pytest.raises(TrainingDiverged, match="stage 'distill'"):
         train(cfg)
     partial = json.loads((tmp_path / "run" / "results.json").read_text())

@@ -6,13 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_pruning import TARGETS, Module, Watch, fit
 from torch import nn
 
-from dpq.errors import ConfigError
-from dpq.pruning import SparsityRamp, nm_candidates, score_masks
-from dpq.schedules import SCHEDULES, make_schedule
+from dpq.core.errors import ConfigError
+from dpq.prune.callbacks import SparsityRamp
+from dpq.prune.masks import nm_candidates, score_masks
+from dpq.prune.schedules import SCHEDULES, make_schedule
 from dpq.stages.prune import PruneStage
-from test_pruning import TARGETS, Module, Watch, fit
 
 W = [[1.0, 2.0, 3.0, 4.0]]
 G = [[-1.0, 1.0, -0.1, 0.6]]  # |w*g| = [1, 2, .3, 2.4]; -w*g = [1, -2, .3, -2.4]
@@ -54,7 +55,9 @@ def test_gradient_scores_are_summed_between_updates_and_fall_back_to_magnitude_b
 
 def test_already_pruned_weights_rank_lowest_even_for_signed_scores():
     scores = {"lin": torch.tensor([[5.0, -3.0, 1.0, -1.0]])}
-    previous = {"lin": torch.tensor([[False, True, True, True]])}  # the best-scoring weight was pruned earlier
+    previous = {
+        "lin": torch.tensor([[False, True, True, True]])
+    }  # the best-scoring weight was pruned earlier
     m = score_masks(scores, 0.5, previous=previous)["lin"]
     assert not m[0, 0] and m[0, 2] and not m[0, 1]  # it stays pruned; the next lowest (-3) goes too
 
@@ -89,7 +92,9 @@ class GroupWatch(Watch):
 @pytest.mark.parametrize("criterion", ["magnitude", "movement"])
 def test_n_m_ramp_ends_exactly_2_of_4_after_a_real_fit(criterion):
     module = Module()
-    ramp = SparsityRamp("prune", TARGETS, 0.0, 0.5, update_every=3, ramp_end=0.8, criterion=criterion, n_m=(2, 4))
+    ramp = SparsityRamp(
+        "prune", TARGETS, 0.0, 0.5, update_every=3, ramp_end=0.8, criterion=criterion, n_m=(2, 4)
+    )
     watch = GroupWatch(ramp)
     fit(module, [ramp, watch])
     assert watch.violations == 0 and watch.worst <= 2
@@ -105,8 +110,9 @@ def test_n_m_needs_in_features_divisible_by_m():
 
 def test_per_layer_overrides_hit_each_layers_own_target():
     module = Module()
-    ramp = SparsityRamp("prune", TARGETS, 0.1, 0.4, update_every=4, ramp_end=0.7, criterion="taylor",
-                        finals={"hidden.1": 0.7})
+    ramp = SparsityRamp(
+        "prune", TARGETS, 0.1, 0.4, update_every=4, ramp_end=0.7, criterion="taylor", finals={"hidden.1": 0.7}
+    )
     fit(module, [ramp])
     sparsity = {n: (module.model.get_submodule(n).weight == 0).float().mean().item() for n in TARGETS}
     assert sparsity["hidden.0"] == pytest.approx(0.4, abs=1e-3)
@@ -114,16 +120,28 @@ def test_per_layer_overrides_hit_each_layers_own_target():
 
 
 def test_override_selectors_resolve_first_match_and_reject_strays():
-    cfg = PruneStage.from_config("prune", {"kind": "prune", "overrides": {"re:.*\\.1": 0.7, "hidden.0": 0.6}}).cfg
+    cfg = PruneStage.from_config(
+        "prune", {"kind": "prune", "overrides": {"re:.*\\.1": 0.7, "hidden.0": 0.6}}
+    ).cfg
     assert cfg.layer_finals(TARGETS, "k") == {"hidden.1": 0.7, "hidden.0": 0.6}
     with pytest.raises(ConfigError) as e:
-        PruneStage.from_config("prune", {"kind": "prune", "overrides": {"re:nothing.*": 0.7}}).cfg.layer_finals(TARGETS, "k")
+        PruneStage.from_config(
+            "prune", {"kind": "prune", "overrides": {"re:nothing.*": 0.7}}
+        ).cfg.layer_finals(TARGETS, "k")
     assert e.value.key == "k.overrides.re:nothing.*"
 
 
 def test_iterative_ramp_in_a_fit_takes_exactly_k_jumps():
     module = Module()
-    ramp = SparsityRamp("prune", TARGETS, 0.0, 0.6, update_every=5, ramp_end=0.75, schedule=make_schedule("iterative", iterations=3))
+    ramp = SparsityRamp(
+        "prune",
+        TARGETS,
+        0.0,
+        0.6,
+        update_every=5,
+        ramp_end=0.75,
+        schedule=make_schedule("iterative", iterations=3),
+    )
     fit(module, [ramp])
     assert sorted({round(t, 6) for _, t in ramp.history}) == [0.0, 0.2, 0.4, 0.6]
 
@@ -148,7 +166,9 @@ def test_iterative_schedule_has_exactly_k_equal_jumps(k):
 
 
 def test_linear_is_the_polynomial_with_exponent_one():
-    assert make_schedule("linear")(0.3, 0.0, 1.0) == pytest.approx(make_schedule("polynomial", exponent=1)(0.3, 0.0, 1.0))
+    assert make_schedule("linear")(0.3, 0.0, 1.0) == pytest.approx(
+        make_schedule("polynomial", exponent=1)(0.3, 0.0, 1.0)
+    )
 
 
 def test_unknown_schedule_name_is_a_value_error():
@@ -156,20 +176,23 @@ def test_unknown_schedule_name_is_a_value_error():
         make_schedule("cosine")
 
 
-@pytest.mark.parametrize("raw,key", [
-    ({"criterion": "random"}, "criterion"),
-    ({"n_m": [3, 2]}, "n_m"),
-    ({"n_m": [2]}, "n_m"),
-    ({"granularity": "block"}, "granularity"),
-    ({"granularity": "n:m", "final_sparsity": 0.3}, "final_sparsity"),
-    ({"granularity": "n:m", "overrides": {"hidden.0": 0.5}}, "overrides"),
-    ({"overrides": {"hidden.0": 0.6}, "scope": "global"}, "overrides"),
-    ({"overrides": {"hidden.0": 1.5}}, "overrides.hidden.0"),
-    ({"overrides": {"re:(": 0.5}}, "overrides.re:("),
-    ({"schedule": "cosine"}, "schedule"),
-    ({"iterations": 0, "schedule": "iterative"}, "iterations"),
-    ({"criterion": "taylor", "schedule": "one_shot"}, "criterion"),
-])
+@pytest.mark.parametrize(
+    "raw,key",
+    [
+        ({"criterion": "random"}, "criterion"),
+        ({"n_m": [3, 2]}, "n_m"),
+        ({"n_m": [2]}, "n_m"),
+        ({"granularity": "block"}, "granularity"),
+        ({"granularity": "n:m", "final_sparsity": 0.3}, "final_sparsity"),
+        ({"granularity": "n:m", "overrides": {"hidden.0": 0.5}}, "overrides"),
+        ({"overrides": {"hidden.0": 0.6}, "scope": "global"}, "overrides"),
+        ({"overrides": {"hidden.0": 1.5}}, "overrides.hidden.0"),
+        ({"overrides": {"re:(": 0.5}}, "overrides.re:("),
+        ({"schedule": "cosine"}, "schedule"),
+        ({"iterations": 0, "schedule": "iterative"}, "iterations"),
+        ({"criterion": "taylor", "schedule": "one_shot"}, "criterion"),
+    ],
+)
 def test_bad_values_are_config_errors_naming_the_key(raw, key):
     with pytest.raises(ConfigError) as e:
         PruneStage.from_config("prune", {"kind": "prune", **raw})
@@ -181,5 +204,13 @@ def test_base_config_prune_block_is_valid_and_has_the_new_keys():
     raw = conf["stages"]["prune"]
     assert {"criterion", "schedule", "iterations", "granularity", "n_m", "overrides"} <= set(raw)
     cfg = PruneStage.from_config("prune", raw).cfg
-    assert (cfg.criterion, cfg.schedule, cfg.granularity, cfg.n_m, cfg.overrides) == ("magnitude", "polynomial", "unstructured", [2, 4], {})
-    PruneStage.from_config("prune", {**raw, "granularity": "n:m", "criterion": "movement", "schedule": "iterative"})
+    assert (cfg.criterion, cfg.schedule, cfg.granularity, cfg.n_m, cfg.overrides) == (
+        "magnitude",
+        "polynomial",
+        "unstructured",
+        [2, 4],
+        {},
+    )
+    PruneStage.from_config(
+        "prune", {**raw, "granularity": "n:m", "criterion": "movement", "schedule": "iterative"}
+    )

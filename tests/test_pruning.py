@@ -4,7 +4,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dpq.pruning import MaskFreeze, SparsityRamp, apply_masks, magnitude_masks, mask_sparsity
+from dpq.prune.callbacks import MaskFreeze, SparsityRamp
+from dpq.prune.masks import apply_masks, magnitude_masks, mask_sparsity
 
 TARGETS = ["hidden.0", "hidden.1"]
 
@@ -36,7 +37,9 @@ class Module(L.LightningModule):
 
 def loader(n=160, bs=8):
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(n, 16, generator=g), torch.randint(0, 3, (n,), generator=g)), batch_size=bs)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 16, generator=g), torch.randint(0, 3, (n,), generator=g)), batch_size=bs
+    )
 
 
 class Watch(L.Callback):
@@ -52,8 +55,15 @@ class Watch(L.Callback):
 
 
 def fit(module, callbacks, epochs=1):
-    trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(module, loader())
     return trainer
 
@@ -71,7 +81,9 @@ def test_global_scope_uses_one_threshold():
     net = Net()
     with torch.no_grad():
         w = net.hidden[1].weight
-        w.copy_(w.sign() * (w.abs() + 1.0))  # layer 1 all larger than layer 0: global pruning should hit layer 0 first
+        w.copy_(
+            w.sign() * (w.abs() + 1.0)
+        )  # layer 1 all larger than layer 0: global pruning should hit layer 0 first
     masks = magnitude_masks(net, TARGETS, 0.3, scope="global")
     assert mask_sparsity(masks) == pytest.approx(0.3, abs=1e-3)
     assert (~masks["hidden.1"]).sum() == 0

@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
 from dpq.quant import (
     ActivationFakeQuant,
     QuantConfig,
@@ -44,7 +44,9 @@ def test_minmax_calibration_takes_the_max_over_n_batches_then_freezes():
 
 def test_percentile_calibration_averages_batch_percentiles():
     model = _model()
-    prepare_ptq_(model, QuantConfig(bits=8, act_bits=8, calibration="percentile", percentile=90.0, targets=["0"]))
+    prepare_ptq_(
+        model, QuantConfig(bits=8, act_bits=8, calibration="percentile", percentile=90.0, targets=["0"])
+    )
     batches = _batches()
     calibrate_(model, batches, num_batches=4, forward=lambda m, b: m(b["x"]))
     expected = sum(float(torch.quantile(b["x"].abs().flatten(), 0.9)) for b in batches[:4]) / 4
@@ -74,7 +76,10 @@ def test_percentile_weight_ranges_clip_outliers_and_keep_zeros(symmetric):
     model = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 2))
     model[0].weight.data.copy_(w)
     zeros = zero_positions(model, ["0"])
-    prepare_ptq_(model, QuantConfig(bits=4, symmetric=symmetric, calibration="percentile", percentile=95.0, targets="0"))
+    prepare_ptq_(
+        model,
+        QuantConfig(bits=4, symmetric=symmetric, calibration="percentile", percentile=95.0, targets="0"),
+    )
     convert_(model)
     check_zeros_kept(model, zeros, "ptq")
     torch.testing.assert_close(model[0].scale, s_pct)
@@ -88,31 +93,48 @@ ONE_EPOCH = [f"pipeline.stages.{s}.epochs=1" for s in ("teacher", "distill", "pr
 def test_dpq_ptq_stage_end_to_end(make_cfg):
     from dpq.train import train
 
-    cfg = make_cfg("experiment=digits", "pipeline=dpq_ptq", "trainer=debug", "cost.repeats=1", "cost.warmup=0", *ONE_EPOCH,
-                   "pipeline.stages.ptq.act_bits=8", "pipeline.stages.ptq.backend=cpu_int8",
-                   "pipeline.stages.ptq.calibration=percentile", "pipeline.stages.ptq.calibration_batches=3")
+    cfg = make_cfg(
+        "experiment=digits",
+        "pipeline=dpq_ptq",
+        "trainer=debug",
+        "cost.repeats=1",
+        "cost.warmup=0",
+        *ONE_EPOCH,
+        "pipeline.stages.ptq.act_bits=8",
+        "pipeline.stages.ptq.backend=cpu_int8",
+        "pipeline.stages.ptq.calibration=percentile",
+        "pipeline.stages.ptq.calibration_batches=3",
+    )
     results = train(cfg)
     rec = results["stages"][-1]
     assert rec["kind"] == "ptq" and rec["backend"] == "cpu_int8" and rec["calibration_batches"] == 3
     assert rec["calibration"] == "percentile" and rec["act_bits"] == 8
     m = rec["metrics"]
     assert m["backend_accuracy_delta"] == pytest.approx(m["accuracy"] - rec["fake_quant_accuracy"])
-    assert rec["backend_rel_logit_diff"] < 1e-4  # static int8 inputs: the int8 kernel reproduces the fake-quant model
+    assert (
+        rec["backend_rel_logit_diff"] < 1e-4
+    )  # static int8 inputs: the int8 kernel reproduces the fake-quant model
     assert rec["zeros"]["zeros_after"] >= rec["zeros"]["zeros_before"] > 0  # pruned weights stayed zero
     assert m["disk_data_bytes"] == m["size_bytes"] and m["disk_size_bytes"] > m["size_bytes"]
     assert results["final"]["quantized"] and results["final"]["sparsity"] >= 0.5
     assert m["size_bytes"] < results["stages"][-2]["metrics"]["size_bytes"]
 
 
-@pytest.mark.parametrize("overrides,key,message", [
-    (["pipeline.stages.ptq.calibration=kl"], "pipeline.stages.ptq.calibration", "minmax, percentile"),
-    (["pipeline.stages.ptq.calibration_batches=0"], "pipeline.stages.ptq.calibration_batches", ">= 1"),
-    (["pipeline.stages.ptq.bits=3", "pipeline.stages.ptq.backend=torchao"], "pipeline.stages.ptq.bits",
-     "3-bit weights run with backend packed"),
-    (["pipeline.order=[teacher,distill,ptq,quantize]"], "pipeline.order", "only one quantization stage"),
-])
+@pytest.mark.parametrize(
+    "overrides,key,message",
+    [
+        (["pipeline.stages.ptq.calibration=kl"], "pipeline.stages.ptq.calibration", "minmax, percentile"),
+        (["pipeline.stages.ptq.calibration_batches=0"], "pipeline.stages.ptq.calibration_batches", ">= 1"),
+        (
+            ["pipeline.stages.ptq.bits=3", "pipeline.stages.ptq.backend=torchao"],
+            "pipeline.stages.ptq.bits",
+            "3-bit weights run with backend packed",
+        ),
+        (["pipeline.order=[teacher,distill,ptq,quantize]"], "pipeline.order", "only one quantization stage"),
+    ],
+)
 def test_ptq_config_errors_before_training(make_cfg, overrides, key, message):
-    from dpq.validate import validate
+    from dpq.run.validate import validate
 
     cfg = make_cfg("experiment=digits", "pipeline=dq_ptq", *overrides)
     with pytest.raises(ConfigError, match=message) as e:

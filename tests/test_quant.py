@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from dpq import cost
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
 from dpq.quant import (
     ActivationFakeQuant,
     LSQWeightQuantizer,
     MinMaxWeightQuantizer,
     PackedLinear,
     QuantConfig,
+    QuantizationAware,
     QuantizedLinear,
     convert_,
     dequantize_,
@@ -29,7 +30,6 @@ from dpq.quant import (
     select_targets,
 )
 from dpq.quant.fake import load_quantizer_state_, quantizer_state
-from dpq.stages.quantize import QuantizationAware
 
 ENCODER_TARGETS = r"re:.*encoder\.layer\.\d+\..*"
 
@@ -37,8 +37,9 @@ ENCODER_TARGETS = r"re:.*encoder\.layer\.\d+\..*"
 def tiny_bert():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64)
+    cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     return transformers.BertForSequenceClassification(cfg).eval()
 
 
@@ -57,16 +58,19 @@ def fake_quantized_linear():
 # ---------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("bits", 5, "2, 3, 4, 8"),
-    ("granularity", "per_row", "per_tensor, per_channel, per_group"),
-    ("group_size", 1, ">= 2"),
-    ("observer", "ema", "minmax, lsq"),
-    ("act_bits", 4, "null .* or 8"),
-    ("calibration", "kl", "minmax, percentile"),
-    ("percentile", 40, r"\(50, 100\]"),
-    ("targets", "re:(", "regular expression"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("bits", 5, "2, 3, 4, 8"),
+        ("granularity", "per_row", "per_tensor, per_channel, per_group"),
+        ("group_size", 1, ">= 2"),
+        ("observer", "ema", "minmax, lsq"),
+        ("act_bits", 4, "null .* or 8"),
+        ("calibration", "kl", "minmax, percentile"),
+        ("percentile", 40, r"\(50, 100\]"),
+        ("targets", "re:(", "regular expression"),
+    ],
+)
 def test_config_errors_name_the_key(field, value, message):
     kw = {field: value}
     if field == "group_size":
@@ -108,12 +112,15 @@ def test_prepare_uses_torchao_module_shares_parameters_and_trains():
     assert prepare_qat_(model, QuantConfig(bits=4)) == []  # idempotent
 
 
-@pytest.mark.parametrize("kw,quantizer", [
-    (dict(granularity="per_tensor"), MinMaxWeightQuantizer),
-    (dict(symmetric=False), MinMaxWeightQuantizer),
-    (dict(granularity="per_group", group_size=5), MinMaxWeightQuantizer),  # 5 does not divide 6
-    (dict(observer="lsq"), LSQWeightQuantizer),
-])
+@pytest.mark.parametrize(
+    "kw,quantizer",
+    [
+        (dict(granularity="per_tensor"), MinMaxWeightQuantizer),
+        (dict(symmetric=False), MinMaxWeightQuantizer),
+        (dict(granularity="per_group", group_size=5), MinMaxWeightQuantizer),  # 5 does not divide 6
+        (dict(observer="lsq"), LSQWeightQuantizer),
+    ],
+)
 def test_dpq_quantizers_where_torchao_has_no_equivalent(kw, quantizer):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -281,10 +288,30 @@ def test_load_reads_format_1_files(tmp_path):
     codes = torch.randint(-7, 8, (4, 5), dtype=torch.int8)
     u = (codes.to(torch.int16) + 8).to(torch.uint8)
     u = torch.nn.functional.pad(u, (0, 1), value=8)
-    save_file({"0.qweight": (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous(), "0.scale": torch.full((4,), 0.5),
-               "0.bias": torch.zeros(4)}, str(tmp_path / "quantized_weights.safetensors"))
-    (tmp_path / "quantization_config.json").write_text(json.dumps({"format_version": 1, "modules": {"0": {
-        "bits": 4, "granularity": "per_channel", "in_features": 5, "out_features": 4, "bias": True}}}))
+    save_file(
+        {
+            "0.qweight": (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous(),
+            "0.scale": torch.full((4,), 0.5),
+            "0.bias": torch.zeros(4),
+        },
+        str(tmp_path / "quantized_weights.safetensors"),
+    )
+    (tmp_path / "quantization_config.json").write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "modules": {
+                    "0": {
+                        "bits": 4,
+                        "granularity": "per_channel",
+                        "in_features": 5,
+                        "out_features": 4,
+                        "bias": True,
+                    }
+                },
+            }
+        )
+    )
     model = nn.Sequential(nn.Linear(5, 4))
     assert load_quantized_(model, tmp_path) == ["0"]
     assert torch.equal(model[0].codes(), codes) and torch.equal(model[0].dequantize(), codes.float() * 0.5)
@@ -318,11 +345,18 @@ def test_lightning_resume_restores_lsq_steps_and_activation_ranges(tmp_path):
     class Peek(L.Callback):
         def on_train_start(self, trainer, pl_module):
             m = pl_module.model[0]
-            self.start = (m.weight_fake_quantizer.step.detach().clone(), m.activation_fake_quantizer.amax.clone())
+            self.start = (
+                m.weight_fake_quantizer.step.detach().clone(),
+                m.activation_fake_quantizer.amax.clone(),
+            )
 
     g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 6, generator=g),
-                                                                      torch.randint(0, 2, (32,), generator=g)), batch_size=8)
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(
+            torch.randn(32, 6, generator=g), torch.randint(0, 2, (32,), generator=g)
+        ),
+        batch_size=8,
+    )
     cfg = QuantConfig(bits=4, observer="lsq", act_bits=8, targets=["0"])
     kw = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     first = Tiny()
@@ -334,6 +368,7 @@ def test_lightning_resume_restores_lsq_steps_and_activation_ranges(tmp_path):
 
     peek = Peek()
     L.Trainer(max_steps=4, callbacks=[QuantizationAware("quantize", cfg), peek], **kw).fit(
-        Tiny(), data, ckpt_path=tmp_path / "mid.ckpt")
+        Tiny(), data, ckpt_path=tmp_path / "mid.ckpt"
+    )
     assert torch.equal(peek.start[0], trained.weight_fake_quantizer.step.detach())
     assert torch.equal(peek.start[1], trained.activation_fake_quantizer.amax)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dpq import cost
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
 from dpq.quant import (
     BACKENDS,
     QuantConfig,
@@ -28,8 +28,9 @@ ENCODER = r"re:.*encoder\.layer\.\d+\..*"
 def pruned_bert(seed=0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64)
+    cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     model = transformers.BertForSequenceClassification(cfg).eval()
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".encoder.layer." in n]
     for n in names:  # 50% magnitude pruning
@@ -62,12 +63,19 @@ CPU_CASES = [  # (backend, scheme, bits, act_bits, granularity, symmetric)
 
 
 @pytest.mark.parametrize("backend,scheme,bits,act_bits,granularity,symmetric", CPU_CASES)
-def test_convert_agrees_with_fake_quant_keeps_zeros_and_reloads(tmp_path, backend, scheme, bits, act_bits, granularity,
-                                                                symmetric):
+def test_convert_agrees_with_fake_quant_keeps_zeros_and_reloads(
+    tmp_path, backend, scheme, bits, act_bits, granularity, symmetric
+):
     model, names = pruned_bert()
     float_model = copy.deepcopy(model)
-    cfg = QuantConfig(bits=bits, act_bits=act_bits, granularity=granularity, group_size=32, symmetric=symmetric,
-                      targets=ENCODER)
+    cfg = QuantConfig(
+        bits=bits,
+        act_bits=act_bits,
+        granularity=granularity,
+        group_size=32,
+        symmetric=symmetric,
+        targets=ENCODER,
+    )
     s = resolve_scheme(backend, scheme, cfg, "quant")
     prepare_qat_(model, cfg)
     model.train()
@@ -80,8 +88,10 @@ def test_convert_agrees_with_fake_quant_keeps_zeros_and_reloads(tmp_path, backen
     assert all(type(model.get_submodule(n)).backend == backend for n in names)
     assert type(model.classifier) is nn.Linear  # the head stays float
     report = check_zeros_kept(model, zeros, "conversion")
-    assert sum(r["zeros_before"] for r in report.values()) >= sum(m.weight.numel() for m in
-                                                                   [float_model.get_submodule(n) for n in names]) // 2
+    assert (
+        sum(r["zeros_before"] for r in report.values())
+        >= sum(m.weight.numel() for m in [float_model.get_submodule(n) for n in names]) // 2
+    )
     real = logits(model)
     rel = float((real - fake).abs().max() / fake.abs().max())
     tolerance = 1e-4 if backend == "cpu_int8" and act_bits else s.tolerance
@@ -90,7 +100,9 @@ def test_convert_agrees_with_fake_quant_keeps_zeros_and_reloads(tmp_path, backen
         assert torch.equal(real, fake)
     for n in names:
         m = model.get_submodule(n)
-        assert m.weight_bits == bits and m.act_bits == (8 if backend == "cpu_int8" or scheme == "int8_dynamic" else act_bits)
+        assert m.weight_bits == bits and m.act_bits == (
+            8 if backend == "cpu_int8" or scheme == "int8_dynamic" else act_bits
+        )
 
     path = save_quantized(model, tmp_path)
     assert safetensors_data_bytes(path) == cost.size_bytes(model)["size_bytes"]
@@ -142,8 +154,9 @@ def _err(backend, scheme=None, **kw):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine")
 def test_bnb_on_cpu_fails_before_training_with_a_clear_message(make_cfg):
-    from dpq.validate import validate
     from omegaconf import OmegaConf
+
+    from dpq.run.validate import validate
 
     for scheme in ("nf4", "fp4", "int8"):
         e = _err("bnb", scheme, bits=8 if scheme == "int8" else 4)
@@ -156,17 +169,32 @@ def test_bnb_on_cpu_fails_before_training_with_a_clear_message(make_cfg):
     assert e.key == "pipeline.stages.quantize.backend" and "cuda only" in str(e)
 
 
-@pytest.mark.parametrize("backend,scheme,kw,key,message", [
-    ("torchao", None, dict(bits=3), "bits", "3-bit weights run with backend packed"),
-    ("bnb", None, dict(bits=3), "bits", "3-bit weights run with backend packed"),
-    ("torchao", "int8_dynamic", dict(bits=4), "bits", "stores 8-bit weights"),
-    ("torchao", "int8_weight_only", dict(bits=8, symmetric=False), "symmetric", "symmetric only"),
-    ("torchao", "int8_dynamic", dict(bits=8, granularity="per_group"), "granularity", "per_tensor, per_channel"),
-    ("cpu_int8", None, dict(bits=4, granularity="per_group"), "granularity", "per_tensor, per_channel"),
-    ("torchao", "int4_weight_only", dict(bits=4, granularity="per_group", group_size=48), "group_size", "32, 64, 128, 256"),
-    ("torchao", "fp8", dict(bits=8), "scheme", "int8_weight_only, int8_dynamic, int4_weight_only"),
-    ("tensorrt", None, dict(), "backend", "packed, cpu_int8, torchao, bnb"),
-])
+@pytest.mark.parametrize(
+    "backend,scheme,kw,key,message",
+    [
+        ("torchao", None, dict(bits=3), "bits", "3-bit weights run with backend packed"),
+        ("bnb", None, dict(bits=3), "bits", "3-bit weights run with backend packed"),
+        ("torchao", "int8_dynamic", dict(bits=4), "bits", "stores 8-bit weights"),
+        ("torchao", "int8_weight_only", dict(bits=8, symmetric=False), "symmetric", "symmetric only"),
+        (
+            "torchao",
+            "int8_dynamic",
+            dict(bits=8, granularity="per_group"),
+            "granularity",
+            "per_tensor, per_channel",
+        ),
+        ("cpu_int8", None, dict(bits=4, granularity="per_group"), "granularity", "per_tensor, per_channel"),
+        (
+            "torchao",
+            "int4_weight_only",
+            dict(bits=4, granularity="per_group", group_size=48),
+            "group_size",
+            "32, 64, 128, 256",
+        ),
+        ("torchao", "fp8", dict(bits=8), "scheme", "int8_weight_only, int8_dynamic, int4_weight_only"),
+        ("tensorrt", None, dict(), "backend", "packed, cpu_int8, torchao, bnb"),
+    ],
+)
 def test_unsupported_combinations_name_key_and_alternatives(backend, scheme, kw, key, message):
     e = _err(backend, scheme, **kw)
     assert e.key == f"pipeline.stages.quantize.{key}"
@@ -182,7 +210,9 @@ def test_device_and_zero_keeping_rules():
     with pytest.raises(ConfigError, match="does not keep exact zeros.*prune"):
         check_keeps_zeros("torchao", int4, ["prune"], "q")
     check_keeps_zeros("torchao", int4, [], "q")
-    assert all(s.preserves_zeros for b in BACKENDS.values() for s in b.schemes if s.name != "int4_weight_only")
+    assert all(
+        s.preserves_zeros for b in BACKENDS.values() for s in b.schemes if s.name != "int4_weight_only"
+    )
 
 
 # ---------------------------------------------------------------- bitsandbytes (needs the optional package)
@@ -201,7 +231,10 @@ def test_bnb_conversion_keeps_zeros_and_round_trips(tmp_path, scheme):
     fake = logits(model)
     zeros = zero_positions(model, names)
     bnb.convert_(model, names, scheme, "per_channel", 128, device="cpu")
-    assert all(isinstance(model.get_submodule(n), bnb.BnbLinear) for n in names) and type(model.classifier) is nn.Linear
+    assert (
+        all(isinstance(model.get_submodule(n), bnb.BnbLinear) for n in names)
+        and type(model.classifier) is nn.Linear
+    )
     check_zeros_kept(model, zeros, f"bnb {scheme}")
     real = logits(model)
     assert float((real - fake).abs().max() / fake.abs().max()) <= BACKENDS["bnb"].scheme(scheme).tolerance
@@ -210,6 +243,8 @@ def test_bnb_conversion_keeps_zeros_and_round_trips(tmp_path, scheme):
     bits = 4 if scheme != "int8" else 8
     for n in names:  # the weight itself is stored at 4 (8) bits; absmax, code books and bias come on top
         packed = model.get_submodule(n).packed_tensors()["weight"]
-        assert packed.numel() * packed.element_size() * 8 == float_model.get_submodule(n).weight.numel() * bits
+        assert (
+            packed.numel() * packed.element_size() * 8 == float_model.get_submodule(n).weight.numel() * bits
+        )
     load_quantized_(float_model, tmp_path)
     assert torch.equal(logits(float_model), real)

@@ -19,7 +19,7 @@ from torch import nn
 
 from dpq import cost
 from dpq.checkpoints import load_model, save_model
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
 from dpq.models import CNNClassifier, native_from_config
 from dpq.quant import (
     FakeQuantizedConv2d,
@@ -87,7 +87,9 @@ def prune_(model) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- numerics
 
 
-def reference(w: np.ndarray, bits: int, granularity: str, group: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+def reference(
+    w: np.ndarray, bits: int, granularity: str, group: int, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """float64 quantize-dequantize of a conv weight, written from the affine formulas on its own, and
     where ``w / scale`` is an exact tie (``k + 1/2``, which float32 may round either way).
 
@@ -125,14 +127,22 @@ def reference(w: np.ndarray, bits: int, granularity: str, group: int, symmetric:
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_fake_quant_conv_weight_and_output_match_float64_reference(bits, granularity, group, symmetric):
     torch.manual_seed(bits)
-    conv = nn.Conv2d(6, 8, 3, padding=1, groups=2, bias=True)  # filters of 3*3*3 = 27 weights: groups of 8, 8, 8, 3
+    conv = nn.Conv2d(
+        6, 8, 3, padding=1, groups=2, bias=True
+    )  # filters of 3*3*3 = 27 weights: groups of 8, 8, 8, 3
     with torch.no_grad():
         conv.weight.mul_(torch.rand(8, 1, 1, 1) * 3)  # filters of different ranges
         conv.weight[conv.weight.abs() < 0.05] = 0.0
         conv.weight[3] = 0.0  # an all-zero (pruned) filter
     holder = nn.Sequential(conv)
-    cfg = QuantConfig(bits=bits, granularity=granularity, group_size=group or 128, symmetric=symmetric, targets="0",
-                      quantize_head=True)
+    cfg = QuantConfig(
+        bits=bits,
+        granularity=granularity,
+        group_size=group or 128,
+        symmetric=symmetric,
+        targets="0",
+        quantize_head=True,
+    )
     assert prepare_qat_(holder, cfg) == ["0"]
     fq = holder[0]
     assert isinstance(fq, FakeQuantizedConv2d) and fq.weight is conv.weight
@@ -164,7 +174,9 @@ def test_prepare_qat_on_the_cnn_quantizes_convs_and_fc_not_head_and_trains_the_s
         m = model.get_submodule(n)
         assert (m.weight_bits, m.act_bits, m.quant_config.bits) == (4, 8, 4)
         assert m.weight is params[f"{n}.weight"]  # the very same Parameter objects ...
-    assert [p for g in opt.param_groups for p in g["params"]] == list(params.values())  # ... the optimizer trains
+    assert [p for g in opt.param_groups for p in g["params"]] == list(
+        params.values()
+    )  # ... the optimizer trains
     assert keys <= set(model.state_dict())  # weight / bias keys unchanged (quantizer buffers added)
 
     before = {n: model.get_submodule(n).weight.detach().clone() for n in CONVS}
@@ -191,11 +203,22 @@ def test_lsq_steps_of_a_conv_get_gradients():
 
 
 @pytest.mark.parametrize("act_bits", [None, 8])
-@pytest.mark.parametrize("granularity,symmetric", [("per_channel", True), ("per_group", False), ("per_tensor", False)])
+@pytest.mark.parametrize(
+    "granularity,symmetric", [("per_channel", True), ("per_group", False), ("per_tensor", False)]
+)
 def test_packed_conversion_reproduces_fake_quant_logits(act_bits, granularity, symmetric):
     model = cnn()
-    prepare_qat_(model, QuantConfig(bits=4, granularity=granularity, group_size=16, symmetric=symmetric,
-                                    act_bits=act_bits, targets=TARGETS))
+    prepare_qat_(
+        model,
+        QuantConfig(
+            bits=4,
+            granularity=granularity,
+            group_size=16,
+            symmetric=symmetric,
+            act_bits=act_bits,
+            targets=TARGETS,
+        ),
+    )
     x = images()
     observe(model, x)
     fq = logits(model, x)
@@ -248,8 +271,14 @@ def test_pruned_filters_and_zeros_stay_exactly_zero_through_qat_ptq_and_conversi
     for mode, symmetric in (("qat", True), ("qat", False), ("ptq", False)):
         model = cnn()
         masks = prune_(model)
-        cfg = QuantConfig(bits=bits, granularity=granularity, group_size=16, symmetric=symmetric, act_bits=8,
-                          targets=TARGETS)
+        cfg = QuantConfig(
+            bits=bits,
+            granularity=granularity,
+            group_size=16,
+            symmetric=symmetric,
+            act_bits=8,
+            targets=TARGETS,
+        )
         before = zero_positions(model, CONVS)
         if mode == "qat":
             prepare_qat_(model, cfg)
@@ -289,8 +318,11 @@ def test_pruned_filters_and_zeros_stay_exactly_zero_through_qat_ptq_and_conversi
 
 def conv_bytes_in_file(path: Path, name: str) -> int:
     with safe_open(str(path), "pt") as f:
-        return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()
-                   if k.startswith(name + "."))
+        return sum(
+            f.get_tensor(k).numel() * f.get_tensor(k).element_size()
+            for k in f.keys()
+            if k.startswith(name + ".")
+        )
 
 
 @pytest.mark.parametrize("backend", ["packed", "cpu_int8"])
@@ -309,11 +341,18 @@ def test_save_and_reload_gives_the_same_logits_at_bits_over_32_of_the_float_size
     assert type(fresh.blocks[2].conv) is type(model.blocks[2].conv)
     assert torch.equal(logits(fresh, x), q)
     meta = json.loads((tmp_path / "quantization_config.json").read_text())["modules"]["blocks.1.conv"]
-    assert (meta["module"], meta["kernel_size"], meta["in_channels"], meta["out_channels"]) == ("conv2d", [3, 3], 8, 16)
+    assert (meta["module"], meta["kernel_size"], meta["in_channels"], meta["out_channels"]) == (
+        "conv2d",
+        [3, 3],
+        8,
+        16,
+    )
     for n in CONVS[1:]:  # filters of 8*9 = 72 and 16*9 = 144 weights, no bias
         conv = model.get_submodule(n)
         k, out = conv.in_features, conv.out_features
-        packed = out * (k // 8) * bits + 4 * out + 4  # codes at `bits` per weight + a scale per filter + act scale
+        packed = (
+            out * (k // 8) * bits + 4 * out + 4
+        )  # codes at `bits` per weight + a scale per filter + act scale
         assert conv_bytes_in_file(path, n) == conv.storage_bytes() == packed
         ratio = packed / (out * k * 4)
         assert bits / 32 < ratio <= bits / 32 + 1.5 / k  # about bits/32 of float32 (scales: 1/k)
@@ -321,7 +360,9 @@ def test_save_and_reload_gives_the_same_logits_at_bits_over_32_of_the_float_size
     # Through dpq.checkpoints too: the float copy holds the dequantized convs, the low-bit modules come back.
     save_model(model, tmp_path / "ckpt")
     again = load_model({}, {}, tmp_path / "ckpt")
-    assert type(again.blocks[0].conv) is type(model.blocks[0].conv) and torch.equal(logits(again.eval(), x), q)
+    assert type(again.blocks[0].conv) is type(model.blocks[0].conv) and torch.equal(
+        logits(again.eval(), x), q
+    )
     float_copy = native_from_config(json.loads((tmp_path / "ckpt" / "config.json").read_text()))
     float_copy.load_state_dict(load_file(str(tmp_path / "ckpt" / "model.safetensors")))
     for n in CONVS:
@@ -365,7 +406,9 @@ def test_bops_size_and_flops_of_a_quantized_conv_follow_the_hand_formula(backend
     nnz = numel - 18 - 9 - 1
     dense = cost.flops(model, x)
     assert dense["dense_gflops"] * 1e9 == pytest.approx(positions * numel)
-    assert dense["effective_gflops"] * 1e9 == pytest.approx(positions * nnz)  # conv zeros are skipped (float too)
+    assert dense["effective_gflops"] * 1e9 == pytest.approx(
+        positions * nnz
+    )  # conv zeros are skipped (float too)
 
     prepare_qat_(model, QuantConfig(bits=4, act_bits=act_bits, targets="body.0", quantize_head=True))
     model.train()
@@ -381,7 +424,9 @@ def test_bops_size_and_flops_of_a_quantized_conv_follow_the_hand_formula(backend
     out = cost.bops(model, x)
     a_bits = 8 if (act_bits or backend == "cpu_int8") else 32  # cpu_int8 quantizes inputs to int8 either way
     assert (out["macs"], out["nonzero_macs"]) == (positions * numel, positions * nnz_q)
-    assert out["bops"] == positions * nnz_q * 4 * a_bits and out["dense_bops"] == positions * numel * 4 * a_bits
+    assert (
+        out["bops"] == positions * nnz_q * 4 * a_bits and out["dense_bops"] == positions * numel * 4 * a_bits
+    )
     # size: 4-bit codes (18 -> 24 padded codes = 12 bytes per filter), a float32 scale per filter, float32 bias,
     # a float32 activation scale when act_bits=8
     size = 6 * 12 + 6 * 4 + 6 * 4 + (4 if act_bits else 0)
@@ -401,10 +446,15 @@ def resolved(make_cfg, *overrides) -> dict:
 
 @pytest.mark.parametrize("pipeline,stage", [("dq", "quantize"), ("dq_ptq", "ptq")])
 def test_torchao_with_conv_targets_fails_validation_naming_the_convs(make_cfg, pipeline, stage):
-    from dpq.validate import validate
+    from dpq.run.validate import validate
 
-    cfg = resolved(make_cfg, "experiment=fashion_cnn", f"pipeline={pipeline}", f"pipeline.stages.{stage}.backend=torchao",
-                   f"pipeline.stages.{stage}.bits=8")
+    cfg = resolved(
+        make_cfg,
+        "experiment=fashion_cnn",
+        f"pipeline={pipeline}",
+        f"pipeline.stages.{stage}.backend=torchao",
+        f"pipeline.stages.{stage}.bits=8",
+    )
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     key = f"pipeline.stages.{stage}.backend"
@@ -413,8 +463,14 @@ def test_torchao_with_conv_targets_fails_validation_naming_the_convs(make_cfg, p
     assert "model.quant_targets" in msg and "blocks.0.conv, blocks.1.conv, blocks.2.conv" in msg, msg
     assert "packed or cpu_int8" in msg, msg
     # Targets that select only the linear layers are fine for torchao.
-    cfg = resolved(make_cfg, "experiment=fashion_cnn", f"pipeline={pipeline}", f"pipeline.stages.{stage}.backend=torchao",
-                   f"pipeline.stages.{stage}.bits=8", f"pipeline.stages.{stage}.targets=re:fc\\.\\d+")
+    cfg = resolved(
+        make_cfg,
+        "experiment=fashion_cnn",
+        f"pipeline={pipeline}",
+        f"pipeline.stages.{stage}.backend=torchao",
+        f"pipeline.stages.{stage}.bits=8",
+        f"pipeline.stages.{stage}.targets=re:fc\\.\\d+",
+    )
     validate(cfg)
 
 
@@ -428,25 +484,41 @@ def test_torchao_conv_targets_fail_before_training(make_cfg, monkeypatch):
 
     monkeypatch.setattr(L.Trainer, "fit", boom)
     with pytest.raises(ConfigError, match=r"blocks\.0\.conv"):
-        train(make_cfg("experiment=fashion_cnn", "pipeline=dq", "pipeline.stages.quantize.backend=torchao",
-                       "pipeline.stages.quantize.bits=8", "pipeline.stages.quantize.targets=re:blocks\\.0\\.conv"))
+        train(
+            make_cfg(
+                "experiment=fashion_cnn",
+                "pipeline=dq",
+                "pipeline.stages.quantize.backend=torchao",
+                "pipeline.stages.quantize.bits=8",
+                "pipeline.stages.quantize.targets=re:blocks\\.0\\.conv",
+            )
+        )
 
 
 def test_bnb_with_conv_targets_fails_the_model_check(make_cfg, monkeypatch):
     """No GPU here: bitsandbytes' device check is lifted, so the module-kind check is what fails."""
     from dpq.quant import backends
-    from dpq.validate import build_stages, check_models
+    from dpq.run.validate import check_models
+    from dpq.stages import build_stages
 
     monkeypatch.setattr(backends, "available_devices", lambda: {"cpu", "cuda"})
     cfg = resolved(make_cfg, "experiment=fashion_cnn", "pipeline=dq", "pipeline.stages.quantize.backend=bnb")
-    with pytest.raises(ConfigError, match=r"pipeline\.stages\.quantize\.backend='bnb': backend bnb quantizes nn\.Linear "
-                                          r"layers only.*3 nn\.Conv2d module\(s\) \(blocks\.0\.conv"):
+    with pytest.raises(
+        ConfigError,
+        match=r"pipeline\.stages\.quantize\.backend='bnb': backend bnb quantizes nn\.Linear "
+        r"layers only.*3 nn\.Conv2d module\(s\) \(blocks\.0\.conv",
+    ):
         check_models(cfg, build_stages(cfg["pipeline"]))
-    with pytest.raises(ConfigError, match=r"pipeline\.stages\.quantize\.backend='bnb'"):  # the stage's own check
-        check_module_kinds("bnb", cnn(), CONVS, "pipeline.stages.quantize", "pipeline.stages.quantize.targets", TARGETS)
+    with pytest.raises(
+        ConfigError, match=r"pipeline\.stages\.quantize\.backend='bnb'"
+    ):  # the stage's own check
+        check_module_kinds(
+            "bnb", cnn(), CONVS, "pipeline.stages.quantize", "pipeline.stages.quantize.targets", TARGETS
+        )
 
 
 # ----------------------------------------------------------------------------- pipeline
+
 
 def _have_fashion() -> bool:
     from dpq.data.sources import FASHION_MNIST_DIR, IDX_FILES
@@ -459,8 +531,16 @@ def test_fashion_cnn_dq_quantizes_the_convs(make_cfg):
     """teacher -> distill -> 4-bit QAT on 256 Fashion-MNIST images, 4 batches per stage."""
     from dpq.train import train
 
-    res = train(make_cfg("experiment=fashion_cnn", "pipeline=dq", "task.subsample=256", "trainer=debug",
-                         "cost.repeats=2", "cost.warmup=1"))
+    res = train(
+        make_cfg(
+            "experiment=fashion_cnn",
+            "pipeline=dq",
+            "task.subsample=256",
+            "trainer=debug",
+            "cost.repeats=2",
+            "cost.warmup=1",
+        )
+    )
     by = {r["stage"]: r for r in res["stages"]}
     q, dense = by["quantize"], by["distill"]
     assert q["quantized_names"] == [*CONVS, "fc.0"] and q["quantized_modules"] == 4
@@ -468,7 +548,9 @@ def test_fashion_cnn_dq_quantizes_the_convs(make_cfg):
     # cnn_small: convs 1->16, 16->32, 32->64 (3x3, no bias), fc.0 64->64. Float: 4 bytes per weight.
     k = {"blocks.0.conv": (16, 9), "blocks.1.conv": (32, 144), "blocks.2.conv": (64, 288), "fc.0": (64, 64)}
     float_bytes = sum(o * i * 4 for o, i in k.values()) + 64 * 4  # + fc.0's bias
-    packed = sum(o * (-(-i // 8) * 4 + 4) for o, i in k.values()) + 64 * 4  # 4-bit codes + a scale per row + bias
+    packed = (
+        sum(o * (-(-i // 8) * 4 + 4) for o, i in k.values()) + 64 * 4
+    )  # 4-bit codes + a scale per row + bias
     m, d = q["metrics"], dense["metrics"]
     assert m["size_breakdown"]["quantized"] == packed
     assert m["size_bytes"] == d["size_bytes"] - float_bytes + packed

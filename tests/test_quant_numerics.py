@@ -65,8 +65,13 @@ def test_fake_quant_matches_float64_reference(bits, granularity, group, symmetri
     # largest |w| of a symmetric block sits at (qmax - qmin) / 2), where float32 may round either way.
     layout = Blocks(granularity, 12, 40, group or 128)
     scale, zp = weight_qparams(w, layout, bits, symmetric)
-    ours = layout.merge(torch.clamp(torch.round(layout.split(w) * (1.0 / scale.unsqueeze(-1))) + zp.unsqueeze(-1),
-                                    -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)).numpy()
+    ours = layout.merge(
+        torch.clamp(
+            torch.round(layout.split(w) * (1.0 / scale.unsqueeze(-1))) + zp.unsqueeze(-1),
+            -(2 ** (bits - 1)),
+            2 ** (bits - 1) - 1,
+        )
+    ).numpy()
     ratio = np.abs(w.double().numpy() / np.where(scales > 0, scales, 1.0))
     tie = np.abs(ratio - np.floor(ratio) - 0.5) < 1e-5
     np.testing.assert_array_equal(ours[~tie], codes[~tie])
@@ -94,7 +99,9 @@ def test_dpq_quantizer_is_bit_identical_to_torchao(bits, granularity, group):
     w = torch.randn(16, 32)
     w[w.abs() < 0.5] = 0.0
     gran = PerAxis(0) if granularity == "per_channel" else PerGroup(group)
-    ao = IntxFakeQuantizer(IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), granularity=gran, is_symmetric=True))
+    ao = IntxFakeQuantizer(
+        IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), granularity=gran, is_symmetric=True)
+    )
     assert torch.equal(fake_quantize(w, bits, granularity, group or 128, True), ao(w))
 
 
@@ -118,16 +125,28 @@ def _pruned_mlp(seed=0):
     return model, masks
 
 
-COMBOS = [(b, g, s, o) for b, (g, s, o) in itertools.product(BITS, [
-    (g, s, "minmax") for g, s in itertools.product(LAYOUTS, [True, False])] + [(g, True, "lsq") for g in LAYOUTS])]
+COMBOS = [
+    (b, g, s, o)
+    for b, (g, s, o) in itertools.product(
+        BITS,
+        [(g, s, "minmax") for g, s in itertools.product(LAYOUTS, [True, False])]
+        + [(g, True, "lsq") for g in LAYOUTS],
+    )
+]
 
 
 @pytest.mark.parametrize("bits,layout,symmetric,observer", COMBOS)
 def test_pruned_zeros_stay_zero_through_qat_and_conversion(bits, layout, symmetric, observer):
     granularity, group = layout
     model, masks = _pruned_mlp(bits)
-    cfg = QuantConfig(bits=bits, granularity=granularity, group_size=group or 128, symmetric=symmetric,
-                      observer=observer, targets=["0", "2"])
+    cfg = QuantConfig(
+        bits=bits,
+        granularity=granularity,
+        group_size=group or 128,
+        symmetric=symmetric,
+        observer=observer,
+        targets=["0", "2"],
+    )
     zeros = zero_positions(model, list(masks))
     assert prepare_qat_(model, cfg) == ["0", "2"]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -151,7 +170,10 @@ def test_pruned_zeros_stay_zero_through_qat_and_conversion(bits, layout, symmetr
         zp = q.layout.expand(q._zero_point())
         assert torch.equal(codes[~keep], zp[~keep])  # pruned weights are stored as the zero point
         assert (q.dequantize()[~keep] == 0).all()
-        assert report[n]["zeros_before"] == int((~keep).sum()) and report[n]["zeros_after"] >= report[n]["zeros_before"]
+        assert (
+            report[n]["zeros_before"] == int((~keep).sum())
+            and report[n]["zeros_after"] >= report[n]["zeros_before"]
+        )
         assert q.nonzero_weights() == int(q.dequantize().count_nonzero())
     with torch.no_grad():
         assert torch.equal(model(x), fq)  # packed conversion reproduces the fake-quant model bit for bit

@@ -11,21 +11,36 @@ BASE = ["experiment=digits", "trainer=debug", "cost.repeats=1", "cost.warmup=0",
 
 
 def test_lsq_int8_activations_on_the_cpu_int8_backend(make_cfg, tmp_path):
-    cfg = make_cfg(*BASE, "pipeline=dpq", "logger=csv", "pipeline.stages.quantize.observer=lsq",
-                   "pipeline.stages.quantize.act_bits=8", "pipeline.stages.quantize.bits=4",
-                   "pipeline.stages.quantize.backend=cpu_int8")
+    cfg = make_cfg(
+        *BASE,
+        "pipeline=dpq",
+        "logger=csv",
+        "pipeline.stages.quantize.observer=lsq",
+        "pipeline.stages.quantize.act_bits=8",
+        "pipeline.stages.quantize.bits=4",
+        "pipeline.stages.quantize.backend=cpu_int8",
+    )
     results = train(cfg)
     rec = results["stages"][-1]
-    assert (rec["kind"], rec["backend"], rec["scheme"], rec["observer"], rec["act_bits"]) == \
-        ("quantize", "cpu_int8", "int8", "lsq", 8)
+    assert (rec["kind"], rec["backend"], rec["scheme"], rec["observer"], rec["act_bits"]) == (
+        "quantize",
+        "cpu_int8",
+        "int8",
+        "lsq",
+        8,
+    )
     m = rec["metrics"]
     assert m["backend_accuracy_delta"] == pytest.approx(m["accuracy"] - rec["fake_quant_accuracy"])
     assert rec["backend_rel_logit_diff"] < 1e-4  # same codes, same input range: integer kernel == fake quant
-    assert rec["qat_zeros"]["zeros_before"] == rec["qat_zeros"]["zeros_after"] > 0  # QAT left pruned weights at 0
+    assert (
+        rec["qat_zeros"]["zeros_before"] == rec["qat_zeros"]["zeros_after"] > 0
+    )  # QAT left pruned weights at 0
     assert rec["zeros"]["zeros_after"] >= rec["zeros"]["zeros_before"]
     assert results["final"]["sparsity"] >= 0.5 and results["final"]["quantized"]
     assert m["disk_data_bytes"] == m["size_bytes"]
-    assert results["final"]["reload_accuracy"] == pytest.approx(m["accuracy"])  # the saved model reproduces it
+    assert results["final"]["reload_accuracy"] == pytest.approx(
+        m["accuracy"]
+    )  # the saved model reproduces it
     # The fake-vs-real difference reaches the experiment tracker.
     logged = {}
     for path in (tmp_path / "run").rglob("metrics.csv"):
@@ -36,8 +51,14 @@ def test_lsq_int8_activations_on_the_cpu_int8_backend(make_cfg, tmp_path):
 
 
 def test_torchao_int8_dynamic_backend_after_quant_only_distillation(make_cfg):
-    cfg = make_cfg(*BASE, "pipeline=dq", "pipeline.stages.quantize.bits=8", "pipeline.stages.quantize.backend=torchao",
-                   "pipeline.stages.quantize.scheme=int8_dynamic", "pipeline.stages.quantize.granularity=per_tensor")
+    cfg = make_cfg(
+        *BASE,
+        "pipeline=dq",
+        "pipeline.stages.quantize.bits=8",
+        "pipeline.stages.quantize.backend=torchao",
+        "pipeline.stages.quantize.scheme=int8_dynamic",
+        "pipeline.stages.quantize.granularity=per_tensor",
+    )
     results = train(cfg)
     rec = results["stages"][-1]
     assert (rec["backend"], rec["scheme"], rec["granularity"]) == ("torchao", "int8_dynamic", "per_tensor")

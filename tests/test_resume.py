@@ -17,24 +17,43 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import compose_cfg
 from safetensors.torch import load_file
 from torch.utils.data import RandomSampler
 
-from conftest import compose_cfg
-from dpq import resume, snapshot
-from dpq.errors import ConfigError
-from dpq.pipeline import RunState
+from dpq.core.errors import ConfigError
+from dpq.run import resume, snapshot
+from dpq.run.context import RunContext
 from dpq.train import train
 
 # digits, a few batches per epoch, a mid-stage checkpoint every 3 steps. The prune ramp updates its
 # masks every 2 steps (experiment=digits), so checkpoints fall on update steps and between them.
-FAST = ["experiment=digits", "trainer.deterministic=true", "checkpoint.every_n_steps=3", "cost.repeats=1",
-        "cost.warmup=0", "+trainer.limit_train_batches=6", "pipeline.stages.teacher.epochs=2",
-        "pipeline.stages.distill.epochs=2", "pipeline.stages.prune.epochs=3", "pipeline.stages.recover.epochs=1",
-        "pipeline.stages.quantize.epochs=2"]
+FAST = [
+    "experiment=digits",
+    "trainer.deterministic=true",
+    "checkpoint.every_n_steps=3",
+    "cost.repeats=1",
+    "cost.warmup=0",
+    "+trainer.limit_train_batches=6",
+    "pipeline.stages.teacher.epochs=2",
+    "pipeline.stages.distill.epochs=2",
+    "pipeline.stages.prune.epochs=3",
+    "pipeline.stages.recover.epochs=1",
+    "pipeline.stages.quantize.epochs=2",
+]
 # Numbers that are a function of the weights (latency, peak memory and durations are measurements).
-DETERMINISTIC = ["accuracy", "loss", "val_accuracy", "val_loss", "sparsity", "params_nonzero", "params_total",
-                 "effective_gflops", "dense_gflops", "size_bytes"]
+DETERMINISTIC = [
+    "accuracy",
+    "loss",
+    "val_accuracy",
+    "val_loss",
+    "sparsity",
+    "params_nonzero",
+    "params_total",
+    "effective_gflops",
+    "dense_gflops",
+    "size_bytes",
+]
 
 
 # ---- pieces -------------------------------------------------------------------------------------
@@ -74,7 +93,10 @@ def test_atomic_checkpoint_write_leaves_the_old_file_or_the_new_one(tmp_path, mo
 
 def test_newest_readable_checkpoint_wins_and_a_truncated_one_is_set_aside(tmp_path, caplog):
     for step in (3, 6, 9):
-        torch.save({"state_dict": {"w": torch.full((4,), float(step))}, "loops": {}}, tmp_path / f"step{step:07d}.ckpt")
+        torch.save(
+            {"state_dict": {"w": torch.full((4,), float(step))}, "loops": {}},
+            tmp_path / f"step{step:07d}.ckpt",
+        )
     newest = tmp_path / "step0000009.ckpt"
     newest.write_bytes(newest.read_bytes()[:40])  # truncated
     assert resume.newest_checkpoint(tmp_path) == tmp_path / "step0000006.ckpt"
@@ -84,7 +106,7 @@ def test_newest_readable_checkpoint_wins_and_a_truncated_one_is_set_aside(tmp_pa
 
 
 def _tiny_snapshot(tmp_path):
-    from dpq.distill import TeacherLogits
+    from dpq.distill.teachers import TeacherLogits, cache_state
     from dpq.models import MLPClassifier
 
     torch.manual_seed(0)
@@ -92,10 +114,23 @@ def _tiny_snapshot(tmp_path):
     masks = {"hidden.0": torch.rand(6, 8) > 0.5}
     cache = TeacherLogits(teacher, 10, 3)
     cache(dict(features=torch.randn(4, 8)), torch.tensor([1, 3, 5, 7]))
-    manifest = {"stage_index": 2, "stage": "prune", "kind": "prune", "order": ["teacher", "distill", "prune"],
-                "quantized": False, "records": [{"stage": "teacher"}], "fit_steps": {"prune": 18}}
-    snap = snapshot.write(tmp_path / "stage_2_prune", manifest, student=student, teacher=teacher, masks=masks,
-                          teacher_logits=snapshot.cache_state([cache]))
+    manifest = {
+        "stage_index": 2,
+        "stage": "prune",
+        "kind": "prune",
+        "order": ["teacher", "distill", "prune"],
+        "quantized": False,
+        "records": [{"stage": "teacher"}],
+        "fit_steps": {"prune": 18},
+    }
+    snap = snapshot.write(
+        tmp_path / "stage_2_prune",
+        manifest,
+        student=student,
+        teacher=teacher,
+        masks=masks,
+        teacher_logits=cache_state([cache]),
+    )
     return snap, student, masks, cache
 
 
@@ -107,7 +142,9 @@ def test_snapshot_round_trip_and_every_kind_of_damage_is_detected(tmp_path):
     assert back.manifest["fit_steps"] == {"prune": 18} and back.stage_index == 2
     assert torch.equal(snapshot.load_masks(back)["hidden.0"], masks["hidden.0"])
     reloaded = load_model({"arch": "mlp"}, {}, back.path(snapshot.STUDENT))
-    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), student.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), student.state_dict().values())
+    )
     state = snapshot.load_teacher_logits(back)
     assert torch.equal(state["0.filled"], cache.filled) and torch.equal(state["0.logits"], cache.logits)
     assert snapshot.latest(tmp_path, ["teacher", "distill", "prune"]).directory == snap.directory
@@ -141,7 +178,9 @@ def test_a_new_run_never_writes_into_another_runs_folder(tmp_path):
 def test_resume_refuses_overrides_that_would_change_the_run():
     resume.check_resume_overrides("out/run", ["resume=out/run", "hydra.verbose=true"])
     with pytest.raises(ConfigError) as err:
-        resume.check_resume_overrides("out/run", ["resume=out/run", "pipeline.stages.prune.final_sparsity=0.9"])
+        resume.check_resume_overrides(
+            "out/run", ["resume=out/run", "pipeline.stages.prune.final_sparsity=0.9"]
+        )
     assert err.value.key == "resume" and "pipeline.stages.prune.final_sparsity=0.9" in str(err.value)
 
 
@@ -158,18 +197,20 @@ class Crash(L.Callback):
 
 
 def crash_in(monkeypatch, stage_name: str, step: int) -> None:
-    real = RunState.fit
+    real = RunContext.fit
 
-    def fit(self, model, stage, *a, callbacks=(), **k):
+    def fit(self, state, model, stage, *a, callbacks=(), **k):
         if stage.name == stage_name:
             callbacks = [*callbacks, Crash(step)]
-        return real(self, model, stage, *a, callbacks=callbacks, **k)
+        return real(self, state, model, stage, *a, callbacks=callbacks, **k)
 
-    monkeypatch.setattr(RunState, "fit", fit)
+    monkeypatch.setattr(RunContext, "fit", fit)
 
 
 def final_snapshot(run_dir: Path) -> snapshot.Snapshot:
-    return snapshot.latest(run_dir / "checkpoints", json.loads((run_dir / "results.json").read_text())["order"])
+    return snapshot.latest(
+        run_dir / "checkpoints", json.loads((run_dir / "results.json").read_text())["order"]
+    )
 
 
 def assert_same_run(a_dir: Path, b_dir: Path) -> None:
@@ -179,7 +220,8 @@ def assert_same_run(a_dir: Path, b_dir: Path) -> None:
     for ra, rb in zip(a["stages"], b["stages"]):
         assert ra.get("mask_updates") == rb.get("mask_updates"), (
             f"{ra['stage']}: the sparsity ramp made {rb.get('mask_updates')} mask updates after resuming, "
-            f"{ra.get('mask_updates')} uninterrupted -- SparsityRamp.on_train_start must not update masks it restored")
+            f"{ra.get('mask_updates')} uninterrupted -- SparsityRamp.on_train_start must not update masks it restored"
+        )
         for k in ("ramp", "fake_quant_accuracy"):
             assert ra.get(k) == rb.get(k), (ra["stage"], k)
         for k in DETERMINISTIC:
@@ -202,7 +244,8 @@ def reference_dp(tmp_path_factory):
 
 
 def test_killed_mid_prune_with_damaged_newest_checkpoint_and_snapshot_resumes_to_the_same_result(
-        tmp_path, monkeypatch, reference_dp, caplog):
+    tmp_path, monkeypatch, reference_dp, caplog
+):
     crash_in(monkeypatch, "prune", 13)
     with pytest.raises(RuntimeError, match="simulated kill"):
         train(compose_cfg(tmp_path, [*FAST, "pipeline=dp"]))
@@ -223,7 +266,9 @@ def test_killed_mid_prune_with_damaged_newest_checkpoint_and_snapshot_resumes_to
     assert "does not match its SHA-256" in caplog.text and "step0000012.ckpt is unreadable" in caplog.text
     # distill re-runs from the teacher snapshot; prune resumes at step 9, between two mask updates (every 2 steps)
     assert results["resumed_after"] == "teacher"
-    assert (ckpts.parent.parent / snapshot.MANIFEST).exists() and not ckpts.exists()  # mid-stage checkpoints cleaned up
+    assert (
+        ckpts.parent.parent / snapshot.MANIFEST
+    ).exists() and not ckpts.exists()  # mid-stage checkpoints cleaned up
     assert_same_run(reference_dp, run_dir)
     # Resuming a finished run changes nothing.
     again = train(compose_cfg(tmp_path / "elsewhere2", ["resume=" + str(run_dir)]))
@@ -233,8 +278,14 @@ def test_killed_mid_prune_with_damaged_newest_checkpoint_and_snapshot_resumes_to
 # ---- real kills ----------------------------------------------------------------------------------------
 def _cli(run_dir: Path, args: list[str], cache: Path) -> subprocess.Popen:
     env = {**os.environ, "DPQ_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.Popen([sys.executable, "-m", "dpq.train", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=run_dir.parent)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dpq.train", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=run_dir.parent,
+    )
 
 
 def _kill_when(proc: subprocess.Popen, folder: Path, timeout: float = 400) -> None:
@@ -273,6 +324,8 @@ def test_sigkill_during_prune_and_during_quantize_then_resume_gives_the_uninterr
     proc = _cli(run_dir, [f"resume={run_dir}"], cache)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    assert (run_dir / ".hydra" / "config.yaml").exists() and len(list((run_dir / ".hydra").glob("resume-*"))) >= 1
+    assert (run_dir / ".hydra" / "config.yaml").exists() and len(
+        list((run_dir / ".hydra").glob("resume-*"))
+    ) >= 1
     assert json.loads((run_dir / "results.json").read_text())["resumed_after"] == "recover"
     assert_same_run(tmp_path / "ref" / "run", run_dir)

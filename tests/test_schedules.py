@@ -1,6 +1,6 @@
 import pytest
 
-from dpq.schedules import polynomial_sparsity, ramp_progress
+from dpq.prune.schedules import polynomial_sparsity, ramp_progress
 
 
 @pytest.mark.parametrize("exponent", [1, 3])

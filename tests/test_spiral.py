@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
 from dpq.stages.spiral import SpiralConfig
 from dpq.train import train
 
@@ -19,16 +19,32 @@ def test_spiral_three_rounds_raise_sparsity_monotonically_and_list_rounds(make_c
     assert sparsities == pytest.approx([1 / 6, 2 / 6, 3 / 6], abs=1e-3)
     assert all(b > a for a, b in zip(sparsities, sparsities[1:]))
     names = [s["stage"] for s in results["stages"]]
-    assert names == ["teacher", "distill", "spiral.r0.prune", "spiral.r0.distill", "spiral.r1.prune",
-                     "spiral.r1.distill", "spiral.r2.prune", "spiral.r2.distill", "quantize"]
+    assert names == [
+        "teacher",
+        "distill",
+        "spiral.r0.prune",
+        "spiral.r0.distill",
+        "spiral.r1.prune",
+        "spiral.r1.distill",
+        "spiral.r2.prune",
+        "spiral.r2.distill",
+        "quantize",
+    ]
     assert results["final"]["quantized"] and results["final"]["sparsity"] >= 0.5 - 1e-3
 
 
 @pytest.mark.parametrize("mode", ["original", "both"])
 def test_spiral_teacher_modes_run(make_cfg, mode):
-    cfg = make_cfg("experiment=tiny", "pipeline=spiral", f"pipeline.stages.spiral.teacher_mode={mode}",
-                   "pipeline.stages.spiral.rounds=2", "pipeline.order=[teacher,distill,spiral]", "cost.repeats=1",
-                   "cost.warmup=0", "save_model=false")
+    cfg = make_cfg(
+        "experiment=tiny",
+        "pipeline=spiral",
+        f"pipeline.stages.spiral.teacher_mode={mode}",
+        "pipeline.stages.spiral.rounds=2",
+        "pipeline.order=[teacher,distill,spiral]",
+        "cost.repeats=1",
+        "cost.warmup=0",
+        "save_model=false",
+    )
     results = train(cfg)
     assert [r["round"] for r in results["rounds"]] == [0, 1]
     assert all(r["teacher_mode"] == mode for r in results["rounds"])

@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import compose_cfg
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg
-from dpq import stage_cache
-from dpq.stage_cache import MANIFEST, CacheBusy, StageCache, pipeline_keys, prefix_key, rank_zero_decides
+from dpq.core import distributed
+from dpq.core.distributed import rank_zero_decides
+from dpq.run import stage_cache
+from dpq.run.stage_cache import MANIFEST, CacheBusy, StageCache, pipeline_keys, prefix_key
 
 CTX = mp.get_context("spawn")  # no fork after torch may have started threads in this process
 
@@ -26,6 +28,7 @@ def cfg_dict(tmp_path, *overrides):
 
 # ---- keys -------------------------------------------------------------------------------------
 
+
 def test_later_stages_and_bookkeeping_do_not_change_a_prefix_key(tmp_path):
     base = cfg_dict(tmp_path, "pipeline=dpq")
     key = prefix_key(base, ["teacher", "distill"])
@@ -34,8 +37,12 @@ def test_later_stages_and_bookkeeping_do_not_change_a_prefix_key(tmp_path):
         ("pipeline.stages.quantize.bits=8",),
         ("pipeline=dp",),  # another preset with the same first stages (and another pipeline.name)
         ("pipeline=spiral",),
-        ("logger=csv",), ("run_name=other",), ("cost.repeats=7", "cost.seq_len=32"), ("save_model=false",),
-        ("trainer.log_every_n_steps=3",), ("pipeline.stages.teacher.cache=false",),
+        ("logger=csv",),
+        ("run_name=other",),
+        ("cost.repeats=7", "cost.seq_len=32"),
+        ("save_model=false",),
+        ("trainer.log_every_n_steps=3",),
+        ("pipeline.stages.teacher.cache=false",),
         ("pipeline.stages.distill.lr=0.0001",),  # the same number written differently
     ]
     for overrides in same:
@@ -49,10 +56,17 @@ def test_anything_in_the_prefix_changes_the_key(tmp_path):
     base = cfg_dict(tmp_path, "pipeline=dpq")
     key = prefix_key(base, ["teacher", "distill"])
     changed = [
-        ("pipeline.stages.distill.lr=3e-4",), ("pipeline.stages.distill.alpha=0.9",),
-        ("pipeline.stages.teacher.epochs=3",), ("seed=7",), ("task.subsample=128",), ("task.max_length=32",),
-        ("model.config.hidden_size=32",), ("teacher.config.num_hidden_layers=1",), ("trainer=cpu",),
-        ("trainer.limit_train_batches=3",), ("trainer.gradient_clip_val=0.5",),
+        ("pipeline.stages.distill.lr=3e-4",),
+        ("pipeline.stages.distill.alpha=0.9",),
+        ("pipeline.stages.teacher.epochs=3",),
+        ("seed=7",),
+        ("task.subsample=128",),
+        ("task.max_length=32",),
+        ("model.config.hidden_size=32",),
+        ("teacher.config.num_hidden_layers=1",),
+        ("trainer=cpu",),
+        ("trainer.limit_train_batches=3",),
+        ("trainer.gradient_clip_val=0.5",),
     ]
     keys = {key}
     for overrides in changed:
@@ -60,8 +74,12 @@ def test_anything_in_the_prefix_changes_the_key(tmp_path):
         assert k not in keys, overrides
         keys.add(k)
     # Stage names are part of the prefix (they name records and metrics).
-    renamed = cfg_dict(tmp_path, "pipeline=dpq", "pipeline.order=[teacher,kd,prune,recover,quantize]",
-                       "+pipeline.stages.kd={kind:distill}")
+    renamed = cfg_dict(
+        tmp_path,
+        "pipeline=dpq",
+        "pipeline.order=[teacher,kd,prune,recover,quantize]",
+        "+pipeline.stages.kd={kind:distill}",
+    )
     assert prefix_key(renamed, ["teacher", "kd"]) != key
 
 
@@ -106,6 +124,7 @@ def test_a_name_list_that_is_not_a_prefix_is_rejected(tmp_path):
 
 # ---- entries ----------------------------------------------------------------------------------
 
+
 def write_payload(folder: Path, text: str = "state") -> None:
     (folder / "state.txt").write_text(text)
 
@@ -136,7 +155,7 @@ def test_an_older_format_or_incomplete_entry_is_ignored_with_a_message_and_repla
     old.mkdir()
     (old / "state.txt").write_text("old")
     (old / MANIFEST).write_text(json.dumps({"format": stage_cache.CACHE_FORMAT - 1, "key": "k"}))
-    with caplog.at_level(logging.INFO, logger="dpq.stage_cache"):
+    with caplog.at_level(logging.INFO, logger="dpq.run.stage_cache"):
         assert cache.lookup("k") is None
     assert "cache format" in caplog.text
     assert (cache.build("k", write_payload) / "state.txt").read_text() == "state"
@@ -191,12 +210,19 @@ def test_files_hard_linked_between_entries_count_once_towards_the_size(tmp_path)
     nothing while the newer holds the file, so the newer alone must not be evicted for size."""
     cache = StageCache(tmp_path)
     cache.build("teacher", lambda d: _sized(d, 50_000))
-    cache.build("distill", lambda d: (os.link(tmp_path / "teacher" / "state.bin", d / "teacher.bin"),
-                                      (d / "student.bin").write_bytes(b"s" * 10_000)))
+    cache.build(
+        "distill",
+        lambda d: (
+            os.link(tmp_path / "teacher" / "state.bin", d / "teacher.bin"),
+            (d / "student.bin").write_bytes(b"s" * 10_000),
+        ),
+    )
     os.utime(tmp_path / "teacher" / MANIFEST, (1e9, 1e9))
     entries = cache.entries()
     assert sum(e["bytes"] for e in entries) > 110_000 and StageCache.disk_bytes(entries) < 61_000
-    assert [e["key"] for e in cache.prune(max_bytes=61_000)] == []  # already fits: the link is not counted twice
+    assert [
+        e["key"] for e in cache.prune(max_bytes=61_000)
+    ] == []  # already fits: the link is not counted twice
     assert [e["key"] for e in cache.prune(max_bytes=60_000, dry_run=True)] == ["teacher", "distill"]
 
 
@@ -243,7 +269,7 @@ def test_stage_cache_command_lists_and_prunes(tmp_path, capsys):
 
 
 def test_world_size_from_the_trainer_config(make_cfg):
-    from dpq.stage_cache import trainer_world_size
+    from dpq.core.distributed import trainer_world_size
 
     assert trainer_world_size(make_cfg("trainer=cpu").trainer) == 1
     assert trainer_world_size(make_cfg("trainer=ddp_cpu").trainer) == 2
@@ -252,6 +278,7 @@ def test_world_size_from_the_trainer_config(make_cfg):
 
 
 # ---- concurrency (real processes) ---------------------------------------------------------------
+
 
 def _slow_builder(root, key, log_file, barrier, result_file):
     cache = StageCache(root)
@@ -266,8 +293,9 @@ def _slow_builder(root, key, log_file, barrier, result_file):
 
     barrier.wait()
     path, built = cache.get_or_build(key, builder)
-    Path(result_file).write_text(json.dumps({"path": str(path), "built": built,
-                                             "content": (path / "state.txt").read_text()}))
+    Path(result_file).write_text(
+        json.dumps({"path": str(path), "built": built, "content": (path / "state.txt").read_text()})
+    )
 
 
 def _watcher(root, key, stop_file, seen_file):
@@ -337,45 +365,83 @@ def test_a_killed_builder_blocks_no_one_and_leaves_no_half_entry(tmp_path):
 
 # ---- one decision for all ranks of a DDP run ----------------------------------------------------
 
+
 def _decide_in_env(env, topic, own_value, root, out, timeout_s=30):
-    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID",
-              "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", stage_cache.PLAN_ENV):
+    for k in (
+        "RANK",
+        "LOCAL_RANK",
+        "NODE_RANK",
+        "WORLD_SIZE",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_JOB_ID",
+        "TORCHELASTIC_RUN_ID",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        distributed.PLAN_ENV,
+    ):
         os.environ.pop(k, None)
     os.environ.update(env)
     Path(out).write_text(json.dumps(rank_zero_decides(topic, lambda: own_value, root, timeout_s=timeout_s)))
 
 
 def test_ranks_follow_rank_zero_through_the_environment_or_a_plan_file(tmp_path, monkeypatch):
-    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID",
-              stage_cache.PLAN_ENV):
+    for k in (
+        "RANK",
+        "LOCAL_RANK",
+        "NODE_RANK",
+        "WORLD_SIZE",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "TORCHELASTIC_RUN_ID",
+        distributed.PLAN_ENV,
+    ):
         monkeypatch.delenv(k, raising=False)
     # Lightning's ddp launcher: rank 0 decides, then starts the other ranks with its environment.
     assert rank_zero_decides("keys-A", lambda: [3, "k3"], tmp_path) == [3, "k3"]
-    inherited = {stage_cache.PLAN_ENV: os.environ[stage_cache.PLAN_ENV], "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
-    child = CTX.Process(target=_decide_in_env, args=(inherited, "keys-A", [0, None], tmp_path, tmp_path / "c.json"))
+    inherited = {distributed.PLAN_ENV: os.environ[distributed.PLAN_ENV], "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
+    child = CTX.Process(
+        target=_decide_in_env, args=(inherited, "keys-A", [0, None], tmp_path, tmp_path / "c.json")
+    )
     child.start(), child.join(60)
     assert json.loads((tmp_path / "c.json").read_text()) == [3, "k3"]
     # A plan about another run (other keys) is never followed.
-    child = CTX.Process(target=_decide_in_env, args=(inherited, "keys-B", [0, None], tmp_path, tmp_path / "d.json"))
+    child = CTX.Process(
+        target=_decide_in_env, args=(inherited, "keys-B", [0, None], tmp_path, tmp_path / "d.json")
+    )
     child.start(), child.join(60)
     assert json.loads((tmp_path / "d.json").read_text()) == [0, None]
     # torchrun: all ranks start at once; rank 1 (started first) waits for rank 0's plan file.
     env = {"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job7"}
-    r1 = CTX.Process(target=_decide_in_env, args=({**env, "RANK": "1"}, "keys-A", 1, tmp_path, tmp_path / "r1.json"))
+    r1 = CTX.Process(
+        target=_decide_in_env, args=({**env, "RANK": "1"}, "keys-A", 1, tmp_path, tmp_path / "r1.json")
+    )
     r1.start()
     time.sleep(1.0)
-    r0 = CTX.Process(target=_decide_in_env, args=({**env, "RANK": "0"}, "keys-A", 2, tmp_path, tmp_path / "r0.json"))
+    r0 = CTX.Process(
+        target=_decide_in_env, args=({**env, "RANK": "0"}, "keys-A", 2, tmp_path, tmp_path / "r0.json")
+    )
     r0.start()
     r0.join(60), r1.join(60)
-    assert json.loads((tmp_path / "r0.json").read_text()) == json.loads((tmp_path / "r1.json").read_text()) == 2
+    assert (
+        json.loads((tmp_path / "r0.json").read_text()) == json.loads((tmp_path / "r1.json").read_text()) == 2
+    )
 
 
 def test_a_plan_file_from_an_earlier_launch_is_not_followed(tmp_path):
     """A requeued SLURM job keeps its job id: its previous launch's plan must not decide for it."""
     plans = tmp_path / ".plans"
     plans.mkdir()
-    (plans / "slurm-99-0.json").write_text(json.dumps({"topic": "keys-A", "value": 4, "pid": 1, "time": time.time() - 3600}))
-    env = {"WORLD_SIZE": "2", "SLURM_JOB_ID": "99", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
+    (plans / "slurm-99-0.json").write_text(
+        json.dumps({"topic": "keys-A", "value": 4, "pid": 1, "time": time.time() - 3600})
+    )
+    env = {
+        "WORLD_SIZE": "2",
+        "SLURM_JOB_ID": "99",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "1",
+        "SLURM_NTASKS": "2",
+    }
     p = CTX.Process(target=_decide_in_env, args=(env, "keys-A", 7, tmp_path, tmp_path / "r1.json", 1.0))
     p.start(), p.join(60)
     assert json.loads((tmp_path / "r1.json").read_text()) == 7  # waited, found no fresh plan, decided itself
@@ -383,4 +449,6 @@ def test_a_plan_file_from_an_earlier_launch_is_not_followed(tmp_path):
 
 def test_the_command_defaults_to_the_configs_stage_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("DPQ_CACHE_DIR", str(tmp_path))
-    assert stage_cache.default_dir() == tmp_path / "stages"  # conf/train.yaml's stage_cache.dir, not a copy of it
+    assert (
+        stage_cache.default_dir() == tmp_path / "stages"
+    )  # conf/train.yaml's stage_cache.dir, not a copy of it

@@ -10,21 +10,35 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dpq import cost, structured
+from dpq import cost
 from dpq.checkpoints import load_model, save_model
-from dpq.pruning import SparsityRamp, apply_masks
+from dpq.prune import structured
+from dpq.prune.callbacks import SparsityRamp
+from dpq.prune.masks import apply_masks
 
 HIDDEN, HEADS, FFN, LAYERS, SEQ, VOCAB = 64, 4, 128, 2, 16, 100
-TARGETS_RE = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+TARGETS_RE = (
+    r".*encoder\.layer\.\d+\."
+    r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+)
 
 
 def tiny_bert(seed=0, dropout=0.1):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                     intermediate_size=FFN, max_position_embeddings=64, num_labels=3, attn_implementation="eager",
-                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FFN,
+        max_position_embeddings=64,
+        num_labels=3,
+        attn_implementation="eager",
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     return BertForSequenceClassification(cfg).eval()
 
 
@@ -72,8 +86,9 @@ def test_discovers_heads_and_neurons_of_every_layer():
     assert [g.name for g in only] == ["bert.encoder.layer.1.attention"]
 
 
-@pytest.mark.parametrize("granularity,sparsity", [("heads", 0.5), ("neurons", 0.5), ("heads+neurons", 0.25),
-                                                  ("neurons", 0.3)])
+@pytest.mark.parametrize(
+    "granularity,sparsity", [("heads", 0.5), ("neurons", 0.5), ("heads+neurons", 0.25), ("neurons", 0.3)]
+)
 def test_exact_group_sparsity_and_masked_equals_shrunk(granularity, sparsity):
     model = tiny_bert()
     x = inputs()
@@ -137,6 +152,7 @@ def test_a_second_stage_counts_sparsity_against_the_original_groups():
 
 # ---- the ramp inside Lightning: exact counts at stage end, per-update logs, mid-stage resume ----
 
+
 class Classifier(L.LightningModule):
     def __init__(self, model):
         super().__init__()
@@ -152,8 +168,12 @@ class Classifier(L.LightningModule):
 
 def data():
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randint(0, VOCAB, (64, SEQ), generator=g), torch.randint(0, 3, (64,), generator=g)),
-                      batch_size=8)
+    return DataLoader(
+        TensorDataset(
+            torch.randint(0, VOCAB, (64, SEQ), generator=g), torch.randint(0, 3, (64,), generator=g)
+        ),
+        batch_size=8,
+    )
 
 
 class Recorder(L.pytorch.loggers.Logger):
@@ -176,8 +196,9 @@ class Recorder(L.pytorch.loggers.Logger):
 
 def ramp_for(model, criterion="taylor"):
     sets = structured.find_groups(model, "heads+neurons", targets(model))
-    return SparsityRamp("prune", targets(model), 0.0, 0.5, update_every=2, ramp_end=0.75, criterion=criterion,
-                        groups=sets)
+    return SparsityRamp(
+        "prune", targets(model), 0.0, 0.5, update_every=2, ramp_end=0.75, criterion=criterion, groups=sets
+    )
 
 
 def run(model, ramp, epochs, ckpt_dir=None, resume=None, logger=None):
@@ -185,8 +206,16 @@ def run(model, ramp, epochs, ckpt_dir=None, resume=None, logger=None):
     cbs = [ramp]
     if ckpt_dir is not None:
         cbs.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=1, save_top_k=-1, filename="{epoch}"))
-    trainer = L.Trainer(max_epochs=epochs, callbacks=cbs, logger=logger or False, enable_checkpointing=ckpt_dir is not None,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", deterministic=True)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        callbacks=cbs,
+        logger=logger or False,
+        enable_checkpointing=ckpt_dir is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        deterministic=True,
+    )
     trainer.fit(Classifier(model), data(), ckpt_path=resume)
     return trainer
 
@@ -219,7 +248,9 @@ def test_resuming_mid_stage_from_a_lightning_checkpoint_gives_identical_masks(tm
     run(full, ramp_full, epochs=3, ckpt_dir=tmp_path / "ck")
     ckpt = tmp_path / "ck" / "epoch=0.ckpt"
     assert ckpt.exists()
-    resumed = tiny_bert(seed=123, dropout=0.0).train()  # different init: everything must come from the checkpoint
+    resumed = tiny_bert(
+        seed=123, dropout=0.0
+    ).train()  # different init: everything must come from the checkpoint
     ramp_res = ramp_for(resumed)
     run(resumed, ramp_res, epochs=3, resume=str(ckpt))
     assert ramp_res.history == ramp_full.history
@@ -230,8 +261,13 @@ def test_resuming_mid_stage_from_a_lightning_checkpoint_gives_identical_masks(tm
 def test_pipeline_prunes_heads_and_neurons_shrinks_then_quantizes_and_reloads(make_cfg):
     from dpq.train import train
 
-    cfg = make_cfg("experiment=tiny", "pipeline=dpq", "pipeline.stages.prune.granularity=heads+neurons",
-                   "cost.repeats=2", "cost.warmup=1")
+    cfg = make_cfg(
+        "experiment=tiny",
+        "pipeline=dpq",
+        "pipeline.stages.prune.granularity=heads+neurons",
+        "cost.repeats=2",
+        "cost.warmup=1",
+    )
     results = train(cfg)
     by = {r["stage"]: r for r in results["stages"]}
     prune, distill = by["prune"], by["distill"]
@@ -272,4 +308,7 @@ def test_heads_neurons_experiment_is_the_studys_structured_recipe(make_cfg):
     exp = make_cfg("pipeline=dpq", "experiment=heads_neurons_50")
     bench = make_cfg(*study.CONFIGS["dpq_s50"])
     assert exp.pipeline == bench.pipeline
-    assert exp.pipeline.stages.prune.criterion == "taylor" and exp.pipeline.stages.prune.granularity == "heads+neurons"
+    assert (
+        exp.pipeline.stages.prune.criterion == "taylor"
+        and exp.pipeline.stages.prune.granularity == "heads+neurons"
+    )

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import compose_cfg
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg
-from dpq.configs import CONF_DIR, list_options
+from dpq.core.config import CONF_DIR, list_options
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -33,13 +33,19 @@ def agent_args(values: dict) -> list[str]:
     """``${args_no_hyphens}`` exactly as the W&B agent builds it from a run's parameter values."""
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-    return create_sweep_command_args({"args": {k: {"value": v} for k, v in values.items()}})["args_no_hyphens"]
+    return create_sweep_command_args({"args": {k: {"value": v} for k, v in values.items()}})[
+        "args_no_hyphens"
+    ]
 
 
 def agent_command(sweep: dict, values: dict) -> list[str]:
     """The agent's command line: its macro expansion of ``command`` (wandb_agent.Agent._command_run)."""
-    macros = {"env": ["/usr/bin/env"], "interpreter": ["python"], "program": [sweep["program"]],
-              "args_no_hyphens": agent_args(values)}
+    macros = {
+        "env": ["/usr/bin/env"],
+        "interpreter": ["python"],
+        "program": [sweep["program"]],
+        "args_no_hyphens": agent_args(values),
+    }
     out: list[str] = []
     for c in sweep["command"]:
         out += macros[c[2:-1]] if c.startswith("${") and c.endswith("}") else [c]
@@ -79,6 +85,7 @@ def compose_hydra(*overrides) -> OmegaConf:
 
 # ---- the sweep files ----------------------------------------------------------------------------
 
+
 def test_the_documented_sweep_files_exist():
     assert {p.stem for p in SWEEPS} == {"sparsity_grid", "orderings", "pareto_bayes"}
     assert (ROOT / "sweeps" / "README.md").exists()
@@ -88,7 +95,9 @@ def test_the_documented_sweep_files_exist():
 def test_each_sweep_file_is_a_valid_wandb_sweep_with_the_plain_override_command(path):
     sweep = load(path)
     assert sweep["method"] in ("grid", "random", "bayes")
-    assert sweep["metric"]["goal"] in ("maximize", "minimize") and sweep["metric"]["name"].startswith("final/")
+    assert sweep["metric"]["goal"] in ("maximize", "minimize") and sweep["metric"]["name"].startswith(
+        "final/"
+    )
     assert sweep["command"] == COMMAND
     assert (ROOT / sweep["program"]).is_file()
     for key, spec in sweep["parameters"].items():
@@ -109,30 +118,44 @@ def test_the_orderings_sweep_covers_every_preset_including_spiral():
 
 def test_the_sparsity_grid_spans_targets_0_1_to_0_9_over_several_orderings():
     params = load(ROOT / "sweeps" / "sparsity_grid.yaml")["parameters"]
-    assert params["pipeline.stages.prune.final_sparsity"]["values"] == pytest.approx([i / 10 for i in range(1, 10)])
+    assert params["pipeline.stages.prune.final_sparsity"]["values"] == pytest.approx(
+        [i / 10 for i in range(1, 10)]
+    )
     assert len(params["pipeline"]["values"]) >= 3
 
 
 def test_the_agent_command_is_plain_hydra_overrides():
     sweep = load(ROOT / "sweeps" / "sparsity_grid.yaml")
     cmd = agent_command(sweep, {"pipeline": "dp", "pipeline.stages.prune.final_sparsity": 0.3, "seed": 42})
-    assert cmd == ["/usr/bin/env", "python", "sweeps/train.py", "pipeline=dp",
-                   "pipeline.stages.prune.final_sparsity=0.3", "seed=42"]
+    assert cmd == [
+        "/usr/bin/env",
+        "python",
+        "sweeps/train.py",
+        "pipeline=dp",
+        "pipeline.stages.prune.final_sparsity=0.3",
+        "seed=42",
+    ]
 
 
 def check_agent_commands(tmp_path, sweep: dict, pts: list[dict]) -> None:
-    from dpq.validate import validate
+    from dpq.run.validate import validate
 
     for point in pts:
         cmd = agent_command(sweep, point)
         cfg = compose_cfg(tmp_path, cmd[3:])
         for key, value in point.items():
             got = cfg.pipeline.name if key == "pipeline" else OmegaConf.select(cfg, key)
-            assert got == pytest.approx(value) if isinstance(value, float) else got == value, (key, got, value)
+            assert got == pytest.approx(value) if isinstance(value, float) else got == value, (
+                key,
+                got,
+                value,
+            )
         stages = validate(OmegaConf.to_container(cfg, resolve=True))  # ConfigError if any trial could not run
         assert [s.name for s in stages] == list(cfg.pipeline.order)
         if "pipeline.stages.prune.final_sparsity" in point and cfg.pipeline.name == "spiral":
-            assert cfg.pipeline.stages.spiral.final_sparsity == pytest.approx(point["pipeline.stages.prune.final_sparsity"])
+            assert cfg.pipeline.stages.spiral.final_sparsity == pytest.approx(
+                point["pipeline.stages.prune.final_sparsity"]
+            )
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
@@ -154,6 +177,7 @@ def test_every_command_of_a_whole_grid_composes_a_valid_run_config(tmp_path, pat
 
 # ---- the Hydra multirun / Optuna twins ------------------------------------------------------------
 
+
 def _basic_params(cfg) -> dict[str, list[str]]:
     return {k: [v.strip() for v in str(s).split(",")] for k, s in cfg.hydra.sweeper.params.items()}
 
@@ -164,7 +188,9 @@ def test_the_hydra_grid_twins_sweep_the_same_values_as_the_wandb_grids(name):
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert cfg.hydra.sweeper._target_.endswith("BasicSweeper")
     wandb_params = load(ROOT / "sweeps" / f"{name}.yaml")["parameters"]
-    want = {k: [str(v) for v in (p["values"] if "values" in p else [p["value"]])] for k, p in wandb_params.items()}
+    want = {
+        k: [str(v) for v in (p["values"] if "values" in p else [p["value"]])] for k, p in wandb_params.items()
+    }
     assert _basic_params(cfg) == want
 
 
@@ -186,7 +212,10 @@ def _optuna_params(cfg) -> dict[str, tuple]:
 
 def test_the_optuna_bayes_twin_searches_the_wandb_space_on_the_same_objective():
     cfg = compose_hydra("hparams_search=pareto_bayes")
-    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and str(cfg.hydra.sweeper.direction) == "maximize"
+    assert (
+        cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+        and str(cfg.hydra.sweeper.direction) == "maximize"
+    )
     assert cfg.hydra.sweeper.sampler._target_ == "optuna.samplers.TPESampler"
     wandb = load(ROOT / "sweeps" / "pareto_bayes.yaml")
     optuna = _optuna_params(cfg)
@@ -209,22 +238,36 @@ def test_the_multi_objective_study_maximises_accuracy_and_minimises_effective_gf
     assert list(cfg.hydra.sweeper.direction) == ["maximize", "minimize"]
     sampler = hydra.utils.instantiate(cfg.hydra.sweeper.sampler)
     assert type(sampler).__name__ == "NSGAIISampler"
-    assert set(_optuna_params(cfg)) == {"pipeline", "pipeline.stages.prune.final_sparsity", "pipeline.stages.quantize.bits"}
+    assert set(_optuna_params(cfg)) == {
+        "pipeline",
+        "pipeline.stages.prune.final_sparsity",
+        "pipeline.stages.quantize.bits",
+    }
 
 
 def test_the_slurm_launcher_config_composes_on_submitit():
-    cfg = compose_hydra("hparams_search=sparsity_grid", "hydra/launcher=slurm", "hydra.launcher.partition=gpu")
-    assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    cfg = compose_hydra(
+        "hparams_search=sparsity_grid", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"
+    )
+    assert (
+        cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    )
     assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.tasks_per_node == 1
 
 
 # ---- real trials (slow) -------------------------------------------------------------------------
 
+
 def _env(tmp_path) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
-           "DPQ_CACHE_DIR": str(tmp_path / "cache"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # `env python` = this venv
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+        "DPQ_CACHE_DIR": str(tmp_path / "cache"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }  # `env python` = this venv
     for k in ("WANDB_API_KEY", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
         env.pop(k, None)
     return env
@@ -244,7 +287,9 @@ def test_one_agent_trial_per_sweep_runs_on_tiny_bert_and_logs_offline(tmp_path, 
     cmd = agent_command(sweep, point)
     run_dir = tmp_path / "run"
     extra = [*TINY, "logger=wandb", f"hydra.run.dir={run_dir}"]  # what a user appends for a quick check
-    proc = subprocess.run([*cmd, *extra], cwd=ROOT, env=_env(shared_cache), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [*cmd, *extra], cwd=ROOT, env=_env(shared_cache), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "completed" and results["pipeline"] == point["pipeline"]
@@ -275,17 +320,41 @@ def test_the_scalarised_objective_is_computed_and_returned(tmp_path):
 @pytest.mark.slow
 def test_the_multi_objective_optuna_study_and_dpq_pareto_report_the_same_front(tmp_path):
     sweep_dir = tmp_path / "study"
-    cmd = [sys.executable, "-m", "dpq.train", "hparams_search=pareto_multi", "hydra.sweeper.n_trials=3",
-           "hydra.sweeper.sampler.population_size=3", "pipeline.stages.quantize.bits=4",
-           f"hydra.sweep.dir={sweep_dir}", *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpq.train",
+        "hparams_search=pareto_multi",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.population_size=3",
+        "pipeline.stages.quantize.bits=4",
+        f"hydra.sweep.dir={sweep_dir}",
+        *TINY,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     solutions = OmegaConf.to_container(OmegaConf.load(sweep_dir / "optimization_results.yaml"))["solutions"]
     runs = [json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")]
     assert len(runs) == 3 and solutions
-    proc = subprocess.run([sys.executable, "-m", "dpq.pareto", str(sweep_dir), "-O", "accuracy,effective_gflops",
-                           "--no-references", "--no-progress", "-o", str(tmp_path / "pareto")],
-                          cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpq.pareto",
+            str(sweep_dir),
+            "-O",
+            "accuracy,effective_gflops",
+            "--no-references",
+            "--no-progress",
+            "-o",
+            str(tmp_path / "pareto"),
+        ],
+        cwd=ROOT,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     import pandas as pd
 
@@ -299,14 +368,18 @@ def test_the_multi_objective_optuna_study_and_dpq_pareto_report_the_same_front(t
 # ---- the stage cache across trials (slow; needs the pipeline integration) -------------------------
 
 
-
 @pytest.mark.slow
 def test_a_second_trial_with_the_same_prefix_reuses_it_and_matches_a_cold_run(tmp_path, count_fits):
     from dpq.train import train
 
     def trial(name, sparsity, *extra):
-        cfg = compose_cfg(tmp_path / name, [*TINY, "pipeline=dp", f"pipeline.stages.prune.final_sparsity={sparsity}", *extra])
-        cfg.paths.cache_dir = str(tmp_path / ("cache" if "stage_cache.enabled=false" not in extra else "cold_cache"))
+        cfg = compose_cfg(
+            tmp_path / name,
+            [*TINY, "pipeline=dp", f"pipeline.stages.prune.final_sparsity={sparsity}", *extra],
+        )
+        cfg.paths.cache_dir = str(
+            tmp_path / ("cache" if "stage_cache.enabled=false" not in extra else "cold_cache")
+        )
         return train(cfg)
 
     first = trial("a", 0.3)
@@ -330,7 +403,7 @@ def test_a_second_trial_with_the_same_prefix_reuses_it_and_matches_a_cold_run(tm
 def test_a_prefix_evicted_between_lookup_and_read_is_trained_again(tmp_path, count_fits, monkeypatch):
     """`python -m dpq.stage_cache prune` racing a run: the run found the entry, the entry went before
     the run took its reader's lock; the run trains the prefix again, from a clean state."""
-    from dpq.stage_cache import StageCache
+    from dpq.run.stage_cache import StageCache
     from dpq.train import train
 
     def trial(name):
@@ -351,18 +424,30 @@ def test_a_prefix_evicted_between_lookup_and_read_is_trained_again(tmp_path, cou
     # nothing restored from the stage cache (the teacher comes from the separate teacher cache)
     assert count_fits == ["distill", "prune", "recover"]
     assert not any(r.get("cached_from") for r in second["stages"])
-    assert [r["stage"] for r in second["stages"]] == [r["stage"] for r in first["stages"]]  # no doubled records
+    assert [r["stage"] for r in second["stages"]] == [
+        r["stage"] for r in first["stages"]
+    ]  # no doubled records
     assert second["final"]["accuracy"] == pytest.approx(first["final"]["accuracy"], abs=1e-6)
 
 
 @pytest.mark.slow
 def test_two_concurrent_trials_that_share_a_missing_prefix_both_finish_correctly(tmp_path):
-    from dpq.stage_cache import MANIFEST
+    from dpq.run.stage_cache import MANIFEST
 
     def start(name, sparsity):
-        cmd = [sys.executable, "-m", "dpq.train", *TINY, "logger=none", "pipeline=dp",
-               f"pipeline.stages.prune.final_sparsity={sparsity}", f"hydra.run.dir={tmp_path / name}"]
-        return subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "dpq.train",
+            *TINY,
+            "logger=none",
+            "pipeline=dp",
+            f"pipeline.stages.prune.final_sparsity={sparsity}",
+            f"hydra.run.dir={tmp_path / name}",
+        ]
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
 
     procs = {"a": (start("a", 0.3), 0.3), "b": (start("b", 0.6), 0.6)}  # both miss teacher -> distill
     results = {}
@@ -379,9 +464,23 @@ def test_two_concurrent_trials_that_share_a_missing_prefix_both_finish_correctly
     entries = [d for d in stages_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
     assert entries and all((d / MANIFEST).exists() for d in entries)  # only whole entries
     assert not list(stages_dir.glob(".tmp-*"))
-    third = subprocess.run([sys.executable, "-m", "dpq.train", *TINY, "logger=none", "pipeline=dp",
-                            "pipeline.stages.prune.final_sparsity=0.45", f"hydra.run.dir={tmp_path / 'c'}"],
-                           cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    third = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpq.train",
+            *TINY,
+            "logger=none",
+            "pipeline=dp",
+            "pipeline.stages.prune.final_sparsity=0.45",
+            f"hydra.run.dir={tmp_path / 'c'}",
+        ],
+        cwd=ROOT,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert third.returncode == 0, third.stderr[-4000:]
     c = {r["stage"]: r for r in json.loads((tmp_path / "c" / "results.json").read_text())["stages"]}
     assert c["teacher"].get("cached") is True and c["distill"].get("cached") is True

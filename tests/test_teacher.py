@@ -1,15 +1,12 @@
 """The teacher stage: cache hits skip training, config changes miss, broken entries are rebuilt."""
 
-import pytest
-
 from conftest import compose_cfg
+
 from dpq.train import train
 
 # The stage cache off: it would restore the whole pipeline before the teacher cache is asked
 # (the stage cache has its own tests in test_sweeps / test_stage_cache).
 BASE = ["experiment=tiny", "pipeline=dense", "cost.repeats=1", "cost.warmup=0", "stage_cache.enabled=false"]
-
-
 
 
 def run(tmp_path, name, *extra):
@@ -46,16 +43,27 @@ def test_a_corrupt_cache_entry_is_rebuilt_not_used(tmp_path, count_fits):
 def test_teacher_ensemble_and_load_from(tmp_path):
     first = run(tmp_path, "a")
     saved = first["model_dir"]  # a fine-tuned (student) model folder serves as a second teacher
-    results = run(tmp_path, "b", f"+pipeline.stages.teacher.ensemble=[{saved}]",
-                  "+pipeline.stages.teacher.ensemble_weights=[1,3]")
+    results = run(
+        tmp_path,
+        "b",
+        f"+pipeline.stages.teacher.ensemble=[{saved}]",
+        "+pipeline.stages.teacher.ensemble_weights=[1,3]",
+    )
     assert results["stages"][0]["ensemble"]["weights"] == [1.0, 3.0]
     loaded = run(tmp_path, "c", f"pipeline.stages.teacher.load_from={saved}")
     assert loaded["stages"][0]["loaded_from"] == saved
 
 
 def test_feature_distillation_runs_end_to_end_with_a_narrower_student(tmp_path):
-    results = run(tmp_path, "a", "pipeline.stages.distill.hidden=1.0", "pipeline.stages.distill.attention=0.5",
-                  "pipeline.stages.distill.relation=1.0", "model.config.hidden_size=32", "model.config.intermediate_size=64")
+    results = run(
+        tmp_path,
+        "a",
+        "pipeline.stages.distill.hidden=1.0",
+        "pipeline.stages.distill.attention=0.5",
+        "pipeline.stages.distill.relation=1.0",
+        "model.config.hidden_size=32",
+        "model.config.intermediate_size=64",
+    )
     assert results["final"]["params_total"] < results["stages"][0]["metrics"]["params_total"]
 
 

@@ -14,14 +14,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dpq import cost, structured
+from dpq import cost
 from dpq.checkpoints import load_model, save_model
+from dpq.core.errors import ConfigError
+from dpq.core.selectors import select_linears
 from dpq.data import ClassificationDataModule, load_task, model_inputs
 from dpq.data.sources import FASHION_MNIST_DIR, IDX_FILES, read_idx
-from dpq.errors import ConfigError
 from dpq.models import CNNClassifier, MLPClassifier, build_model, native_from_config
-from dpq.pruning import apply_masks, magnitude_masks
-from dpq.selectors import select_linears
+from dpq.prune import structured
+from dpq.prune.masks import apply_masks, magnitude_masks
 
 HAVE_IDX = all((Path(FASHION_MNIST_DIR) / f).is_file() for pair in IDX_FILES.values() for f in pair)
 needs_idx = pytest.mark.skipif(not HAVE_IDX, reason="apt-get install dataset-fashion-mnist")
@@ -36,11 +37,14 @@ def fashion():
     """The real task, loaded once for this module (split + normalisation as a run gets them)."""
     from conftest import compose_cfg
 
-    cfg = OmegaConf.to_container(compose_cfg(Path("/tmp/dpq-test-vision"), ["task=fashion_mnist"]), resolve=True)
+    cfg = OmegaConf.to_container(
+        compose_cfg(Path("/tmp/dpq-test-vision"), ["task=fashion_mnist"]), resolve=True
+    )
     return cfg["task"], load_task(cfg["task"])
 
 
 # ----------------------------------------------------------------------------- data
+
 
 @needs_idx
 def test_fashion_mnist_standard_split_from_idx(fashion):
@@ -59,8 +63,10 @@ def test_fashion_mnist_standard_split_from_idx(fashion):
     # Seeded: the same validation rows every time (train + validation still cover all 60,000 train images).
     again = load_task(task)
     assert again.validation.with_format("arrow")["idx"].equals(splits.validation.with_format("arrow")["idx"])
-    assert np.array_equal(np.asarray(again.validation.with_format("numpy")[:32]["image"]),
-                          np.asarray(splits.validation.with_format("numpy")[:32]["image"]))
+    assert np.array_equal(
+        np.asarray(again.validation.with_format("numpy")[:32]["image"]),
+        np.asarray(splits.validation.with_format("numpy")[:32]["image"]),
+    )
 
 
 @needs_idx
@@ -78,7 +84,10 @@ def test_fast_stratified_carve_equals_datasets_own():
         for a, b in zip(ours, (theirs["train"], theirs["test"])):
             assert len(a) == len(b)
             assert a.with_format("arrow")["label"].equals(b.with_format("arrow")["label"])
-            assert np.array_equal(np.asarray(a.with_format("numpy")[:50]["image"]), np.asarray(b.with_format("numpy")[:50]["image"]))
+            assert np.array_equal(
+                np.asarray(a.with_format("numpy")[:50]["image"]),
+                np.asarray(b.with_format("numpy")[:50]["image"]),
+            )
     assert isinstance(ds.features["label"], datasets.ClassLabel)
 
 
@@ -92,16 +101,21 @@ def test_image_batches_are_normalised_pixel_values(fashion):
     assert batch["labels"].dtype == torch.int64 and batch["idx"].tolist() == list(range(1000))
     raw = torch.from_numpy(read_idx(Path(FASHION_MNIST_DIR) / IDX_FILES["test"][0])[:1000].astype(np.float32))
     assert torch.allclose(x[:, 0], (raw / 255 - 0.2860) / 0.3530, atol=1e-6)  # ToTensor + Normalize
-    assert abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1) < 0.05  # the config's mean/std fit the data
+    assert (
+        abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1) < 0.05
+    )  # the config's mean/std fit the data
     assert set(model_inputs(batch)) == {"pixel_values"}
 
 
 def test_colour_images_become_channels_first():
     """H x W x C uint8 rows (a colour dataset) -> [B, C, H, W], normalised per channel."""
-    from dpq.data.module import image_batch
+    from dpq.data.datamodule import image_batch
 
     rng = np.random.default_rng(0)
-    rows = [{"pixel_values": rng.integers(0, 256, (4, 5, 3), dtype=np.uint8), "labels": np.int64(i)} for i in range(2)]
+    rows = [
+        {"pixel_values": rng.integers(0, 256, (4, 5, 3), dtype=np.uint8), "labels": np.int64(i)}
+        for i in range(2)
+    ]
     out = image_batch(rows, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0))
     assert out["pixel_values"].shape == (2, 3, 4, 5) and out["labels"].tolist() == [0, 1]
     want = (torch.from_numpy(rows[1]["pixel_values"][:, :, 2].astype(np.float32)) / 255 - 0.3) / 2.0
@@ -109,13 +123,17 @@ def test_colour_images_become_channels_first():
 
 
 def test_missing_idx_files_name_the_debian_package(make_cfg, tmp_path, monkeypatch):
-    task = resolved(make_cfg, "task=fashion_mnist", f"task.offline.path={tmp_path}", "task.source=offline")["task"]
+    task = resolved(make_cfg, "task=fashion_mnist", f"task.offline.path={tmp_path}", "task.source=offline")[
+        "task"
+    ]
     with pytest.raises(ConfigError, match=r"task='fashion_mnist'.*apt-get install dataset-fashion-mnist"):
         load_task(task)
     # source=auto falls back to the hub; offline (no network) the error names both ways out.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     task["source"] = "auto"
-    with pytest.raises(ConfigError, match=r"apt-get install dataset-fashion-mnist.*zalando-datasets/fashion_mnist"):
+    with pytest.raises(
+        ConfigError, match=r"apt-get install dataset-fashion-mnist.*zalando-datasets/fashion_mnist"
+    ):
         load_task(task)
 
 
@@ -128,17 +146,35 @@ def test_hub_layout_gives_the_same_arrays(make_cfg, monkeypatch):
 
     images = read_idx(Path(FASHION_MNIST_DIR) / IDX_FILES["train"][0])[:120]
     labels = read_idx(Path(FASHION_MNIST_DIR) / IDX_FILES["train"][1])[:120].astype(int)
-    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    names = [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
 
     def hub(part):  # what datasets.load_dataset("zalando-datasets/fashion_mnist") holds: PIL images
         from PIL import Image
 
-        return datasets.Dataset.from_dict({"image": [Image.fromarray(a) for a in images[part]],
-                                           "label": labels[part].tolist()}, features=feats)
+        return datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(a) for a in images[part]], "label": labels[part].tolist()},
+            features=feats,
+        )
 
-    monkeypatch.setattr(tasks, "load_online", lambda name, online: datasets.DatasetDict(
-        {"train": hub(slice(0, 100)), "test": hub(slice(100, 120))}))
+    monkeypatch.setattr(
+        tasks,
+        "load_online",
+        lambda name, online: datasets.DatasetDict(
+            {"train": hub(slice(0, 100)), "test": hub(slice(100, 120))}
+        ),
+    )
     task = resolved(make_cfg, "task=fashion_mnist", "task.source=online", "task.split.validation=20")["task"]
     splits = load_task(task)
     assert splits.source == "online:zalando-datasets/fashion_mnist"
@@ -148,6 +184,7 @@ def test_hub_layout_gives_the_same_arrays(make_cfg, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- the seed's MLP
+
 
 def test_seed_mlp_at_half_sparsity_matches_the_seed_numbers(make_cfg):
     """Seed 003: a 784-256-128-10 DNN of "about 233K" parameters, "116K" after removing 50%.
@@ -182,9 +219,13 @@ def test_mlp_neuron_shrink_keeps_logits_and_reloads(tmp_path):
     assert [(s.name, s.count) for s in sets] == [("hidden.0", 256), ("hidden.1", 128)]
     assert [s.consumers[0].module for s in sets] == ["hidden.1", "head"]
     # An MLP's channels are its neurons: the same sets under the other kind.
-    assert [(s.name, s.count, s.kind) for s in structured.find_groups(model, "channels")] == \
-        [("hidden.0", 256, "channels"), ("hidden.1", 128, "channels")]
-    keep = structured.select_groups(sets, {n: model.get_submodule(n).weight.abs() for s in sets for n in s.modules}, 0.5)
+    assert [(s.name, s.count, s.kind) for s in structured.find_groups(model, "channels")] == [
+        ("hidden.0", 256, "channels"),
+        ("hidden.1", 128, "channels"),
+    ]
+    keep = structured.select_groups(
+        sets, {n: model.get_submodule(n).weight.abs() for s in sets for n in s.modules}, 0.5
+    )
     masked = copy.deepcopy(model)
     apply_masks(masked, structured.group_masks(masked, sets, keep))
     structured.shrink_(model, sets, keep)
@@ -197,6 +238,7 @@ def test_mlp_neuron_shrink_keeps_logits_and_reloads(tmp_path):
 
 
 # ----------------------------------------------------------------------------- CNN channels
+
 
 def conv_net_flops(channels, hidden, in_channels=1, labels=10, sizes=(28 * 28, 14 * 14, 7 * 7)) -> int:
     """fvcore's count for CNNClassifier by hand: 3x3 conv MACs, batch norm 2/element (eval, affine),
@@ -234,8 +276,10 @@ def test_cnn_channel_shrink_keeps_logits_with_fewer_flops(make_cfg, tmp_path):
 
     sets = structured.find_groups(model, "channels")
     assert [(s.name, s.count, s.consumers[0].module, s.extra[0].module) for s in sets] == [
-        ("blocks.0.conv", 16, "blocks.1.conv", "blocks.0.bn"), ("blocks.1.conv", 32, "blocks.2.conv", "blocks.1.bn"),
-        ("blocks.2.conv", 64, "fc.0", "blocks.2.bn")]
+        ("blocks.0.conv", 16, "blocks.1.conv", "blocks.0.bn"),
+        ("blocks.1.conv", 32, "blocks.2.conv", "blocks.1.bn"),
+        ("blocks.2.conv", 64, "fc.0", "blocks.2.bn"),
+    ]
     assert [(s.name, s.count) for s in structured.find_groups(model, "neurons")] == [("fc.0", 64)]
     scores = {n: model.get_submodule(n).weight.detach().abs() for s in sets for n in s.modules}
     keep = structured.select_groups(sets, scores, 0.5)
@@ -280,21 +324,38 @@ def test_cnn_needs_an_image_task(make_cfg):
 
 # ----------------------------------------------------------------------------- pipelines
 
+
 def run_tiny(make_cfg, experiment: str, *overrides) -> dict:
     """A whole pipeline on 256 training images, 4 batches per stage (trainer=debug)."""
     from dpq.train import train
 
-    return train(make_cfg(f"experiment={experiment}", "task.subsample=256", "trainer=debug", "cost.repeats=2",
-                          "cost.warmup=1", *overrides))
+    return train(
+        make_cfg(
+            f"experiment={experiment}",
+            "task.subsample=256",
+            "trainer=debug",
+            "cost.repeats=2",
+            "cost.warmup=1",
+            *overrides,
+        )
+    )
 
 
 @needs_idx
 def test_dpq_channels_pipeline_on_a_slice(make_cfg):
     """teacher -> distill -> prune (50% channels, shrunk) -> recover -> 4-bit quantize, a few steps each."""
     res = run_tiny(make_cfg, "fashion_cnn", "pipeline=dpq", "pipeline.stages.prune.granularity=channels")
-    assert res["status"] == "completed" and res["task"]["sizes"] == {"train": 256, "validation": 64, "test": 64}
+    assert res["status"] == "completed" and res["task"]["sizes"] == {
+        "train": 256,
+        "validation": 64,
+        "test": 64,
+    }
     by = {r["stage"]: r for r in res["stages"]}
-    assert by["prune"]["structure"]["channels"] == {"blocks.0.conv": 8, "blocks.1.conv": 16, "blocks.2.conv": 32}
+    assert by["prune"]["structure"]["channels"] == {
+        "blocks.0.conv": 8,
+        "blocks.1.conv": 16,
+        "blocks.2.conv": 32,
+    }
     dense, pruned = by["distill"]["metrics"], by["prune"]["metrics"]
     assert round(dense["dense_gflops"] * 1e9) == conv_net_flops([16, 32, 64], [64])
     assert round(pruned["dense_gflops"] * 1e9) == conv_net_flops([8, 16, 32], [64])

@@ -40,8 +40,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from numbers import Number
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -214,7 +215,7 @@ def parameter_counts(model: nn.Module) -> dict:
     qmods = _quantized_modules(model)
     seen: set = set()
     total = nonzero = 0
-    for name, qm in qmods.items():
+    for qm in qmods.values():
         total += int(qm.in_features) * int(qm.out_features)
         nonzero += int(qm.nonzero_weights())
         b = _bias_tensor(qm)
@@ -532,7 +533,9 @@ def _cpu_peak_allocated(run) -> int:
     return peak
 
 
-def peak_memory(model: nn.Module, example_inputs: dict[str, Tensor], device: str | torch.device | None = None) -> dict:
+def peak_memory(
+    model: nn.Module, example_inputs: dict[str, Tensor], device: str | torch.device | None = None
+) -> dict:
     """Peak memory of one inference forward: resident model + inputs + peak transient tensors.
 
     Defined the same way on both devices so CPU and GPU numbers compare (see
@@ -631,8 +634,13 @@ def latency(
     }
 
 
-def interleaved_latency(models: dict[str, nn.Module], example_inputs: dict[str, Tensor], rounds: int = 10,
-                        per_round: int = 5, warmup: int = 3) -> dict[str, list[float]]:
+def interleaved_latency(
+    models: dict[str, nn.Module],
+    example_inputs: dict[str, Tensor],
+    rounds: int = 10,
+    per_round: int = 5,
+    warmup: int = 3,
+) -> dict[str, list[float]]:
     """Per-call wall-clock milliseconds of several models on the same inputs, for comparing them.
 
     Each round times every model ``per_round`` times in turn, so machine noise (a neighbour

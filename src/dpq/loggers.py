@@ -2,7 +2,9 @@
 
 W&B runs online only when credentials are present; otherwise, or when the service cannot
 be reached, it logs offline into the run folder (``wandb sync`` uploads it later). A
-tracker failure never fails training: results.json is written locally regardless.
+tracker failure never fails training: every call a run makes to its tracker goes through
+:func:`tolerant` (one warning, then the tracker is left alone), and results.json is written
+locally regardless.
 """
 
 from __future__ import annotations
@@ -53,8 +55,15 @@ def _wandb_logger(cfg: dict, save_dir: str, run_name: str, config: dict | None):
     mode = cfg.get("mode", "auto")
     if mode == "auto":
         mode = "online" if wandb_credentials() and os.environ.get("WANDB_MODE") != "offline" else "offline"
-    kwargs = dict(project=cfg.get("project", "dpq"), entity=cfg.get("entity"), name=run_name, save_dir=save_dir,
-                  tags=list(cfg.get("tags") or []), group=cfg.get("group"), config=config)
+    kwargs = dict(
+        project=cfg.get("project", "dpq"),
+        entity=cfg.get("entity"),
+        name=run_name,
+        save_dir=save_dir,
+        tags=list(cfg.get("tags") or []),
+        group=cfg.get("group"),
+        config=config,
+    )
     settings = wandb.Settings(init_timeout=float(cfg.get("init_timeout", 60)), silent=True)
     try:
         logger = WandbLogger(offline=mode == "offline", mode=mode, settings=settings, **kwargs)
@@ -73,23 +82,6 @@ def _wandb_logger(cfg: dict, save_dir: str, run_name: str, config: dict | None):
         except Exception as e2:
             log.warning("wandb offline failed too (%s); continuing without a tracker", e2)
             return None
-
-
-def finish(logger, summary: dict | None = None) -> None:
-    """Close the tracker; W&B gets the final metrics in its run summary."""
-    if logger is None:
-        return
-    try:
-        from lightning.pytorch.loggers import WandbLogger
-
-        if isinstance(logger, WandbLogger):
-            if summary:
-                logger.experiment.summary.update(summary)
-            logger.experiment.finish()
-        else:
-            logger.finalize("success")
-    except Exception as e:  # the tracker must never fail the run
-        log.warning("logger finish failed: %s", e)
 
 
 @functools.cache
@@ -115,8 +107,14 @@ def _tolerant_logger_class():
                 return getattr(self.inner, method)(*args, **kwargs)
             except Exception as e:
                 self.failed = True
-                log.warning("tracker %s failed in %s (%s: %s); the run continues without it (results.json and "
-                            "checkpoints are written locally)", type(self.inner).__name__, method, type(e).__name__, e)
+                log.warning(
+                    "tracker %s failed in %s (%s: %s); the run continues without it (results.json and "
+                    "checkpoints are written locally)",
+                    type(self.inner).__name__,
+                    method,
+                    type(e).__name__,
+                    e,
+                )
                 return None
 
         @property
@@ -160,6 +158,30 @@ def _tolerant_logger_class():
 
         def after_save_checkpoint(self, checkpoint_callback):
             return self._call("after_save_checkpoint", checkpoint_callback)
+
+        def guard(self, what: str, fn, *args, **kwargs):
+            """``fn(*args, **kwargs)`` for something that talks to the tracker; a failure is one warning."""
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                log.warning(
+                    "%s failed (%s: %s); the run's local results are unaffected", what, type(e).__name__, e
+                )
+                return None
+
+        def close(self, summary: dict | None = None) -> None:
+            """End the tracker's run; W&B gets the final metrics in its run summary."""
+            from lightning.pytorch.loggers import WandbLogger
+
+            def close_inner() -> None:
+                if isinstance(self.inner, WandbLogger):
+                    if summary:
+                        self.inner.experiment.summary.update(summary)
+                    self.inner.experiment.finish()
+                else:
+                    self.inner.finalize("success")
+
+            self.guard("logger finish", close_inner)
 
     return TolerantLogger
 

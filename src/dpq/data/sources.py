@@ -18,7 +18,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
 
 # A loader takes the task's ``offline`` block minus ``loader`` as keyword arguments (e.g. ``path``).
 OfflineLoader = Callable[..., "datasets.Dataset | datasets.DatasetDict"]
@@ -72,11 +72,23 @@ def digits_sklearn() -> datasets.Dataset:
     )
 
 
-FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                        "Ankle boot"]
+FASHION_MNIST_LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -92,7 +104,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(data) < 4 or data[0] or data[1] or data[2] != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file (header {data[:4].hex()})")
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
     if len(data) - offset != int(np.prod(dims)):
         raise ValueError(f"{path}: header says {dims} but holds {len(data) - offset} bytes")
@@ -101,7 +113,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 def image_features(shape: tuple[int, ...], label_names: list[str]) -> datasets.Features:
     """Columns of an image task: ``image`` (uint8, H x W or H x W x C) and ``label``."""
-    array = datasets.Array2D(tuple(shape), "uint8") if len(shape) == 2 else datasets.Array3D(tuple(shape), "uint8")
+    array = (
+        datasets.Array2D(tuple(shape), "uint8")
+        if len(shape) == 2
+        else datasets.Array3D(tuple(shape), "uint8")
+    )
     return datasets.Features({"image": array, "label": datasets.ClassLabel(names=label_names)})
 
 
@@ -112,9 +128,13 @@ def _idx_image_splits(directory: str, stamp: tuple) -> datasets.DatasetDict:
     for split, (images_name, labels_name) in IDX_FILES.items():
         images, labels = read_idx(Path(directory) / images_name), read_idx(Path(directory) / labels_name)
         if len(images) != len(labels):
-            raise ValueError(f"{directory}: {len(images)} images but {len(labels)} labels in the {split} split")
-        parts[split] = datasets.Dataset.from_dict({"image": images, "label": labels.astype(np.int64)},
-                                                  features=image_features(images.shape[1:], FASHION_MNIST_LABELS))
+            raise ValueError(
+                f"{directory}: {len(images)} images but {len(labels)} labels in the {split} split"
+            )
+        parts[split] = datasets.Dataset.from_dict(
+            {"image": images, "label": labels.astype(np.int64)},
+            features=image_features(images.shape[1:], FASHION_MNIST_LABELS),
+        )
     return datasets.DatasetDict(parts)
 
 
@@ -128,15 +148,20 @@ def fashion_mnist_idx(path: str = FASHION_MNIST_DIR) -> datasets.DatasetDict:
     files = [Path(path) / f for pair in IDX_FILES.values() for f in pair]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise SourceUnavailable(f"the Fashion-MNIST IDX files are not in {path} (missing {', '.join(missing)}); "
-                                "install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or set "
-                                "task.offline.path to a folder holding them, or task.source=online (needs network)")
+        raise SourceUnavailable(
+            f"the Fashion-MNIST IDX files are not in {path} (missing {', '.join(missing)}); "
+            "install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or set "
+            "task.offline.path to a folder holding them, or task.source=online (needs network)"
+        )
     stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     return _idx_image_splits(str(Path(path).resolve()), stamp)
 
 
 def hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def load_online(task_name: str, online: dict) -> datasets.DatasetDict:
@@ -145,7 +170,8 @@ def load_online(task_name: str, online: dict) -> datasets.DatasetDict:
     where = f"{path}" + (f" ({name})" if name else "")
     if hub_offline():
         raise ConfigError(
-            "task", task_name,
+            "task",
+            task_name,
             f"needs the Hugging Face dataset {where}, which is online-only, and HF_HUB_OFFLINE is set",
             f"offline tasks: {', '.join(sorted(offline_task_names()))}",
         )
@@ -153,7 +179,8 @@ def load_online(task_name: str, online: dict) -> datasets.DatasetDict:
         return datasets.load_dataset(path, name)
     except Exception as e:  # network, auth, missing dataset: all the same to the user
         raise ConfigError(
-            "task", task_name,
+            "task",
+            task_name,
             f"could not load the Hugging Face dataset {where} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             "this task needs network access to the hub",
             f"offline tasks: {', '.join(sorted(offline_task_names()))}",
@@ -162,6 +189,6 @@ def load_online(task_name: str, online: dict) -> datasets.DatasetDict:
 
 def offline_task_names() -> list[str]:
     """Task configs with an embedded source (read from conf/task, so the message stays true)."""
-    from dpq.configs import list_options, load_option
+    from dpq.core.config import list_options, load_option
 
     return [n for n in list_options("task") if (load_option("task", n).get("offline") or None)]

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 
+from dpq.core.errors import ConfigError
 from dpq.data.sources import OFFLINE_LOADERS, SourceUnavailable, load_online
-from dpq.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
 SOURCES = ("auto", "offline", "online")
@@ -40,7 +40,9 @@ class TaskSplits:
         return {s: len(getattr(self, s)) for s in SPLITS}
 
 
-def _carve(ds: datasets.Dataset, size: float, seed: int, stratify: bool) -> tuple[datasets.Dataset, datasets.Dataset]:
+def _carve(
+    ds: datasets.Dataset, size: float, seed: int, stratify: bool
+) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Split off ``size`` examples (an int >= 1) or that fraction of ``ds`` (a float < 1), seeded."""
     size = int(size) if float(size) >= 1 else float(size)
     if stratify:
@@ -49,7 +51,9 @@ def _carve(ds: datasets.Dataset, size: float, seed: int, stratify: bool) -> tupl
     return parts["train"], parts["test"]
 
 
-def _stratified_carve(ds: datasets.Dataset, size: int | float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+def _stratified_carve(
+    ds: datasets.Dataset, size: int | float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
     """``ds.train_test_split(test_size=size, seed=seed, stratify_by_column="label")``, the same rows.
 
     datasets reads the label column for stratification row by row through Python (~7 s for
@@ -63,12 +67,15 @@ def _stratified_carve(ds: datasets.Dataset, size: int | float, seed: int) -> tup
     if not 0 < n_test < n:
         raise ValueError(f"cannot carve {size} of {n} examples")
     labels = ds.with_format("arrow")["label"].to_numpy()
-    train_idx, test_idx = next(stratified_shuffle_split_generate_indices(labels, n - n_test, n_test,
-                                                                         rng=np.random.default_rng(seed)))
+    train_idx, test_idx = next(
+        stratified_shuffle_split_generate_indices(labels, n - n_test, n_test, rng=np.random.default_rng(seed))
+    )
     return ds.select(train_idx), ds.select(test_idx)
 
 
-def _standardise(ds: datasets.Dataset, kind: str, text_column: str | None, text_pair_column: str | None, label_column: str) -> datasets.Dataset:
+def _standardise(
+    ds: datasets.Dataset, kind: str, text_column: str | None, text_pair_column: str | None, label_column: str
+) -> datasets.Dataset:
     """Rename to the columns the rest of dpq expects: text[/text_pair] or features, and label."""
     keep = {label_column: "label"}
     if kind == "image":
@@ -81,7 +88,9 @@ def _standardise(ds: datasets.Dataset, kind: str, text_column: str | None, text_
         keep[text_column or "features"] = "features"
     missing = [c for c in keep if c not in ds.column_names]
     if missing:
-        raise ConfigError("task.online columns", missing, f"not in the dataset; its columns are {ds.column_names}")
+        raise ConfigError(
+            "task.online columns", missing, f"not in the dataset; its columns are {ds.column_names}"
+        )
     ds = ds.remove_columns([c for c in ds.column_names if c not in keep])
     return ds.rename_columns({k: v for k, v in keep.items() if k != v})
 
@@ -92,15 +101,25 @@ def _standardise_image(ds: datasets.Dataset, image_column: str, label_column: st
 
     missing = [c for c in (image_column, label_column) if c not in ds.column_names]
     if missing:
-        raise ConfigError("task.online columns", missing, f"not in the dataset; its columns are {ds.column_names}")
+        raise ConfigError(
+            "task.online columns", missing, f"not in the dataset; its columns are {ds.column_names}"
+        )
     ds = ds.remove_columns([c for c in ds.column_names if c not in (image_column, label_column)])
-    ds = ds.rename_columns({k: v for k, v in {image_column: "image", label_column: "label"}.items() if k != v})
+    ds = ds.rename_columns(
+        {k: v for k, v in {image_column: "image", label_column: "label"}.items() if k != v}
+    )
     first = np.asarray(ds[0]["image"], dtype=np.uint8)
     label = ds.features["label"]
-    names = label.names if isinstance(label, datasets.ClassLabel) else [str(i) for i in sorted(set(ds["label"]))]
+    names = (
+        label.names if isinstance(label, datasets.ClassLabel) else [str(i) for i in sorted(set(ds["label"]))]
+    )
     features = image_features(first.shape, names)
-    return ds.map(lambda b: {"image": [np.asarray(im, dtype=np.uint8) for im in b["image"]], "label": b["label"]},
-                  batched=True, features=features, desc="images to uint8 arrays")
+    return ds.map(
+        lambda b: {"image": [np.asarray(im, dtype=np.uint8) for im in b["image"]], "label": b["label"]},
+        batched=True,
+        features=features,
+        desc="images to uint8 arrays",
+    )
 
 
 def load_task(task: dict) -> TaskSplits:
@@ -121,7 +140,9 @@ def load_task(task: dict) -> TaskSplits:
     if source in ("auto", "offline") and offline:
         loader = offline["loader"]
         if loader not in OFFLINE_LOADERS:
-            raise ConfigError("task.offline.loader", loader, f"must be one of {', '.join(sorted(OFFLINE_LOADERS))}")
+            raise ConfigError(
+                "task.offline.loader", loader, f"must be one of {', '.join(sorted(OFFLINE_LOADERS))}"
+            )
         options = {k: v for k, v in offline.items() if k != "loader"}  # e.g. the folder of an IDX copy
         try:
             raw, used = OFFLINE_LOADERS[loader](**options), f"offline:{loader}"
@@ -130,7 +151,11 @@ def load_task(task: dict) -> TaskSplits:
                 raise ConfigError("task", name, f"its offline data is unavailable: {e}") from None
             offline_problem = str(e)
     elif source == "offline":
-        raise ConfigError("task.source", source, f"task '{name}' has no embedded offline copy; use source=online (needs network)")
+        raise ConfigError(
+            "task.source",
+            source,
+            f"task '{name}' has no embedded offline copy; use source=online (needs network)",
+        )
     if raw is None:
         if not online:
             raise ConfigError("task", name, "has neither an offline nor an online source configured")
@@ -140,7 +165,9 @@ def load_task(task: dict) -> TaskSplits:
             if offline_problem is None:
                 raise
             # Both routes failed: say what would fix either (the offline one first).
-            raise ConfigError("task", name, f"its offline data is unavailable ({offline_problem}), and online: {e.allowed}") from None
+            raise ConfigError(
+                "task", name, f"its offline data is unavailable ({offline_problem}), and online: {e.allowed}"
+            ) from None
         used = f"online:{online['path']}" + (f"/{online['name']}" if online.get("name") else "")
         hub_splits = online.get("splits") or {s: s for s in SPLITS}
         parts = {}
@@ -148,9 +175,23 @@ def load_task(task: dict) -> TaskSplits:
             hub_name = hub_splits.get(split)
             if hub_name is not None:
                 if hub_name not in raw:
-                    raise ConfigError(f"task.online.splits.{split}", hub_name, f"not a split of {online['path']}; it has {list(raw)}")
-                column = online.get("image_column", "image") if kind == "image" else online.get("text_column", "text")
-                parts[split] = _standardise(raw[hub_name], kind, column, online.get("text_pair_column"), online.get("label_column", "label"))
+                    raise ConfigError(
+                        f"task.online.splits.{split}",
+                        hub_name,
+                        f"not a split of {online['path']}; it has {list(raw)}",
+                    )
+                column = (
+                    online.get("image_column", "image")
+                    if kind == "image"
+                    else online.get("text_column", "text")
+                )
+                parts[split] = _standardise(
+                    raw[hub_name],
+                    kind,
+                    column,
+                    online.get("text_pair_column"),
+                    online.get("label_column", "label"),
+                )
         if "train" not in parts:
             raise ConfigError("task.online.splits.train", None, "a train split is required")
         parts = _carve_missing(parts, split_cfg, seed)
@@ -174,17 +215,23 @@ def load_task(task: dict) -> TaskSplits:
         for split in ("validation", "test"):
             parts[split] = parts[split].select(range(min(cap, len(parts[split]))))
 
-    labels = sorted(int(v) for v in np.unique(parts["train"].with_format("arrow")["label"].to_numpy()))  # no per-row Python loop
+    labels = sorted(
+        int(v) for v in np.unique(parts["train"].with_format("arrow")["label"].to_numpy())
+    )  # no per-row Python loop
     num_labels = int(task["num_labels"])
     if labels and (labels[0] < 0 or labels[-1] >= num_labels):
-        raise ConfigError("task.num_labels", num_labels, f"labels in the data range over {labels[0]}..{labels[-1]}")
+        raise ConfigError(
+            "task.num_labels", num_labels, f"labels in the data range over {labels[0]}..{labels[-1]}"
+        )
     for split in SPLITS:  # a stable example index, used to cache the teacher's logits per example
         parts[split] = _flatten(parts[split]).add_column("idx", list(range(len(parts[split]))))
     image = _image_normalisation(task, parts["train"]) if kind == "image" else {}
     return TaskSplits(**parts, kind=kind, num_labels=num_labels, source=used, **image)
 
 
-def _carve_missing(parts: dict[str, datasets.Dataset], split_cfg: dict, seed: int) -> dict[str, datasets.Dataset]:
+def _carve_missing(
+    parts: dict[str, datasets.Dataset], split_cfg: dict, seed: int
+) -> dict[str, datasets.Dataset]:
     """Carve test, then validation, from train where the source does not provide them (seeded)."""
     train = parts["train"]
     for split in ("test", "validation"):
@@ -202,7 +249,11 @@ def _image_normalisation(task: dict, train: datasets.Dataset) -> dict:
     stored = tuple(train.features["image"].shape)  # (H, W) or (H, W, C)
     want = tuple(shape[1:]) if len(stored) == 2 else (*shape[1:], shape[0])
     if stored != want or (len(stored) == 2 and int(shape[0]) != 1):
-        raise ConfigError("task.image_shape", list(shape), f"the data's images are {list(stored)} (height, width[, channels])")
+        raise ConfigError(
+            "task.image_shape",
+            list(shape),
+            f"the data's images are {list(stored)} (height, width[, channels])",
+        )
     norm = task.get("normalize") or {}
     channels = int(shape[0])
     mean = tuple(float(v) for v in (norm.get("mean") or [0.0] * channels))

@@ -46,5 +46,20 @@ def merge_seeds(df: pd.DataFrame) -> pd.DataFrame:
     info["seeds"] = raw["seed"].agg(lambda s: ",".join(str(int(v)) for v in sorted(s.dropna().unique())))
     info["runs"] = raw["run"].agg(lambda s: "; ".join(dict.fromkeys(s)))
     merged = info.join(out).reset_index()
-    front = [c for c in ("kind", "label", "pipeline", "order", "final_sparsity", "granularity", "bits", "act_bits", "n_seeds", "seeds") if c in merged]
+    front = [
+        c
+        for c in (
+            "kind",
+            "label",
+            "pipeline",
+            "order",
+            "final_sparsity",
+            "granularity",
+            "bits",
+            "act_bits",
+            "n_seeds",
+            "seeds",
+        )
+        if c in merged
+    ]
     return merged[front + [c for c in merged.columns if c not in front]]

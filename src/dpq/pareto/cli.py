@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
 
 from .aggregate import add_objectives, merge_seeds
 from .front import pareto_mask
@@ -43,13 +43,24 @@ def default_out(first: str) -> Path:
 def front_table(points: pd.DataFrame, objectives: list[Objective]) -> pd.DataFrame:
     """Objective columns plus ``pareto`` (non-dominated among all points, references included)."""
     points = add_objectives(points, objectives)
-    points["pareto"] = pareto_mask(points[[o.name for o in objectives]].to_numpy(), [o.sense for o in objectives])
+    points["pareto"] = pareto_mask(
+        points[[o.name for o in objectives]].to_numpy(), [o.sense for o in objectives]
+    )
     return points
 
 
-def build_report(inputs: list[str], objectives: list[Objective], out: Path | None = None, baseline: str | None = "dq",
-                 references: bool = True, log_x: str = "auto", title: str | None = None, progress: bool = True,
-                 wandb_project: str | None = None, wandb_entity: str | None = None) -> dict:
+def build_report(
+    inputs: list[str],
+    objectives: list[Objective],
+    out: Path | None = None,
+    baseline: str | None = "dq",
+    references: bool = True,
+    log_x: str = "auto",
+    title: str | None = None,
+    progress: bool = True,
+    wandb_project: str | None = None,
+    wandb_entity: str | None = None,
+) -> dict:
     """Gather, merge seeds, mark the front, write CSV/Parquet/PNG/HTML into ``out``; return the paths and counts."""
     from .plots import write_png
     from .report import write_html
@@ -59,8 +70,14 @@ def build_report(inputs: list[str], objectives: list[Objective], out: Path | Non
     for o in objectives:
         missing = int(runs[o.name].isna().sum())
         if missing:
-            log.warning("%d of %d points have no %s (metric %r; runs made before it was measured?): "
-                        "they cannot be on the front", missing, len(runs), o.name, o.metric)
+            log.warning(
+                "%d of %d points have no %s (metric %r; runs made before it was measured?): "
+                "they cannot be on the front",
+                missing,
+                len(runs),
+                o.name,
+                o.metric,
+            )
     points = front_table(merge_seeds(runs), objectives)
     keys = points.set_index(["kind", "config_key"])["pareto"]
     runs["pareto"] = [bool(keys.get((k, c), False)) for k, c in zip(runs["kind"], runs["config_key"])]
@@ -69,24 +86,43 @@ def build_report(inputs: list[str], objectives: list[Objective], out: Path | Non
     title = title or f"dpq Pareto front: {objectives[0].name} vs {', '.join(o.name for o in objectives[1:])}"
     if baseline and baseline not in set(runs["pipeline"]):
         log.info("baseline pipeline %r not among the runs; nothing marked as baseline", baseline)
-    paths = {"csv": out / "pareto.csv", "parquet": out / "pareto.parquet", "runs_csv": out / "runs.csv",
-             "png": out / "pareto.png", "html": out / "pareto.html"}
+    paths = {
+        "csv": out / "pareto.csv",
+        "parquet": out / "pareto.parquet",
+        "runs_csv": out / "runs.csv",
+        "png": out / "pareto.png",
+        "html": out / "pareto.html",
+    }
     points.to_csv(paths["csv"], index=False)
     points.to_parquet(paths["parquet"], index=False)
     runs.to_csv(paths["runs_csv"], index=False)
     write_png(points, objectives, paths["png"], baseline=baseline, title=title, log_x=log_x)
     write_html(points, runs, objectives, paths["html"], baseline=baseline, title=title, log_x=log_x)
-    summary = {"out": str(out), **{k: str(v) for k, v in paths.items()}, "runs": int((runs["kind"] == "final").sum()),
-               "points": len(points), "front": int(points["pareto"].sum())}
+    summary = {
+        "out": str(out),
+        **{k: str(v) for k, v in paths.items()},
+        "runs": int((runs["kind"] == "final").sum()),
+        "points": len(points),
+        "front": int(points["pareto"].sum()),
+    }
     if wandb_project:
         from .wandb_log import log_report
 
         try:
-            summary["wandb"] = log_report(points, runs, paths["png"], paths["html"], wandb_project, wandb_entity,
-                                          name=f"pareto-{out.name if out.name != 'pareto' else out.parent.name}",
-                                          config={"inputs": list(map(str, inputs)),
-                                                  "objectives": [f"{o.name}:{o.sense}" for o in objectives]},
-                                          out_dir=out)
+            summary["wandb"] = log_report(
+                points,
+                runs,
+                paths["png"],
+                paths["html"],
+                wandb_project,
+                wandb_entity,
+                name=f"pareto-{out.name if out.name != 'pareto' else out.parent.name}",
+                config={
+                    "inputs": list(map(str, inputs)),
+                    "objectives": [f"{o.name}:{o.sense}" for o in objectives],
+                },
+                out_dir=out,
+            )
         except Exception as e:  # the files are written; W&B is a copy
             log.warning("W&B logging failed (%s); the report files are in %s", e, out)
             summary["wandb"] = f"failed: {e}"
@@ -99,12 +135,18 @@ def print_front(points: pd.DataFrame, objectives: list[Objective], summary: dict
 
     from .report import _pm
 
-    table = Table(title=f"Pareto front ({summary['front']} of {summary['points']} points, {summary['runs']} runs)")
+    table = Table(
+        title=f"Pareto front ({summary['front']} of {summary['points']} points, {summary['runs']} runs)"
+    )
     for h in ("point", "ordering", "seeds", *(f"{o.name} [{o.unit}]" for o in objectives)):
         table.add_column(h, justify="left" if h in ("point", "ordering", "seeds") else "right")
     for _, r in points[points["pareto"]].sort_values(objectives[1].name).iterrows():
-        table.add_row(str(r["label"]), str(r["order"]), f"{r['seeds']} (n={r['n_seeds']})",
-                      *(_pm(r[o.name], r.get(o.name + "_std")) for o in objectives))
+        table.add_row(
+            str(r["label"]),
+            str(r["order"]),
+            f"{r['seeds']} (n={r['n_seeds']})",
+            *(_pm(r[o.name], r.get(o.name + "_std")) for o in objectives),
+        )
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
@@ -128,19 +170,36 @@ def front_parser() -> argparse.ArgumentParser:
         "Seeds of one configuration are merged into mean ± std. Teacher and dense-student points "
         "come from the same results.json files and take part in the front (--no-references drops them).\n\n"
         "Also: python -m dpq.pareto compare --baseline dq --candidate dpq INPUT...  (see compare --help)",
-        epilog="objectives (name, better, unit, meaning):\n" + _objective_list())
+        epilog="objectives (name, better, unit, meaning):\n" + _objective_list(),
+    )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=INPUTS_HELP)
-    p.add_argument("-O", "--objectives", default=DEFAULT_OBJECTIVES,
-                   help="2 or 3 comma-separated objective names, the first on the y axis; NAME:max / NAME:min "
-                   f"overrides the direction (default {DEFAULT_OBJECTIVES})")
+    p.add_argument(
+        "-O",
+        "--objectives",
+        default=DEFAULT_OBJECTIVES,
+        help="2 or 3 comma-separated objective names, the first on the y axis; NAME:max / NAME:min "
+        f"overrides the direction (default {DEFAULT_OBJECTIVES})",
+    )
     p.add_argument("-o", "--out", type=Path, help="output folder (default: <first input>/pareto)")
-    p.add_argument("--baseline", default="dq", help="pipeline whose points are outlined as the baseline (default dq)")
-    p.add_argument("--no-references", action="store_true", help="leave out the teacher and dense-student points")
-    p.add_argument("--log-x", choices=("auto", "on", "off"), default="auto",
-                   help="log-scale cost axes (auto: when values span > 10x)")
+    p.add_argument(
+        "--baseline", default="dq", help="pipeline whose points are outlined as the baseline (default dq)"
+    )
+    p.add_argument(
+        "--no-references", action="store_true", help="leave out the teacher and dense-student points"
+    )
+    p.add_argument(
+        "--log-x",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="log-scale cost axes (auto: when values span > 10x)",
+    )
     p.add_argument("--title", help="plot and report title")
-    p.add_argument("--wandb", action="store_true", help="also log the tables, plot and report to a W&B run "
-                   "(online with credentials, else offline into the output folder)")
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log the tables, plot and report to a W&B run "
+        "(online with credentials, else offline into the output folder)",
+    )
     p.add_argument("--wandb-project", default="dpq")
     p.add_argument("--wandb-entity", default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -154,11 +213,14 @@ def compare_parser() -> argparse.ArgumentParser:
         "accuracy difference and cost ratios (candidate / baseline), mean ± std across seeds, paired by seed "
         "when both share seeds. Prints a table and writes compare.json.",
         epilog="selectors: a pipeline name, optionally with filters on columns or config keys, e.g. "
-        "--candidate 'dpq,final_sparsity=0.2' --baseline 'dq,bits=4'")
+        "--candidate 'dpq,final_sparsity=0.2' --baseline 'dq,bits=4'",
+    )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=INPUTS_HELP)
     p.add_argument("--baseline", required=True, help="e.g. dq")
     p.add_argument("--candidate", required=True, help="e.g. dpq or 'dpq,final_sparsity=0.2'")
-    p.add_argument("-o", "--out", type=Path, help="output folder for compare.json (default: <first input>/pareto)")
+    p.add_argument(
+        "-o", "--out", type=Path, help="output folder for compare.json (default: <first input>/pareto)"
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -171,9 +233,13 @@ def run_compare(args: argparse.Namespace) -> dict:
     print_comparison(results)
     out = Path(args.out) if args.out else default_out(str(args.inputs[0]))
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"baseline": args.baseline, "candidate": args.candidate, "comparisons": results,
-               "method": "deltas: candidate - baseline; ratios: candidate / baseline; mean ± std across seeds "
-               "(per-seed pairs when seeds are shared, else propagated from each side's std)"}
+    payload = {
+        "baseline": args.baseline,
+        "candidate": args.candidate,
+        "comparisons": results,
+        "method": "deltas: candidate - baseline; ratios: candidate / baseline; mean ± std across seeds "
+        "(per-seed pairs when seeds are shared, else propagated from each side's std)",
+    }
     (out / "compare.json").write_text(json.dumps(payload, indent=2, default=str))
     print(f"compare.json: {out / 'compare.json'}")
     return payload
@@ -190,11 +256,18 @@ def main(argv: list[str] | None = None) -> int:
             run_compare(args)
         else:
             objectives = parse_objectives([s for s in args.objectives.split(",") if s.strip()])
-            summary = build_report(args.inputs, objectives, args.out, baseline=args.baseline,
-                                   references=not args.no_references, log_x=args.log_x, title=args.title,
-                                   progress=not args.no_progress,
-                                   wandb_project=args.wandb_project if args.wandb else None,
-                                   wandb_entity=args.wandb_entity)
+            summary = build_report(
+                args.inputs,
+                objectives,
+                args.out,
+                baseline=args.baseline,
+                references=not args.no_references,
+                log_x=args.log_x,
+                title=args.title,
+                progress=not args.no_progress,
+                wandb_project=args.wandb_project if args.wandb else None,
+                wandb_entity=args.wandb_entity,
+            )
             print_front(summary["points_df"], objectives, summary)
     except ConfigError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

@@ -14,13 +14,20 @@ import math
 
 import pandas as pd
 
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
 
 from .gather import json_safe
 
 DELTAS = ("accuracy", "val_accuracy")
-RATIOS = ("effective_gflops", "dense_gflops", "bops", "latency_ms_median", "size_bytes", "peak_memory_bytes",
-          "params_nonzero")
+RATIOS = (
+    "effective_gflops",
+    "dense_gflops",
+    "bops",
+    "latency_ms_median",
+    "size_bytes",
+    "peak_memory_bytes",
+    "params_nonzero",
+)
 CONTEXT = ("task", "model", "teacher")
 SELECTOR_HELP = "a pipeline name, optionally with column=value filters: 'dpq,final_sparsity=0.2,bits=4'"
 
@@ -37,7 +44,9 @@ def select(runs: pd.DataFrame, spec: str, key: str) -> pd.DataFrame:
     finals = runs[runs["kind"] == "final"]
     known = sorted(dict.fromkeys(finals["pipeline"]))
     if name not in known:
-        raise ConfigError(key, spec, f"no runs of pipeline {name!r}; pipelines found: {', '.join(known) or 'none'}")
+        raise ConfigError(
+            key, spec, f"no runs of pipeline {name!r}; pipelines found: {', '.join(known) or 'none'}"
+        )
     sel = finals[finals["pipeline"] == name]
     for f in filters:
         col, sep, want = f.partition("=")
@@ -46,11 +55,15 @@ def select(runs: pd.DataFrame, spec: str, key: str) -> pd.DataFrame:
         if col in sel:
             have = sel[col]
         else:
-            have = sel["config"].map(lambda c: _flat(c).get(col))
+            have = sel["config"].map(lambda c: _flat(c).get(col))  # noqa: B023 (applied at once)
             if have.isna().all():
-                raise ConfigError(key, spec, f"{col!r} is neither a column ({', '.join(map(str, sel.columns[:12]))}, ...) "
-                                  "nor a config key of these runs")
-        sel = sel[have.map(lambda v: _equal(v, want))]
+                raise ConfigError(
+                    key,
+                    spec,
+                    f"{col!r} is neither a column ({', '.join(map(str, sel.columns[:12]))}, ...) "
+                    "nor a config key of these runs",
+                )
+        sel = sel[have.map(lambda v: _equal(v, want))]  # noqa: B023 (applied at once)
     if sel.empty:
         raise ConfigError(key, spec, "no run matches these filters")
     return sel
@@ -72,8 +85,11 @@ def _per_seed(sel: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
 
 def _stat(values: list[float]) -> dict:
     s = pd.Series(values, dtype=float).dropna()
-    return {"mean": json_safe(s.mean()) if len(s) else None, "std": json_safe(s.std(ddof=1)) if len(s) > 1 else 0.0,
-            "n": int(len(s))}
+    return {
+        "mean": json_safe(s.mean()) if len(s) else None,
+        "std": json_safe(s.std(ddof=1)) if len(s) > 1 else 0.0,
+        "n": int(len(s)),
+    }
 
 
 def compare_pair(base: pd.DataFrame, cand: pd.DataFrame) -> dict:
@@ -81,24 +97,39 @@ def compare_pair(base: pd.DataFrame, cand: pd.DataFrame) -> dict:
     cols = [*DELTAS, *RATIOS]
     b, c = _per_seed(base, cols), _per_seed(cand, cols)
     common = sorted(set(b.index) & set(c.index))
-    out: dict = {"pairing": "paired by seed" if common else "unpaired (no common seeds)",
-                 "seeds": [int(s) for s in common] if common else None, "deltas": {}, "ratios": {}}
+    out: dict = {
+        "pairing": "paired by seed" if common else "unpaired (no common seeds)",
+        "seeds": [int(s) for s in common] if common else None,
+        "deltas": {},
+        "ratios": {},
+    }
     for m in cols:
         if m not in b or m not in c:
             continue
         if common:
-            diff = (c.loc[common, m] - b.loc[common, m]) if m in DELTAS else (c.loc[common, m] / b.loc[common, m])
+            diff = (
+                (c.loc[common, m] - b.loc[common, m])
+                if m in DELTAS
+                else (c.loc[common, m] / b.loc[common, m])
+            )
             stat = _stat(list(diff))
         else:
             mb, mc = b[m].mean(), c[m].mean()
             sb = b[m].std(ddof=1) if len(b) > 1 else 0.0
             sc = c[m].std(ddof=1) if len(c) > 1 else 0.0
             if m in DELTAS:
-                stat = {"mean": json_safe(mc - mb), "std": json_safe(math.hypot(sb, sc)), "n": int(min(len(b), len(c)))}
+                stat = {
+                    "mean": json_safe(mc - mb),
+                    "std": json_safe(math.hypot(sb, sc)),
+                    "n": int(min(len(b), len(c))),
+                }
             else:
                 r = mc / mb
-                stat = {"mean": json_safe(r), "std": json_safe(abs(r) * math.hypot(sb / mb, sc / mc)),
-                        "n": int(min(len(b), len(c)))}
+                stat = {
+                    "mean": json_safe(r),
+                    "std": json_safe(abs(r) * math.hypot(sb / mb, sc / mc)),
+                    "n": int(min(len(b), len(c))),
+                }
         (out["deltas"] if m in DELTAS else out["ratios"])[m] = stat
     return out
 
@@ -106,10 +137,18 @@ def compare_pair(base: pd.DataFrame, cand: pd.DataFrame) -> dict:
 def _side(sel: pd.DataFrame) -> dict:
     r = sel.iloc[0]
     acc = _stat(list(_per_seed(sel, ["accuracy"])["accuracy"]))
-    return {"label": r["label"], "pipeline": r["pipeline"], "order": r["order"], "config_key": r["config_key"],
-            "final_sparsity": json_safe(r.get("final_sparsity")), "bits": json_safe(r.get("bits")),
-            "seeds": sorted(int(s) for s in sel["seed"].dropna().unique()), "runs": list(sel["run"]),
-            "accuracy": acc, **{m: json_safe(sel[m].mean()) for m in RATIOS if m in sel}}
+    return {
+        "label": r["label"],
+        "pipeline": r["pipeline"],
+        "order": r["order"],
+        "config_key": r["config_key"],
+        "final_sparsity": json_safe(r.get("final_sparsity")),
+        "bits": json_safe(r.get("bits")),
+        "seeds": sorted(int(s) for s in sel["seed"].dropna().unique()),
+        "runs": list(sel["run"]),
+        "accuracy": acc,
+        **{m: json_safe(sel[m].mean()) for m in RATIOS if m in sel},
+    }
 
 
 def compare(runs: pd.DataFrame, baseline: str, candidate: str) -> list[dict]:
@@ -129,13 +168,25 @@ def compare(runs: pd.DataFrame, baseline: str, candidate: str) -> list[dict]:
         configs = list(dict.fromkeys(base["config_key"]))
         if len(configs) > 1:
             labels = ", ".join(dict.fromkeys(base["label"]))
-            raise ConfigError("--baseline", baseline, f"matches {len(configs)} configurations ({labels}) for "
-                              f"{dict(zip(ctx_cols, ctx))}; narrow it with filters, {SELECTOR_HELP}")
+            raise ConfigError(
+                "--baseline",
+                baseline,
+                f"matches {len(configs)} configurations ({labels}) for "
+                f"{dict(zip(ctx_cols, ctx))}; narrow it with filters, {SELECTOR_HELP}",
+            )
         for _, cand in cand_ctx.groupby("config_key", sort=False):
-            results.append({"context": {k: json_safe(v) for k, v in zip(ctx_cols, ctx)}, "baseline": _side(base),
-                            "candidate": _side(cand), **compare_pair(base, cand)})
+            results.append(
+                {
+                    "context": {k: json_safe(v) for k, v in zip(ctx_cols, ctx)},
+                    "baseline": _side(base),
+                    "candidate": _side(cand),
+                    **compare_pair(base, cand),
+                }
+            )
     if not results:
-        raise ConfigError("--baseline", baseline, f"no baseline run shares a task/model/teacher with {candidate!r}")
+        raise ConfigError(
+            "--baseline", baseline, f"no baseline run shares a task/model/teacher with {candidate!r}"
+        )
     return results
 
 
@@ -151,16 +202,33 @@ def print_comparison(results: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="candidate vs baseline (mean ± std across seeds; ratios are candidate / baseline)")
-    for h in ("task", "baseline", "candidate", "pairing", "Δ accuracy", "eff. GFLOPs ×", "BOPs ×", "latency ×",
-              "size ×", "peak mem ×"):
+    for h in (
+        "task",
+        "baseline",
+        "candidate",
+        "pairing",
+        "Δ accuracy",
+        "eff. GFLOPs ×",
+        "BOPs ×",
+        "latency ×",
+        "size ×",
+        "peak mem ×",
+    ):
         table.add_column(h, justify="left" if h in ("task", "baseline", "candidate", "pairing") else "right")
     for r in results:
         ratios = r["ratios"]
-        table.add_row(str(r["context"].get("task")), r["baseline"]["label"], r["candidate"]["label"],
-                      f"{r['pairing'].split(' (')[0]}, n={r['deltas'].get('accuracy', {}).get('n', 0)}",
-                      fmt(r["deltas"].get("accuracy"), signed=True), fmt(ratios.get("effective_gflops"), 3),
-                      fmt(ratios.get("bops"), 3), fmt(ratios.get("latency_ms_median"), 3),
-                      fmt(ratios.get("size_bytes"), 3), fmt(ratios.get("peak_memory_bytes"), 3))
+        table.add_row(
+            str(r["context"].get("task")),
+            r["baseline"]["label"],
+            r["candidate"]["label"],
+            f"{r['pairing'].split(' (')[0]}, n={r['deltas'].get('accuracy', {}).get('n', 0)}",
+            fmt(r["deltas"].get("accuracy"), signed=True),
+            fmt(ratios.get("effective_gflops"), 3),
+            fmt(ratios.get("bops"), 3),
+            fmt(ratios.get("latency_ms_median"), 3),
+            fmt(ratios.get("size_bytes"), 3),
+            fmt(ratios.get("peak_memory_bytes"), 3),
+        )
     console = Console()
     if not console.is_terminal:
         console = Console(width=170)

@@ -8,7 +8,7 @@ the O(n^2) comparison instant.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

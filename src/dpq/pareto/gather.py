@@ -16,12 +16,13 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ IGNORED_KEYS = ("seed", "run_name", "paths", "logger", "save_model", "resume")
 CONDITION_KEYS = ("device", "threads", "warmup", "repeats", "batch_size", "seq_len", "peak_memory_device")
 CONVENTION_KEYS = ("flops_convention", "bops_convention", "peak_memory_method")
 SWEEP_ID = re.compile(r"^(?:wandb:)?([\w.-]+)/([\w.-]+)/(?:sweeps/)?([A-Za-z0-9]+)$")
-INPUTS_HELP = "run folders, multirun folders, globs, results.json files, or a W&B sweep id entity/project/sweep_id"
+INPUTS_HELP = (
+    "run folders, multirun folders, globs, results.json files, or a W&B sweep id entity/project/sweep_id"
+)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -55,7 +58,11 @@ def find_results(inputs: Iterable[str]) -> list[Path]:
     found: list[Path] = []
     for spec in inputs:
         spec = str(spec)
-        matches = [Path(m) for m in sorted(glob.glob(spec, recursive=True))] if glob.has_magic(spec) else [Path(spec)]
+        matches = (
+            [Path(m) for m in sorted(glob.glob(spec, recursive=True))]
+            if glob.has_magic(spec)
+            else [Path(spec)]
+        )
         hits: list[Path] = []
         for m in matches:
             if m.is_dir():
@@ -63,7 +70,11 @@ def find_results(inputs: Iterable[str]) -> list[Path]:
             elif m.is_file():
                 hits.append(m)
         if not hits:
-            what = "no such file or folder" if not matches or not any(m.exists() for m in matches) else f"no {RESULTS} in it"
+            what = (
+                "no such file or folder"
+                if not matches or not any(m.exists() for m in matches)
+                else f"no {RESULTS} in it"
+            )
             raise ConfigError("inputs", spec, f"{what}; pass {INPUTS_HELP}")
         found += hits
     seen: set[Path] = set()
@@ -81,7 +92,9 @@ def load_results(paths: list[Path], progress: bool = True) -> list[tuple[dict, s
     from rich.progress import track
 
     out = []
-    for p in track(paths, description="reading results.json", disable=not progress or len(paths) < 10, transient=True):
+    for p in track(
+        paths, description="reading results.json", disable=not progress or len(paths) < 10, transient=True
+    ):
         try:
             res = json.loads(Path(p).read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -100,7 +113,10 @@ def load_results(paths: list[Path], progress: bool = True) -> list[tuple[dict, s
 def wandb_online() -> bool:
     from dpq.loggers import wandb_credentials
 
-    return os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun") and wandb_credentials()
+    return (
+        os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun")
+        and wandb_credentials()
+    )
 
 
 def load_sweep(spec: str, progress: bool = True) -> list[tuple[dict, str]]:
@@ -109,8 +125,12 @@ def load_sweep(spec: str, progress: bool = True) -> list[tuple[dict, str]]:
     if not m:
         raise ConfigError("inputs", spec, "a W&B sweep id looks like entity/project/sweep_id")
     if not wandb_online():
-        raise ConfigError("inputs", spec, "reading a W&B sweep needs W&B online (WANDB_API_KEY or `wandb login`, "
-                          "WANDB_MODE not offline); offline, pass the sweep's run folders instead")
+        raise ConfigError(
+            "inputs",
+            spec,
+            "reading a W&B sweep needs W&B online (WANDB_API_KEY or `wandb login`, "
+            "WANDB_MODE not offline); offline, pass the sweep's run folders instead",
+        )
     import tempfile
 
     import wandb
@@ -123,7 +143,9 @@ def load_sweep(spec: str, progress: bool = True) -> list[tuple[dict, str]]:
         raise ConfigError("inputs", spec, f"could not read the W&B sweep ({type(e).__name__}: {e})") from None
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        for run in track(runs, description="reading W&B runs", disable=not progress or len(runs) < 10, transient=True):
+        for run in track(
+            runs, description="reading W&B runs", disable=not progress or len(runs) < 10, transient=True
+        ):
             if run.state != "finished":
                 log.warning("skipping W&B run %s: state %s", run.path, run.state)
                 continue
@@ -143,9 +165,16 @@ def results_from_summary(config: dict, summary: dict, name: str) -> dict:
     """A results.json-shaped dict from a W&B run's config and ``final/*`` summary (final point only)."""
     final = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith("final/")}
     pipe = config.get("pipeline") or {}
-    return {"status": "completed", "run_name": config.get("run_name", name), "pipeline": pipe.get("name"),
-            "order": list(pipe.get("order") or []), "seed": config.get("seed"), "config": config,
-            "final": {"stage": (pipe.get("order") or ["?"])[-1], "model": "student", **final}, "stages": []}
+    return {
+        "status": "completed",
+        "run_name": config.get("run_name", name),
+        "pipeline": pipe.get("name"),
+        "order": list(pipe.get("order") or []),
+        "seed": config.get("seed"),
+        "config": config,
+        "final": {"stage": (pipe.get("order") or ["?"])[-1], "model": "student", **final},
+        "stages": [],
+    }
 
 
 # --------------------------------------------------------------------------- points
@@ -199,15 +228,24 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _label(kind: str, pipeline: str, sparsity: float, bits: int | None, stage: str | None = None,
-           act_bits: int | None = None, granularity: str | None = None) -> str:
+def _label(
+    kind: str,
+    pipeline: str,
+    sparsity: float,
+    bits: int | None,
+    stage: str | None = None,
+    act_bits: int | None = None,
+    granularity: str | None = None,
+) -> str:
     if kind == "teacher":
         return "teacher"
     if kind == "dense":
         return "dense student"
     parts = [pipeline if kind == "final" else f"{pipeline}:{stage}"]
     if sparsity:
-        parts.append(f"{sparsity:g} sparse" if granularity in (None, "unstructured") else f"{sparsity:g} {granularity}")
+        parts.append(
+            f"{sparsity:g} sparse" if granularity in (None, "unstructured") else f"{sparsity:g} {granularity}"
+        )
     if bits:
         parts.append(f"W{bits}A{act_bits}" if act_bits else f"{bits}-bit")
     return " ".join(parts)
@@ -219,22 +257,49 @@ def points_from_results(results: dict, run: str, stages: bool = False) -> list[d
     order = list(results.get("order") or (cfg.get("pipeline") or {}).get("order") or [])
     pipeline = results.get("pipeline") or (cfg.get("pipeline") or {}).get("name") or "?"
     task = cfg.get("task") or {}
-    common = {"run": run, "run_name": results.get("run_name"), "pipeline": pipeline, "order": " → ".join(order),
-              "seed": results.get("seed", cfg.get("seed")), "task": task.get("name") if isinstance(task, dict) else task,
-              "model": (cfg.get("model") or {}).get("name"), "teacher": (cfg.get("teacher") or {}).get("name")}
+    common = {
+        "run": run,
+        "run_name": results.get("run_name"),
+        "pipeline": pipeline,
+        "order": " → ".join(order),
+        "seed": results.get("seed", cfg.get("seed")),
+        "task": task.get("name") if isinstance(task, dict) else task,
+        "model": (cfg.get("model") or {}).get("name"),
+        "teacher": (cfg.get("teacher") or {}).get("name"),
+    }
     records = list(results.get("stages") or [])
     points = []
 
-    def add(kind: str, metrics: dict, names: list[str], stage: str | None, role: str | None,
-            drop: tuple[str, ...] = ()) -> None:
+    def add(
+        kind: str,
+        metrics: dict,
+        names: list[str],
+        stage: str | None,
+        role: str | None,
+        drop: tuple[str, ...] = (),
+    ) -> None:
         sparsity, bits, act_bits, granularity = _knobs(cfg, names)
         ident = identity(cfg, None if kind == "final" else names, drop)
         # A reference point depends only on the stages up to it: that is its ordering.
         order_of = " → ".join(names) if kind in ("teacher", "dense") else common["order"]
-        points.append({**common, "order": order_of, "kind": kind, "stage": stage, "role": role, "label": _label(kind, pipeline, sparsity, bits, stage, act_bits, granularity),
-                       "final_sparsity": sparsity, "granularity": granularity, "bits": bits, "act_bits": act_bits, "config_key": config_key({"kind": kind, **ident}),
-                       "config": json.dumps(ident, sort_keys=True, default=str), **_scalars(metrics),
-                       **{k: metrics[k] for k in (*CONDITION_KEYS, *CONVENTION_KEYS) if k in metrics}})
+        points.append(
+            {
+                **common,
+                "order": order_of,
+                "kind": kind,
+                "stage": stage,
+                "role": role,
+                "label": _label(kind, pipeline, sparsity, bits, stage, act_bits, granularity),
+                "final_sparsity": sparsity,
+                "granularity": granularity,
+                "bits": bits,
+                "act_bits": act_bits,
+                "config_key": config_key({"kind": kind, **ident}),
+                "config": json.dumps(ident, sort_keys=True, default=str),
+                **_scalars(metrics),
+                **{k: metrics[k] for k in (*CONDITION_KEYS, *CONVENTION_KEYS) if k in metrics},
+            }
+        )
 
     final = results["final"]
     add("final", final, order, final.get("stage"), final.get("model"))
@@ -255,8 +320,11 @@ def to_frame(loaded: list[tuple[dict, str]], references: bool = True, stages: bo
     rows = []
     for res, run in loaded:
         pts = points_from_results(res, run, stages)
-        rows += [p for p in pts if p["kind"] == "stage"] if stages else \
-            [p for p in pts if references or p["kind"] == "final"]
+        rows += (
+            [p for p in pts if p["kind"] == "stage"]
+            if stages
+            else [p for p in pts if references or p["kind"] == "final"]
+        )
     df = pd.DataFrame(rows)
     if not df.empty:
         df["run"] = _relative_runs(df["run"])
@@ -296,8 +364,11 @@ def gather(inputs: list[str], references: bool = True, progress: bool = True) ->
 def metric_columns(df: pd.DataFrame) -> list[str]:
     """Numeric measured columns (averaged across seeds), without the measuring conditions."""
     fixed = {"seed", "final_sparsity", "bits", "act_bits", "round", *CONDITION_KEYS}
-    return [c for c in df.columns if c not in fixed and pd.api.types.is_numeric_dtype(df[c])
-            and not pd.api.types.is_bool_dtype(df[c])]
+    return [
+        c
+        for c in df.columns
+        if c not in fixed and pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])
+    ]
 
 
 def json_safe(v: Any) -> Any:

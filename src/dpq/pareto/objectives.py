@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
 
 SENSES = ("max", "min")
 

@@ -11,7 +11,10 @@ import pandas as pd
 from .front import step_order
 from .objectives import Objective
 
-REFERENCE_STYLE = {"teacher": dict(marker="*", s=170, color="black"), "dense": dict(marker="D", s=55, color="dimgray")}
+REFERENCE_STYLE = {
+    "teacher": dict(marker="*", s=170, color="black"),
+    "dense": dict(marker="D", s=55, color="dimgray"),
+}
 REFERENCE_LABEL = {"teacher": "teacher", "dense": "dense student (distilled)"}
 
 
@@ -30,8 +33,14 @@ def colours(groups: list[str]) -> dict[str, tuple]:
     return {g: cmap(i % 10) for i, g in enumerate(groups)}
 
 
-def figure(points: pd.DataFrame, objectives: list[Objective], baseline: str | None = None,
-           title: str | None = None, log_x: str = "auto", annotate: bool = True):
+def figure(
+    points: pd.DataFrame,
+    objectives: list[Objective],
+    baseline: str | None = None,
+    title: str | None = None,
+    log_x: str = "auto",
+    annotate: bool = True,
+):
     """A matplotlib Figure: y = the first objective, one panel per other objective.
 
     ``points`` is the merged table with objective columns and the ``pareto`` flag.
@@ -62,17 +71,42 @@ def figure(points: pd.DataFrame, objectives: list[Objective], baseline: str | No
         if baseline:
             sub = runs[runs["pipeline"] == baseline]
             if len(sub):
-                ax.scatter(sub[x_obj.name], sub[y_obj.name], s=190, facecolors="none", edgecolors="crimson",
-                           linewidths=1.6, marker="s", zorder=5, label=f"baseline ({baseline})")
+                ax.scatter(
+                    sub[x_obj.name],
+                    sub[y_obj.name],
+                    s=190,
+                    facecolors="none",
+                    edgecolors="crimson",
+                    linewidths=1.6,
+                    marker="s",
+                    zorder=5,
+                    label=f"baseline ({baseline})",
+                )
         front = points[points["pareto"]]
         if len(objectives) == 2 and len(front):
             order, where = step_order(front[x_obj.name], x_obj.sense)
             f = front.iloc[order]
-            ax.step(f[x_obj.name], f[y_obj.name], where=where, color="black", ls="--", lw=1.2, zorder=2,
-                    label="Pareto front")
+            ax.step(
+                f[x_obj.name],
+                f[y_obj.name],
+                where=where,
+                color="black",
+                ls="--",
+                lw=1.2,
+                zorder=2,
+                label="Pareto front",
+            )
         elif len(front):
-            ax.scatter(front[x_obj.name], front[y_obj.name], s=130, facecolors="none", edgecolors="black",
-                       linewidths=1.4, zorder=5, label=f"on the {len(objectives)}-objective front")
+            ax.scatter(
+                front[x_obj.name],
+                front[y_obj.name],
+                s=130,
+                facecolors="none",
+                edgecolors="black",
+                linewidths=1.4,
+                zorder=5,
+                label=f"on the {len(objectives)}-objective front",
+            )
         if use_log(points[x_obj.name], log_x):
             ax.set_xscale("log")
         ax.set_xlabel(x_obj.title)
@@ -80,29 +114,53 @@ def figure(points: pd.DataFrame, objectives: list[Objective], baseline: str | No
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
     n = int(runs["n_seeds"].max()) if "n_seeds" in runs and len(runs) else 1
-    fig.suptitle(title or f"{y_obj.name} vs {', '.join(o.name for o in x_objs)}"
-                 + (f" (mean ± std over up to {n} seeds)" if n > 1 else ""), fontsize=11)
+    fig.suptitle(
+        title
+        or f"{y_obj.name} vs {', '.join(o.name for o in x_objs)}"
+        + (f" (mean ± std over up to {n} seeds)" if n > 1 else ""),
+        fontsize=11,
+    )
     fig.tight_layout()
     if annotate:  # after the layout: placing labels needs the axes' final size on the canvas
         refs = points[points["kind"].isin(list(REFERENCE_STYLE))]
         for ax, x_obj in zip(axes[0], x_objs):
-            ok = runs[np.isfinite(runs[x_obj.name].astype(float)) & np.isfinite(runs[y_obj.name].astype(float))]
-            place_labels(ax, list(ok["label"]), list(ok[x_obj.name]), list(ok[y_obj.name]),
-                         avoid=list(zip(refs[x_obj.name], refs[y_obj.name])))
+            ok = runs[
+                np.isfinite(runs[x_obj.name].astype(float)) & np.isfinite(runs[y_obj.name].astype(float))
+            ]
+            place_labels(
+                ax,
+                list(ok["label"]),
+                list(ok[x_obj.name]),
+                list(ok[y_obj.name]),
+                avoid=list(zip(refs[x_obj.name], refs[y_obj.name])),
+            )
     return fig
 
 
 # (dx, dy) in points from the marker, and the text's alignment there: beside the point first,
 # then further above / below it. Nearby points of a study (dq next to dpq 0.2, several configs
 # at one FLOP count) otherwise print their labels on top of each other.
-_SLOTS = [((5, 4), "left", "bottom"), ((5, -4), "left", "top"), ((-5, 4), "right", "bottom"),
-          ((-5, -4), "right", "top")] + [((sx * 5, sy * k), ha, va) for k in (12, 20, 28, 36)
-                                         for sx, ha in ((1, "left"), (-1, "right"))
-                                         for sy, va in ((1, "bottom"), (-1, "top"))]
+_SLOTS = [
+    ((5, 4), "left", "bottom"),
+    ((5, -4), "left", "top"),
+    ((-5, 4), "right", "bottom"),
+    ((-5, -4), "right", "top"),
+] + [
+    ((sx * 5, sy * k), ha, va)
+    for k in (12, 20, 28, 36)
+    for sx, ha in ((1, "left"), (-1, "right"))
+    for sy, va in ((1, "bottom"), (-1, "top"))
+]
 
 
-def place_labels(ax, labels: list[str], xs: list[float], ys: list[float], fontsize: float = 7,
-                 avoid: list[tuple[float, float]] = ()) -> list:
+def place_labels(
+    ax,
+    labels: list[str],
+    xs: list[float],
+    ys: list[float],
+    fontsize: float = 7,
+    avoid: list[tuple[float, float]] = (),
+) -> list:
     """Annotate each point with its label at the first slot where the text overlaps neither an
     earlier label nor a marker and stays inside the axes; where no slot is free, the least
     overlapping one. Labels away from their point get a leader line; ``avoid`` holds further
@@ -126,8 +184,17 @@ def place_labels(ax, labels: list[str], xs: list[float], ys: list[float], fontsi
         for k, ((dx, dy), ha, va) in enumerate(_SLOTS):
             # a label moved away from its point gets a leader line, so it is read with the right point
             leader = dict(arrowstyle="-", color="0.55", lw=0.6, shrinkA=1, shrinkB=3) if k >= 4 else None
-            ann = ax.annotate(labels[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points",
-                              fontsize=fontsize, color="0.25", ha=ha, va=va, arrowprops=leader)
+            ann = ax.annotate(
+                labels[i],
+                (xs[i], ys[i]),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=fontsize,
+                color="0.25",
+                ha=ha,
+                va=va,
+                arrowprops=leader,
+            )
             ann.update_positions(renderer)
             bb = Text.get_window_extent(ann, renderer)  # the text alone, not its leader line
             box = (bb.x0, bb.y0, bb.x1, bb.y1)
@@ -156,8 +223,18 @@ def _overlap(a: tuple, b: tuple) -> float:
 def _errorbars(ax, sub: pd.DataFrame, x_obj: Objective, y_obj: Objective, color) -> None:
     xe, ye = sub.get(f"{x_obj.name}_std"), sub.get(f"{y_obj.name}_std")
     if (xe is not None and (xe > 0).any()) or (ye is not None and (ye > 0).any()):
-        ax.errorbar(sub[x_obj.name], sub[y_obj.name], xerr=xe, yerr=ye, fmt="none", ecolor=color,
-                    elinewidth=1, capsize=3, alpha=0.7, zorder=2)
+        ax.errorbar(
+            sub[x_obj.name],
+            sub[y_obj.name],
+            xerr=xe,
+            yerr=ye,
+            fmt="none",
+            ecolor=color,
+            elinewidth=1,
+            capsize=3,
+            alpha=0.7,
+            zorder=2,
+        )
 
 
 def write_png(points: pd.DataFrame, objectives: list[Objective], path: Path, **kwargs) -> Path:

@@ -22,10 +22,15 @@ from .plots import REFERENCE_LABEL, colours, use_log
 PLOT_ID = "pareto-plot"
 REFERENCE_SYMBOL = {"teacher": ("star", 16, "black"), "dense": ("diamond", 11, "dimgray")}
 # Shown in the tables next to the chosen objectives (when measured).
-TABLE_METRICS = [("accuracy", "accuracy", 1.0, "{:.4f}"), ("effective GFLOPs", "effective_gflops", 1.0, "{:.4g}"),
-                 ("GBOPs", "bops", 1e-9, "{:.4g}"), ("size MB", "size_bytes", 1e-6, "{:.4g}"),
-                 ("peak mem MB", "peak_memory_bytes", 1e-6, "{:.4g}"), ("latency ms", "latency_ms_median", 1.0, "{:.3g}"),
-                 ("non-zero params", "params_nonzero", 1.0, "{:,.0f}")]
+TABLE_METRICS = [
+    ("accuracy", "accuracy", 1.0, "{:.4f}"),
+    ("effective GFLOPs", "effective_gflops", 1.0, "{:.4g}"),
+    ("GBOPs", "bops", 1e-9, "{:.4g}"),
+    ("size MB", "size_bytes", 1e-6, "{:.4g}"),
+    ("peak mem MB", "peak_memory_bytes", 1e-6, "{:.4g}"),
+    ("latency ms", "latency_ms_median", 1.0, "{:.3g}"),
+    ("non-zero params", "params_nonzero", 1.0, "{:,.0f}"),
+]
 
 
 def _flatten(d, prefix: str = "") -> dict:
@@ -52,8 +57,12 @@ def config_differences(points: pd.DataFrame) -> list[dict]:
     own = [f for f, k in zip(flat, points["kind"]) if k in ("final", "stage")]
     basis = own if len(own) > 1 else flat
     keys = sorted({k for f in basis for k in f} - {"pipeline.order"})
-    varying = [k for k in keys if len({json.dumps(f[k], default=str) for f in basis if k in f}) > 1
-               or (k == "pipeline.name" and len(basis) > 1)]
+    varying = [
+        k
+        for k in keys
+        if len({json.dumps(f[k], default=str) for f in basis if k in f}) > 1
+        or (k == "pipeline.name" and len(basis) > 1)
+    ]
     return [{k: f[k] for k in varying if k in f} for f in flat]
 
 
@@ -66,10 +75,16 @@ def _pm(mean, std, fmt: str = "{:.4g}") -> str:
 
 def _hover(row: pd.Series, objectives: list[Objective], diff: dict) -> str:
     ref = row["kind"] in ("teacher", "dense")
-    lines = [f"<b>{html.escape(str(row['label']))}</b>",
-             html.escape(f"reference: {row['order']}" if ref else f"{row['pipeline']}: {row['order']}")]
-    lines.append(html.escape(f"{row.get('task')}: {row.get('model') if not ref or row['kind'] == 'dense' else ''}"
-                             f" ← {row.get('teacher')}".replace(":  ←", ": ←")))
+    lines = [
+        f"<b>{html.escape(str(row['label']))}</b>",
+        html.escape(f"reference: {row['order']}" if ref else f"{row['pipeline']}: {row['order']}"),
+    ]
+    lines.append(
+        html.escape(
+            f"{row.get('task')}: {row.get('model') if not ref or row['kind'] == 'dense' else ''}"
+            f" ← {row.get('teacher')}".replace(":  ←", ": ←")
+        )
+    )
     lines.append(f"seeds: {html.escape(str(row.get('seeds', '')))} (n={row.get('n_seeds', 1)})")
     for o in objectives:
         lines.append(f"{o.name}: {_pm(row.get(o.name), row.get(o.name + '_std'))} {html.escape(o.unit)}")
@@ -78,12 +93,19 @@ def _hover(row: pd.Series, objectives: list[Objective], diff: dict) -> str:
     for k, v in list(diff.items())[:14]:
         lines.append(html.escape(f"{k} = {v}"))
     runs = str(row.get("runs", "")).split("; ")
-    lines.append("runs: " + html.escape(", ".join(runs[:4]) + (f" (+{len(runs) - 4})" if len(runs) > 4 else "")))
+    lines.append(
+        "runs: " + html.escape(", ".join(runs[:4]) + (f" (+{len(runs) - 4})" if len(runs) > 4 else ""))
+    )
     return "<br>".join(lines)
 
 
-def plotly_figure(points: pd.DataFrame, objectives: list[Objective], baseline: str | None = None,
-                  title: str = "", log_x: str = "auto"):
+def plotly_figure(
+    points: pd.DataFrame,
+    objectives: list[Objective],
+    baseline: str | None = None,
+    title: str = "",
+    log_x: str = "auto",
+):
     """The same picture as the PNG, interactive."""
     import matplotlib.colors as mcolors
     import plotly.graph_objects as go
@@ -108,43 +130,108 @@ def plotly_figure(points: pd.DataFrame, objectives: list[Objective], baseline: s
         first = col == 1
         for g in groups:
             sub = runs[runs["order"] == g]
-            fig.add_trace(go.Scatter(
-                x=vals(sub, x_obj.name), y=vals(sub, y_obj.name), mode="markers", legendgroup=g, showlegend=first,
-                name=f"{', '.join(dict.fromkeys(sub['pipeline']))}: {g}", marker=dict(color=cmap[g], size=10),
-                error_x=err(sub, x_obj), error_y=err(sub, y_obj), hovertext=list(sub["_hover"]), hoverinfo="text",
-                customdata=list(sub["label"])), row=1, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=vals(sub, x_obj.name),
+                    y=vals(sub, y_obj.name),
+                    mode="markers",
+                    legendgroup=g,
+                    showlegend=first,
+                    name=f"{', '.join(dict.fromkeys(sub['pipeline']))}: {g}",
+                    marker=dict(color=cmap[g], size=10),
+                    error_x=err(sub, x_obj),
+                    error_y=err(sub, y_obj),
+                    hovertext=list(sub["_hover"]),
+                    hoverinfo="text",
+                    customdata=list(sub["label"]),
+                ),
+                row=1,
+                col=col,
+            )
         for kind, (symbol, size, color) in REFERENCE_SYMBOL.items():
             sub = points[points["kind"] == kind]
             if len(sub):
-                fig.add_trace(go.Scatter(
-                    x=vals(sub, x_obj.name), y=vals(sub, y_obj.name), mode="markers", name=REFERENCE_LABEL[kind],
-                    legendgroup=kind, showlegend=first, marker=dict(symbol=symbol, size=size, color=color),
-                    error_x=err(sub, x_obj), error_y=err(sub, y_obj), hovertext=list(sub["_hover"]),
-                    hoverinfo="text", customdata=list(sub["label"])), row=1, col=col)
+                fig.add_trace(
+                    go.Scatter(
+                        x=vals(sub, x_obj.name),
+                        y=vals(sub, y_obj.name),
+                        mode="markers",
+                        name=REFERENCE_LABEL[kind],
+                        legendgroup=kind,
+                        showlegend=first,
+                        marker=dict(symbol=symbol, size=size, color=color),
+                        error_x=err(sub, x_obj),
+                        error_y=err(sub, y_obj),
+                        hovertext=list(sub["_hover"]),
+                        hoverinfo="text",
+                        customdata=list(sub["label"]),
+                    ),
+                    row=1,
+                    col=col,
+                )
         sub = runs[runs["pipeline"] == baseline] if baseline else runs.iloc[:0]
         if len(sub):
-            fig.add_trace(go.Scatter(
-                x=vals(sub, x_obj.name), y=vals(sub, y_obj.name), mode="markers", name=f"baseline ({baseline})",
-                legendgroup="baseline", showlegend=first, hoverinfo="skip",
-                marker=dict(symbol="square-open", size=20, color="crimson", line=dict(width=2))), row=1, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=vals(sub, x_obj.name),
+                    y=vals(sub, y_obj.name),
+                    mode="markers",
+                    name=f"baseline ({baseline})",
+                    legendgroup="baseline",
+                    showlegend=first,
+                    hoverinfo="skip",
+                    marker=dict(symbol="square-open", size=20, color="crimson", line=dict(width=2)),
+                ),
+                row=1,
+                col=col,
+            )
         front = points[points["pareto"]]
         if len(front) and len(objectives) == 2:
             order, where = step_order(front[x_obj.name], x_obj.sense)
             f = front.iloc[order]
-            fig.add_trace(go.Scatter(
-                x=vals(f, x_obj.name), y=vals(f, y_obj.name), mode="lines", name="Pareto front", legendgroup="front",
-                showlegend=first, hoverinfo="skip", line=dict(color="black", dash="dash", width=1.5,
-                                                              shape="hv" if where == "post" else "vh")), row=1, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=vals(f, x_obj.name),
+                    y=vals(f, y_obj.name),
+                    mode="lines",
+                    name="Pareto front",
+                    legendgroup="front",
+                    showlegend=first,
+                    hoverinfo="skip",
+                    line=dict(color="black", dash="dash", width=1.5, shape="hv" if where == "post" else "vh"),
+                ),
+                row=1,
+                col=col,
+            )
         elif len(front):
-            fig.add_trace(go.Scatter(
-                x=vals(front, x_obj.name), y=vals(front, y_obj.name), mode="markers", legendgroup="front",
-                name=f"on the {len(objectives)}-objective front", showlegend=first, hoverinfo="skip",
-                marker=dict(symbol="circle-open", size=20, color="black", line=dict(width=2))), row=1, col=col)
-        fig.update_xaxes(title_text=x_obj.title, type="log" if use_log(points[x_obj.name], log_x) else "linear",
-                         row=1, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=vals(front, x_obj.name),
+                    y=vals(front, y_obj.name),
+                    mode="markers",
+                    legendgroup="front",
+                    name=f"on the {len(objectives)}-objective front",
+                    showlegend=first,
+                    hoverinfo="skip",
+                    marker=dict(symbol="circle-open", size=20, color="black", line=dict(width=2)),
+                ),
+                row=1,
+                col=col,
+            )
+        fig.update_xaxes(
+            title_text=x_obj.title,
+            type="log" if use_log(points[x_obj.name], log_x) else "linear",
+            row=1,
+            col=col,
+        )
         fig.update_yaxes(title_text=y_obj.title, row=1, col=col)
-    fig.update_layout(title=title, template="plotly_white", height=620, hoverlabel=dict(align="left"),
-                      legend=dict(orientation="h", y=-0.18))
+    fig.update_layout(
+        title=title,
+        template="plotly_white",
+        height=620,
+        hoverlabel=dict(align="left"),
+        legend=dict(orientation="h", y=-0.18),
+    )
     return fig
 
 
@@ -156,16 +243,25 @@ def points_table(points: pd.DataFrame, objectives: list[Objective]) -> pd.DataFr
     """Merged points, formatted mean ± std, front members first."""
     rows = []
     for _, r in points.sort_values(["pareto", objectives[0].name], ascending=False).iterrows():
-        row = {"front": "✓" if r["pareto"] else "", "point": r["label"], "kind": r["kind"], "ordering": r["order"],
-               "sparsity": json_safe(r.get("final_sparsity")), "bits": "float" if pd.isna(r.get("bits")) else int(r["bits"]),
-               "seeds": f"{r.get('seeds', '')} (n={r.get('n_seeds', 1)})"}
+        row = {
+            "front": "✓" if r["pareto"] else "",
+            "point": r["label"],
+            "kind": r["kind"],
+            "ordering": r["order"],
+            "sparsity": json_safe(r.get("final_sparsity")),
+            "bits": "float" if pd.isna(r.get("bits")) else int(r["bits"]),
+            "seeds": f"{r.get('seeds', '')} (n={r.get('n_seeds', 1)})",
+        }
         for o in objectives:
             row[f"{o.name} [{o.unit}]"] = _pm(r.get(o.name), r.get(o.name + "_std"))
         for head, metric, scale, fmt in TABLE_METRICS:
             if metric in r and not any(o.metric == metric for o in objectives):
                 std = r.get(metric + "_std")
-                row[head] = _pm(r[metric] * scale if pd.notna(r[metric]) else None,
-                                std * scale if std is not None and pd.notna(std) else None, fmt)
+                row[head] = _pm(
+                    r[metric] * scale if pd.notna(r[metric]) else None,
+                    std * scale if std is not None and pd.notna(std) else None,
+                    fmt,
+                )
         row["runs"] = r.get("runs", "")
         rows.append(row)
     return pd.DataFrame(rows)
@@ -176,9 +272,15 @@ def runs_table(runs: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
     on_front = set(points.loc[points["pareto"] & (points["kind"] == "final"), "config_key"])
     rows = []
     for _, r in runs[runs["kind"] == "final"].iterrows():
-        row = {"run": r["run"], "run name": r.get("run_name"), "pipeline": r["pipeline"], "ordering": r["order"],
-               "seed": json_safe(r.get("seed")), "sparsity": json_safe(r.get("final_sparsity")),
-               "bits": "float" if pd.isna(r.get("bits")) else int(r["bits"])}
+        row = {
+            "run": r["run"],
+            "run name": r.get("run_name"),
+            "pipeline": r["pipeline"],
+            "ordering": r["order"],
+            "seed": json_safe(r.get("seed")),
+            "sparsity": json_safe(r.get("final_sparsity")),
+            "bits": "float" if pd.isna(r.get("bits")) else int(r["bits"]),
+        }
         for head, metric, scale, fmt in TABLE_METRICS:
             if metric in r and pd.notna(r[metric]):
                 row[head] = fmt.format(r[metric] * scale)
@@ -208,12 +310,23 @@ dl{font-size:12px}dt{font-weight:600}dd{margin:0 0 6px 12px}
 """
 
 
-def write_html(points: pd.DataFrame, runs: pd.DataFrame, objectives: list[Objective], path: Path,
-               baseline: str | None = None, title: str = "dpq Pareto report", log_x: str = "auto") -> Path:
+def write_html(
+    points: pd.DataFrame,
+    runs: pd.DataFrame,
+    objectives: list[Objective],
+    path: Path,
+    baseline: str | None = None,
+    title: str = "dpq Pareto report",
+    log_x: str = "auto",
+) -> Path:
     """One HTML file, no network needed: plot (plotly.js inline), merged points, every run, conditions."""
     fig = plotly_figure(points, objectives, baseline=baseline, title=title, log_x=log_x)
-    plot = fig.to_html(full_html=False, include_plotlyjs=True, div_id=PLOT_ID,
-                       config={"displaylogo": False, "responsive": True})
+    plot = fig.to_html(
+        full_html=False,
+        include_plotlyjs=True,
+        div_id=PLOT_ID,
+        config={"displaylogo": False, "responsive": True},
+    )
     n_front = int(points["pareto"].sum())
     senses = ", ".join(f"{o.name} ({o.sense})" for o in objectives)
     cond = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in conditions(runs).items())
@@ -221,7 +334,7 @@ def write_html(points: pd.DataFrame, runs: pd.DataFrame, objectives: list[Object
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p id="summary">{int((runs['kind'] == 'final').sum())} runs, {len(points)} points after merging seeds;
+<p id="summary">{int((runs["kind"] == "final").sum())} runs, {len(points)} points after merging seeds;
 objectives: {html.escape(senses)}; {n_front} point(s) on the front. Error bars: standard deviation across seeds.
 Hover a point for its configuration.</p>
 {plot}

@@ -65,16 +65,38 @@ def log_run(logger, results: dict, results_path: Path) -> bool:
     results_path = Path(results_path)
     run = logger.experiment
     pts, objectives = run_points(results, str(results_path.parent))
-    cols = ["stage", "role", "label", "pareto", "accuracy", "val_accuracy", "sparsity", "effective_gflops",
-            "dense_gflops", "bops", "size_bytes", "peak_memory_bytes", "latency_ms_median", "latency_ms_p90",
-            "params_nonzero"]
+    cols = [
+        "stage",
+        "role",
+        "label",
+        "pareto",
+        "accuracy",
+        "val_accuracy",
+        "sparsity",
+        "effective_gflops",
+        "dense_gflops",
+        "bops",
+        "size_bytes",
+        "peak_memory_bytes",
+        "latency_ms_median",
+        "latency_ms_p90",
+        "params_nonzero",
+    ]
     table = pts
     fig = figure(pts, objectives, title=f"{results.get('run_name')}: after each stage")
     try:
-        final = {f"final/{k}": v for k, v in results["final"].items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        run.log({**final, "pareto/stages": _table(table[[c for c in cols if c in table]]),
-                 "pareto/plot": wandb.Image(fig)})
+        final = {
+            f"final/{k}": v
+            for k, v in results["final"].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        run.log(
+            {
+                **final,
+                "pareto/stages": _table(table[[c for c in cols if c in table]]),
+                "pareto/plot": wandb.Image(fig),
+            }
+        )
         run.summary.update(final)
         run.save(str(results_path), base_path=str(results_path.parent), policy="now")
     finally:
@@ -82,8 +104,17 @@ def log_run(logger, results: dict, results_path: Path) -> bool:
     return True
 
 
-def log_report(points: pd.DataFrame, runs: pd.DataFrame, png: Path, html: Path, project: str, entity: str | None,
-               name: str, config: dict, out_dir: Path) -> str:
+def log_report(
+    points: pd.DataFrame,
+    runs: pd.DataFrame,
+    png: Path,
+    html: Path,
+    project: str,
+    entity: str | None,
+    name: str,
+    config: dict,
+    out_dir: Path,
+) -> str:
     """A W&B run (job_type ``pareto``) holding the merged points, every run, the PNG and the HTML report.
 
     Online when credentials exist and WANDB_MODE is not offline; otherwise offline in ``out_dir``.
@@ -94,14 +125,26 @@ def log_report(points: pd.DataFrame, runs: pd.DataFrame, png: Path, html: Path, 
     from .gather import wandb_online
 
     mode = "online" if wandb_online() else "offline"
-    run = wandb.init(project=project, entity=entity, job_type="pareto", name=name, dir=str(out_dir), mode=mode,
-                     config=config, settings=wandb.Settings(silent=True))
+    run = wandb.init(
+        project=project,
+        entity=entity,
+        job_type="pareto",
+        name=name,
+        dir=str(out_dir),
+        mode=mode,
+        config=config,
+        settings=wandb.Settings(silent=True),
+    )
     try:
         drop = [c for c in ("config",) if c in points]
-        run.log({"pareto/points": _table(points.drop(columns=drop)),
-                 "pareto/runs": _table(runs.drop(columns=[c for c in ("config",) if c in runs])),
-                 "pareto/plot": wandb.Image(str(png)),
-                 "pareto/report": wandb.Html(Path(html).read_text(encoding="utf-8"), inject=False)})
+        run.log(
+            {
+                "pareto/points": _table(points.drop(columns=drop)),
+                "pareto/runs": _table(runs.drop(columns=[c for c in ("config",) if c in runs])),
+                "pareto/plot": wandb.Image(str(png)),
+                "pareto/report": wandb.Html(Path(html).read_text(encoding="utf-8"), inject=False),
+            }
+        )
     finally:
         run.finish()
     return mode

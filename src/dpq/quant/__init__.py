@@ -11,6 +11,8 @@ Hugging Face ``save_pretrained``). Every grid maps 0.0 to exactly 0.0.
 
 from .affine import Blocks, fake_quantize
 from .backends import BACKENDS, convert_, resolve_scheme
+from .calibrate import calibrate_
+from .callback import QuantizationAware
 from .config import ALLOWED_BITS, ALLOWED_GRANULARITY, QuantConfig, qrange
 from .conv import FakeQuantizedConv2d, PackedConv2d
 from .fake import (
@@ -22,7 +24,6 @@ from .fake import (
     select_modules,
     select_targets,
 )
-from .integrity import SparsityLost, check_zeros_kept, zero_positions
 from .lsq import LSQWeightQuantizer
 from .observers import ActivationFakeQuant
 from .packed import (
@@ -34,13 +35,39 @@ from .packed import (
     safetensors_data_bytes,
     save_quantized,
 )
-from .ptq import calibrate_
+from .zeros import SparsityLost, check_zeros_kept, zero_positions
 
 __all__ = [
-    "QuantConfig", "ALLOWED_BITS", "ALLOWED_GRANULARITY", "qrange", "Blocks", "fake_quantize",
-    "prepare_qat_", "prepare_ptq_", "prepared_modules", "select_modules", "select_targets", "head_names",
-    "MinMaxWeightQuantizer", "LSQWeightQuantizer", "ActivationFakeQuant", "calibrate_",
-    "BACKENDS", "resolve_scheme", "convert_", "QuantizedLinear", "PackedLinear", "FakeQuantizedConv2d", "PackedConv2d",
-    "SparsityLost", "zero_positions", "check_zeros_kept",
-    "save_quantized", "load_quantized_", "dequantize_", "quantized_state", "safetensors_data_bytes",
+    "QuantConfig",
+    "ALLOWED_BITS",
+    "ALLOWED_GRANULARITY",
+    "qrange",
+    "Blocks",
+    "fake_quantize",
+    "prepare_qat_",
+    "prepare_ptq_",
+    "prepared_modules",
+    "select_modules",
+    "select_targets",
+    "head_names",
+    "MinMaxWeightQuantizer",
+    "LSQWeightQuantizer",
+    "ActivationFakeQuant",
+    "calibrate_",
+    "QuantizationAware",
+    "BACKENDS",
+    "resolve_scheme",
+    "convert_",
+    "QuantizedLinear",
+    "PackedLinear",
+    "FakeQuantizedConv2d",
+    "PackedConv2d",
+    "SparsityLost",
+    "zero_positions",
+    "check_zeros_kept",
+    "save_quantized",
+    "load_quantized_",
+    "dequantize_",
+    "quantized_state",
+    "safetensors_data_bytes",
 ]

@@ -101,14 +101,18 @@ def qparams_from_range(min_val: Tensor, max_val: Tensor, bits: int, symmetric: b
     return scale, zero_point
 
 
-def block_range(blocks: Tensor, percentile: float | None = None, symmetric: bool = True) -> tuple[Tensor, Tensor]:
+def block_range(
+    blocks: Tensor, percentile: float | None = None, symmetric: bool = True
+) -> tuple[Tensor, Tensor]:
     """Per-block ``(min, max)`` of ``[A, B, K]`` blocks: exact, or clipped at a percentile.
 
     Percentiles ignore NaN, so per-group padding is passed in as NaN (see :meth:`Blocks.split`).
     Symmetric clipping uses the percentile of |w|; asymmetric the lower/upper tails of w.
     """
     if percentile is None or percentile >= 100.0:
-        return torch.amin(torch.nan_to_num(blocks, nan=0.0), dim=-1), torch.amax(torch.nan_to_num(blocks, nan=0.0), dim=-1)
+        return torch.amin(torch.nan_to_num(blocks, nan=0.0), dim=-1), torch.amax(
+            torch.nan_to_num(blocks, nan=0.0), dim=-1
+        )
     q = float(percentile) / 100.0
     if symmetric:
         amax = torch.nanquantile(blocks.abs().float(), q, dim=-1)
@@ -116,11 +120,14 @@ def block_range(blocks: Tensor, percentile: float | None = None, symmetric: bool
     return torch.nanquantile(blocks.float(), 1.0 - q, dim=-1), torch.nanquantile(blocks.float(), q, dim=-1)
 
 
-def weight_qparams(w: Tensor, layout: Blocks, bits: int, symmetric: bool,
-                   percentile: float | None = None) -> tuple[Tensor, Tensor]:
+def weight_qparams(
+    w: Tensor, layout: Blocks, bits: int, symmetric: bool, percentile: float | None = None
+) -> tuple[Tensor, Tensor]:
     """Scale and zero point ``[A, B]`` of weight ``w`` from its min-max (or percentile) range."""
     w = w.detach()
-    blocks = layout.split(w.float(), pad_value=float("nan") if percentile is not None and percentile < 100 else 0.0)
+    blocks = layout.split(
+        w.float(), pad_value=float("nan") if percentile is not None and percentile < 100 else 0.0
+    )
     lo, hi = block_range(blocks, percentile, symmetric)
     return qparams_from_range(lo, hi, bits, symmetric)
 
@@ -162,8 +169,14 @@ def fake_quantize_weight(w: Tensor, layout: Blocks, scale: Tensor, zero_point: T
     return q + (w - w.detach())
 
 
-def fake_quantize(w: Tensor, bits: int = 4, granularity: str = "per_channel", group_size: int = 128,
-                  symmetric: bool = True, percentile: float | None = None) -> Tensor:
+def fake_quantize(
+    w: Tensor,
+    bits: int = 4,
+    granularity: str = "per_channel",
+    group_size: int = 128,
+    symmetric: bool = True,
+    percentile: float | None = None,
+) -> Tensor:
     """Min-max (or percentile) fake quantization of a ``[out, in]`` weight, in one call."""
     if w.dim() != 2:
         raise ValueError(f"fake_quantize expects a [out, in] weight, got shape {tuple(w.shape)}")

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dpq.core.nn import set_module
+
 from .affine import Blocks, weight_qparams
 from .config import QuantConfig
 from .packed import QuantizedLinear, register_module_type
@@ -55,7 +57,8 @@ def _silence_import_noise() -> None:
     if not torch.cuda.is_available():
         logging.getLogger("torchao").addFilter(_DropMessages("Failed to load"))
     logging.getLogger("torch.utils._pytree").addFilter(
-        _DropMessages("is an Enum subclass and is now natively supported by torch.compile"))
+        _DropMessages("is an Enum subclass and is now natively supported by torch.compile")
+    )
 
 
 _silence_import_noise()
@@ -67,8 +70,10 @@ def torchao():
         import torchao as ao
         import torchao.quantization.qat  # noqa: F401
     except ImportError as e:  # pragma: no cover - torchao is a dependency
-        raise ImportError(f"dpq's QAT and torchao backend need torchao=={TORCHAO_VERSION}: pip install "
-                          f"'torchao=={TORCHAO_VERSION}' --no-deps ({e})") from None
+        raise ImportError(
+            f"dpq's QAT and torchao backend need torchao=={TORCHAO_VERSION}: pip install "
+            f"'torchao=={TORCHAO_VERSION}' --no-deps ({e})"
+        ) from None
     return ao
 
 
@@ -92,7 +97,9 @@ def intx_fits(cfg: QuantConfig, in_features: int, static: bool) -> bool:
         return False
     if cfg.granularity == "per_channel":
         return True
-    return cfg.granularity == "per_group" and in_features % cfg.group_size == 0 and cfg.group_size < in_features
+    return (
+        cfg.granularity == "per_group" and in_features % cfg.group_size == 0 and cfg.group_size < in_features
+    )
 
 
 def intx_weight_config(cfg: QuantConfig):
@@ -101,7 +108,9 @@ def intx_weight_config(cfg: QuantConfig):
     from torchao.quantization.qat import IntxFakeQuantizeConfig
 
     granularity = PerAxis(0) if cfg.granularity == "per_channel" else PerGroup(cfg.group_size)
-    return IntxFakeQuantizeConfig(getattr(torch, f"int{cfg.bits}"), granularity=granularity, is_symmetric=True)
+    return IntxFakeQuantizeConfig(
+        getattr(torch, f"int{cfg.bits}"), granularity=granularity, is_symmetric=True
+    )
 
 
 def prepare_intx_(model: nn.Module, names: list[str], cfg: QuantConfig) -> None:
@@ -112,8 +121,11 @@ def prepare_intx_(model: nn.Module, names: list[str], cfg: QuantConfig) -> None:
     from torchao.quantization.qat import QATConfig
 
     wanted = set(names)
-    ao.quantization.quantize_(model, QATConfig(weight_config=intx_weight_config(cfg), step="prepare"),
-                              filter_fn=lambda m, fqn: fqn in wanted)
+    ao.quantization.quantize_(
+        model,
+        QATConfig(weight_config=intx_weight_config(cfg), step="prepare"),
+        filter_fn=lambda m, fqn: fqn in wanted,
+    )
 
 
 def empty_fake_quantized_linear(linear: nn.Linear) -> nn.Linear:
@@ -155,14 +167,17 @@ def base_config(scheme: str, cfg: QuantConfig):
         PerTensor,
     )
 
-    gran = {"per_tensor": PerTensor(), "per_channel": PerRow(), "per_group": PerGroup(cfg.group_size)}[cfg.granularity]
+    gran = {"per_tensor": PerTensor(), "per_channel": PerRow(), "per_group": PerGroup(cfg.group_size)}[
+        cfg.granularity
+    ]
     if scheme == "int8_weight_only":
         return Int8WeightOnlyConfig(granularity=gran, set_inductor_config=False)
     if scheme == "int8_dynamic":
         return Int8DynamicActivationInt8WeightConfig(granularity=gran, set_inductor_config=False)
     if scheme == "int4_weight_only":
-        return Int4WeightOnlyConfig(group_size=cfg.group_size, int4_packing_format="tile_packed_to_4d",
-                                    set_inductor_config=False)
+        return Int4WeightOnlyConfig(
+            group_size=cfg.group_size, int4_packing_format="tile_packed_to_4d", set_inductor_config=False
+        )
     raise ValueError(f"unknown torchao scheme {scheme!r}; allowed: {SCHEMES}")
 
 
@@ -171,7 +186,9 @@ def _loaded_by_wrapper(*args, **kwargs) -> None:
 
 
 def _tensor_fields(w: Tensor) -> dict[str, Tensor]:
-    names = list(getattr(w, "tensor_data_names", [])) + list(getattr(w, "optional_tensor_data_names", None) or [])
+    names = list(getattr(w, "tensor_data_names", [])) + list(
+        getattr(w, "optional_tensor_data_names", None) or []
+    )
     return {n: getattr(w, n) for n in names if isinstance(getattr(w, n, None), Tensor)}
 
 
@@ -186,8 +203,12 @@ class TorchaoLinear(QuantizedLinear):
     backend = "torchao"
 
     def __init__(self, inner: nn.Linear, scheme: str, cfg_dict: dict[str, Any]):
-        super().__init__(inner.in_features, inner.out_features, bits=4 if scheme == "int4_weight_only" else 8,
-                         act_bits=8 if scheme == "int8_dynamic" else None)
+        super().__init__(
+            inner.in_features,
+            inner.out_features,
+            bits=4 if scheme == "int4_weight_only" else 8,
+            act_bits=8 if scheme == "int8_dynamic" else None,
+        )
         inner._load_from_state_dict = _loaded_by_wrapper  # see state_dict below
         self.inner, self.scheme, self.cfg_dict = inner, scheme, dict(cfg_dict)
         self.compute_dtype = torch.bfloat16 if scheme == "int4_weight_only" else None
@@ -204,8 +225,9 @@ class TorchaoLinear(QuantizedLinear):
             destination[prefix + k] = v if keep_vars else v.detach()
         return destination
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         with torch.no_grad():
             for k, t in self.packed_tensors().items():
                 if prefix + k in state_dict:
@@ -237,11 +259,18 @@ class TorchaoLinear(QuantizedLinear):
         return out
 
     def meta(self) -> dict[str, Any]:
-        return {"scheme": self.scheme, "config": self.cfg_dict, "in_features": self.in_features,
-                "out_features": self.out_features, "bias": self.inner.bias is not None}
+        return {
+            "scheme": self.scheme,
+            "config": self.cfg_dict,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.inner.bias is not None,
+        }
 
     @classmethod
-    def from_packed(cls, meta: dict, tensors: dict[str, Tensor], device: torch.device | str = "cpu") -> "TorchaoLinear":
+    def from_packed(
+        cls, meta: dict, tensors: dict[str, Tensor], device: torch.device | str = "cpu"
+    ) -> TorchaoLinear:
         cfg = QuantConfig(**meta["config"])
         lin = nn.Linear(meta["in_features"], meta["out_features"], bias=meta["bias"], device=device)
         if meta["scheme"] == "int4_weight_only":
@@ -251,7 +280,9 @@ class TorchaoLinear(QuantizedLinear):
             for k, t in _tensor_fields(mod.inner.weight).items():
                 saved = tensors[f"w_{k}"]
                 if saved.shape != t.shape:
-                    raise ValueError(f"torchao tensor field {k}: saved shape {tuple(saved.shape)} != {tuple(t.shape)}")
+                    raise ValueError(
+                        f"torchao tensor field {k}: saved shape {tuple(saved.shape)} != {tuple(t.shape)}"
+                    )
                 t.copy_(saved.to(t.device))
             if meta["bias"]:
                 mod.inner.bias.copy_(tensors["bias"])
@@ -274,7 +305,13 @@ def wrap_converted(linear: nn.Linear, scheme: str, cfg: QuantConfig) -> TorchaoL
     return TorchaoLinear(linear, scheme, cfg.to_dict())
 
 
-def convert_(model: nn.Module, names: list[str], scheme: str, cfg: QuantConfig, device: torch.device | str | None = None) -> None:
+def convert_(
+    model: nn.Module,
+    names: list[str],
+    scheme: str,
+    cfg: QuantConfig,
+    device: torch.device | str | None = None,
+) -> None:
     """torchao's QAT convert step (``QATConfig(base_config, step="convert")``) on ``names``, then wrap.
 
     Fake-quantized modules go back to ``nn.Linear`` and torchao quantizes their (trained)
@@ -284,17 +321,18 @@ def convert_(model: nn.Module, names: list[str], scheme: str, cfg: QuantConfig, 
     ao = torchao()
     from torchao.quantization.qat import QATConfig
 
-    from .fake import set_module
-
     if scheme == "int4_weight_only":
         for n in names:  # tinygemm int4 wants bfloat16 weights on the GPU
             model.get_submodule(n).to(device=device or "cuda", dtype=torch.bfloat16)
     wanted = set(names)
-    ao.quantization.quantize_(model, QATConfig(base_config(scheme, cfg), step="convert"),
-                              filter_fn=lambda m, fqn: fqn in wanted)
+    ao.quantization.quantize_(
+        model, QATConfig(base_config(scheme, cfg), step="convert"), filter_fn=lambda m, fqn: fqn in wanted
+    )
     for n in names:
         mod = model.get_submodule(n)
         if not hasattr(mod.weight, "tensor_data_names"):
-            raise RuntimeError(f"torchao {scheme} left {n} unquantized (shape {tuple(mod.weight.shape)}; "
-                               f"int4 needs in_features divisible by group_size {cfg.group_size})")
+            raise RuntimeError(
+                f"torchao {scheme} left {n} unquantized (shape {tuple(mod.weight.shape)}; "
+                f"int4 needs in_features divisible by group_size {cfg.group_size})"
+            )
         set_module(model, n, wrap_converted(mod, scheme, cfg))

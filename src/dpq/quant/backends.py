@@ -30,13 +30,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
+from dpq.core.nn import set_module
 
 from . import ao
 from .config import ALLOWED_BITS, ALLOWED_GRANULARITY, QuantConfig
 from .conv import PackedConv2d, conv_geometry, weight_matrix
 from .cpu_int8 import Int8Conv2d, Int8Linear
-from .fake import activation_scale_of, conv_names, prepared_modules, set_module, weight_qparams_of
+from .fake import activation_scale_of, conv_names, prepared_modules, weight_qparams_of
 from .packed import PackedLinear
 
 CPU_BACKENDS = "packed, cpu_int8, torchao (schemes int8_weight_only, int8_dynamic)"
@@ -72,7 +73,9 @@ class Backend:
         if len(self.schemes) == 1:
             return self.schemes[0].name
         if self.name == "torchao":
-            return {8: "int8_dynamic" if cfg.act_bits else "int8_weight_only", 4: "int4_weight_only"}.get(cfg.bits)
+            return {8: "int8_dynamic" if cfg.act_bits else "int8_weight_only", 4: "int4_weight_only"}.get(
+                cfg.bits
+            )
         if self.name == "bnb":
             return {4: "nf4", 8: "int8"}.get(cfg.bits)
         return None
@@ -82,23 +85,55 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {
-    "packed": Backend("packed", "bit-packed codes, dequantized to float for compute", (
-        Scheme("packed", ALLOWED_BITS, ALLOWED_GRANULARITY, False, ("cpu", "cuda"), True, 1e-5),)),
-    "cpu_int8": Backend("cpu_int8", "int8 x int8 matmul (torch._int_mm) on the QAT/PTQ codes", (
-        Scheme("int8", ALLOWED_BITS, ("per_tensor", "per_channel"), False, ("cpu",), True, 2e-2,
-               "inputs: the observed int8 range with act_bits=8 (each layer then equals the fake-quant layer "
-               "up to float rounding; through a deep model a few activation roundings flip), else dynamic per token"),)),
-    "torchao": Backend("torchao", f"torchao {ao.TORCHAO_VERSION} quantized tensors", (
-        Scheme("int8_weight_only", (8,), ALLOWED_GRANULARITY, True, ("cpu", "cuda"), True, 1e-4),
-        Scheme("int8_dynamic", (8,), ("per_tensor", "per_channel"), True, ("cpu", "cuda"), True, 2e-2),
-        Scheme("int4_weight_only", (4,), ("per_group",), False, ("cuda",), False, 5e-2,
-               "tinygemm: asymmetric with a float zero point, bfloat16"),
-    )),
-    "bnb": Backend("bnb", "bitsandbytes", (
-        Scheme("nf4", (4,), ALLOWED_GRANULARITY, False, ("cuda",), True, 2e-1),
-        Scheme("fp4", (4,), ALLOWED_GRANULARITY, False, ("cuda",), True, 2e-1),
-        Scheme("int8", (8,), ("per_channel",), False, ("cuda",), True, 2e-2),
-    )),
+    "packed": Backend(
+        "packed",
+        "bit-packed codes, dequantized to float for compute",
+        (Scheme("packed", ALLOWED_BITS, ALLOWED_GRANULARITY, False, ("cpu", "cuda"), True, 1e-5),),
+    ),
+    "cpu_int8": Backend(
+        "cpu_int8",
+        "int8 x int8 matmul (torch._int_mm) on the QAT/PTQ codes",
+        (
+            Scheme(
+                "int8",
+                ALLOWED_BITS,
+                ("per_tensor", "per_channel"),
+                False,
+                ("cpu",),
+                True,
+                2e-2,
+                "inputs: the observed int8 range with act_bits=8 (each layer then equals the fake-quant layer "
+                "up to float rounding; through a deep model a few activation roundings flip), else dynamic per token",
+            ),
+        ),
+    ),
+    "torchao": Backend(
+        "torchao",
+        f"torchao {ao.TORCHAO_VERSION} quantized tensors",
+        (
+            Scheme("int8_weight_only", (8,), ALLOWED_GRANULARITY, True, ("cpu", "cuda"), True, 1e-4),
+            Scheme("int8_dynamic", (8,), ("per_tensor", "per_channel"), True, ("cpu", "cuda"), True, 2e-2),
+            Scheme(
+                "int4_weight_only",
+                (4,),
+                ("per_group",),
+                False,
+                ("cuda",),
+                False,
+                5e-2,
+                "tinygemm: asymmetric with a float zero point, bfloat16",
+            ),
+        ),
+    ),
+    "bnb": Backend(
+        "bnb",
+        "bitsandbytes",
+        (
+            Scheme("nf4", (4,), ALLOWED_GRANULARITY, False, ("cuda",), True, 2e-1),
+            Scheme("fp4", (4,), ALLOWED_GRANULARITY, False, ("cuda",), True, 2e-1),
+            Scheme("int8", (8,), ("per_channel",), False, ("cuda",), True, 2e-2),
+        ),
+    ),
 }
 
 
@@ -118,60 +153,102 @@ def resolve_scheme(backend: str, scheme: str | None, cfg: QuantConfig, key: str)
         scheme = b.default_scheme(cfg)
         if scheme is None:
             bits = sorted({x for s in b.schemes for x in s.bits})
-            raise ConfigError(f"{key}.bits", cfg.bits, f"backend {backend} stores {', '.join(map(str, bits))}-bit weights "
-                              f"only ({', '.join(b.scheme_names)}); {cfg.bits}-bit weights run with backend packed "
-                              "(2, 3, 4, 8 bits) or cpu_int8 (2, 3, 4, 8 bits)")
+            raise ConfigError(
+                f"{key}.bits",
+                cfg.bits,
+                f"backend {backend} stores {', '.join(map(str, bits))}-bit weights "
+                f"only ({', '.join(b.scheme_names)}); {cfg.bits}-bit weights run with backend packed "
+                "(2, 3, 4, 8 bits) or cpu_int8 (2, 3, 4, 8 bits)",
+            )
     if scheme not in b.scheme_names:
-        raise ConfigError(f"{key}.scheme", scheme, f"backend {backend} has schemes {', '.join(b.scheme_names)} (or null: by bits)")
+        raise ConfigError(
+            f"{key}.scheme",
+            scheme,
+            f"backend {backend} has schemes {', '.join(b.scheme_names)} (or null: by bits)",
+        )
     s = b.scheme(scheme)
     if cfg.bits not in s.bits:
-        raise ConfigError(f"{key}.bits", cfg.bits, f"backend {backend} scheme {scheme} stores "
-                          f"{'/'.join(map(str, s.bits))}-bit weights; {cfg.bits}-bit weights run with backend packed "
-                          "(2, 3, 4, 8 bits) or cpu_int8 (2, 3, 4, 8 bits)")
+        raise ConfigError(
+            f"{key}.bits",
+            cfg.bits,
+            f"backend {backend} scheme {scheme} stores "
+            f"{'/'.join(map(str, s.bits))}-bit weights; {cfg.bits}-bit weights run with backend packed "
+            "(2, 3, 4, 8 bits) or cpu_int8 (2, 3, 4, 8 bits)",
+        )
     if cfg.granularity not in s.granularities:
-        raise ConfigError(f"{key}.granularity", cfg.granularity,
-                          f"backend {backend} scheme {scheme} supports {', '.join(s.granularities)}")
+        raise ConfigError(
+            f"{key}.granularity",
+            cfg.granularity,
+            f"backend {backend} scheme {scheme} supports {', '.join(s.granularities)}",
+        )
     if s.symmetric_only and not cfg.symmetric:
-        raise ConfigError(f"{key}.symmetric", cfg.symmetric, f"backend {backend} scheme {scheme} is symmetric only; "
-                          "set symmetric=true or use backend packed / cpu_int8")
+        raise ConfigError(
+            f"{key}.symmetric",
+            cfg.symmetric,
+            f"backend {backend} scheme {scheme} is symmetric only; "
+            "set symmetric=true or use backend packed / cpu_int8",
+        )
     if scheme == "int4_weight_only" and cfg.group_size not in ao.INT4_GROUP_SIZES:
-        raise ConfigError(f"{key}.group_size", cfg.group_size,
-                          f"torchao int4_weight_only needs one of {', '.join(map(str, ao.INT4_GROUP_SIZES))}")
+        raise ConfigError(
+            f"{key}.group_size",
+            cfg.group_size,
+            f"torchao int4_weight_only needs one of {', '.join(map(str, ao.INT4_GROUP_SIZES))}",
+        )
     if backend == "bnb" and scheme != "int8" and cfg.granularity == "per_group":
         from .bnb import BLOCKSIZES
 
         if cfg.group_size not in BLOCKSIZES:
-            raise ConfigError(f"{key}.group_size", cfg.group_size,
-                              f"bitsandbytes 4-bit blocks are {', '.join(map(str, BLOCKSIZES))} weights")
+            raise ConfigError(
+                f"{key}.group_size",
+                cfg.group_size,
+                f"bitsandbytes 4-bit blocks are {', '.join(map(str, BLOCKSIZES))} weights",
+            )
     if not set(s.devices) & available_devices():
-        raise ConfigError(f"{key}.backend", backend, f"{b.description} ({scheme}) runs on {', '.join(s.devices)} only, and "
-                          f"no CUDA GPU is visible on this machine; backends that run on CPU: {CPU_BACKENDS}")
+        raise ConfigError(
+            f"{key}.backend",
+            backend,
+            f"{b.description} ({scheme}) runs on {', '.join(s.devices)} only, and "
+            f"no CUDA GPU is visible on this machine; backends that run on CPU: {CPU_BACKENDS}",
+        )
     return s
 
 
 def check_device(backend: str, scheme: Scheme, device: str, key: str, what: str) -> None:
     """Raise :class:`ConfigError` if the converted model would have to run on ``device`` (``what`` says why)."""
     if device not in scheme.devices:
-        raise ConfigError(f"{key}.backend", backend, f"{backend} ({scheme.name}) runs on {', '.join(scheme.devices)}, but "
-                          f"{what} is {device}; backends that run on CPU: {CPU_BACKENDS}")
+        raise ConfigError(
+            f"{key}.backend",
+            backend,
+            f"{backend} ({scheme.name}) runs on {', '.join(scheme.devices)}, but "
+            f"{what} is {device}; backends that run on CPU: {CPU_BACKENDS}",
+        )
 
 
 def check_keeps_zeros(backend: str, scheme: Scheme, pruned_by: list[str], key: str) -> None:
     if pruned_by and not scheme.preserves_zeros:
-        raise ConfigError(f"{key}.scheme", scheme.name, f"backend {backend} scheme {scheme.name} does not keep exact zeros "
-                          f"({scheme.note}), but stage(s) {', '.join(pruned_by)} pruned the model; use backend packed, "
-                          "cpu_int8, torchao int8_*, or bnb")
+        raise ConfigError(
+            f"{key}.scheme",
+            scheme.name,
+            f"backend {backend} scheme {scheme.name} does not keep exact zeros "
+            f"({scheme.note}), but stage(s) {', '.join(pruned_by)} pruned the model; use backend packed, "
+            "cpu_int8, torchao int8_*, or bnb",
+        )
 
 
-def check_module_kinds(backend: str, model: nn.Module, names: list[str], key: str, targets_key: str, targets) -> None:
+def check_module_kinds(
+    backend: str, model: nn.Module, names: list[str], key: str, targets_key: str, targets
+) -> None:
     """Raise :class:`ConfigError` if ``backend`` has no low-bit conv but the targets select ``nn.Conv2d`` modules."""
     convs = conv_names(model, names)
     if convs and backend not in CONV_BACKENDS:
         shown = ", ".join(convs[:6]) + (", ..." if len(convs) > 6 else "")
-        raise ConfigError(f"{key}.backend", backend,
-                          f"backend {backend} quantizes nn.Linear layers only, but {targets_key}={targets!r} selects "
-                          f"{len(convs)} nn.Conv2d module(s) ({shown}); use backend {' or '.join(CONV_BACKENDS)}, or "
-                          f"set {key}.targets to select only linear layers")
+        raise ConfigError(
+            f"{key}.backend",
+            backend,
+            f"backend {backend} quantizes nn.Linear layers only, but {targets_key}={targets!r} selects "
+            f"{len(convs)} nn.Conv2d module(s) ({shown}); use backend {' or '.join(CONV_BACKENDS)}, or "
+            f"set {key}.targets to select only linear layers",
+        )
 
 
 def _to_codes_module(backend: str, module: nn.Module):
@@ -186,10 +263,20 @@ def _to_codes_module(backend: str, module: nn.Module):
     else:
         cls = PackedLinear if backend == "packed" else Int8Linear
         shape = {"in_features": module.in_features, "out_features": module.out_features}
-    new = cls(**shape, bits=qp.bits, granularity=qp.layout.granularity, group_size=qp.layout.group_size,
-              symmetric=qp.symmetric, act_bits=cfg.act_bits, bias=module.bias is not None)
-    new.set_codes(weight_codes(w, qp.layout, qp.scale, qp.zero_point, qp.bits), qp.scale,
-                  None if qp.symmetric else qp.zero_point)
+    new = cls(
+        **shape,
+        bits=qp.bits,
+        granularity=qp.layout.granularity,
+        group_size=qp.layout.group_size,
+        symmetric=qp.symmetric,
+        act_bits=cfg.act_bits,
+        bias=module.bias is not None,
+    )
+    new.set_codes(
+        weight_codes(w, qp.layout, qp.scale, qp.zero_point, qp.bits),
+        qp.scale,
+        None if qp.symmetric else qp.zero_point,
+    )
     with torch.no_grad():
         act = activation_scale_of(module)
         if act is not None:
@@ -199,8 +286,14 @@ def _to_codes_module(backend: str, module: nn.Module):
     return new.to(w.device)
 
 
-def convert_(model: nn.Module, cfg: QuantConfig | None = None, backend: str = "packed", scheme: str | None = None,
-             names: list[str] | None = None, device: str | torch.device | None = None) -> list[str]:
+def convert_(
+    model: nn.Module,
+    cfg: QuantConfig | None = None,
+    backend: str = "packed",
+    scheme: str | None = None,
+    names: list[str] | None = None,
+    device: str | torch.device | None = None,
+) -> list[str]:
     """Replace fake-quantized modules by the backend's real low-bit modules, in place.
 
     ``names`` defaults to every prepared (fake-quantized) module. With ``cfg``, plain

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dpq.core.nn import set_module
+
 from .packed import QuantizedLinear, register_module_type
 
 BNB_VERSION = "0.50.2"  # keep in step with pyproject.toml's gpu extra
@@ -31,7 +33,9 @@ def bitsandbytes():
     try:
         import bitsandbytes as bnb
     except ImportError as e:
-        raise ImportError(f"backend bnb needs bitsandbytes (pip install 'dpq[gpu]', i.e. bitsandbytes=={BNB_VERSION}): {e}") from None
+        raise ImportError(
+            f"backend bnb needs bitsandbytes (pip install 'dpq[gpu]', i.e. bitsandbytes=={BNB_VERSION}): {e}"
+        ) from None
     return bnb
 
 
@@ -47,8 +51,12 @@ class BnbLinear(QuantizedLinear):
     backend = "bnb"
 
     def __init__(self, inner: nn.Module, scheme: str, blocksize: int = 64):
-        super().__init__(inner.in_features, inner.out_features, bits=8 if scheme == "int8" else 4,
-                         act_bits=8 if scheme == "int8" else None)  # LLM.int8 (threshold 0) quantizes inputs row-wise
+        super().__init__(
+            inner.in_features,
+            inner.out_features,
+            bits=8 if scheme == "int8" else 4,
+            act_bits=8 if scheme == "int8" else None,
+        )  # LLM.int8 (threshold 0) quantizes inputs row-wise
         self.inner, self.scheme, self.blocksize = inner, scheme, blocksize
 
     def forward(self, x: Tensor) -> Tensor:
@@ -65,18 +73,31 @@ class BnbLinear(QuantizedLinear):
             scb = getattr(w, "SCB", None)
             if scb is None:
                 scb = self.inner.state.SCB
-            return (w.data.float() * scb.float().reshape(-1, 1) / 127.0).reshape(self.out_features, self.in_features)
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float().reshape(self.out_features, self.in_features)
+            return (w.data.float() * scb.float().reshape(-1, 1) / 127.0).reshape(
+                self.out_features, self.in_features
+            )
+        return (
+            bnb.functional.dequantize_4bit(w.data, w.quant_state)
+            .float()
+            .reshape(self.out_features, self.in_features)
+        )
 
     def packed_tensors(self) -> dict[str, Tensor]:
         return dict(self.inner.state_dict())
 
     def meta(self) -> dict[str, Any]:
-        return {"scheme": self.scheme, "blocksize": self.blocksize, "in_features": self.in_features,
-                "out_features": self.out_features, "bias": self.inner.bias is not None}
+        return {
+            "scheme": self.scheme,
+            "blocksize": self.blocksize,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.inner.bias is not None,
+        }
 
     @classmethod
-    def from_packed(cls, meta: dict, tensors: dict[str, Tensor], device: torch.device | str = "cuda") -> "BnbLinear":
+    def from_packed(
+        cls, meta: dict, tensors: dict[str, Tensor], device: torch.device | str = "cuda"
+    ) -> BnbLinear:
         bnb = bitsandbytes()
         n_in, n_out, bias = meta["in_features"], meta["out_features"], meta["bias"]
         if meta["scheme"] == "int8":
@@ -85,8 +106,10 @@ class BnbLinear(QuantizedLinear):
             inner.load_state_dict(tensors)
         else:
             inner = bnb.nn.Linear4bit(n_in, n_out, bias=bias, quant_type=meta["scheme"])
-            stats = {k[len("weight."):]: v for k, v in tensors.items() if k.startswith("weight.")}
-            inner.weight = bnb.nn.Params4bit.from_prequantized(tensors["weight"], stats, device=device, module=inner)
+            stats = {k[len("weight.") :]: v for k, v in tensors.items() if k.startswith("weight.")}
+            inner.weight = bnb.nn.Params4bit.from_prequantized(
+                tensors["weight"], stats, device=device, module=inner
+            )
             if bias:
                 inner.bias = nn.Parameter(tensors["bias"].to(device), requires_grad=False)
         return cls(inner, meta["scheme"], meta["blocksize"])
@@ -99,21 +122,43 @@ def to_bnb(linear: nn.Linear, scheme: str, blocksize: int, device: torch.device 
     w = linear.weight.detach().float().cpu()
     bias = None if linear.bias is None else linear.bias.detach().float().cpu()
     if scheme == "int8":
-        inner = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias is not None,
-                                    has_fp16_weights=False, threshold=0.0)
+        inner = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=bias is not None,
+            has_fp16_weights=False,
+            threshold=0.0,
+        )
         inner.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
     else:
-        inner = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias is not None, quant_type=scheme)
-        inner.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, blocksize=blocksize, compress_statistics=True,
-                                         quant_type=scheme, module=inner)
+        inner = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=bias is not None, quant_type=scheme
+        )
+        inner.weight = bnb.nn.Params4bit(
+            w.clone(),
+            requires_grad=False,
+            blocksize=blocksize,
+            compress_statistics=True,
+            quant_type=scheme,
+            module=inner,
+        )
     if bias is not None:
         inner.bias = nn.Parameter(bias.clone(), requires_grad=False)
     return BnbLinear(inner.to(device), scheme, blocksize)
 
 
-def convert_(model: nn.Module, names: list[str], scheme: str, granularity: str, group_size: int,
-             device: torch.device | str) -> None:
-    from .fake import set_module
+def convert_(
+    model: nn.Module,
+    names: list[str],
+    scheme: str,
+    granularity: str,
+    group_size: int,
+    device: torch.device | str,
+) -> None:
 
     for name in names:
-        set_module(model, name, to_bnb(model.get_submodule(name), scheme, blocksize_for(granularity, group_size), device))
+        set_module(
+            model,
+            name,
+            to_bnb(model.get_submodule(name), scheme, blocksize_for(granularity, group_size), device),
+        )

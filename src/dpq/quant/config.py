@@ -1,6 +1,6 @@
 """What to quantize and how: one pure-data config shared by QAT, PTQ and every backend.
 
-Validation raises :class:`~dpq.errors.ConfigError` naming the full config key, so the stage
+Validation raises :class:`~dpq.core.errors.ConfigError` naming the full config key, so the stage
 configs (``pipeline.stages.quantize`` / ``pipeline.stages.ptq``) can pass their own prefix
 and the user sees e.g. ``pipeline.stages.quantize.granularity='per_row': must be one of ...``.
 """
@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
 
 ALLOWED_BITS: tuple[int, ...] = (2, 3, 4, 8)
 ALLOWED_GRANULARITY: tuple[str, ...] = ("per_tensor", "per_channel", "per_group")
@@ -70,40 +70,56 @@ class QuantConfig:
     def qmax(self) -> int:
         return qrange(self.bits)[1]
 
-    def validate(self, key: str = "quant") -> "QuantConfig":
+    def validate(self, key: str = "quant") -> QuantConfig:
         """Raise :class:`ConfigError` (``<key>.<field>``) for any unsupported value; return self."""
         if isinstance(self.bits, bool) or self.bits not in ALLOWED_BITS:
             raise ConfigError(f"{key}.bits", self.bits, f"must be one of {', '.join(map(str, ALLOWED_BITS))}")
         if self.granularity not in ALLOWED_GRANULARITY:
-            raise ConfigError(f"{key}.granularity", self.granularity, f"must be one of {', '.join(ALLOWED_GRANULARITY)}")
-        if self.granularity == "per_group" and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
-                                                or self.group_size < 2):
-            raise ConfigError(f"{key}.group_size", self.group_size, "must be an integer >= 2 (input weights per scale)")
+            raise ConfigError(
+                f"{key}.granularity", self.granularity, f"must be one of {', '.join(ALLOWED_GRANULARITY)}"
+            )
+        if self.granularity == "per_group" and (
+            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2
+        ):
+            raise ConfigError(
+                f"{key}.group_size", self.group_size, "must be an integer >= 2 (input weights per scale)"
+            )
         if not isinstance(self.symmetric, bool):
             raise ConfigError(f"{key}.symmetric", self.symmetric, "must be true or false")
         if self.observer not in ALLOWED_OBSERVERS:
-            raise ConfigError(f"{key}.observer", self.observer, f"must be one of {', '.join(ALLOWED_OBSERVERS)}")
+            raise ConfigError(
+                f"{key}.observer", self.observer, f"must be one of {', '.join(ALLOWED_OBSERVERS)}"
+            )
         if self.observer == "lsq" and not self.symmetric:
-            raise ConfigError(f"{key}.observer", self.observer,
-                              "LSQ learns the step of a symmetric grid; set symmetric=true or observer=minmax "
-                              "(a learned zero point could move 0.0 off the grid and revive pruned weights)")
+            raise ConfigError(
+                f"{key}.observer",
+                self.observer,
+                "LSQ learns the step of a symmetric grid; set symmetric=true or observer=minmax "
+                "(a learned zero point could move 0.0 off the grid and revive pruned weights)",
+            )
         if self.act_bits not in ALLOWED_ACT_BITS or isinstance(self.act_bits, bool):
             raise ConfigError(f"{key}.act_bits", self.act_bits, "must be null (float activations) or 8")
         if self.calibration not in ALLOWED_CALIBRATION:
-            raise ConfigError(f"{key}.calibration", self.calibration, f"must be one of {', '.join(ALLOWED_CALIBRATION)}")
+            raise ConfigError(
+                f"{key}.calibration", self.calibration, f"must be one of {', '.join(ALLOWED_CALIBRATION)}"
+            )
         if not (isinstance(self.percentile, (int, float)) and 50.0 < float(self.percentile) <= 100.0):
             raise ConfigError(f"{key}.percentile", self.percentile, "must be in (50, 100]")
         if not isinstance(self.quantize_head, bool):
             raise ConfigError(f"{key}.quantize_head", self.quantize_head, "must be true or false")
         selectors = [self.targets] if isinstance(self.targets, str) else self.targets
         if not isinstance(selectors, list) or not selectors:
-            raise ConfigError(f"{key}.targets", self.targets, "must be a selector string or a non-empty list of them")
+            raise ConfigError(
+                f"{key}.targets", self.targets, "must be a selector string or a non-empty list of them"
+            )
         for sel in selectors:
             if sel.startswith("re:"):
                 try:
                     re.compile(sel[3:])
                 except re.error as e:
-                    raise ConfigError(f"{key}.targets", sel, f"is not a valid regular expression ({e})") from None
+                    raise ConfigError(
+                        f"{key}.targets", sel, f"is not a valid regular expression ({e})"
+                    ) from None
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,7 +35,16 @@ from .observers import fake_quantize_activation
 from .packed import PackedLinear, register_module_type
 
 # The nn.Conv2d constructor arguments that fix the layer's function (besides its weights).
-GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+GEOMETRY = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+)
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
@@ -58,8 +67,12 @@ def matrix_in_features(geometry: dict[str, Any]) -> int:
     return geometry["in_channels"] // geometry["groups"] * math.prod(geometry["kernel_size"])
 
 
-def make_conv(geometry: dict[str, Any], bias: bool, device: torch.device | str | None = None,
-              cls: type[nn.Conv2d] = nn.Conv2d) -> nn.Conv2d:
+def make_conv(
+    geometry: dict[str, Any],
+    bias: bool,
+    device: torch.device | str | None = None,
+    cls: type[nn.Conv2d] = nn.Conv2d,
+) -> nn.Conv2d:
     """A fresh ``cls`` with this geometry (``nn.Conv2d``'s own argument checks apply)."""
     return cls(**geometry, bias=bias, device=device)
 
@@ -78,7 +91,7 @@ class FakeQuantizedConv2d(nn.Conv2d):
         self.activation_fake_quantizer: nn.Module | None = None
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> "FakeQuantizedConv2d":
+    def from_conv(cls, conv: nn.Conv2d) -> FakeQuantizedConv2d:
         """A fake-quantized conv sharing ``conv``'s Parameter objects (no quantizer yet)."""
         new = make_conv(conv_geometry(conv), conv.bias is not None, "meta", cls)
         new.weight, new.bias = conv.weight, conv.bias
@@ -104,14 +117,46 @@ class PackedConv2d(PackedLinear):
     backend = "packed"
     module_kind = "conv2d"
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, padding_mode: str = "zeros", bits: int = 4, granularity: str = "per_channel",
-                 group_size: int = 128, symmetric: bool = True, act_bits: int | None = None, bias: bool = True):
-        ref = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                        groups=groups, padding_mode=padding_mode, bias=False, device="meta")  # nn.Conv2d's own checks
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        bits: int = 4,
+        granularity: str = "per_channel",
+        group_size: int = 128,
+        symmetric: bool = True,
+        act_bits: int | None = None,
+        bias: bool = True,
+    ):
+        ref = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            padding_mode=padding_mode,
+            bias=False,
+            device="meta",
+        )  # nn.Conv2d's own checks
         geometry = conv_geometry(ref)
-        super().__init__(matrix_in_features(geometry), out_channels, bits, granularity, group_size, symmetric,
-                         act_bits, bias)
+        super().__init__(
+            matrix_in_features(geometry),
+            out_channels,
+            bits,
+            granularity,
+            group_size,
+            symmetric,
+            act_bits,
+            bias,
+        )
         self.geometry = geometry
         for k in GEOMETRY:  # the attributes nn.Conv2d has (tuples), for code that reads them
             setattr(self, k, getattr(ref, k))
@@ -136,15 +181,26 @@ class PackedConv2d(PackedLinear):
             x = fake_quantize_activation(x, self.act_scale, self.act_bits)
         x, padding = self.pad_input(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.conv2d(x, self.dequantize().to(x.dtype), bias, self.stride, padding, self.dilation, self.groups)
+        return F.conv2d(
+            x, self.dequantize().to(x.dtype), bias, self.stride, padding, self.dilation, self.groups
+        )
 
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "module": self.module_kind, **self.geometry}
 
     @classmethod
-    def from_packed(cls, meta: dict, tensors: dict[str, Tensor], device: torch.device | str = "cpu") -> "PackedConv2d":
-        mod = cls(**{k: meta[k] for k in GEOMETRY}, bits=meta["bits"], granularity=meta["granularity"],
-                  group_size=meta["group_size"], symmetric=meta["symmetric"], act_bits=meta["act_bits"], bias=meta["bias"])
+    def from_packed(
+        cls, meta: dict, tensors: dict[str, Tensor], device: torch.device | str = "cpu"
+    ) -> PackedConv2d:
+        mod = cls(
+            **{k: meta[k] for k in GEOMETRY},
+            bits=meta["bits"],
+            granularity=meta["granularity"],
+            group_size=meta["group_size"],
+            symmetric=meta["symmetric"],
+            act_bits=meta["act_bits"],
+            bias=meta["bias"],
+        )
         return mod._load_packed(tensors, device)
 
     def float_module(self) -> nn.Conv2d:
@@ -162,12 +218,16 @@ class PackedConv2d(PackedLinear):
         have = conv_geometry(module) if isinstance(module, nn.Conv2d) else module.geometry
         diff = [k for k in GEOMETRY if have[k] != meta[k]]
         if diff:
-            return (f"has {', '.join(f'{k}={have[k]}' for k in diff)} but the save has "
-                    f"{', '.join(f'{k}={meta[k]}' for k in diff)}")
+            return (
+                f"has {', '.join(f'{k}={have[k]}' for k in diff)} but the save has "
+                f"{', '.join(f'{k}={meta[k]}' for k in diff)}"
+            )
         return None
 
     def extra_repr(self) -> str:
         g = self.geometry
-        return (f"{g['in_channels']}, {g['out_channels']}, kernel_size={tuple(g['kernel_size'])}, "
-                f"stride={tuple(g['stride'])}, padding={g['padding']}, groups={g['groups']}, " + super().extra_repr())
-
+        return (
+            f"{g['in_channels']}, {g['out_channels']}, kernel_size={tuple(g['kernel_size'])}, "
+            f"stride={tuple(g['stride'])}, padding={g['padding']}, groups={g['groups']}, "
+            + super().extra_repr()
+        )

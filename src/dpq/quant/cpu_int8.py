@@ -35,8 +35,9 @@ from .packed import PackedLinear, register_module_type
 GRANULARITIES = ("per_tensor", "per_channel")
 
 
-def int8_matmul(x2: Tensor, w_int8_t: Tensor, scale: Tensor, zero_point: Tensor | None,
-                act_scale: Tensor | None) -> Tensor:
+def int8_matmul(
+    x2: Tensor, w_int8_t: Tensor, scale: Tensor, zero_point: Tensor | None, act_scale: Tensor | None
+) -> Tensor:
     """``[N, K]`` float inputs times int8 weight codes ``[K, O]`` -> float32 ``[N, O]`` (no bias).
 
     Inputs become int8 with ``act_scale`` (static, per tensor) or a per-row dynamic scale;
@@ -50,7 +51,9 @@ def int8_matmul(x2: Tensor, w_int8_t: Tensor, scale: Tensor, zero_point: Tensor 
     xq = torch.clamp(torch.round(x2 * (1.0 / sx)), -128, 127).to(torch.int8)
     acc = torch._int_mm(xq, w_int8_t)
     if zero_point is not None:
-        acc = acc - xq.sum(dim=-1, keepdim=True, dtype=torch.int32) * zero_point.reshape(1, -1).to(torch.int32)
+        acc = acc - xq.sum(dim=-1, keepdim=True, dtype=torch.int32) * zero_point.reshape(1, -1).to(
+            torch.int32
+        )
     return acc.float() * sx * scale.reshape(1, -1)
 
 
@@ -58,12 +61,25 @@ def int8_matmul(x2: Tensor, w_int8_t: Tensor, scale: Tensor, zero_point: Tensor 
 class Int8Linear(PackedLinear):
     backend = "cpu_int8"
 
-    def __init__(self, in_features: int, out_features: int, bits: int = 8, granularity: str = "per_channel",
-                 group_size: int = 128, symmetric: bool = True, act_bits: int | None = None, bias: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int = 8,
+        granularity: str = "per_channel",
+        group_size: int = 128,
+        symmetric: bool = True,
+        act_bits: int | None = None,
+        bias: bool = True,
+    ):
         if granularity not in GRANULARITIES:
-            raise ValueError(f"cpu_int8 needs one scale per output channel or per tensor, not {granularity!r}")
+            raise ValueError(
+                f"cpu_int8 needs one scale per output channel or per tensor, not {granularity!r}"
+            )
         super().__init__(in_features, out_features, bits, granularity, group_size, symmetric, act_bits, bias)
-        self.register_buffer("w_int8_t", torch.zeros(in_features, out_features, dtype=torch.int8), persistent=False)
+        self.register_buffer(
+            "w_int8_t", torch.zeros(in_features, out_features, dtype=torch.int8), persistent=False
+        )
         # Inputs are int8 either way (static range when act_bits was set in QAT/PTQ, else dynamic).
         self.static_act_bits, self.act_bits = act_bits, 8
 
@@ -77,7 +93,9 @@ class Int8Linear(PackedLinear):
         if torch.jit.is_tracing():  # FLOP counters trace: the same multiply-adds as a float linear
             return super().forward(x)
         shape = x.shape
-        y = int8_matmul(x.reshape(-1, self.in_features), self.w_int8_t, self.scale, self.zero_point, self.act_scale)
+        y = int8_matmul(
+            x.reshape(-1, self.in_features), self.w_int8_t, self.scale, self.zero_point, self.act_scale
+        )
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
@@ -99,12 +117,17 @@ class Int8Conv2d(PackedConv2d):
 
     def __init__(self, *args, granularity: str = "per_channel", act_bits: int | None = None, **kwargs):
         if granularity not in GRANULARITIES:
-            raise ValueError(f"cpu_int8 needs one scale per output channel or per tensor, not {granularity!r}")
+            raise ValueError(
+                f"cpu_int8 needs one scale per output channel or per tensor, not {granularity!r}"
+            )
         super().__init__(*args, granularity=granularity, act_bits=act_bits, **kwargs)
         g = self.groups
         # [groups, K, out/groups]: each group's filter codes as the right operand of torch._int_mm.
-        self.register_buffer("w_int8_t", torch.zeros(g, self.in_features, self.out_features // g, dtype=torch.int8),
-                             persistent=False)
+        self.register_buffer(
+            "w_int8_t",
+            torch.zeros(g, self.in_features, self.out_features // g, dtype=torch.int8),
+            persistent=False,
+        )
         self.static_act_bits, self.act_bits = act_bits, 8  # inputs are int8 either way (static or dynamic)
 
     def meta(self) -> dict:
@@ -120,13 +143,16 @@ class Int8Conv2d(PackedConv2d):
         if t is None or t.numel() == 1:
             return t
         n = self.out_features // self.groups
-        return t.reshape(-1)[i * n:(i + 1) * n]
+        return t.reshape(-1)[i * n : (i + 1) * n]
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_tracing():  # FLOP counters trace: the same multiply-adds as a float conv
             return super().forward(x)
-        x = F.pad(x, self._reversed_padding_repeated_twice,
-                  mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        x = F.pad(
+            x,
+            self._reversed_padding_repeated_twice,
+            mode="constant" if self.padding_mode == "zeros" else self.padding_mode,
+        )
         b, _, h, w = x.shape
         kh, kw = self.kernel_size
         out_h = (h - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
@@ -134,11 +160,27 @@ class Int8Conv2d(PackedConv2d):
         cols = F.unfold(x.float(), self.kernel_size, dilation=self.dilation, padding=0, stride=self.stride)
         g, k = self.groups, self.in_features
         cols = cols.reshape(b, g, k, -1).permute(1, 0, 3, 2).reshape(g, -1, k)  # [groups, B * positions, K]
-        y = torch.cat([int8_matmul(cols[i], self.w_int8_t[i], self._per_group(self.scale, i),
-                                   self._per_group(self.zero_point, i), self.act_scale) for i in range(g)], dim=-1)
+        y = torch.cat(
+            [
+                int8_matmul(
+                    cols[i],
+                    self.w_int8_t[i],
+                    self._per_group(self.scale, i),
+                    self._per_group(self.zero_point, i),
+                    self.act_scale,
+                )
+                for i in range(g)
+            ],
+            dim=-1,
+        )
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(b, out_h * out_w, self.out_features).transpose(1, 2).reshape(b, -1, out_h, out_w).to(x.dtype)
+        return (
+            y.reshape(b, out_h * out_w, self.out_features)
+            .transpose(1, 2)
+            .reshape(b, -1, out_h, out_w)
+            .to(x.dtype)
+        )
 
     def extra_repr(self) -> str:
         act = f"static int{self.act_bits}" if self.act_scale is not None else "dynamic per-patch int8"

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dpq.selectors import matches
+from dpq.core.nn import set_module
+from dpq.core.selectors import matches
 
 from . import ao
 from .affine import Blocks, fake_quantize_weight, weight_qparams
@@ -71,8 +72,10 @@ class MinMaxWeightQuantizer(nn.Module):
         return fake_quantize_weight(weight, self.layout, scale, zp, self.bits)
 
     def extra_repr(self) -> str:
-        return (f"bits={self.bits}, granularity={self.layout.granularity}, symmetric={self.symmetric}, "
-                f"static={self.static}, percentile={self.percentile}")
+        return (
+            f"bits={self.bits}, granularity={self.layout.granularity}, symmetric={self.symmetric}, "
+            f"static={self.static}, percentile={self.percentile}"
+        )
 
 
 @dataclass
@@ -136,25 +139,22 @@ def select_targets(model: nn.Module, cfg: QuantConfig) -> list[str]:
     return names
 
 
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace submodule ``name`` in place (the root cannot be replaced)."""
-    if not name:
-        raise ValueError("cannot replace the root module in place; wrap it in a container first")
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def no_match_error(model: nn.Module, targets: Targets, head_excluded: bool = False) -> ValueError:
     """A ValueError that tells the user which Linear / Conv2d names they could have meant."""
     available = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
     if not available:
-        return ValueError(f"targets={targets!r} matched nothing: the model has no nn.Linear or nn.Conv2d modules")
+        return ValueError(
+            f"targets={targets!r} matched nothing: the model has no nn.Linear or nn.Conv2d modules"
+        )
     shown = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "")
-    head = (f" (the classifier head {head_names(model)[0]!r} is left out unless quantize_head=true)"
-            if head_excluded and head_names(model) else "")
+    head = (
+        f" (the classifier head {head_names(model)[0]!r} is left out unless quantize_head=true)"
+        if head_excluded and head_names(model)
+        else ""
+    )
     return ValueError(
-        f"targets={targets!r} matched no nn.Linear or nn.Conv2d module{head} ({len(available)} available, e.g. {shown}). "
+        f"targets={targets!r} matched no nn.Linear or nn.Conv2d module{head} "
+        f"({len(available)} available, e.g. {shown}). "
         "Use 're:<regex>' for a full-match regex on the qualified name, or an exact name."
     )
 
@@ -178,8 +178,12 @@ def _prepare(model: nn.Module, cfg: QuantConfig, names: list[str] | None, static
         return []
     training = {n: model.get_submodule(n).training for n in todo}
     # torchao's QAT API where it computes what cfg asks for (Linears only: torchao has no conv QAT) ...
-    intx = [n for n in todo if isinstance(model.get_submodule(n), nn.Linear)
-            and ao.intx_fits(cfg, model.get_submodule(n).in_features, static)]
+    intx = [
+        n
+        for n in todo
+        if isinstance(model.get_submodule(n), nn.Linear)
+        and ao.intx_fits(cfg, model.get_submodule(n).in_features, static)
+    ]
     ao.prepare_intx_(model, intx, cfg)
     for name in todo:
         if name in intx:

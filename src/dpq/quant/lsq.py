@@ -73,7 +73,9 @@ class LSQWeightQuantizer(nn.Module):
         best = minmax.clone()
         for f in torch.linspace(0.05, 1.0, candidates).tolist():
             s = (minmax * f).clamp(min=EPS).unsqueeze(-1)
-            err = ((torch.clamp(torch.round(blocks * (1.0 / s)), self.qmin, self.qmax) * s - blocks) ** 2).sum(dim=-1)
+            err = (
+                (torch.clamp(torch.round(blocks * (1.0 / s)), self.qmin, self.qmax) * s - blocks) ** 2
+            ).sum(dim=-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, s.squeeze(-1), best)

@@ -63,7 +63,9 @@ class ActivationFakeQuant(nn.Module):
 
     def scale(self) -> Tensor:
         if not self.ready:
-            raise RuntimeError("activation range was never observed: run training steps or calibration batches first")
+            raise RuntimeError(
+                "activation range was never observed: run training steps or calibration batches first"
+            )
         return act_scale_from_amax(self.amax, self.bits)
 
     @torch.no_grad()

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from dpq.core.nn import set_module
+
 from .affine import Blocks, dequantize_codes
 from .config import qrange
 from .observers import fake_quantize_activation
@@ -44,24 +46,30 @@ WEIGHTS_NAME = "quantized_weights.safetensors"
 CONFIG_NAME = "quantization_config.json"
 
 # (backend name, module kind) -> module class; classes living in other modules register on import.
-_MODULE_TYPES: dict[tuple[str, str], type["QuantizedLinear"]] = {}
-_HOME_MODULES = {("torchao", "linear"): "dpq.quant.ao", ("cpu_int8", "linear"): "dpq.quant.cpu_int8",
-                 ("bnb", "linear"): "dpq.quant.bnb", ("packed", "conv2d"): "dpq.quant.conv",
-                 ("cpu_int8", "conv2d"): "dpq.quant.cpu_int8"}
+_MODULE_TYPES: dict[tuple[str, str], type[QuantizedLinear]] = {}
+_HOME_MODULES = {
+    ("torchao", "linear"): "dpq.quant.ao",
+    ("cpu_int8", "linear"): "dpq.quant.cpu_int8",
+    ("bnb", "linear"): "dpq.quant.bnb",
+    ("packed", "conv2d"): "dpq.quant.conv",
+    ("cpu_int8", "conv2d"): "dpq.quant.cpu_int8",
+}
 
 
-def register_module_type(cls: type["QuantizedLinear"]) -> type["QuantizedLinear"]:
+def register_module_type(cls: type[QuantizedLinear]) -> type[QuantizedLinear]:
     _MODULE_TYPES[(cls.backend, cls.module_kind)] = cls
     return cls
 
 
-def module_type(backend: str, kind: str = "linear") -> type["QuantizedLinear"]:
+def module_type(backend: str, kind: str = "linear") -> type[QuantizedLinear]:
     """The class that rebuilds a saved ``kind`` (``linear`` | ``conv2d``) module of ``backend``."""
     key = (backend, kind)
     if key not in _MODULE_TYPES and key in _HOME_MODULES:
         importlib.import_module(_HOME_MODULES[key])
     if key not in _MODULE_TYPES:
-        raise ValueError(f"unknown quantized module {kind!r} of backend {backend!r}; known: {sorted(_MODULE_TYPES)}")
+        raise ValueError(
+            f"unknown quantized module {kind!r} of backend {backend!r}; known: {sorted(_MODULE_TYPES)}"
+        )
     return _MODULE_TYPES[key]
 
 
@@ -143,7 +151,9 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def from_packed(cls, meta: dict, tensors: dict[str, Tensor], device: torch.device | str = "cpu") -> "QuantizedLinear":
+    def from_packed(
+        cls, meta: dict, tensors: dict[str, Tensor], device: torch.device | str = "cpu"
+    ) -> QuantizedLinear:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def float_module(self) -> nn.Module:
@@ -159,11 +169,16 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def mismatch(cls, module: nn.Module, meta: dict) -> str | None:
         """Why a saved layer described by ``meta`` cannot replace ``module`` (None when it can)."""
-        if not isinstance(module, (nn.Linear, QuantizedLinear)) or getattr(module, "module_kind", "linear") != "linear":
+        if (
+            not isinstance(module, (nn.Linear, QuantizedLinear))
+            or getattr(module, "module_kind", "linear") != "linear"
+        ):
             return f"is {type(module).__name__}, expected nn.Linear"
         if (module.in_features, module.out_features) != (meta["in_features"], meta["out_features"]):
-            return (f"has shape ({module.in_features}, {module.out_features}) but the save has "
-                    f"({meta['in_features']}, {meta['out_features']})")
+            return (
+                f"has shape ({module.in_features}, {module.out_features}) but the save has "
+                f"({meta['in_features']}, {meta['out_features']})"
+            )
         return None
 
     def storage_bytes(self) -> int:
@@ -174,8 +189,10 @@ class QuantizedLinear(nn.Module):
         return int(torch.count_nonzero(self.dequantize()).item())
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}, "
-                f"weight_bits={self.bits}, act_bits={self.act_bits}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}, "
+            f"weight_bits={self.bits}, act_bits={self.act_bits}"
+        )
 
 
 @register_module_type
@@ -190,12 +207,23 @@ class PackedLinear(QuantizedLinear):
 
     backend = "packed"
 
-    def __init__(self, in_features: int, out_features: int, bits: int = 4, granularity: str = "per_channel",
-                 group_size: int = 128, symmetric: bool = True, act_bits: int | None = None, bias: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int = 4,
+        granularity: str = "per_channel",
+        group_size: int = 128,
+        symmetric: bool = True,
+        act_bits: int | None = None,
+        bias: bool = True,
+    ):
         super().__init__(in_features, out_features, bits, act_bits)
         self.granularity, self.group_size, self.symmetric = granularity, int(group_size), bool(symmetric)
         a, b = self.layout.qparam_shape
-        self.register_buffer("qweight", torch.zeros(out_features, packed_row_bytes(in_features, bits), dtype=torch.uint8))
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, packed_row_bytes(in_features, bits), dtype=torch.uint8)
+        )
         self.register_buffer("scale", torch.ones(a, b, dtype=torch.float32))
         self.register_buffer("zero_point", None if symmetric else torch.zeros(a, b, dtype=torch.int8))
         self.register_buffer("act_scale", torch.ones((), dtype=torch.float32) if act_bits else None)
@@ -221,7 +249,9 @@ class PackedLinear(QuantizedLinear):
         self.scale = scale.detach().float().reshape(self.scale.shape).to(self.scale.device).clone()
         if self.zero_point is not None:
             zp = torch.zeros_like(self.scale) if zero_point is None else zero_point
-            self.zero_point = zp.detach().reshape(self.scale.shape).round().to(torch.int8).to(self.scale.device)
+            self.zero_point = (
+                zp.detach().reshape(self.scale.shape).round().to(torch.int8).to(self.scale.device)
+            )
         elif zero_point is not None and bool((zero_point != 0).any()):
             raise ValueError("a symmetric PackedLinear cannot store non-zero zero points")
         self._codes_changed()
@@ -255,31 +285,53 @@ class PackedLinear(QuantizedLinear):
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def meta(self) -> dict[str, Any]:
-        return {"bits": self.bits, "granularity": self.granularity, "group_size": self.group_size,
-                "symmetric": self.symmetric, "act_bits": self.act_bits, "in_features": self.in_features,
-                "out_features": self.out_features, "bias": self.bias is not None}
+        return {
+            "bits": self.bits,
+            "granularity": self.granularity,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "act_bits": self.act_bits,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
 
     @classmethod
-    def from_packed(cls, meta: dict, tensors: dict[str, Tensor], device: torch.device | str = "cpu") -> "PackedLinear":
-        mod = cls(meta["in_features"], meta["out_features"], meta["bits"], meta["granularity"], meta["group_size"],
-                  meta["symmetric"], meta["act_bits"], meta["bias"])
+    def from_packed(
+        cls, meta: dict, tensors: dict[str, Tensor], device: torch.device | str = "cpu"
+    ) -> PackedLinear:
+        mod = cls(
+            meta["in_features"],
+            meta["out_features"],
+            meta["bits"],
+            meta["granularity"],
+            meta["group_size"],
+            meta["symmetric"],
+            meta["act_bits"],
+            meta["bias"],
+        )
         return mod._load_packed(tensors, device)
 
-    def _load_packed(self, tensors: dict[str, Tensor], device: torch.device | str) -> "PackedLinear":
+    def _load_packed(self, tensors: dict[str, Tensor], device: torch.device | str) -> PackedLinear:
         """Copy saved packed tensors into this (freshly built) module's buffers, checking shapes and dtypes."""
         with torch.no_grad():
             for key, buf in self.packed_tensors().items():
                 t = tensors[key]
                 if t.shape != buf.shape or t.dtype != buf.dtype:
-                    raise ValueError(f"{key}: saved {tuple(t.shape)} {t.dtype} != expected {tuple(buf.shape)} {buf.dtype}")
+                    raise ValueError(
+                        f"{key}: saved {tuple(t.shape)} {t.dtype} != expected {tuple(buf.shape)} {buf.dtype}"
+                    )
                 buf.copy_(t)
         self._codes_changed()
         return self.to(device)
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", granularity={self.granularity}"
-                + (f", group_size={self.group_size}" if self.granularity == "per_group" else "")
-                + f", symmetric={self.symmetric}")
+        return (
+            super().extra_repr()
+            + f", granularity={self.granularity}"
+            + (f", group_size={self.group_size}" if self.granularity == "per_group" else "")
+            + f", symmetric={self.symmetric}"
+        )
 
 
 # ------------------------------------------------------------------------------ model-level
@@ -353,7 +405,9 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
         "aliases": aliases,
     }
     weights_path = directory / WEIGHTS_NAME
-    save_file(tensors, str(weights_path), metadata={"format": "pt", "dpq_format_version": str(FORMAT_VERSION)})
+    save_file(
+        tensors, str(weights_path), metadata={"format": "pt", "dpq_format_version": str(FORMAT_VERSION)}
+    )
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return weights_path
 
@@ -386,8 +440,9 @@ def load_quantized_(model: nn.Module, directory: str | Path) -> list[str]:
     if version == 1:
         return _load_v1(model, config, tensors)
     if version != FORMAT_VERSION:
-        raise ValueError(f"{directory / CONFIG_NAME}: format_version {version!r} not supported (1 or {FORMAT_VERSION})")
-    from .fake import set_module
+        raise ValueError(
+            f"{directory / CONFIG_NAME}: format_version {version!r} not supported (1 or {FORMAT_VERSION})"
+        )
 
     names: list[str] = []
     for name, meta in config["modules"].items():
@@ -410,21 +465,25 @@ def load_quantized_(model: nn.Module, directory: str | Path) -> list[str]:
         missing, unexpected = model.load_state_dict(floats, strict=False)
         missing = [k for k in missing if not _under(k.rpartition(".")[0], names)]
         if missing or unexpected:
-            raise ValueError(f"{directory / WEIGHTS_NAME} does not match the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"{directory / WEIGHTS_NAME} does not match the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
     return names
 
 
 def _load_v1(model: nn.Module, config: dict, tensors: dict[str, Tensor]) -> list[str]:
     """Format 1 (dpq 0.1): symmetric per-channel/per-tensor codes, <=4-bit ones in nibbles (code + 8)."""
-    from .fake import set_module
 
     names = []
     for name, meta in config["modules"].items():
         bits, n_in, n_out = meta["bits"], meta["in_features"], meta["out_features"]
         q = tensors[f"{name}.qweight"]
         if bits <= 4:
-            codes = torch.stack(((q & 0x0F).to(torch.int8), (q >> 4).to(torch.int8)), dim=-1).flatten(1)[:, :n_in] - 8
+            codes = (
+                torch.stack(((q & 0x0F).to(torch.int8), (q >> 4).to(torch.int8)), dim=-1).flatten(1)[:, :n_in]
+                - 8
+            )
         else:
             codes = q.to(torch.int8)
         new = PackedLinear(n_in, n_out, bits, meta["granularity"], bias=meta["bias"])
@@ -442,7 +501,6 @@ def dequantize_(model: nn.Module) -> list[str]:
 
     Gives a plain float model (exact zeros preserved) that ``save_pretrained`` can write.
     """
-    from .fake import set_module
 
     names: list[str] = []
     for name, m in quantized_modules(model):

@@ -1,26 +1,44 @@
-"""What a stage is: strict config data, ordering rules checked up front, and a ``run`` verb.
+"""What a stage is: strict config data, rules checked up front, and a ``run`` verb.
 
-Each stage kind declares a dataclass of its parameters. Unknown keys and out-of-range
-values are rejected with the key's full path before any training, the way llm-compressor
-validates recipes. ``run`` trains with Lightning; the callbacks that do the stage's work
-(sparsity ramp, mask freeze, fake quantization) live beside it.
+A stage kind is one class in one module of this package (plus its YAML in
+``conf/pipeline/_base.yaml``). It declares:
+
+* ``Config`` -- a dataclass of its parameters, the only source of their defaults. Unknown
+  keys and out-of-range values are rejected with the key's full path before anything is
+  loaded, the way llm-compressor validates recipes (:meth:`Stage.from_config`).
+* :meth:`Stage.check_order` -- what must (not) come before it in ``pipeline.order``.
+* :meth:`Stage.check_model` -- its module selectors, devices and task against the model's
+  skeleton (weights not loaded), still before any training.
+* :meth:`Stage.run` -- the work, on the passive :class:`dpq.run.state.State` through the run's
+  services (:class:`dpq.run.context.RunContext`: fit, evaluate, record).
+
+``register`` puts a kind in :data:`STAGES`; :mod:`dpq.stages` imports every module of the
+package, so a new kind needs no edit anywhere else.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from dpq.errors import ConfigError
+from torch import nn
+
+from dpq.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from dpq.pipeline import RunState
+    from dpq.run.context import RunContext
+    from dpq.run.state import State
 
-STAGES: dict[str, type["Stage"]] = {}
+STAGES: dict[str, type[Stage]] = {}
 
 
-def register(cls: type["Stage"]) -> type["Stage"]:
+def register(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: make ``cls.kind`` a stage kind ``pipeline.stages.<name>.kind`` may name."""
+    if cls.kind in STAGES and STAGES[cls.kind] is not cls:
+        raise ValueError(
+            f"stage kind {cls.kind!r} is registered twice ({STAGES[cls.kind].__module__}, {cls.__module__})"
+        )
     STAGES[cls.kind] = cls
     return cls
 
@@ -49,7 +67,7 @@ class KDStageConfig(StageConfig):
 
     alpha: float = 0.5
     temperature: float = 2.0
-    # Intermediate-representation terms (dpq.kd_losses), added to the loss with these weights.
+    # Intermediate-representation terms (dpq.distill.features), added to the loss with these weights.
     hidden: float = 0.0  # hidden-state transfer, through a learned projection when widths differ
     hidden_kind: str = "mse"  # mse | cosine
     layer_map: Any = None  # teacher layer (1-based) per student layer; null = uniform ceil(i*Lt/Ls)
@@ -57,18 +75,29 @@ class KDStageConfig(StageConfig):
     relation: float = 0.0  # pairwise-similarity (RKD) between the batch's [CLS] representations
 
     def feature_kd(self):
-        from dpq.kd_losses import FeatureKDConfig
+        from dpq.distill.features import FeatureKDConfig
 
-        return FeatureKDConfig(hidden=self.hidden, hidden_kind=self.hidden_kind, layer_map=self.layer_map,
-                               attention=self.attention, relation=self.relation)
+        return FeatureKDConfig(
+            hidden=self.hidden,
+            hidden_kind=self.hidden_kind,
+            layer_map=self.layer_map,
+            attention=self.attention,
+            relation=self.relation,
+        )
 
     def check(self, key: str) -> None:
         super().check(key)
         try:
             self.feature_kd()
         except ValueError as e:
-            raise ConfigError(key, {k: getattr(self, k) for k in ("hidden", "hidden_kind", "layer_map", "attention", "relation")},
-                              str(e)) from None
+            raise ConfigError(
+                key,
+                {
+                    k: getattr(self, k)
+                    for k in ("hidden", "hidden_kind", "layer_map", "attention", "relation")
+                },
+                str(e),
+            ) from None
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"{key}.alpha", self.alpha, "must be in [0, 1]")
         if not self.temperature > 0:
@@ -90,11 +119,27 @@ def _coerce(key: str, default: Any, v: Any) -> Any:
     return f
 
 
+@dataclass
+class ModelCheck:
+    """What :meth:`Stage.check_model` checks a stage against, before any weights are loaded."""
+
+    task: dict[str, Any]
+    model_spec: dict[str, Any]
+    student: nn.Module | None  # the student's modules (meta device for Hugging Face); None if unknown offline
+    model_device: str = "cpu"  # where the Trainer runs the model (cpu | cuda)
+    latency_device: str = "cpu"  # where cost is measured (cpu | cuda)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 class Stage:
     kind: ClassVar[str]
-    Config: ClassVar[type[StageConfig]] = StageConfig
+    Config: ClassVar[type] = StageConfig
+    #: capabilities other stages' order rules ask about (instead of switching on kind names)
+    trains_teacher: ClassVar[bool] = False  # provides the teacher later stages distil from
+    prunes: ClassVar[bool] = False  # produces pruning masks
+    quantizes: ClassVar[bool] = False  # converts to a low-bit model: the pipeline's last stage
 
-    def __init__(self, name: str, cfg: StageConfig):
+    def __init__(self, name: str, cfg):
         self.name, self.cfg = name, cfg
 
     @property
@@ -102,13 +147,16 @@ class Stage:
         return f"pipeline.stages.{self.name}"
 
     @classmethod
-    def from_config(cls, name: str, raw: dict[str, Any]) -> "Stage":
+    def from_config(cls, name: str, raw: dict[str, Any]) -> Stage:
         key = f"pipeline.stages.{name}"
         fields = {f.name: f for f in dataclasses.fields(cls.Config)}
         unknown = sorted(set(raw) - set(fields))
         if unknown:
-            raise ConfigError(f"{key}.{unknown[0]}", raw[unknown[0]],
-                              f"is not a parameter of a {cls.kind} stage; allowed: {', '.join(sorted(fields))}")
+            raise ConfigError(
+                f"{key}.{unknown[0]}",
+                raw[unknown[0]],
+                f"is not a parameter of a {cls.kind} stage; allowed: {', '.join(sorted(fields))}",
+            )
         values = {k: _coerce(f"{key}.{k}", fields[k].default, v) for k, v in raw.items()}
         cfg = cls.Config(**values)
         cfg.check(key)
@@ -119,12 +167,27 @@ class Stage:
         cfg = self.cfg
         return getattr(cfg, "alpha", 0.0) > 0 or (isinstance(cfg, KDStageConfig) and cfg.feature_kd().active)
 
-    def check_order(self, before: list["Stage"]) -> None:
+    def check_order(self, before: list[Stage]) -> None:
         """Raise :class:`ConfigError` if this stage cannot follow ``before``."""
-        if self.uses_teacher and not any(s.kind == "teacher" for s in before):
-            raise ConfigError(f"{self.key}.alpha", self.cfg.alpha,
-                              f"the {self.kind} stage distils from a teacher (alpha or hidden/attention/relation > 0), but no teacher stage comes before it in "
-                              "pipeline.order; add 'teacher' first or set alpha=0")
+        if self.uses_teacher and not any(s.trains_teacher for s in before):
+            raise ConfigError(
+                f"{self.key}.alpha",
+                self.cfg.alpha,
+                f"the {self.kind} stage distils from a teacher (alpha or hidden/attention/relation > 0), "
+                "but no teacher stage comes before it in pipeline.order; add 'teacher' first or set alpha=0",
+            )
 
-    def run(self, run: "RunState") -> None:  # pragma: no cover - abstract
+    def check_model(self, check: ModelCheck) -> None:
+        """Raise :class:`ConfigError` if the stage cannot run on this task, model or device."""
+        feats = self.cfg.feature_kd() if isinstance(self.cfg, KDStageConfig) else None
+        task = check.task
+        if feats is not None and feats.active and task["kind"] != "text":
+            raise ConfigError(
+                f"{self.key}.hidden",
+                feats.hidden,
+                "hidden/attention/relation distillation needs "
+                f"Hugging Face encoders (a text task); task '{task['name']}' is {task['kind']}",
+            )
+
+    def run(self, state: State, ctx: RunContext) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
 from dpq.stages.base import KDStageConfig, Stage, register
 
 
@@ -20,12 +20,15 @@ class DistillStage(Stage):
     Config = DistillConfig
 
     def check_order(self, before: list[Stage]) -> None:
-        if not any(s.kind == "teacher" for s in before):
-            raise ConfigError("pipeline.order", [s.name for s in before] + [self.name],
-                              f"stage '{self.name}' (distill) needs a teacher stage before it")
+        if not any(s.trains_teacher for s in before):
+            raise ConfigError(
+                "pipeline.order",
+                [s.name for s in before] + [self.name],
+                f"stage '{self.name}' (distill) needs a teacher stage before it",
+            )
         super().check_order(before)
 
-    def run(self, run) -> None:
-        student = run.ensure_student()
-        run.fit(student, self, kd_alpha=self.cfg.alpha)
-        run.record(self, student)
+    def run(self, state, ctx) -> None:
+        student = ctx.ensure_student(state)
+        ctx.fit(state, student, self, kd_alpha=self.cfg.alpha)
+        ctx.record(state, self, student)

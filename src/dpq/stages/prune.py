@@ -2,8 +2,8 @@
 
 Criterion (magnitude / Taylor / movement), granularity (unstructured / N:M / structured
 heads, neurons, channels), schedule and per-layer final sparsities are chosen here;
-:class:`dpq.pruning.SparsityRamp` does the work. Structured pruning ends with a physical
-shrink (:func:`dpq.structured.shrink_`) unless ``shrink=false``.
+:class:`dpq.prune.callbacks.SparsityRamp` does the work. Structured pruning ends with a physical
+shrink (:func:`dpq.prune.structured.shrink_`) unless ``shrink=false``.
 """
 
 from __future__ import annotations
@@ -12,16 +12,20 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from dpq import structured
-from dpq.errors import ConfigError
-from dpq.pruning import CRITERIA, GRANULARITIES, SCOPES, MaskFreeze, SparsityRamp, intersect
-from dpq.schedules import SCHEDULES, make_schedule
-from dpq.selectors import matches
-from dpq.stages.base import KDStageConfig, Stage, register
+from torch import nn
+
+from dpq.core.errors import ConfigError
+from dpq.core.selectors import PRUNABLE, matches, resolve_targets, select_checked
+from dpq.prune import structured
+from dpq.prune.callbacks import MaskFreeze, SparsityRamp
+from dpq.prune.masks import CRITERIA, GRANULARITIES, SCOPES, intersect
+from dpq.prune.schedules import SCHEDULES, make_schedule
+from dpq.stages.base import KDStageConfig, ModelCheck, Stage, register
 
 
 @dataclass
 class PruneConfig(KDStageConfig):
+    epochs: int = 2
     initial_sparsity: float = 0.0
     final_sparsity: float = 0.5
     exponent: float = 3.0  # polynomial schedule: 3 = Zhu & Gupta's cubic ramp, 1 = linear
@@ -29,12 +33,18 @@ class PruneConfig(KDStageConfig):
     ramp_end: float = 0.75  # fraction of the stage at which final_sparsity is reached (then held)
     scope: str = "layer"  # layer: same sparsity per layer; global: one threshold across layers
     targets: object = None  # module selector(s); null = the model config's prune_targets
-    criterion: str = "magnitude"  # magnitude |w| | taylor |w*grad| | movement -w*grad (grad terms summed between updates)
+    criterion: str = (
+        "magnitude"  # magnitude |w| | taylor |w*grad| | movement -w*grad (grad terms summed between updates)
+    )
     schedule: str = "polynomial"  # polynomial | linear | one_shot | iterative
     iterations: int = 3  # iterative schedule: number of equal sparsity jumps
     granularity: str = "unstructured"  # unstructured | n:m | heads | neurons | channels | heads+neurons
-    n_m: list[int] = field(default_factory=lambda: [2, 4])  # n:m: keep at most N of every M consecutive input weights
-    overrides: dict = field(default_factory=dict)  # selector -> this layer's final sparsity (scope=layer only)
+    n_m: list[int] = field(
+        default_factory=lambda: [2, 4]
+    )  # n:m: keep at most N of every M consecutive input weights
+    overrides: dict = field(
+        default_factory=dict
+    )  # selector -> this layer's final sparsity (scope=layer only)
     norm: str = "l2"  # structured: a group's score is the l1 or l2 norm of its weights' scores
     min_keep: int = 1  # structured: groups (heads/neurons/channels) always kept per layer
     shrink: bool = True  # structured: physically remove pruned groups at the end of the stage
@@ -50,8 +60,11 @@ class PruneConfig(KDStageConfig):
             if not 0.0 <= v < 1.0:
                 raise ConfigError(f"{key}.{k}", v, "must be in [0, 1)")
         if self.initial_sparsity > self.final_sparsity:
-            raise ConfigError(f"{key}.initial_sparsity", self.initial_sparsity,
-                              f"must be <= final_sparsity ({self.final_sparsity})")
+            raise ConfigError(
+                f"{key}.initial_sparsity",
+                self.initial_sparsity,
+                f"must be <= final_sparsity ({self.final_sparsity})",
+            )
         if self.exponent <= 0:
             raise ConfigError(f"{key}.exponent", self.exponent, "must be > 0")
         if self.update_every < 1:
@@ -68,9 +81,12 @@ class PruneConfig(KDStageConfig):
             raise ConfigError(f"{key}.iterations", self.iterations, "must be >= 1")
         if self.criterion != "magnitude" and self.schedule == "one_shot":
             # One-shot prunes at step 0, before any gradient: the criterion would silently be magnitude.
-            raise ConfigError(f"{key}.criterion", self.criterion,
-                              "needs gradients, but schedule=one_shot prunes at step 0 before any; use criterion=magnitude "
-                              "or a gradual schedule")
+            raise ConfigError(
+                f"{key}.criterion",
+                self.criterion,
+                "needs gradients, but schedule=one_shot prunes at step 0 before any; use criterion=magnitude "
+                "or a gradual schedule",
+            )
         self._check_n_m(key)
         self._check_overrides(key)
 
@@ -79,13 +95,20 @@ class PruneConfig(KDStageConfig):
             try:
                 structured.parse_kinds(self.granularity)
             except ValueError:
-                raise ConfigError(f"{key}.granularity", self.granularity,
-                                  f"must be one of {', '.join(GRANULARITIES)} (structured kinds combine with +, "
-                                  "e.g. heads+neurons)") from None
+                raise ConfigError(
+                    f"{key}.granularity",
+                    self.granularity,
+                    f"must be one of {', '.join(GRANULARITIES)} (structured kinds combine with +, "
+                    "e.g. heads+neurons)",
+                ) from None
         if self.norm not in structured.NORMS:
             raise ConfigError(f"{key}.norm", self.norm, f"must be one of {', '.join(structured.NORMS)}")
         if isinstance(self.min_keep, bool) or int(self.min_keep) != self.min_keep or self.min_keep < 1:
-            raise ConfigError(f"{key}.min_keep", self.min_keep, "must be an integer >= 1 (a layer cannot lose all its groups)")
+            raise ConfigError(
+                f"{key}.min_keep",
+                self.min_keep,
+                "must be an integer >= 1 (a layer cannot lose all its groups)",
+            )
         if not isinstance(self.shrink, bool):
             raise ConfigError(f"{key}.shrink", self.shrink, "must be true or false")
         nm = self.n_m
@@ -95,22 +118,36 @@ class PruneConfig(KDStageConfig):
         except (TypeError, ValueError):
             ok = False
         if not ok or not 0 < nm[0] < nm[1]:
-            raise ConfigError(f"{key}.n_m", self.n_m, "must be two integers [N, M] with 0 < N < M (keep N of every M)")
+            raise ConfigError(
+                f"{key}.n_m", self.n_m, "must be two integers [N, M] with 0 < N < M (keep N of every M)"
+            )
         self.n_m = nm
         if self.granularity == "n:m":
             want = (nm[1] - nm[0]) / nm[1]
             if not math.isclose(self.final_sparsity, want, abs_tol=1e-9):
-                raise ConfigError(f"{key}.final_sparsity", self.final_sparsity,
-                                  f"must be {want:g} for granularity=n:m with n_m={nm} (M-N of every M weights pruned)")
+                raise ConfigError(
+                    f"{key}.final_sparsity",
+                    self.final_sparsity,
+                    f"must be {want:g} for granularity=n:m with n_m={nm} (M-N of every M weights pruned)",
+                )
             if self.overrides:
-                raise ConfigError(f"{key}.overrides", self.overrides, "not allowed with granularity=n:m (every layer ends N:M)")
+                raise ConfigError(
+                    f"{key}.overrides",
+                    self.overrides,
+                    "not allowed with granularity=n:m (every layer ends N:M)",
+                )
 
     def _check_overrides(self, key: str) -> None:
         if not isinstance(self.overrides, dict):
-            raise ConfigError(f"{key}.overrides", self.overrides, "must be a mapping selector -> final sparsity")
+            raise ConfigError(
+                f"{key}.overrides", self.overrides, "must be a mapping selector -> final sparsity"
+            )
         if self.overrides and self.scope == "global":
-            raise ConfigError(f"{key}.overrides", self.overrides,
-                              "per-layer final sparsities need scope=layer (global uses one threshold)")
+            raise ConfigError(
+                f"{key}.overrides",
+                self.overrides,
+                "per-layer final sparsities need scope=layer (global uses one threshold)",
+            )
         clean = {}
         for sel, v in self.overrides.items():
             k = f"{key}.overrides.{sel}"
@@ -126,7 +163,9 @@ class PruneConfig(KDStageConfig):
             if not 0.0 <= v < 1.0:
                 raise ConfigError(k, v, "must be in [0, 1)")
             if v < self.initial_sparsity:
-                raise ConfigError(k, v, f"must be >= initial_sparsity ({self.initial_sparsity}): masks only grow sparser")
+                raise ConfigError(
+                    k, v, f"must be >= initial_sparsity ({self.initial_sparsity}): masks only grow sparser"
+                )
             clean[str(sel)] = v
         self.overrides = clean
 
@@ -136,7 +175,11 @@ class PruneConfig(KDStageConfig):
         for sel, v in self.overrides.items():
             hit = [n for n in targets if matches(n, sel)]
             if not hit:
-                raise ConfigError(f"{key}.overrides.{sel}", v, f"selector matches none of this stage's targets, e.g. {', '.join(targets[:4])}")
+                raise ConfigError(
+                    f"{key}.overrides.{sel}",
+                    v,
+                    f"selector matches none of this stage's targets, e.g. {', '.join(targets[:4])}",
+                )
             for n in hit:
                 finals.setdefault(n, v)
         return finals
@@ -146,41 +189,82 @@ class PruneConfig(KDStageConfig):
 class PruneStage(Stage):
     kind = "prune"
     Config = PruneConfig
+    prunes = True
 
-    def run(self, run) -> None:
+    def targets_of(self, model: nn.Module, model_spec: dict) -> list[str]:
+        """The modules this stage prunes (its ``targets``, else ``model.prune_targets``), each fit for its
+        granularity (N:M: linear layers whose input width M divides) and for the per-layer overrides."""
         cfg: PruneConfig = self.cfg
-        student = run.ensure_student()
-        targets = run.prune_targets(student, cfg.targets, f"{self.key}.targets")
-        n_m = (int(cfg.n_m[0]), int(cfg.n_m[1])) if cfg.granularity == "n:m" else None
-        if n_m is not None:
+        sel, key = resolve_targets(cfg.targets, f"{self.key}.targets", model_spec, "prune_targets")
+        if sel is None:
+            raise ConfigError(key, None, "no pruning targets: set it or model.prune_targets")
+        targets = select_checked(model, sel, key, PRUNABLE, "nn.Linear or conv")
+        cfg.layer_finals(targets, self.key)  # every per-layer override must pick one of these targets
+        if cfg.granularity == "n:m":
+            m = int(cfg.n_m[1])
             for n in targets:
-                shape = tuple(student.get_submodule(n).weight.shape)
+                shape = tuple(model.get_submodule(n).weight.shape)
                 if len(shape) != 2:
-                    raise ConfigError(f"{self.key}.granularity", cfg.granularity,
-                                      f"N:M groups input weights of linear layers; target {n} is a convolution "
-                                      "(exclude it with targets, or use unstructured or channels)")
-                if shape[1] % n_m[1]:
-                    raise ConfigError(f"{self.key}.n_m", list(n_m),
-                                      f"module {n} has in_features={shape[1]}, not divisible by M={n_m[1]}")
+                    raise ConfigError(
+                        f"{self.key}.granularity",
+                        cfg.granularity,
+                        f"N:M groups input weights of linear layers; target {n} is a convolution "
+                        "(exclude it with targets, or use unstructured or channels)",
+                    )
+                if shape[1] % m:
+                    raise ConfigError(
+                        f"{self.key}.n_m",
+                        list(cfg.n_m),
+                        f"module {n} has in_features={shape[1]}, not divisible by M={m}",
+                    )
+        return targets
+
+    def check_model(self, check: ModelCheck) -> None:
+        super().check_model(check)
+        if check.student is not None:
+            self.targets_of(check.student, check.model_spec)
+
+    def run(self, state, ctx) -> None:
+        cfg: PruneConfig = self.cfg
+        student = ctx.ensure_student(state)
+        targets = self.targets_of(student, ctx.model_spec)
+        n_m = (int(cfg.n_m[0]), int(cfg.n_m[1])) if cfg.granularity == "n:m" else None
         groups = self.find_groups(student, targets) if cfg.structured else None
-        ramp = SparsityRamp(self.name, targets, cfg.initial_sparsity, cfg.final_sparsity, cfg.exponent,
-                            cfg.update_every, cfg.ramp_end, cfg.scope, frozen=run.masks, criterion=cfg.criterion,
-                            schedule=make_schedule(cfg.schedule, cfg.exponent, cfg.iterations),
-                            finals=cfg.layer_finals(targets, self.key), n_m=n_m, groups=groups, norm=cfg.norm,
-                            min_keep=int(cfg.min_keep), totals=getattr(student, "dpq_original_groups", None))
+        ramp = SparsityRamp(
+            self.name,
+            targets,
+            cfg.initial_sparsity,
+            cfg.final_sparsity,
+            cfg.exponent,
+            cfg.update_every,
+            cfg.ramp_end,
+            cfg.scope,
+            frozen=state.masks,
+            criterion=cfg.criterion,
+            schedule=make_schedule(cfg.schedule, cfg.exponent, cfg.iterations),
+            finals=cfg.layer_finals(targets, self.key),
+            n_m=n_m,
+            groups=groups,
+            norm=cfg.norm,
+            min_keep=int(cfg.min_keep),
+            totals=getattr(student, "dpq_original_groups", None),
+        )
         # Masks of an earlier prune stage on modules this ramp does not touch stay frozen.
-        others = {k: v for k, v in (run.masks or {}).items() if k not in targets}
+        others = {k: v for k, v in (state.masks or {}).items() if k not in targets}
         callbacks = [ramp] + ([MaskFreeze(f"{self.name}.frozen", others)] if others else [])
-        run.fit(student, self, kd_alpha=cfg.alpha, callbacks=callbacks, freeze_masks=False)
-        run.masks = intersect(run.masks, ramp.masks)
-        extra = {"granularity": cfg.granularity, "ramp": [list(h) for h in ramp.history[-1:]],
-                 "mask_updates": len(ramp.history)}
+        ctx.fit(state, student, self, kd_alpha=cfg.alpha, callbacks=callbacks, freeze_masks=False)
+        state.masks = intersect(state.masks, ramp.masks)
+        extra = {
+            "granularity": cfg.granularity,
+            "ramp": [list(h) for h in ramp.history[-1:]],
+            "mask_updates": len(ramp.history),
+        }
         if groups:
             extra["structure"] = structured.structure_summary(groups, ramp.group_keep)
             extra["shrunk"] = bool(cfg.shrink)
             if cfg.shrink:
-                run.masks = structured.shrink_(student, groups, ramp.group_keep, run.masks)
-        run.record(self, student, extra=extra)
+                state.masks = structured.shrink_(student, groups, ramp.group_keep, state.masks)
+        ctx.record(state, self, student, extra=extra)
 
     def find_groups(self, model, targets: list[str]) -> list[structured.GroupSet]:
         cfg: PruneConfig = self.cfg
@@ -188,11 +272,18 @@ class PruneStage(Stage):
         kinds = structured.parse_kinds(cfg.granularity)
         missing = [k for k in kinds if not any(g.kind == k for g in groups)]
         if missing:
-            raise ConfigError(f"{self.key}.granularity", cfg.granularity,
-                              f"the model has no {', '.join(missing)} among this stage's targets "
-                              f"({', '.join(targets[:4])}...); choose unstructured, n:m or a kind the model has")
+            raise ConfigError(
+                f"{self.key}.granularity",
+                cfg.granularity,
+                f"the model has no {', '.join(missing)} among this stage's targets "
+                f"({', '.join(targets[:4])}...); choose unstructured, n:m or a kind the model has",
+            )
         for g in groups:
             small = int(cfg.min_keep) >= g.count
             if small and cfg.final_sparsity > 0:
-                raise ConfigError(f"{self.key}.min_keep", cfg.min_keep, f"{g.name} has only {g.count} {g.kind}; must be < {g.count}")
+                raise ConfigError(
+                    f"{self.key}.min_keep",
+                    cfg.min_keep,
+                    f"{g.name} has only {g.count} {g.kind}; must be < {g.count}",
+                )
         return groups

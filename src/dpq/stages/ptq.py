@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
+from dpq.core.nn import logits_of
 from dpq.quant import calibrate_, check_zeros_kept, prepare_ptq_, zero_positions
 from dpq.quant.config import ALLOWED_CALIBRATION
-from dpq.quant.integrity import summarize
+from dpq.quant.zeros import summarize
 from dpq.stages.base import Stage, register
-from dpq.stages.quantize import QuantOptions, QuantStageMixin, finish_quantization, trainer_device
+from dpq.stages.quantize import QuantOptions, QuantStageMixin, finish_quantization
 
 
 @dataclass
@@ -28,10 +29,17 @@ class PtqConfig(QuantOptions):
 
     def check(self, key: str) -> None:
         if self.calibration not in ALLOWED_CALIBRATION:
-            raise ConfigError(f"{key}.calibration", self.calibration, f"must be one of {', '.join(ALLOWED_CALIBRATION)}")
-        if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) \
-                or self.calibration_batches < 1:
-            raise ConfigError(f"{key}.calibration_batches", self.calibration_batches, "must be an integer >= 1")
+            raise ConfigError(
+                f"{key}.calibration", self.calibration, f"must be one of {', '.join(ALLOWED_CALIBRATION)}"
+            )
+        if (
+            isinstance(self.calibration_batches, bool)
+            or not isinstance(self.calibration_batches, int)
+            or self.calibration_batches < 1
+        ):
+            raise ConfigError(
+                f"{key}.calibration_batches", self.calibration_batches, "must be an integer >= 1"
+            )
         self.check_quant(key, calibration=self.calibration, percentile=self.percentile)
 
 
@@ -43,22 +51,35 @@ class PtqStage(QuantStageMixin, Stage):
     def _quant_extra(self) -> dict:
         return {"calibration": self.cfg.calibration, "percentile": self.cfg.percentile}
 
-    def run(self, run) -> None:
-        from dpq.module import logits_of
-
-        student = run.ensure_student()
-        qcfg, names = self._targets(run, student)
-        pruned = list(run.masks or {})
+    def run(self, state, ctx) -> None:
+        student = ctx.ensure_student(state)
+        qcfg, names = self.targets_of(student, ctx.model_spec)
+        self.check_devices(ctx.trainer_device, ctx.latency_device)
+        pruned = list(state.masks or {})
         before = zero_positions(student, sorted(set(pruned) | set(names)))
         prepare_ptq_(student, qcfg, names)
-        device = trainer_device(run)
         home = next(student.parameters()).device
-        student.to(device)
-        used = calibrate_(student, run.data.train_dataloader(), self.cfg.calibration_batches,
-                          forward=lambda m, b: logits_of(m, b))
+        student.to(ctx.trainer_device)
+        used = calibrate_(
+            student,
+            ctx.data.train_dataloader(),
+            self.cfg.calibration_batches,
+            forward=lambda m, b: logits_of(m, b),
+        )
         student.to(home)
         report = check_zeros_kept(student, before, f"stage '{self.name}': after PTQ calibration")
-        finish_quantization(self, run, student, qcfg, names, pruned, extra={
-            "calibration": qcfg.calibration, "percentile": qcfg.percentile if qcfg.calibration == "percentile" else None,
-            "calibration_batches": used, "ptq_zeros": summarize(report)})
-
+        finish_quantization(
+            self,
+            state,
+            ctx,
+            student,
+            qcfg,
+            names,
+            pruned,
+            extra={
+                "calibration": qcfg.calibration,
+                "percentile": qcfg.percentile if qcfg.calibration == "percentile" else None,
+                "calibration_batches": used,
+                "ptq_zeros": summarize(report),
+            },
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpq.errors import ConfigError
+from dpq.core.errors import ConfigError
 from dpq.stages.base import KDStageConfig, Stage, register
 
 
@@ -19,12 +19,16 @@ class RecoverStage(Stage):
     Config = RecoverConfig
 
     def check_order(self, before: list[Stage]) -> None:
-        if not any(s.kind == "prune" for s in before):
-            raise ConfigError("pipeline.order", [s.name for s in before] + [self.name],
-                              f"stage '{self.name}' (recover) needs a prune stage before it: it fine-tunes with the pruning masks frozen")
+        if not any(s.prunes for s in before):
+            raise ConfigError(
+                "pipeline.order",
+                [s.name for s in before] + [self.name],
+                f"stage '{self.name}' (recover) needs a prune stage before it: it fine-tunes with the pruning "
+                "masks frozen",
+            )
         super().check_order(before)
 
-    def run(self, run) -> None:
-        student = run.ensure_student()
-        run.fit(student, self, kd_alpha=self.cfg.alpha)  # run.fit adds MaskFreeze whenever masks exist
-        run.record(self, student)
+    def run(self, state, ctx) -> None:
+        student = ctx.ensure_student(state)
+        ctx.fit(state, student, self, kd_alpha=self.cfg.alpha)  # ctx.fit adds MaskFreeze whenever masks exist
+        ctx.record(state, self, student)

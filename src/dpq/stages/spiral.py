@@ -14,9 +14,9 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpq.distill import EnsembleTeacher, TeacherLogits
-from dpq.errors import ConfigError
-from dpq.stages.base import Stage, register
+from dpq.core.errors import ConfigError
+from dpq.distill.teachers import EnsembleTeacher, TeacherLogits, TeacherSignal
+from dpq.stages.base import ModelCheck, Stage, register
 from dpq.stages.distill import DistillConfig, DistillStage
 from dpq.stages.prune import PruneConfig, PruneStage
 
@@ -31,8 +31,18 @@ class SpiralConfig:
     final_sparsity: float = 0.5
     round_targets: Any = None  # explicit per-round targets; null = linear from initial to final
     teacher_mode: str = "previous"
-    prune: dict = field(default_factory=dict)  # PruneConfig fields for every round's prune
-    distill: dict = field(default_factory=dict)  # DistillConfig fields for every round's distill
+    # PruneConfig / DistillConfig fields for every round's prune / distill (shorter than the stand-alone stages')
+    prune: dict = field(
+        default_factory=lambda: {
+            "epochs": 1,
+            "lr": 5e-5,
+            "update_every": 10,
+            "ramp_end": 0.75,
+            "alpha": 0.5,
+            "temperature": 2.0,
+        }
+    )
+    distill: dict = field(default_factory=lambda: {"epochs": 1, "lr": 3e-5, "alpha": 0.5, "temperature": 2.0})
 
     def __post_init__(self) -> None:
         self.prune, self.distill = dict(self.prune or {}), dict(self.distill or {})
@@ -47,26 +57,38 @@ class SpiralConfig:
         if self.rounds < 1:
             raise ConfigError(f"{key}.rounds", self.rounds, "must be >= 1")
         if self.teacher_mode not in TEACHER_MODES:
-            raise ConfigError(f"{key}.teacher_mode", self.teacher_mode, f"must be one of {', '.join(TEACHER_MODES)}")
+            raise ConfigError(
+                f"{key}.teacher_mode", self.teacher_mode, f"must be one of {', '.join(TEACHER_MODES)}"
+            )
         targets = self.targets()
         if len(targets) != self.rounds:
-            raise ConfigError(f"{key}.round_targets", self.round_targets, f"needs one target per round ({self.rounds})")
+            raise ConfigError(
+                f"{key}.round_targets", self.round_targets, f"needs one target per round ({self.rounds})"
+            )
         prev = self.initial_sparsity
         for t in targets:
             if not 0.0 <= t < 1.0 or t < prev:
-                raise ConfigError(f"{key}.round_targets", targets,
-                                  f"must rise monotonically from initial_sparsity={self.initial_sparsity} and stay in [0, 1)")
+                raise ConfigError(
+                    f"{key}.round_targets",
+                    targets,
+                    f"must rise monotonically from initial_sparsity={self.initial_sparsity} and stay in [0, 1)",
+                )
             prev = t
         for sub, cls in (("prune", PruneStage), ("distill", DistillStage)):
             bad = {"kind", "initial_sparsity", "final_sparsity"} & set(getattr(self, sub))
             if bad:
-                raise ConfigError(f"{key}.{sub}.{sorted(bad)[0]}", getattr(self, sub)[sorted(bad)[0]],
-                                  "is set per round by the spiral; use round_targets / final_sparsity")
+                raise ConfigError(
+                    f"{key}.{sub}.{sorted(bad)[0]}",
+                    getattr(self, sub)[sorted(bad)[0]],
+                    "is set per round by the spiral; use round_targets / final_sparsity",
+                )
             cls.from_config(f"{key.split('.')[-1]}.{sub}", {**getattr(self, sub), "kind": cls.kind})
         start = self.initial_sparsity
         for r, target in enumerate(targets):  # each round's prune config, with its real range, up front
-            PruneStage.from_config(f"{key.split('.')[-1]}.r{r}.prune",
-                                   {**self.prune, "kind": "prune", "initial_sparsity": start, "final_sparsity": target})
+            PruneStage.from_config(
+                f"{key.split('.')[-1]}.r{r}.prune",
+                {**self.prune, "kind": "prune", "initial_sparsity": start, "final_sparsity": target},
+            )
             start = target
 
 
@@ -74,45 +96,66 @@ class SpiralConfig:
 class SpiralStage(Stage):
     kind = "spiral"
     Config = SpiralConfig
+    prunes = True
 
     @property
     def uses_teacher(self) -> bool:
         return self.cfg.teacher_mode != "previous"
 
     def check_order(self, before: list[Stage]) -> None:
-        if self.uses_teacher and not any(s.kind == "teacher" for s in before):
-            raise ConfigError(f"{self.key}.teacher_mode", self.cfg.teacher_mode,
-                              "needs a teacher stage before the spiral (or use teacher_mode=previous)")
+        if self.uses_teacher and not any(s.trains_teacher for s in before):
+            raise ConfigError(
+                f"{self.key}.teacher_mode",
+                self.cfg.teacher_mode,
+                "needs a teacher stage before the spiral (or use teacher_mode=previous)",
+            )
+
+    def check_model(self, check: ModelCheck) -> None:
+        """Every round's prune and distill, checked as those stages check themselves."""
+        prune = PruneStage(f"{self.name}.prune", PruneConfig(**{**self.cfg.prune, "kind": "prune"}))
+        distill = DistillStage(
+            f"{self.name}.distill", DistillConfig(**{**self.cfg.distill, "kind": "distill"})
+        )
+        prune.check_model(check)
+        distill.check_model(check)
 
     def round_stages(self, r: int, start: float, target: float) -> tuple[PruneStage, DistillStage]:
-        prune = PruneStage(f"{self.name}.r{r}.prune", PruneConfig(**{**self.cfg.prune, "kind": "prune",
-                                                                     "initial_sparsity": start, "final_sparsity": target}))
-        distill = DistillStage(f"{self.name}.r{r}.distill", DistillConfig(**{**self.cfg.distill, "kind": "distill"}))
+        prune = PruneStage(
+            f"{self.name}.r{r}.prune",
+            PruneConfig(
+                **{**self.cfg.prune, "kind": "prune", "initial_sparsity": start, "final_sparsity": target}
+            ),
+        )
+        distill = DistillStage(
+            f"{self.name}.r{r}.distill", DistillConfig(**{**self.cfg.distill, "kind": "distill"})
+        )
         return prune, distill
 
-    def run(self, run) -> None:
+    def run(self, state, ctx) -> None:
         cfg: SpiralConfig = self.cfg
-        student = run.ensure_student()
-        original = run.teacher_logits
+        student = ctx.ensure_student(state)
+        original = state.teacher_logits
         start = cfg.initial_sparsity
         try:
             for r, target in enumerate(cfg.targets()):
-                run.teacher_logits = self._round_teacher(run, student, original)
+                state.teacher_logits = self._round_teacher(ctx, student, original)
                 prune, distill = self.round_stages(r, start, target)
-                run.round = {"round": r, "round_target": target, "teacher_mode": cfg.teacher_mode}
+                state.round = {"round": r, "round_target": target, "teacher_mode": cfg.teacher_mode}
                 for sub in (prune, distill):
-                    run.begin_stage()
-                    sub.run(run)
+                    ctx.begin_stage()
+                    sub.run(state, ctx)
                 start = target
         finally:
-            run.teacher_logits, run.round = original, None  # later stages distil from the pipeline's teacher again
+            state.teacher_logits, state.round = (
+                original,
+                None,
+            )  # later stages distil from the pipeline's teacher again
 
-    def _round_teacher(self, run, student, original: TeacherLogits | None):
+    def _round_teacher(self, ctx, student, original: TeacherSignal | None) -> TeacherSignal | None:
         if self.cfg.teacher_mode == "original":
             return original
         snapshot = copy.deepcopy(student).eval().requires_grad_(False)
-        previous = TeacherLogits(snapshot, run.data.num_train, run.num_labels)
+        previous = TeacherLogits(snapshot, ctx.data.num_train, ctx.num_labels)
         if self.cfg.teacher_mode == "previous":
             return previous
         return EnsembleTeacher([original, previous])
-

@@ -2,7 +2,7 @@
 
 Two levels of state:
 
-* between stages, :mod:`dpq.snapshot` folders (``<run>/checkpoints/stage_<i>_<name>/``);
+* between stages, :mod:`dpq.run.snapshot` folders (``<run>/checkpoints/stage_<i>_<name>/``);
 * within a stage, every Lightning fit writes a checkpoint every ``checkpoint.every_n_steps``
   optimizer steps into ``stage_<i>_<name>/lightning/<fit>/`` (:class:`StageCheckpoint`,
   written atomically by :class:`AtomicCheckpointIO`); on resume that fit calls
@@ -38,8 +38,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from dpq import snapshot
-from dpq.errors import ConfigError
+from dpq.core.distributed import is_global_zero
+from dpq.core.errors import ConfigError
+from dpq.core.files import write_file_atomic, write_json_atomic
+from dpq.distill.teachers import cache_state, load_cache_state, teacher_caches
+from dpq.run.snapshot import safe_name
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        snapshot.write_file_atomic(Path(path), lambda p: torch.save(checkpoint, p))
+        write_file_atomic(Path(path), lambda p: torch.save(checkpoint, p))
 
 
 class StageCheckpoint(ModelCheckpoint):
@@ -70,9 +73,18 @@ class StageCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: Path, every_n_steps: int, keep: int = 2):
-        super().__init__(dirpath=str(dirpath), filename="step{step:07d}", auto_insert_metric_name=False,
-                         every_n_train_steps=int(every_n_steps), save_top_k=int(keep), monitor="step", mode="max",
-                         save_last=False, save_on_train_epoch_end=False, enable_version_counter=False)
+        super().__init__(
+            dirpath=str(dirpath),
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=int(every_n_steps),
+            save_top_k=int(keep),
+            monitor="step",
+            mode="max",
+            save_last=False,
+            save_on_train_epoch_end=False,
+            enable_version_counter=False,
+        )
 
     def _should_skip_saving_checkpoint(self, trainer) -> bool:
         if super()._should_skip_saving_checkpoint(trainer):
@@ -81,10 +93,18 @@ class StageCheckpoint(ModelCheckpoint):
             return True
         bad = [n for n, p in trainer.lightning_module.named_parameters() if not torch.isfinite(p).all()]
         if bad:
-            log.warning("step %d: NaN/Inf in %s; not checkpointing (the previous checkpoint stays the last good one)",
-                        trainer.global_step, bad[0])
+            log.warning(
+                "step %d: NaN/Inf in %s; not checkpointing (the previous checkpoint stays the last good one)",
+                trainer.global_step,
+                bad[0],
+            )
             return True
         return False
+
+
+def fit_dir(stage_dir: Path, fit_name: str) -> Path:
+    """``<stage snapshot dir>/lightning/<fit>``: where one fit of a stage writes its checkpoints."""
+    return Path(stage_dir) / LIGHTNING / safe_name(fit_name)
 
 
 def _step_of(path: Path) -> int:
@@ -98,7 +118,9 @@ def newest_checkpoint(directory: Path) -> Path | None:
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    for path in sorted(directory.glob("*.ckpt"), key=lambda p: (_step_of(p), p.stat().st_mtime), reverse=True):
+    for path in sorted(
+        directory.glob("*.ckpt"), key=lambda p: (_step_of(p), p.stat().st_mtime), reverse=True
+    ):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
             if "state_dict" not in ckpt or "loops" not in ckpt:
@@ -106,8 +128,13 @@ def newest_checkpoint(directory: Path) -> Path | None:
             return path
         except Exception as e:  # a truncated zip, a bad pickle, a foreign file: all mean "do not use"
             bad = path.with_name(path.name + ".corrupt")
-            log.warning("checkpoint %s is unreadable (%s: %s); renamed to %s, trying the previous one",
-                        path, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", bad.name)
+            log.warning(
+                "checkpoint %s is unreadable (%s: %s); renamed to %s, trying the previous one",
+                path,
+                type(e).__name__,
+                str(e).splitlines()[0][:200] if str(e) else "",
+                bad.name,
+            )
             try:
                 os.replace(path, bad)
             except FileNotFoundError:  # another rank of a DDP run set it aside first
@@ -160,11 +187,19 @@ def resumable_loader(loader: DataLoader, seed: int) -> tuple[DataLoader, Resumab
     if type(loader.batch_sampler) is not BatchSampler:
         return loader, None
     sampler = ResumableSampler(loader.sampler, seed)
-    kw = dict(batch_size=loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn, num_workers=loader.num_workers,
-              drop_last=loader.drop_last, pin_memory=loader.pin_memory, timeout=loader.timeout,
-              worker_init_fn=loader.worker_init_fn, persistent_workers=loader.persistent_workers,
-              # Its own generator: creating an iterator would otherwise draw a worker seed from the global RNG.
-              generator=torch.Generator().manual_seed(int(seed)))
+    kw = dict(
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        drop_last=loader.drop_last,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers,
+        # Its own generator: creating an iterator would otherwise draw a worker seed from the global RNG.
+        generator=torch.Generator().manual_seed(int(seed)),
+    )
     if loader.num_workers > 0:
         kw["prefetch_factor"] = loader.prefetch_factor
     return DataLoader(loader.dataset, **kw), sampler
@@ -182,7 +217,7 @@ class ResumeState(L.Callback):
 
     def __init__(self, name: str, sampler: ResumableSampler | None, batch_size: int = 1, teacher_logits=None):
         self.name, self.sampler, self.batch_size = name, sampler, int(batch_size)
-        self.caches = snapshot.teacher_caches(teacher_logits)
+        self.caches = teacher_caches(teacher_logits)
         self._trainer = None
         self._rng: dict | None = None
 
@@ -196,11 +231,13 @@ class ResumeState(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         from lightning.fabric.utilities.seed import _collect_rng_states
 
-        out: dict[str, Any] = {"rng": _collect_rng_states(), "teacher_logits": snapshot.cache_state(self.caches)}
+        out: dict[str, Any] = {"rng": _collect_rng_states(), "teacher_logits": cache_state(self.caches)}
         t = self._trainer
         if self.sampler is not None and t is not None:
             done, epoch = int(t.fit_loop.epoch_loop.batch_progress.current.processed), int(t.current_epoch)
-            if done >= t.num_training_batches:  # saved on the epoch's last batch: the next pass is a new epoch
+            if (
+                done >= t.num_training_batches
+            ):  # saved on the epoch's last batch: the next pass is a new epoch
                 epoch, done = epoch + 1, 0
             out["data"] = {"seed": self.sampler.seed, "epoch": epoch, "batches_done": done}
         return out
@@ -208,7 +245,7 @@ class ResumeState(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._rng = state_dict.get("rng")
         if self.caches and state_dict.get("teacher_logits"):
-            snapshot.load_cache_state(self.caches, state_dict["teacher_logits"])
+            load_cache_state(self.caches, state_dict["teacher_logits"])
         data = state_dict.get("data")
         if data is not None and self.sampler is not None:
             self.sampler.seed = int(data["seed"])
@@ -223,25 +260,6 @@ class ResumeState(L.Callback):
 
 
 # ---- the run folder ---------------------------------------------------------------------------------
-def is_global_zero() -> bool:
-    """Rank 0 of a DDP run (or a single process): the one that writes snapshots and claims the folder.
-
-    Lightning sets the rank from the launcher's environment at import and again when the strategy
-    starts; every rank runs the same stages and holds the same weights.
-    """
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
-
-
-def barrier() -> None:
-    """Wait for every rank of a DDP run (a single process does not wait)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def checkpoints_dir(output_dir: Path) -> Path:
     return Path(output_dir) / CHECKPOINTS
 
@@ -253,26 +271,45 @@ def claim_output_dir(output_dir: Path, cfg_dict: dict) -> None:
         return  # the other ranks of a DDP run share rank 0's folder
     taken = [p for p in (output_dir / "results.json", checkpoints_dir(output_dir)) if p.exists()]
     if taken:
-        raise ConfigError("hydra.run.dir", str(output_dir),
-                          f"already holds another run ({', '.join(p.name for p in taken)}); a run never writes into "
-                          "another run's folder: continue that run with resume=<folder>, or choose a new folder")
-    snapshot.write_json_atomic(checkpoints_dir(output_dir) / RUN_FILE, {"config": cfg_dict})
+        raise ConfigError(
+            "hydra.run.dir",
+            str(output_dir),
+            f"already holds another run ({', '.join(p.name for p in taken)}); a run never writes into "
+            "another run's folder: continue that run with resume=<folder>, or choose a new folder",
+        )
+    write_json_atomic(checkpoints_dir(output_dir) / RUN_FILE, {"config": cfg_dict})
 
 
 def load_run_config(folder) -> dict:
     """The resolved config a run started with (``checkpoints/run.json``), pointed at ``folder``."""
     path = Path(str(folder)).expanduser()
     if not path.is_dir():
-        raise ConfigError("resume", str(folder), "is not a folder; pass the run folder to continue "
-                          "(outputs/<date>/<time>_<run name>)")
+        raise ConfigError(
+            "resume",
+            str(folder),
+            "is not a folder; pass the run folder to continue (outputs/<date>/<time>_<run name>)",
+        )
     run_file = checkpoints_dir(path) / RUN_FILE
     if not run_file.exists():
-        raise ConfigError("resume", str(folder), f"holds no dpq checkpoints ({CHECKPOINTS}/{RUN_FILE} is missing); only a run "
-                          "started with checkpoint.enabled=true can be resumed")
+        raise ConfigError(
+            "resume",
+            str(folder),
+            f"holds no dpq checkpoints ({CHECKPOINTS}/{RUN_FILE} is missing); only a run "
+            "started with checkpoint.enabled=true can be resumed",
+        )
     try:
         cfg = json.loads(run_file.read_text())["config"]
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError("resume", str(folder), f"its {CHECKPOINTS}/{RUN_FILE} is unreadable ({e})") from None
+        raise ConfigError(
+            "resume", str(folder), f"its {CHECKPOINTS}/{RUN_FILE} is unreadable ({e})"
+        ) from None
+    if not (cfg.get("checkpoint") or {}).get("enabled", True):
+        raise ConfigError(
+            "resume",
+            str(folder),
+            "that run was started with checkpoint.enabled=false and saved no "
+            "state to resume from; start it again",
+        )
     cfg["paths"]["output_dir"] = str(path.resolve())  # the folder may have been moved since
     cfg["resume"] = None
     return cfg
@@ -282,10 +319,18 @@ def check_resume_overrides(resume, overrides: list[str]) -> None:
     """``resume=<folder>`` continues with the run's own config: any other override would silently change it."""
     if not resume:
         return
-    bad = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "resume" and not o.lstrip("+~").startswith("hydra.")]
+    bad = [
+        o
+        for o in overrides
+        if o.split("=", 1)[0].lstrip("+~") != "resume" and not o.lstrip("+~").startswith("hydra.")
+    ]
     if bad:
-        raise ConfigError("resume", str(resume), f"continues a run with the config it started with, so no other override is "
-                          f"allowed (got {' '.join(bad)}); start a new run to change the config")
+        raise ConfigError(
+            "resume",
+            str(resume),
+            f"continues a run with the config it started with, so no other override is "
+            f"allowed (got {' '.join(bad)}); start a new run to change the config",
+        )
 
 
 def register_resolvers() -> None:
@@ -298,7 +343,12 @@ def register_resolvers() -> None:
 
     from omegaconf import OmegaConf
 
-    OmegaConf.register_new_resolver("dpq_run_dir", lambda resume, new: str(resume) if resume else new, replace=True)
     OmegaConf.register_new_resolver(
-        "dpq_hydra_subdir", lambda resume: f".hydra/resume-{time.strftime('%Y%m%d-%H%M%S')}" if resume else ".hydra",
-        replace=True, use_cache=True)
+        "dpq_run_dir", lambda resume, new: str(resume) if resume else new, replace=True
+    )
+    OmegaConf.register_new_resolver(
+        "dpq_hydra_subdir",
+        lambda resume: f".hydra/resume-{time.strftime('%Y%m%d-%H%M%S')}" if resume else ".hydra",
+        replace=True,
+        use_cache=True,
+    )

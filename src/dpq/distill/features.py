@@ -68,12 +68,14 @@ def resolve_layer_map(layer_map: Sequence[int] | None, n_student: int, n_teacher
     n_t = _check_count("n_teacher", n_teacher)
     layer_map = list(layer_map)
     if len(layer_map) != n_s:
-        raise ValueError(f"layer_map={layer_map}: has {len(layer_map)} entries, needs one per student layer "
-                         f"({n_s})")
+        raise ValueError(
+            f"layer_map={layer_map}: has {len(layer_map)} entries, needs one per student layer ({n_s})"
+        )
     for i, j in enumerate(layer_map, start=1):
         if isinstance(j, bool) or not isinstance(j, int) or not 1 <= j <= n_t:
-            raise ValueError(f"layer_map[{i - 1}]={j!r} (student layer {i}): teacher layer must be an integer "
-                             f"in 1..{n_t}")
+            raise ValueError(
+                f"layer_map[{i - 1}]={j!r} (student layer {i}): teacher layer must be an integer in 1..{n_t}"
+            )
     return layer_map
 
 
@@ -95,8 +97,11 @@ class HiddenProjection(nn.Module):
         self.teacher_dim = _check_count("teacher_dim", teacher_dim)
         self.n_layers = _check_count("n_layers", n_layers)
         self.needed: bool = student_dim != teacher_dim
-        self.proj = (nn.ModuleList(nn.Linear(student_dim, teacher_dim) for _ in range(n_layers))
-                     if self.needed else None)
+        self.proj = (
+            nn.ModuleList(nn.Linear(student_dim, teacher_dim) for _ in range(n_layers))
+            if self.needed
+            else None
+        )
 
     def forward(self, h: torch.Tensor, i: int) -> torch.Tensor:
         """Project ``h`` [..., student_dim], the hidden state of student layer ``i`` (1-based)."""
@@ -117,7 +122,9 @@ def _token_mask(attention_mask: torch.Tensor | None, like: torch.Tensor) -> torc
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(like.shape[:2]):
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != [B, T] = {tuple(like.shape[:2])}")
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} != [B, T] = {tuple(like.shape[:2])}"
+        )
     return attention_mask.to(device=like.device, dtype=torch.float32)
 
 
@@ -128,10 +135,14 @@ def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Te
     return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def hidden_state_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
-                      layer_map: Sequence[int] | None, kind: str = "mse",
-                      projection: HiddenProjection | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_state_loss(
+    student_hidden: Sequence[torch.Tensor],
+    teacher_hidden: Sequence[torch.Tensor],
+    layer_map: Sequence[int] | None,
+    kind: str = "mse",
+    projection: HiddenProjection | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Average over mapped layers of MSE or ``1 - cosine`` between (projected) student and teacher hidden states.
 
     MSE is the mean over real tokens and features; cosine is per token, averaged over real
@@ -140,8 +151,10 @@ def hidden_state_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Se
     if kind not in HIDDEN_KINDS:
         raise ValueError(f"kind={kind!r}: must be one of {HIDDEN_KINDS}")
     if len(student_hidden) < 2 or len(teacher_hidden) < 2:
-        raise ValueError("hidden_states must hold embeddings + at least one layer; "
-                         "call the models with output_hidden_states=True")
+        raise ValueError(
+            "hidden_states must hold embeddings + at least one layer; "
+            "call the models with output_hidden_states=True"
+        )
     layer_map = resolve_layer_map(layer_map, len(student_hidden) - 1, len(teacher_hidden) - 1)
     mask = _token_mask(attention_mask, student_hidden[0])
     losses = []
@@ -152,8 +165,10 @@ def hidden_state_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Se
         s = s.float()
         t = teacher_hidden[j].detach().float()
         if s.shape != t.shape:
-            raise ValueError(f"student layer {i} {tuple(s.shape)} vs teacher layer {j} {tuple(t.shape)}: shapes "
-                             f"differ; pass a HiddenProjection when the widths differ")
+            raise ValueError(
+                f"student layer {i} {tuple(s.shape)} vs teacher layer {j} {tuple(t.shape)}: shapes "
+                f"differ; pass a HiddenProjection when the widths differ"
+            )
         if kind == "mse":
             per_token = (s - t).pow(2).mean(dim=-1)
         else:
@@ -166,8 +181,12 @@ def hidden_state_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Se
 # Attention
 
 
-def attention_loss(student_attn: Sequence[torch.Tensor], teacher_attn: Sequence[torch.Tensor],
-                   layer_map: Sequence[int] | None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention_loss(
+    student_attn: Sequence[torch.Tensor],
+    teacher_attn: Sequence[torch.Tensor],
+    layer_map: Sequence[int] | None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """TinyBERT-style KL(teacher attention row || student attention row).
 
     Averaged over mapped layers, heads and real query positions. ``layer_map`` holds 1-based
@@ -175,9 +194,11 @@ def attention_loss(student_attn: Sequence[torch.Tensor], teacher_attn: Sequence[
     differ, the head-averaged maps are compared. Needs eager attention (see the module docstring).
     """
     if not student_attn or not teacher_attn:
-        raise ValueError("attentions are empty: call the models with output_attentions=True and eager attention "
-                         "(attn_implementation='eager' or model.set_attn_implementation('eager')); "
-                         "sdpa/flash attention return no weights")
+        raise ValueError(
+            "attentions are empty: call the models with output_attentions=True and eager attention "
+            "(attn_implementation='eager' or model.set_attn_implementation('eager')); "
+            "sdpa/flash attention return no weights"
+        )
     layer_map = resolve_layer_map(layer_map, len(student_attn), len(teacher_attn))
     mask = _token_mask(attention_mask, student_attn[0][:, 0])
     losses = []
@@ -187,8 +208,10 @@ def attention_loss(student_attn: Sequence[torch.Tensor], teacher_attn: Sequence[
         if s.shape[1] != t.shape[1]:
             s, t = s.mean(dim=1, keepdim=True), t.mean(dim=1, keepdim=True)
         if s.shape != t.shape:
-            raise ValueError(f"student attention layer {i} {tuple(s.shape)} vs teacher layer {j} {tuple(t.shape)}: "
-                             f"batch/sequence shapes differ")
+            raise ValueError(
+                f"student attention layer {i} {tuple(s.shape)} vs teacher layer {j} {tuple(t.shape)}: "
+                f"batch/sequence shapes differ"
+            )
         # KL per row; p_t = 0 entries (masked keys) contribute exactly 0.
         kl = (t * (t.clamp_min(_EPS).log() - s.clamp_min(_EPS).log())).sum(dim=-1)  # [B, H, T]
         losses.append(_masked_mean(kl.mean(dim=1), mask))
@@ -210,15 +233,19 @@ def relation_loss(student_repr: torch.Tensor, teacher_repr: torch.Tensor) -> tor
     Widths may differ. With B = 1 the matrices are both [[1]] and the loss is 0.
     """
     if student_repr.dim() != 2 or teacher_repr.dim() != 2:
-        raise ValueError(f"representations must be [B, d]; got {tuple(student_repr.shape)} and "
-                         f"{tuple(teacher_repr.shape)}")
+        raise ValueError(
+            f"representations must be [B, d]; got {tuple(student_repr.shape)} and {tuple(teacher_repr.shape)}"
+        )
     if student_repr.shape[0] != teacher_repr.shape[0]:
-        raise ValueError(f"batch sizes differ: student {student_repr.shape[0]} vs teacher {teacher_repr.shape[0]}")
+        raise ValueError(
+            f"batch sizes differ: student {student_repr.shape[0]} vs teacher {teacher_repr.shape[0]}"
+        )
     return F.mse_loss(_cosine_matrix(student_repr), _cosine_matrix(teacher_repr.detach()))
 
 
-def combine_teachers(teacher_logits: Sequence[torch.Tensor], weights: Sequence[float] | None,
-                     temperature: float) -> torch.Tensor:
+def combine_teachers(
+    teacher_logits: Sequence[torch.Tensor], weights: Sequence[float] | None, temperature: float
+) -> torch.Tensor:
     """Weighted average of the teachers' ``softmax(logits / T)``, as log-probabilities [B, C].
 
     ``weights`` are normalised (None = equal). Use with
@@ -231,8 +258,10 @@ def combine_teachers(teacher_logits: Sequence[torch.Tensor], weights: Sequence[f
     shape = tuple(teacher_logits[0].shape)
     for k, logits in enumerate(teacher_logits):
         if logits.dim() != 2 or tuple(logits.shape) != shape:
-            raise ValueError(f"teacher_logits[{k}] has shape {tuple(logits.shape)}; all must be the same [B, C] "
-                             f"(teacher 0: {shape})")
+            raise ValueError(
+                f"teacher_logits[{k}] has shape {tuple(logits.shape)}; all must be the same [B, C] "
+                f"(teacher 0: {shape})"
+            )
     n = len(teacher_logits)
     if weights is None:
         weights = [1.0] * n
@@ -245,7 +274,9 @@ def combine_teachers(teacher_logits: Sequence[torch.Tensor], weights: Sequence[f
     if total <= 0:
         raise ValueError(f"weights={weights}: must not all be zero")
     logp = torch.stack([F.log_softmax(x.detach().float() / temperature, dim=-1) for x in teacher_logits])
-    log_w = torch.tensor([w / total for w in weights], device=logp.device).log()  # log 0 = -inf drops a teacher
+    log_w = torch.tensor(
+        [w / total for w in weights], device=logp.device
+    ).log()  # log 0 = -inf drops a teacher
     return torch.logsumexp(logp + log_w.view(n, 1, 1), dim=0)
 
 
@@ -266,7 +297,11 @@ class FeatureKDConfig:
     def __post_init__(self):
         for name in ("hidden", "attention", "relation"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0.0 <= value < float("inf")
+            ):
                 raise ValueError(f"{name}={value!r}: weight must be a finite number >= 0")
         if self.hidden_kind not in HIDDEN_KINDS:
             raise ValueError(f"hidden_kind={self.hidden_kind!r}: must be one of {HIDDEN_KINDS}")
@@ -274,7 +309,9 @@ class FeatureKDConfig:
             layer_map = list(self.layer_map)  # e.g. an OmegaConf ListConfig from Hydra
             for j in layer_map:
                 if isinstance(j, bool) or not isinstance(j, int) or j < 1:
-                    raise ValueError(f"layer_map={layer_map}: entry {j!r} must be a 1-based teacher layer (int >= 1)")
+                    raise ValueError(
+                        f"layer_map={layer_map}: entry {j!r} must be a 1-based teacher layer (int >= 1)"
+                    )
             object.__setattr__(self, "layer_map", layer_map)
 
     @property
@@ -301,9 +338,13 @@ def _any_tensor(out: Any) -> torch.Tensor | None:
     return hs[-1] if hs else None
 
 
-def feature_kd_loss(cfg: FeatureKDConfig, student_out: Any, teacher_out: Any,
-                    attention_mask: torch.Tensor | None,
-                    projection: HiddenProjection | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def feature_kd_loss(
+    cfg: FeatureKDConfig,
+    student_out: Any,
+    teacher_out: Any,
+    attention_mask: torch.Tensor | None,
+    projection: HiddenProjection | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the active feature KD terms, and the detached parts (keys "hidden", "attention", "relation").
 
     ``student_out`` / ``teacher_out`` are HF outputs with ``.hidden_states`` / ``.attentions``.
@@ -315,21 +356,32 @@ def feature_kd_loss(cfg: FeatureKDConfig, student_out: Any, teacher_out: Any,
     if cfg.needs_hidden:
         for who, out in (("student", student_out), ("teacher", teacher_out)):
             if not getattr(out, "hidden_states", None):
-                raise ValueError(f"{who} output has no hidden_states: call the model with output_hidden_states=True")
+                raise ValueError(
+                    f"{who} output has no hidden_states: call the model with output_hidden_states=True"
+                )
     if cfg.needs_attentions:
         for who, out in (("student", student_out), ("teacher", teacher_out)):
             if not getattr(out, "attentions", None):
-                raise ValueError(f"{who} output has no attentions: call the model with output_attentions=True and "
-                                 f"eager attention (attn_implementation='eager' or "
-                                 f"model.set_attn_implementation('eager')); sdpa/flash return none")
+                raise ValueError(
+                    f"{who} output has no attentions: call the model with output_attentions=True and "
+                    f"eager attention (attn_implementation='eager' or "
+                    f"model.set_attn_implementation('eager')); sdpa/flash return none"
+                )
     if cfg.hidden > 0:
-        h = hidden_state_loss(student_out.hidden_states, teacher_out.hidden_states, cfg.layer_map,
-                              kind=cfg.hidden_kind, projection=projection, attention_mask=attention_mask)
+        h = hidden_state_loss(
+            student_out.hidden_states,
+            teacher_out.hidden_states,
+            cfg.layer_map,
+            kind=cfg.hidden_kind,
+            projection=projection,
+            attention_mask=attention_mask,
+        )
         parts["hidden"] = h.detach()
         terms.append(cfg.hidden * h)
     if cfg.attention > 0:
-        a = attention_loss(student_out.attentions, teacher_out.attentions, cfg.layer_map,
-                           attention_mask=attention_mask)
+        a = attention_loss(
+            student_out.attentions, teacher_out.attentions, cfg.layer_map, attention_mask=attention_mask
+        )
         parts["attention"] = a.detach()
         terms.append(cfg.attention * a)
     if cfg.relation > 0:

@@ -9,13 +9,6 @@ from torch.utils.data import DataLoader
 
 from dpq.data.tasks import TaskSplits
 
-NON_INPUT_KEYS = ("labels", "idx")
-
-
-def model_inputs(batch: dict) -> dict:
-    """The part of a batch that is fed to the model (everything but labels and the example index)."""
-    return {k: v for k, v in batch.items() if k not in NON_INPUT_KEYS}
-
 
 def image_batch(rows: list[dict], mean, std) -> dict:
     """uint8 images (H x W or H x W x C) -> normalised float ``pixel_values`` [B, C, H, W], as torchvision's
@@ -32,8 +25,16 @@ def image_batch(rows: list[dict], mean, std) -> dict:
 
 
 class ClassificationDataModule(L.LightningDataModule):
-    def __init__(self, splits: TaskSplits, tokenizer=None, max_length: int = 64, batch_size: int = 32,
-                 eval_batch_size: int = 128, num_workers: int = 0, group_by_length: bool = True):
+    def __init__(
+        self,
+        splits: TaskSplits,
+        tokenizer=None,
+        max_length: int = 64,
+        batch_size: int = 32,
+        eval_batch_size: int = 128,
+        num_workers: int = 0,
+        group_by_length: bool = True,
+    ):
         super().__init__()
         if splits.kind == "text" and tokenizer is None:
             raise ValueError("a text task needs a tokenizer")
@@ -55,10 +56,19 @@ class ClassificationDataModule(L.LightningDataModule):
                 pair = "text_pair" in ds.column_names
 
                 def encode(b, pair=pair):
-                    return self.tokenizer(b["text"], b["text_pair"] if pair else None, truncation=True, max_length=self.max_length)
+                    return self.tokenizer(
+                        b["text"],
+                        b["text_pair"] if pair else None,
+                        truncation=True,
+                        max_length=self.max_length,
+                    )
 
-                ds = ds.map(encode, batched=True, remove_columns=[c for c in ("text", "text_pair") if c in ds.column_names],
-                            desc=f"tokenize {split}")
+                ds = ds.map(
+                    encode,
+                    batched=True,
+                    remove_columns=[c for c in ("text", "text_pair") if c in ds.column_names],
+                    desc=f"tokenize {split}",
+                )
             ds = ds.rename_column("label", "labels")
             if self.splits.kind == "image":
                 # numpy rows are ~3x faster to fetch than torch-formatted ones; image_batch converts.
@@ -77,9 +87,15 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool, batch_size: int, sampler=None) -> DataLoader:
         self.setup()
-        return DataLoader(self._encoded[split], batch_size=batch_size, shuffle=shuffle and sampler is None,
-                          sampler=sampler, collate_fn=self._collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self._encoded[split],
+            batch_size=batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         sampler = None
@@ -90,7 +106,9 @@ class ClassificationDataModule(L.LightningDataModule):
 
             self.setup()
             lengths = [len(ids) for ids in self._encoded["train"].with_format(None)["input_ids"]]
-            gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))  # follows the stage's seed
+            gen = torch.Generator().manual_seed(
+                int(torch.randint(0, 2**31 - 1, (1,)))
+            )  # follows the stage's seed
             sampler = LengthGroupedSampler(self.batch_size, lengths=lengths, generator=gen)
         return self._loader("train", True, self.batch_size, sampler)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dpq.errors import IntegrityError
+from dpq.core.errors import IntegrityError
 
 from .packed import QuantizedLinear
 
@@ -50,17 +50,28 @@ def check_zeros_kept(model: nn.Module, before: dict[str, Tensor], when: str) -> 
     for name, was_zero in before.items():
         w = effective_weight(model.get_submodule(name)).cpu()
         if w.shape != was_zero.shape:
-            raise SparsityLost(f"{when}: layer {name}: weight shape changed from {tuple(was_zero.shape)} to {tuple(w.shape)}")
+            raise SparsityLost(
+                f"{when}: layer {name}: weight shape changed from {tuple(was_zero.shape)} to {tuple(w.shape)}"
+            )
         is_zero = w == 0
         revived = int((was_zero & ~is_zero).sum())
-        report[name] = {"zeros_before": int(was_zero.sum()), "zeros_after": int(is_zero.sum()), "revived": revived}
+        report[name] = {
+            "zeros_before": int(was_zero.sum()),
+            "zeros_after": int(is_zero.sum()),
+            "revived": revived,
+        }
         if revived:
             r = report[name]
-            raise SparsityLost(f"{when}: layer {name}: {revived} of its {r['zeros_before']} exactly-zero (pruned) "
-                               f"weights became non-zero (zeros before {r['zeros_before']}, after {r['zeros_after']})")
+            raise SparsityLost(
+                f"{when}: layer {name}: {revived} of its {r['zeros_before']} exactly-zero (pruned) "
+                f"weights became non-zero (zeros before {r['zeros_before']}, after {r['zeros_after']})"
+            )
     return report
 
 
 def summarize(report: dict[str, dict[str, int]]) -> dict[str, int]:
-    return {"layers_checked": len(report), "zeros_before": sum(r["zeros_before"] for r in report.values()),
-            "zeros_after": sum(r["zeros_after"] for r in report.values())}
+    return {
+        "layers_checked": len(report),
+        "zeros_before": sum(r["zeros_before"] for r in report.values()),
+        "zeros_after": sum(r["zeros_after"] for r in report.values()),
+    }

@@ -13,15 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dpq.errors import IntegrityError, TrainingDiverged
-
-
-def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The float weight a layer computes with (packed low-bit layers dequantized)."""
-    w = getattr(module, "weight", None)
-    if isinstance(w, torch.Tensor) and w.is_floating_point():
-        return w.detach()
-    return module.dequantize().detach()
+from dpq.core.errors import IntegrityError, TrainingDiverged
+from dpq.core.nn import dense_weight
 
 
 @torch.no_grad()
@@ -31,8 +24,10 @@ def check_finite(model: nn.Module, stage: str, last_good: str | None = None) -> 
         if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             keep = f"; the last good checkpoint is {last_good}" if last_good else ""
-            raise TrainingDiverged(f"after stage '{stage}': {bad} NaN/Inf values in {name}{keep}; lower the stage's lr "
-                                   "or check the data")
+            raise TrainingDiverged(
+                f"after stage '{stage}': {bad} NaN/Inf values in {name}{keep}; lower the stage's lr "
+                "or check the data"
+            )
 
 
 @torch.no_grad()
@@ -47,15 +42,19 @@ def layer_sparsity(model: nn.Module, names) -> dict[str, tuple[int, int]]:
     return out
 
 
-def check_sparsity_kept(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], stage: str) -> None:
+def check_sparsity_kept(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], stage: str
+) -> None:
     """Raise :class:`IntegrityError` if a layer of the same size has fewer zero weights than before."""
     for n, (z0, total0) in before.items():
         if n not in after:
             continue
         z1, total1 = after[n]
         if total1 == total0 and z1 < z0:
-            raise IntegrityError(f"stage '{stage}' lowered the sparsity of {n} from {z0 / total0:.4f} to {z1 / total1:.4f} "
-                                 f"({z0 - z1} pruned weights came back)")
+            raise IntegrityError(
+                f"stage '{stage}' lowered the sparsity of {n} from {z0 / total0:.4f} to {z1 / total1:.4f} "
+                f"({z0 - z1} pruned weights came back)"
+            )
 
 
 @torch.no_grad()
@@ -77,7 +76,11 @@ def check_reload(final: dict, reloaded: dict, tolerance: float) -> None:
     """Raise :class:`IntegrityError` if the reloaded model's accuracy or loss differs beyond ``tolerance``."""
     for key in ("accuracy", "val_accuracy"):
         if abs(final[key] - reloaded[key]) > tolerance:
-            raise IntegrityError(f"the saved model reloads with {key} {reloaded[key]:.6f}, the run measured {final[key]:.6f} "
-                                 f"(tolerance {tolerance}); the exported model is not the trained one")
+            raise IntegrityError(
+                f"the saved model reloads with {key} {reloaded[key]:.6f}, the run measured {final[key]:.6f} "
+                f"(tolerance {tolerance}); the exported model is not the trained one"
+            )
     if abs(final["loss"] - reloaded["loss"]) > max(tolerance, 1e-6) * max(1.0, abs(final["loss"])):
-        raise IntegrityError(f"the saved model reloads with loss {reloaded['loss']:.6f}, the run measured {final['loss']:.6f}")
+        raise IntegrityError(
+            f"the saved model reloads with loss {reloaded['loss']:.6f}, the run measured {final['loss']:.6f}"
+        )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 
 
 def list_options(group: str) -> list[str]:

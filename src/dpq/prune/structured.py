@@ -80,11 +80,14 @@ def parse_kinds(granularity: str) -> list[str]:
     """``heads``, ``neurons``, ``channels`` or a ``+`` combination (``heads+neurons``)."""
     kinds = [k for k in str(granularity).split("+") if k]
     if not kinds or any(k not in KINDS for k in kinds):
-        raise ValueError(f"granularity={granularity!r}: structured kinds are {', '.join(KINDS)} (combine with +)")
+        raise ValueError(
+            f"granularity={granularity!r}: structured kinds are {', '.join(KINDS)} (combine with +)"
+        )
     return kinds
 
 
 # ----------------------------------------------------------------------------- discovery
+
 
 def _linear(model: nn.Module, name: str) -> nn.Linear | None:
     try:
@@ -100,8 +103,11 @@ def _transformer_groups(model: nn.Module, kind: str) -> list[GroupSet]:
     for name, mod in model.named_modules():
         prefix = f"{name}." if name else ""
         if kind == "heads":
-            if all(isinstance(getattr(mod, a, None), nn.Linear) for a in ("query", "key", "value")) \
-                    and hasattr(mod, "attention_head_size") and name.endswith(".self"):
+            if (
+                all(isinstance(getattr(mod, a, None), nn.Linear) for a in ("query", "key", "value"))
+                and hasattr(mod, "attention_head_size")
+                and name.endswith(".self")
+            ):
                 parent = name[: -len(".self")]
                 out = f"{parent}.output.dense"
                 if _linear(model, out) is None:
@@ -109,24 +115,58 @@ def _transformer_groups(model: nn.Module, kind: str) -> list[GroupSet]:
                 d = int(mod.attention_head_size)
                 n = mod.query.out_features // d
                 prod = tuple(Slice(f"{prefix}{p}", 0, d) for p in ("query", "key", "value"))
-                sets.append(GroupSet(parent, "heads", n, prod, (Slice(out, 1, d, ("weight",)),),
-                                     owner=name, count_attr="num_attention_heads"))
-            elif all(isinstance(getattr(mod, a, None), nn.Linear) for a in ("q_lin", "k_lin", "v_lin", "out_lin")) \
-                    and hasattr(mod, "attention_head_size"):
+                sets.append(
+                    GroupSet(
+                        parent,
+                        "heads",
+                        n,
+                        prod,
+                        (Slice(out, 1, d, ("weight",)),),
+                        owner=name,
+                        count_attr="num_attention_heads",
+                    )
+                )
+            elif all(
+                isinstance(getattr(mod, a, None), nn.Linear) for a in ("q_lin", "k_lin", "v_lin", "out_lin")
+            ) and hasattr(mod, "attention_head_size"):
                 d = int(mod.attention_head_size)
                 n = mod.q_lin.out_features // d
                 prod = tuple(Slice(f"{prefix}{p}", 0, d) for p in ("q_lin", "k_lin", "v_lin"))
-                sets.append(GroupSet(name, "heads", n, prod, (Slice(f"{prefix}out_lin", 1, d, ("weight",)),),
-                                     owner=name, count_attr="n_heads"))
+                sets.append(
+                    GroupSet(
+                        name,
+                        "heads",
+                        n,
+                        prod,
+                        (Slice(f"{prefix}out_lin", 1, d, ("weight",)),),
+                        owner=name,
+                        count_attr="n_heads",
+                    )
+                )
         elif kind == "neurons":
             up, down = _linear(model, f"{prefix}intermediate.dense"), _linear(model, f"{prefix}output.dense")
             if up is not None and down is not None and down.in_features == up.out_features:
-                sets.append(GroupSet(f"{prefix}intermediate", "neurons", up.out_features,
-                                     (Slice(f"{prefix}intermediate.dense", 0),),
-                                     (Slice(f"{prefix}output.dense", 1, 1, ("weight",)),)))
-            elif isinstance(getattr(mod, "lin1", None), nn.Linear) and isinstance(getattr(mod, "lin2", None), nn.Linear):
-                sets.append(GroupSet(f"{prefix}ffn" if not name.endswith("ffn") else name, "neurons", mod.lin1.out_features,
-                                     (Slice(f"{prefix}lin1", 0),), (Slice(f"{prefix}lin2", 1, 1, ("weight",)),)))
+                sets.append(
+                    GroupSet(
+                        f"{prefix}intermediate",
+                        "neurons",
+                        up.out_features,
+                        (Slice(f"{prefix}intermediate.dense", 0),),
+                        (Slice(f"{prefix}output.dense", 1, 1, ("weight",)),),
+                    )
+                )
+            elif isinstance(getattr(mod, "lin1", None), nn.Linear) and isinstance(
+                getattr(mod, "lin2", None), nn.Linear
+            ):
+                sets.append(
+                    GroupSet(
+                        f"{prefix}ffn" if not name.endswith("ffn") else name,
+                        "neurons",
+                        mod.lin1.out_features,
+                        (Slice(f"{prefix}lin1", 0),),
+                        (Slice(f"{prefix}lin2", 1, 1, ("weight",)),),
+                    )
+                )
     return sets
 
 
@@ -151,16 +191,25 @@ def find_groups(model: nn.Module, granularity: str, targets: list[str] | None = 
 
 # ----------------------------------------------------------------------------- scoring
 
+
 def _group_view(t: torch.Tensor, dim: int, count: int, size: int) -> torch.Tensor:
     """``t`` as (count, elements of one group) along ``dim``."""
-    return t.movedim(dim, 0).reshape(count, -1) if size * count == t.shape[dim] else _bad_shape(t, dim, count, size)
+    return (
+        t.movedim(dim, 0).reshape(count, -1)
+        if size * count == t.shape[dim]
+        else _bad_shape(t, dim, count, size)
+    )
 
 
 def _bad_shape(t, dim, count, size):
-    raise ValueError(f"tensor of shape {tuple(t.shape)} does not split into {count} groups of {size} along dim {dim}")
+    raise ValueError(
+        f"tensor of shape {tuple(t.shape)} does not split into {count} groups of {size} along dim {dim}"
+    )
 
 
-def group_scores(scores: Mapping[str, torch.Tensor], gs: GroupSet, norm: str = "l2", signed: bool = False) -> torch.Tensor:
+def group_scores(
+    scores: Mapping[str, torch.Tensor], gs: GroupSet, norm: str = "l2", signed: bool = False
+) -> torch.Tensor:
     """One importance per group: the L1 or L2 norm of its elements' scores (a plain sum when
     ``signed``, for movement scores whose sign matters), over producers and consumers."""
     if norm not in NORMS:
@@ -177,8 +226,12 @@ def group_scores(scores: Mapping[str, torch.Tensor], gs: GroupSet, norm: str = "
     return total if signed or norm == "l1" else total.sqrt()
 
 
-def prune_counts(sets: list[GroupSet], sparsity: float | Mapping[str, float], min_keep: int = 1,
-                 totals: Mapping[str, int] | None = None) -> dict[str, int]:
+def prune_counts(
+    sets: list[GroupSet],
+    sparsity: float | Mapping[str, float],
+    min_keep: int = 1,
+    totals: Mapping[str, int] | None = None,
+) -> dict[str, int]:
     """Groups to remove now per set, so that ``round(sparsity * total)`` are gone in all.
 
     ``total`` is the set's group count before any shrink (``totals``; a shrunk model has fewer
@@ -194,7 +247,9 @@ def prune_counts(sets: list[GroupSet], sparsity: float | Mapping[str, float], mi
     return out
 
 
-def keep_from_masks(model: nn.Module, sets: list[GroupSet], masks: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+def keep_from_masks(
+    model: nn.Module, sets: list[GroupSet], masks: Mapping[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
     """Per-set keep vectors implied by element masks: a group whose producer weights are all masked is gone."""
     keep = {}
     for gs in sets:
@@ -207,9 +262,17 @@ def keep_from_masks(model: nn.Module, sets: list[GroupSet], masks: Mapping[str, 
 
 
 @torch.no_grad()
-def select_groups(sets: list[GroupSet], scores: Mapping[str, torch.Tensor], sparsity: float | Mapping[str, float],
-                  previous: Mapping[str, torch.Tensor] | None = None, scope: str = "layer", norm: str = "l2",
-                  signed: bool = False, min_keep: int = 1, totals: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+def select_groups(
+    sets: list[GroupSet],
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float | Mapping[str, float],
+    previous: Mapping[str, torch.Tensor] | None = None,
+    scope: str = "layer",
+    norm: str = "l2",
+    signed: bool = False,
+    min_keep: int = 1,
+    totals: Mapping[str, int] | None = None,
+) -> dict[str, torch.Tensor]:
     """Bool keep-vector per group set: the lowest-scoring groups go, earlier-pruned ones first.
 
     ``scope="layer"`` removes ``round(sparsity * count)`` groups in every set; ``"global"``
@@ -265,7 +328,9 @@ def _element_keep(keep: torch.Tensor, s: Slice, shape: torch.Size) -> torch.Tens
     return per_index.view(view).expand(shape)
 
 
-def group_masks(model: nn.Module, sets: list[GroupSet], keep: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def group_masks(
+    model: nn.Module, sets: list[GroupSet], keep: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Element keep-masks (per module weight) of the removed groups' producer and consumer slices."""
     masks: dict[str, torch.Tensor] = {}
     for gs in sets:
@@ -282,6 +347,7 @@ def groups_left(sets: list[GroupSet], keep: Mapping[str, torch.Tensor]) -> dict[
 
 
 # ----------------------------------------------------------------------------- shrink
+
 
 def _index_param(mod: nn.Module, pname: str, dim: int, idx: torch.Tensor) -> None:
     t = getattr(mod, pname, None)
@@ -306,8 +372,12 @@ def _sync_attrs(mod: nn.Module) -> None:
 
 
 @torch.no_grad()
-def shrink_(model: nn.Module, sets: list[GroupSet], keep: Mapping[str, torch.Tensor],
-            masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def shrink_(
+    model: nn.Module,
+    sets: list[GroupSet],
+    keep: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Physically remove the groups ``keep`` marks False, in place; returns ``masks`` cut to the new shapes.
 
     Every producer/consumer/extra slice is indexed with the kept groups' element indices;
@@ -367,7 +437,11 @@ def _record_structure(model: nn.Module, touched: set[str], sets: list[GroupSet])
     # When every FFN kept the same width the config can say so, and plain ``from_pretrained``
     # reloads a neurons-only shrink without dpq (per-layer head counts still need dpq's loader).
     for attr, suffix in (("intermediate_size", "intermediate.dense"), ("hidden_dim", "ffn.lin1")):
-        widths = {m.out_features for n, m in model.named_modules() if n.endswith(suffix) and isinstance(m, nn.Linear)}
+        widths = {
+            m.out_features
+            for n, m in model.named_modules()
+            if n.endswith(suffix) and isinstance(m, nn.Linear)
+        }
         if hasattr(config, attr) and len(widths) == 1:
             setattr(config, attr, widths.pop())
 
@@ -393,7 +467,9 @@ def restore_structure_(model: nn.Module, structure: Mapping | None) -> None:
         model.dpq_original_groups = dict(structure["original"])
 
 
-def structure_summary(sets: list[GroupSet], keep: Mapping[str, torch.Tensor] | None = None) -> dict[str, dict[str, int]]:
+def structure_summary(
+    sets: list[GroupSet], keep: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, dict[str, int]]:
     """``{kind: {set name: groups left}}`` for results and logs."""
     out: dict[str, dict[str, int]] = {}
     for gs in sets:
@@ -402,5 +478,20 @@ def structure_summary(sets: list[GroupSet], keep: Mapping[str, torch.Tensor] | N
     return out
 
 
-__all__ = ["KINDS", "NORMS", "Slice", "GroupSet", "parse_kinds", "find_groups", "group_scores", "prune_counts",
-           "select_groups", "keep_from_masks", "group_masks", "groups_left", "shrink_", "restore_structure_", "structure_summary"]
+__all__ = [
+    "KINDS",
+    "NORMS",
+    "Slice",
+    "GroupSet",
+    "parse_kinds",
+    "find_groups",
+    "group_scores",
+    "prune_counts",
+    "select_groups",
+    "keep_from_masks",
+    "group_masks",
+    "groups_left",
+    "shrink_",
+    "restore_structure_",
+    "structure_summary",
+]

@@ -13,20 +13,26 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from dpq.data import model_inputs
-from dpq.distill import KDConfig, TeacherLogits, kd_loss
-from dpq.kd_losses import FeatureKDConfig, HiddenProjection, feature_kd_loss, resolve_layer_map
-
-
-def logits_of(model: nn.Module, batch: dict) -> torch.Tensor:
-    out = model(**model_inputs(batch))
-    return getattr(out, "logits", out)
+from dpq.core.errors import TrainingDiverged
+from dpq.core.nn import logits_of, model_inputs
+from dpq.distill.features import FeatureKDConfig, HiddenProjection, feature_kd_loss, resolve_layer_map
+from dpq.distill.losses import KDConfig, kd_loss
+from dpq.distill.teachers import TeacherSignal
 
 
 class ClassifierModule(L.LightningModule):
-    def __init__(self, model: nn.Module, num_labels: int, stage: str, lr: float = 5e-5, weight_decay: float = 0.01,
-                 warmup_ratio: float = 0.06, kd: KDConfig | None = None, teacher: TeacherLogits | None = None,
-                 features: FeatureKDConfig | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        num_labels: int,
+        stage: str,
+        lr: float = 5e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.06,
+        kd: KDConfig | None = None,
+        teacher: TeacherSignal | None = None,
+        features: FeatureKDConfig | None = None,
+    ):
         super().__init__()
         self.model, self.stage = model, stage
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
@@ -39,11 +45,15 @@ class ClassifierModule(L.LightningModule):
             # Intermediate terms need the teacher's hidden states, so it runs every step (no logit cache).
             tmodel = getattr(teacher, "teacher", None)
             if tmodel is None or not hasattr(model, "config") or not hasattr(tmodel, "config"):
-                raise ValueError("hidden/attention/relation distillation needs a Hugging Face student and a single teacher model")
+                raise ValueError(
+                    "hidden/attention/relation distillation needs a Hugging Face student and a single teacher model"
+                )
             n_s, n_t = model.config.num_hidden_layers, tmodel.config.num_hidden_layers
             self.layer_map = resolve_layer_map(self.features.layer_map, n_s, n_t)
             if self.features.hidden > 0:
-                self.kd_projection = HiddenProjection(model.config.hidden_size, tmodel.config.hidden_size, n_s)
+                self.kd_projection = HiddenProjection(
+                    model.config.hidden_size, tmodel.config.hidden_size, n_s
+                )
         self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
 
@@ -80,11 +90,11 @@ class ClassifierModule(L.LightningModule):
                     t_logits = self.teacher(model_inputs(batch), batch["idx"])
             loss, parts = kd_loss(logits, t_logits, batch["labels"], self.kd, teacher_log_probs=t_logp)
         if not torch.isfinite(loss):
-            from dpq.errors import TrainingDiverged
-
             detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-            raise TrainingDiverged(f"stage '{self.stage}', step {self.global_step}: loss is {float(loss)} ({detail}); "
-                                   f"lower pipeline.stages.{self.stage.split('.')[0]}.lr or check the data")
+            raise TrainingDiverged(
+                f"stage '{self.stage}', step {self.global_step}: loss is {float(loss)} ({detail}); "
+                f"lower pipeline.stages.{self.stage.split('.')[0]}.lr or check the data"
+            )
         bs = batch["labels"].shape[0]
         self.log(f"{self.stage}/train_loss", loss, prog_bar=True, batch_size=bs)
         for k, v in parts.items():
@@ -93,12 +103,18 @@ class ClassifierModule(L.LightningModule):
 
     def _feature_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
         inputs = model_inputs(batch)
-        want = dict(output_hidden_states=self.features.needs_hidden, output_attentions=self.features.needs_attentions)
+        want = dict(
+            output_hidden_states=self.features.needs_hidden, output_attentions=self.features.needs_attentions
+        )
         s_out = self.model(**inputs, **want)
         with torch.no_grad():
             t_out = self.teacher.teacher(**inputs, **want)
-        loss, parts = kd_loss(s_out.logits, t_out.logits if self.kd.alpha > 0 else None, batch["labels"], self.kd)
-        f_loss, f_parts = feature_kd_loss(self.features, s_out, t_out, inputs.get("attention_mask"), self.kd_projection)
+        loss, parts = kd_loss(
+            s_out.logits, t_out.logits if self.kd.alpha > 0 else None, batch["labels"], self.kd
+        )
+        f_loss, f_parts = feature_kd_loss(
+            self.features, s_out, t_out, inputs.get("attention_mask"), self.kd_projection
+        )
         return loss + f_loss, {**parts, **f_parts}
 
     def _eval_step(self, batch: dict, split: str, metric: MulticlassAccuracy) -> None:
@@ -117,15 +133,19 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for n, p in self.named_parameters():  # the model, and the KD projection when there is one
+        for p in self.parameters():  # the model, and the KD projection when there is one
             if p.requires_grad:
                 (no_decay if p.ndim < 2 else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.warmup_ratio * total)
 
-        def linear_warmup_decay(step: int) -> float:  # a pure function of the step: resume needs only the step
+        def linear_warmup_decay(
+            step: int,
+        ) -> float:  # a pure function of the step: resume needs only the step
             if step < warmup:
                 return (step + 1) / (warmup + 1)
             return max(0.0, (total - step) / max(1, total - warmup))

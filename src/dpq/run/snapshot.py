@@ -14,22 +14,17 @@ of every file, so a truncated or edited file is detected when the snapshot is re
 being used. It holds no random state: every stage re-seeds (``seed + index``), so a snapshot
 plus the run's config determines the rest of the run.
 
-This module only reads and writes the folder format; :meth:`dpq.pipeline.RunState.save_snapshot`
-and :meth:`~dpq.pipeline.RunState.load_snapshot` map it to and from a run, and a stage cache
-across runs can reuse both (copy a folder, check its manifest, load it).
+:func:`write` / :func:`read` handle the folder format; :func:`save_state` / :func:`load_state` map
+it to and from a run's :class:`~dpq.run.state.State`. The stage cache across runs reuses both
+(link a folder, check its manifest, load it).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +34,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dpq.core.files import link_tree, sha256_file, write_dir_atomic, write_file_atomic, write_json_atomic
+from dpq.distill.teachers import cache_state, load_cache_state, teacher_caches, teacher_signal
+from dpq.models import save_model
+from dpq.run.state import State
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the layout changes; older snapshots are then skipped with a message
 MANIFEST = "manifest.json"
-STUDENT, TEACHER, MASKS, TEACHER_LOGITS = "student", "teacher", "masks.safetensors", "teacher_logits.safetensors"
+STUDENT, TEACHER, MASKS, TEACHER_LOGITS = (
+    "student",
+    "teacher",
+    "masks.safetensors",
+    "teacher_logits.safetensors",
+)
 
 
 class SnapshotError(RuntimeError):
@@ -80,60 +85,6 @@ def stage_dir(checkpoints: Path, index: int, name: str) -> Path:
     return Path(checkpoints) / f"stage_{index}_{safe_name(name)}"
 
 
-# ---- atomic writes --------------------------------------------------------------------------
-def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary name in the same folder, fsync, then rename over ``path``.
-
-    A reader (or a resumed run) sees the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """JSON through :func:`write_file_atomic` (results.json, manifests, run.json)."""
-    write_file_atomic(path, lambda p: p.write_text(json.dumps(payload, indent=2, default=str)))
-
-
-def write_dir_atomic(target: Path, fill: Callable[[Path], Any]) -> None:
-    """Fill a fresh temporary folder beside ``target``, then swap it into place.
-
-    The old folder (if any) is moved aside before the rename and deleted after, so ``target``
-    is always either the old complete folder or the new complete one.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-        fill(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _files(directory: Path, parts: Iterable[str]) -> list[str]:
     out = []
     for part in parts:
@@ -145,64 +96,23 @@ def _files(directory: Path, parts: Iterable[str]) -> list[str]:
     return out
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link every file of ``src`` into ``dst`` (copy where links are impossible): the teacher is
-    stored once on disk however many snapshots hold it, and each snapshot stays self-contained."""
-    for f in src.rglob("*"):
-        if f.is_file():
-            d = dst / f.relative_to(src)
-            d.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(f, d)
-            except OSError:
-                shutil.copy2(f, d)
-
-
-# ---- teacher logit caches --------------------------------------------------------------------
-def teacher_caches(teacher_logits) -> list:
-    """The :class:`dpq.distill.TeacherLogits` caches behind a run's teacher (ensemble members in order)."""
-    if teacher_logits is None:
-        return []
-    members = getattr(teacher_logits, "teachers", None)
-    return list(members) if members is not None else [teacher_logits]
-
-
-def cache_state(caches: list) -> dict[str, torch.Tensor]:
-    """The caches as flat tensors: which rows are filled, their logits, the forward count."""
-    out = {}
-    for i, c in enumerate(caches):
-        out[f"{i}.logits"] = c.logits.detach().cpu().contiguous()
-        out[f"{i}.filled"] = c.filled.detach().cpu().contiguous()
-        out[f"{i}.forward_examples"] = torch.tensor([int(c.forward_examples)])
-    return out
-
-
-def load_cache_state(caches: list, state: dict[str, torch.Tensor]) -> None:
-    """Put saved rows back, so a resumed run reads exactly the logits the first run computed."""
-    n = len({k.split(".")[0] for k in state})
-    if n != len(caches):
-        raise SnapshotError(f"teacher logit cache has {n} members, the run's teacher has {len(caches)}")
-    for i, c in enumerate(caches):
-        logits, filled = state[f"{i}.logits"], state[f"{i}.filled"]
-        if tuple(logits.shape) != tuple(c.logits.shape):
-            raise SnapshotError(f"teacher logit cache {i} has shape {tuple(logits.shape)}, expected {tuple(c.logits.shape)}")
-        c.logits.copy_(logits)
-        c.filled.copy_(filled)
-        c.forward_examples = int(state[f"{i}.forward_examples"][0])
-
-
 # ---- write / read ----------------------------------------------------------------------------
-def write(directory: Path, manifest: dict[str, Any], *, student: nn.Module | None = None,
-          teacher: nn.Module | None = None, teacher_from: Snapshot | None = None,
-          masks: dict[str, torch.Tensor] | None = None, teacher_logits: dict[str, torch.Tensor] | None = None) -> Snapshot:
+def write(
+    directory: Path,
+    manifest: dict[str, Any],
+    *,
+    student: nn.Module | None = None,
+    teacher: nn.Module | None = None,
+    teacher_from: Snapshot | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
+    teacher_logits: dict[str, torch.Tensor] | None = None,
+) -> Snapshot:
     """Write a complete snapshot into ``directory`` (created; other entries such as ``lightning/`` kept).
 
     ``teacher_from``: a snapshot that already holds this very teacher; its files are linked
     instead of saving the model again. ``manifest`` gets ``format``, ``parts``, ``files`` and
     ``created`` added and is written last.
     """
-    from dpq.checkpoints import save_model
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST).unlink(missing_ok=True)  # from here until the end the snapshot is incomplete
@@ -212,15 +122,22 @@ def write(directory: Path, manifest: dict[str, Any], *, student: nn.Module | Non
         write_dir_atomic(directory / STUDENT, lambda d: save_model(student, d))
         parts.append(STUDENT)
     if teacher is not None:
-        if (teacher_from is not None and teacher_from.has(TEACHER) and teacher_from.path(TEACHER).is_dir()
-                and teacher_from.directory.resolve() != directory.resolve()):
-            write_dir_atomic(directory / TEACHER, lambda d: _link_tree(teacher_from.path(TEACHER), d))
+        if (
+            teacher_from is not None
+            and teacher_from.has(TEACHER)
+            and teacher_from.path(TEACHER).is_dir()
+            and teacher_from.directory.resolve() != directory.resolve()
+        ):
+            write_dir_atomic(directory / TEACHER, lambda d: link_tree(teacher_from.path(TEACHER), d))
             known = {k: v for k, v in teacher_from.manifest["files"].items() if k.startswith(f"{TEACHER}/")}
         elif not (teacher_from is not None and teacher_from.directory.resolve() == directory.resolve()):
             write_dir_atomic(directory / TEACHER, lambda d: save_model(teacher, d))
         parts.append(TEACHER)
     if masks:
-        write_file_atomic(directory / MASKS, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in masks.items()}, str(p)))
+        write_file_atomic(
+            directory / MASKS,
+            lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in masks.items()}, str(p)),
+        )
         parts.append(MASKS)
     if teacher_logits:
         write_file_atomic(directory / TEACHER_LOGITS, lambda p: save_file(teacher_logits, str(p)))
@@ -228,8 +145,14 @@ def write(directory: Path, manifest: dict[str, Any], *, student: nn.Module | Non
     files = {}
     for rel in _files(directory, parts):
         p = directory / rel
-        files[rel] = known.get(rel) or {"size": p.stat().st_size, "sha256": _digest(p)}
-    full = {**manifest, "format": FORMAT, "parts": parts, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        files[rel] = known.get(rel) or {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    full = {
+        **manifest,
+        "format": FORMAT,
+        "parts": parts,
+        "files": files,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     write_json_atomic(directory / MANIFEST, full)
     return Snapshot(directory, full)
 
@@ -248,15 +171,19 @@ def read(directory: Path, verify: bool = True) -> Snapshot:
     except (OSError, ValueError) as e:
         raise SnapshotError(f"{directory}: unreadable {MANIFEST} ({e})") from None
     if manifest.get("format") != FORMAT:
-        raise SnapshotError(f"{directory}: snapshot format {manifest.get('format')!r}, this dpq reads format {FORMAT}; "
-                            "ignored (written by another dpq version)")
+        raise SnapshotError(
+            f"{directory}: snapshot format {manifest.get('format')!r}, this dpq reads format {FORMAT}; "
+            "ignored (written by another dpq version)"
+        )
     for rel, info in manifest.get("files", {}).items():
         p = directory / rel
         if not p.is_file():
             raise SnapshotError(f"{directory}: {rel} is missing")
         if p.stat().st_size != info["size"]:
-            raise SnapshotError(f"{directory}: {rel} has {p.stat().st_size} bytes, the manifest says {info['size']} (truncated?)")
-        if verify and _digest(p) != info["sha256"]:
+            raise SnapshotError(
+                f"{directory}: {rel} has {p.stat().st_size} bytes, the manifest says {info['size']} (truncated?)"
+            )
+        if verify and sha256_file(p) != info["sha256"]:
             raise SnapshotError(f"{directory}: {rel} does not match its SHA-256 in the manifest (corrupted)")
     return Snapshot(directory, manifest)
 
@@ -267,6 +194,86 @@ def load_masks(snap: Snapshot) -> dict[str, torch.Tensor] | None:
 
 def load_teacher_logits(snap: Snapshot) -> dict[str, torch.Tensor] | None:
     return dict(load_file(str(snap.path(TEACHER_LOGITS)))) if snap.has(TEACHER_LOGITS) else None
+
+
+# ---- a run's state <-> a snapshot ----------------------------------------------------------------
+def save_state(
+    state: State,
+    directory: Path | str,
+    order: list[str],
+    seed: Any,
+    kind: str | None,
+    teacher_from: Snapshot | None = None,
+) -> Snapshot:
+    """Write ``state`` after its current stage into ``directory``; the manifest goes last.
+
+    Holds the student (shrunk and quantized models too), the teacher (linked from
+    ``teacher_from``, a snapshot that already holds this very teacher), the masks, the teacher's
+    logit cache, the records, the quantized flag, the stage index and every fit's step count. No
+    RNG state: each stage re-seeds with ``seed + index``.
+    """
+    manifest = {
+        "stage_index": state.stage_index,
+        "stage": state.stage_name,
+        "kind": kind,
+        "order": list(order),
+        "quantized": state.quantized,
+        "records": state.records,
+        "fit_steps": dict(state.fit_steps),
+        "seed": seed,
+        "teacher_ensemble": state.teacher_ensemble,
+    }
+    return write(
+        directory,
+        json.loads(json.dumps(manifest, default=str)),
+        student=state.student,
+        teacher=state.teacher,
+        teacher_from=teacher_from,
+        masks=state.masks,
+        teacher_logits=cache_state(teacher_caches(state.teacher_logits)) or None,
+    )
+
+
+def load_state(
+    snap: Snapshot, load_model: Callable[[str, Path], nn.Module], num_examples: int, num_labels: int
+) -> State:
+    """The :class:`State` that :func:`save_state` wrote (raises :class:`SnapshotError` if unusable).
+
+    ``load_model(role, folder)`` reads a saved teacher or student.
+    """
+    m = snap.manifest
+    state = State(
+        records=list(m["records"]),
+        quantized=bool(m["quantized"]),
+        fit_steps=dict(m.get("fit_steps") or {}),
+        stage_index=snap.stage_index,
+        stage_name=m.get("stage"),
+    )
+    ensemble = m.get("teacher_ensemble")
+    if ensemble is None:  # snapshots written before the manifest carried it: the teacher stage's record says
+        ensemble = next((r["ensemble"] for r in state.records if r.get("ensemble")), None)
+    if snap.has(TEACHER):
+        state.teacher = load_model("teacher", snap.path(TEACHER)).eval().requires_grad_(False)
+        state.teacher_ensemble = ensemble
+        members = (ensemble or {}).get("members") or []
+        state.teacher_logits = teacher_signal(
+            state.teacher,
+            num_examples,
+            num_labels,
+            members,
+            (ensemble or {}).get("weights"),
+            load=lambda p: load_model("teacher", p),
+        )
+    cached = load_teacher_logits(snap)
+    if cached:
+        try:
+            load_cache_state(teacher_caches(state.teacher_logits), cached)
+        except ValueError as e:
+            raise SnapshotError(f"{snap.directory}: {e}") from None
+    if snap.has(STUDENT):
+        state.student = load_model("student", snap.path(STUDENT))
+    state.masks = load_masks(snap)
+    return state
 
 
 def latest(checkpoints: Path, order: list[str]) -> Snapshot | None:
@@ -288,7 +295,12 @@ def latest(checkpoints: Path, order: list[str]) -> Snapshot | None:
                 log.warning("skipping snapshot: %s; using an earlier one", e)
             continue
         if list(snap.manifest.get("order", [])) != list(order) or snap.stage_index != index:
-            log.warning("skipping snapshot %s: it belongs to pipeline %s, this run is %s", d, snap.manifest.get("order"), order)
+            log.warning(
+                "skipping snapshot %s: it belongs to pipeline %s, this run is %s",
+                d,
+                snap.manifest.get("order"),
+                order,
+            )
             continue
         return snap
     return None

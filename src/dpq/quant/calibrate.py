@@ -31,8 +31,12 @@ def activation_quantizers(model: nn.Module) -> list[ActivationFakeQuant]:
 
 
 @torch.no_grad()
-def calibrate_(model: nn.Module, batches: Iterable[Any], num_batches: int,
-               forward: Callable[[nn.Module, Any], Any] = lambda m, b: m(**b)) -> int:
+def calibrate_(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int,
+    forward: Callable[[nn.Module, Any], Any] = lambda m, b: m(**b),
+) -> int:
     """Feed up to ``num_batches`` batches through ``model`` (eval mode), then freeze the ranges.
 
     ``forward(model, batch)`` runs one batch (default ``model(**batch)``). Returns the

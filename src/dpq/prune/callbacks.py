@@ -1,9 +1,10 @@
-"""Magnitude masks and the two Lightning callbacks that own them.
+"""The two Lightning callbacks that own pruning masks during training.
 
 * :class:`SparsityRamp` -- the ``prune`` stage: gradual pruning along a sparsity schedule
-  (:mod:`dpq.schedules`), masks recomputed every ``update_every`` optimizer steps from an
+  (:mod:`dpq.prune.schedules`), masks recomputed every ``update_every`` optimizer steps from an
   importance criterion (magnitude, Taylor, movement) and re-applied after every step;
-  unstructured or N:M semi-structured, optionally with per-layer final sparsities.
+  unstructured, N:M semi-structured or structured groups, optionally with per-layer final
+  sparsities.
 * :class:`MaskFreeze` -- ``recover`` and every later stage: masks fixed, re-applied after
   every optimizer step, so no pruned weight comes back.
 
@@ -26,121 +27,11 @@ import lightning as L
 import torch
 from torch import nn
 
-from dpq import structured
-from dpq.schedules import Schedule, polynomial_sparsity, ramp_progress
+from dpq.prune import structured
+from dpq.prune.masks import CRITERIA, Masks, apply_masks, intersect, mask_sparsity, score_masks, weight_of
+from dpq.prune.schedules import Schedule, polynomial_sparsity, ramp_progress
 
 log = logging.getLogger(__name__)
-
-Masks = dict[str, torch.Tensor]  # module name -> bool keep-mask with the weight's shape
-
-SCOPES = ("layer", "global")
-CRITERIA = ("magnitude", "taylor", "movement")
-GRANULARITIES = ("unstructured", "n:m", *structured.KINDS)  # structured kinds combine with + (heads+neurons)
-
-
-def weight_of(model: nn.Module, name: str) -> torch.Tensor:
-    return model.get_submodule(name).weight
-
-
-@torch.no_grad()
-def score_masks(scores: Mapping[str, torch.Tensor], sparsity: float | Mapping[str, float], previous: Masks | None = None,
-                scope: str = "layer", n_m: tuple[int, int] | None = None) -> Masks:
-    """Keep-masks that zero the ``sparsity`` fraction of lowest-scoring weights.
-
-    Already-pruned weights (``previous``) rank below everything else (-inf, so this holds for
-    signed scores such as movement too) and stay pruned, so masks only grow sparser (a pruned
-    weight never returns within a ramp). ``scope="layer"`` ranks each layer on its own, with
-    ``sparsity`` either one float or a per-layer mapping; ``"global"`` uses one threshold
-    across all layers (one float only). With ``n_m=(N, M)`` only the M-N lowest scores of each
-    group of M consecutive input weights may be pruned, so at sparsity (M-N)/M every group
-    keeps exactly N weights (2:4 = at most 2 non-zeros in every 4).
-    """
-    if scope not in SCOPES:
-        raise ValueError(f"scope={scope!r}: must be one of {SCOPES}")
-    per_layer = isinstance(sparsity, Mapping)
-    if per_layer and scope == "global":
-        raise ValueError("per-layer sparsities need scope='layer'")
-    ranked: dict[str, torch.Tensor] = {}
-    for n, s in scores.items():
-        s = s.detach().float()
-        if previous is not None and n in previous:
-            s = torch.where(previous[n].to(s.device), s, torch.full_like(s, -math.inf))
-        if n_m is not None:
-            s = torch.where(nm_candidates(s, n_m, n), s, torch.full_like(s, math.inf))
-        ranked[n] = s
-    masks: Masks = {}
-    if scope == "global":
-        flat = torch.cat([s.flatten() for s in ranked.values()])
-        keep = _keep_largest(flat, int(round(float(sparsity) * flat.numel())))
-        offset = 0
-        for n, s in ranked.items():
-            masks[n] = keep[offset: offset + s.numel()].view_as(s)
-            offset += s.numel()
-    else:
-        for n, s in ranked.items():
-            sp = float(sparsity[n]) if per_layer else float(sparsity)
-            masks[n] = _keep_largest(s, int(round(sp * s.numel())))
-    if previous is not None:  # a group with more than M-N earlier zeros must not get them back
-        masks = {n: m & previous[n].to(m.device) if n in previous else m for n, m in masks.items()}
-    return masks
-
-
-def nm_candidates(scores: torch.Tensor, n_m: tuple[int, int], name: str = "") -> torch.Tensor:
-    """Bool mask of the M-N lowest scores in each group of M consecutive weights along the input dim."""
-    n, m = n_m
-    if scores.dim() != 2 or scores.shape[1] % m:
-        raise ValueError(f"{name}: N:M pruning groups {m} consecutive input weights, but the weight has shape "
-                         f"{tuple(scores.shape)} (in_features must be divisible by {m})")
-    groups = scores.reshape(-1, m)
-    idx = torch.topk(groups, m - n, dim=1, largest=False).indices
-    cand = torch.zeros_like(groups, dtype=torch.bool)
-    cand.scatter_(1, idx, True)
-    return cand.view_as(scores)
-
-
-@torch.no_grad()
-def magnitude_masks(model: nn.Module, names: list[str], sparsity: float | Mapping[str, float], previous: Masks | None = None,
-                    scope: str = "layer", n_m: tuple[int, int] | None = None) -> Masks:
-    """:func:`score_masks` with |w| as the score: prune the smallest-magnitude weights."""
-    return score_masks({n: weight_of(model, n).detach().abs() for n in names}, sparsity, previous, scope, n_m)
-
-
-def _keep_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask that drops exactly the ``k`` lowest scores.
-
-    A k-th value threshold is O(n) (a mask update touches millions of weights); a full sort
-    is used only when ties at the threshold would make the count inexact.
-    """
-    flat = scores.flatten()
-    if k <= 0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    thr = torch.kthvalue(flat, k).values
-    keep = flat > thr
-    if int((~keep).sum()) != k:
-        keep = torch.ones_like(flat, dtype=torch.bool)
-        keep[torch.argsort(flat, stable=True)[:k]] = False
-    return keep.view_as(scores)
-
-
-@torch.no_grad()
-def apply_masks(model: nn.Module, masks: Masks) -> None:
-    for n, m in masks.items():
-        w = weight_of(model, n)
-        w.mul_(m.to(device=w.device, dtype=w.dtype))
-
-
-def mask_sparsity(masks: Masks) -> float:
-    total = sum(m.numel() for m in masks.values())
-    return 1.0 - sum(int(m.sum()) for m in masks.values()) / max(1, total)
-
-
-def intersect(a: Masks | None, b: Masks) -> Masks:
-    if not a:
-        return dict(b)
-    out = dict(a)
-    for n, m in b.items():
-        out[n] = out[n] & m if n in out else m
-    return out
 
 
 class _MaskCallback(L.Callback):
@@ -203,7 +94,7 @@ class SparsityRamp(_MaskCallback):
     ``n_m=(N, M)``: every update may only prune among the M-N lowest-scoring weights of each
     group of M, so the unstructured ramp to ``final = (M-N)/M`` ends in exact N:M masks.
 
-    ``groups`` (structured pruning, :mod:`dpq.structured`): the sparsity is the fraction of
+    ``groups`` (structured pruning, :mod:`dpq.prune.structured`): the sparsity is the fraction of
     whole groups (heads, neurons, channels) removed per set (``scope="layer"``) or over all
     sets (``"global"``); a group's score is the ``norm`` (l1/l2; a signed sum for movement) of
     its elements' scores; at least ``min_keep`` groups stay in every set. The element masks
@@ -213,12 +104,27 @@ class SparsityRamp(_MaskCallback):
     pruning, the groups left per layer to the trainer's loggers.
     """
 
-    def __init__(self, name: str, targets: list[str], initial: float, final: float, exponent: float = 3.0,
-                 update_every: int = 10, ramp_end: float = 1.0, scope: str = "layer", frozen: Masks | None = None,
-                 *, criterion: str = "magnitude", schedule: Schedule | None = None,
-                 finals: Mapping[str, float] | None = None, n_m: tuple[int, int] | None = None,
-                 groups: list[structured.GroupSet] | None = None, norm: str = "l2", min_keep: int = 1,
-                 totals: Mapping[str, int] | None = None):
+    def __init__(
+        self,
+        name: str,
+        targets: list[str],
+        initial: float,
+        final: float,
+        exponent: float = 3.0,
+        update_every: int = 10,
+        ramp_end: float = 1.0,
+        scope: str = "layer",
+        frozen: Masks | None = None,
+        *,
+        criterion: str = "magnitude",
+        schedule: Schedule | None = None,
+        finals: Mapping[str, float] | None = None,
+        n_m: tuple[int, int] | None = None,
+        groups: list[structured.GroupSet] | None = None,
+        norm: str = "l2",
+        min_keep: int = 1,
+        totals: Mapping[str, int] | None = None,
+    ):
         super().__init__(name, frozen)
         self.frozen: Masks = {k: v.clone() for k, v in (frozen or {}).items()}
         self.groups = list(groups or [])
@@ -230,7 +136,12 @@ class SparsityRamp(_MaskCallback):
         if criterion not in CRITERIA:
             raise ValueError(f"criterion={criterion!r}: must be one of {CRITERIA}")
         self.targets, self.initial, self.final = list(targets), float(initial), float(final)
-        self.exponent, self.update_every, self.ramp_end, self.scope = float(exponent), int(update_every), float(ramp_end), scope
+        self.exponent, self.update_every, self.ramp_end, self.scope = (
+            float(exponent),
+            int(update_every),
+            float(ramp_end),
+            scope,
+        )
         self.criterion = criterion
         self.schedule: Schedule = schedule or partial(polynomial_sparsity, exponent=self.exponent)
         self.finals = {k: float(v) for k, v in (finals or {}).items()}
@@ -240,7 +151,9 @@ class SparsityRamp(_MaskCallback):
         if self.groups and self.n_m is not None:
             raise ValueError("n_m does not combine with structured groups")
         # Structured scores cover every module a group touches (consumers too), not only targets.
-        self.score_names = list(dict.fromkeys(m for g in self.groups for m in g.modules)) if self.groups else self.targets
+        self.score_names = (
+            list(dict.fromkeys(m for g in self.groups for m in g.modules)) if self.groups else self.targets
+        )
         self.total_steps = 0
         self.history: list[tuple[int, float]] = []  # (step, target sparsity) at each mask update
         self.scores: Masks = {}  # name -> accumulated float importance since the last mask update
@@ -277,7 +190,10 @@ class SparsityRamp(_MaskCallback):
         """Importance per target; magnitude when no gradient step has been accumulated yet."""
         if self.criterion == "magnitude" or self.score_steps == 0:
             return {n: weight_of(model, n).detach().abs() for n in self.score_names}
-        return {n: self.scores[n] if n in self.scores else weight_of(model, n).detach().abs() for n in self.score_names}
+        return {
+            n: self.scores[n] if n in self.scores else weight_of(model, n).detach().abs()
+            for n in self.score_names
+        }
 
     def _recompute(self, model: nn.Module, step: int) -> None:
         scores = self.current_scores(model)
@@ -285,12 +201,22 @@ class SparsityRamp(_MaskCallback):
             signed = self.criterion == "movement" and self.score_steps > 0
             if not self.group_keep:  # groups an earlier stage masked (not shrunk) stay removed
                 self.group_keep = structured.keep_from_masks(model, self.groups, self.frozen)
-            self.group_keep = structured.select_groups(self.groups, scores, self._sparsity(step), previous=self.group_keep,
-                                                       scope=self.scope, norm=self.norm, signed=signed,
-                                                       min_keep=self.min_keep, totals=self.totals)
+            self.group_keep = structured.select_groups(
+                self.groups,
+                scores,
+                self._sparsity(step),
+                previous=self.group_keep,
+                scope=self.scope,
+                norm=self.norm,
+                signed=signed,
+                min_keep=self.min_keep,
+                totals=self.totals,
+            )
             self.masks = intersect(self.frozen, structured.group_masks(model, self.groups, self.group_keep))
         else:
-            self.masks = score_masks(scores, self._sparsity(step), previous=self.masks, scope=self.scope, n_m=self.n_m)
+            self.masks = score_masks(
+                scores, self._sparsity(step), previous=self.masks, scope=self.scope, n_m=self.n_m
+            )
         apply_masks(model, self.masks)
         self.scores, self.score_steps = {}, 0
 
@@ -302,8 +228,12 @@ class SparsityRamp(_MaskCallback):
 
     def update_metrics(self) -> dict[str, float]:
         """Overall and per-layer mask sparsity, and groups left per set (structured)."""
-        out = {f"{self.name}/target_sparsity": self.history[-1][1] if self.history else 0.0,
-               f"{self.name}/sparsity": mask_sparsity({n: self.masks[n] for n in self.targets if n in self.masks})}
+        out = {
+            f"{self.name}/target_sparsity": self.history[-1][1] if self.history else 0.0,
+            f"{self.name}/sparsity": mask_sparsity(
+                {n: self.masks[n] for n in self.targets if n in self.masks}
+            ),
+        }
         for n in self.targets:
             if n in self.masks:
                 m = self.masks[n]
@@ -315,16 +245,15 @@ class SparsityRamp(_MaskCallback):
 
     def _log(self, trainer, step: int) -> None:
         metrics = self.update_metrics()
-        for lg in getattr(trainer, "loggers", []) or []:
-            try:
-                lg.log_metrics(metrics, step=step)
-            except Exception as e:  # a tracker failure must not fail pruning
-                log.warning("logging pruning metrics failed: %s", e)
+        for lg in getattr(trainer, "loggers", []) or []:  # dpq's Trainers log through a TolerantLogger
+            lg.log_metrics(metrics, step=step)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.total_steps = int(trainer.estimated_stepping_batches)
         if not math.isfinite(self.total_steps) or self.total_steps <= 0:
-            raise ValueError("the prune stage needs a finite number of training steps (set epochs or max_steps)")
+            raise ValueError(
+                "the prune stage needs a finite number of training steps (set epochs or max_steps)"
+            )
         if self._resumed:
             # Restored from a checkpoint (at or between mask updates): the restored masks and
             # the scores accumulated since are the state; an extra update here would diverge
@@ -353,9 +282,14 @@ class SparsityRamp(_MaskCallback):
         self._log(trainer, trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "total_steps": self.total_steps, "history": list(self.history),
-                "scores": {k: v.cpu() for k, v in self.scores.items()}, "score_steps": self.score_steps,
-                "group_keep": {k: v.cpu() for k, v in self.group_keep.items()}}
+        return {
+            **super().state_dict(),
+            "total_steps": self.total_steps,
+            "history": list(self.history),
+            "scores": {k: v.cpu() for k, v in self.scores.items()},
+            "score_steps": self.score_steps,
+            "group_keep": {k: v.cpu() for k, v in self.group_keep.items()},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

@@ -1,0 +1,37 @@
+"""Teacher and student models from ``conf/model`` / ``conf/teacher`` entries, with or without weights."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dpq.core.errors import ConfigError
+from dpq.models.hf import build_hf, skeleton_hf
+from dpq.models.native import NATIVE_ARCHES, build_native
+
+ARCHES = ("hf", "mlp", "cnn")
+INITS = ("pretrained", "from_teacher", "random")
+
+
+def _check_spec(spec: dict, key: str) -> None:
+    arch, init = spec.get("arch"), spec.get("init", "pretrained")
+    if arch not in ARCHES:
+        raise ConfigError(f"{key}.arch", arch, f"must be one of {', '.join(ARCHES)}")
+    if init not in INITS:
+        raise ConfigError(f"{key}.init", init, f"must be one of {', '.join(INITS)}")
+
+
+def build_model(spec: dict, task: dict, key: str, teacher: nn.Module | None = None) -> nn.Module:
+    """Build the model described by ``spec`` (a model/teacher config) for ``task``."""
+    _check_spec(spec, key)
+    if spec["arch"] in NATIVE_ARCHES:
+        return build_native(spec, task, key)
+    return build_hf(spec, task, key, teacher)
+
+
+def skeleton(spec: dict, task: dict, key: str, teacher: nn.Module | None = None) -> nn.Module | None:
+    """The model's modules for up-front checks: dpq's own small models built for real, Hugging Face
+    ones without weights (meta device); None when that cannot be known here (offline)."""
+    _check_spec(spec, key)
+    if spec["arch"] in NATIVE_ARCHES:
+        return build_native(spec, task, key)
+    return skeleton_hf(spec, task, key, teacher)

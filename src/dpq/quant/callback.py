@@ -1,0 +1,52 @@
+"""The Lightning callback of quantization-aware training.
+
+:class:`QuantizationAware` swaps the target Linears and Conv2ds for fake-quantized ones at setup
+(same Parameter objects, so the optimizer and state-dict keys are unchanged; LSQ steps and
+activation ranges travel in its ``state_dict`` under a unique ``state_key``, so a resumed fit
+continues with the quantizers it had).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from .config import QuantConfig
+from .fake import load_quantizer_state_, prepare_qat_, quantizer_state
+
+
+class QuantizationAware(L.Callback):
+    """Fake-quantize the target Linears / Conv2ds for the whole fit (straight-through estimator in backward)."""
+
+    def __init__(self, name: str, cfg: QuantConfig, names: list[str] | None = None):
+        self.name, self.cfg, self.names = name, cfg, names
+        self.prepared: list[str] = []
+        self.model: torch.nn.Module | None = None
+        self._pending: dict | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.model = pl_module.model
+        if not self.prepared:
+            self.prepared = prepare_qat_(self.model, self.cfg, self.names)
+        if self._pending:
+            load_quantizer_state_(self.model, self._pending)
+            self._pending = None
+
+    def state_dict(self) -> dict:
+        return {
+            "prepared": list(self.prepared),
+            "config": self.cfg.to_dict(),
+            "quantizers": quantizer_state(self.model) if self.model is not None else {},
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.prepared = list(state_dict.get("prepared", [])) or self.prepared
+        quantizers = state_dict.get("quantizers") or {}
+        if self.model is not None:
+            load_quantizer_state_(self.model, quantizers)
+        else:
+            self._pending = quantizers

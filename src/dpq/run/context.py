@@ -1,0 +1,301 @@
+"""The run's services to its stages: build models, train (``fit``), evaluate, record a result.
+
+A stage's ``run(state, ctx)`` reads and writes the passive :class:`~dpq.run.state.State` and
+does its work through this object. Each fit gets its own Lightning ``Trainer`` (built from the
+``trainer`` config with Hydra's ``instantiate``), its own epochs and learning rate, the masks
+held fixed (:class:`~dpq.prune.callbacks.MaskFreeze`) and, when the runner says where
+(``stage_dir``), checkpoints every ``checkpoint.every_n_steps`` steps (:mod:`dpq.run.resume`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from dpq import cost
+from dpq.core import devices
+from dpq.core.errors import ConfigError
+from dpq.core.selectors import select_prunable
+from dpq.data import ClassificationDataModule
+from dpq.distill.losses import KDConfig
+from dpq.distill.module import ClassifierModule
+from dpq.loggers import build_logger, tolerant
+from dpq.models import build_model, load_model
+from dpq.prune.callbacks import MaskFreeze
+from dpq.run import resume
+from dpq.run.state import State
+from dpq.stages import KDStageConfig, Stage
+
+log = logging.getLogger(__name__)
+
+
+class RunContext:
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        trainer_cfg,
+        data: ClassificationDataModule,
+        tokenizer=None,
+        logger=None,
+        output_dir: Path | str = ".",
+    ):
+        self.cfg, self.trainer_cfg = cfg, trainer_cfg
+        self.task, self.model_spec, self.teacher_spec = cfg["task"], cfg["model"], cfg["teacher"]
+        self.data, self.tokenizer = data, tokenizer
+        self.logger = logger
+        self.tracker = tolerant(
+            logger
+        )  # every call to the tracker goes through this: a failing one never ends the run
+        self.output_dir = Path(output_dir)
+        ck = dict(cfg.get("checkpoint") or {})
+        self.every_n_steps, self.keep_checkpoints = int(ck.get("every_n_steps", 100)), int(ck.get("keep", 2))
+        self.stage_dir: Path | None = (
+            None  # set by the runner: where the current stage's fits checkpoint (None: not at all)
+        )
+        self._stage_started = time.perf_counter()
+        self._prunable: dict[int, list[str]] = {}
+
+    @classmethod
+    def open(cls, cfg: dict[str, Any], splits, tokenizer, output_dir: Path) -> RunContext:
+        """The context of a run starting (or resuming) in ``output_dir``: its data module and tracker."""
+        task = cfg["task"]
+        data = ClassificationDataModule(
+            splits,
+            tokenizer,
+            max_length=int(task.get("max_length") or 128),
+            batch_size=int(task["batch_size"]),
+            eval_batch_size=int(task["eval_batch_size"]),
+            group_by_length=bool(task.get("group_by_length", True)),
+        )
+        output_dir.mkdir(parents=True, exist_ok=True)
+        logger = build_logger(cfg["logger"], output_dir, cfg["run_name"], cfg)
+        return cls(cfg, OmegaConf.create(cfg["trainer"]), data, tokenizer, logger, output_dir)
+
+    def close(self, summary: dict | None = None) -> None:
+        """End the tracker's run (W&B gets ``summary``)."""
+        if self.tracker is not None:
+            self.tracker.close(summary)
+
+    # ---- models -------------------------------------------------------------------------
+    @property
+    def num_labels(self) -> int:
+        return int(self.task["num_labels"])
+
+    @property
+    def trainer_device(self) -> str:
+        return devices.trainer_device(self.cfg["trainer"])
+
+    @property
+    def latency_device(self) -> str:
+        return devices.latency_device(self.cfg["cost"])
+
+    def build_teacher(self) -> nn.Module:
+        return build_model(self.teacher_spec, self.task, "teacher")
+
+    def load_model(self, role: str, directory: Path) -> nn.Module:
+        """A saved teacher or student (``role``) folder, as :func:`dpq.models.save_model` wrote it."""
+        return load_model(
+            self.teacher_spec if role == "teacher" else self.model_spec, self.task, Path(directory)
+        )
+
+    def ensure_student(self, state: State) -> nn.Module:
+        if state.student is None:
+            source = None
+            if self.model_spec.get("init") == "from_teacher":
+                source = state.teacher if state.teacher is not None else self.build_teacher()
+            state.student = build_model(self.model_spec, self.task, "model", teacher=source)
+        return state.student
+
+    # ---- training -----------------------------------------------------------------------
+    def make_trainer(self, callbacks=(), **overrides) -> L.Trainer:
+        return hydra.utils.instantiate(
+            self.trainer_cfg,
+            callbacks=list(callbacks),
+            logger=self.tracker or False,
+            default_root_dir=str(self.output_dir),
+            **overrides,
+        )
+
+    def module_for(
+        self, state: State | None, model: nn.Module, stage_name: str, stage_cfg=None, kd_alpha: float = 0.0
+    ) -> ClassifierModule:
+        kd = (
+            KDConfig(alpha=kd_alpha, temperature=getattr(stage_cfg, "temperature", 1.0))
+            if kd_alpha > 0
+            else None
+        )
+        features = stage_cfg.feature_kd() if isinstance(stage_cfg, KDStageConfig) else None
+        wants_teacher = kd_alpha > 0 or (features is not None and features.active)
+        kw = {}
+        if stage_cfg is not None:
+            kw = dict(
+                lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay, warmup_ratio=stage_cfg.warmup_ratio
+            )
+        teacher = state.teacher_logits if (wants_teacher and state is not None) else None
+        return ClassifierModule(
+            model, self.num_labels, stage_name, kd=kd, features=features, teacher=teacher, **kw
+        )
+
+    def fit(
+        self,
+        state: State,
+        model: nn.Module,
+        stage: Stage,
+        kd_alpha: float = 0.0,
+        callbacks=(),
+        freeze_masks: bool = True,
+    ) -> L.Trainer:
+        """Train ``model`` for ``stage`` (its epochs, lr, KD weight); masks held fixed unless ``freeze_masks=False``."""
+        callbacks = list(callbacks)
+        if freeze_masks and state.masks:
+            callbacks.append(MaskFreeze(f"{stage.name}.masks", state.masks))
+        if stage.uses_teacher and state.teacher_logits is None:
+            raise ConfigError(
+                f"{stage.key}.alpha", kd_alpha, "needs a teacher, and none was trained or loaded"
+            )
+        module = self.module_for(state, model, stage.name, stage.cfg, kd_alpha)
+        # ResumeState carries what Lightning's checkpoint lacks (RNG streams, data position, teacher cache).
+        carry = resume.ResumeState(stage.name, None, 1, module.teacher)
+        callbacks.append(carry)
+        ckpt_path, extra = None, {}
+        if self.stage_dir is not None and self.every_n_steps > 0:
+            fit_dir = resume.fit_dir(self.stage_dir, stage.name)
+            ckpt_path = resume.newest_checkpoint(fit_dir)
+            callbacks.append(resume.StageCheckpoint(fit_dir, self.every_n_steps, self.keep_checkpoints))
+            extra = dict(enable_checkpointing=True, plugins=[resume.AtomicCheckpointIO()])
+        trainer = self.make_trainer(
+            callbacks, max_epochs=stage.cfg.epochs, max_steps=stage.cfg.max_steps, **extra
+        )
+        loader, seed = self.data.train_dataloader(), int(torch.randint(0, 2**31 - 1, (1,)))
+        if trainer.world_size == 1:
+            # The data order becomes a pure function of (seed, epoch), so a resumed fit sees the batches
+            # the uninterrupted one would have. (Under DDP, Lightning's DistributedSampler orders the
+            # data; a mid-epoch resume there restarts the epoch's order.)
+            loader, carry.sampler = resume.resumable_loader(loader, seed)
+            carry.batch_size = loader.batch_size or 1
+        log.info(
+            "stage %s (%s): %d epochs, lr %.2e, kd alpha %.2f%s",
+            stage.name,
+            stage.kind,
+            stage.cfg.epochs,
+            stage.cfg.lr,
+            kd_alpha,
+            f"; resuming from {ckpt_path}" if ckpt_path else "",
+        )
+        with warnings.catch_warnings():
+            # Mid-epoch resume is exact here (ResumableSampler skips the batches already seen).
+            warnings.filterwarnings(
+                "ignore", message=".*resuming from a checkpoint that ended before the epoch ended"
+            )
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            # weights_only=False: the checkpoint is this run's own, and callback states (RNG streams,
+            # schedules) hold more than tensors.
+            trainer.fit(
+                module,
+                train_dataloaders=loader,
+                val_dataloaders=self.data.val_dataloader(),
+                ckpt_path=str(ckpt_path) if ckpt_path else None,
+                weights_only=False,
+            )
+        state.fit_steps[stage.name] = int(trainer.global_step)
+        return trainer
+
+    def evaluate(self, model: nn.Module, stage_name: str) -> dict[str, float]:
+        """Accuracy (torchmetrics) and cross-entropy on the test and validation splits."""
+        module = self.module_for(None, model, stage_name)
+        trainer = self.make_trainer(enable_progress_bar=False)
+        test = trainer.test(module, dataloaders=self.data.test_dataloader(), verbose=False)[0]
+        val = trainer.validate(module, dataloaders=self.data.val_dataloader(), verbose=False)[0]
+        return {
+            "accuracy": float(test[f"{stage_name}/test_acc"]),
+            "loss": float(test[f"{stage_name}/test_loss"]),
+            "val_accuracy": float(val[f"{stage_name}/val_acc"]),
+            "val_loss": float(val[f"{stage_name}/val_loss"]),
+        }
+
+    # ---- results ------------------------------------------------------------------------
+    def example_inputs(self) -> dict:
+        c, kind = self.cfg["cost"], self.task["kind"]
+        if kind == "text":
+            return cost.example_inputs_for(
+                "text", int(c["batch_size"]), int(c["seq_len"]), vocab_size=len(self.tokenizer)
+            )
+        if kind == "image":
+            return cost.example_inputs_for(
+                "image", int(c["batch_size"]), image_shape=tuple(self.task["image_shape"])
+            )
+        return cost.example_inputs_for(
+            "features", int(c["batch_size"]), num_features=int(self.task["num_features"])
+        )
+
+    def prunable_names(self, state: State, model: nn.Module, role: str) -> list[str]:
+        """Names the sparsity metric covers: masked modules, else the model's prune targets (fixed once seen)."""
+        if role != "teacher" and state.masks:
+            return list(state.masks)
+        if id(model) not in self._prunable:
+            spec = self.teacher_spec if role == "teacher" else self.model_spec
+            self._prunable[id(model)] = select_prunable(model, spec.get("prune_targets") or [])
+        return self._prunable[id(model)]
+
+    def begin_stage(self) -> None:
+        """Start the clock of the next record's ``duration_s`` (composite stages call it per sub-stage)."""
+        self._stage_started = time.perf_counter()
+
+    def record(
+        self, state: State, stage: Stage, model: nn.Module, role: str = "student", extra: dict | None = None
+    ) -> dict:
+        """Evaluate and measure ``model`` after ``stage``; append the record to ``state.records`` and log it."""
+        metrics = self.evaluate(model, stage.name)
+        c = self.cfg["cost"]
+        metrics.update(
+            cost.measure(
+                model,
+                self.example_inputs(),
+                self.prunable_names(state, model, role),
+                latency_kwargs={
+                    "warmup": int(c["warmup"]),
+                    "repeats": int(c["repeats"]),
+                    "device": self.latency_device,
+                },
+            )
+        )
+        rec = {
+            "stage": stage.name,
+            "kind": stage.kind,
+            "model": role,
+            "quantized": state.quantized and role != "teacher",
+            "duration_s": time.perf_counter() - self._stage_started,
+            **(state.round or {}),
+            "metrics": metrics,
+            **(extra or {}),
+        }
+        state.records.append(rec)
+        index = len(state.records) - 1
+        scalar = {
+            k: v
+            for k, v in {**metrics, **(state.round or {})}.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        self.log_metrics({**scalar, "stage_index": index}, step=index)
+        log.info(
+            "after %s: accuracy %.4f, sparsity %.3f, effective GFLOPs %.4f",
+            stage.name,
+            metrics["accuracy"],
+            metrics["sparsity"],
+            metrics["effective_gflops"],
+        )
+        return rec
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        """``result/<name>`` values to the tracker (a failing tracker is dropped, never fatal)."""
+        if self.tracker is not None:
+            self.tracker.log_metrics({f"result/{k}": v for k, v in values.items()}, step=step)

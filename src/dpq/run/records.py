@@ -1,0 +1,112 @@
+"""results.json: the run's resolved config, provenance and per-stage metrics; and its printed table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dpq.core.provenance import git_info, library_versions
+
+
+def results(
+    cfg: dict,
+    state,
+    order: list[str],
+    final: dict,
+    role: str,
+    splits,
+    model_dir: Path | None,
+    wall_time_s: float,
+    resumed_after: str | None,
+) -> dict:
+    """results.json of a completed run."""
+    task, recs = cfg["task"], state.records
+    return {
+        "status": "completed",
+        "run_name": cfg["run_name"],
+        "pipeline": cfg["pipeline"]["name"],
+        "order": list(order),
+        "task": {"name": task["name"], "source": splits.source, "sizes": splits.sizes()},
+        "seed": int(cfg["seed"]),
+        "git": git_info(),
+        "versions": library_versions(),
+        "cost_conditions": {
+            **cfg["cost"],
+            "flops_convention": final.get("flops_convention"),
+            "latency_device": final.get("device"),
+            "threads": final.get("threads"),
+        },
+        "stages": recs,
+        # Spiral runs: the state after each round (its last record), so the trajectory is one list.
+        "rounds": [
+            r
+            for i, r in enumerate(recs)
+            if "round" in r and (i + 1 == len(recs) or recs[i + 1].get("round") != r["round"])
+        ],
+        "final": {"stage": recs[-1]["stage"], "model": role, "quantized": state.quantized, **final},
+        "model_dir": str(model_dir) if model_dir else None,
+        "wall_time_s": wall_time_s,
+        "resumed_after": resumed_after,
+        "config": cfg,
+    }
+
+
+def completed(output_dir: Path) -> dict | None:
+    """results.json of a run that already finished, else None."""
+    import json
+
+    try:
+        payload = json.loads((Path(output_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return payload if payload.get("status") == "completed" else None
+
+
+COLUMNS = [  # (header, metric key, format)
+    ("stage", None, None),
+    ("model", None, None),
+    ("acc", "accuracy", "{:.4f}"),
+    ("val acc", "val_accuracy", "{:.4f}"),
+    ("sparsity", "sparsity", "{:.3f}"),
+    ("params nz", "params_nonzero", "{:,}"),
+    ("GFLOPs", "dense_gflops", "{:.4g}"),
+    ("eff GFLOPs", "effective_gflops", "{:.4g}"),
+    ("size MB", "size_bytes", None),
+    ("lat ms", "latency_ms_median", "{:.2f}"),
+    ("time s", None, None),
+]
+
+
+def table_rows(records: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in records:
+        m = r["metrics"]
+        row = []
+        for header, key, fmt in COLUMNS:
+            if header == "stage":
+                row.append(r["stage"])
+            elif header == "model":
+                row.append(r["model"])
+            elif header == "time s":
+                row.append(f"{r['duration_s']:.0f}")
+            elif header == "size MB":
+                row.append(f"{m['size_bytes'] / 1e6:.4g}")
+            else:
+                v = m.get(key)
+                row.append("-" if v is None else fmt.format(v))
+        rows.append(row)
+    return rows
+
+
+def print_table(records: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for header, _, _ in COLUMNS:
+        table.add_column(header, justify="left" if header in ("stage", "model") else "right")
+    for row in table_rows(records):
+        table.add_row(*row)
+    console = Console()
+    if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
+        console = Console(width=160)
+    console.print(table)

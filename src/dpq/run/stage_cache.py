@@ -1,0 +1,481 @@
+"""Reuse the state after a shared prefix of the pipeline across runs and sweep trials.
+
+Sweep trials differ mostly in their *later* stages (the final sparsity, the bit width), so
+most of them start with the same teacher -> distill (-> prune ...) prefix. The state after
+such a prefix is stored once under a key that hashes everything that determines it
+(:func:`prefix_key`), and every later trial loads it instead of training it again.
+
+:class:`StageCache` is safe for parallel agents on one machine (or on a shared file system
+with working ``flock``): an entry is built in a temporary folder and renamed into place with
+its manifest written last, so a reader never sees half an entry; builders of the same key
+take an exclusive ``fcntl.flock`` on ``<key>.lock``, so two trials that need the same
+missing prefix build it once -- the second waits, then reuses it. The kernel drops the lock
+when its holder dies, so a killed trial never blocks the others.
+
+Written by hand (fcntl + rename, :mod:`dpq.core.files`) rather than with a locking library: the
+standard library gives exactly the two primitives needed, and the semantics (lock released on
+death, atomic rename) are the operating system's, not a library's.
+
+``python -m dpq.stage_cache list | prune`` (:func:`main`) shows and trims it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from dpq.core.files import write_dir_atomic
+from dpq.stages import build_stages
+
+log = logging.getLogger(__name__)
+
+# Bump when the layout of an entry or the meaning of a key changes: older entries are ignored.
+CACHE_FORMAT = 1
+MANIFEST = "dpq-stage-cache.json"
+
+# Top-level config keys that never change what a stage computes (where results go, how they
+# are tracked and named, how cost is measured afterwards, the cache's own settings).
+# Checkpointing and integrity checks only save and verify state; they never change it.
+IGNORED_KEYS = frozenset(
+    {
+        "logger",
+        "paths",
+        "run_name",
+        "cost",
+        "save_model",
+        "hydra",
+        "stage_cache",
+        "resume",
+        "objective",
+        "checkpoint",
+        "integrity",
+        "integrity_tolerance",
+    }
+)
+# Trainer arguments that only change what is displayed or saved, never a number.
+DISPLAY_ONLY_TRAINER_KEYS = frozenset(
+    {
+        "log_every_n_steps",
+        "enable_progress_bar",
+        "enable_model_summary",
+        "enable_checkpointing",
+        "default_root_dir",
+        "logger",
+    }
+)
+# Stage parameters that switch another cache, not the result.
+IGNORED_STAGE_KEYS = frozenset({"cache"})
+# Libraries whose major.minor version can change the numbers a stage produces.
+NUMERIC_LIBRARIES = ("torch", "transformers", "lightning")
+
+
+class CacheBusy(TimeoutError):
+    """Another process is still building this entry after ``timeout`` seconds."""
+
+
+def _major_minor(package: str) -> str:
+    import importlib.metadata
+
+    try:
+        return ".".join(importlib.metadata.version(package).split(".")[:2])
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _fingerprint_path(path: str | os.PathLike) -> Any:
+    """A saved model folder named in a config (``load_from``, ``ensemble``): its files' names, sizes, times.
+
+    The path alone is not enough: a folder overwritten with another model must give another key.
+    """
+    p = Path(path)
+    if not p.exists():
+        return {"path": str(path), "missing": True}
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return {
+        "path": str(p.resolve()),
+        "files": [
+            (str(f.relative_to(p)) if f != p else f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in files
+        ],
+    }
+
+
+def _stage_payload(stage) -> dict:
+    cfg = asdict(stage.cfg) if is_dataclass(stage.cfg) else dict(stage.cfg)
+    out = {k: v for k, v in cfg.items() if k not in IGNORED_STAGE_KEYS}
+    if out.get("load_from"):
+        out["load_from"] = _fingerprint_path(out["load_from"])
+    if out.get("ensemble"):
+        out["ensemble"] = [_fingerprint_path(p) for p in out["ensemble"]]
+    return {"name": stage.name, "kind": stage.kind, "config": out}
+
+
+def key_payload(
+    cfg_dict: Mapping[str, Any], stage_names_prefix: Sequence[str], extra: Mapping[str, Any] | None = None
+) -> dict:
+    """What :func:`prefix_key` hashes (exposed so a cache entry can say what it holds)."""
+    prefix = list(stage_names_prefix)
+    pipeline = cfg_dict["pipeline"]
+    order = list(pipeline.get("order") or [])
+    if not prefix or order[: len(prefix)] != prefix:
+        raise ValueError(f"{prefix} is not a non-empty prefix of pipeline.order {order}")
+    # Stage configs as the stages parse them (defaults filled, numbers coerced), so "0.5" and 0.5 agree.
+    stages = build_stages({"order": order, "stages": pipeline.get("stages") or {}})[: len(prefix)]
+    rest = {k: v for k, v in cfg_dict.items() if k not in IGNORED_KEYS and k != "pipeline"}
+    if isinstance(rest.get("trainer"), Mapping):
+        rest["trainer"] = {k: v for k, v in rest["trainer"].items() if k not in DISPLAY_ONLY_TRAINER_KEYS}
+    import dpq
+
+    return {
+        "format": CACHE_FORMAT,
+        "dpq": dpq.__version__,
+        "versions": {p: _major_minor(p) for p in NUMERIC_LIBRARIES},
+        "config": rest,  # task, teacher, model, trainer, seed and anything added later (correct before reusable)
+        "stages": [_stage_payload(s) for s in stages],  # in order: position i is also seeded with seed + i
+        "extra": dict(extra or {}),
+    }
+
+
+def prefix_key(
+    cfg_dict: Mapping[str, Any], stage_names_prefix: Sequence[str], extra: Mapping[str, Any] | None = None
+) -> str:
+    """Hash of everything that determines the state after the stages ``stage_names_prefix``.
+
+    Covers the task, teacher and student specs, trainer arguments that affect numbers, the
+    seed, the prefix stages' parsed configs in order, numerics-relevant library versions,
+    dpq's version and :data:`CACHE_FORMAT`, plus ``extra`` (run-time facts such as the data
+    source actually loaded). Leaves out the logger, paths, run name, cost settings and every
+    stage after the prefix, so trials that differ only there share the key.
+    ``cfg_dict`` is the resolved run config (``OmegaConf.to_container(cfg, resolve=True)``).
+    """
+    payload = key_payload(cfg_dict, stage_names_prefix, extra)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def pipeline_keys(cfg_dict: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> list[str]:
+    """``keys[i]`` is the key of the state after stages ``order[: i + 1]``."""
+    order = list(cfg_dict["pipeline"]["order"])
+    return [prefix_key(cfg_dict, order[: i + 1], extra) for i in range(len(order))]
+
+
+class StageCache:
+    """Complete entries ``<root>/<key>/`` (manifest last), built under ``<root>/<key>.lock``."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def manifest(self, key: str) -> dict | None:
+        try:
+            return json.loads((self.path(key) / MANIFEST).read_text())
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+            return None
+
+    def lookup(self, key: str) -> Path | None:
+        """The entry for ``key`` if it is complete and of the current format, else None."""
+        entry = self.path(key)
+        if not entry.is_dir():
+            return None
+        man = self.manifest(key)
+        if man is None:
+            log.info("stage cache: %s has no manifest (incomplete or foreign); ignoring it", entry)
+            return None
+        if man.get("format") != CACHE_FORMAT:
+            log.info(
+                "stage cache: %s has cache format %s, this dpq writes %s; ignoring it",
+                entry,
+                man.get("format"),
+                CACHE_FORMAT,
+            )
+            return None
+        if man.get("key") != key:
+            log.info("stage cache: %s holds key %s; ignoring it", entry, man.get("key"))
+            return None
+        with contextlib.suppress(
+            OSError
+        ):  # last use, for evicting the least recently used (read-only cache: skip)
+            os.utime(entry / MANIFEST)
+        return entry
+
+    def longest_prefix(self, keys: Sequence[str]) -> tuple[int, Path | None]:
+        """``(n, entry)`` for the longest cached prefix (``keys[n - 1]``); ``(0, None)`` if none is cached."""
+        for n in range(len(keys), 0, -1):
+            hit = self.lookup(keys[n - 1])
+            if hit is not None:
+                return n, hit
+        return 0, None
+
+    @contextlib.contextmanager
+    def lock(
+        self, key: str, timeout: float | None = None, poll_s: float = 0.2, shared: bool = False
+    ) -> Iterator[None]:
+        """Exclusive per-key lock (``flock``); released on exit or when the holder dies.
+        ``shared``: a reader's lock -- many at once, none while a builder or an eviction holds it.
+
+        Lock files are never deleted: removing one while another process waits on it would let
+        a third process lock a new file of the same name, and two builders would run at once.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            if timeout is None:
+                fcntl.flock(fd, mode)
+            else:
+                deadline = time.monotonic() + timeout
+                while True:
+                    try:
+                        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                        break
+                    except OSError as e:
+                        if e.errno not in (errno.EAGAIN, errno.EACCES):
+                            raise
+                        if time.monotonic() >= deadline:
+                            raise CacheBusy(
+                                f"stage cache entry {key} is still being built by another process "
+                                f"after {timeout:.0f} s"
+                            ) from None
+                        time.sleep(poll_s)
+            if not shared:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())  # for a person wondering who holds it
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    def build(
+        self,
+        key: str,
+        builder: Callable[[Path], None],
+        meta: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Path:
+        """The complete entry for ``key``, calling ``builder(folder)`` to write it if it is missing."""
+        return self.get_or_build(key, builder, meta, timeout)[0]
+
+    def get_or_build(
+        self,
+        key: str,
+        builder: Callable[[Path], None],
+        meta: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> tuple[Path, bool]:
+        """``(entry, built_here)``. ``builder`` writes into an empty folder; it runs at most once per key.
+
+        Under the key's lock: look again (another process may have finished it while we
+        waited), remove debris (temporary folders of dead builders, an entry of an older
+        format), build into a temporary folder, write the manifest last, rename into place.
+        A builder that raises leaves nothing behind. ``timeout`` (seconds) bounds the wait
+        for another builder; then :class:`CacheBusy` is raised.
+        """
+        hit = self.lookup(key)
+        if hit is not None:
+            return hit, False
+        with self.lock(key, timeout):
+            hit = self.lookup(key)
+            if hit is not None:
+                log.info(
+                    "stage cache: %s was built by another process while this one waited; reusing it", key
+                )
+                return hit, False
+            self._remove_debris(key)
+
+            def fill(folder: Path) -> None:
+                builder(folder)
+                self._write_manifest(folder, key, meta)  # last: its presence marks the entry complete
+
+            write_dir_atomic(self.path(key), fill, replace=False, tmp_prefix=f".tmp-{key}-")
+        log.info("stage cache: stored %s", self.path(key))
+        return self.path(key), True
+
+    def discard(self, key: str, reason: str = "") -> None:
+        """Remove an entry that turned out unusable (e.g. a file fails its checksum); others rebuild it."""
+        with self.lock(key):
+            if self.path(key).exists():
+                log.warning("stage cache: discarding %s%s", self.path(key), f" ({reason})" if reason else "")
+            self._remove_debris(key)
+
+    def entries(self) -> list[dict]:
+        """Every complete entry of the current format: key, path, bytes, stages, created, last use
+        (the manifest's mtime, refreshed on each hit), least recently used first."""
+        out = []
+        for man_path in self.root.glob(f"*/{MANIFEST}"):
+            key = man_path.parent.name
+            man = None if key.startswith(".") else self.manifest(key)
+            if man is None or man.get("format") != CACHE_FORMAT or man.get("key") != key:
+                continue
+            stats = [st for st in (f.stat() for f in man_path.parent.rglob("*")) if stat.S_ISREG(st.st_mode)]
+            out.append(
+                {
+                    "key": key,
+                    "path": str(man_path.parent),
+                    "bytes": sum(st.st_size for st in stats),
+                    "files": {(st.st_dev, st.st_ino): st.st_size for st in stats},
+                    "stages": man.get("stages"),
+                    "created": man.get("created"),
+                    "last_used": man_path.stat().st_mtime,
+                }
+            )
+        return sorted(out, key=lambda e: e["last_used"])
+
+    @staticmethod
+    def disk_bytes(entries: list[dict]) -> int:
+        """Bytes on disk of ``entries`` together: entries hard-link the files they share (a
+        teacher published with each later prefix), which their ``bytes`` count once each."""
+        return sum({k: v for e in entries for k, v in e["files"].items()}.values())
+
+    @contextlib.contextmanager
+    def reading(self, key: str) -> Iterator[Path | None]:
+        """Hold ``key`` against eviction while restoring from it: yields the entry, or None if it
+        went (evicted or discarded) between the lookup and now."""
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.lock(key, shared=True))
+            except OSError as e:  # a read-only cache (shared, mounted): nothing can evict from it either
+                log.debug("stage cache: reading %s without a lock (%s)", key, e)
+            yield self.lookup(key)
+
+    def evict(self, key: str, wait_s: float = 0.0) -> bool:
+        """Remove an entry unless a run is reading it or another process building it (then False)."""
+        try:
+            with self.lock(key, timeout=wait_s):
+                if not self.path(key).exists():
+                    return False
+                self._remove_debris(key)
+        except CacheBusy:
+            return False
+        log.info("stage cache: evicted %s", key)
+        return True
+
+    def prune(
+        self, max_bytes: int | None = None, older_than_s: float | None = None, dry_run: bool = False
+    ) -> list[dict]:
+        """Evict least recently used entries: every entry unused for ``older_than_s`` seconds, then
+        more until the rest fit in ``max_bytes``. Returns the evicted (or, dry run, the chosen) entries."""
+        entries, now = self.entries(), time.time()
+        kept, chosen = list(entries), []
+        for e in entries:  # least recently used first
+            too_old = older_than_s is not None and now - e["last_used"] > older_than_s
+            too_big = max_bytes is not None and self.disk_bytes(kept) > max_bytes
+            if not (too_old or too_big):
+                continue
+            if dry_run or self.evict(e["key"]):
+                chosen.append(e)
+                kept.remove(e)
+        return chosen
+
+    def _remove_debris(self, key: str) -> None:
+        """Call with the key's lock held: nothing else can be writing these."""
+        for tmp in self.root.glob(f".tmp-{key}-*"):
+            shutil.rmtree(tmp, ignore_errors=True)  # a builder that died (its lock is gone, ours is held)
+        entry = self.path(key)
+        if entry.exists():  # lookup() rejected it: older format or incomplete; never read, replace
+            trash = self.root / f".trash-{key}-{os.getpid()}-{time.monotonic_ns()}"
+            os.rename(entry, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    @staticmethod
+    def _write_manifest(folder: Path, key: str, meta: Mapping[str, Any] | None) -> None:
+        man = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": os.uname().nodename,
+            "pid": os.getpid(),
+            **dict(meta or {}),
+        }
+        path = folder / MANIFEST
+        with open(path, "w") as f:
+            json.dump(man, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _human(n: float) -> str:
+    return (
+        f"{int(n)} B"
+        if n < 1000
+        else next(f"{n / d:.1f} {u}" for d, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "KB")) if n >= d)
+    )
+
+
+def default_dir() -> Path:
+    """``stage_cache.dir`` as conf/train.yaml resolves it (``$DPQ_CACHE_DIR/stages`` by default)."""
+    from hydra import compose, initialize_config_dir
+
+    from dpq.core.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return Path(compose("train").stage_cache.dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dpq.stage_cache [--dir D] list | prune [--max-gb X] [--older-than-days N] [--dry-run]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m dpq.stage_cache",
+        description="List the stage cache, or evict its least recently used entries.",
+    )
+    ap.add_argument("--dir", type=Path, default=None, help="default: $DPQ_CACHE_DIR/stages (stage_cache.dir)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="entries, least recently used first, with sizes")
+    pr = sub.add_parser(
+        "prune", help="evict entries unused for N days, then the least recently used above a size"
+    )
+    pr.add_argument("--max-gb", type=float, default=None)
+    pr.add_argument("--older-than-days", type=float, default=None)
+    pr.add_argument("--dry-run", action="store_true")
+    args = ap.parse_args(argv)
+    root = args.dir or default_dir()
+    if not root.is_dir():
+        ap.exit(2, f"stage cache: no folder {root} (set --dir or DPQ_CACHE_DIR)\n")
+    cache = StageCache(root)
+    if args.cmd == "list":
+        entries = cache.entries()
+        for e in entries:
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"]))
+            print(f"{e['key']}  {_human(e['bytes']):>9}  last used {used}  {' -> '.join(e['stages'] or [])}")
+        print(
+            f"{len(entries)} entries, {_human(StageCache.disk_bytes(entries))} on disk in {root} "
+            f"(files shared by several entries are hard links, counted once)"
+        )
+        return 0
+    if args.max_gb is None and args.older_than_days is None:
+        ap.exit(2, "stage cache prune: give --max-gb and/or --older-than-days\n")
+    for name, v in (("--max-gb", args.max_gb), ("--older-than-days", args.older_than_days)):
+        if v is not None and v < 0:
+            ap.exit(2, f"stage cache prune: {name} must be >= 0, got {v}\n")
+    gone = cache.prune(
+        None if args.max_gb is None else int(args.max_gb * 1e9),
+        None if args.older_than_days is None else args.older_than_days * 86400,
+        args.dry_run,
+    )
+    verb = "would evict" if args.dry_run else "evicted"
+    for e in gone:
+        print(f"{verb} {e['key']}  {_human(e['bytes'])}  {' -> '.join(e['stages'] or [])}")
+    gone_keys = {e["key"] for e in gone}
+    left = StageCache.disk_bytes([e for e in cache.entries() if e["key"] not in gone_keys])
+    print(f"{verb} {len(gone)} entries; {_human(left)} left on disk in {root}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

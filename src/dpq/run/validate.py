@@ -1,0 +1,222 @@
+"""Check a whole run configuration before anything is loaded or trained.
+
+Every problem is a :class:`~dpq.core.errors.ConfigError` naming the key, the bad value and what
+is allowed. The run's own keys (task, models, trainer, devices, cost, checkpointing, objective)
+are checked here; each stage checks its own parameters, its place in the order and its fit to
+the model (:mod:`dpq.stages`). Data availability (an online-only task without network) is
+checked right after, when the task is loaded -- still before any training.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from dpq.core import devices
+from dpq.core.errors import ConfigError
+from dpq.models import skeleton
+from dpq.stages import ModelCheck, Stage, build_stages
+
+TASK_KINDS = ("text", "features", "image")
+# Which model architectures can read each task kind's inputs.
+ARCHES_FOR_KIND = {"text": ("hf",), "features": ("mlp",), "image": ("cnn", "mlp")}
+LOGGERS = ("wandb", "csv", "tensorboard", "none")
+
+
+def validate(cfg: dict[str, Any]) -> list[Stage]:
+    """Validate the resolved run config; return the pipeline's stages."""
+    task = cfg["task"]
+    if task.get("kind") not in TASK_KINDS:
+        raise ConfigError("task.kind", task.get("kind"), f"must be one of {', '.join(TASK_KINDS)}")
+    for key in ("model", "teacher"):
+        arch = cfg[key].get("arch")
+        want = ARCHES_FOR_KIND[task["kind"]]
+        if arch not in want:
+            raise ConfigError(
+                f"{key}",
+                cfg[key].get("name"),
+                f"is a {arch} model but task '{task['name']}' ({task['kind']}) needs an {' or '.join(want)} model",
+            )
+    if int(task.get("num_labels", 0)) < 2:
+        raise ConfigError("task.num_labels", task.get("num_labels"), "must be >= 2")
+    stages = build_stages(cfg["pipeline"])
+    if cfg["model"].get("init") == "from_teacher" and cfg["teacher"].get("arch") != cfg["model"].get("arch"):
+        raise ConfigError("model.init", "from_teacher", "needs a teacher of the same architecture")
+    devices.check_devices(cfg)
+    check_objective(cfg)
+    kind = (cfg.get("logger") or {}).get("kind", "none")
+    if kind not in LOGGERS:
+        raise ConfigError("logger.kind", kind, f"must be one of {', '.join(LOGGERS)}")
+    check_run_keys(cfg)
+    check_trainer(cfg.get("trainer") or {})
+    check_models(cfg, stages)
+    return stages
+
+
+# ---- numbers and switches of the run itself --------------------------------------------------
+def _int(key: str, v: Any, low: int, what: str = "") -> None:
+    ok = not isinstance(v, bool) and isinstance(v, (int, float, str))
+    try:
+        ok = ok and float(v).is_integer() and int(float(v)) >= low
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(key, v, f"must be an integer >= {low}{what}")
+
+
+def _bool(key: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise ConfigError(key, v, "must be true or false")
+
+
+def check_run_keys(cfg: dict[str, Any]) -> None:
+    """Seed, batch sizes, cost conditions, checkpointing and integrity switches."""
+    _int("seed", cfg.get("seed"), 0)
+    if not isinstance(cfg.get("run_name"), str) or not cfg["run_name"].strip():
+        raise ConfigError(
+            "run_name", cfg.get("run_name"), "must be a non-empty string (it names the run folder)"
+        )
+    task = cfg["task"]
+    for k in ("batch_size", "eval_batch_size"):
+        _int(f"task.{k}", task.get(k), 1)
+    if task.get("subsample") is not None:
+        _int("task.subsample", task["subsample"], 1, " or null (all examples)")
+    if task.get("kind") == "text" and task.get("max_length") is not None:
+        _int("task.max_length", task["max_length"], 1, " (tokens per example) or null")
+    c = cfg.get("cost") or {}
+    for k, low in (("batch_size", 1), ("seq_len", 1), ("warmup", 0), ("repeats", 1)):
+        if k in c:
+            _int(f"cost.{k}", c[k], low)
+    ck = cfg.get("checkpoint") or {}
+    for k in ("enabled",):
+        if k in ck:
+            _bool(f"checkpoint.{k}", ck[k])
+    for k, low, what in (
+        ("every_n_steps", 0, " (0: only a snapshot after each stage)"),
+        ("keep", 1, ""),
+        ("keep_snapshots", 0, " (0: keep all)"),
+    ):
+        if k in ck:
+            _int(f"checkpoint.{k}", ck[k], low, what)
+    unknown = sorted(set(ck) - {"enabled", "every_n_steps", "keep", "keep_snapshots"})
+    if unknown:
+        raise ConfigError(
+            f"checkpoint.{unknown[0]}",
+            ck[unknown[0]],
+            "is not a checkpoint setting; allowed: enabled, every_n_steps, keep, keep_snapshots",
+        )
+    for k in ("integrity", "save_model"):
+        if k in cfg:
+            _bool(k, cfg[k])
+    tol = cfg.get("integrity_tolerance", 0.0)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:
+        raise ConfigError(
+            "integrity_tolerance",
+            tol,
+            "must be a number in [0, 1] (largest accuracy difference allowed "
+            "between the run and its reloaded model)",
+        )
+
+
+# ---- the Lightning Trainer ---------------------------------------------------------------------
+def check_trainer(trainer: dict[str, Any]) -> None:
+    """Build the ``trainer`` config once (no fit), so a bad argument fails now with Lightning's own reason."""
+    accel = trainer.get("accelerator", "auto")
+    if accel not in devices.ACCELERATORS:
+        raise ConfigError("trainer.accelerator", accel, f"must be one of {', '.join(devices.ACCELERATORS)}")
+    if trainer.get("strategy") is not None or "_target_" not in trainer:
+        return  # distributed launchers set up process groups when built: leave them to the first fit
+    import hydra
+    import lightning as L
+
+    kw = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[],
+    )
+    try:
+        built = hydra.utils.instantiate(trainer, **kw)
+    except Exception as e:  # Lightning's message names the argument and what it accepts
+        err = e.__cause__ or e
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        m = re.search(r"unexpected keyword argument '(\w+)'", msg)
+        if m:
+            raise ConfigError(
+                f"trainer.{m.group(1)}",
+                trainer.get(m.group(1)),
+                "is not a lightning.Trainer argument (see `python -m dpq.train --cfg job` for the trainer group)",
+            ) from None
+        hit = next((k for k in trainer if k != "_target_" and re.search(rf"\b{k}\b", msg)), None)
+        key = f"trainer.{hit}" if hit else "trainer"
+        raise ConfigError(
+            key, trainer.get(hit) if hit else {k: v for k, v in trainer.items() if k != "_target_"}, msg
+        ) from None
+    if not isinstance(built, L.Trainer):
+        raise ConfigError("trainer._target_", trainer.get("_target_"), "must build a lightning Trainer")
+
+
+# ---- models: every stage against the model it will see ----------------------------------------------
+def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
+    """Before anything trains, each stage checks itself against the task, the devices and the student's
+    modules (a weightless skeleton: its selectors, targets, per-layer overrides, N:M groups)."""
+    task = cfg["task"]
+    student = None
+    if not all(s.trains_teacher for s in stages):
+        teacher = (
+            skeleton(cfg["teacher"], task, "teacher") if cfg["model"].get("init") == "from_teacher" else None
+        )
+        student = skeleton(cfg["model"], task, "model", teacher=teacher)
+    check = ModelCheck(
+        task=task,
+        model_spec=cfg["model"],
+        student=student,
+        model_device=devices.trainer_device(cfg.get("trainer") or {}),
+        latency_device=devices.latency_device(cfg.get("cost") or {}),
+    )
+    for stage in stages:
+        stage.check_model(check)
+
+
+# ---- the objective a sweep optimises -------------------------------------------------------------
+OBJECTIVE_METRICS = ("accuracy", "loss", "val_accuracy", "val_loss", "objective")
+
+
+def check_objective(cfg: dict[str, Any]) -> None:
+    """Sweep objectives name metrics of results.json's ``final``; a typo would fail only after training."""
+    from dpq.cost import UNITS
+
+    allowed = sorted({*OBJECTIVE_METRICS, *(k for k in UNITS if not k.endswith(("_convention", "_method")))})
+    obj = cfg.get("objective") or {}
+    for m in obj.get("metrics") or []:
+        if m not in allowed:
+            raise ConfigError(
+                "objective.metrics", m, f"must be metrics of the final record: {', '.join(allowed)}"
+            )
+    for k, w in (obj.get("weights") or {}).items():
+        if k not in allowed or k == "objective":
+            raise ConfigError(
+                f"objective.weights.{k}", w, f"keys must be metrics of the final record: {', '.join(allowed)}"
+            )
+
+
+def validate_data(cfg: dict[str, Any], splits) -> None:
+    """Columns and shapes the task config promises are what the loaded data has."""
+    task = cfg["task"]
+    need = {"text": ["text", "label"], "features": ["features", "label"]}.get(splits.kind, ["label"])
+    for split in ("train", "validation", "test"):
+        ds = getattr(splits, split)
+        missing = [c for c in need if c not in ds.column_names]
+        if missing:
+            raise ConfigError(
+                "task",
+                task["name"],
+                f"its {split} split lacks the column(s) {missing}; it has {ds.column_names}",
+            )
+    if splits.kind == "features" and len(splits.train):
+        width = len(splits.train[0]["features"])
+        if int(task.get("num_features") or 0) != width:
+            raise ConfigError(
+                "task.num_features", task.get("num_features"), f"the data has {width} features per example"
+            )
