@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 ARGS ?=
 
-.PHONY: setup system-deps run test test-all clean
+.PHONY: setup system-deps run test test-all lint format clean
 
 setup: $(VENV)/.dpq-installed
 
@@ -34,6 +34,15 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# ruff (configured in pyproject.toml): lint and formatting check; `make format` rewrites.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test-all: setup
 	$(PY) -m pytest -q $(ARGS)
