@@ -22,6 +22,7 @@ LAYERS = {
     "cost": 1,
     "loggers": 1,
     "pareto": 1,
+    "export": 1,
     "stages": 2,
     "run": 3,
     "train": 4,

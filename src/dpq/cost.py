@@ -120,6 +120,9 @@ def is_quantized_linear(module: nn.Module) -> bool:
 
 
 def _is_linear_like(module: nn.Module) -> bool:
+    """A layer that multiplies by its weight (a quantized embedding only looks rows up: no MACs)."""
+    if getattr(module, "module_kind", None) == "embedding":
+        return False
     return isinstance(module, nn.Linear) or is_quantized_linear(module)
 
 
@@ -617,20 +620,27 @@ def latency(
     finally:
         if moved:
             model.to(home)
-    ts = sorted(times)
-    p90 = ts[min(len(ts) - 1, max(0, math.ceil(0.9 * len(ts)) - 1))]
     first = next((v for v in inputs.values() if isinstance(v, Tensor)), None)
     ids = inputs.get("input_ids")
     return {
-        "latency_ms_median": float(statistics.median(ts)),
-        "latency_ms_p90": float(p90),
-        "latency_ms_min": float(ts[0]),
+        **latency_summary(times),
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "warmup": int(warmup),
         "repeats": int(repeats),
         "batch_size": int(first.shape[0]) if first is not None and first.dim() > 0 else None,
         "seq_len": int(ids.shape[1]) if isinstance(ids, Tensor) and ids.dim() > 1 else None,
+    }
+
+
+def latency_summary(times: list[float]) -> dict[str, float]:
+    """Median, p90 and min of per-call milliseconds (the latency keys of a record)."""
+    ts = sorted(times)
+    p90 = ts[min(len(ts) - 1, max(0, math.ceil(0.9 * len(ts)) - 1))]
+    return {
+        "latency_ms_median": float(statistics.median(ts)),
+        "latency_ms_p90": float(p90),
+        "latency_ms_min": float(ts[0]),
     }
 
 
@@ -702,6 +712,16 @@ def example_inputs_for(
             raise ValueError("image inputs need image_shape = (channels, height, width)")
         return {"pixel_values": torch.randn(batch_size, *(int(d) for d in image_shape), generator=g)}
     raise ValueError(f"unknown input kind {kind!r} (expected 'text', 'features' or 'image')")
+
+
+def task_inputs(task: dict, cost: dict, tokenizer=None) -> dict[str, Tensor]:
+    """:func:`example_inputs_for` for a task config under the ``cost`` settings (batch, sequence)."""
+    kind, batch = task["kind"], int(cost["batch_size"])
+    if kind == "text":
+        return example_inputs_for("text", batch, int(cost["seq_len"]), vocab_size=len(tokenizer))
+    if kind == "image":
+        return example_inputs_for("image", batch, image_shape=tuple(task["image_shape"]))
+    return example_inputs_for("features", batch, num_features=int(task["num_features"]))
 
 
 def measure(

@@ -15,6 +15,7 @@ from .calibrate import calibrate_
 from .callback import QuantizationAware
 from .config import ALLOWED_BITS, ALLOWED_GRANULARITY, QuantConfig, qrange
 from .conv import FakeQuantizedConv2d, PackedConv2d
+from .embedding import FakeQuantizedEmbedding, PackedEmbedding, convert_embedding_, prepare_embedding_
 from .fake import (
     MinMaxWeightQuantizer,
     head_names,
@@ -55,6 +56,10 @@ __all__ = [
     "ActivationFakeQuant",
     "calibrate_",
     "QuantizationAware",
+    "FakeQuantizedEmbedding",
+    "PackedEmbedding",
+    "prepare_embedding_",
+    "convert_embedding_",
     "BACKENDS",
     "resolve_scheme",
     "convert_",

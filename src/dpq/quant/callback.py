@@ -3,7 +3,8 @@
 :class:`QuantizationAware` swaps the target Linears and Conv2ds for fake-quantized ones at setup
 (same Parameter objects, so the optimizer and state-dict keys are unchanged; LSQ steps and
 activation ranges travel in its ``state_dict`` under a unique ``state_key``, so a resumed fit
-continues with the quantizers it had).
+continues with the quantizers it had). With ``embedding``, the word-embedding table is
+fake-quantized as well (:mod:`dpq.quant.embedding`).
 """
 
 from __future__ import annotations
@@ -12,14 +13,21 @@ import lightning as L
 import torch
 
 from .config import QuantConfig
+from .embedding import prepare_embedding_
 from .fake import load_quantizer_state_, prepare_qat_, quantizer_state
 
 
 class QuantizationAware(L.Callback):
     """Fake-quantize the target Linears / Conv2ds for the whole fit (straight-through estimator in backward)."""
 
-    def __init__(self, name: str, cfg: QuantConfig, names: list[str] | None = None):
-        self.name, self.cfg, self.names = name, cfg, names
+    def __init__(
+        self,
+        name: str,
+        cfg: QuantConfig,
+        names: list[str] | None = None,
+        embedding: QuantConfig | None = None,
+    ):
+        self.name, self.cfg, self.names, self.embedding = name, cfg, names, embedding
         self.prepared: list[str] = []
         self.model: torch.nn.Module | None = None
         self._pending: dict | None = None
@@ -32,6 +40,8 @@ class QuantizationAware(L.Callback):
         self.model = pl_module.model
         if not self.prepared:
             self.prepared = prepare_qat_(self.model, self.cfg, self.names)
+        if self.embedding is not None:
+            prepare_embedding_(self.model, self.embedding)  # the word-embedding table, fake-quantized too
         if self._pending:
             load_quantizer_state_(self.model, self._pending)
             self._pending = None

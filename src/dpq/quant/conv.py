@@ -181,9 +181,7 @@ class PackedConv2d(PackedLinear):
             x = fake_quantize_activation(x, self.act_scale, self.act_bits)
         x, padding = self.pad_input(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.conv2d(
-            x, self.dequantize().to(x.dtype), bias, self.stride, padding, self.dilation, self.groups
-        )
+        return F.conv2d(x, self.float_weight(x.dtype), bias, self.stride, padding, self.dilation, self.groups)
 
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "module": self.module_kind, **self.geometry}

@@ -278,7 +278,23 @@ class PackedLinear(QuantizedLinear):
         if self.act_scale is not None:
             x = fake_quantize_activation(x, self.act_scale, self.act_bits)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
+        return F.linear(x, self.float_weight(x.dtype), bias)
+
+    def float_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The dequantized weight, computed once and kept until the codes change.
+
+        ``packed`` computes in float: dequantizing on every call made it slower than the float
+        model it came from (26.9 vs 13.1 ms at batch 1 on the default task). The cache holds one
+        float copy of the weight (the float model's memory again); it is rebuilt whenever a
+        buffer is replaced or modified in place (tensor versions), moved or cast.
+        """
+        tensors = [t for t in (self.qweight, self.scale, self.zero_point) if t is not None]
+        key = (dtype, self.qweight.device, *((t.data_ptr(), t._version) for t in tensors))
+        cached = getattr(self, "_float_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.dequantize().to(dtype))
+            object.__setattr__(self, "_float_cache", cached)  # not a buffer: never saved or counted
+        return cached[1]
 
     def packed_tensors(self) -> dict[str, Tensor]:
         names = ("qweight", "scale", "zero_point", "act_scale", "bias")

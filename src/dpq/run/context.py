@@ -224,18 +224,7 @@ class RunContext:
 
     # ---- results ------------------------------------------------------------------------
     def example_inputs(self) -> dict:
-        c, kind = self.cfg["cost"], self.task["kind"]
-        if kind == "text":
-            return cost.example_inputs_for(
-                "text", int(c["batch_size"]), int(c["seq_len"]), vocab_size=len(self.tokenizer)
-            )
-        if kind == "image":
-            return cost.example_inputs_for(
-                "image", int(c["batch_size"]), image_shape=tuple(self.task["image_shape"])
-            )
-        return cost.example_inputs_for(
-            "features", int(c["batch_size"]), num_features=int(self.task["num_features"])
-        )
+        return cost.task_inputs(self.task, self.cfg["cost"], self.tokenizer)
 
     def prunable_names(self, state: State, model: nn.Module, role: str) -> list[str]:
         """Names the sparsity metric covers: masked modules, else the model's prune targets (fixed once seen)."""

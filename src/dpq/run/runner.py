@@ -268,6 +268,14 @@ class Runner:
             integrity_error = self._check_reload(
                 model_dir, role, final, float(cfg.get("integrity_tolerance", 1e-3))
             )
+        onnx_report = None
+        if (
+            model_dir is not None
+            and writer
+            and integrity_error is None
+            and (cfg.get("export") or {}).get("onnx")
+        ):
+            onnx_report = self._export_onnx(model, model_dir / "model.onnx", final)
         results = records.results(
             cfg,
             state,
@@ -279,6 +287,8 @@ class Runner:
             time.perf_counter() - started,
             resumed if resuming else None,
         )
+        if onnx_report is not None:
+            results["onnx_export"] = onnx_report
         if integrity_error is not None:
             results.update(status="integrity_failed", error=str(integrity_error))
         if writer:
@@ -297,6 +307,38 @@ class Runner:
                 "W&B Pareto logging", log_run, ctx.logger, results, ctx.output_dir / "results.json"
             )
         return results
+
+    def _export_onnx(self, model: nn.Module, path: Path, final: dict) -> dict:
+        """``model/model.onnx``, measured with ONNX Runtime; its figures join ``final`` (``onnx_*``).
+
+        A failed export is reported in results.json (``onnx_export.error``) and the log, not raised:
+        the trained run stands, and ``python -m dpq.export <run>`` can export it again.
+        """
+        from dpq.export.evaluate import deploy
+        from dpq.export.onnx import OnnxOptions
+
+        ctx = self.ctx
+        opts = {k: v for k, v in (ctx.cfg.get("export") or {}).items() if k != "onnx"}
+        try:
+            metrics, report = deploy(
+                model,
+                path,
+                list(ctx.data.test_dataloader()),
+                list(ctx.data.val_dataloader()),
+                ctx.example_inputs(),
+                ctx.cfg["cost"],
+                OnnxOptions(**opts),
+            )
+        except Exception as e:  # noqa: BLE001 - any failure of the exporter or runtime is reported, not fatal
+            log.error(
+                "ONNX export failed (%s: %s); the PyTorch model in %s is complete",
+                type(e).__name__,
+                e,
+                path.parent,
+            )
+            return {"error": f"{type(e).__name__}: {e}"}
+        final.update(metrics)
+        return report
 
     def _check_reload(
         self, model_dir: Path, role: str, final: dict, tolerance: float

@@ -62,6 +62,7 @@ IGNORED_KEYS = frozenset(
         "checkpoint",
         "integrity",
         "integrity_tolerance",
+        "export",  # after the last stage: never part of a stage's state
     }
 )
 # Trainer arguments that only change what is displayed or saved, never a number.

@@ -49,6 +49,7 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
         raise ConfigError("logger.kind", kind, f"must be one of {', '.join(LOGGERS)}")
     check_run_keys(cfg)
     check_trainer(cfg.get("trainer") or {})
+    check_export(cfg, stages)
     check_models(cfg, stages)
     return stages
 
@@ -116,6 +117,49 @@ def check_run_keys(cfg: dict[str, Any]) -> None:
             "must be a number in [0, 1] (largest accuracy difference allowed "
             "between the run and its reloaded model)",
         )
+
+
+# ---- the export to ONNX Runtime -------------------------------------------------------------------
+def check_export(cfg: dict[str, Any], stages: list[Stage]) -> None:
+    """``export`` keys, and quantization that ONNX Runtime's kernels can hold exactly.
+
+    4-bit (and 2/3-bit) codes are exported as ``MatMulNBits``, whose block size is a power of two
+    >= 16: a ``per_group`` quantization must use such a group, or its trained codes could not be
+    exported as they are -- found out now rather than after training.
+    """
+    from dataclasses import fields
+
+    from dpq.export.onnx import OnnxOptions
+
+    ex = cfg.get("export") or {}
+    allowed = ["onnx", *(f.name for f in fields(OnnxOptions))]
+    unknown = sorted(set(ex) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"export.{unknown[0]}", ex[unknown[0]], f"is not an export setting; allowed: {', '.join(allowed)}"
+        )
+    for k in ("onnx", "fuse", "fuse_attention"):
+        if k in ex:
+            _bool(f"export.{k}", ex[k])
+    if "threads" in ex:
+        _int("export.threads", ex["threads"], 1)
+    if "opset" in ex:
+        _int("export.opset", ex["opset"], 17, " (the fused BERT operators need opset 17 or newer)")
+    if not ex.get("onnx"):
+        return
+    for stage in stages:
+        opts = stage.cfg
+        if not stage.quantizes or getattr(opts, "granularity", None) != "per_group" or opts.bits > 4:
+            continue
+        g = opts.group_size
+        if g < 16 or g & (g - 1):
+            raise ConfigError(
+                f"{stage.key}.group_size",
+                g,
+                f"{opts.bits}-bit codes export to ONNX Runtime's MatMulNBits, "
+                "whose blocks are powers of two >= 16 (16, 32, 64, 128, ...); choose one, or set "
+                "export.onnx=false",
+            )
 
 
 # ---- the Lightning Trainer ---------------------------------------------------------------------

@@ -15,6 +15,7 @@ from dpq.core.errors import ConfigError
 from dpq.core.nn import logits_of
 from dpq.quant import calibrate_, check_zeros_kept, prepare_ptq_, zero_positions
 from dpq.quant.config import ALLOWED_CALIBRATION
+from dpq.quant.embedding import prepare_embedding_
 from dpq.quant.zeros import summarize
 from dpq.stages.base import Stage, register
 from dpq.stages.quantize import QuantOptions, QuantStageMixin, finish_quantization
@@ -58,6 +59,8 @@ class PtqStage(QuantStageMixin, Stage):
         pruned = list(state.masks or {})
         before = zero_positions(student, sorted(set(pruned) | set(names)))
         prepare_ptq_(student, qcfg, names)
+        if self.embedding_of(student) is not None:
+            prepare_embedding_(student, self.cfg.embedding_config(), static=True)
         home = next(student.parameters()).device
         student.to(ctx.trainer_device)
         used = calibrate_(

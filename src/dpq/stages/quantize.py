@@ -34,6 +34,7 @@ from dpq.quant import (
     zero_positions,
 )
 from dpq.quant.backends import check_device, check_keeps_zeros, check_module_kinds
+from dpq.quant.embedding import EMBEDDING_BITS, convert_embedding_, embedding_config, word_embedding_name
 from dpq.quant.fake import QUANTIZABLE, head_names, no_match_error
 from dpq.quant.zeros import summarize
 from dpq.stages.base import KDStageConfig, ModelCheck, Stage, register
@@ -58,6 +59,15 @@ class QuantOptions:
     # backend format; null = chosen by bits (torchao: int8_weight_only | int8_dynamic | int4_weight_only;
     # bnb: nf4 | fp4 | int8)
     scheme: Any = None
+    # The word-embedding table (Hugging Face models): null keeps it float; 4 | 8 quantizes its rows
+    # symmetrically (QAT in the quantize stage), one scale per row or per group of columns.
+    embedding_bits: Any = None
+    embedding_group_size: Any = None  # null: one scale per row; else a power of two >= 16 dividing the width
+
+    def embedding_config(self) -> QuantConfig | None:
+        if self.embedding_bits is None:
+            return None
+        return embedding_config(self.embedding_bits, self.embedding_group_size)
 
     def quant_config(self, targets: Any = None, **extra) -> QuantConfig:
         t = targets if targets is not None else (self.targets if self.targets is not None else r"re:.*")
@@ -75,6 +85,28 @@ class QuantOptions:
     def check_quant(self, key: str, **extra) -> None:
         qcfg = self.quant_config(**extra).validate(key)
         resolve_scheme(self.backend, self.scheme, qcfg, key)
+        if self.embedding_bits is not None:
+            if self.embedding_bits not in EMBEDDING_BITS:
+                raise ConfigError(
+                    f"{key}.embedding_bits",
+                    self.embedding_bits,
+                    f"must be null (float table) or one of {', '.join(map(str, EMBEDDING_BITS))}",
+                )
+            if self.backend not in ("packed", "cpu_int8"):
+                raise ConfigError(
+                    f"{key}.embedding_bits",
+                    self.embedding_bits,
+                    f"quantized embeddings are stored by the packed format; backend {self.backend} "
+                    "keeps the table float (set embedding_bits=null or backend=packed)",
+                )
+        g = self.embedding_group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 16 or g & (g - 1)):
+            raise ConfigError(
+                f"{key}.embedding_group_size",
+                g,
+                "must be null (one scale per row) or a power of two >= 16 (ONNX Runtime's "
+                "GatherBlockQuantized blocks)",
+            )
 
 
 def _reference_logits(model: nn.Module, batch: dict, device: str) -> torch.Tensor:
@@ -101,8 +133,10 @@ def finish_quantization(
     fake = ctx.evaluate(model, stage.name)
     batch = next(iter(ctx.data.val_dataloader()))
     fake_logits = _reference_logits(model, batch, device)
-    before = zero_positions(model, sorted(set(pruned) | set(names)))
+    table = word_embedding_name(model) if opts.embedding_bits is not None else None
+    before = zero_positions(model, sorted(set(pruned) | set(names) | ({table} if table else set())))
     convert_(model, backend=opts.backend, scheme=scheme.name, names=names, device=device)
+    convert_embedding_(model)
     report = check_zeros_kept(
         model, before, f"stage '{stage.name}': after conversion to {opts.backend} ({scheme.name})"
     )
@@ -141,6 +175,8 @@ def finish_quantization(
             "quantize_head": qcfg.quantize_head,
             "quantized_modules": len(names),
             "quantized_names": list(names),
+            "embedding_bits": opts.embedding_bits,
+            "embedding_group_size": opts.embedding_group_size if opts.embedding_bits is not None else None,
             "fake_quant_accuracy": fake["accuracy"],
             "fake_quant_val_accuracy": fake["val_accuracy"],
             "backend_max_logit_diff": max_diff,
@@ -218,7 +254,25 @@ class QuantStageMixin:
         super().check_model(check)
         if check.student is not None:
             self.targets_of(check.student, check.model_spec)
+            self.embedding_of(check.student)
         self.check_devices(check.model_device, check.latency_device)
+
+    def embedding_of(self, model: nn.Module) -> str | None:
+        """The word-embedding table ``embedding_bits`` quantizes (None when it stays float)."""
+        if self.cfg.embedding_bits is None:
+            return None
+        name = word_embedding_name(model)
+        if name is None:
+            raise ConfigError(
+                f"{self.key}.embedding_bits",
+                self.cfg.embedding_bits,
+                f"the {type(model).__name__} has no word-embedding table (only Hugging Face text "
+                "models have one); set it to null",
+            )
+        dim, g = model.get_submodule(name).embedding_dim, self.cfg.embedding_group_size
+        if g is not None and dim % g:
+            raise ConfigError(f"{self.key}.embedding_group_size", g, f"must divide the embedding width {dim}")
+        return name
 
     def _quant_extra(self) -> dict:
         return {}
@@ -268,7 +322,8 @@ class QuantizeStage(QuantStageMixin, Stage):
         self.check_devices(ctx.trainer_device, ctx.latency_device)
         pruned = list(state.masks or {})
         before = zero_positions(student, pruned)
-        qat = QuantizationAware(self.name, qcfg, names)
+        self.embedding_of(student)
+        qat = QuantizationAware(self.name, qcfg, names, embedding=self.cfg.embedding_config())
         ctx.fit(state, student, self, kd_alpha=self.cfg.alpha, callbacks=[qat])
         report = check_zeros_kept(student, before, f"stage '{self.name}': after QAT")
         finish_quantization(

@@ -1,0 +1,105 @@
+"""``python -m dpq.export RUN_DIR [...]``: export a finished run's model to ONNX Runtime and measure it.
+
+For runs that finished before export existed, or with ``export.onnx=false``: writes
+``RUN_DIR/model/model.onnx``, runs it over the run's test and validation splits, and adds the
+``onnx_*`` figures to ``final`` (and ``onnx_export``) in ``RUN_DIR/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from dpq.core.errors import ConfigError
+from dpq.core.files import write_json_atomic
+
+
+def export_run(run_dir: Path, overrides: dict | None = None) -> dict:
+    """Export and measure the model of ``run_dir``; returns the updated results.json."""
+    from dpq import cost
+    from dpq.data import ClassificationDataModule, load_task
+    from dpq.export.evaluate import deploy
+    from dpq.export.onnx import OnnxOptions
+    from dpq.models import load_model
+
+    results_path = run_dir / "results.json"
+    try:
+        results = json.loads(results_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError("RUN_DIR", str(run_dir), f"holds no readable results.json ({e})") from None
+    if results.get("status") != "completed" or not results.get("model_dir"):
+        raise ConfigError(
+            "RUN_DIR",
+            str(run_dir),
+            "is not a completed run with a saved model (status "
+            f"{results.get('status')!r}, model_dir {results.get('model_dir')!r})",
+        )
+    cfg, model_dir = results["config"], run_dir / "model"
+    task = cfg["task"]
+    spec = cfg["model"] if results["final"].get("model", "student") == "student" else cfg["teacher"]
+    splits = load_task(task)
+    tokenizer = None
+    if splits.kind == "text":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = ClassificationDataModule(
+        splits,
+        tokenizer,
+        max_length=int(task.get("max_length") or 128),
+        batch_size=int(task["batch_size"]),
+        eval_batch_size=int(task["eval_batch_size"]),
+        group_by_length=False,
+    )
+    model = load_model(spec, task, model_dir).eval()
+    names = {f.name for f in fields(OnnxOptions)}
+    opts = {k: v for k, v in {**(cfg.get("export") or {}), **(overrides or {})}.items() if k in names}
+    metrics, report = deploy(
+        model,
+        model_dir / "model.onnx",
+        list(data.test_dataloader()),
+        list(data.val_dataloader()),
+        cost.task_inputs(task, cfg["cost"], tokenizer),
+        cfg["cost"],
+        OnnxOptions(**opts),
+    )
+    results["final"].update(metrics)
+    results["onnx_export"] = report
+    write_json_atomic(results_path, results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dpq.export", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    ap.add_argument("--no-fuse", action="store_true", help="skip ONNX Runtime's transformer fusions")
+    ap.add_argument("--no-fuse-attention", action="store_true", help="keep Q/K/V as separate MatMul nodes")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads for the checks and timing")
+    args = ap.parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in {
+            "fuse": False if args.no_fuse else None,
+            "fuse_attention": False if args.no_fuse_attention else None,
+            "threads": args.threads,
+        }.items()
+        if v is not None
+    }
+    for run_dir in args.run_dirs:
+        try:
+            final = export_run(run_dir, overrides)["final"]
+        except ConfigError as e:
+            print(f"dpq.export: {e}", file=sys.stderr)
+            return 2
+        print(
+            f"{run_dir}: {final['onnx_size_bytes'] / 1e6:.2f} MB, test accuracy {final['onnx_accuracy']:.4f} "
+            f"(agreement with PyTorch {final['onnx_agreement']:.4f}), {final['onnx_latency_ms_median']:.2f} ms"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

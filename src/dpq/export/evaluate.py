@@ -1,0 +1,111 @@
+"""The exported model measured where it runs: accuracy and agreement with PyTorch, latency, size.
+
+Nobody should have to assume that the ONNX Runtime model is the PyTorch one: :func:`deploy`
+exports, runs both over the test and validation splits, and reports the accuracy of each, their
+difference and how often their predictions agree, and the exported model's latency (same
+batch and sequence as ``cost``) and file size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpq.core.nn import logits_of, model_inputs
+from dpq.cost import latency_summary
+from dpq.export.onnx import OnnxOptions, export_onnx, feed, ort_session
+
+log = logging.getLogger(__name__)
+
+
+class OrtModel:
+    """An ONNX Runtime session called like a model: ``m(**inputs)`` -> logits tensor."""
+
+    def __init__(self, session):
+        self.session = session
+        self.wants = {i.name for i in session.get_inputs()}
+
+    def __call__(self, **inputs) -> torch.Tensor:
+        if "token_type_ids" in self.wants and "token_type_ids" not in inputs and "input_ids" in inputs:
+            inputs = {**inputs, "token_type_ids": torch.zeros_like(torch.as_tensor(inputs["input_ids"]))}
+        return torch.from_numpy(self.session.run(["logits"], feed(self.session, inputs))[0])
+
+
+def predictions(model, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """``(predicted class, label)`` over ``batches`` for a PyTorch module or an :class:`OrtModel`."""
+    preds, labels = [], []
+    with torch.inference_mode():
+        for batch in batches:
+            if isinstance(model, nn.Module):
+                device = next(model.parameters()).device
+                logits = logits_of(model, {k: v.to(device) for k, v in batch.items()})
+            else:
+                logits = model(**model_inputs(batch))
+            preds.append(logits.argmax(-1).cpu().numpy())
+            labels.append(batch["labels"].cpu().numpy())
+    return np.concatenate(preds), np.concatenate(labels)
+
+
+def ort_latency(model: OrtModel, inputs: dict[str, torch.Tensor], warmup: int = 5, repeats: int = 30) -> dict:
+    """Median / p90 / min milliseconds per call, as :func:`dpq.cost.latency` reports PyTorch's."""
+    for _ in range(max(0, warmup)):
+        model(**inputs)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(**inputs)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return latency_summary(times)
+
+
+def deploy(
+    model: nn.Module,
+    path: str | Path,
+    test: list[dict],
+    validation: list[dict],
+    cost_inputs: dict,
+    cost: dict[str, Any],
+    options: OnnxOptions | None = None,
+) -> tuple[dict, dict]:
+    """Export ``model`` to ``path`` and measure it; returns ``(metrics, report)``.
+
+    ``metrics`` are flat numbers for results.json's ``final`` (``onnx_accuracy``,
+    ``onnx_agreement``, ``onnx_latency_ms_median``, ``onnx_size_bytes`` ...); ``report`` says what
+    was exported and checked (:class:`~dpq.export.onnx.ExportReport`).
+    """
+    options = options or OnnxOptions()
+    example = model_inputs(test[0])
+    report = export_onnx(model, example, path, options)
+    ort = OrtModel(ort_session(path, options.threads))
+    out: dict[str, Any] = {}
+    for split, batches in (("", test), ("val_", validation)):
+        torch_pred, labels = predictions(model, batches)
+        ort_pred, _ = predictions(ort, batches)
+        out[f"onnx_{split}accuracy"] = float((ort_pred == labels).mean())
+        out[f"onnx_{split}agreement"] = float((ort_pred == torch_pred).mean())
+        if not split:
+            out["onnx_accuracy_delta"] = out["onnx_accuracy"] - float((torch_pred == labels).mean())
+    timing = ort_latency(ort, cost_inputs, int(cost.get("warmup", 5)), int(cost.get("repeats", 30)))
+    out.update({f"onnx_{k}": v for k, v in timing.items()})
+    out.update(
+        onnx_size_bytes=report.size_bytes,
+        onnx_threads=options.threads,
+        onnx_max_abs_logit_diff=report.max_abs_logit_diff,
+    )
+    log.info(
+        "onnx: %s, %.2f MB, test accuracy %.4f (PyTorch %+.4f), agreement %.4f, %.2f ms",
+        path,
+        report.size_bytes / 1e6,
+        out["onnx_accuracy"],
+        -out["onnx_accuracy_delta"],
+        out["onnx_agreement"],
+        out["onnx_latency_ms_median"],
+    )
+    return out, report.to_dict()

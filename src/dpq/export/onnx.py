@@ -1,0 +1,579 @@
+"""Export a finished dpq model to ONNX Runtime (CPU), with its trained low-bit codes as they are.
+
+The steps (:func:`export_onnx`):
+
+1. A float copy of the model, every quantized layer dequantized (``s * (q - z)``), is exported
+   with PyTorch's TorchScript exporter (``dynamo=False``, eager attention): the only form
+   ONNX Runtime's transformer optimizer fuses. Batch and sequence axes are dynamic.
+2. Hugging Face BERT-like encoders are fused by ``onnxruntime.transformers.optimizer``
+   (attention, LayerNorm, GELU). A structurally shrunk model has a different head count per
+   layer; the exported reshapes say ``-1`` heads, which the optimizer cannot read, so
+   :func:`_fix_head_counts` writes each layer's real count first. SkipLayerNormalization is
+   left unfused: on the CPUs measured it was 4x slower than Add + LayerNormalization at batch 32.
+3. Every quantized layer's float weight is replaced by its own codes and scales, exactly:
+   8-bit codes as ``DynamicQuantizeMatMul`` (weights stored as ``uint8`` ``q + 128`` -- the same
+   ``s * (q - z)``; the ``int8`` form saturates in AVX2 kernels without VNNI); <= 4-bit codes as
+   ``MatMulNBits`` (block size = the QAT group, or 128 with the scale repeated for per-channel
+   codes; ``accuracy_level=0``, float math, bit-exact weights); a fused attention whose Q/K/V
+   are quantized per channel becomes ``QAttention`` with the codes as ``uint8``; the word
+   embedding, when quantized, a ``GatherBlockQuantized``. Activations are quantized dynamically
+   by ONNX Runtime (int8 ops) or stay float (``MatMulNBits``). Quantized convolutions keep their
+   dequantized float weights (no integer conv here); the report lists them.
+4. Checks: every replaced or kept weight is compared with the PyTorch module it came from
+   (bit for bit, so pruned zeros stay exactly zero), and the ONNX Runtime logits are compared
+   with PyTorch's on the example inputs.
+
+Written on ``onnx.helper`` by hand rather than with ``onnxruntime.quantization.quantize_dynamic``:
+that tool re-quantizes the float weights with its own ranges, while dpq's codes come from QAT.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpq.quant.packed import PackedLinear, QuantizedLinear, dequantize_, quantized_modules
+
+log = logging.getLogger(__name__)
+
+MS = "com.microsoft"
+NBITS_BLOCK = 128  # MatMulNBits block for per-channel / per-tensor codes (the scale is repeated per block)
+
+
+@dataclass
+class OnnxOptions:
+    """How a model is exported (the ``export`` config group). Pure data."""
+
+    opset: int = 17
+    fuse: bool = True  # ONNX Runtime's transformer fusions (BERT-like Hugging Face encoders)
+    fuse_attention: bool = True  # fused (Q)Attention; off: Q/K/V stay separate (Mat)Mul nodes
+    threads: int = 2  # intra-op threads of the sessions dpq builds to check and time the model
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote and checked."""
+
+    path: str
+    size_bytes: int
+    ops: dict[str, int]
+    int8_layers: list[str] = field(default_factory=list)  # DynamicQuantizeMatMul / QAttention
+    nbits_layers: list[str] = field(default_factory=list)  # MatMulNBits
+    float_layers: list[str] = field(default_factory=list)  # quantized in PyTorch, float here (convs)
+    embedding: str | None = None  # "GatherBlockQuantized <bits>-bit" or None (float table)
+    weights_checked: int = 0  # weight tensors compared bit for bit with PyTorch
+    zeros_checked: int = 0  # exact zeros among them
+    fused: dict[str, int] = field(default_factory=dict)
+    max_abs_logit_diff: float = 0.0  # ONNX Runtime vs PyTorch on the example inputs
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ExportError(RuntimeError):
+    """The exported graph does not hold the model it came from (a mapping or a kernel went wrong)."""
+
+
+# --------------------------------------------------------------------------- the codes of a layer
+
+
+@dataclass
+class Codes:
+    """A quantized layer as ``W[n, k] = s[n, k // g] * (q[n, k] - z[n, k // g])`` (torch layout ``[N, K]``)."""
+
+    q: np.ndarray  # int64 [N, K]
+    s: np.ndarray  # float32 [N, G]
+    z: np.ndarray  # int64 [N, G]
+    bits: int
+    group: int  # columns per scale
+
+    @classmethod
+    def of(cls, m: QuantizedLinear) -> Codes:
+        layout = m.layout
+        n, k = m.out_features, m.in_features
+        scale = m.scale.detach().float().cpu()
+        zp = m._zero_point().cpu()
+        if layout.granularity == "per_tensor":
+            scale, zp = scale.reshape(1, 1).expand(n, 1), zp.reshape(1, 1).expand(n, 1)
+            group = k
+        elif layout.granularity == "per_channel":
+            group = k
+        else:
+            group = layout.group_size
+        q = m.codes().to(torch.int64).cpu().numpy().reshape(n, k)
+        return cls(
+            q,
+            scale.numpy().astype(np.float32).reshape(n, -1),
+            zp.round().to(torch.int64).numpy().reshape(n, -1),
+            int(m.bits),
+            int(group),
+        )
+
+    @property
+    def per_channel(self) -> bool:
+        return self.s.shape[1] == 1
+
+    def dequantize(self) -> np.ndarray:
+        """float32 ``[N, K]``, computed as the kernels do: ``(q - z)`` then ``* s``."""
+        idx = np.arange(self.q.shape[1]) // self.group
+        return (self.q - self.z[:, idx]).astype(np.float32) * self.s[:, idx]
+
+
+def _nbits_operands(c: Codes) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``MatMulNBits`` inputs: B uint8 ``[N, blocks, block/2]`` (even k in the low nibble, codes as
+    unsigned ``q + 8``), scales float32 ``[N * blocks]``, zero points uint8 (``z + 8``, nibbles)."""
+    n, k = c.q.shape
+    block = NBITS_BLOCK if c.per_channel else c.group
+    nb = -(-k // block)
+    s = np.repeat(c.s, nb, axis=1) if c.per_channel else c.s
+    z = np.repeat(c.z, nb, axis=1) if c.per_channel else c.z
+    u = np.zeros((n, nb * block), np.int64)
+    u[:, :k] = c.q + 8
+    u[:, k:] = z[:, -1:] + 8  # padding dequantizes to exactly 0
+    if u.min() < 0 or u.max() > 15:
+        raise ExportError(f"codes outside 4 bits ({u.min() - 8}..{u.max() - 8})")
+    u = u.reshape(n, nb, block).astype(np.uint8)
+    b = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    zz = np.zeros((n, nb + nb % 2), np.uint8)
+    zz[:, :nb] = (z + 8).astype(np.uint8)
+    zp = (zz[:, 0::2] | (zz[:, 1::2] << 4)).reshape(-1).astype(np.uint8)
+    return b, s.reshape(-1).astype(np.float32), zp, block
+
+
+def _uint8_operands(cs: list[Codes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-channel int codes of one or more layers (concatenated along N) as ONNX ``B [K, N]`` uint8
+    ``q + 128`` with per-column scale and zero point ``z + 128`` (the same ``s * (q - z)``)."""
+    if not all(c.per_channel for c in cs):
+        raise ExportError("integer matmuls need one scale per output channel")
+    bq = np.concatenate([c.q.T for c in cs], 1) + 128
+    s = np.concatenate([c.s[:, 0] for c in cs]).astype(np.float32)
+    z = np.concatenate([c.z[:, 0] for c in cs]) + 128
+    if bq.min() < 0 or bq.max() > 255 or z.min() < 0 or z.max() > 255:
+        raise ExportError("codes outside int8")
+    return bq.astype(np.uint8), s, z.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _is_bert_like(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) in ("bert", "roberta", "distilbert", "xlm-roberta", "electra")
+
+
+class _Positional(nn.Module):
+    """``forward(*tensors)`` in a fixed input order, returning the logits tensor."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.m, self.names = model, names
+
+    def forward(self, *args):
+        out = self.m(**dict(zip(self.names, args)))
+        return getattr(out, "logits", out)
+
+
+def _float_copy(model: nn.Module) -> nn.Module:
+    """The model with every quantized layer back to float (its dequantized weight), eager attention."""
+    copy_ = copy.deepcopy(model).cpu().eval()
+    dequantize_(copy_)
+    if hasattr(copy_, "set_attn_implementation"):
+        copy_.set_attn_implementation("eager")
+    return copy_
+
+
+def _torch_export(model: nn.Module, inputs: dict[str, torch.Tensor], path: Path, opset: int) -> None:
+    names = list(inputs)
+    axes = {
+        n: ({0: "batch", 1: "sequence"} if inputs[n].dim() == 2 and n != "features" else {0: "batch"})
+        for n in names
+    }
+    axes["logits"] = {0: "batch"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings about data-dependent control flow in transformers
+        torch.onnx.export(
+            _Positional(model, names).eval(),
+            tuple(inputs[n] for n in names),
+            str(path),
+            input_names=names,
+            output_names=["logits"],
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+
+
+def _fix_head_counts(model_proto) -> int:
+    """Write each attention layer's head count where the exported reshape says ``-1``.
+
+    transformers reshapes Q/K/V with ``view(batch, seq, -1, head_size)``; the optimizer reads the
+    head count from that shape. It comes from the producing MatMul: ``out_features / head_size``.
+    """
+    from onnx import numpy_helper
+
+    g = model_proto.graph
+    inits = {i.name: i for i in g.initializer}
+    prod = {o: n for n in g.node for o in n.output}
+
+    def const(name):
+        n = prod.get(name)
+        while n is not None and n.op_type == "Identity":  # the exporter aliases some parameters
+            name, n = n.input[0], prod.get(n.input[0])
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        if n is not None and n.op_type == "Constant":
+            return numpy_helper.to_array(n.attribute[0].t)
+        return None
+
+    def out_features(name):
+        for _ in range(3):
+            n = prod.get(name)
+            if n is None:
+                return None
+            if n.op_type == "MatMul":
+                w = next((const(i) for i in n.input if const(i) is not None and const(i).ndim == 2), None)
+                return int(w.shape[1]) if w is not None else None
+            if n.op_type != "Add":
+                return None
+            name = next((i for i in n.input if const(i) is None), None)
+            if name is None:
+                return None
+        return None
+
+    fixed = 0
+    for n in g.node:
+        if n.op_type != "Reshape" or n.input[1] not in prod or prod[n.input[1]].op_type != "Concat":
+            continue
+        cc = prod[n.input[1]]
+        if len(cc.input) != 4:
+            continue
+        a, b = const(cc.input[2]), const(cc.input[3])
+        if a is None or b is None or int(a.reshape(-1)[0]) != -1 or int(b.reshape(-1)[0]) <= 0:
+            continue
+        of = out_features(n.input[0])
+        if of is None:
+            continue
+        name = f"{cc.name or cc.output[0]}_num_heads"
+        g.initializer.append(numpy_helper.from_array(np.array([of // int(b.reshape(-1)[0])], np.int64), name))
+        cc.input[2] = name
+        fixed += 1
+    return fixed
+
+
+def _fuse(path: Path, fuse_attention: bool) -> dict[str, int]:
+    """ONNX Runtime's BERT fusions, in place; returns the fused operator counts."""
+    import onnx
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    proto = onnx.load(str(path))
+    _fix_head_counts(proto)
+    onnx.save(proto, str(path))
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = False
+    options.enable_embed_layer_norm = False  # the word-embedding Gather stays visible (quantized tables)
+    options.enable_attention = fuse_attention
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = optimize_model(
+            str(path),
+            model_type="bert",
+            num_heads=0,
+            hidden_size=0,
+            opt_level=0,
+            optimization_options=options,
+        )
+    stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+    opt.save_model_to_file(str(path))
+    return stats
+
+
+def _scope(node_name: str) -> str:
+    """TorchScript node names keep the module scope: ``/m/bert/encoder/layer.0/output/dense/MatMul``."""
+    parts = node_name.strip("/").split("/")
+    if parts and parts[0] == "m":
+        parts = parts[1:]
+    return ".".join(parts[:-1])
+
+
+def _replace_weights(path: Path, model: nn.Module, report: ExportReport) -> None:
+    """Put the quantized layers' codes into the fused float graph; compare every weight with PyTorch."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(path))
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    for n in g.node:  # parameters the exporter aliased through Identity nodes are still weights
+        if n.op_type == "Identity" and n.input[0] in inits:
+            inits[n.output[0]] = inits[n.input[0]]
+    modules = dict(model.named_modules())
+    packed = [(n, m) for n, m in quantized_modules(model) if isinstance(m, PackedLinear)]
+    codes = {n: Codes.of(m) for n, m in packed if m.module_kind == "linear"}
+    table = next(((n, m) for n, m in packed if m.module_kind == "embedding"), None)
+    floats = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
+    nodes, new_inits, dyn = [], [], {}
+    # Quantized convs (no integer conv kernel here) and other backends' layers (torchao, bnb) are
+    # exported with their dequantized float weights.
+    report.float_layers = [
+        n for n, m in quantized_modules(model) if n not in codes and (table is None or n != table[0])
+    ]
+
+    def weight_of(name: str) -> np.ndarray:
+        return (
+            codes[name].dequantize() if name in codes else floats[name].weight.detach().float().cpu().numpy()
+        )
+
+    def checked(name: str, onnx_w: np.ndarray) -> None:
+        want = weight_of(name)
+        if onnx_w.shape != want.shape or not np.array_equal(onnx_w, want):
+            raise ExportError(
+                f"{name}: the exported weight is not the model's (max diff "
+                f"{np.abs(onnx_w - want).max() if onnx_w.shape == want.shape else 'shape'})"
+            )
+        report.weights_checked += 1
+        report.zeros_checked += int((want == 0).sum())
+
+    def quantize_input(x: str) -> list[str]:
+        if x not in dyn:
+            dyn[x] = [f"{x}_q", f"{x}_qs", f"{x}_qz"]
+            nodes.append(helper.make_node("DynamicQuantizeLinear", [x], dyn[x], name=f"{x}_DynamicQuantize"))
+        return dyn[x]
+
+    def add(name: str, array: np.ndarray) -> str:
+        new_inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def linear_node(node, name: str, x: str, y: str) -> bool:
+        c = codes[name]
+        if c.bits <= 4:
+            b, s, zp, block = _nbits_operands(c)
+            n, k = c.q.shape
+            ins = [x, add(f"{name}.nbits_B", b), add(f"{name}.nbits_scales", s), add(f"{name}.nbits_zp", zp)]
+            nodes.append(
+                helper.make_node(
+                    "MatMulNBits",
+                    ins,
+                    [y],
+                    name=f"{name}/MatMulNBits",
+                    domain=MS,
+                    K=k,
+                    N=n,
+                    bits=4,
+                    block_size=block,
+                    accuracy_level=0,
+                )
+            )
+            report.nbits_layers.append(name)
+            return True
+        if not c.per_channel:
+            return False
+        bq, s, z = _uint8_operands([c])
+        ins = [x, add(f"{name}.w_u8", bq), add(f"{name}.w_scale", s), add(f"{name}.w_zp", z)]
+        nodes.append(
+            helper.make_node(
+                "DynamicQuantizeMatMul", ins, [y], name=f"{name}/DynamicQuantizeMatMul", domain=MS
+            )
+        )
+        report.int8_layers.append(name)
+        return True
+
+    attention = 0
+    for node in g.node:
+        if node.op_type in ("MatMul", "Gemm") and node.input[1] in inits:
+            name = _scope(node.name)
+            if name in codes or name in floats:
+                w = numpy_helper.to_array(inits[node.input[1]])
+                trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+                checked(name, w if (node.op_type == "Gemm" and trans_b) else w.T)
+                if name in codes:
+                    y = (
+                        node.output[0]
+                        if node.op_type == "MatMul" or len(node.input) < 3
+                        else f"{name}_nobias"
+                    )
+                    if linear_node(node, name, node.input[0], y):
+                        if y != node.output[0]:
+                            nodes.append(helper.make_node("Add", [y, node.input[2]], [node.output[0]]))
+                        continue
+        if node.op_type == "Attention":
+            prefix = f"bert.encoder.layer.{attention}.attention.self."
+            attention += 1
+            qkv = [prefix + t for t in ("query", "key", "value")]
+            w = numpy_helper.to_array(inits[node.input[1]])
+            want = np.concatenate([weight_of(n).T for n in qkv], 1)
+            if not np.array_equal(w, want):
+                raise ExportError(f"{prefix}: the fused attention weight is not the model's query/key/value")
+            report.weights_checked += 3
+            report.zeros_checked += int((want == 0).sum())
+            if all(n in codes for n in qkv):
+                bq, s, z = _uint8_operands([codes[n] for n in qkv])
+                xq, xs, xz = quantize_input(node.input[0])
+                mask = node.input[3] if len(node.input) > 3 else ""
+                heads = next(a.i for a in node.attribute if a.name == "num_heads")
+                ins = [
+                    xq,
+                    add(f"{prefix}qkv.w_u8", bq),
+                    node.input[2],
+                    xs,
+                    add(f"{prefix}qkv.w_scale", s),
+                    mask,
+                    xz,
+                    add(f"{prefix}qkv.w_zp", z),
+                ]
+                nodes.append(
+                    helper.make_node(
+                        "QAttention",
+                        ins,
+                        list(node.output),
+                        name=f"{prefix}QAttention",
+                        domain=MS,
+                        num_heads=heads,
+                    )
+                )
+                report.int8_layers += qkv
+                continue
+        if node.op_type == "Gather" and table is not None and node.input[0] in inits:
+            name, m = table
+            w = numpy_helper.to_array(inits[node.input[0]])
+            want = m.dequantize().cpu().numpy()
+            if w.shape == want.shape and np.array_equal(w, want):
+                report.weights_checked += 1
+                report.zeros_checked += int((want == 0).sum())
+                nodes.append(_gather_block_quantized(m, name, node, add))
+                report.embedding = f"GatherBlockQuantized {m.bits}-bit"
+                continue
+        nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(new_inits)
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    if not any(o.domain == MS for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS, 1))
+    missing = sorted(set(codes) - set(report.int8_layers) - set(report.nbits_layers))
+    if missing:
+        raise ExportError(f"quantized layers not found in the exported graph: {missing[:4]}")
+    if table is not None and report.embedding is None:
+        raise ExportError(f"the quantized table {table[0]} was not found in the exported graph")
+    onnx.save(proto, str(path))
+
+
+def _gather_block_quantized(m, name: str, node, add):
+    """``GatherBlockQuantized`` over the table's codes: uint8 ``q + 2^(bits-1)`` (4-bit: two per byte, even
+    column low), one scale per block of ``block`` columns (a per-row scale repeated over the row's blocks)."""
+    from onnx import helper
+
+    q = m.codes().to(torch.int64).cpu().numpy()
+    v, d = q.shape
+    scale = m.scale.detach().float().cpu().numpy()
+    block = m.group_size if m.granularity == "per_group" else next(b for b in (128, 64, 32, 16) if d % b == 0)
+    if d % block:
+        raise ExportError(f"{name}: width {d} is not a multiple of the block {block}")
+    s = np.repeat(scale, d // block // scale.shape[1], axis=1) if scale.shape[1] != d // block else scale
+    u = (q + 2 ** (m.bits - 1)).astype(np.uint8)
+    data = u if m.bits == 8 else (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
+    return helper.make_node(
+        "GatherBlockQuantized",
+        [add(f"{name}.codes", data), node.input[1], add(f"{name}.scales", s.astype(np.float32))],
+        list(node.output),
+        name=f"{name}/GatherBlockQuantized",
+        domain=MS,
+        bits=m.bits,
+        block_size=block,
+        gather_axis=0,
+        quantize_axis=1,
+    )
+
+
+def export_onnx(
+    model: nn.Module, inputs: dict[str, torch.Tensor], path: str | Path, options: OnnxOptions | None = None
+) -> ExportReport:
+    """Write ``model`` to ``path`` as an ONNX Runtime model (see the module docstring); check it on ``inputs``."""
+    import onnx
+
+    options = options or OnnxOptions()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    inputs = {k: v.detach().cpu() for k, v in inputs.items()}
+    model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where it is
+    float_model = _float_copy(model)
+    with tempfile.TemporaryDirectory(prefix="dpq-onnx-") as tmp:
+        raw = Path(tmp) / "model.onnx"
+        _torch_export(float_model, inputs, raw, options.opset)
+        fused: dict[str, int] = {}
+        if options.fuse and _is_bert_like(model):
+            qkv_per_group = any(
+                getattr(m, "granularity", "") == "per_group" and ".attention.self." in n
+                for n, m in quantized_modules(model)
+            )
+            fused = _fuse(raw, options.fuse_attention and not qkv_per_group)
+        report = ExportReport(str(path), 0, {}, fused=fused)
+        _replace_weights(raw, model, report)
+        proto = onnx.load(str(raw))
+        onnx.save(proto, str(path))
+    report.size_bytes = path.stat().st_size
+    report.ops = dict(sorted(_op_counts(proto).items()))
+    session = ort_session(path, options.threads)
+    with torch.no_grad():
+        want = getattr(model(**inputs), "logits", None)
+    want = want if want is not None else model(**inputs)
+    got = session.run(["logits"], feed(session, inputs))[0]
+    report.max_abs_logit_diff = float(np.abs(got - want.detach().float().numpy()).max())
+    return report
+
+
+def _op_counts(proto) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in proto.graph.node:
+        out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
+
+
+# --------------------------------------------------------------------------- running it
+
+
+def ort_session(path: str | Path, threads: int = 2):
+    """A CPU session as dpq measures it: ``threads`` intra-op threads that sleep when idle.
+
+    Spinning idle threads (ONNX Runtime's default) steal the cores of everything else in the
+    process -- other sessions, PyTorch -- and made interleaved timings meaningless (PyTorch
+    batch 1 went from 10 to 65 ms). SkipLayerNormFusion is disabled for the reason above.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(
+        str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=["SkipLayerNormFusion"]
+    )
+
+
+def feed(session, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The session's inputs from a batch (tensors or arrays), in the dtypes the graph wants."""
+    out = {}
+    for i in session.get_inputs():
+        if i.name not in inputs:
+            raise ExportError(f"the model needs input {i.name!r}; the batch has {sorted(inputs)}")
+        v = inputs[i.name]
+        v = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        out[i.name] = v.astype(np.int64 if "int64" in i.type else np.float32)
+    return out

@@ -1,0 +1,230 @@
+"""Export to ONNX Runtime: dense, pruned, shrunk, int8 and 4-bit models, quantized embeddings, MLPs and CNNs.
+
+Each exported model runs in ONNX Runtime and is compared with the PyTorch model it came from: logits
+within a tolerance per kind (float math: 1e-4; int8 ops quantize activations dynamically, so their
+bound is a fraction of the logit scale), every weight checked bit for bit (pruned zeros included),
+the trained codes exported as they are.
+"""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+from dpq.core.errors import ConfigError
+from dpq.export import export_onnx, feed, ort_session
+from dpq.prune import structured
+from dpq.prune.masks import apply_masks, magnitude_masks
+from dpq.quant import QuantConfig, convert_, convert_embedding_, prepare_embedding_, prepare_qat_
+from dpq.quant.embedding import embedding_config
+
+TARGETS = (
+    r"re:.*encoder\.layer\.\d+\."
+    r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+)
+
+
+def bert(seed=0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=300,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    m = BertForSequenceClassification(cfg).eval()
+    with torch.no_grad():  # logits of order 1, so tolerances mean something
+        m.classifier.weight.normal_(0, 64**-0.5)
+    return m
+
+
+def text_inputs(batch=4, seq=13):
+    torch.manual_seed(1)
+    ids = torch.randint(1, 300, (batch, seq))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask}
+
+
+def ort_logits(path, inputs):
+    s = ort_session(path)
+    return torch.from_numpy(s.run(["logits"], feed(s, inputs))[0])
+
+
+def check(model, inputs, tmp_path, name, atol):
+    report = export_onnx(model, inputs, tmp_path / f"{name}.onnx")
+    with torch.no_grad():
+        want = model(**inputs)
+    want = getattr(want, "logits", want)
+    other = {k: (torch.cat([v, v[:1]]) if v.dim() else v) for k, v in inputs.items()}  # another batch size
+    with torch.no_grad():
+        want2 = model(**other)
+    want2 = getattr(want2, "logits", want2)
+    torch.testing.assert_close(ort_logits(report.path, inputs), want, atol=atol, rtol=0)
+    torch.testing.assert_close(ort_logits(report.path, other), want2, atol=atol, rtol=0)
+    return report
+
+
+def quantized(model, bits, granularity="per_channel", group=32, embedding=None):
+    m = copy.deepcopy(model)
+    names = prepare_qat_(
+        m, QuantConfig(bits=bits, granularity=granularity, group_size=group, targets=TARGETS)
+    )
+    if embedding:
+        prepare_embedding_(m, embedding_config(*embedding))
+    convert_(m, backend="packed", names=names)
+    convert_embedding_(m)
+    return m
+
+
+def test_dense_bert_is_fused_and_matches(tmp_path):
+    r = check(bert(), text_inputs(), tmp_path, "dense", 1e-4)
+    assert r.fused.get("Attention") == 2 and r.fused.get("LayerNormalization")
+    assert r.weights_checked == 14 and not r.int8_layers and not r.nbits_layers
+
+
+def test_unstructured_zeros_stay_exactly_zero(tmp_path):
+    m = bert()
+    names = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and "encoder" in n]
+    masks = magnitude_masks(m, names, 0.6)
+    apply_masks(m, masks)
+    r = check(m, text_inputs(), tmp_path, "pruned", 1e-4)
+    assert r.zeros_checked >= sum(int((~k).sum()) for k in masks.values())
+
+
+def test_shrunk_bert_with_other_head_counts_per_layer(tmp_path):
+    m = bert()
+    targets = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and "encoder" in n]
+    sets = structured.find_groups(m, "heads+neurons", targets)
+    keep = {}
+    for i, g in enumerate(sets):
+        k = torch.zeros(g.count, dtype=torch.bool)
+        k[: (1 + i) if g.kind == "heads" else 40 + 30 * i] = True
+        keep[g.name] = k
+    structured.shrink_(m, sets, keep)
+    heads = [layer.attention.self.num_attention_heads for layer in m.bert.encoder.layer]
+    assert len(set(heads)) > 1  # 1 and 3 heads: the exported reshapes must say so
+    r = check(m, text_inputs(), tmp_path, "shrunk", 1e-4)
+    assert r.fused.get("Attention") == 2
+
+
+def test_int8_codes_become_integer_ops_with_the_trained_scales(tmp_path):
+    m = quantized(bert(), 8)
+    with torch.no_grad():
+        scale = float(m(**text_inputs()).logits.abs().max())
+    r = check(m, text_inputs(), tmp_path, "int8", 0.05 * scale)
+    assert (
+        len(r.int8_layers) == 12 and r.ops.get("QAttention") == 2 and r.ops.get("DynamicQuantizeMatMul") == 6
+    )
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_group"])
+def test_4_bit_codes_become_matmulnbits_exactly(tmp_path, granularity):
+    m = quantized(bert(), 4, granularity)
+    fused_qkv = granularity == "per_channel"
+    r = check(m, text_inputs(), tmp_path, f"int4-{granularity}", 0.05 if fused_qkv else 1e-4)
+    assert r.ops.get("MatMulNBits") == (6 if fused_qkv else 12)  # per-group Q/K/V cannot be one QAttention
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(r.path)
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    name = "bert.encoder.layer.0.intermediate.dense"
+    b = inits[f"{name}.nbits_B"]  # the packed codes are ours: unpack and compare
+    low, high = (b & 0x0F).astype(np.int64), (b >> 4).astype(np.int64)
+    q = np.stack([low, high], -1).reshape(b.shape[0], -1)[:, :64] - 8
+    layer = m.get_submodule(name)
+    assert np.array_equal(q, layer.codes().numpy())
+
+
+def test_quantized_embedding_is_a_gather_block_quantized_and_keeps_zero_rows(tmp_path):
+    m = bert()
+    with torch.no_grad():
+        m.bert.embeddings.word_embeddings.weight[[5, 6]] = 0.0
+    q = quantized(m, 4, embedding=(4, 32))
+    r = check(q, text_inputs(), tmp_path, "table", 0.05)
+    assert r.embedding == "GatherBlockQuantized 4-bit" and r.ops.get("GatherBlockQuantized") == 1
+    assert r.size_bytes < 0.6 * export_onnx(bert(), text_inputs(), tmp_path / "f.onnx").size_bytes
+    ids = torch.tensor([[5, 6, 7]])
+    rows = ort_session(r.path)  # rows 5 and 6 give exactly the zero table rows: same logits as PyTorch
+    got = rows.run(
+        ["logits"],
+        feed(
+            rows,
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "token_type_ids": torch.zeros_like(ids),
+            },
+        ),
+    )[0]
+    with torch.no_grad():
+        want = q(input_ids=ids).logits.numpy()
+    assert np.abs(got - want).max() < 0.05
+
+
+def test_mlp_and_cnn_export(tmp_path):
+    from dpq.models import CNNClassifier, MLPClassifier
+
+    torch.manual_seed(0)
+    mlp = MLPClassifier(20, 4, [32, 16]).eval()
+    check(mlp, {"features": torch.randn(5, 20)}, tmp_path, "mlp", 1e-5)
+    q = copy.deepcopy(mlp)
+    convert_(q, backend="packed", names=prepare_qat_(q, QuantConfig(bits=4, targets="re:hidden.*")))
+    r = check(q, {"features": torch.randn(5, 20)}, tmp_path, "mlp4", 1e-5)
+    assert r.nbits_layers == ["hidden.0", "hidden.1"]
+    cnn = CNNClassifier(1, 3, [4, 6], [8]).eval()
+    qc = copy.deepcopy(cnn)
+    convert_(
+        qc,
+        backend="packed",
+        names=prepare_qat_(qc, QuantConfig(bits=4, targets=r"re:blocks\.\d+\.conv|fc\.0")),
+    )
+    r = check(qc, {"pixel_values": torch.randn(2, 1, 12, 12)}, tmp_path, "cnn4", 1e-5)
+    assert r.float_layers == ["blocks.0.conv", "blocks.1.conv"] and r.nbits_layers == ["fc.0"]
+
+
+def test_a_group_that_matmulnbits_cannot_hold_is_a_config_error_before_training(make_cfg):
+    from omegaconf import OmegaConf
+
+    from dpq.run.validate import validate
+
+    bad = make_cfg(
+        "experiment=tiny",
+        "pipeline=dq",
+        "pipeline.stages.quantize.granularity=per_group",
+        "pipeline.stages.quantize.group_size=48",
+    )
+    with pytest.raises(ConfigError, match="MatMulNBits") as e:
+        validate(OmegaConf.to_container(bad, resolve=True))
+    assert e.value.key == "pipeline.stages.quantize.group_size"
+    ok = make_cfg(
+        "experiment=tiny",
+        "pipeline=dq",
+        "pipeline.stages.quantize.granularity=per_group",
+        "pipeline.stages.quantize.group_size=48",
+        "export.onnx=false",
+    )
+    validate(OmegaConf.to_container(ok, resolve=True))
+
+
+def test_a_run_writes_model_onnx_and_measures_it_and_the_cli_redoes_it(make_cfg, tmp_path):
+    from dpq.export.__main__ import main
+    from dpq.train import train
+
+    results = train(make_cfg("experiment=tiny", "pipeline=dq", "pipeline.stages.quantize.embedding_bits=8"))
+    final = results["final"]
+    assert (tmp_path / "run" / "model" / "model.onnx").stat().st_size == final["onnx_size_bytes"]
+    assert 0.9 <= final["onnx_agreement"] <= 1.0 and final["onnx_latency_ms_median"] > 0
+    assert final["onnx_accuracy"] == pytest.approx(final["accuracy"] + final["onnx_accuracy_delta"])
+    assert results["onnx_export"]["embedding"] == "GatherBlockQuantized 8-bit"
+    assert main([str(tmp_path / "run"), "--no-fuse"]) == 0
+    again = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert again["onnx_export"]["fused"] == {} and again["final"]["onnx_agreement"] >= 0.9
