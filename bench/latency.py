@@ -15,6 +15,14 @@ rounds that cycle through all models, so noise hits each alike; the teacher is t
 teacher architecture (its weights do not change its latency). Ratios to ``dq`` are the figures
 to read; absolute milliseconds depend on the machine.
 
+``--onnx`` adds the deployed side, all in the same rounds: each run's ``model/model.onnx``
+(written at the end of every run; ``python -m dpq.export`` for older ones) in ONNX Runtime, and,
+built here from the ``dense`` run's student, what a user gets for free -- ONNX Runtime fp32 of
+``torch.onnx.export`` and ``onnxruntime.quantization.quantize_dynamic`` (per channel, int8) of
+it -- with their test accuracy and file size. ONNX Runtime's idle threads sleep
+(``allow_spinning=0``) and so do PyTorch's (``OMP_WAIT_POLICY=PASSIVE``): spinning pools of one
+runtime otherwise steal the cores the other is being timed on.
+
 Writes ``bench/results/latency.json`` (or ``--out``) and prints one table per batch size.
 """
 
@@ -22,13 +30,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep (see --onnx)
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR = re.compile(r"^(?P<config>.+)-s(?P<seed>\d+)$")
@@ -102,6 +113,82 @@ def load_models(runs: dict[str, Path], teacher: bool) -> tuple[dict[str, torch.n
     return models, info
 
 
+def free_baselines(dense_run: Path, work: Path) -> tuple[dict, dict]:
+    """ONNX Runtime fp32 and ``quantize_dynamic`` int8 of the dense run's student, with their test accuracy."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from dpq.data import ClassificationDataModule, load_task
+    from dpq.export.evaluate import OrtModel, predictions
+    from dpq.export.onnx import _float_copy, _torch_export, ort_session
+
+    res = json.loads((dense_run / "results.json").read_text())
+    cfg = res["config"]
+    from dpq.checkpoints import load_model
+
+    student = load_model(cfg["model"], cfg["task"], dense_run / "model").eval()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(dense_run / "model")
+    task = cfg["task"]
+    data = ClassificationDataModule(
+        load_task(task),
+        tok,
+        max_length=int(task.get("max_length") or 128),
+        batch_size=int(task["batch_size"]),
+        eval_batch_size=int(task["eval_batch_size"]),
+        group_by_length=False,
+    )
+    test = list(data.test_dataloader())
+    fp32, int8 = work / "dense_fp32.onnx", work / "dense_int8_dynamic.onnx"
+    from dpq.core.nn import model_inputs
+
+    _torch_export(_float_copy(student), model_inputs(test[0]), fp32, 17)  # what torch.onnx.export gives
+    quantize_dynamic(
+        str(fp32),
+        str(int8),
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        extra_options={"DefaultTensorType": 1},
+    )  # 1 = float: the raw export lacks some type info
+    models, info = {}, {}
+    for name, path in (("dense ORT fp32", fp32), ("dense ORT int8 dynamic", int8)):
+        m = OrtModel(ort_session(path, torch.get_num_threads()))
+        pred, labels = predictions(m, test)
+        models[name] = m
+        info[name] = {
+            "run": str(dense_run),
+            "accuracy": float((pred == labels).mean()),
+            "size_bytes": path.stat().st_size,
+            "effective_gflops": None,
+            "runtime": "onnxruntime",
+        }
+    return models, info
+
+
+def onnx_models(runs: dict[str, Path]) -> tuple[dict, dict]:
+    """Every run's exported ``model/model.onnx`` in ONNX Runtime, with the accuracy it measured there."""
+    from dpq.export.evaluate import OrtModel
+    from dpq.export.onnx import ort_session
+
+    models, info = {}, {}
+    for name, d in runs.items():
+        path = d / "model" / "model.onnx"
+        final = json.loads((d / "results.json").read_text())["final"]
+        if not path.exists() or "onnx_accuracy" not in final:
+            print(f"  (no model.onnx measured in {d}: run python -m dpq.export {d})")
+            continue
+        models[f"{name} ORT"] = OrtModel(ort_session(path, torch.get_num_threads()))
+        info[f"{name} ORT"] = {
+            "run": str(d),
+            "accuracy": final["onnx_accuracy"],
+            "size_bytes": path.stat().st_size,
+            "agreement": final.get("onnx_agreement"),
+            "runtime": "onnxruntime",
+            "effective_gflops": final.get("effective_gflops"),
+        }
+    return models, info
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", type=Path, nargs="+", help="study folder(s) and/or run folders")
@@ -125,6 +212,12 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--baseline", default="dq", help="ratios are baseline latency / model latency (speedup)")
     ap.add_argument("--no-teacher", action="store_true")
+    ap.add_argument(
+        "--onnx",
+        action="store_true",
+        help="add every run's model.onnx and the free ONNX Runtime "
+        "baselines of the dense student (see above)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latency.json")
     args = ap.parse_args(argv)
     from dpq import cost
@@ -135,6 +228,15 @@ def main(argv=None) -> dict:
     models, info = load_models(runs, teacher=not args.no_teacher)
     models = {k: m.to(device=args.device, dtype=DTYPES[args.dtype]) for k, m in models.items()}
     vocab = min(int(getattr(m.config, "vocab_size", 0) or 0) for m in models.values())
+    if args.onnx:
+        work = Path(tempfile.mkdtemp(prefix="dpq-latency-"))
+        if "dense" in runs:
+            more, more_info = free_baselines(runs["dense"], work)
+            models.update(more)
+            info.update(more_info)
+        more, more_info = onnx_models(runs)
+        models.update(more)
+        info.update(more_info)
     out = {
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(["python", "bench/latency.py", *(argv or sys.argv[1:])]),
@@ -155,6 +257,7 @@ def main(argv=None) -> dict:
         x = {
             "input_ids": torch.randint(0, vocab, (b, args.seq_len), generator=g).to(args.device),
             "attention_mask": torch.ones(b, args.seq_len, dtype=torch.long, device=args.device),
+            "token_type_ids": torch.zeros(b, args.seq_len, dtype=torch.long, device=args.device),
         }
         t = cost.interleaved_latency(models, x, args.rounds, args.per_round, args.warmup)
         med = {k: statistics.median(v) for k, v in t.items()}
@@ -171,12 +274,16 @@ def main(argv=None) -> dict:
             f"batch {b}, sequence {args.seq_len}, {out['device']}, {args.dtype}, {out['threads']} threads: "
             f"median of {args.rounds * args.per_round} calls"
         )
-        print(f"  {'model':<12} {'accuracy':>8} {'ms':>9} {'IQR ms':>15} {'speedup vs ' + args.baseline:>15}")
+        print(
+            f"  {'model':<28} {'accuracy':>8} {'MB':>7} {'ms':>9} {'IQR ms':>15} {'speedup vs ' + args.baseline:>15}"
+        )
         for k, r in out["batches"][str(b)].items():
             lo, hi = r["latency_ms_iqr"]
             sp = f"{r[f'speedup_vs_{args.baseline}']:.2f}x" if base else "-"
+            mb = f"{info[k]['size_bytes'] / 1e6:.1f}" if info[k].get("size_bytes") else "-"
             print(
-                f"  {k:<12} {info[k]['accuracy']:>8.4f} {r['latency_ms_median']:>9.2f} {lo:>7.2f}-{hi:<7.2f} {sp:>15}"
+                f"  {k:<28} {info[k]['accuracy']:>8.4f} {mb:>7} {r['latency_ms_median']:>9.2f} {lo:>7.2f}-{hi:<7.2f} "
+                f"{sp:>15}"
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))

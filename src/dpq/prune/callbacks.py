@@ -29,6 +29,7 @@ from torch import nn
 
 from dpq.prune import structured
 from dpq.prune.masks import CRITERIA, Masks, apply_masks, intersect, mask_sparsity, score_masks, weight_of
+from dpq.prune.obs import BlockFisherInverse, ObsOptions, obs_saliency, obs_update, suggest_damp
 from dpq.prune.schedules import Schedule, polynomial_sparsity, ramp_progress
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,12 @@ class SparsityRamp(_MaskCallback):
         norm: str = "l2",
         min_keep: int = 1,
         totals: Mapping[str, int] | None = None,
+        obs: ObsOptions | None = None,
     ):
         super().__init__(name, frozen)
+        self.obs = obs or ObsOptions()
+        self._fisher: BlockFisherInverse | None = None  # obs: the inverse being built for the next update
+        self._step = 0
         self.frozen: Masks = {k: v.clone() for k, v in (frozen or {}).items()}
         self.groups = list(groups or [])
         self.norm, self.min_keep = norm, int(min_keep)
@@ -150,6 +155,10 @@ class SparsityRamp(_MaskCallback):
         self.n_m = tuple(n_m) if n_m is not None else None
         if self.groups and self.n_m is not None:
             raise ValueError("n_m does not combine with structured groups")
+        if self.groups and criterion == "obs":
+            raise ValueError(
+                "criterion obs prunes single weights; structured groups use magnitude, taylor or movement"
+            )
         # Structured scores cover every module a group touches (consumers too), not only targets.
         self.score_names = (
             list(dict.fromkeys(m for g in self.groups for m in g.modules)) if self.groups else self.targets
@@ -171,10 +180,43 @@ class SparsityRamp(_MaskCallback):
             return {g.name: self.target_at(step, g.producers[0].module) for g in self.groups}
         return {n: self.target_at(step, n) for n in self.targets}
 
+    def _next_update(self, step: int) -> int:
+        return min(self.total_steps, (step // self.update_every + 1) * self.update_every)
+
+    @torch.no_grad()
+    def _add_to_fisher(self, model: nn.Module) -> None:
+        """obs: the last ``num_grads`` raw gradients before the next update go into the block inverse."""
+        left = (
+            self._next_update(self._step) - self._step
+        )  # optimizer steps before the update, this one included
+        if self._fisher is None and left > self.obs.num_grads:
+            return
+        grads = {n: weight_of(model, n).grad for n in self.targets}
+        if any(g is None for g in grads.values()):
+            return
+        grads = {n: g.detach().float() for n, g in grads.items()}
+        if self._fisher is None:
+            damp = suggest_damp(grads, self.obs.damp_ratio, masks=self.masks or None, per_layer=True)
+            shapes = {n: tuple(g.shape) for n, g in grads.items()}
+            self._fisher = BlockFisherInverse(
+                shapes,
+                max(1, min(self.obs.num_grads, left)),
+                self.obs.block_size,
+                damp,
+                device=next(iter(grads.values())).device,
+            )
+        if not self._fisher.complete:
+            self._fisher.add_gradient(grads, masks=self.masks or None)
+            self.score_steps += 1
+
     @torch.no_grad()
     def accumulate(self, model: nn.Module) -> None:
-        """Add this step's Taylor/movement scores; call with the raw (unmasked) gradients in place."""
+        """Add this step's Taylor/movement scores (obs: its gradient to the Fisher); call with the raw
+        (unmasked) gradients in place."""
         if self.criterion == "magnitude":
+            return
+        if self.criterion == "obs":
+            self._add_to_fisher(model)
             return
         for n in self.score_names:
             w = weight_of(model, n)
@@ -213,12 +255,27 @@ class SparsityRamp(_MaskCallback):
                 totals=self.totals,
             )
             self.masks = intersect(self.frozen, structured.group_masks(model, self.groups, self.group_keep))
+        elif self.criterion == "obs" and self._fisher is not None and self._fisher.count:
+            self._obs_prune(model, step)
         else:
             self.masks = score_masks(
                 scores, self._sparsity(step), previous=self.masks, scope=self.scope, n_m=self.n_m
             )
         apply_masks(model, self.masks)
-        self.scores, self.score_steps = {}, 0
+        self.scores, self.score_steps, self._fisher = {}, 0, None
+
+    @torch.no_grad()
+    def _obs_prune(self, model: nn.Module, step: int) -> None:
+        """Lowest OBS saliency ``w^2 / (2 [F^-1]_qq)`` pruned, the rest of each block compensated."""
+        weights = {n: weight_of(model, n).data for n in self.targets}
+        saliency = obs_saliency(weights, self._fisher)
+        previous = self.masks or None
+        self.masks = score_masks(
+            saliency, self._sparsity(step), previous=previous, scope=self.scope, n_m=self.n_m
+        )
+        obs_update(
+            weights, self._fisher, self.masks, previous=previous, method=self.obs.update, compute_loss=False
+        )
 
     def _update(self, pl_module, step: int, trainer=None) -> None:
         self._recompute(self._model(pl_module), step)
@@ -263,6 +320,7 @@ class SparsityRamp(_MaskCallback):
         self._update(pl_module, trainer.global_step, trainer)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._step = trainer.global_step
         self.accumulate(self._model(pl_module))  # before super() zeroes the masked gradients
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 Masks = dict[str, torch.Tensor]  # module name -> bool keep-mask with the weight's shape
 
 SCOPES = ("layer", "global")
-CRITERIA = ("magnitude", "taylor", "movement")
+CRITERIA = ("magnitude", "taylor", "movement", "obs")  # obs: second order (oBERT), dpq.prune.obs
 GRANULARITIES = ("unstructured", "n:m", *structured.KINDS)  # structured kinds combine with + (heads+neurons)
 
 

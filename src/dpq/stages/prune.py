@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from torch import nn
 
@@ -19,6 +19,7 @@ from dpq.core.selectors import PRUNABLE, matches, resolve_targets, select_checke
 from dpq.prune import structured
 from dpq.prune.callbacks import MaskFreeze, SparsityRamp
 from dpq.prune.masks import CRITERIA, GRANULARITIES, SCOPES, intersect
+from dpq.prune.obs import ObsOptions
 from dpq.prune.schedules import SCHEDULES, make_schedule
 from dpq.stages.base import KDStageConfig, ModelCheck, Stage, register
 
@@ -48,6 +49,11 @@ class PruneConfig(KDStageConfig):
     norm: str = "l2"  # structured: a group's score is the l1 or l2 norm of its weights' scores
     min_keep: int = 1  # structured: groups (heads/neurons/channels) always kept per layer
     shrink: bool = True  # structured: physically remove pruned groups at the end of the stage
+    # criterion=obs (second order, oBERT): block_size, num_grads, damp_ratio, update (dpq.prune.obs.ObsOptions)
+    obs: dict = field(default_factory=dict)
+
+    def obs_options(self) -> ObsOptions:
+        return ObsOptions(**self.obs)
 
     @property
     def structured(self) -> bool:
@@ -89,6 +95,30 @@ class PruneConfig(KDStageConfig):
             )
         self._check_n_m(key)
         self._check_overrides(key)
+        self._check_obs(key)
+
+    def _check_obs(self, key: str) -> None:
+        allowed = [f.name for f in fields(ObsOptions)]
+        if not isinstance(self.obs, dict) or set(self.obs) - set(allowed):
+            bad = sorted(set(self.obs) - set(allowed)) if isinstance(self.obs, dict) else []
+            raise ConfigError(
+                f"{key}.obs{'.' + bad[0] if bad else ''}",
+                self.obs if not bad else self.obs[bad[0]],
+                f"obs settings are {', '.join(allowed)}",
+            )
+        try:
+            opts = ObsOptions(**{k: (type(getattr(ObsOptions, k))(v)) for k, v in self.obs.items()})
+            opts.check()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{key}.obs", self.obs, str(e)) from None
+        self.obs = {k: getattr(opts, k) for k in self.obs}
+        if self.criterion == "obs" and self.structured:
+            raise ConfigError(
+                f"{key}.criterion",
+                "obs",
+                f"prunes single weights; granularity={self.granularity} "
+                "removes whole groups (use magnitude, taylor or movement)",
+            )
 
     def _check_n_m(self, key: str) -> None:
         if self.granularity not in GRANULARITIES:
@@ -247,6 +277,7 @@ class PruneStage(Stage):
             groups=groups,
             norm=cfg.norm,
             min_keep=int(cfg.min_keep),
+            obs=cfg.obs_options(),
             totals=getattr(student, "dpq_original_groups", None),
         )
         # Masks of an earlier prune stage on modules this ramp does not touch stay frozen.
