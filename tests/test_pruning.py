@@ -142,3 +142,27 @@ def test_two_prune_stages_have_distinct_state_and_round_trip():
     c.load_state_dict(a.state_dict())
     assert c.total_steps == 10 and c.history == a.history
     assert all(torch.equal(c.masks[n], a.masks[n]) for n in TARGETS)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.8, 0.9])
+def test_global_allocation_reaches_the_overall_target_exactly(sparsity):
+    """scope=global ranks every weight of every layer together: exactly round(s * N) pruned overall, with
+    ties, a previous mask, and layers of different sizes ending at different sparsities."""
+    from dpq.prune.masks import score_masks
+
+    g = torch.Generator().manual_seed(0)
+    scores = {
+        "a": torch.randn(64, 32, generator=g).abs(),
+        "b": torch.randn(32, 64, generator=g).abs() * 3,  # larger scores: pruned less
+        "c": torch.randint(0, 3, (16, 48), generator=g).float(),  # many ties
+    }
+    previous = {n: torch.rand(s.shape, generator=g) > 0.2 for n, s in scores.items()}
+    masks = score_masks(scores, sparsity, previous=previous, scope="global")
+    n = sum(s.numel() for s in scores.values())
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    floor = sum(int((~p).sum()) for p in previous.values())
+    assert pruned == max(round(sparsity * n), floor)
+    assert all(bool((~previous[k] <= ~masks[k]).all()) for k in masks)  # pruned weights stay pruned
+    if sparsity >= 0.5:
+        per_layer = {k: float((~m).float().mean()) for k, m in masks.items()}
+        assert per_layer["a"] > per_layer["b"] + 0.2  # allocation is not uniform
