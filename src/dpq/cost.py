@@ -290,16 +290,8 @@ class _PositionalWrapper(nn.Module):
         return _logits(self.model(**dict(zip(self.keys, args))))
 
 
-def flops(model: nn.Module, example_inputs: dict[str, Tensor]) -> dict:
-    """Dense and effective (zero-weight-skipping) GFLOPs via fvcore.
-
-    Effective FLOPs scale each linear(-like) and conv layer's traced cost by its
-    weight density (nonzero / numel); every other op is counted dense. Quantized
-    linears (and convs) dequantize then call F.linear (F.conv2d) when traced, so their
-    dense count equals the float model's; counting float convs' zeros too keeps a
-    pruned CNN's effective FLOPs unchanged by quantizing it. ``linear_*`` totals
-    cover these Linear and Conv layers.
-    """
+def flops_by_module(model: nn.Module, example_inputs: dict[str, Tensor]) -> tuple[int, dict[str, int]]:
+    """fvcore's total flop count of one forward and its count per module (qualified names of ``model``)."""
     from fvcore.nn import FlopCountAnalysis
 
     keys = list(example_inputs.keys())
@@ -318,9 +310,27 @@ def flops(model: nn.Module, example_inputs: dict[str, Tensor]) -> dict:
                 .tracer_warnings("none")
             )
             total = int(analysis.total())
-            by_module = analysis.by_module()
+            raw = analysis.by_module()
     finally:
         fv_logger.setLevel(old_level)
+    by_module = {
+        k[len("model.") :] if k.startswith("model.") else ("" if k == "model" else k): int(v)
+        for k, v in raw.items()
+    }
+    return total, by_module
+
+
+def flops(model: nn.Module, example_inputs: dict[str, Tensor]) -> dict:
+    """Dense and effective (zero-weight-skipping) GFLOPs via fvcore.
+
+    Effective FLOPs scale each linear(-like) and conv layer's traced cost by its
+    weight density (nonzero / numel); every other op is counted dense. Quantized
+    linears (and convs) dequantize then call F.linear (F.conv2d) when traced, so their
+    dense count equals the float model's; counting float convs' zeros too keeps a
+    pruned CNN's effective FLOPs unchanged by quantizing it. ``linear_*`` totals
+    cover these Linear and Conv layers.
+    """
+    total, by_module = flops_by_module(model, example_inputs)
 
     # Linear-like and conv layers: outermost only (a quantized layer may wrap internals).
     linear_dense = 0.0
@@ -330,7 +340,7 @@ def flops(model: nn.Module, example_inputs: dict[str, Tensor]) -> dict:
         if not (_is_linear_like(mod) or _is_conv(mod)) or _under(name, [n for n in linear_names]):
             continue
         linear_names.append(name)
-        f = by_module.get(f"model.{name}" if name else "model", 0)
+        f = by_module.get(name, 0)
         if not f:
             continue  # uncalled
         n, nz = _weight_stats(mod)

@@ -126,8 +126,11 @@ class SparsityRamp(_MaskCallback):
         min_keep: int = 1,
         totals: Mapping[str, int] | None = None,
         obs: ObsOptions | None = None,
+        costs: Mapping[str, float] | None = None,
+        flops_total: float | None = None,
     ):
         super().__init__(name, frozen)
+        self.costs, self.flops_total = dict(costs or {}), flops_total
         self.obs = obs or ObsOptions()
         self._fisher: BlockFisherInverse | None = None  # obs: the inverse being built for the next update
         self._step = 0
@@ -155,6 +158,8 @@ class SparsityRamp(_MaskCallback):
         self.n_m = tuple(n_m) if n_m is not None else None
         if self.groups and self.n_m is not None:
             raise ValueError("n_m does not combine with structured groups")
+        if scope == "flops" and not (self.groups and costs and flops_total):
+            raise ValueError("scope='flops' needs structured groups, their costs and the model's total FLOPs")
         if self.groups and criterion == "obs":
             raise ValueError(
                 "criterion obs prunes single weights; structured groups use magnitude, taylor or movement"
@@ -253,6 +258,8 @@ class SparsityRamp(_MaskCallback):
                 signed=signed,
                 min_keep=self.min_keep,
                 totals=self.totals,
+                costs=self.costs,
+                flops_total=self.flops_total,
             )
             self.masks = intersect(self.frozen, structured.group_masks(model, self.groups, self.group_keep))
         elif self.criterion == "obs" and self._fisher is not None and self._fisher.count:

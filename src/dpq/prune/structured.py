@@ -272,14 +272,23 @@ def select_groups(
     signed: bool = False,
     min_keep: int = 1,
     totals: Mapping[str, int] | None = None,
+    costs: Mapping[str, float] | None = None,
+    flops_total: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Bool keep-vector per group set: the lowest-scoring groups go, earlier-pruned ones first.
 
     ``scope="layer"`` removes ``round(sparsity * count)`` groups in every set; ``"global"``
     removes that fraction of all groups together, ranked by their score per element (so heads
     and neurons of different sizes compare), never leaving a set with fewer than ``min_keep``.
+    ``"flops"`` removes groups, lowest score per FLOP first (``costs``: FLOPs one group of each
+    set costs, :func:`group_costs`), until the removed groups cost ``sparsity * flops_total``:
+    the target is met within one group.
     Ties break by index (stable sort), so a run is reproducible.
     """
+    if scope == "flops":
+        return _select_by_flops(
+            sets, scores, float(sparsity), previous, norm, signed, min_keep, costs, flops_total
+        )
     ranked = {}
     for gs in sets:
         s = group_scores(scores, gs, norm, signed)
@@ -313,6 +322,52 @@ def select_groups(
             keep[gs.name][drop] = False
     if previous is not None:  # a group once removed never returns
         keep = {n: k & previous[n].cpu() if n in previous else k for n, k in keep.items()}
+    return keep
+
+
+def group_costs(model: nn.Module, sets: list[GroupSet], by_module: Mapping[str, float]) -> dict[str, float]:
+    """FLOPs one group of each set costs in one forward (``by_module``: fvcore's count per module).
+
+    A group owns ``size / shape[dim]`` of each of its producers' and consumers' counts; an
+    attention head also owns its share of the score and context matmuls (the attention module's
+    count minus its linear children's).
+    """
+    mods = dict(model.named_modules())
+    out = {}
+    for gs in sets:
+        c = 0.0
+        for sl in gs.slices:
+            c += float(by_module.get(sl.module, 0)) * sl.size / mods[sl.module].weight.shape[sl.dim]
+        if gs.owner:
+            depth = gs.owner.count(".") + 1
+            children = sum(
+                v for n, v in by_module.items() if n.startswith(gs.owner + ".") and n.count(".") == depth
+            )
+            c += max(0.0, float(by_module.get(gs.owner, 0)) - children) / gs.count
+        out[gs.name] = c
+    return out
+
+
+def _select_by_flops(sets, scores, fraction, previous, norm, signed, min_keep, costs, flops_total):
+    if costs is None or flops_total is None:
+        raise ValueError("scope='flops' needs the groups' costs and the model's total FLOPs")
+    keep = {gs.name: torch.ones(gs.count, dtype=torch.bool) for gs in sets}
+    entries = []  # (rank key, set, index): earlier-removed groups first, then lowest score per FLOP
+    for gs in sets:
+        s = group_scores(scores, gs, norm, signed) / max(costs[gs.name], 1e-12)
+        if previous is not None and gs.name in previous:
+            s = torch.where(previous[gs.name].cpu(), s, torch.full_like(s, -math.inf))
+        entries += [(float(v), gs, i) for i, v in enumerate(s.tolist())]
+    entries.sort(key=lambda e: e[0])  # stable: ties keep set order, then index
+    need, removed = fraction * float(flops_total), 0.0
+    left = {gs.name: gs.count for gs in sets}
+    for v, gs, i in entries:
+        if removed >= need and v != -math.inf:
+            break
+        if left[gs.name] > min_keep:
+            keep[gs.name][i] = False
+            left[gs.name] -= 1
+            removed += costs[gs.name]
     return keep
 
 

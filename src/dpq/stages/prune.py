@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from torch import nn
 
@@ -49,6 +50,9 @@ class PruneConfig(KDStageConfig):
     norm: str = "l2"  # structured: a group's score is the l1 or l2 norm of its weights' scores
     min_keep: int = 1  # structured: groups (heads/neurons/channels) always kept per layer
     shrink: bool = True  # structured: physically remove pruned groups at the end of the stage
+    # structured: keep this fraction of the model's dense GFLOPs (cost.batch_size/seq_len inputs) instead of a
+    # per-layer fraction of groups; groups go lowest importance per FLOP first, across all layers
+    flops_target: Any = None
     # criterion=obs (second order, oBERT): block_size, num_grads, damp_ratio, update (dpq.prune.obs.ObsOptions)
     obs: dict = field(default_factory=dict)
 
@@ -96,6 +100,25 @@ class PruneConfig(KDStageConfig):
         self._check_n_m(key)
         self._check_overrides(key)
         self._check_obs(key)
+        if self.flops_target is not None:
+            t = self.flops_target
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
+                raise ConfigError(
+                    f"{key}.flops_target", t, "must be a fraction in (0, 1) of the dense GFLOPs to keep"
+                )
+            if not self.structured:
+                raise ConfigError(
+                    f"{key}.flops_target",
+                    t,
+                    f"removes whole groups; granularity={self.granularity} "
+                    "masks single weights, which no dense FLOP count sees (use heads, neurons, channels)",
+                )
+            if self.overrides:
+                raise ConfigError(
+                    f"{key}.overrides",
+                    self.overrides,
+                    "do not combine with flops_target (one budget for the whole model)",
+                )
 
     def _check_obs(self, key: str) -> None:
         allowed = [f.name for f in fields(ObsOptions)]
@@ -260,15 +283,16 @@ class PruneStage(Stage):
         targets = self.targets_of(student, ctx.model_spec)
         n_m = (int(cfg.n_m[0]), int(cfg.n_m[1])) if cfg.granularity == "n:m" else None
         groups = self.find_groups(student, targets) if cfg.structured else None
+        budget = self.flops_budget(student, groups, ctx.example_inputs()) if cfg.flops_target else {}
         ramp = SparsityRamp(
             self.name,
             targets,
-            cfg.initial_sparsity,
-            cfg.final_sparsity,
+            0.0 if budget else cfg.initial_sparsity,
+            1.0 - cfg.flops_target if budget else cfg.final_sparsity,
             cfg.exponent,
             cfg.update_every,
             cfg.ramp_end,
-            cfg.scope,
+            "flops" if budget else cfg.scope,
             frozen=state.masks,
             criterion=cfg.criterion,
             schedule=make_schedule(cfg.schedule, cfg.exponent, cfg.iterations),
@@ -279,6 +303,7 @@ class PruneStage(Stage):
             min_keep=int(cfg.min_keep),
             obs=cfg.obs_options(),
             totals=getattr(student, "dpq_original_groups", None),
+            **budget,
         )
         # Masks of an earlier prune stage on modules this ramp does not touch stay frozen.
         others = {k: v for k, v in (state.masks or {}).items() if k not in targets}
@@ -290,12 +315,22 @@ class PruneStage(Stage):
             "ramp": [list(h) for h in ramp.history[-1:]],
             "mask_updates": len(ramp.history),
         }
+        if budget:
+            extra.update(flops_target=cfg.flops_target, flops_before=budget["flops_total"])
         if groups:
             extra["structure"] = structured.structure_summary(groups, ramp.group_keep)
             extra["shrunk"] = bool(cfg.shrink)
             if cfg.shrink:
                 state.masks = structured.shrink_(student, groups, ramp.group_keep, state.masks)
         ctx.record(state, self, student, extra=extra)
+
+    @staticmethod
+    def flops_budget(model, groups: list[structured.GroupSet], inputs: dict) -> dict:
+        """The model's dense FLOPs on ``inputs`` (fvcore) and what one group of each set costs of them."""
+        from dpq import cost
+
+        total, by_module = cost.flops_by_module(model, inputs)
+        return {"costs": structured.group_costs(model, groups, by_module), "flops_total": float(total)}
 
     def find_groups(self, model, targets: list[str]) -> list[structured.GroupSet]:
         cfg: PruneConfig = self.cfg
