@@ -97,7 +97,9 @@ def main(cfg: DictConfig) -> float | list[float] | None:
         print(f"dpq: integrity check failed: {e}", file=sys.stderr)
         sys.exit(4)
     # What a Hydra sweeper optimises: one value, or several for a multi-objective Optuna study.
-    vals = [float(results["final"][m]) for m in (cfg.get("objective") or {}).get("metrics") or ["accuracy"]]
+    vals = [
+        float(results["final"][m]) for m in (cfg.get("objective") or {}).get("metrics") or ["val_accuracy"]
+    ]
     return vals[0] if len(vals) == 1 else vals
 
 
