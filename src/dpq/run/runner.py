@@ -79,6 +79,8 @@ class Runner:
             self.ctx.cfg, {"data_source": splits.source, "data_sizes": splits.sizes()}
         )
         distributed = trainer_world_size(self.ctx.cfg["trainer"]) > 1
+        if is_global_zero() and cache.root.is_dir() and (line := cache.stale_summary()):
+            log.info("%s", line)  # never used: their keys cover the code that built them
         n = rank_zero_decides(json.dumps(keys), lambda: cache.longest_prefix(keys)[0], cache.root)
         if n and not self._restore_cached(cache, keys[n - 1], stages):
             n = 0
