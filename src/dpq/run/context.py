@@ -29,7 +29,7 @@ from dpq.data import ClassificationDataModule
 from dpq.distill.losses import KDConfig
 from dpq.distill.module import ClassifierModule
 from dpq.loggers import build_logger, tolerant
-from dpq.models import build_model, load_model
+from dpq.models import build_model, load_model, skeleton
 from dpq.prune.callbacks import MaskFreeze
 from dpq.run import resume
 from dpq.run.state import State
@@ -62,7 +62,7 @@ class RunContext:
             None  # set by the runner: where the current stage's fits checkpoint (None: not at all)
         )
         self._stage_started = time.perf_counter()
-        self._prunable: dict[int, list[str]] = {}
+        self._prunable: dict[str, list[str]] = {}  # role -> sparsity layers (prunable_names)
 
     @classmethod
     def open(cls, cfg: dict[str, Any], splits, tokenizer, output_dir: Path) -> RunContext:
@@ -238,13 +238,26 @@ class RunContext:
         )
 
     def prunable_names(self, state: State, model: nn.Module, role: str) -> list[str]:
-        """Names the sparsity metric covers: masked modules, else the model's prune targets (fixed once seen)."""
+        """Names the sparsity metric covers, taken from the config so that a stage that ran and the same
+        stage restored from the cache report the same figure: the masked modules once a stage has
+        pruned (the prune stages' targets; masks are restored with the state), else the model's
+        ``prune_targets`` selected on its architecture as the config builds it. Selecting on the
+        live model instead would miss modules that quantization has converted (no longer
+        ``nn.Linear``) in a model restored after its quantize stage."""
         if role != "teacher" and state.masks:
             return list(state.masks)
-        if id(model) not in self._prunable:
-            spec = self.teacher_spec if role == "teacher" else self.model_spec
-            self._prunable[id(model)] = select_prunable(model, spec.get("prune_targets") or [])
-        return self._prunable[id(model)]
+        if role not in self._prunable:
+            spec, key = (self.teacher_spec, "teacher") if role == "teacher" else (self.model_spec, "model")
+            source = state.teacher if role != "teacher" and spec.get("init") == "from_teacher" else None
+            with torch.random.fork_rng(devices=[]):  # dpq's own models are built for real: draw no randomness
+                arch = skeleton(spec, self.task, key, teacher=source)
+            selector = spec.get("prune_targets") or []
+            if arch is None:  # the architecture cannot be built from the config alone here
+                log.debug("sparsity layers of the %s: selected on the live model", role)
+                arch = model
+            have = dict(model.named_modules())
+            self._prunable[role] = [n for n in select_prunable(arch, selector) if n in have]
+        return self._prunable[role]
 
     def begin_stage(self) -> None:
         """Start the clock of the next record's ``duration_s`` (composite stages call it per sub-stage)."""
