@@ -183,8 +183,3 @@ def capture_git(path: Path | None = None) -> GitState:
         "untracked": untracked,
     }
     return GitState(info, diff + "".join(p or "" for p in new_files))
-
-
-def git_info() -> dict:
-    """The git state now (prefer :func:`capture_git` at the start of what it describes)."""
-    return capture_git().info

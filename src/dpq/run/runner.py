@@ -239,6 +239,7 @@ class Runner:
                     "status": status,
                     "error": str(error),
                     "stages": self.state.records,
+                    "git": self.ctx.git,
                     "config": self.ctx.cfg,
                     "last_good_checkpoint": str(self.last_snapshot.directory) if self.last_snapshot else None,
                 },
@@ -280,6 +281,8 @@ class Runner:
             model_dir,
             time.perf_counter() - started,
             resumed if resuming else None,
+            ctx.git,
+            ctx.git_earlier_starts,
         )
         if integrity_error is not None:
             results.update(status="integrity_failed", error=str(integrity_error))
