@@ -215,7 +215,10 @@ def test_wandb_sweeps_may_optimise_validation_and_cost_metrics_only():
         (["objective.metrics=[accuracy]"], "objective.metrics"),
         (["objective.metrics=[val_accuracy,loss]"], "objective.metrics"),
         (["+objective.weights.accuracy=1.0"], "objective.weights.accuracy"),
-        (["hparams_search=pareto_multi", "objective.metrics=[accuracy,effective_gflops]"], "objective.metrics"),
+        (
+            ["hparams_search=pareto_multi", "objective.metrics=[accuracy,effective_gflops]"],
+            "objective.metrics",
+        ),
     ],
 )
 def test_an_objective_on_a_test_metric_is_a_config_error(tmp_path, overrides, key):
