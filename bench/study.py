@@ -586,9 +586,9 @@ def main(argv=None) -> dict:
         capture_output=True,
         text=True,
     )
-    report["pareto_report"] = (
-        str(out / "pareto") if pareto.returncode == 0 else f"failed: {pareto.stderr[-500:]}"
-    )
+    where = out / "pareto"
+    where = where.resolve().relative_to(ROOT) if where.resolve().is_relative_to(ROOT) else where
+    report["pareto_report"] = str(where) if pareto.returncode == 0 else f"failed: {pareto.stderr[-500:]}"
     (out / "study.json").write_text(json.dumps(report, indent=2))
     print(f"{'config':<14} {'accuracy':>16} {'eff. GFLOPs':>12} {'size MB':>8} {'latency ms':>11}")
     for name, s in summary.items():
