@@ -82,9 +82,9 @@ def main(argv=None) -> dict:
 
     from omegaconf import OmegaConf, open_dict
 
-    import dpq.run.context as pipeline
     from dpq.data import ClassificationDataModule, load_task
     from dpq.models import build_model, load_tokenizer
+    from dpq.run.context import RunContext
     from dpq.train import quiet_libraries, train
 
     quiet_libraries()
@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
 
     # --- dpq's own stages, with a timer added to every stage's Trainer ------------------------
     timers: list[StepTimer] = []
-    original = pipeline.RunContext.make_trainer
+    original = RunContext.make_trainer
 
     def with_timer(self, callbacks=(), **kw):
         if "max_epochs" in kw or "max_steps" in kw:  # a training fit, not an evaluation
@@ -155,11 +155,11 @@ def main(argv=None) -> dict:
             callbacks = [*callbacks, timers[-1]]
         return original(self, callbacks, **kw)
 
-    pipeline.RunContext.make_trainer = with_timer
+    RunContext.make_trainer = with_timer
     try:
         train(cfg)
     finally:
-        pipeline.RunContext.make_trainer = original
+        RunContext.make_trainer = original
     plain_last = plain_run()
 
     def med(times):

@@ -328,12 +328,22 @@ def test_compare_paired_by_seed(tmp_path):
     d = [0.88 - 0.90, 0.89 - 0.92]
     assert a["deltas"]["accuracy"]["mean"] == pytest.approx(np.mean(d))
     assert a["deltas"]["accuracy"]["std"] == pytest.approx(np.std(d, ddof=1))
+    half = 12.706204736 * np.std(d, ddof=1) / np.sqrt(2)  # t(0.975, 1 df): two seeds bound little
+    assert a["deltas"]["accuracy"]["ci_low"] == pytest.approx(np.mean(d) - half)
+    assert a["deltas"]["accuracy"]["ci_high"] == pytest.approx(np.mean(d) + half)
     r = [0.55 / 0.68, 0.56 / 0.70]
     assert a["ratios"]["effective_gflops"]["mean"] == pytest.approx(np.mean(r))
     assert a["ratios"]["effective_gflops"]["std"] == pytest.approx(np.std(r, ddof=1))
     assert a["baseline"]["accuracy"]["mean"] == pytest.approx(0.91) and a["baseline"]["seeds"] == [1, 2]
     # the 0.8 candidate has one seed: paired on it alone
-    assert b["seeds"] == [1] and b["deltas"]["accuracy"] == {"mean": pytest.approx(-0.10), "std": 0.0, "n": 1}
+    assert b["seeds"] == [1] and b["deltas"]["accuracy"] == {
+        "mean": pytest.approx(-0.10),
+        "std": 0.0,
+        "n": 1,
+        "ci_low": None,  # one seed bounds nothing
+        "ci_high": None,
+        "level": 0.95,
+    }
     only = compare(runs, "dq", "dpq,final_sparsity=0.8")
     assert len(only) == 1 and only[0]["candidate"]["final_sparsity"] == 0.8
 
@@ -353,10 +363,39 @@ def test_compare_unpaired_propagates_spread(tmp_path):
     sd = np.std([0.90, 0.92], ddof=1)
     assert r["deltas"]["accuracy"]["mean"] == pytest.approx(0.86 - 0.91)
     assert r["deltas"]["accuracy"]["std"] == pytest.approx(np.hypot(sd, sd))
+    # Welch: equal spreads and sizes give 2 degrees of freedom; standard error sqrt(2 sd^2 / 2)
+    half = 4.302652730 * sd
+    assert r["deltas"]["accuracy"]["ci_low"] == pytest.approx(0.86 - 0.91 - half)
+    assert r["deltas"]["accuracy"]["ci_high"] == pytest.approx(0.86 - 0.91 + half)
     ratio = 0.6 / 1.1
     rel = np.hypot(np.std([1.0, 1.2], ddof=1) / 1.1, np.std([0.5, 0.7], ddof=1) / 0.6)
     assert r["ratios"]["effective_gflops"]["mean"] == pytest.approx(ratio)
     assert r["ratios"]["effective_gflops"]["std"] == pytest.approx(ratio * rel)
+
+
+def test_intervals_of_the_mean_and_their_verdicts():
+    from dpq.pareto.stats import mean_interval, t_quantile, verdict
+
+    assert t_quantile(2) == pytest.approx(4.302652730) and t_quantile(1e9) == pytest.approx(
+        1.959964, abs=1e-5
+    )
+    s = mean_interval([1.0, 2.0, 3.0])
+    assert (s["mean"], s["std"], s["n"]) == (2.0, 1.0, 3)
+    assert (s["ci_low"], s["ci_high"]) == pytest.approx((2 - 4.302652730 / 3**0.5, 2 + 4.302652730 / 3**0.5))
+    assert verdict(s, -0.5) == "met" and verdict(s, 5.0) == "missed" and verdict(s, 1.0) == "unresolved"
+    assert verdict(mean_interval([3.0]), 0.0) == "unresolved"  # one value: no interval, no claim
+
+
+def test_compare_prints_the_interval(tmp_path, capsys):
+    from dpq.pareto.compare import fmt, print_comparison
+
+    out = compare(gather([str(grid(tmp_path))], references=False, progress=False), "dq", "dpq")
+    d = out[0]["deltas"]["accuracy"]
+    assert fmt(d, signed=True, interval=True) == (
+        f"{d['mean']:+.4f} ± {d['std']:.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+    )
+    print_comparison(out)
+    assert "95% interval of the mean" in capsys.readouterr().out
 
 
 def test_compare_selector_errors(tmp_path):

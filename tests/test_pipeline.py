@@ -86,7 +86,15 @@ def test_results_json_has_all_fields(dpq_run):
     assert {"torch", "lightning", "transformers", "datasets", "torchmetrics", "fvcore"} <= set(
         on_disk["versions"]
     )
-    assert set(on_disk["git"]) == {"sha", "dirty"}
+    assert set(on_disk["git"]) == {
+        "sha",
+        "dirty",
+        "diff_sha256",
+        "untracked_sha256",
+        "untracked",
+        "patch",
+        "started",
+    }
     assert [s["stage"] for s in on_disk["stages"]] == ["teacher", "distill", "prune", "recover", "quantize"]
     for rec in on_disk["stages"] + [on_disk["final"]]:
         missing = [f for f in STAGE_FIELDS if f not in rec.get("metrics", rec)]

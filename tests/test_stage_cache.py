@@ -13,7 +13,7 @@ import pytest
 from conftest import compose_cfg
 from omegaconf import OmegaConf
 
-from dpq.core import distributed
+from dpq.core import distributed, provenance
 from dpq.core.distributed import rank_zero_decides
 from dpq.run import stage_cache
 from dpq.run.stage_cache import MANIFEST, CacheBusy, StageCache, pipeline_keys, prefix_key
@@ -39,7 +39,6 @@ def test_later_stages_and_bookkeeping_do_not_change_a_prefix_key(tmp_path):
         ("pipeline=spiral",),
         ("logger=csv",),
         ("run_name=other",),
-        ("cost.repeats=7", "cost.seq_len=32"),
         ("save_model=false",),
         ("trainer.log_every_n_steps=3",),
         ("pipeline.stages.teacher.cache=false",),
@@ -67,6 +66,13 @@ def test_anything_in_the_prefix_changes_the_key(tmp_path):
         ("trainer=cpu",),
         ("trainer.limit_train_batches=3",),
         ("trainer.gradient_clip_val=0.5",),
+        ("trainer.deterministic=true",),
+        ("trainer.precision=bf16-mixed",),
+        ("trainer.accelerator=auto",),
+        ("trainer.devices=2",),
+        # restored records carry cost figures measured under these settings (see IGNORED_KEYS)
+        ("cost.batch_size=2",),
+        ("cost.repeats=7", "cost.seq_len=32"),
     ]
     keys = {key}
     for overrides in changed:
@@ -91,6 +97,13 @@ def test_dp_and_dpq_share_every_key_of_their_common_stages(tmp_path):
     assert dq_keys[:2] == dpq_keys[:2] and dq_keys[2] != dpq_keys[2]  # quantize at position 2 is not prune
 
 
+def other_version(monkeypatch, package: str, version: str) -> None:
+    """As if ``package`` were installed at ``version`` (the recorded version every key reads)."""
+    real = dict(provenance.numeric_versions())
+    assert package in real
+    monkeypatch.setattr(provenance, "numeric_versions", lambda: {**real, package: version})
+
+
 def test_library_versions_format_and_extra_facts_are_in_the_key(tmp_path, monkeypatch):
     base = cfg_dict(tmp_path, "pipeline=dense")
     key = prefix_key(base, ["teacher"])
@@ -98,9 +111,42 @@ def test_library_versions_format_and_extra_facts_are_in_the_key(tmp_path, monkey
     monkeypatch.setattr(stage_cache, "CACHE_FORMAT", stage_cache.CACHE_FORMAT + 1)
     assert prefix_key(base, ["teacher"]) != key
     monkeypatch.undo()
-    real = stage_cache._major_minor
-    monkeypatch.setattr(stage_cache, "_major_minor", lambda p: "9.9" if p == "torch" else real(p))
-    assert prefix_key(base, ["teacher"]) != key
+    keys = {key}
+    for package in provenance.NUMERIC_LIBRARIES:  # every numerics library, at its full version
+        installed = provenance.numeric_versions()[package]
+        other_version(monkeypatch, package, installed + ".post1")
+        k = prefix_key(base, ["teacher"])
+        assert k not in keys, package
+        keys.add(k)
+        monkeypatch.undo()
+    assert prefix_key(base, ["teacher"]) == key
+    assert {"torchao", "fvcore", "datasets", "tokenizers", "numpy"} <= set(provenance.NUMERIC_LIBRARIES)
+
+
+def copy_of_dpq(tmp_path, edit: str | None = None) -> Path:
+    """A temporary copy of the running dpq package's source files; ``edit``: one line of this
+    file changed (a comment added to its first ``import`` line)."""
+    import shutil
+
+    copy = tmp_path / f"dpq_copy_{edit or 'same'}".replace("/", "_")
+    shutil.copytree(provenance.PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    if edit:
+        f = copy / edit
+        lines = f.read_text().splitlines(keepends=True)
+        i = next(i for i, line in enumerate(lines) if line.startswith("import "))
+        lines[i] = lines[i].rstrip("\n") + "  # edited\n"
+        f.write_text("".join(lines))
+    return copy
+
+
+def test_one_edited_line_of_dpq_source_changes_every_key(tmp_path, monkeypatch):
+    base = cfg_dict(tmp_path, "pipeline=dpq")
+    keys = pipeline_keys(base)
+    monkeypatch.setattr(provenance, "PACKAGE_ROOT", copy_of_dpq(tmp_path))
+    assert pipeline_keys(base) == keys  # the same files: the same keys
+    monkeypatch.setattr(provenance, "PACKAGE_ROOT", copy_of_dpq(tmp_path, "cost.py"))
+    edited = pipeline_keys(base)
+    assert not set(edited) & set(keys) and len(set(edited)) == len(keys)
 
 
 def test_a_loaded_teacher_folder_is_fingerprinted_by_content(tmp_path):
@@ -255,7 +301,12 @@ def test_stage_cache_command_lists_and_prunes(tmp_path, capsys):
     cache.build("k1", lambda d: _sized(d, 2_000_000), meta={"stages": ["teacher", "distill"]})
     assert stage_cache.main(["--dir", str(tmp_path), "list"]) == 0
     out = capsys.readouterr().out
-    assert "k1" in out and "teacher -> distill" in out and "1 entries, 2.0 MB on disk" in out
+    assert (
+        "k1" in out
+        and "teacher -> distill" in out
+        and "1 entries (0 stale" in out
+        and "2.0 MB on disk" in out
+    )
     with pytest.raises(SystemExit) as e:
         stage_cache.main(["--dir", str(tmp_path), "prune"])
     assert e.value.code == 2 and "--max-gb" in capsys.readouterr().err
@@ -266,6 +317,49 @@ def test_stage_cache_command_lists_and_prunes(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         stage_cache.main(["--dir", str(tmp_path / "nope"), "list"])
     assert e.value.code == 2
+
+
+def _rewrite_manifest(path: Path, **changes) -> None:
+    man = json.loads((path / MANIFEST).read_text())
+    for k, v in changes.items():
+        if v is None:
+            man.pop(k, None)
+        else:
+            man[k] = v
+    (path / MANIFEST).write_text(json.dumps(man))
+
+
+def test_entries_of_other_code_are_never_used_listed_stale_and_pruned(tmp_path, monkeypatch, capsys):
+    cache = StageCache(tmp_path)
+    for key in ("current", "old_code", "old_libs", "old_format"):
+        cache.build(key, write_payload, meta={"stages": ["teacher"]})
+    code = provenance.code_fingerprint()
+    assert json.loads((tmp_path / "current" / MANIFEST).read_text())["code"] == code
+    _rewrite_manifest(tmp_path / "old_code", code={**code, "dpq_source": "0" * 64})
+    _rewrite_manifest(
+        tmp_path / "old_libs", code={**code, "libraries": {**code["libraries"], "torchao": "0.1"}}
+    )
+    _rewrite_manifest(tmp_path / "old_format", format=1, code=None)
+    assert cache.stale() == {
+        "old_code": "other dpq code",
+        "old_libs": "other library versions",
+        "old_format": "cache format 1",
+    }
+    assert cache.lookup("current") is not None
+    assert all(cache.lookup(k) is None for k in ("old_code", "old_libs", "old_format"))
+    line = cache.stale_summary()
+    assert line.startswith("stage cache: ") and "1 entry from other dpq code" in line
+    assert "1 entry from other library versions" in line and "prune --stale" in line
+    assert stage_cache.main(["--dir", str(tmp_path), "list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    marked = {ln.split()[0]: "STALE" in ln for ln in out[:-1]}
+    assert marked == {"current": False, "old_code": True, "old_libs": True, "old_format": True}
+    assert "4 entries (3 stale" in out[-1]
+    assert stage_cache.main(["--dir", str(tmp_path), "prune", "--stale", "--dry-run"]) == 0
+    assert "would evict 3 entries" in capsys.readouterr().out and len(cache.entries()) == 4
+    assert stage_cache.main(["--dir", str(tmp_path), "prune", "--stale"]) == 0
+    assert "evicted 3 entries" in capsys.readouterr().out
+    assert [e["key"] for e in cache.entries()] == ["current"] and cache.stale_summary() is None
 
 
 def test_world_size_from_the_trainer_config(make_cfg):

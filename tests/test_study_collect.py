@@ -21,6 +21,7 @@ def study():
 def final(acc, eff, lat=10.0):
     return {
         "accuracy": acc,
+        "val_accuracy": acc + 0.01,
         "dense_gflops": 0.35,
         "effective_gflops": eff,
         "size_bytes": 1e6,
@@ -45,6 +46,24 @@ def dense_stages(t_acc, s_acc):
         {"kind": "teacher", "metrics": final(t_acc, 0.7)},
         {"kind": "distill", "metrics": final(s_acc, 0.35)},
     ]
+
+
+class Tree:
+    """What ``study.tree_state`` returns: the checkout's git state (here made up)."""
+
+    def __init__(self, dirty):
+        self.info = {
+            "sha": "abc",
+            "dirty": dirty,
+            "diff_sha256": "d" * 64 if dirty else None,
+            "untracked_sha256": None,
+            "untracked": [],
+        }
+
+
+@pytest.fixture(autouse=True)
+def clean_checkout(study, monkeypatch):
+    monkeypatch.setattr(study, "tree_state", lambda: Tree(dirty=False))
 
 
 @pytest.fixture
@@ -87,9 +106,63 @@ def test_goals_pair_candidates_with_dq_by_seed(study, folder):
     assert cand["accuracy_delta_per_seed"] == pytest.approx({"1": -0.005, "2": -0.02})
     assert cand["accuracy_delta"] == pytest.approx(-0.0125)  # paired mean, seed 3 left out
     assert cand["effective_gflops_ratio"] == pytest.approx(0.12 / 0.28)
-    assert not cand["meets"] and not cand["meets_every_seed"]
+    half = 12.706204736 * 0.015 / 2**0.5 / 2**0.5  # t(0.975, 1 df) * std / sqrt(2); std of (-.005, -.02)
+    assert cand["accuracy_delta_ci95"] == pytest.approx([-0.0125 - half, -0.0125 + half])
+    assert cand["accuracy_verdict"] == "unresolved"
+    assert not cand["meets"] and not cand["meets_every_seed"] and not cand["meets_on_mean"]
     lat = study.goals(summary, runs)["dpq_s55_vs_dq_latency"]
-    assert lat["speedup"] == pytest.approx(13.0 / (23 / 3)) and lat["faster"]
+    assert lat["speedup"] == pytest.approx(13.0 / (23 / 3)) and lat["faster_on_mean"]
+    assert lat["saving_ms"] == pytest.approx(5.5)  # (14 - 7 + 12 - 8) / 2, seed 3 unpaired
+    assert lat["saving_ms_ci95"][0] < 0 and not lat["faster"]  # two seeds do not show it
+
+
+def test_a_goal_is_met_on_its_interval_not_on_its_mean(study, tmp_path):
+    """Three seeds 0.2 points below dq, tightly: the interval clears -1 point (met); a candidate
+    whose mean is as good but whose seeds scatter by points is unresolved."""
+    f = tmp_path / "study"
+    for sd, base in ((1, 0.85), (2, 0.86), (3, 0.84)):
+        write(f, f"dq-s{sd}", base, 0.28, lat=14.0 + sd)
+        write(f, f"dpq_s55-s{sd}", base - 0.002 - 0.0001 * sd, 0.12, lat=7.0 + 0.1 * sd)
+        write(
+            f, f"dpq_s50-s{sd}", base - 0.002 + (0.03, -0.03, 0.0)[sd - 1], 0.14, lat=(7.0, 14.0, 8.0)[sd - 1]
+        )
+    runs = study.collect(f)
+    goals = study.goals(study.summarise(runs), runs)
+    by = {c["config"]: c for c in goals["dpq_vs_dq"]}
+    tight, loose = by["dpq_s55"], by["dpq_s50"]
+    assert tight["accuracy_verdict"] == "met" and tight["meets"]
+    assert loose["accuracy_delta"] == pytest.approx(-0.002) and loose["meets_on_mean"]
+    assert loose["accuracy_verdict"] == "unresolved" and not loose["meets"]
+    assert goals["dpq_s55_vs_dq_latency"]["faster"]  # 7.9 ms saved on every seed, give or take 0.1
+    assert not goals["structured_vs_dq_latency"]["faster"]  # saves 8, 2 and 9 ms: not shown
+    table = study.markdown_goals({"goals": goals})
+    assert "| `dpq_s55` | 0.429 | −0.22 [" in table and "| met | met |" in table
+
+
+def test_the_study_refuses_a_dirty_checkout_unless_allowed_and_records_it(study, tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(study, "tree_state", lambda: Tree(dirty=True))
+    monkeypatch.setattr(study, "run_one", lambda n, s, out, extra: ran.append((n, s)) or {})
+    with pytest.raises(SystemExit, match="uncommitted changes.*--allow-dirty"):
+        study.main(["--seeds", "1", "--configs", "dq", "--out", str(tmp_path)])
+    assert ran == []  # refused before any run
+    folder = tmp_path / "s"
+    write(folder, "dq-s1", 0.86, 0.28)
+    monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: type("P", (), {"returncode": 0})())
+    monkeypatch.setattr(
+        study, "run_one", lambda n, s, out, extra: json.loads((folder / "dq-s1/results.json").read_text())
+    )
+    report = study.main(["--seeds", "1", "--configs", "dq", "--out", str(folder), "--allow-dirty"])
+    saved = json.loads((folder / "study.json").read_text())
+    assert report["allow_dirty"] is True and saved["allow_dirty"] is True
+    assert saved["git_at_start"]["dirty"] is True and saved["git_at_start"]["diff_sha256"] == "d" * 64
+    collected = study.main(["--collect", "--out", str(folder)])  # summarising trains nothing: allowed
+    assert collected["git_at_start"]["dirty"] is True
+
+
+def test_update_docs_only_from_the_committed_study(study, folder):
+    with pytest.raises(SystemExit, match="--update-docs needs --collect and the default --out"):
+        study.main(["--collect", "--update-docs", "--out", str(folder)])
 
 
 def test_collect_cli_writes_one_report_over_all_seeds(study, folder, monkeypatch):
@@ -124,6 +197,12 @@ def test_markdown_table_holds_the_reports_figures(study, folder, monkeypatch):
     assert (
         cells[2] == f"{(0.855 + 0.78 + 0.99) / 3:.4f} ± {report['summary']['dpq_s55']['accuracy']['std']:.4f}"
     )
-    assert cells[3] == "-1.25 (-0.50, -2.00)"  # paired with dq on seeds 1 and 2
-    assert cells[6] == f"{0.12 / 0.28:.3f}"
+    assert (
+        cells[3]
+        == f"{(0.855 + 0.78 + 0.99) / 3 + 0.01:.4f} ± {report['summary']['dpq_s55']['accuracy']['std']:.4f}"
+    )
+    assert cells[4] == "-1.25 (-0.50, -2.00)"  # paired with dq on seeds 1 and 2
+    lo, hi = report["goals"]["dpq_vs_dq"][0]["accuracy_delta_ci95"]
+    assert cells[5] == f"[{100 * lo:+.2f}, {100 * hi:+.2f}]"
+    assert cells[8] == f"{0.12 / 0.28:.3f}"
     assert any(r.startswith("| teacher") and "0.8650 ± 0.0071" in r for r in table)

@@ -18,6 +18,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dpq.core.config import CONF_DIR, list_options
+from dpq.core.errors import ConfigError
+from dpq.run.validate import check_wandb_sweep, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -98,6 +100,7 @@ def test_each_sweep_file_is_a_valid_wandb_sweep_with_the_plain_override_command(
     assert sweep["metric"]["goal"] in ("maximize", "minimize") and sweep["metric"]["name"].startswith(
         "final/"
     )
+    check_wandb_sweep(sweep, path.name)  # ConfigError if it optimises a test metric
     assert sweep["command"] == COMMAND
     assert (ROOT / sweep["program"]).is_file()
     for key, spec in sweep["parameters"].items():
@@ -175,6 +178,67 @@ def test_every_command_of_a_whole_grid_composes_a_valid_run_config(tmp_path, pat
     check_agent_commands(tmp_path, sweep, points(sweep))
 
 
+# ---- objectives: the validation split only -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "metric, weight",
+    [
+        ("final/accuracy", None),
+        ("final/loss", None),
+        ("final/objective", "objective.weights.accuracy"),
+        ("final/val_accuracy", "objective.weights.loss"),
+    ],
+)
+def test_a_wandb_sweep_on_a_test_metric_is_a_config_error(metric, weight):
+    sweep = load(ROOT / "sweeps" / "pareto_bayes.yaml")
+    sweep["metric"]["name"] = metric
+    if weight:
+        sweep["parameters"][weight] = {"value": 1.0}
+    with pytest.raises(ConfigError, match="test split") as e:
+        check_wandb_sweep(sweep, "sweep.yaml")
+    assert "val_" in str(e.value) and "sweep.yaml" in e.value.key
+
+
+def test_wandb_sweeps_may_optimise_validation_and_cost_metrics_only():
+    sweep = load(ROOT / "sweeps" / "sparsity_grid.yaml")
+    for name in ("final/val_accuracy", "final/val_loss", "final/effective_gflops", "final/latency_ms_median"):
+        check_wandb_sweep({**sweep, "metric": {"name": name, "goal": "maximize"}}, "s.yaml")
+    for bad, why in (("final/acc", "must be a validation or cost metric"), ("val_accuracy", "final/<metric")):
+        with pytest.raises(ConfigError, match=why):
+            check_wandb_sweep({**sweep, "metric": {"name": bad, "goal": "maximize"}}, "s.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["objective.metrics=[accuracy]"], "objective.metrics"),
+        (["objective.metrics=[val_accuracy,loss]"], "objective.metrics"),
+        (["+objective.weights.accuracy=1.0"], "objective.weights.accuracy"),
+        (
+            ["hparams_search=pareto_multi", "objective.metrics=[accuracy,effective_gflops]"],
+            "objective.metrics",
+        ),
+    ],
+)
+def test_an_objective_on_a_test_metric_is_a_config_error(tmp_path, overrides, key):
+    cfg = OmegaConf.to_container(compose_cfg(tmp_path, ["experiment=tiny", *overrides]), resolve=True)
+    with pytest.raises(ConfigError, match="test split; models are selected on the validation split") as e:
+        validate(cfg)
+    assert e.value.key == key and "val_" in str(e.value)
+
+
+def test_objectives_default_to_validation_accuracy_and_every_study_validates(tmp_path):
+    cfg = compose_cfg(tmp_path, ["experiment=tiny"])
+    assert list(cfg.objective.metrics) == ["val_accuracy"]
+    assert dict(cfg.objective.weights) == {"val_accuracy": 1.0, "effective_gflops": -0.1}
+    for study in list_options("hparams_search"):
+        composed = compose_cfg(tmp_path, ["experiment=tiny", f"hparams_search={study}"])
+        validate(OmegaConf.to_container(composed, resolve=True))  # ConfigError on a test metric
+    for ok in (["objective.metrics=[val_loss,size_bytes]"], ["+objective.weights.latency_ms_median=-1"]):
+        validate(OmegaConf.to_container(compose_cfg(tmp_path, ["experiment=tiny", *ok]), resolve=True))
+
+
 # ---- the Hydra multirun / Optuna twins ------------------------------------------------------------
 
 
@@ -230,11 +294,11 @@ def test_the_optuna_bayes_twin_searches_the_wandb_space_on_the_same_objective():
     assert list(cfg.objective.metrics) == ["objective"] and wandb["metric"]["name"] == "final/objective"
 
 
-def test_the_multi_objective_study_maximises_accuracy_and_minimises_effective_gflops():
+def test_the_multi_objective_study_maximises_val_accuracy_and_minimises_effective_gflops():
     import hydra
 
     cfg = compose_hydra("hparams_search=pareto_multi")
-    assert list(cfg.objective.metrics) == ["accuracy", "effective_gflops"]
+    assert list(cfg.objective.metrics) == ["val_accuracy", "effective_gflops"]
     assert list(cfg.hydra.sweeper.direction) == ["maximize", "minimize"]
     sampler = hydra.utils.instantiate(cfg.hydra.sweeper.sampler)
     assert type(sampler).__name__ == "NSGAIISampler"
@@ -314,7 +378,7 @@ def test_the_scalarised_objective_is_computed_and_returned(tmp_path):
 
     cfg = compose_cfg(tmp_path, [*TINY, "pipeline=dp", "objective.weights.effective_gflops=-0.5"])
     final = train(cfg)["final"]
-    assert final["objective"] == pytest.approx(final["accuracy"] - 0.5 * final["effective_gflops"])
+    assert final["objective"] == pytest.approx(final["val_accuracy"] - 0.5 * final["effective_gflops"])
 
 
 @pytest.mark.slow
@@ -343,7 +407,7 @@ def test_the_multi_objective_optuna_study_and_dpq_pareto_report_the_same_front(t
             "dpq.pareto",
             str(sweep_dir),
             "-O",
-            "accuracy,effective_gflops",
+            "val_accuracy,effective_gflops",
             "--no-references",
             "--no-progress",
             "-o",
@@ -360,7 +424,7 @@ def test_the_multi_objective_optuna_study_and_dpq_pareto_report_the_same_front(t
 
     front = pd.read_csv(tmp_path / "pareto" / "pareto.csv")
     front = front[front["pareto"]]
-    ours = {(round(a, 6), round(g, 6)) for a, g in zip(front["accuracy"], front["effective_gflops"])}
+    ours = {(round(a, 6), round(g, 6)) for a, g in zip(front["val_accuracy"], front["effective_gflops"])}
     theirs = {(round(v[0], 6), round(v[1], 6)) for v in (s["values"] for s in solutions)}
     assert ours == theirs
 

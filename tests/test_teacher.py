@@ -74,3 +74,42 @@ def test_a_partial_cache_entry_is_replaced(tmp_path, count_fits):
     second = run(tmp_path, "b")
     assert count_fits.count("teacher") == 2 and second["stages"][0]["cache"] == "miss"
     assert (folder / "COMPLETE").exists()
+
+
+def test_the_teacher_cache_key_covers_trainer_settings_dpq_source_and_library_versions(tmp_path, monkeypatch):
+    """Without training: each change below must give the teacher another cache entry (a miss)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+    from test_stage_cache import copy_of_dpq, other_version
+
+    from dpq.core import provenance
+    from dpq.stages import build_stages
+
+    def key(*extra):
+        cfg = OmegaConf.to_container(compose_cfg(tmp_path, [*BASE, *extra]), resolve=True)
+        teacher = build_stages(cfg["pipeline"])[0]
+        return teacher.cache_key(SimpleNamespace(cfg=cfg))
+
+    base = key()
+    assert key("logger=csv", "trainer.log_every_n_steps=3", "cost.batch_size=4") == base  # never a number
+    changed = {
+        base,
+        *(
+            key(o)
+            for o in (
+                "trainer.gradient_clip_val=0.25",
+                "trainer.devices=2",
+                "trainer.accelerator=auto",
+                "trainer.precision=bf16-mixed",
+                "trainer.deterministic=true",
+            )
+        ),
+    }
+    assert len(changed) == 6
+    other_version(monkeypatch, "torchao", "0.1.0")
+    changed.add(key())
+    monkeypatch.undo()
+    monkeypatch.setattr(provenance, "PACKAGE_ROOT", copy_of_dpq(tmp_path, "prune/masks.py"))
+    changed.add(key())
+    assert len(changed) == 8

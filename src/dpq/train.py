@@ -20,6 +20,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from dpq.core.errors import ConfigError, IntegrityError, TrainingDiverged
+from dpq.core.provenance import capture_git
 from dpq.data import load_task
 from dpq.models import load_tokenizer
 from dpq.run import RunContext, Runner, records, validate, validate_data
@@ -39,6 +40,7 @@ def quiet_libraries() -> None:
 def train(cfg: DictConfig) -> dict:
     """Validate, load data and models, run every stage in order, write results.json; return it."""
     started = time.perf_counter()
+    git = capture_git()  # the code that runs is the code at the start, whatever is committed meanwhile
     quiet_libraries()
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     resume_from = cfg_dict.get("resume")
@@ -55,7 +57,7 @@ def train(cfg: DictConfig) -> dict:
         return done
     if not resume_from:
         claim_output_dir(output_dir, cfg_dict)  # never write into another run's folder
-    ctx = RunContext.open(cfg_dict, splits, tokenizer, output_dir)
+    ctx = RunContext.open(cfg_dict, splits, tokenizer, output_dir, git)
     log.info("task %s from %s: %s", cfg_dict["task"]["name"], splits.source, splits.sizes())
     log.info("pipeline %s: %s", cfg_dict["pipeline"]["name"], " -> ".join(s.name for s in stages))
     runner = Runner(ctx)
@@ -97,7 +99,9 @@ def main(cfg: DictConfig) -> float | list[float] | None:
         print(f"dpq: integrity check failed: {e}", file=sys.stderr)
         sys.exit(4)
     # What a Hydra sweeper optimises: one value, or several for a multi-objective Optuna study.
-    vals = [float(results["final"][m]) for m in (cfg.get("objective") or {}).get("metrics") or ["accuracy"]]
+    vals = [
+        float(results["final"][m]) for m in (cfg.get("objective") or {}).get("metrics") or ["val_accuracy"]
+    ]
     return vals[0] if len(vals) == 1 else vals
 
 

@@ -1,12 +1,34 @@
-"""Where a number came from: library versions and the git state of the code that ran."""
+"""Where a number came from: the code and libraries that computed it, and the git state of that code.
+
+Two uses, kept in one place so they cannot drift apart:
+
+* **What determines a number** (:func:`code_fingerprint`, :func:`training_settings`): every cache
+  that reuses a computed state (the stage cache, the teacher cache) keys on a hash of dpq's own
+  source files, the full versions of every library that touches numerics, and every trainer
+  setting that changes training. dpq's version string is not enough: it does not change when a
+  bug in pruning or quantization is fixed.
+* **What ran** (:func:`capture_git`): the commit, whether the tree was dirty, and SHA-256 hashes
+  of the uncommitted diff and of untracked source files, read when a run *starts* (a commit
+  made while it trains does not change what it reports), with the diff itself to save beside
+  the run.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.metadata
 import platform
 import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+# The dpq package this process imported (its source files are hashed into cache keys).
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+# Reported in results.json.
 PACKAGES = (
     "torch",
     "lightning",
@@ -18,29 +40,146 @@ PACKAGES = (
     "fvcore",
     "wandb",
 )
+# Libraries whose version can change a number a stage computes (training, quantization, FLOP
+# counting, data loading and tokenization): their full versions are in every cache key.
+NUMERIC_LIBRARIES = (
+    "torch",
+    "transformers",
+    "lightning",
+    "torchao",
+    "fvcore",
+    "datasets",
+    "tokenizers",
+    "numpy",
+)
+# Trainer arguments that only change what is displayed or saved, never a number; every other
+# trainer argument (gradient_clip_val, devices, accelerator, precision, deterministic, limits...)
+# is part of what determines a trained state.
+DISPLAY_ONLY_TRAINER_KEYS = frozenset(
+    {
+        "log_every_n_steps",
+        "enable_progress_bar",
+        "enable_model_summary",
+        "enable_checkpointing",
+        "default_root_dir",
+        "logger",
+    }
+)
+# Untracked files of these kinds count as source: they can change what runs (a new stage module,
+# a new config) although git does not track them yet.
+SOURCE_SUFFIXES = (".py", ".yaml", ".yml", ".toml", ".cfg", ".ini")
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def library_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for p in PACKAGES:
-        try:
-            out[p] = importlib.metadata.version(p)
-        except importlib.metadata.PackageNotFoundError:
-            out[p] = "not installed"
+    out.update({p: _version(p) for p in PACKAGES})
     return out
 
 
-def git_info() -> dict:
-    src = Path(__file__).resolve().parent
+@functools.cache
+def numeric_versions() -> dict[str, str]:
+    """Full versions of :data:`NUMERIC_LIBRARIES` (read once per process: they cannot change under it)."""
+    return {p: _version(p) for p in NUMERIC_LIBRARIES}
 
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(
-                ["git", "-C", str(src), *args], capture_output=True, text=True, check=True, timeout=10
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
+
+@functools.cache
+def _tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def source_hash() -> str:
+    """SHA-256 over every ``.py`` file of the dpq package that is running (paths and contents).
+
+    About 100 small files: hashed once per process (and per :data:`PACKAGE_ROOT`)."""
+    return _tree_hash(PACKAGE_ROOT)
+
+
+def code_fingerprint() -> dict[str, Any]:
+    """What a cached state must share with this process to be reused: dpq's source and the
+    numerics libraries' versions."""
+    return {"dpq_source": source_hash(), "libraries": dict(numeric_versions())}
+
+
+def training_settings(trainer: Mapping[str, Any]) -> dict[str, Any]:
+    """The trainer arguments that can change a trained state: all but :data:`DISPLAY_ONLY_TRAINER_KEYS`."""
+    return {k: v for k, v in trainer.items() if k not in DISPLAY_ONLY_TRAINER_KEYS}
+
+
+# ---- git state of the code that runs --------------------------------------------------------------
+@dataclass
+class GitState:
+    info: dict[str, Any]  # what results.json records: sha, dirty, diff_sha256, untracked_sha256, ...
+    patch: str  # `git diff HEAD` plus untracked source files as new-file diffs ("" when clean)
+
+    def save(self, folder: Path, name: str = "diff.patch") -> Path | None:
+        """Write the patch as ``folder/name`` when the tree was dirty; its path, else None."""
+        if not self.patch:
             return None
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / name
+        path.write_text(self.patch)
+        return path
 
-    sha = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"sha": sha, "dirty": bool(dirty) if dirty is not None else None}
+
+def _git(repo: Path, *args: str, ok_codes: tuple[int, ...] = (0,)) -> str | None:
+    try:
+        proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode in ok_codes else None
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def capture_git(path: Path | None = None) -> GitState:
+    """The git state of the repository holding ``path`` (default: the running dpq package).
+
+    ``dirty`` is true when tracked files differ from HEAD or untracked source files
+    (:data:`SOURCE_SUFFIXES`, not git-ignored) exist. ``diff_sha256`` hashes ``git diff HEAD``;
+    ``untracked_sha256`` hashes the untracked source files' names and contents. Outside a git
+    checkout every field is None.
+    """
+    src = Path(path) if path is not None else PACKAGE_ROOT
+    top = _git(src, "rev-parse", "--show-toplevel")
+    if top is None:
+        none = {"sha": None, "dirty": None, "diff_sha256": None, "untracked_sha256": None, "untracked": []}
+        return GitState(none, "")
+    repo = Path(top.strip())
+    sha = (_git(repo, "rev-parse", "HEAD") or "").strip() or None
+    diff = _git(repo, "diff", "HEAD", "--binary") or ""
+    listed = _git(repo, "ls-files", "--others", "--exclude-standard", "-z") or ""
+    untracked = sorted(p for p in listed.split("\0") if p and p.endswith(SOURCE_SUFFIXES))
+    h = hashlib.sha256()
+    new_files = []
+    for rel in untracked:
+        f = repo / rel
+        if not f.is_file():
+            continue
+        h.update(rel.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+        # exit status 1 means "differs", which a new file always does
+        new_files.append(
+            _git(repo, "diff", "--no-index", "--binary", "--", "/dev/null", rel, ok_codes=(0, 1))
+        )
+    info = {
+        "sha": sha,
+        "dirty": bool(diff or untracked),
+        "diff_sha256": _sha256(diff) if diff else None,
+        "untracked_sha256": h.hexdigest() if untracked else None,
+        "untracked": untracked,
+    }
+    return GitState(info, diff + "".join(p or "" for p in new_files))

@@ -210,8 +210,8 @@ def compare_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dpq.pareto compare",
         description="A baseline configuration against candidate configurations of the same task/model/teacher: "
-        "accuracy difference and cost ratios (candidate / baseline), mean ± std across seeds, paired by seed "
-        "when both share seeds. Prints a table and writes compare.json.",
+        "accuracy difference and cost ratios (candidate / baseline), mean ± std across seeds with a 95% "
+        "interval, paired by seed when both share seeds. Prints a table and writes compare.json.",
         epilog="selectors: a pipeline name, optionally with filters on columns or config keys, e.g. "
         "--candidate 'dpq,final_sparsity=0.2' --baseline 'dq,bits=4'",
     )
@@ -238,7 +238,8 @@ def run_compare(args: argparse.Namespace) -> dict:
         "candidate": args.candidate,
         "comparisons": results,
         "method": "deltas: candidate - baseline; ratios: candidate / baseline; mean ± std across seeds "
-        "(per-seed pairs when seeds are shared, else propagated from each side's std)",
+        "with the 95% interval of the mean (ci_low, ci_high): per-seed pairs and Student's t when seeds "
+        "are shared, else propagated from each side's std (Welch's interval for deltas, none for ratios)",
     }
     (out / "compare.json").write_text(json.dumps(payload, indent=2, default=str))
     print(f"compare.json: {out / 'compare.json'}")

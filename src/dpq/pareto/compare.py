@@ -2,9 +2,10 @@
 costs 1.6 points of accuracy for 20 % fewer GFLOPs than quant-only ``dq``), on any task.
 
 When the two share seeds, the comparison is *paired*: per-seed differences (accuracy) and
-ratios (costs), then their mean and standard deviation across seeds. Otherwise it is
-*unpaired*: difference / ratio of the means, the spread propagated from each side's standard
-deviation (sqrt(s_a^2 + s_b^2) for a difference; relative errors in quadrature for a ratio).
+ratios (costs), then their mean, standard deviation and 95% t interval across seeds
+(:mod:`dpq.pareto.stats`). Otherwise it is *unpaired*: difference / ratio of the means, the
+spread propagated from each side's standard deviation (sqrt(s_a^2 + s_b^2) for a difference,
+with Welch's 95% interval; relative errors in quadrature for a ratio, without an interval).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pandas as pd
 from dpq.core.errors import ConfigError
 
 from .gather import json_safe
+from .stats import difference_interval, mean_interval
 
 DELTAS = ("accuracy", "val_accuracy")
 RATIOS = (
@@ -84,12 +86,8 @@ def _per_seed(sel: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
 
 
 def _stat(values: list[float]) -> dict:
-    s = pd.Series(values, dtype=float).dropna()
-    return {
-        "mean": json_safe(s.mean()) if len(s) else None,
-        "std": json_safe(s.std(ddof=1)) if len(s) > 1 else 0.0,
-        "n": int(len(s)),
-    }
+    """Mean, std and the 95% t interval of the mean (``ci_low``/``ci_high``, None for one value)."""
+    return {k: json_safe(v) if isinstance(v, float) else v for k, v in mean_interval(values).items()}
 
 
 def compare_pair(base: pd.DataFrame, cand: pd.DataFrame) -> dict:
@@ -118,17 +116,15 @@ def compare_pair(base: pd.DataFrame, cand: pd.DataFrame) -> dict:
             sb = b[m].std(ddof=1) if len(b) > 1 else 0.0
             sc = c[m].std(ddof=1) if len(c) > 1 else 0.0
             if m in DELTAS:
-                stat = {
-                    "mean": json_safe(mc - mb),
-                    "std": json_safe(math.hypot(sb, sc)),
-                    "n": int(min(len(b), len(c))),
-                }
+                stat = _json(difference_interval(list(b[m].dropna()), list(c[m].dropna())))
             else:
                 r = mc / mb
                 stat = {
                     "mean": json_safe(r),
                     "std": json_safe(abs(r) * math.hypot(sb / mb, sc / mc)),
                     "n": int(min(len(b), len(c))),
+                    "ci_low": None,
+                    "ci_high": None,
                 }
         (out["deltas"] if m in DELTAS else out["ratios"])[m] = stat
     return out
@@ -190,24 +186,37 @@ def compare(runs: pd.DataFrame, baseline: str, candidate: str) -> list[dict]:
     return results
 
 
-def fmt(stat: dict | None, digits: int = 4, signed: bool = False) -> str:
+def _json(stat: dict) -> dict:
+    return {k: json_safe(v) if isinstance(v, float) else v for k, v in stat.items()}
+
+
+def fmt(stat: dict | None, digits: int = 4, signed: bool = False, interval: bool = False) -> str:
+    """``mean ± std``, with ``interval`` also ``[low, high]`` (the 95% interval of the mean)."""
     if not stat or stat.get("mean") is None:
         return "–"
     m = f"{stat['mean']:+.{digits}f}" if signed else f"{stat['mean']:.{digits}f}"
-    return m + (f" ± {stat['std']:.{digits}f}" if stat.get("std") else "")
+    m += f" ± {stat['std']:.{digits}f}" if stat.get("std") else ""
+    if interval and stat.get("ci_low") is not None:
+        sign = "+" if signed else ""
+        m += f" [{stat['ci_low']:{sign}.{digits}f}, {stat['ci_high']:{sign}.{digits}f}]"
+    return m
 
 
 def print_comparison(results: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="candidate vs baseline (mean ± std across seeds; ratios are candidate / baseline)")
+    table = Table(
+        title="candidate vs baseline (mean ± std across seeds [95% interval of the mean]; "
+        "ratios are candidate / baseline)"
+    )
     for h in (
         "task",
         "baseline",
         "candidate",
         "pairing",
-        "Δ accuracy",
+        "Δ accuracy [95%]",
+        "Δ val accuracy [95%]",
         "eff. GFLOPs ×",
         "BOPs ×",
         "latency ×",
@@ -222,7 +231,8 @@ def print_comparison(results: list[dict]) -> None:
             r["baseline"]["label"],
             r["candidate"]["label"],
             f"{r['pairing'].split(' (')[0]}, n={r['deltas'].get('accuracy', {}).get('n', 0)}",
-            fmt(r["deltas"].get("accuracy"), signed=True),
+            fmt(r["deltas"].get("accuracy"), signed=True, interval=True),
+            fmt(r["deltas"].get("val_accuracy"), signed=True, interval=True),
             fmt(ratios.get("effective_gflops"), 3),
             fmt(ratios.get("bops"), 3),
             fmt(ratios.get("latency_ms_median"), 3),

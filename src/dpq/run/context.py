@@ -23,15 +23,17 @@ from torch import nn
 
 from dpq import cost
 from dpq.core import devices
+from dpq.core.distributed import is_global_zero
 from dpq.core.errors import ConfigError
+from dpq.core.provenance import GitState, capture_git
 from dpq.core.selectors import select_prunable
 from dpq.data import ClassificationDataModule
 from dpq.distill.losses import KDConfig
 from dpq.distill.module import ClassifierModule
 from dpq.loggers import build_logger, tolerant
-from dpq.models import build_model, load_model
+from dpq.models import build_model, load_model, skeleton
 from dpq.prune.callbacks import MaskFreeze
-from dpq.run import resume
+from dpq.run import records, resume
 from dpq.run.state import State
 from dpq.stages import KDStageConfig, Stage
 
@@ -62,11 +64,18 @@ class RunContext:
             None  # set by the runner: where the current stage's fits checkpoint (None: not at all)
         )
         self._stage_started = time.perf_counter()
-        self._prunable: dict[int, list[str]] = {}
+        self.git: dict = {}  # the code's git state when this process started (RunContext.open)
+        self.git_earlier_starts: list[dict] = []  # a resumed run: the states its earlier starts recorded
+        self._prunable: dict[str, list[str]] = {}  # role -> sparsity layers (prunable_names)
 
     @classmethod
-    def open(cls, cfg: dict[str, Any], splits, tokenizer, output_dir: Path) -> RunContext:
-        """The context of a run starting (or resuming) in ``output_dir``: its data module and tracker."""
+    def open(
+        cls, cfg: dict[str, Any], splits, tokenizer, output_dir: Path, git: GitState | None = None
+    ) -> RunContext:
+        """The context of a run starting (or resuming) in ``output_dir``: its data module and tracker.
+
+        ``git``: the state of the code captured when the process started (default: now); recorded
+        under ``<run>/provenance/`` before any training, and reported in results.json."""
         task = cfg["task"]
         data = ClassificationDataModule(
             splits,
@@ -77,8 +86,13 @@ class RunContext:
             group_by_length=bool(task.get("group_by_length", True)),
         )
         output_dir.mkdir(parents=True, exist_ok=True)
+        git = git if git is not None else capture_git()
+        earlier = records.git_starts(output_dir)
+        started = records.save_provenance(output_dir, git) if is_global_zero() else dict(git.info)
         logger = build_logger(cfg["logger"], output_dir, cfg["run_name"], cfg)
-        return cls(cfg, OmegaConf.create(cfg["trainer"]), data, tokenizer, logger, output_dir)
+        ctx = cls(cfg, OmegaConf.create(cfg["trainer"]), data, tokenizer, logger, output_dir)
+        ctx.git, ctx.git_earlier_starts = started, earlier
+        return ctx
 
     def close(self, summary: dict | None = None) -> None:
         """End the tracker's run (W&B gets ``summary``)."""
@@ -227,13 +241,26 @@ class RunContext:
         return cost.task_inputs(self.task, self.cfg["cost"], self.tokenizer)
 
     def prunable_names(self, state: State, model: nn.Module, role: str) -> list[str]:
-        """Names the sparsity metric covers: masked modules, else the model's prune targets (fixed once seen)."""
+        """Names the sparsity metric covers, taken from the config so that a stage that ran and the same
+        stage restored from the cache report the same figure: the masked modules once a stage has
+        pruned (the prune stages' targets; masks are restored with the state), else the model's
+        ``prune_targets`` selected on its architecture as the config builds it. Selecting on the
+        live model instead would miss modules that quantization has converted (no longer
+        ``nn.Linear``) in a model restored after its quantize stage."""
         if role != "teacher" and state.masks:
             return list(state.masks)
-        if id(model) not in self._prunable:
-            spec = self.teacher_spec if role == "teacher" else self.model_spec
-            self._prunable[id(model)] = select_prunable(model, spec.get("prune_targets") or [])
-        return self._prunable[id(model)]
+        if role not in self._prunable:
+            spec, key = (self.teacher_spec, "teacher") if role == "teacher" else (self.model_spec, "model")
+            source = state.teacher if role != "teacher" and spec.get("init") == "from_teacher" else None
+            with torch.random.fork_rng(devices=[]):  # dpq's own models are built for real: draw no randomness
+                arch = skeleton(spec, self.task, key, teacher=source)
+            selector = spec.get("prune_targets") or []
+            if arch is None:  # the architecture cannot be built from the config alone here
+                log.debug("sparsity layers of the %s: selected on the live model", role)
+                arch = model
+            have = dict(model.named_modules())
+            self._prunable[role] = [n for n in select_prunable(arch, selector) if n in have]
+        return self._prunable[role]
 
     def begin_stage(self) -> None:
         """Start the clock of the next record's ``duration_s`` (composite stages call it per sub-stage)."""

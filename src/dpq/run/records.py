@@ -2,9 +2,43 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
-from dpq.core.provenance import git_info, library_versions
+from dpq.core.files import write_json_atomic
+from dpq.core.provenance import GitState, library_versions
+
+PROVENANCE = "provenance"  # <run>/provenance/: git.json (one entry per start) and the uncommitted diff
+
+
+def save_provenance(output_dir: Path, git: GitState) -> dict:
+    """Record the git state a run (or a resume of it) started from: appended to
+    ``<run>/provenance/git.json``, the diff saved beside it when the tree was dirty. Returns what
+    results.json reports as ``git`` (the hashes and the patch's path relative to the run folder)."""
+    folder = Path(output_dir) / PROVENANCE
+    log_file = folder / "git.json"
+    try:
+        starts = json.loads(log_file.read_text())
+    except (OSError, ValueError):
+        starts = []
+    name = "diff.patch" if not starts else f"diff-start{len(starts)}.patch"
+    patch = git.save(folder, name)
+    info = {
+        **git.info,
+        "patch": str(patch.relative_to(output_dir)) if patch else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json_atomic(log_file, [*starts, info])
+    return info
+
+
+def git_starts(output_dir: Path) -> list[dict]:
+    """Every start's git state recorded by :func:`save_provenance` (a resumed run has several)."""
+    try:
+        return json.loads((Path(output_dir) / PROVENANCE / "git.json").read_text())
+    except (OSError, ValueError):
+        return []
 
 
 def results(
@@ -17,9 +51,13 @@ def results(
     model_dir: Path | None,
     wall_time_s: float,
     resumed_after: str | None,
+    git: dict,
+    earlier_starts: list[dict] | None = None,
 ) -> dict:
-    """results.json of a completed run."""
+    """results.json of a completed run. ``git``: the state this process started from; a resumed
+    run also lists the ``earlier_starts``, each recorded when it started."""
     task, recs = cfg["task"], state.records
+    extra = {"git_earlier_starts": earlier_starts} if earlier_starts else {}
     return {
         "status": "completed",
         "run_name": cfg["run_name"],
@@ -27,7 +65,8 @@ def results(
         "order": list(order),
         "task": {"name": task["name"], "source": splits.source, "sizes": splits.sizes()},
         "seed": int(cfg["seed"]),
-        "git": git_info(),
+        "git": git,
+        **extra,
         "versions": library_versions(),
         "cost_conditions": {
             **cfg["cost"],

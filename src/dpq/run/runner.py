@@ -79,6 +79,8 @@ class Runner:
             self.ctx.cfg, {"data_source": splits.source, "data_sizes": splits.sizes()}
         )
         distributed = trainer_world_size(self.ctx.cfg["trainer"]) > 1
+        if is_global_zero() and cache.root.is_dir() and (line := cache.stale_summary()):
+            log.info("%s", line)  # never used: their keys cover the code that built them
         n = rank_zero_decides(json.dumps(keys), lambda: cache.longest_prefix(keys)[0], cache.root)
         if n and not self._restore_cached(cache, keys[n - 1], stages):
             n = 0
@@ -237,6 +239,7 @@ class Runner:
                     "status": status,
                     "error": str(error),
                     "stages": self.state.records,
+                    "git": self.ctx.git,
                     "config": self.ctx.cfg,
                     "last_good_checkpoint": str(self.last_snapshot.directory) if self.last_snapshot else None,
                 },
@@ -286,6 +289,8 @@ class Runner:
             model_dir,
             time.perf_counter() - started,
             resumed if resuming else None,
+            ctx.git,
+            ctx.git_earlier_starts,
         )
         if onnx_report is not None:
             results["onnx_export"] = onnx_report

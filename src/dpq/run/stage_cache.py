@@ -31,29 +31,38 @@ import os
 import shutil
 import stat
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from dpq.core.files import write_dir_atomic
+from dpq.core.provenance import code_fingerprint, training_settings
 from dpq.stages import build_stages
 
 log = logging.getLogger(__name__)
 
 # Bump when the layout of an entry or the meaning of a key changes: older entries are ignored.
-CACHE_FORMAT = 1
+# 2: keys hash dpq's source files, full numerics-library versions and the cost settings; the
+#    manifest records the code fingerprint, so entries from other code can be listed as stale.
+CACHE_FORMAT = 2
 MANIFEST = "dpq-stage-cache.json"
 
-# Top-level config keys that never change what a stage computes (where results go, how they
-# are tracked and named, how cost is measured afterwards, the cache's own settings).
-# Checkpointing and integrity checks only save and verify state; they never change it.
+# Top-level config keys that never change what a stage computes or measures (where results go,
+# how they are tracked and named, the cache's own settings). Checkpointing and integrity checks
+# only save and verify state; they never change it.
+#
+# ``cost`` is *in* the key. Every restored record carries cost figures (FLOPs, BOPs, peak memory,
+# latency) measured under the building run's ``cost`` settings, and an entry holds only the model
+# after its last stage, so the earlier records of a restored prefix could not be measured again.
+# With the cost settings in the key, every figure in a results.json was measured under the
+# conditions it states; a run with other cost settings trains its own prefix.
 IGNORED_KEYS = frozenset(
     {
         "logger",
         "paths",
         "run_name",
-        "cost",
         "save_model",
         "hydra",
         "stage_cache",
@@ -65,34 +74,26 @@ IGNORED_KEYS = frozenset(
         "export",  # after the last stage: never part of a stage's state
     }
 )
-# Trainer arguments that only change what is displayed or saved, never a number.
-DISPLAY_ONLY_TRAINER_KEYS = frozenset(
-    {
-        "log_every_n_steps",
-        "enable_progress_bar",
-        "enable_model_summary",
-        "enable_checkpointing",
-        "default_root_dir",
-        "logger",
-    }
-)
 # Stage parameters that switch another cache, not the result.
 IGNORED_STAGE_KEYS = frozenset({"cache"})
-# Libraries whose major.minor version can change the numbers a stage produces.
-NUMERIC_LIBRARIES = ("torch", "transformers", "lightning")
 
 
 class CacheBusy(TimeoutError):
     """Another process is still building this entry after ``timeout`` seconds."""
 
 
-def _major_minor(package: str) -> str:
-    import importlib.metadata
-
-    try:
-        return ".".join(importlib.metadata.version(package).split(".")[:2])
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+def stale_reason(manifest: Mapping[str, Any]) -> str | None:
+    """Why an entry can never be used by this process (another cache format, other dpq code, other
+    numerics-library versions), or None. Keys already cover all three, so such an entry is never
+    looked up; this only lets ``list`` and ``prune --stale`` tell it apart from a merely unused one."""
+    if manifest.get("format") != CACHE_FORMAT:
+        return f"cache format {manifest.get('format')}"
+    code, now = manifest.get("code") or {}, code_fingerprint()
+    if code.get("dpq_source") != now["dpq_source"]:
+        return "other dpq code"
+    if code.get("libraries") != now["libraries"]:
+        return "other library versions"
+    return None
 
 
 def _fingerprint_path(path: str | os.PathLike) -> Any:
@@ -136,13 +137,10 @@ def key_payload(
     stages = build_stages({"order": order, "stages": pipeline.get("stages") or {}})[: len(prefix)]
     rest = {k: v for k, v in cfg_dict.items() if k not in IGNORED_KEYS and k != "pipeline"}
     if isinstance(rest.get("trainer"), Mapping):
-        rest["trainer"] = {k: v for k, v in rest["trainer"].items() if k not in DISPLAY_ONLY_TRAINER_KEYS}
-    import dpq
-
+        rest["trainer"] = training_settings(rest["trainer"])
     return {
         "format": CACHE_FORMAT,
-        "dpq": dpq.__version__,
-        "versions": {p: _major_minor(p) for p in NUMERIC_LIBRARIES},
+        "code": code_fingerprint(),  # dpq's source files and the numerics libraries' full versions
         "config": rest,  # task, teacher, model, trainer, seed and anything added later (correct before reusable)
         "stages": [_stage_payload(s) for s in stages],  # in order: position i is also seeded with seed + i
         "extra": dict(extra or {}),
@@ -154,11 +152,12 @@ def prefix_key(
 ) -> str:
     """Hash of everything that determines the state after the stages ``stage_names_prefix``.
 
-    Covers the task, teacher and student specs, trainer arguments that affect numbers, the
-    seed, the prefix stages' parsed configs in order, numerics-relevant library versions,
-    dpq's version and :data:`CACHE_FORMAT`, plus ``extra`` (run-time facts such as the data
-    source actually loaded). Leaves out the logger, paths, run name, cost settings and every
-    stage after the prefix, so trials that differ only there share the key.
+    Covers the task, teacher and student specs, every trainer argument that affects numbers, the
+    seed, the cost settings, the prefix stages' parsed configs in order, a hash of dpq's source
+    files, the full versions of the numerics libraries (:func:`~dpq.core.provenance.code_fingerprint`)
+    and :data:`CACHE_FORMAT`, plus ``extra`` (run-time facts such as the data source actually
+    loaded). Leaves out the logger, paths, run name and every stage after the prefix, so trials
+    that differ only there share the key.
     ``cfg_dict`` is the resolved run config (``OmegaConf.to_container(cfg, resolve=True)``).
     """
     payload = key_payload(cfg_dict, stage_names_prefix, extra)
@@ -187,7 +186,7 @@ class StageCache:
             return None
 
     def lookup(self, key: str) -> Path | None:
-        """The entry for ``key`` if it is complete and of the current format, else None."""
+        """The entry for ``key`` if it is complete, of the current format and from this code, else None."""
         entry = self.path(key)
         if not entry.is_dir():
             return None
@@ -206,11 +205,37 @@ class StageCache:
         if man.get("key") != key:
             log.info("stage cache: %s holds key %s; ignoring it", entry, man.get("key"))
             return None
+        reason = stale_reason(man)
+        if reason is not None:  # the key covers the code, so only a hand-made entry gets here
+            log.info("stage cache: %s comes from %s; ignoring it", entry, reason)
+            return None
         with contextlib.suppress(
             OSError
         ):  # last use, for evicting the least recently used (read-only cache: skip)
             os.utime(entry / MANIFEST)
         return entry
+
+    def stale(self) -> dict[str, str]:
+        """``{key: reason}`` of every complete entry this code can never use (:func:`stale_reason`);
+        reads only the manifests."""
+        out = {}
+        for man_path in self.root.glob(f"*/{MANIFEST}"):
+            key = man_path.parent.name
+            man = None if key.startswith(".") else self.manifest(key)
+            if man is not None and man.get("key") == key and (reason := stale_reason(man)):
+                out[key] = reason
+        return out
+
+    def stale_summary(self) -> str | None:
+        """One line for the run's log: how many entries were left out, and why; None if none was."""
+        counts = Counter(self.stale().values())
+        if not counts:
+            return None
+        parts = [f"{n} {'entry' if n == 1 else 'entries'} from {why}" for why, n in sorted(counts.items())]
+        return (
+            f"stage cache: {', '.join(parts)} ignored "
+            f"(`python -m dpq.stage_cache prune --stale --dir {self.root}` removes them)"
+        )
 
     def longest_prefix(self, keys: Sequence[str]) -> tuple[int, Path | None]:
         """``(n, entry)`` for the longest cached prefix (``keys[n - 1]``); ``(0, None)`` if none is cached."""
@@ -311,13 +336,14 @@ class StageCache:
             self._remove_debris(key)
 
     def entries(self) -> list[dict]:
-        """Every complete entry of the current format: key, path, bytes, stages, created, last use
-        (the manifest's mtime, refreshed on each hit), least recently used first."""
+        """Every complete entry: key, path, bytes, stages, created, last use (the manifest's mtime,
+        refreshed on each hit), ``stale`` (why this code can never use it, else None), least
+        recently used first."""
         out = []
         for man_path in self.root.glob(f"*/{MANIFEST}"):
             key = man_path.parent.name
             man = None if key.startswith(".") else self.manifest(key)
-            if man is None or man.get("format") != CACHE_FORMAT or man.get("key") != key:
+            if man is None or man.get("key") != key:
                 continue
             stats = [st for st in (f.stat() for f in man_path.parent.rglob("*")) if stat.S_ISREG(st.st_mode)]
             out.append(
@@ -329,6 +355,7 @@ class StageCache:
                     "stages": man.get("stages"),
                     "created": man.get("created"),
                     "last_used": man_path.stat().st_mtime,
+                    "stale": stale_reason(man),
                 }
             )
         return sorted(out, key=lambda e: e["last_used"])
@@ -363,16 +390,21 @@ class StageCache:
         return True
 
     def prune(
-        self, max_bytes: int | None = None, older_than_s: float | None = None, dry_run: bool = False
+        self,
+        max_bytes: int | None = None,
+        older_than_s: float | None = None,
+        dry_run: bool = False,
+        stale: bool = False,
     ) -> list[dict]:
-        """Evict least recently used entries: every entry unused for ``older_than_s`` seconds, then
-        more until the rest fit in ``max_bytes``. Returns the evicted (or, dry run, the chosen) entries."""
+        """Evict entries: with ``stale``, every entry this code can never use; then, least recently
+        used first, every entry unused for ``older_than_s`` seconds, then more until the rest fit in
+        ``max_bytes``. Returns the evicted (or, dry run, the chosen) entries."""
         entries, now = self.entries(), time.time()
         kept, chosen = list(entries), []
         for e in entries:  # least recently used first
             too_old = older_than_s is not None and now - e["last_used"] > older_than_s
             too_big = max_bytes is not None and self.disk_bytes(kept) > max_bytes
-            if not (too_old or too_big):
+            if not ((stale and e["stale"]) or too_old or too_big):
                 continue
             if dry_run or self.evict(e["key"]):
                 chosen.append(e)
@@ -394,6 +426,7 @@ class StageCache:
         man = {
             "format": CACHE_FORMAT,
             "key": key,
+            "code": code_fingerprint(),  # lets `list` mark entries of other code stale
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": os.uname().nodename,
             "pid": os.getpid(),
@@ -428,19 +461,22 @@ def default_dir() -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dpq.stage_cache [--dir D] list | prune [--max-gb X] [--older-than-days N] [--dry-run]``."""
+    """``python -m dpq.stage_cache [--dir D] list | prune [--stale] [--max-gb X] [--older-than-days N] [--dry-run]``."""
     import argparse
 
     ap = argparse.ArgumentParser(
         prog="python -m dpq.stage_cache",
-        description="List the stage cache, or evict its least recently used entries.",
+        description="List the stage cache, or evict stale and least recently used entries.",
     )
     ap.add_argument("--dir", type=Path, default=None, help="default: $DPQ_CACHE_DIR/stages (stage_cache.dir)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="entries, least recently used first, with sizes")
+    sub.add_parser("list", help="entries, least recently used first, with sizes; stale ones marked")
     pr = sub.add_parser(
-        "prune", help="evict entries unused for N days, then the least recently used above a size"
+        "prune",
+        help="evict stale entries (other dpq code, library versions or cache format), entries unused "
+        "for N days, then the least recently used above a size",
     )
+    pr.add_argument("--stale", action="store_true", help="entries this dpq can never use")
     pr.add_argument("--max-gb", type=float, default=None)
     pr.add_argument("--older-than-days", type=float, default=None)
     pr.add_argument("--dry-run", action="store_true")
@@ -453,14 +489,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         entries = cache.entries()
         for e in entries:
             used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"]))
-            print(f"{e['key']}  {_human(e['bytes']):>9}  last used {used}  {' -> '.join(e['stages'] or [])}")
+            mark = f"  STALE ({e['stale']})" if e["stale"] else ""
+            print(
+                f"{e['key']}  {_human(e['bytes']):>9}  last used {used}  "
+                f"{' -> '.join(e['stages'] or [])}{mark}"
+            )
+        n_stale = sum(1 for e in entries if e["stale"])
         print(
-            f"{len(entries)} entries, {_human(StageCache.disk_bytes(entries))} on disk in {root} "
+            f"{len(entries)} entries ({n_stale} stale: `prune --stale` removes them), "
+            f"{_human(StageCache.disk_bytes(entries))} on disk in {root} "
             f"(files shared by several entries are hard links, counted once)"
         )
         return 0
-    if args.max_gb is None and args.older_than_days is None:
-        ap.exit(2, "stage cache prune: give --max-gb and/or --older-than-days\n")
+    if args.max_gb is None and args.older_than_days is None and not args.stale:
+        ap.exit(2, "stage cache prune: give --stale, --max-gb and/or --older-than-days\n")
     for name, v in (("--max-gb", args.max_gb), ("--older-than-days", args.older_than_days)):
         if v is not None and v < 0:
             ap.exit(2, f"stage cache prune: {name} must be >= 0, got {v}\n")
@@ -468,10 +510,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         None if args.max_gb is None else int(args.max_gb * 1e9),
         None if args.older_than_days is None else args.older_than_days * 86400,
         args.dry_run,
+        stale=args.stale,
     )
     verb = "would evict" if args.dry_run else "evicted"
     for e in gone:
-        print(f"{verb} {e['key']}  {_human(e['bytes'])}  {' -> '.join(e['stages'] or [])}")
+        why = f"  ({e['stale']})" if e["stale"] else ""
+        print(f"{verb} {e['key']}  {_human(e['bytes'])}  {' -> '.join(e['stages'] or [])}{why}")
     gone_keys = {e["key"] for e in gone}
     left = StageCache.disk_bytes([e for e in cache.entries() if e["key"] not in gone_keys])
     print(f"{verb} {len(gone)} entries; {_human(left)} left on disk in {root}")

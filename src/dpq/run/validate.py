@@ -224,25 +224,62 @@ def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
 
 
 # ---- the objective a sweep optimises -------------------------------------------------------------
-OBJECTIVE_METRICS = ("accuracy", "loss", "val_accuracy", "val_loss", "objective")
+# Quality metrics of results.json's ``final``, as measured on the test split; each also exists as
+# ``val_<name>`` on the validation split. Only the ``val_`` form may be optimised.
+QUALITY_METRICS = ("accuracy", "loss")
+SELECTION_RULE = (
+    "models are selected on the validation split only (the test split is reported, never optimised)"
+)
+
+
+def cost_metrics() -> list[str]:
+    """Cost figures a sweep may optimise: they do not depend on the split."""
+    from dpq.cost import UNITS
+
+    return sorted(k for k in UNITS if not k.endswith(("_convention", "_method")))
+
+
+def objective_problem(name: str, spelled: str = "{}") -> str | None:
+    """Why ``name`` cannot be a sweep objective (a test-split metric, or not a final metric), else
+    None. ``spelled`` formats the names suggested instead (``"final/{}"`` for a W&B sweep)."""
+    costs = cost_metrics()
+    if name in costs or name.startswith("val_") and name[4:] in QUALITY_METRICS:
+        return None
+    if name in QUALITY_METRICS:
+        return f"is measured on the test split; {SELECTION_RULE}: use {spelled.format('val_' + name)!r}"
+    allowed = [spelled.format(m) for m in (*(f"val_{q}" for q in QUALITY_METRICS), *costs)]
+    return f"must be a validation or cost metric of the final record: {', '.join(allowed)}"
 
 
 def check_objective(cfg: dict[str, Any]) -> None:
-    """Sweep objectives name metrics of results.json's ``final``; a typo would fail only after training."""
-    from dpq.cost import UNITS
-
-    allowed = sorted({*OBJECTIVE_METRICS, *(k for k in UNITS if not k.endswith(("_convention", "_method")))})
+    """Sweep objectives (``objective.metrics``, returned to Hydra sweepers, and the keys of
+    ``objective.weights``, whose sum is ``final.objective``) name validation or cost metrics of
+    results.json's ``final``: a test metric would tune on the test split, and a typo would fail
+    only after training."""
     obj = cfg.get("objective") or {}
     for m in obj.get("metrics") or []:
-        if m not in allowed:
-            raise ConfigError(
-                "objective.metrics", m, f"must be metrics of the final record: {', '.join(allowed)}"
-            )
+        if m == "objective":  # the weighted sum, checked through its weights below
+            continue
+        if (why := objective_problem(m)) is not None:
+            raise ConfigError("objective.metrics", m, why)
     for k, w in (obj.get("weights") or {}).items():
-        if k not in allowed or k == "objective":
-            raise ConfigError(
-                f"objective.weights.{k}", w, f"keys must be metrics of the final record: {', '.join(allowed)}"
-            )
+        if (why := objective_problem(k)) is not None:
+            raise ConfigError(f"objective.weights.{k}", w, f"{k!r} {why}")
+
+
+def check_wandb_sweep(sweep: dict[str, Any], source: str) -> None:
+    """A W&B sweep file (``sweeps/*.yaml``) optimises a validation or cost metric: its
+    ``metric.name`` is ``final/<metric>`` and every swept ``objective.weights.<metric>`` obeys
+    :func:`objective_problem`."""
+    name = str((sweep.get("metric") or {}).get("name", ""))
+    metric = name.removeprefix("final/")
+    if not name.startswith("final/"):
+        raise ConfigError(f"{source}: metric.name", name, "must be final/<metric of results.json's final>")
+    if metric != "objective" and (why := objective_problem(metric, "final/{}")):
+        raise ConfigError(f"{source}: metric.name", name, why)
+    for key, spec in (sweep.get("parameters") or {}).items():
+        if key.startswith("objective.weights.") and (why := objective_problem(key.split(".", 2)[2])):
+            raise ConfigError(f"{source}: parameters.{key}", spec, f"{key.split('.', 2)[2]!r} {why}")
 
 
 def validate_data(cfg: dict[str, Any], splits) -> None:

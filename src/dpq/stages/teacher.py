@@ -1,9 +1,10 @@
 """``teacher``: fine-tune the teacher on the task (or load a fine-tuned one), then freeze it.
 
 A fine-tuned teacher is cached under ``paths.cache_dir/teachers/<key>``, the key hashing
-everything that determines it (model and task config, seed, this stage's config, library
-versions), so later runs and sweep trials reuse it. Entries are written to a temporary
-folder and renamed into place, so a half-written entry is never read.
+everything that determines it (:meth:`TeacherStage.cache_key`), so later runs and sweep trials
+reuse it; after a change to dpq's code or a numerics library the teacher is trained again.
+Entries are written to a temporary folder and renamed into place, so a half-written entry is
+never read.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from dpq.core.errors import ConfigError
 from dpq.core.files import write_dir_atomic
-from dpq.core.provenance import library_versions
+from dpq.core.provenance import code_fingerprint, training_settings
 from dpq.distill.teachers import teacher_signal
 from dpq.models import save_model
 from dpq.stages.base import ModelCheck, Stage, StageConfig, register
@@ -93,6 +94,9 @@ class TeacherStage(Stage):
                 )
 
     def cache_key(self, ctx) -> str:
+        """Hash of everything that determines the fine-tuned teacher: its model and task config, the
+        seed, this stage's training parameters, every trainer setting that changes training, dpq's
+        source files and the numerics libraries' versions (:func:`~dpq.core.provenance.code_fingerprint`)."""
         cfg = ctx.cfg
         payload = {
             "teacher": cfg["teacher"],
@@ -103,11 +107,9 @@ class TeacherStage(Stage):
                 for k, v in asdict(self.cfg).items()
                 if k not in ("cache", "load_from", "ensemble", "ensemble_weights")
             },
-            "trainer": {
-                k: v for k, v in cfg["trainer"].items() if k.startswith(("limit_", "precision", "accumulate"))
-            },
-            "versions": library_versions(),
-            "format": 1,
+            "trainer": training_settings(cfg["trainer"]),
+            "code": code_fingerprint(),
+            "format": 2,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
