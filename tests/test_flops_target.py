@@ -11,8 +11,15 @@ from dpq.prune import structured
 
 def bert():
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
-                     max_position_embeddings=64, num_labels=2)
+    cfg = BertConfig(
+        vocab_size=200,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     return BertForSequenceClassification(cfg).eval()
 
 
@@ -41,8 +48,15 @@ def test_a_gflops_target_is_met_within_one_group(keep):
 def test_a_prune_stage_with_flops_target_reaches_it(make_cfg):
     from dpq.train import train
 
-    results = train(make_cfg("experiment=tiny", "pipeline=dp", "pipeline.stages.prune.granularity=heads+neurons",
-                             "+pipeline.stages.prune.flops_target=0.6", "pipeline.stages.prune.criterion=taylor"))
+    results = train(
+        make_cfg(
+            "experiment=tiny",
+            "pipeline=dp",
+            "pipeline.stages.prune.granularity=heads+neurons",
+            "+pipeline.stages.prune.flops_target=0.6",
+            "pipeline.stages.prune.criterion=taylor",
+        )
+    )
     prune = next(s for s in results["stages"] if s["stage"] == "prune")
     distill = next(s for s in results["stages"] if s["stage"] == "distill")
     before, after = distill["metrics"]["dense_gflops"], prune["metrics"]["dense_gflops"]
