@@ -20,7 +20,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from dpq.core.errors import ConfigError, IntegrityError, TrainingDiverged
-from dpq.data import load_task
+from dpq.data import labelled, load_task
 from dpq.models import load_tokenizer
 from dpq.run import RunContext, Runner, records, validate, validate_data
 from dpq.run.resume import check_resume_overrides, claim_output_dir, load_run_config, register_resolvers
@@ -44,8 +44,11 @@ def train(cfg: DictConfig) -> dict:
     resume_from = cfg_dict.get("resume")
     if resume_from:  # continue that run: its own resolved config, its own folder
         cfg_dict = load_run_config(resume_from)
-    stages = validate(cfg_dict)  # config errors surface here, before anything heavy
-    splits = load_task(cfg_dict["task"])  # an unavailable dataset (offline, online-only task) fails here
+    # The data first: its labels (count, names) complete the task config that the checks and models use.
+    # Bad data (missing file, empty split, missing column, empty text, unknown label) fails here.
+    splits = load_task(cfg_dict["task"])
+    cfg_dict["task"] = labelled(cfg_dict["task"], splits)
+    stages = validate(cfg_dict)  # config errors surface here, before any model is loaded or trained
     validate_data(cfg_dict, splits)
     tokenizer = load_tokenizer(cfg_dict["teacher"]) if splits.kind == "text" else None
     L.seed_everything(int(cfg_dict["seed"]), workers=True, verbose=False)

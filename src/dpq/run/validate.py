@@ -1,10 +1,12 @@
 """Check a whole run configuration before anything is loaded or trained.
 
 Every problem is a :class:`~dpq.core.errors.ConfigError` naming the key, the bad value and what
-is allowed. The run's own keys (task, models, trainer, devices, cost, checkpointing, objective)
-are checked here; each stage checks its own parameters, its place in the order and its fit to
-the model (:mod:`dpq.stages`). Data availability (an online-only task without network) is
-checked right after, when the task is loaded -- still before any training.
+is allowed. The run's own keys (task, metrics, models, trainer, devices, cost, checkpointing,
+objective) are checked here; each stage checks its own parameters, its place in the order and
+its fit to the model (:mod:`dpq.stages`). The task's data is loaded and checked just before
+(:func:`dpq.data.load_task`: availability, files, columns, labels), because the label count and
+names it gives are part of what is checked here (heads, positive-label metrics) -- all of it
+before any model is loaded or trained.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from dpq import metrics as task_metrics
 from dpq.core import devices
 from dpq.core.errors import ConfigError
 from dpq.models import skeleton
@@ -24,7 +27,8 @@ LOGGERS = ("wandb", "csv", "tensorboard", "none")
 
 
 def validate(cfg: dict[str, Any]) -> list[Stage]:
-    """Validate the resolved run config; return the pipeline's stages."""
+    """Validate the resolved run config, its task labelled by its data (:func:`dpq.data.labelled`);
+    return the pipeline's stages."""
     task = cfg["task"]
     if task.get("kind") not in TASK_KINDS:
         raise ConfigError("task.kind", task.get("kind"), f"must be one of {', '.join(TASK_KINDS)}")
@@ -37,8 +41,12 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
                 cfg[key].get("name"),
                 f"is a {arch} model but task '{task['name']}' ({task['kind']}) needs an {' or '.join(want)} model",
             )
-    if int(task.get("num_labels", 0)) < 2:
+    if int(task.get("num_labels") or 0) < 2:
         raise ConfigError("task.num_labels", task.get("num_labels"), "must be >= 2")
+    task_metrics.check_names(task)
+    task_metrics.check_for_labels(
+        task, [str(n) for n in task.get("label_names") or range(task["num_labels"])]
+    )
     stages = build_stages(cfg["pipeline"])
     if cfg["model"].get("init") == "from_teacher" and cfg["teacher"].get("arch") != cfg["model"].get("arch"):
         raise ConfigError("model.init", "from_teacher", "needs a teacher of the same architecture")
