@@ -75,9 +75,10 @@ class Runner:
 
     def _run_cached(self, stages: list[Stage], seed: int, cache: stage_cache.StageCache) -> None:
         splits = self.ctx.data.splits
-        keys = stage_cache.pipeline_keys(
-            self.ctx.cfg, {"data_source": splits.source, "data_sizes": splits.sizes()}
-        )
+        data = {"data_source": splits.source, "data_sizes": splits.sizes()}
+        if splits.fingerprint:  # local files: edited in place, they give another key
+            data["data_fingerprint"] = splits.fingerprint
+        keys = stage_cache.pipeline_keys(self.ctx.cfg, data)
         distributed = trainer_world_size(self.ctx.cfg["trainer"]) > 1
         n = rank_zero_decides(json.dumps(keys), lambda: cache.longest_prefix(keys)[0], cache.root)
         if n and not self._restore_cached(cache, keys[n - 1], stages):

@@ -170,11 +170,12 @@ def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
     """Before anything trains, each stage checks itself against the task, the devices and the student's
     modules (a weightless skeleton: its selectors, targets, per-layer overrides, N:M groups)."""
     task = cfg["task"]
-    student = None
+    student = teacher = None
+    if cfg["model"].get("init") == "from_teacher" or cfg["teacher"].get("fine_tuned"):
+        teacher = skeleton(cfg["teacher"], task, "teacher")  # a fine-tuned head must fit the task's labels
     if not all(s.trains_teacher for s in stages):
-        teacher = (
-            skeleton(cfg["teacher"], task, "teacher") if cfg["model"].get("init") == "from_teacher" else None
-        )
+        if cfg["model"].get("init") != "from_teacher":
+            teacher = None
         student = skeleton(cfg["model"], task, "model", teacher=teacher)
     check = ModelCheck(
         task=task,
