@@ -117,3 +117,18 @@ def test_metric_names_and_the_positive_label_are_checked():
         ConfigError, match="task.positive_label='eggs': must be one of the task's labels: ham, spam"
     ):
         metrics.positive_index({"positive_label": "eggs"}, ["ham", "spam"])
+
+
+def test_the_printed_table_shows_the_primary_metric_next_to_accuracy():
+    from dpq.run import records
+
+    rec = {
+        "stage": "distill",
+        "model": "student",
+        "duration_s": 3.0,
+        "metrics": {"accuracy": 0.9, "val_accuracy": 0.8, "f1": 0.5, "val_f1": 0.25, "size_bytes": 1e6},
+    }
+    heads = [h for h, _, _ in records.columns("f1")]
+    assert heads[:6] == ["stage", "model", "acc", "val acc", "f1", "val f1"]
+    assert records.table_rows([rec], "f1")[0][2:6] == ["0.9000", "0.8000", "0.5000", "0.2500"]
+    assert records.columns() == records.COLUMNS  # accuracy as primary: the table as before

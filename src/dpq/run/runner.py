@@ -24,6 +24,7 @@ from torch import nn
 from dpq.core.distributed import barrier, is_global_zero, rank_zero_decides, trainer_world_size
 from dpq.core.errors import IntegrityError, TrainingDiverged
 from dpq.core.files import link_file, write_dir_atomic, write_json_atomic
+from dpq.metrics import primary_metric
 from dpq.models import save_model
 from dpq.run import integrity, records, resume, snapshot, stage_cache
 from dpq.run.context import RunContext
@@ -287,7 +288,9 @@ class Runner:
         if integrity_error is not None:
             raise integrity_error
         records.print_table(
-            state.records, title=f"dpq {cfg['run_name']} -> {ctx.output_dir / 'results.json'}"
+            state.records,
+            title=f"dpq {cfg['run_name']} -> {ctx.output_dir / 'results.json'}",
+            primary=primary_metric(cfg["task"]),
         )
         if (
             ctx.tracker is not None
