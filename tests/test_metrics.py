@@ -132,3 +132,16 @@ def test_the_printed_table_shows_the_primary_metric_next_to_accuracy():
     assert heads[:6] == ["stage", "model", "acc", "val acc", "f1", "val f1"]
     assert records.table_rows([rec], "f1")[0][2:6] == ["0.9000", "0.8000", "0.5000", "0.2500"]
     assert records.columns() == records.COLUMNS  # accuracy as primary: the table as before
+
+
+def test_sweep_objectives_follow_the_primary_metric(make_cfg):
+    from omegaconf import OmegaConf
+
+    from dpq.run.validate import check_objective
+
+    cfg = OmegaConf.to_container(make_cfg("task.primary_metric=mcc"), resolve=True)
+    assert cfg["objective"]["metrics"] == ["val_mcc"]  # conf/train.yaml: val_${task.primary_metric}
+    check_objective(cfg)
+    cfg["objective"]["metrics"] = ["val_f1"]  # not a metric this task computes: would fail after training
+    with pytest.raises(ConfigError, match="objective.metrics='val_f1': must be metrics of the final record"):
+        check_objective(cfg)

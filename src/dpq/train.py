@@ -99,7 +99,12 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     except IntegrityError as e:
         print(f"dpq: integrity check failed: {e}", file=sys.stderr)
         sys.exit(4)
-    # What a Hydra sweeper optimises: one value, or several for a multi-objective Optuna study.
+    return objective_values(cfg, results)
+
+
+def objective_values(cfg, results: dict) -> float | list[float]:
+    """What a Hydra sweeper optimises (``objective.metrics`` of the final record): one value, or several
+    for a multi-objective Optuna study."""
     vals = [float(results["final"][m]) for m in (cfg.get("objective") or {}).get("metrics") or ["accuracy"]]
     return vals[0] if len(vals) == 1 else vals
 

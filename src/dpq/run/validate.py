@@ -196,7 +196,14 @@ def check_objective(cfg: dict[str, Any]) -> None:
     """Sweep objectives name metrics of results.json's ``final``; a typo would fail only after training."""
     from dpq.cost import UNITS
 
-    allowed = sorted({*OBJECTIVE_METRICS, *(k for k in UNITS if not k.endswith(("_convention", "_method")))})
+    allowed = sorted(
+        {
+            *OBJECTIVE_METRICS,
+            # issue 20: the task's metrics (task.metrics, task.primary_metric) as test `f1` / validation `val_f1`
+            *task_metrics.result_names(cfg["task"]),
+            *(k for k in UNITS if not k.endswith(("_convention", "_method"))),
+        }
+    )
     obj = cfg.get("objective") or {}
     for m in obj.get("metrics") or []:
         if m not in allowed:
