@@ -605,7 +605,7 @@ def test_a_sweep_on_f1_gets_f1_back(here):
         "hydra/sweeper=optuna",
         "hydra.sweeper.n_trials=1",
         "hydra.sweeper.direction=maximize",
-        "+hydra.sweeper.params.pipeline.stages.distill.alpha=interval(0.2,0.8)",
+        "pipeline.stages.distill.alpha=interval(0.2,0.8)",  # the search space, as Optuna takes it
         f"hydra.sweep.dir={sweep}",
         "pipeline=dense",
         "logger=none",
