@@ -416,6 +416,11 @@ def test_label_order_and_count_are_as_stated_or_as_the_data_says(here):
     splits = load_task(task_of(here, "task=ids", "task.label_names=[a,b,routine,urgent]"))
     assert splits.label_names == ["a", "b", "routine", "urgent"]
     assert {splits.label_names[y] for y in splits.train["label"]} == {"routine", "urgent"}
+    # A label seen once cannot be stratified: the missing splits are carved at random instead.
+    write(here / "data" / "rare.csv", [*rows, {"message": "the office is on fire", "priority": "critical"}])
+    conf_file(here, "task", "rare", task_yaml("rare", "  data_files: {train: data/rare.csv}", COLUMNS))
+    splits = load_task(task_of(here, "task=rare"))
+    assert splits.label_names == ["critical", "routine", "urgent"] and sum(splits.sizes().values()) == 41
     write(here / "data" / "one.csv", [{**r, "priority": "urgent"} for r in rows])
     conf_file(here, "task", "one", task_yaml("one", "  data_files: {train: data/one.csv}", COLUMNS))
     with pytest.raises(ConfigError, match="has a single label; a classifier needs at least 2"):

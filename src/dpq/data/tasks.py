@@ -11,6 +11,7 @@ train/test split (Fashion-MNIST) keeps it, and only the missing splits are carve
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ SOURCES = ("auto", "embedded", "hub", "files")
 RENAMED = {"offline": "embedded", "online": "hub"}  # keys and source names before local files existed
 KINDS = ("text", "features", "image")
 BUILDER_NAMES = frozenset(datasets.packaged_modules._PACKAGED_DATASETS_MODULES)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,7 +65,11 @@ def _carve(
             "its own data or change task.split (a fraction < 1 or a row count)",
         )
     if stratify:
-        return _stratified_carve(ds, size, seed)
+        try:
+            return _stratified_carve(ds, size, seed)
+        except ValueError as e:  # a label seen once, or fewer carved rows than labels: cannot stratify
+            why = "a label occurs only once" if str(e) == "Minimum class count error" else str(e)
+            log.warning("carving %s of %d rows at random, not stratified by label: %s", size, len(ds), why)
     parts = ds.train_test_split(test_size=size, seed=seed)
     return parts["train"], parts["test"]
 
@@ -219,7 +225,8 @@ def load_task(task: dict) -> TaskSplits:
         if len(part.data) == 0:
             raise ConfigError(part.key, part.where, f"has no rows (the {split} split)")
         parts[split] = Part(columns.standardise(part.data, task, part.where), part.key, part.where)
-    parts, label_names = labels.encode(parts, task, class_label=source == "files" or used.startswith("files"))
+    # Local files' labels become a ClassLabel, so splits carved from them are stratified.
+    parts, label_names = labels.encode(parts, task, class_label=used.startswith("files:"))
     num_labels = labels.check_count(task, label_names, parts["train"].where)
     data = {s: p.data for s, p in parts.items()}
 
