@@ -623,3 +623,20 @@ def test_a_sweep_on_f1_gets_f1_back(here):
         best == pytest.approx(run["final"]["val_f1"])
         and run["final"]["val_f1"] != run["final"]["val_accuracy"]
     )
+
+
+def test_an_edited_data_file_or_model_folder_changes_the_cache_keys(here):
+    from dpq.run.stage_cache import key_payload
+
+    write(here / "data" / "train.csv", tickets(40, 0))
+    conf_file(here, "task", "edit", task_yaml("edit", "  data_files: {train: data/train.csv}", COLUMNS))
+    before = load_task(task_of(here, "task=edit")).fingerprint
+    write(here / "data" / "train.csv", tickets(41, 0))  # the same path, other rows
+    assert before and load_task(task_of(here, "task=edit")).fingerprint != before
+
+    readme_setup(here)
+    cfg = OmegaConf.to_container(readme_compose(here, "task=tickets", "teacher=my_bert"), resolve=True)
+    first = key_payload(cfg, ["teacher"])["config"]["local_models"]["teacher"]
+    assert first["path"] == str(here / "models" / "my-bert")
+    save_tiny_bert(here / "models" / "my-bert", labels=["routine", "urgent"])  # overwritten in place
+    assert key_payload(cfg, ["teacher"])["config"]["local_models"]["teacher"] != first
