@@ -267,6 +267,9 @@ def bad_case(here: Path, case: str) -> tuple[str, str, str]:
     elif case == "builder as hub dataset":
         files = "  null\nsource: hub\nhub: {path: csv, data_files: {train: data/train.csv}}"
         want = ("task.hub.path", "csv", "is a datasets file builder, not a hub dataset")
+    elif case == "local folder as hub dataset":
+        files = "  null\nsource: hub\nhub: {path: data}"
+        want = ("task.hub.path", "data", "is a local folder; read it offline with task.files: {path: data}")
     elif case == "positive metric on 3 labels":
         base["train"][0]["priority"] = "someday"
         extra += "label_names: [routine, someday, urgent]\nprimary_metric: f1\n"
@@ -295,6 +298,7 @@ BAD_CASES = [
     "unknown format",
     "old task keys",
     "builder as hub dataset",
+    "local folder as hub dataset",
     "positive metric on 3 labels",
 ]
 

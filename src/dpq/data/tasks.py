@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import datasets
@@ -136,6 +137,10 @@ def _hub_parts(task: dict) -> tuple[dict[str, Part], str]:
             "is a datasets file builder, not a hub dataset (it would read the working directory); local "
             f"files go in task.files: {{format: {path}, data_files: {{train: ..., validation: ..., test: ...}}}} "
             "with task.source=files",
+        )
+    if path and os.path.isdir(os.path.expanduser(str(path))):
+        raise ConfigError(
+            "task.hub.path", path, f"is a local folder; read it offline with task.files: {{path: {path}}}"
         )
     raw = load_hub(task["name"], hub)
     hub_splits = hub.get("splits") or {s: s for s in SPLITS}
