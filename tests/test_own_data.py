@@ -305,16 +305,21 @@ BAD_CASES = [
 
 @pytest.fixture
 def nothing_loads(monkeypatch):
-    """Neither a model, its config, a tokenizer nor training may start before a data error."""
+    """No model may be built or loaded, no tokenizer loaded, no training started before a data error.
+    (Checks may read a model's config and build its weightless skeleton: that loads nothing.)"""
     import transformers
 
+    import dpq.run.context
+    import dpq.train
+
     def boom(*a, **k):
-        raise AssertionError("a model was loaded (or training started) before the data error")
+        raise AssertionError("a model or tokenizer was loaded (or training started) before the data error")
 
     monkeypatch.setattr(L.Trainer, "fit", boom)
-    for cls in ("AutoModelForSequenceClassification", "AutoTokenizer", "AutoConfig"):
-        monkeypatch.setattr(getattr(transformers, cls), "from_pretrained", boom)
-    monkeypatch.setattr(transformers.AutoConfig, "for_model", boom)
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", boom)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", boom)
+    monkeypatch.setattr(dpq.run.context, "build_model", boom)
+    monkeypatch.setattr(dpq.train, "load_tokenizer", boom)
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

@@ -44,12 +44,12 @@ def train(cfg: DictConfig) -> dict:
     resume_from = cfg_dict.get("resume")
     if resume_from:  # continue that run: its own resolved config, its own folder
         cfg_dict = load_run_config(resume_from)
-    # The data first: its labels (count, names) complete the task config that the checks and models use.
-    # Bad data (missing file, empty split, missing column, empty text, unknown label) fails here.
+    stages = validate(cfg_dict)  # config errors surface here, before anything heavy
+    # Bad data (missing file, empty split, missing column, empty text, unknown label) fails here. The data's
+    # labels (count, names) complete the task config that the label checks and the models use.
     splits = load_task(cfg_dict["task"])
     cfg_dict["task"] = labelled(cfg_dict["task"], splits)
-    stages = validate(cfg_dict)  # config errors surface here, before any model is loaded or trained
-    validate_data(cfg_dict, splits)
+    validate_data(cfg_dict, splits, stages)
     tokenizer = load_tokenizer(cfg_dict["teacher"]) if splits.kind == "text" else None
     L.seed_everything(int(cfg_dict["seed"]), workers=True, verbose=False)
     output_dir = Path(cfg_dict["paths"]["output_dir"])

@@ -3,10 +3,12 @@
 Every problem is a :class:`~dpq.core.errors.ConfigError` naming the key, the bad value and what
 is allowed. The run's own keys (task, metrics, models, trainer, devices, cost, checkpointing,
 objective) are checked here; each stage checks its own parameters, its place in the order and
-its fit to the model (:mod:`dpq.stages`). The task's data is loaded and checked just before
-(:func:`dpq.data.load_task`: availability, files, columns, labels), because the label count and
-names it gives are part of what is checked here (heads, positive-label metrics) -- all of it
-before any model is loaded or trained.
+its fit to the model (:mod:`dpq.stages`). Then the task's data is loaded and checked
+(:func:`dpq.data.load_task`: availability, files, columns, labels) and :func:`validate_data`
+checks it against the config. What depends on the task's labels (their count, positive-label
+metrics, trained heads, the models' modules: :func:`check_labels`) is checked before the data
+when the config states ``task.num_labels``, and again with the data's count and names after it
+-- all of it before any model is loaded or trained.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ LOGGERS = ("wandb", "csv", "tensorboard", "none")
 
 
 def validate(cfg: dict[str, Any]) -> list[Stage]:
-    """Validate the resolved run config, its task labelled by its data (:func:`dpq.data.labelled`);
-    return the pipeline's stages."""
+    """Validate the resolved run config; return the pipeline's stages. Checks that need the task's labels
+    run here only when the config states ``task.num_labels`` (:func:`validate_data` runs them with the data's)."""
     task = cfg["task"]
     if task.get("kind") not in TASK_KINDS:
         raise ConfigError("task.kind", task.get("kind"), f"must be one of {', '.join(TASK_KINDS)}")
@@ -41,12 +43,7 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
                 cfg[key].get("name"),
                 f"is a {arch} model but task '{task['name']}' ({task['kind']}) needs an {' or '.join(want)} model",
             )
-    if int(task.get("num_labels") or 0) < 2:
-        raise ConfigError("task.num_labels", task.get("num_labels"), "must be >= 2")
     task_metrics.check_names(task)
-    task_metrics.check_for_labels(
-        task, [str(n) for n in task.get("label_names") or range(task["num_labels"])]
-    )
     stages = build_stages(cfg["pipeline"])
     if cfg["model"].get("init") == "from_teacher" and cfg["teacher"].get("arch") != cfg["model"].get("arch"):
         raise ConfigError("model.init", "from_teacher", "needs a teacher of the same architecture")
@@ -57,8 +54,21 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
         raise ConfigError("logger.kind", kind, f"must be one of {', '.join(LOGGERS)}")
     check_run_keys(cfg)
     check_trainer(cfg.get("trainer") or {})
-    check_models(cfg, stages)
+    if task.get("num_labels") is not None:  # else the data says how many (dpq.data.labelled)
+        check_labels(cfg, stages)
     return stages
+
+
+def check_labels(cfg: dict[str, Any], stages: list[Stage]) -> None:
+    """What depends on the task's labels: their count, metrics of a positive label, and the models
+    (trained heads must predict the task's labels; every stage against the student's modules)."""
+    task = cfg["task"]
+    if isinstance(task["num_labels"], bool) or int(task["num_labels"]) < 2:
+        raise ConfigError("task.num_labels", task["num_labels"], "must be >= 2")
+    task_metrics.check_for_labels(
+        task, [str(n) for n in task.get("label_names") or range(task["num_labels"])]
+    )
+    check_models(cfg, stages)
 
 
 # ---- numbers and switches of the run itself --------------------------------------------------
@@ -227,8 +237,9 @@ def check_objective(cfg: dict[str, Any]) -> None:
             )
 
 
-def validate_data(cfg: dict[str, Any], splits) -> None:
-    """Columns and shapes the task config promises are what the loaded data has."""
+def validate_data(cfg: dict[str, Any], splits, stages: list[Stage] | None = None) -> None:
+    """Columns and shapes the task config promises are what the loaded data has; with ``stages``, the
+    checks that need the labels, on the data's (``cfg``'s task labelled by :func:`dpq.data.labelled`)."""
     task = cfg["task"]
     need = {"text": ["text", "label"], "features": ["features", "label"]}.get(splits.kind, ["label"])
     for split in ("train", "validation", "test"):
@@ -246,3 +257,5 @@ def validate_data(cfg: dict[str, Any], splits) -> None:
             raise ConfigError(
                 "task.num_features", task.get("num_features"), f"the data has {width} features per example"
             )
+    if stages is not None:
+        check_labels(cfg, stages)
