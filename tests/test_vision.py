@@ -49,7 +49,9 @@ def fashion():
 @needs_idx
 def test_fashion_mnist_standard_split_from_idx(fashion):
     task, splits = fashion
-    assert splits.source == "offline:idx_fashion_mnist" and splits.kind == "image" and splits.num_labels == 10
+    assert (
+        splits.source == "embedded:idx_fashion_mnist" and splits.kind == "image" and splits.num_labels == 10
+    )
     # The standard 60k/10k split; validation (5,000, stratified, seed 0) carved from train.
     assert splits.sizes() == {"train": 55000, "validation": 5000, "test": 10000}
     test_labels = np.bincount(splits.test.with_format("arrow")["label"].to_numpy(), minlength=10)
@@ -123,7 +125,7 @@ def test_colour_images_become_channels_first():
 
 
 def test_missing_idx_files_name_the_debian_package(make_cfg, tmp_path, monkeypatch):
-    task = resolved(make_cfg, "task=fashion_mnist", f"task.offline.path={tmp_path}", "task.source=offline")[
+    task = resolved(make_cfg, "task=fashion_mnist", f"task.embedded.path={tmp_path}", "task.source=embedded")[
         "task"
     ]
     with pytest.raises(ConfigError, match=r"task='fashion_mnist'.*apt-get install dataset-fashion-mnist"):
@@ -139,7 +141,7 @@ def test_missing_idx_files_name_the_debian_package(make_cfg, tmp_path, monkeypat
 
 @needs_idx
 def test_hub_layout_gives_the_same_arrays(make_cfg, monkeypatch):
-    """The online route (PIL images from the hub) ends in the same uint8 columns as the IDX route."""
+    """The hub route (PIL images from the hub) ends in the same uint8 columns as the IDX route."""
     import datasets
 
     import dpq.data.tasks as tasks
@@ -170,14 +172,12 @@ def test_hub_layout_gives_the_same_arrays(make_cfg, monkeypatch):
 
     monkeypatch.setattr(
         tasks,
-        "load_online",
-        lambda name, online: datasets.DatasetDict(
-            {"train": hub(slice(0, 100)), "test": hub(slice(100, 120))}
-        ),
+        "load_hub",
+        lambda name, hub: datasets.DatasetDict({"train": hub(slice(0, 100)), "test": hub(slice(100, 120))}),
     )
-    task = resolved(make_cfg, "task=fashion_mnist", "task.source=online", "task.split.validation=20")["task"]
+    task = resolved(make_cfg, "task=fashion_mnist", "task.source=hub", "task.split.validation=20")["task"]
     splits = load_task(task)
-    assert splits.source == "online:zalando-datasets/fashion_mnist"
+    assert splits.source == "hub:zalando-datasets/fashion_mnist"
     assert splits.sizes() == {"train": 80, "validation": 20, "test": 20}
     assert np.array_equal(np.asarray(splits.test.with_format("numpy")["image"]), images[100:120])
     assert splits.test["label"] == labels[100:120].tolist()

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpq.core.errors import ConfigError, IntegrityError, TrainingDiverged
 from dpq.core.provenance import capture_git
-from dpq.data import load_task
+from dpq.data import labelled, load_task
 from dpq.models import load_tokenizer
 from dpq.run import RunContext, Runner, records, validate, validate_data
 from dpq.run.resume import check_resume_overrides, claim_output_dir, load_run_config, register_resolvers
@@ -47,8 +47,11 @@ def train(cfg: DictConfig) -> dict:
     if resume_from:  # continue that run: its own resolved config, its own folder
         cfg_dict = load_run_config(resume_from)
     stages = validate(cfg_dict)  # config errors surface here, before anything heavy
-    splits = load_task(cfg_dict["task"])  # an unavailable dataset (offline, online-only task) fails here
-    validate_data(cfg_dict, splits)
+    # Bad data (missing file, empty split, missing column, empty text, unknown label) fails here. The data's
+    # labels (count, names) complete the task config that the label checks and the models use.
+    splits = load_task(cfg_dict["task"])
+    cfg_dict["task"] = labelled(cfg_dict["task"], splits)
+    validate_data(cfg_dict, splits, stages)
     tokenizer = load_tokenizer(cfg_dict["teacher"]) if splits.kind == "text" else None
     L.seed_everything(int(cfg_dict["seed"]), workers=True, verbose=False)
     output_dir = Path(cfg_dict["paths"]["output_dir"])
@@ -98,7 +101,12 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     except IntegrityError as e:
         print(f"dpq: integrity check failed: {e}", file=sys.stderr)
         sys.exit(4)
-    # What a Hydra sweeper optimises: one value, or several for a multi-objective Optuna study.
+    return objective_values(cfg, results)
+
+
+def objective_values(cfg, results: dict) -> float | list[float]:
+    """What a Hydra sweeper optimises (``objective.metrics`` of the final record): one value, or several
+    for a multi-objective Optuna study."""
     vals = [
         float(results["final"][m]) for m in (cfg.get("objective") or {}).get("metrics") or ["val_accuracy"]
     ]

@@ -111,3 +111,23 @@ def link_file(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:  # another file system: copy
         shutil.copy2(src, dst)
+
+
+def fingerprint_path(path: str | os.PathLike) -> Any:
+    """A file or folder named in a config (a saved model, a data file): its files' names, sizes, times.
+
+    The path alone is not enough for a cache key: a folder overwritten with another model, or a CSV
+    edited in place, must give another key. (Sizes and modification times, not contents: cheap for
+    gigabytes, and a copy that keeps both is the same data.)
+    """
+    p = Path(path)
+    if not p.exists():
+        return {"path": str(path), "missing": True}
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    stats = [(f, f.stat()) for f in files]
+    return {
+        "path": str(p.resolve()),
+        "files": [
+            (str(f.relative_to(p)) if f != p else f.name, st.st_size, st.st_mtime_ns) for f, st in stats
+        ],
+    }

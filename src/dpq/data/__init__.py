@@ -1,7 +1,7 @@
-"""Tasks (labelled splits from embedded or hub sources) and their Lightning data module."""
+"""Tasks (labelled splits from local files, embedded or hub sources) and their Lightning data module."""
 
 from dpq.core.nn import model_inputs
 from dpq.data.datamodule import ClassificationDataModule
-from dpq.data.tasks import TaskSplits, load_task
+from dpq.data.tasks import TaskSplits, labelled, load_task
 
-__all__ = ["ClassificationDataModule", "TaskSplits", "load_task", "model_inputs"]
+__all__ = ["ClassificationDataModule", "TaskSplits", "labelled", "load_task", "model_inputs"]

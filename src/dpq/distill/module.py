@@ -11,13 +11,18 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
+from dpq import metrics as task_metrics
 from dpq.core.errors import TrainingDiverged
 from dpq.core.nn import logits_of, model_inputs
 from dpq.distill.features import FeatureKDConfig, HiddenProjection, feature_kd_loss, resolve_layer_map
 from dpq.distill.losses import KDConfig, kd_loss
 from dpq.distill.teachers import TeacherSignal
+
+
+def log_name(metric: str) -> str:
+    """What a metric is logged as after ``<stage>/<split>_``: accuracy keeps its short name ``acc``."""
+    return "acc" if metric == "accuracy" else metric
 
 
 class ClassifierModule(L.LightningModule):
@@ -32,6 +37,8 @@ class ClassifierModule(L.LightningModule):
         kd: KDConfig | None = None,
         teacher: TeacherSignal | None = None,
         features: FeatureKDConfig | None = None,
+        metrics: tuple[str, ...] | list[str] = ("accuracy",),
+        positive: int = 1,
     ):
         super().__init__()
         self.model, self.stage = model, stage
@@ -54,8 +61,9 @@ class ClassifierModule(L.LightningModule):
                 self.kd_projection = HiddenProjection(
                     model.config.hidden_size, tmodel.config.hidden_size, n_s
                 )
-        self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
+        # The task's metrics (dpq.metrics) on each evaluated split; logged as <stage>/<split>_<name>.
+        self.val_metrics = nn.ModuleDict(task_metrics.build(list(metrics), num_labels, positive))
+        self.test_metrics = nn.ModuleDict(task_metrics.build(list(metrics), num_labels, positive))
 
     def on_fit_start(self) -> None:
         # from_pretrained returns models in eval mode and Lightning keeps each module's mode:
@@ -117,19 +125,24 @@ class ClassifierModule(L.LightningModule):
         )
         return loss + f_loss, {**parts, **f_parts}
 
-    def _eval_step(self, batch: dict, split: str, metric: MulticlassAccuracy) -> None:
-        logits = self(batch)
-        loss = F.cross_entropy(logits.float(), batch["labels"])
-        metric.update(logits, batch["labels"])
+    def _eval_step(self, batch: dict, split: str, metrics: nn.ModuleDict) -> None:
+        logits = self(batch).float()
+        loss = F.cross_entropy(logits, batch["labels"])
         bs = batch["labels"].shape[0]
         self.log(f"{self.stage}/{split}_loss", loss, prog_bar=split == "val", batch_size=bs)
-        self.log(f"{self.stage}/{split}_acc", metric, prog_bar=split == "val", batch_size=bs)
+        for name, metric in metrics.items():
+            metric.update(logits, batch["labels"])
+            self.log(
+                f"{self.stage}/{split}_{log_name(name)}",
+                metric,
+                prog_bar=split == "val" and name == "accuracy",
+            )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_acc)
+        self._eval_step(batch, "val", self.val_metrics)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_acc)
+        self._eval_step(batch, "test", self.test_metrics)
 
     def configure_optimizers(self):
         decay, no_decay = [], []

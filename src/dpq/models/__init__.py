@@ -2,7 +2,14 @@
 from configs (:mod:`.build`), and saving/reloading them in their library's layout (:mod:`.io`)."""
 
 from dpq.models.build import ARCHES, INITS, build_model, skeleton
-from dpq.models.hf import load_tokenizer, resolve_layers, resolve_pretrained, student_from_teacher
+from dpq.models.hf import (
+    check_head_labels,
+    load_tokenizer,
+    local_folder,
+    resolve_layers,
+    resolve_pretrained,
+    student_from_teacher,
+)
 from dpq.models.io import load_model, save_model
 from dpq.models.native import NATIVE_ARCHES, CNNClassifier, MLPClassifier, native_from_config
 
@@ -13,8 +20,10 @@ __all__ = [
     "CNNClassifier",
     "MLPClassifier",
     "build_model",
+    "check_head_labels",
     "load_model",
     "load_tokenizer",
+    "local_folder",
     "native_from_config",
     "resolve_layers",
     "resolve_pretrained",

@@ -18,6 +18,12 @@ def _check_spec(spec: dict, key: str) -> None:
         raise ConfigError(f"{key}.arch", arch, f"must be one of {', '.join(ARCHES)}")
     if init not in INITS:
         raise ConfigError(f"{key}.init", init, f"must be one of {', '.join(INITS)}")
+    if spec.get("fine_tuned") and (arch != "hf" or init != "pretrained"):
+        raise ConfigError(
+            f"{key}.fine_tuned",
+            spec["fine_tuned"],
+            "needs arch: hf and init: pretrained (a trained checkpoint)",
+        )
 
 
 def build_model(spec: dict, task: dict, key: str, teacher: nn.Module | None = None) -> nn.Module:

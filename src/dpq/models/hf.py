@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
+import os
 import re
 from collections.abc import Mapping
 
@@ -21,10 +22,30 @@ from torch import nn
 from dpq.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
+# A folder holds a tokenizer when it has one of these (transformers' fast and slow tokenizer files).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
 
 
-def resolve_pretrained(spec: dict) -> str:
-    """Local path of the embedded copy when its package is installed, else the hub id."""
+def has_head(config) -> bool:
+    """Whether a checkpoint's config says it holds a trained sequence-classification head."""
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
+def _looks_local(path: str) -> bool:
+    return str(path).startswith(("/", "./", "../", "~")) or os.path.isdir(os.path.expanduser(str(path)))
+
+
+def resolve_pretrained(spec: dict, key: str | None = None) -> str:
+    """Local path of the embedded copy when its package is installed, else ``pretrained``: a local
+    folder (``save_pretrained`` layout) or a hub id."""
     embedded = spec.get("embedded")
     if embedded:
         try:
@@ -33,20 +54,56 @@ def resolve_pretrained(spec: dict) -> str:
             log.info(
                 "embedded package %s not installed; loading %s from the hub", embedded, spec.get("pretrained")
             )
-    if not spec.get("pretrained"):
-        raise ConfigError(
-            f"{spec.get('_key', 'model')}.pretrained", None, "an hf model needs a path or hub id"
-        )
-    return spec["pretrained"]
+    key = key or spec.get("_key", "model")
+    path = spec.get("pretrained")
+    if not path:
+        raise ConfigError(f"{key}.pretrained", None, "an hf model needs a path or hub id")
+    if _looks_local(path):
+        folder = os.path.abspath(os.path.expanduser(str(path)))
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ConfigError(
+                f"{key}.pretrained",
+                path,
+                f"{'no such folder' if not os.path.isdir(folder) else 'holds no config.json'}: {folder} "
+                "(a local model is a folder written by save_pretrained)",
+            )
+        return folder
+    return str(path)
 
 
-def load_tokenizer(spec: dict):
+def local_folder(spec: dict) -> str | None:
+    """The local folder a pretrained Hugging Face spec loads from; None for an embedded copy or a hub id."""
+    if spec.get("arch") != "hf" or spec.get("init", "pretrained") != "pretrained" or spec.get("embedded"):
+        return None
+    path = spec.get("pretrained")
+    return os.path.abspath(os.path.expanduser(str(path))) if path and _looks_local(path) else None
+
+
+def load_tokenizer(spec: dict, key: str = "teacher"):
+    """The tokenizer of ``spec``: its ``tokenizer`` (a path, hub id or {pretrained, embedded}), else the model's own."""
     from transformers import AutoTokenizer
 
-    path = spec.get("tokenizer") or resolve_pretrained(spec)
+    path = spec.get("tokenizer") or resolve_pretrained(spec, key)
     if isinstance(path, Mapping):
-        path = resolve_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
+        path = resolve_pretrained(path, f"{key}.tokenizer")
+
+    def missing(why: str) -> ConfigError:
+        return ConfigError(
+            f"{key}.tokenizer",
+            spec.get("tokenizer"),
+            f"no tokenizer could be loaded from {path} ({why}); a local model folder needs its tokenizer saved "
+            f"with it (tokenizer.save_pretrained), or set {key}.tokenizer to a folder or hub id that has one",
+        )
+
+    if os.path.isdir(str(path)) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise missing(f"none of {', '.join(TOKENIZER_FILES)} is there")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise missing(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):  # transformers builds empty ones silently
+        raise missing(f"it has no vocabulary beyond its {len(tokenizer)} special tokens")
+    return tokenizer
 
 
 def _hf_load_error(key: str, path: str, e: Exception) -> ConfigError:
@@ -56,6 +113,39 @@ def _hf_load_error(key: str, path: str, e: Exception) -> ConfigError:
         f"could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
         "hub models need network; the embedded default works offline",
     )
+
+
+def label_config(task: dict) -> dict:
+    """``num_labels``, ``id2label`` and ``label2id`` of ``task``'s labels, so a saved model predicts names."""
+    names = [str(n) for n in task.get("label_names") or []]
+    out = {"num_labels": int(task["num_labels"])}
+    if names:
+        out.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    return out
+
+
+def check_head_labels(own: list[str], task: dict, key: str, value) -> None:
+    """A trained classification head predicts its labels in its own order; the task's must be the same
+    (names compared case-insensitively; a head with transformers' placeholder names LABEL_<i> says nothing)."""
+    names = [str(n) for n in task.get("label_names") or []]
+    own = [str(n) for n in own]
+    if len(own) != int(task["num_labels"]):
+        raise ConfigError(
+            key,
+            value,
+            f"has a {len(own)}-label classification head, but task '{task['name']}' has "
+            f"{task['num_labels']} labels (task.num_labels)",
+        )
+    if not names or all(re.fullmatch(r"LABEL_\d+", n) for n in own):
+        return
+    if [n.lower() for n in own] != [n.lower() for n in names]:
+        same = sorted(n.lower() for n in own) == sorted(n.lower() for n in names)
+        raise ConfigError(
+            key,
+            value,
+            f"its classification head predicts {own} in that order, but task '{task['name']}' has the labels "
+            f"{names}" + (f"; set task.label_names={own} to use the head's order" if same else ""),
+        )
 
 
 def resolve_layers(layers, n_teacher: int) -> list[int]:
@@ -90,33 +180,37 @@ def hf_config(spec: dict, task: dict, key: str, teacher_config=None):
     """
     from transformers import AutoConfig
 
-    num_labels, overrides, init = (
-        int(task["num_labels"]),
+    labels, overrides, init = (
+        label_config(task),
         dict(spec.get("config") or {}),
         spec.get("init", "pretrained"),
     )
     if init == "pretrained":
-        path = resolve_pretrained(spec)
+        path = resolve_pretrained(spec, key)
         config = AutoConfig.from_pretrained(path, **overrides)
-        head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-        if head and config.num_labels != num_labels:
-            raise ConfigError(
-                f"{key}.pretrained",
-                path,
-                f"has a {config.num_labels}-label classification head, but "
-                f"task '{task['name']}' has {num_labels} labels (task.num_labels)",
+        if has_head(config):
+            check_head_labels(
+                [config.id2label[i] for i in range(config.num_labels)], task, f"{key}.pretrained", path
             )
-        config.num_labels = num_labels
+        elif spec.get("fine_tuned"):
+            raise ConfigError(
+                f"{key}.fine_tuned",
+                True,
+                f"{path} has no classification head (architectures {config.architectures}), so it is not "
+                "fine-tuned on a task; set fine_tuned: false to fine-tune it in the teacher stage",
+            )
+        config.num_labels = labels["num_labels"]
+        for k in ("id2label", "label2id"):
+            if k in labels:
+                setattr(config, k, labels[k])
         return config
     if init == "random":
         base = spec.get("base_config")
         if base:
             return AutoConfig.from_pretrained(
-                resolve_pretrained(base) if isinstance(base, dict) else base,
-                num_labels=num_labels,
-                **overrides,
+                resolve_pretrained(base) if isinstance(base, dict) else base, **labels, **overrides
             )
-        return AutoConfig.for_model(spec.get("model_type", "bert"), num_labels=num_labels, **overrides)
+        return AutoConfig.for_model(spec.get("model_type", "bert"), **labels, **overrides)
     if teacher_config is None:
         raise ConfigError(f"{key}.init", init, "needs a teacher model to copy layers from")
     n_teacher = teacher_config.num_hidden_layers
@@ -138,11 +232,9 @@ def build_hf(spec: dict, task: dict, key: str, teacher: nn.Module | None = None)
 
     init = spec.get("init", "pretrained")
     if init == "pretrained":
-        path = resolve_pretrained(spec)
+        path = resolve_pretrained(spec, key)
         try:
-            return AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=int(task["num_labels"]), **dict(spec.get("config") or {})
-            )
+            return AutoModelForSequenceClassification.from_pretrained(path, config=hf_config(spec, task, key))
         except OSError as e:
             raise _hf_load_error(key, path, e) from None
     if init == "random":

@@ -45,7 +45,14 @@ class MLPClassifier(nn.Module):
 
     arch_name = "mlp"
 
-    def __init__(self, num_features: int, num_labels: int, hidden: list[int], dropout: float = 0.1):
+    def __init__(
+        self,
+        num_features: int,
+        num_labels: int,
+        hidden: list[int],
+        dropout: float = 0.1,
+        label_names: list[str] | None = None,
+    ):
         super().__init__()
         dims = [num_features, *hidden]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
@@ -56,6 +63,7 @@ class MLPClassifier(nn.Module):
             "num_labels": num_labels,
             "hidden": list(hidden),
             "dropout": dropout,
+            "label_names": list(label_names) if label_names else None,  # class id i predicts label_names[i]
         }
 
     def forward(
@@ -111,6 +119,7 @@ class CNNClassifier(nn.Module):
         hidden: list[int] | None = None,
         pool: list[bool] | None = None,
         dropout: float = 0.0,
+        label_names: list[str] | None = None,
     ):
         super().__init__()
         channels, hidden = [int(c) for c in channels], [int(h) for h in (hidden or [])]
@@ -137,6 +146,7 @@ class CNNClassifier(nn.Module):
             "hidden": hidden,
             "pool": pool,
             "dropout": dropout,
+            "label_names": list(label_names) if label_names else None,  # class id i predicts label_names[i]
         }
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -212,7 +222,9 @@ def build_native(spec: dict, task: dict, key: str) -> nn.Module:
                 arch,
                 f"an mlp needs a feature or image task; task '{task['name']}' is {task['kind']}",
             )
-        return MLPClassifier(num_features, num_labels, list(spec["hidden"]), float(spec.get("dropout", 0.1)))
+        return MLPClassifier(
+            num_features, num_labels, list(spec["hidden"]), float(spec.get("dropout", 0.1)), _names(task)
+        )
     if task["kind"] != "image":
         raise ConfigError(
             f"{key}.arch", arch, f"a cnn needs an image task; task '{task['name']}' is {task['kind']}"
@@ -232,4 +244,9 @@ def build_native(spec: dict, task: dict, key: str) -> nn.Module:
         list(spec.get("hidden") or []),
         list(pool) if pool is not None else None,
         float(spec.get("dropout", 0.0)),
+        _names(task),
     )
+
+
+def _names(task: dict) -> list[str] | None:
+    return [str(n) for n in task["label_names"]] if task.get("label_names") else None

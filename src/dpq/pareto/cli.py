@@ -20,7 +20,9 @@ from .gather import INPUTS_HELP, SWEEP_ID, gather, is_sweep_id
 from .objectives import OBJECTIVES, Objective, parse_objectives
 
 log = logging.getLogger("dpq.pareto")
-DEFAULT_OBJECTIVES = "accuracy,effective_gflops"
+DEFAULT_OBJECTIVES = (
+    "primary,effective_gflops"  # primary: the runs' task.primary_metric (accuracy by default)
+)
 
 
 def default_out(first: str) -> Path:
@@ -49,9 +51,22 @@ def front_table(points: pd.DataFrame, objectives: list[Objective]) -> pd.DataFra
     return points
 
 
+def primary_objective(runs: pd.DataFrame) -> str:
+    """The runs' ``task.primary_metric`` (what ``primary`` in ``--objectives`` stands for)."""
+    found = sorted(dict.fromkeys(runs["primary_metric"].dropna())) if "primary_metric" in runs else []
+    if len(found) > 1:
+        raise ConfigError(
+            "--objectives",
+            "primary",
+            f"the runs have different primary metrics ({', '.join(found)}); name the objective, e.g. -O "
+            f"{found[0]},effective_gflops",
+        )
+    return found[0] if found else "accuracy"
+
+
 def build_report(
     inputs: list[str],
-    objectives: list[Objective],
+    objectives: list[Objective] | list[str],
     out: Path | None = None,
     baseline: str | None = "dq",
     references: bool = True,
@@ -66,6 +81,11 @@ def build_report(
     from .report import write_html
 
     runs = gather(inputs, references=references, progress=progress)
+    if any(isinstance(o, str) for o in objectives):  # names, "primary" among them: resolved on the runs
+        primary = primary_objective(runs)
+        objectives = parse_objectives(
+            [primary + o[len("primary") :] if o.split(":")[0] == "primary" else o for o in objectives]
+        )
     runs = add_objectives(runs, objectives)
     for o in objectives:
         missing = int(runs[o.name].isna().sum())
@@ -126,7 +146,7 @@ def build_report(
         except Exception as e:  # the files are written; W&B is a copy
             log.warning("W&B logging failed (%s); the report files are in %s", e, out)
             summary["wandb"] = f"failed: {e}"
-    return {**summary, "points_df": points, "runs_df": runs}
+    return {**summary, "points_df": points, "runs_df": runs, "objectives": objectives}
 
 
 def print_front(points: pd.DataFrame, objectives: list[Objective], summary: dict) -> None:
@@ -178,7 +198,8 @@ def front_parser() -> argparse.ArgumentParser:
         "--objectives",
         default=DEFAULT_OBJECTIVES,
         help="2 or 3 comma-separated objective names, the first on the y axis; NAME:max / NAME:min "
-        f"overrides the direction (default {DEFAULT_OBJECTIVES})",
+        "overrides the direction; primary = the runs' task.primary_metric "
+        f"(default {DEFAULT_OBJECTIVES})",
     )
     p.add_argument("-o", "--out", type=Path, help="output folder (default: <first input>/pareto)")
     p.add_argument(
@@ -256,10 +277,12 @@ def main(argv: list[str] | None = None) -> int:
         if is_compare:
             run_compare(args)
         else:
-            objectives = parse_objectives([s for s in args.objectives.split(",") if s.strip()])
+            names = [s.strip() for s in args.objectives.split(",") if s.strip()]
+            if all(n.split(":")[0] != "primary" for n in names):
+                parse_objectives(names)  # a typo fails before any run is read
             summary = build_report(
                 args.inputs,
-                objectives,
+                names,
                 args.out,
                 baseline=args.baseline,
                 references=not args.no_references,
@@ -269,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 wandb_project=args.wandb_project if args.wandb else None,
                 wandb_entity=args.wandb_entity,
             )
-            print_front(summary["points_df"], objectives, summary)
+            print_front(summary["points_df"], summary["objectives"], summary)
     except ConfigError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2

@@ -16,11 +16,13 @@ import math
 import pandas as pd
 
 from dpq.core.errors import ConfigError
+from dpq.metrics import METRICS
 
 from .gather import json_safe
 from .stats import difference_interval, mean_interval
 
-DELTAS = ("accuracy", "val_accuracy")
+# Differences: accuracy and every other task metric the runs measured (test and validation).
+DELTAS = ("accuracy", "val_accuracy", *(f"{p}{m}" for m in METRICS if m != "accuracy" for p in ("", "val_")))
 RATIOS = (
     "effective_gflops",
     "dense_gflops",

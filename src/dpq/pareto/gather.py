@@ -264,6 +264,7 @@ def points_from_results(results: dict, run: str, stages: bool = False) -> list[d
         "order": " → ".join(order),
         "seed": results.get("seed", cfg.get("seed")),
         "task": task.get("name") if isinstance(task, dict) else task,
+        "primary_metric": (task.get("primary_metric") if isinstance(task, dict) else None) or "accuracy",
         "model": (cfg.get("model") or {}).get("name"),
         "teacher": (cfg.get("teacher") or {}).get("name"),
     }

@@ -2,7 +2,9 @@
 
 Each maps a short name to a metric of a results.json record (``final`` or a stage's
 ``metrics``), the direction that is better, and the unit shown on axes and tables.
-Costs are rescaled to readable units (bytes -> MB, BOPs -> GBOPs).
+Costs are rescaled to readable units (bytes -> MB, BOPs -> GBOPs). Every task metric
+(:mod:`dpq.metrics`: ``f1``, ``mcc``, ...) is an objective on the test split (``f1``) and on the
+validation split (``val_f1``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dpq.core.errors import ConfigError
+from dpq.metrics import METRICS
 
 SENSES = ("max", "min")
 
@@ -52,12 +55,22 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("params", "params_total", "min", "parameters", label="parameters"),
         Objective("nonzero_params", "params_nonzero", "min", "parameters", label="non-zero parameters"),
         Objective("sparsity", "sparsity", "max", "fraction", label="sparsity"),
+        *(
+            Objective(f"{prefix}{m.name}", f"{prefix}{m.name}", m.sense, m.unit, label=f"{split} {m.label}")
+            for m in METRICS.values()
+            if m.name != "accuracy"
+            for prefix, split in (("", "test"), ("val_", "validation"))
+        ),
     )
 }
 
 
 def allowed() -> str:
-    return "one of " + ", ".join(OBJECTIVES) + " (optionally NAME:max or NAME:min)"
+    return (
+        "one of "
+        + ", ".join(OBJECTIVES)
+        + " (optionally NAME:max or NAME:min; the dpq.pareto command also takes primary: the runs' task.primary_metric)"
+    )
 
 
 def parse_objectives(specs: list[str] | tuple[str, ...], key: str = "--objectives") -> list[Objective]:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from dpq.metrics import METRICS
+
 from .front import step_order
 from .gather import CONDITION_KEYS, CONVENTION_KEYS, json_safe
 from .objectives import Objective
@@ -21,9 +23,10 @@ from .plots import REFERENCE_LABEL, colours, use_log
 
 PLOT_ID = "pareto-plot"
 REFERENCE_SYMBOL = {"teacher": ("star", 16, "black"), "dense": ("diamond", 11, "dimgray")}
-# Shown in the tables next to the chosen objectives (when measured).
+# Shown in the tables next to the chosen objectives (when measured): accuracy, the other task metrics, costs.
 TABLE_METRICS = [
     ("accuracy", "accuracy", 1.0, "{:.4f}"),
+    *((m.replace("_", " "), m, 1.0, "{:.4f}") for m in METRICS if m != "accuracy"),
     ("effective GFLOPs", "effective_gflops", 1.0, "{:.4g}"),
     ("GBOPs", "bops", 1e-9, "{:.4g}"),
     ("size MB", "size_bytes", 1e-6, "{:.4g}"),

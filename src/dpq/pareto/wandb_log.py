@@ -13,7 +13,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-RUN_OBJECTIVES = ("accuracy", "effective_gflops")
+RUN_OBJECTIVES = ("primary", "effective_gflops")  # primary: the run's task.primary_metric
 
 
 def is_wandb_logger(logger) -> bool:
@@ -40,7 +40,9 @@ def run_points(results: dict, run_dir: str):
     from .gather import to_frame
     from .objectives import parse_objectives
 
-    objectives = parse_objectives(list(RUN_OBJECTIVES))
+    task = (results.get("config") or {}).get("task") or {}
+    primary = task.get("primary_metric") or "accuracy"
+    objectives = parse_objectives([primary if o == "primary" else o for o in RUN_OBJECTIVES])
     pts = add_objectives(to_frame([(results, run_dir)], stages=True), objectives)
     pts["n_seeds"] = 1
     pts["seeds"] = pts["seed"].astype(str)
@@ -60,9 +62,12 @@ def log_run(logger, results: dict, results_path: Path) -> bool:
     import matplotlib.pyplot as plt
     import wandb
 
+    from dpq.metrics import result_names
+
     from .plots import figure
 
     results_path = Path(results_path)
+    task = (results.get("config") or {}).get("task") or {}
     run = logger.experiment
     pts, objectives = run_points(results, str(results_path.parent))
     cols = [
@@ -70,8 +75,7 @@ def log_run(logger, results: dict, results_path: Path) -> bool:
         "role",
         "label",
         "pareto",
-        "accuracy",
-        "val_accuracy",
+        *result_names(task),  # accuracy, the task's metrics, then their validation values
         "sparsity",
         "effective_gflops",
         "dense_gflops",

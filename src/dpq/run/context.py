@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dpq import cost
+from dpq import metrics as task_metrics
 from dpq.core import devices
 from dpq.core.distributed import is_global_zero
 from dpq.core.errors import ConfigError
@@ -29,7 +30,7 @@ from dpq.core.provenance import GitState, capture_git
 from dpq.core.selectors import select_prunable
 from dpq.data import ClassificationDataModule
 from dpq.distill.losses import KDConfig
-from dpq.distill.module import ClassifierModule
+from dpq.distill.module import ClassifierModule, log_name
 from dpq.loggers import build_logger, tolerant
 from dpq.models import build_model, load_model, skeleton
 from dpq.prune.callbacks import MaskFreeze
@@ -105,6 +106,15 @@ class RunContext:
         return int(self.task["num_labels"])
 
     @property
+    def label_names(self) -> list[str]:
+        return [str(n) for n in self.task.get("label_names") or range(self.num_labels)]
+
+    @property
+    def metrics(self) -> list[str]:
+        """The task's metrics (``task.metrics``, ``task.primary_metric``, accuracy), each evaluated per split."""
+        return task_metrics.task_metrics(self.task)
+
+    @property
     def trainer_device(self) -> str:
         return devices.trainer_device(self.cfg["trainer"])
 
@@ -156,7 +166,15 @@ class RunContext:
             )
         teacher = state.teacher_logits if (wants_teacher and state is not None) else None
         return ClassifierModule(
-            model, self.num_labels, stage_name, kd=kd, features=features, teacher=teacher, **kw
+            model,
+            self.num_labels,
+            stage_name,
+            kd=kd,
+            features=features,
+            teacher=teacher,
+            metrics=self.metrics,
+            positive=task_metrics.positive_index(self.task, self.label_names),
+            **kw,
         )
 
     def fit(
@@ -224,17 +242,25 @@ class RunContext:
         return trainer
 
     def evaluate(self, model: nn.Module, stage_name: str) -> dict[str, float]:
-        """Accuracy (torchmetrics) and cross-entropy on the test and validation splits."""
+        """The task's metrics (torchmetrics; accuracy always) and cross-entropy on the test split
+        (``accuracy``, ``f1``, ...) and the validation split (``val_accuracy``, ``val_f1``, ...)."""
         module = self.module_for(None, model, stage_name)
         trainer = self.make_trainer(enable_progress_bar=False)
         test = trainer.test(module, dataloaders=self.data.test_dataloader(), verbose=False)[0]
         val = trainer.validate(module, dataloaders=self.data.val_dataloader(), verbose=False)[0]
-        return {
+        out = {
             "accuracy": float(test[f"{stage_name}/test_acc"]),
             "loss": float(test[f"{stage_name}/test_loss"]),
             "val_accuracy": float(val[f"{stage_name}/val_acc"]),
             "val_loss": float(val[f"{stage_name}/val_loss"]),
         }
+        for name in self.metrics:
+            if name != "accuracy":
+                out[name] = float(test[f"{stage_name}/test_{log_name(name)}"])
+        for name in self.metrics:
+            if name != "accuracy":
+                out[f"val_{name}"] = float(val[f"{stage_name}/val_{log_name(name)}"])
+        return out
 
     # ---- results ------------------------------------------------------------------------
     def example_inputs(self) -> dict:
@@ -302,10 +328,12 @@ class RunContext:
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
         self.log_metrics({**scalar, "stage_index": index}, step=index)
+        primary = task_metrics.primary_metric(self.task)
         log.info(
-            "after %s: accuracy %.4f, sparsity %.3f, effective GFLOPs %.4f",
+            "after %s: accuracy %.4f%s, sparsity %.3f, effective GFLOPs %.4f",
             stage.name,
             metrics["accuracy"],
+            f", {primary} {metrics[primary]:.4f}" if primary != "accuracy" else "",
             metrics["sparsity"],
             metrics["effective_gflops"],
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dpq.core.files import write_json_atomic
 from dpq.core.provenance import GitState, library_versions
+from dpq.metrics import primary_metric, task_metrics
 
 PROVENANCE = "provenance"  # <run>/provenance/: git.json (one entry per start) and the uncommitted diff
 
@@ -63,7 +64,14 @@ def results(
         "run_name": cfg["run_name"],
         "pipeline": cfg["pipeline"]["name"],
         "order": list(order),
-        "task": {"name": task["name"], "source": splits.source, "sizes": splits.sizes()},
+        "task": {
+            "name": task["name"],
+            "source": splits.source,
+            "sizes": splits.sizes(),
+            "labels": list(splits.label_names),
+            "metrics": task_metrics(task),
+            "primary_metric": primary_metric(task),
+        },
         "seed": int(cfg["seed"]),
         "git": git,
         **extra,
@@ -115,12 +123,25 @@ COLUMNS = [  # (header, metric key, format)
 ]
 
 
-def table_rows(records: list[dict]) -> list[list[str]]:
+def columns(primary: str = "accuracy") -> list[tuple]:
+    """The table's columns: accuracy, then the primary metric (test and validation) when it is another."""
+    if primary == "accuracy":
+        return COLUMNS
+    at = [h for h, _, _ in COLUMNS].index("sparsity")
+    return [
+        *COLUMNS[:at],
+        (primary, primary, "{:.4f}"),
+        (f"val {primary}", f"val_{primary}", "{:.4f}"),
+        *COLUMNS[at:],
+    ]
+
+
+def table_rows(records: list[dict], primary: str = "accuracy") -> list[list[str]]:
     rows = []
     for r in records:
         m = r["metrics"]
         row = []
-        for header, key, fmt in COLUMNS:
+        for header, key, fmt in columns(primary):
             if header == "stage":
                 row.append(r["stage"])
             elif header == "model":
@@ -136,14 +157,14 @@ def table_rows(records: list[dict]) -> list[list[str]]:
     return rows
 
 
-def print_table(records: list[dict], title: str) -> None:
+def print_table(records: list[dict], title: str, primary: str = "accuracy") -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
-    for header, _, _ in COLUMNS:
+    for header, _, _ in columns(primary):
         table.add_column(header, justify="left" if header in ("stage", "model") else "right")
-    for row in table_rows(records):
+    for row in table_rows(records, primary):
         table.add_row(*row)
     console = Console()
     if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns

@@ -24,6 +24,7 @@ from torch import nn
 from dpq.core.distributed import barrier, is_global_zero, rank_zero_decides, trainer_world_size
 from dpq.core.errors import IntegrityError, TrainingDiverged
 from dpq.core.files import link_file, write_dir_atomic, write_json_atomic
+from dpq.metrics import primary_metric
 from dpq.models import save_model
 from dpq.run import integrity, records, resume, snapshot, stage_cache
 from dpq.run.context import RunContext
@@ -75,9 +76,10 @@ class Runner:
 
     def _run_cached(self, stages: list[Stage], seed: int, cache: stage_cache.StageCache) -> None:
         splits = self.ctx.data.splits
-        keys = stage_cache.pipeline_keys(
-            self.ctx.cfg, {"data_source": splits.source, "data_sizes": splits.sizes()}
-        )
+        data = {"data_source": splits.source, "data_sizes": splits.sizes()}
+        if splits.fingerprint:  # local files: edited in place, they give another key
+            data["data_fingerprint"] = splits.fingerprint
+        keys = stage_cache.pipeline_keys(self.ctx.cfg, data)
         distributed = trainer_world_size(self.ctx.cfg["trainer"]) > 1
         if is_global_zero() and cache.root.is_dir() and (line := cache.stale_summary()):
             log.info("%s", line)  # never used: their keys cover the code that built them
@@ -301,7 +303,9 @@ class Runner:
         if integrity_error is not None:
             raise integrity_error
         records.print_table(
-            state.records, title=f"dpq {cfg['run_name']} -> {ctx.output_dir / 'results.json'}"
+            state.records,
+            title=f"dpq {cfg['run_name']} -> {ctx.output_dir / 'results.json'}",
+            primary=primary_metric(cfg["task"]),
         )
         if (
             ctx.tracker is not None

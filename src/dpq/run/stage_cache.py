@@ -37,7 +37,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from dpq.core.files import write_dir_atomic
+from dpq.core.files import fingerprint_path, write_dir_atomic
 from dpq.core.provenance import code_fingerprint, training_settings
 from dpq.stages import build_stages
 
@@ -96,31 +96,13 @@ def stale_reason(manifest: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _fingerprint_path(path: str | os.PathLike) -> Any:
-    """A saved model folder named in a config (``load_from``, ``ensemble``): its files' names, sizes, times.
-
-    The path alone is not enough: a folder overwritten with another model must give another key.
-    """
-    p = Path(path)
-    if not p.exists():
-        return {"path": str(path), "missing": True}
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    return {
-        "path": str(p.resolve()),
-        "files": [
-            (str(f.relative_to(p)) if f != p else f.name, f.stat().st_size, f.stat().st_mtime_ns)
-            for f in files
-        ],
-    }
-
-
 def _stage_payload(stage) -> dict:
     cfg = asdict(stage.cfg) if is_dataclass(stage.cfg) else dict(stage.cfg)
     out = {k: v for k, v in cfg.items() if k not in IGNORED_STAGE_KEYS}
     if out.get("load_from"):
-        out["load_from"] = _fingerprint_path(out["load_from"])
+        out["load_from"] = fingerprint_path(out["load_from"])
     if out.get("ensemble"):
-        out["ensemble"] = [_fingerprint_path(p) for p in out["ensemble"]]
+        out["ensemble"] = [fingerprint_path(p) for p in out["ensemble"]]
     return {"name": stage.name, "kind": stage.kind, "config": out}
 
 
@@ -138,6 +120,14 @@ def key_payload(
     rest = {k: v for k, v in cfg_dict.items() if k not in IGNORED_KEYS and k != "pipeline"}
     if isinstance(rest.get("trainer"), Mapping):
         rest["trainer"] = training_settings(rest["trainer"])
+    from dpq.models import local_folder
+
+    # A model loaded from a local folder: the folder's files too (it may be overwritten in place).
+    local = {
+        k: fingerprint_path(f) for k in ("teacher", "model") if (f := local_folder(cfg_dict.get(k) or {}))
+    }
+    if local:
+        rest["local_models"] = local
     return {
         "format": CACHE_FORMAT,
         "code": code_fingerprint(),  # dpq's source files and the numerics libraries' full versions

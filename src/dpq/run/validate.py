@@ -1,10 +1,14 @@
 """Check a whole run configuration before anything is loaded or trained.
 
 Every problem is a :class:`~dpq.core.errors.ConfigError` naming the key, the bad value and what
-is allowed. The run's own keys (task, models, trainer, devices, cost, checkpointing, objective)
-are checked here; each stage checks its own parameters, its place in the order and its fit to
-the model (:mod:`dpq.stages`). Data availability (an online-only task without network) is
-checked right after, when the task is loaded -- still before any training.
+is allowed. The run's own keys (task, metrics, models, trainer, devices, cost, checkpointing,
+objective) are checked here; each stage checks its own parameters, its place in the order and
+its fit to the model (:mod:`dpq.stages`). Then the task's data is loaded and checked
+(:func:`dpq.data.load_task`: availability, files, columns, labels) and :func:`validate_data`
+checks it against the config. What depends on the task's labels (their count, positive-label
+metrics, trained heads, the models' modules: :func:`check_labels`) is checked before the data
+when the config states ``task.num_labels``, and again with the data's count and names after it
+-- all of it before any model is loaded or trained.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from dpq import metrics as task_metrics
 from dpq.core import devices
 from dpq.core.errors import ConfigError
 from dpq.models import skeleton
@@ -24,7 +29,8 @@ LOGGERS = ("wandb", "csv", "tensorboard", "none")
 
 
 def validate(cfg: dict[str, Any]) -> list[Stage]:
-    """Validate the resolved run config; return the pipeline's stages."""
+    """Validate the resolved run config; return the pipeline's stages. Checks that need the task's labels
+    run here only when the config states ``task.num_labels`` (:func:`validate_data` runs them with the data's)."""
     task = cfg["task"]
     if task.get("kind") not in TASK_KINDS:
         raise ConfigError("task.kind", task.get("kind"), f"must be one of {', '.join(TASK_KINDS)}")
@@ -37,8 +43,7 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
                 cfg[key].get("name"),
                 f"is a {arch} model but task '{task['name']}' ({task['kind']}) needs an {' or '.join(want)} model",
             )
-    if int(task.get("num_labels", 0)) < 2:
-        raise ConfigError("task.num_labels", task.get("num_labels"), "must be >= 2")
+    task_metrics.check_names(task)
     stages = build_stages(cfg["pipeline"])
     if cfg["model"].get("init") == "from_teacher" and cfg["teacher"].get("arch") != cfg["model"].get("arch"):
         raise ConfigError("model.init", "from_teacher", "needs a teacher of the same architecture")
@@ -50,8 +55,21 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
     check_run_keys(cfg)
     check_trainer(cfg.get("trainer") or {})
     check_export(cfg, stages)
-    check_models(cfg, stages)
+    if task.get("num_labels") is not None:  # else the data says how many (dpq.data.labelled)
+        check_labels(cfg, stages)
     return stages
+
+
+def check_labels(cfg: dict[str, Any], stages: list[Stage]) -> None:
+    """What depends on the task's labels: their count, metrics of a positive label, and the models
+    (trained heads must predict the task's labels; every stage against the student's modules)."""
+    task = cfg["task"]
+    if isinstance(task["num_labels"], bool) or int(task["num_labels"]) < 2:
+        raise ConfigError("task.num_labels", task["num_labels"], "must be >= 2")
+    task_metrics.check_for_labels(
+        task, [str(n) for n in task.get("label_names") or range(task["num_labels"])]
+    )
+    check_models(cfg, stages)
 
 
 # ---- numbers and switches of the run itself --------------------------------------------------
@@ -205,13 +223,24 @@ def check_trainer(trainer: dict[str, Any]) -> None:
 def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
     """Before anything trains, each stage checks itself against the task, the devices and the student's
     modules (a weightless skeleton: its selectors, targets, per-layer overrides, N:M groups)."""
-    task = cfg["task"]
-    student = None
+    task, model, teacher_spec = cfg["task"], cfg["model"], cfg["teacher"]
+    from_teacher = model.get("init") == "from_teacher"
+    # A pretrained Hugging Face student of its own reads the data the teacher's tokenizer wrote.
+    own_student = model.get("arch") == teacher_spec.get("arch") == "hf" and model.get("init") == "pretrained"
+    student = teacher = None
+    if from_teacher or teacher_spec.get("fine_tuned") or own_student:
+        teacher = skeleton(teacher_spec, task, "teacher")  # a fine-tuned head must fit the task's labels
     if not all(s.trains_teacher for s in stages):
-        teacher = (
-            skeleton(cfg["teacher"], task, "teacher") if cfg["model"].get("init") == "from_teacher" else None
-        )
-        student = skeleton(cfg["model"], task, "model", teacher=teacher)
+        student = skeleton(model, task, "model", teacher=teacher if from_teacher else None)
+        if own_student and student is not None and teacher is not None:
+            ours, theirs = student.config.vocab_size, teacher.config.vocab_size
+            if ours != theirs:
+                raise ConfigError(
+                    "model.pretrained",
+                    model.get("pretrained"),
+                    f"has a {ours}-token vocabulary and the teacher a {theirs}-token one; dpq tokenizes the "
+                    "data once, with the teacher's tokenizer, so the student must share it",
+                )
     check = ModelCheck(
         task=task,
         model_spec=cfg["model"],
@@ -225,8 +254,13 @@ def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
 
 # ---- the objective a sweep optimises -------------------------------------------------------------
 # Quality metrics of results.json's ``final``, as measured on the test split; each also exists as
-# ``val_<name>`` on the validation split. Only the ``val_`` form may be optimised.
+# ``val_<name>`` on the validation split. Only the ``val_`` form may be optimised. Besides these,
+# the task's own metrics (``task.metrics``: f1, mcc, ...) and the exported model's quality in ONNX
+# Runtime (``onnx_accuracy`` / ``onnx_val_accuracy``, ``onnx_agreement`` / ``onnx_val_agreement``).
 QUALITY_METRICS = ("accuracy", "loss")
+ONNX_QUALITY = ("onnx_accuracy", "onnx_agreement")
+# The exported model's cost as ONNX Runtime measures it (dpq.export.evaluate): split-independent.
+ONNX_COSTS = ("onnx_latency_ms_median", "onnx_latency_ms_p90", "onnx_size_bytes")
 SELECTION_RULE = (
     "models are selected on the validation split only (the test split is reported, never optimised)"
 )
@@ -236,18 +270,31 @@ def cost_metrics() -> list[str]:
     """Cost figures a sweep may optimise: they do not depend on the split."""
     from dpq.cost import UNITS
 
-    return sorted(k for k in UNITS if not k.endswith(("_convention", "_method")))
+    return sorted({*(k for k in UNITS if not k.endswith(("_convention", "_method"))), *ONNX_COSTS})
 
 
-def objective_problem(name: str, spelled: str = "{}") -> str | None:
+def quality_metrics(task: dict[str, Any] | None = None) -> list[str]:
+    """Test-split names of the quality metrics a run's final record has: accuracy and loss, the
+    task's metrics (every registered one when ``task`` is None: a sweep file does not name its
+    task), the exported model's."""
+    names = task_metrics.task_metrics(task) if task is not None else list(task_metrics.METRICS)
+    return list(dict.fromkeys((*QUALITY_METRICS, *names, *ONNX_QUALITY)))
+
+
+def _val(name: str) -> str:
+    # onnx_accuracy -> onnx_val_accuracy (dpq.export.evaluate's spelling); accuracy -> val_accuracy
+    return f"onnx_val_{name[5:]}" if name.startswith("onnx_") else f"val_{name}"
+
+
+def objective_problem(name: str, spelled: str = "{}", task: dict[str, Any] | None = None) -> str | None:
     """Why ``name`` cannot be a sweep objective (a test-split metric, or not a final metric), else
     None. ``spelled`` formats the names suggested instead (``"final/{}"`` for a W&B sweep)."""
-    costs = cost_metrics()
-    if name in costs or name.startswith("val_") and name[4:] in QUALITY_METRICS:
+    costs, quality = cost_metrics(), quality_metrics(task)
+    if name in costs or name in {_val(q) for q in quality}:
         return None
-    if name in QUALITY_METRICS:
-        return f"is measured on the test split; {SELECTION_RULE}: use {spelled.format('val_' + name)!r}"
-    allowed = [spelled.format(m) for m in (*(f"val_{q}" for q in QUALITY_METRICS), *costs)]
+    if name in quality:
+        return f"is measured on the test split; {SELECTION_RULE}: use {spelled.format(_val(name))!r}"
+    allowed = [spelled.format(m) for m in (*(_val(q) for q in quality), *costs)]
     return f"must be a validation or cost metric of the final record: {', '.join(allowed)}"
 
 
@@ -260,10 +307,10 @@ def check_objective(cfg: dict[str, Any]) -> None:
     for m in obj.get("metrics") or []:
         if m == "objective":  # the weighted sum, checked through its weights below
             continue
-        if (why := objective_problem(m)) is not None:
+        if (why := objective_problem(m, task=cfg["task"])) is not None:
             raise ConfigError("objective.metrics", m, why)
     for k, w in (obj.get("weights") or {}).items():
-        if (why := objective_problem(k)) is not None:
+        if (why := objective_problem(k, task=cfg["task"])) is not None:
             raise ConfigError(f"objective.weights.{k}", w, f"{k!r} {why}")
 
 
@@ -282,8 +329,9 @@ def check_wandb_sweep(sweep: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: parameters.{key}", spec, f"{key.split('.', 2)[2]!r} {why}")
 
 
-def validate_data(cfg: dict[str, Any], splits) -> None:
-    """Columns and shapes the task config promises are what the loaded data has."""
+def validate_data(cfg: dict[str, Any], splits, stages: list[Stage] | None = None) -> None:
+    """Columns and shapes the task config promises are what the loaded data has; with ``stages``, the
+    checks that need the labels, on the data's (``cfg``'s task labelled by :func:`dpq.data.labelled`)."""
     task = cfg["task"]
     need = {"text": ["text", "label"], "features": ["features", "label"]}.get(splits.kind, ["label"])
     for split in ("train", "validation", "test"):
@@ -301,3 +349,5 @@ def validate_data(cfg: dict[str, Any], splits) -> None:
             raise ConfigError(
                 "task.num_features", task.get("num_features"), f"the data has {width} features per example"
             )
+    if stages is not None:
+        check_labels(cfg, stages)

@@ -1,5 +1,9 @@
 """``teacher``: fine-tune the teacher on the task (or load a fine-tuned one), then freeze it.
 
+A teacher already fine-tuned on the task is used as it is: a saved folder named by ``load_from``,
+or a teacher spec with ``fine_tuned: true`` (a local folder or hub id with a trained head whose
+labels match the task's).
+
 A fine-tuned teacher is cached under ``paths.cache_dir/teachers/<key>``, the key hashing
 everything that determines it (:meth:`TeacherStage.cache_key`), so later runs and sweep trials
 reuse it; after a change to dpq's code or a numerics library the teacher is trained again.
@@ -18,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from dpq.core.errors import ConfigError
-from dpq.core.files import write_dir_atomic
+from dpq.core.files import fingerprint_path, write_dir_atomic
 from dpq.core.provenance import code_fingerprint, training_settings
 from dpq.distill.teachers import teacher_signal
-from dpq.models import save_model
+from dpq.models import check_head_labels, local_folder, save_model
 from dpq.stages.base import ModelCheck, Stage, StageConfig, register
 
 log = logging.getLogger(__name__)
@@ -38,15 +42,21 @@ class TeacherConfig(StageConfig):
     ensemble_weights: Any = None  # one weight per teacher, this one first; null = equal
 
 
-def _saved_labels(path: str) -> int | None:
-    """Label count of a saved model folder (``config.json``), or None if it does not say."""
+def _saved_labels(path: str) -> list[str] | None:
+    """The labels a saved model folder's head predicts, in class-id order (``config.json``: ``id2label`` of
+    a Hugging Face model, ``label_names`` of a dpq one; ``LABEL_<i>`` when unnamed), or None if it does not say."""
     try:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return None
+    if isinstance(config.get("id2label"), dict):
+        return [str(config["id2label"][k]) for k in sorted(config["id2label"], key=int)]
     if "num_labels" in config:
-        return int(config["num_labels"])
-    return len(config["id2label"]) if isinstance(config.get("id2label"), dict) else None
+        return [
+            str(n)
+            for n in config.get("label_names") or (f"LABEL_{i}" for i in range(int(config["num_labels"])))
+        ]
+    return None
 
 
 @register
@@ -84,14 +94,16 @@ class TeacherStage(Stage):
             (f"ensemble[{i}]", p) for i, p in enumerate(self.cfg.ensemble or [])
         ]
         for sub, path in saved:
-            n = _saved_labels(path)
-            if n is not None and n != num_labels:
+            own = _saved_labels(path)
+            if own is not None and len(own) != num_labels:
                 raise ConfigError(
                     f"{self.key}.{sub}",
                     path,
-                    f"is a {n}-label model, but task '{task['name']}' has "
+                    f"is a {len(own)}-label model, but task '{task['name']}' has "
                     f"{num_labels} labels (task.num_labels)",
                 )
+            if own is not None:
+                check_head_labels(own, task, f"{self.key}.{sub}", path)
 
     def cache_key(self, ctx) -> str:
         """Hash of everything that determines the fine-tuned teacher: its model and task config, the
@@ -101,6 +113,9 @@ class TeacherStage(Stage):
         payload = {
             "teacher": cfg["teacher"],
             "task": cfg["task"],
+            # local data files and model folders can change in place: their files' sizes and times
+            **({"data": ctx.data.splits.fingerprint} if ctx.data.splits.fingerprint else {}),
+            **({"folder": fingerprint_path(f)} if (f := local_folder(cfg["teacher"])) else {}),
             "seed": cfg["seed"],
             "stage": {
                 k: v
@@ -149,6 +164,9 @@ class TeacherStage(Stage):
         if cfg.load_from:
             teacher = ctx.load_model("teacher", Path(cfg.load_from))
             info["loaded_from"] = cfg.load_from
+        elif ctx.teacher_spec.get("fine_tuned"):  # already trained on this task: used as it is
+            teacher = ctx.build_teacher()
+            info["loaded_from"] = local_folder(ctx.teacher_spec) or ctx.teacher_spec.get("pretrained")
         else:
             teacher = self._cached_or_trained(state, ctx, info)
         weights = [float(w) for w in cfg.ensemble_weights] if cfg.ensemble_weights is not None else None

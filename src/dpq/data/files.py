@@ -1,0 +1,260 @@
+"""Local files as a task (``task.source: files``): the ``datasets`` file builders, read offline.
+
+``task.files`` names the data, one of:
+
+- ``data_files`` per split for a builder: ``csv`` (``.csv``, ``.tsv``), ``json`` (``.json``,
+  ``.jsonl``), ``parquet``, or ``text`` (one example per line; each split maps a label to its
+  file(s), e.g. ``{positive: pos.txt, negative: neg.txt}``);
+- ``path`` of a folder written by ``Dataset(Dict).save_to_disk`` (``saved``), or of a folder of
+  data files the hub loader understands (``folder``: ``datasets.load_dataset(<folder>)``, split
+  names from the file names).
+
+Only the named files are read (a builder without ``data_files`` would scan the working
+directory), relative paths are relative to the directory the run starts in, and each split is
+loaded on its own, so a file that cannot be parsed is named in the error. Nothing here needs
+the network. A split without data is carved from train (``task.split``).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from dpq.core.errors import ConfigError
+from dpq.core.files import fingerprint_path
+
+BUILDERS = ("csv", "json", "parquet", "text")
+FORMATS = (*BUILDERS, "saved", "folder")
+EXTENSIONS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+SPLITS = ("train", "validation", "test")
+KEYS = ("format", "data_files", "path", "splits", "options")
+
+
+@dataclass
+class Part:
+    """One split as loaded: its rows, the config key that names it and where it came from (for messages)."""
+
+    data: datasets.Dataset
+    key: str
+    where: str
+
+
+def _resolve(pattern: str, key: str) -> list[str]:
+    """Absolute paths of one ``data_files`` entry (a path or a glob), relative to the working directory."""
+    if not isinstance(pattern, (str, os.PathLike)) or not str(pattern).strip():
+        raise ConfigError(key, pattern, "must be a file path (or a glob) relative to where the run starts")
+    path = os.path.abspath(os.path.expanduser(str(pattern)))
+    if glob.has_magic(path):
+        found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        if not found:
+            raise ConfigError(key, str(pattern), f"no file matches {path}")
+        return found
+    if not os.path.isfile(path):
+        raise ConfigError(
+            key, str(pattern), f"no such file: {path}" + (" (a folder)" if os.path.isdir(path) else "")
+        )
+    return [path]
+
+
+def _entries(value, key: str) -> list[str]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ConfigError(key, value, "names no file")
+    return [f for i, v in enumerate(values) for f in _resolve(v, f"{key}[{i}]" if len(values) > 1 else key)]
+
+
+def _format_of(files: list[str], key: str) -> str:
+    kinds = {EXTENSIONS.get(Path(f).suffix.lower()) for f in files}
+    if len(kinds) != 1 or None in kinds:
+        raise ConfigError(
+            "task.files.format",
+            None,
+            f"cannot tell the format of {', '.join(Path(f).name for f in files[:4])} ({key}) from their names: "
+            f"set it to one of {', '.join(FORMATS)}",
+        )
+    return kinds.pop()
+
+
+def _where(files: list[str]) -> str:
+    return files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
+
+
+def _cause(e: BaseException) -> str:
+    """The innermost reason a builder gave (DatasetGenerationError wraps the parser's error)."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _build(builder: str, files: list[str], options: dict, key: str) -> datasets.Dataset:
+    """One split from ``files`` with a ``datasets`` builder; a parse failure names the files."""
+    try:
+        return datasets.load_dataset(builder, data_files={"train": files}, split="train", **options)
+    except ValueError as e:
+        if "corresponds to no data" in str(e):  # a header, no rows
+            raise ConfigError(key, _where(files), "has no rows") from None
+        raise ConfigError(
+            key, _where(files), f"the {builder} builder could not read it ({_cause(e)})"
+        ) from None
+    except Exception as e:  # parser errors, wrapped in DatasetGenerationError
+        raise ConfigError(
+            key, _where(files), f"the {builder} builder could not read it ({_cause(e)})"
+        ) from None
+
+
+def _text_split(value, key: str, label_column: str, options: dict) -> tuple[datasets.Dataset, str, list[str]]:
+    """``text`` files, one example per line, a file (or several) per label: ``{label: file(s)}``."""
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(
+            key,
+            value,
+            "a text split maps each label to its file(s), one example per line, "
+            "e.g. {positive: pos.txt, negative: neg.txt}",
+        )
+    parts, files = [], []
+    for label, entry in value.items():
+        found = _entries(entry, f"{key}.{label}")
+        ds = _build("text", found, options, f"{key}.{label}")
+        parts.append(ds.add_column(label_column, [str(label)] * len(ds)))
+        files += found
+    return datasets.concatenate_datasets(parts), ", ".join(files), files
+
+
+def load_files(files: dict | None, label_column: str = "label") -> tuple[dict[str, Part], str, str]:
+    """The splits ``task.files`` names (missing ones are carved later), its format, and a fingerprint
+    of the files read (path, size, modification time), so caches keyed by it see a changed file."""
+    if not isinstance(files, dict):
+        raise ConfigError(
+            "task.files",
+            files,
+            "task.source=files needs a files block: {data_files: {train: ..., validation: ..., test: ...}} "
+            "or {path: <folder>}",
+        )
+    unknown = sorted(set(files) - set(KEYS))
+    if unknown:
+        raise ConfigError(
+            f"task.files.{unknown[0]}",
+            files[unknown[0]],
+            f"is not a files setting; allowed: {', '.join(KEYS)}",
+        )
+    fmt, data_files, path = files.get("format"), files.get("data_files"), files.get("path")
+    options = dict(files.get("options") or {})
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError(
+            "task.files.format", fmt, f"must be one of {', '.join(FORMATS)} (or null: from the file names)"
+        )
+    if bool(data_files) == bool(path):
+        raise ConfigError(
+            "task.files",
+            {k: v for k, v in files.items() if v},
+            "set either data_files (csv, json, parquet, text files per split) or path (a save_to_disk folder "
+            "or a folder of data files)",
+        )
+    if path:
+        return _load_folder(path, fmt, files.get("splits"), options)
+    if not isinstance(data_files, dict):
+        raise ConfigError(
+            "task.files.data_files",
+            data_files,
+            "must map splits to files: {train: ..., validation: ..., test: ...}",
+        )
+    unknown = sorted(set(data_files) - set(SPLITS))
+    if unknown:
+        raise ConfigError(
+            f"task.files.data_files.{unknown[0]}",
+            data_files[unknown[0]],
+            f"not a split; splits are {', '.join(SPLITS)}",
+        )
+    if not data_files.get("train"):
+        raise ConfigError(
+            "task.files.data_files.train",
+            None,
+            "a train split is required (validation and test are carved from it when missing)",
+        )
+    if fmt in ("saved", "folder"):
+        raise ConfigError("task.files.format", fmt, "reads a folder: set task.files.path, not data_files")
+    parts, read, used = {}, [], []
+    for split in SPLITS:
+        value = data_files.get(split)
+        if not value:
+            continue
+        key = f"task.files.data_files.{split}"
+        if isinstance(value, dict) and fmt in (None, "text"):
+            split_fmt = "text"
+            ds, where, found = _text_split(value, key, label_column, options)
+        else:
+            found = _entries(value, key)
+            split_fmt = fmt or _format_of(found, key)
+            if split_fmt == "text":
+                _text_split(value, key, label_column, options)  # says how text files are laid out
+            tsv = split_fmt == "csv" and all(f.lower().endswith(".tsv") for f in found)
+            ds, where = (
+                _build(split_fmt, found, {"sep": "\t", **options} if tsv else options, key),
+                _where(found),
+            )
+        parts[split] = Part(ds, key, where)
+        read += found
+        used.append(split_fmt)
+    return parts, "+".join(dict.fromkeys(used)), _fingerprint(read)
+
+
+def _load_folder(
+    path, fmt: str | None, splits: dict | None, options: dict
+) -> tuple[dict[str, Part], str, str]:
+    folder = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if not folder.is_dir():
+        raise ConfigError("task.files.path", str(path), f"no such folder: {folder}")
+    saved = (folder / "dataset_dict.json").exists() or (folder / "state.json").exists()
+    fmt = fmt or ("saved" if saved else "folder")
+    if fmt not in ("saved", "folder"):
+        raise ConfigError("task.files.format", fmt, "a folder (task.files.path) is read as saved or folder")
+    try:
+        if fmt == "saved":
+            raw = datasets.load_from_disk(str(folder))
+        else:
+            raw = datasets.load_dataset(str(folder), **options)
+    except Exception as e:
+        what = "a save_to_disk folder" if fmt == "saved" else "a folder of data files datasets can load"
+        raise ConfigError("task.files.path", str(path), f"is not {what} ({_cause(e)})") from None
+    if isinstance(raw, datasets.Dataset):
+        raw = datasets.DatasetDict({"train": raw})
+    wanted = dict(splits) if splits else {s: s for s in SPLITS if s in raw}
+    parts = {}
+    for split, name in wanted.items():
+        if split not in SPLITS:
+            raise ConfigError(
+                f"task.files.splits.{split}", name, f"not a split; splits are {', '.join(SPLITS)}"
+            )
+        if name is None:
+            continue
+        if name not in raw:
+            raise ConfigError(
+                f"task.files.splits.{split}", name, f"not a split of {folder}; it has {list(raw)}"
+            )
+        parts[split] = Part(raw[name], f"task.files.splits.{split}", f"{folder} (split {name!r})")
+    if "train" not in parts:
+        raise ConfigError(
+            "task.files.splits.train",
+            wanted.get("train"),
+            f"a train split is required; {folder} has {list(raw)}",
+        )
+    files = sorted(str(f) for f in folder.rglob("*") if f.is_file())
+    return parts, fmt, _fingerprint(files)
+
+
+def _fingerprint(files: list[str]) -> str:
+    return hashlib.sha256(json.dumps([fingerprint_path(f) for f in files]).encode()).hexdigest()[:16]

