@@ -146,7 +146,9 @@ def test_sweep_objectives_follow_the_primary_metric(make_cfg):
     with pytest.raises(ConfigError, match="objective.metrics='val_f1': must be a validation or cost metric"):
         check_objective(cfg)
     cfg["objective"]["metrics"] = ["mcc"]  # the test split's: never optimised
-    with pytest.raises(ConfigError, match="objective.metrics='mcc': is measured on the test split.*'val_mcc'"):
+    with pytest.raises(
+        ConfigError, match="objective.metrics='mcc': is measured on the test split.*'val_mcc'"
+    ):
         check_objective(cfg)
     cfg["objective"]["metrics"] = ["onnx_val_accuracy", "onnx_latency_ms_median"]  # the deployed model's
     check_objective(cfg)

@@ -89,7 +89,10 @@ def test_the_teacher_cache_key_covers_trainer_settings_dpq_source_and_library_ve
     def key(*extra):
         cfg = OmegaConf.to_container(compose_cfg(tmp_path, [*BASE, *extra]), resolve=True)
         teacher = build_stages(cfg["pipeline"])[0]
-        return teacher.cache_key(SimpleNamespace(cfg=cfg))
+        no_files = SimpleNamespace(
+            splits=SimpleNamespace(fingerprint=None)
+        )  # embedded data: nothing to fingerprint
+        return teacher.cache_key(SimpleNamespace(cfg=cfg, data=no_files))
 
     base = key()
     assert key("logger=csv", "trainer.log_every_n_steps=3", "cost.batch_size=4") == base  # never a number

@@ -173,7 +173,7 @@ def test_hub_layout_gives_the_same_arrays(make_cfg, monkeypatch):
     monkeypatch.setattr(
         tasks,
         "load_hub",
-        lambda name, hub: datasets.DatasetDict({"train": hub(slice(0, 100)), "test": hub(slice(100, 120))}),
+        lambda name, spec: datasets.DatasetDict({"train": hub(slice(0, 100)), "test": hub(slice(100, 120))}),
     )
     task = resolved(make_cfg, "task=fashion_mnist", "task.source=hub", "task.split.validation=20")["task"]
     splits = load_task(task)
