@@ -72,11 +72,16 @@ def check(model, inputs, tmp_path, name, atol):
     return report
 
 
-def quantized(model, bits, granularity="per_channel", group=32, embedding=None):
+def quantized(model, bits, granularity="per_channel", group=32, embedding=None, act_bits=None):
     m = copy.deepcopy(model)
     names = prepare_qat_(
-        m, QuantConfig(bits=bits, granularity=granularity, group_size=group, targets=TARGETS)
+        m,
+        QuantConfig(bits=bits, granularity=granularity, group_size=group, targets=TARGETS, act_bits=act_bits),
     )
+    if act_bits:  # the activation ranges come from (here, one) training step's inputs
+        with torch.no_grad():
+            m.train()(**text_inputs())
+        m.eval()
     if embedding:
         prepare_embedding_(m, embedding_config(*embedding))
     convert_(m, backend="packed", names=names)
@@ -125,12 +130,23 @@ def test_int8_codes_become_integer_ops_with_the_trained_scales(tmp_path):
     )
 
 
+def test_4_bit_q_k_v_trained_with_int8_activations_become_one_qattention(tmp_path):
+    m = quantized(bert(), 4, act_bits=8)
+    with torch.no_grad():
+        scale = float(m(**text_inputs()).logits.abs().max())
+    r = check(m, text_inputs(), tmp_path, "int4-act8", 0.05 * scale)
+    assert r.ops.get("QAttention") == 2 and r.ops.get("MatMulNBits") == 6
+
+
 @pytest.mark.parametrize("granularity", ["per_channel", "per_group"])
 def test_4_bit_codes_become_matmulnbits_exactly(tmp_path, granularity):
     m = quantized(bert(), 4, granularity)
-    fused_qkv = granularity == "per_channel"
-    r = check(m, text_inputs(), tmp_path, f"int4-{granularity}", 0.05 if fused_qkv else 1e-4)
-    assert r.ops.get("MatMulNBits") == (6 if fused_qkv else 12)  # per-group Q/K/V cannot be one QAttention
+    # weight-only 4-bit: the model's activations are float, so are the export's (Q/K/V not one
+    # QAttention, which would quantize its input): float math up to summation order
+    r = check(m, text_inputs(), tmp_path, f"int4-{granularity}", 1e-4)
+    assert (
+        r.ops.get("MatMulNBits") == 12 and "QAttention" not in r.ops and "DynamicQuantizeLinear" not in r.ops
+    )
     import onnx
     from onnx import numpy_helper
 
