@@ -218,6 +218,25 @@ def test_points_carry_final_teacher_and_dense_with_their_knobs():
     assert by["final"]["device"] == "cpu" and by["final"]["flops_convention"] == "fvcore"
 
 
+def test_the_exported_models_runtime_cost_is_an_objective_of_final_points():
+    res = fake_results("dpq", 1, 0.88, 0.55)
+    res["final"].update(onnx_accuracy=0.87, onnx_latency_ms_median=2.5, onnx_size_bytes=8e6)
+    fast = fake_results("dq", 1, 0.86, 0.60)
+    fast["final"].update(onnx_accuracy=0.86, onnx_latency_ms_median=1.5, onnx_size_bytes=9e6)
+    objs = parse_objectives(["onnx_accuracy", "onnx_latency_ms"])
+    assert [(o.metric, o.sense) for o in objs] == [
+        ("onnx_accuracy", "max"),
+        ("onnx_latency_ms_median", "min"),
+    ]
+    pts = [p for r in (res, fast) for p in points_from_results(r, r["run_name"]) if p["kind"] == "final"]
+    df = add_objectives(pd.DataFrame(pts), objs)
+    # by PyTorch's cost the dpq point dominates; by what ONNX Runtime measures, both are on the front
+    assert pareto_mask(df[[o.name for o in objs]].to_numpy(), [o.sense for o in objs]).tolist() == [
+        True,
+        True,
+    ]
+
+
 def test_post_training_quantization_and_activation_bits_are_read_from_any_stage_with_bits():
     res = fake_results("dq", 1, 0.9, 1.0)
     res["config"]["pipeline"]["stages"]["quantize"] = {"kind": "ptq", "bits": 8, "act_bits": 8}

@@ -31,6 +31,8 @@ RATIOS = (
     "size_bytes",
     "peak_memory_bytes",
     "params_nonzero",
+    "onnx_latency_ms_median",
+    "onnx_size_bytes",
 )
 CONTEXT = ("task", "model", "teacher")
 SELECTOR_HELP = "a pipeline name, optionally with column=value filters: 'dpq,final_sparsity=0.2,bits=4'"

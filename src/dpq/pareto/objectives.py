@@ -55,6 +55,19 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("params", "params_total", "min", "parameters", label="parameters"),
         Objective("nonzero_params", "params_nonzero", "min", "parameters", label="non-zero parameters"),
         Objective("sparsity", "sparsity", "max", "fraction", label="sparsity"),
+        # The deployed artifact (model/model.onnx) as ONNX Runtime runs it: final points only.
+        Objective(
+            "onnx_latency_ms", "onnx_latency_ms_median", "min", "ms", label="ONNX Runtime median latency"
+        ),
+        Objective("onnx_size_mb", "onnx_size_bytes", "min", "MB", 1e-6, label="ONNX file size"),
+        Objective("onnx_accuracy", "onnx_accuracy", "max", "fraction", label="ONNX Runtime test accuracy"),
+        Objective(
+            "onnx_val_accuracy",
+            "onnx_val_accuracy",
+            "max",
+            "fraction",
+            label="ONNX Runtime validation accuracy",
+        ),
         *(
             Objective(f"{prefix}{m.name}", f"{prefix}{m.name}", m.sense, m.unit, label=f"{split} {m.label}")
             for m in METRICS.values()

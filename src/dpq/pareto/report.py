@@ -32,6 +32,9 @@ TABLE_METRICS = [
     ("size MB", "size_bytes", 1e-6, "{:.4g}"),
     ("peak mem MB", "peak_memory_bytes", 1e-6, "{:.4g}"),
     ("latency ms", "latency_ms_median", 1.0, "{:.3g}"),
+    ("ORT latency ms", "onnx_latency_ms_median", 1.0, "{:.3g}"),
+    ("ONNX MB", "onnx_size_bytes", 1e-6, "{:.4g}"),
+    ("ORT agreement", "onnx_agreement", 1.0, "{:.4f}"),
     ("non-zero params", "params_nonzero", 1.0, "{:,.0f}"),
 ]
 
