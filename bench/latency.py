@@ -117,7 +117,7 @@ def free_baselines(dense_run: Path, work: Path) -> tuple[dict, dict]:
     """ONNX Runtime fp32 and ``quantize_dynamic`` int8 of the dense run's student, with their test accuracy."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from dpq.data import ClassificationDataModule, load_task
+    from dpq.data import ClassificationDataModule, load_task, recorded_task
     from dpq.export.evaluate import OrtModel, predictions
     from dpq.export.onnx import _float_copy, _torch_export, ort_session
 
@@ -129,7 +129,7 @@ def free_baselines(dense_run: Path, work: Path) -> tuple[dict, dict]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(dense_run / "model")
-    task = cfg["task"]
+    task = recorded_task(cfg["task"])  # an older run's keys in today's names
     data = ClassificationDataModule(
         load_task(task),
         tok,

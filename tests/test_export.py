@@ -147,6 +147,7 @@ def test_4_bit_codes_become_matmulnbits_exactly(tmp_path, granularity):
     assert (
         r.ops.get("MatMulNBits") == 12 and "QAttention" not in r.ops and "DynamicQuantizeLinear" not in r.ops
     )
+    assert r.ops.get("MultiHeadAttention") == 2  # attention still fused, fed by the three Q/K/V MatMulNBits
     import onnx
     from onnx import numpy_helper
 

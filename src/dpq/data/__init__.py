@@ -2,6 +2,6 @@
 
 from dpq.core.nn import model_inputs
 from dpq.data.datamodule import ClassificationDataModule
-from dpq.data.tasks import TaskSplits, labelled, load_task
+from dpq.data.tasks import TaskSplits, labelled, load_task, recorded_task
 
-__all__ = ["ClassificationDataModule", "TaskSplits", "labelled", "load_task", "model_inputs"]
+__all__ = ["ClassificationDataModule", "TaskSplits", "labelled", "load_task", "model_inputs", "recorded_task"]

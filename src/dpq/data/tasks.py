@@ -97,6 +97,27 @@ def _stratified_carve(
     return ds.select(train_idx), ds.select(test_idx)
 
 
+def recorded_task(task: dict) -> dict:
+    """A task config as an older run recorded it (results.json, checkpoints/run.json), in today's keys.
+
+    Runs from before local files existed wrote ``offline`` / ``online`` (the hub's column names
+    inside ``online``); a user's YAML with those keys is a config error (:func:`_renamed_keys`),
+    but a finished run must stay exportable, comparable and resumable as it was recorded.
+    """
+    task = dict(task)
+    if task.get("offline") is not None or task.get("online") is not None:
+        offline, online = task.pop("offline", None), dict(task.pop("online", None) or {})
+        for column in ("text_column", "text_pair_column", "label_column"):
+            if column in online:
+                task.setdefault(column, online.pop(column))
+        task.setdefault("embedded", offline)
+        task.setdefault("hub", online or None)
+    task.pop("offline", None), task.pop("online", None)
+    if task.get("source") in RENAMED:
+        task["source"] = RENAMED[task["source"]]
+    return task
+
+
 def _renamed_keys(task: dict) -> None:
     """Task files written before sources had these names fail with what to write instead."""
     for old, new in RENAMED.items():

@@ -20,7 +20,7 @@ from dpq.core.files import write_json_atomic
 def export_run(run_dir: Path, overrides: dict | None = None) -> dict:
     """Export and measure the model of ``run_dir``; returns the updated results.json."""
     from dpq import cost
-    from dpq.data import ClassificationDataModule, load_task
+    from dpq.data import ClassificationDataModule, load_task, recorded_task
     from dpq.export.evaluate import deploy
     from dpq.export.onnx import OnnxOptions
     from dpq.models import load_model
@@ -38,7 +38,7 @@ def export_run(run_dir: Path, overrides: dict | None = None) -> dict:
             f"{results.get('status')!r}, model_dir {results.get('model_dir')!r})",
         )
     cfg, model_dir = results["config"], run_dir / "model"
-    task = cfg["task"]
+    task = recorded_task(cfg["task"])  # an older run's keys in today's names
     spec = cfg["model"] if results["final"].get("model", "student") == "student" else cfg["teacher"]
     splits = load_task(task)
     tokenizer = None

@@ -270,8 +270,12 @@ def _fix_head_counts(model_proto) -> int:
     return fixed
 
 
-def _fuse(path: Path, fuse_attention: bool) -> dict[str, int]:
-    """ONNX Runtime's BERT fusions, in place; returns the fused operator counts."""
+def _fuse(path: Path, fuse_attention: bool, separate_qkv: bool = False) -> dict[str, int]:
+    """ONNX Runtime's BERT fusions, in place; returns the fused operator counts.
+
+    ``separate_qkv``: attention becomes ``MultiHeadAttention`` fed by the three Q/K/V MatMuls,
+    which stay in the graph (so 4-bit Q/K/V can be exact ``MatMulNBits``), instead of one
+    ``Attention`` holding a packed float QKV weight."""
     import onnx
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
@@ -283,6 +287,7 @@ def _fuse(path: Path, fuse_attention: bool) -> dict[str, int]:
     options.enable_skip_layer_norm = False
     options.enable_embed_layer_norm = False  # the word-embedding Gather stays visible (quantized tables)
     options.enable_attention = fuse_attention
+    options.use_multi_head_attention = separate_qkv
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -500,14 +505,14 @@ def _gather_block_quantized(m, name: str, node, add):
 
 
 def _qkv_fusable(model: nn.Module) -> bool:
-    """Whether quantized Q/K/V can become one QAttention without changing what the model computes.
+    """Whether quantized Q/K/V can be packed into one (Q)Attention without changing what the model computes.
 
     QAttention takes one uint8 weight per output channel and quantizes its input to uint8. Per-group
     codes do not fit it; 4-bit weight-only codes fit (4-bit values are exact in uint8) but the model
     was trained with float activations, and the dynamic uint8 input moved 0.85% of the test
-    predictions of a shrunk 4-bit BERT (2026-12-02), so such Q/K/V stay separate MatMulNBits nodes
-    (exact, attention unfused). Int8 Q/K/V (exported as dynamic int8 anyway) and Q/K/V trained with
-    int8 activations (``act_bits=8``) are fused."""
+    predictions of a shrunk 4-bit BERT (2026-12-02). Such Q/K/V stay three exact ``MatMulNBits``
+    feeding a fused ``MultiHeadAttention``. Int8 Q/K/V (exported as dynamic int8 anyway), Q/K/V
+    trained with int8 activations (``act_bits=8``) and float Q/K/V are packed."""
     for n, m in quantized_modules(model):
         if ".attention.self." not in n:
             continue
@@ -533,7 +538,8 @@ def export_onnx(
         _torch_export(float_model, inputs, raw, options.opset)
         fused: dict[str, int] = {}
         if options.fuse and _is_bert_like(model):
-            fused = _fuse(raw, options.fuse_attention and _qkv_fusable(model))
+            packed_qkv = _qkv_fusable(model)
+            fused = _fuse(raw, options.fuse_attention, separate_qkv=not packed_qkv)
         report = ExportReport(str(path), 0, {}, fused=fused)
         _replace_weights(raw, model, report)
         proto = onnx.load(str(raw))

@@ -41,6 +41,7 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 from dpq.core.distributed import is_global_zero
 from dpq.core.errors import ConfigError
 from dpq.core.files import write_file_atomic, write_json_atomic
+from dpq.data import recorded_task
 from dpq.distill.teachers import cache_state, load_cache_state, teacher_caches
 from dpq.run.snapshot import safe_name
 
@@ -312,6 +313,7 @@ def load_run_config(folder) -> dict:
         )
     cfg["paths"]["output_dir"] = str(path.resolve())  # the folder may have been moved since
     cfg["resume"] = None
+    cfg["task"] = recorded_task(cfg["task"])  # a run started before the task keys were renamed
     return cfg
 
 
