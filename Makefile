@@ -29,8 +29,11 @@ system-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium dataset-fashion-mnist >/dev/null); \
 	else echo "system-deps: no apt-get or not root; install chromium and dataset-fashion-mnist yourself"; fi
 
+# The default experiment of `make run`: a model to deploy (conf/experiment/deploy.yaml);
+# EXPERIMENT=unstructured runs the seed study's recipe (what a bare `python -m dpq.train` runs).
+EXPERIMENT ?= deploy
 run: setup
-	$(PY) -m dpq.train $(ARGS)
+	$(PY) -m dpq.train experiment=$(EXPERIMENT) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
