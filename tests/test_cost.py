@@ -440,6 +440,23 @@ def test_bops_half_precision_and_pruned_grouped_conv():
     assert out["nonzero_macs"] == positions * nnz and out["bops"] == positions * nnz * 32 * 32
 
 
+def test_peak_memory_counts_the_weights_packed_keeps_dequantized():
+    from dpq.quant import QuantConfig, convert_, prepare_qat_
+
+    torch.manual_seed(0)
+    model = FeatureModel(nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 10)))
+    convert_(model, backend="packed", names=prepare_qat_(model, QuantConfig(bits=4, targets="re:body.*")))
+    x = {"features": torch.randn(8, 256)}
+    stored = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    out = cost.peak_memory(model, x)  # its warm-up call fills the cache: float weights held from then on
+    from dpq.quant.packed import quantized_modules
+
+    packed = quantized_modules(model)
+    assert [n for n, _ in packed] == ["body.0"]  # the head (last Linear) stays float: quantize_head=False
+    floats = sum(m.in_features * m.out_features * 4 for _, m in packed)
+    assert out["peak_memory_bytes"] - out["peak_activation_bytes"] == stored + floats + 8 * 256 * 4
+
+
 def test_peak_memory_cpu_counts_resident_weights_and_live_activations(capfd):
     torch.manual_seed(0)
     model = FeatureModel(nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 10)))

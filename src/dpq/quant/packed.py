@@ -293,7 +293,9 @@ class PackedLinear(QuantizedLinear):
         cached = getattr(self, "_float_cache", None)
         if cached is None or cached[0] != key:
             cached = (key, self.dequantize().to(dtype))
-            object.__setattr__(self, "_float_cache", cached)  # not a buffer: never saved or counted
+            object.__setattr__(
+                self, "_float_cache", cached
+            )  # not a buffer: never saved; cost.peak_memory counts it
         return cached[1]
 
     def packed_tensors(self) -> dict[str, Tensor]:
