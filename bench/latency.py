@@ -130,14 +130,7 @@ def free_baselines(dense_run: Path, work: Path) -> tuple[dict, dict]:
 
     tok = AutoTokenizer.from_pretrained(dense_run / "model")
     task = recorded_task(cfg["task"])  # an older run's keys in today's names
-    data = ClassificationDataModule(
-        load_task(task),
-        tok,
-        max_length=int(task.get("max_length") or 128),
-        batch_size=int(task["batch_size"]),
-        eval_batch_size=int(task["eval_batch_size"]),
-        group_by_length=False,
-    )
+    data = ClassificationDataModule.for_task(load_task(task), tok, task, group_by_length=False)
     test = list(data.test_dataloader())
     fp32, int8 = work / "dense_fp32.onnx", work / "dense_int8_dynamic.onnx"
     from dpq.core.nn import model_inputs

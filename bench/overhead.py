@@ -112,14 +112,7 @@ def main(argv=None) -> dict:
     # --- the plain Lightning baseline on the same data module and the same student ------------
     splits = load_task(task)
     tok = load_tokenizer(cfg_dict["teacher"]) if splits.kind == "text" else None
-    data = ClassificationDataModule(
-        splits,
-        tok,
-        max_length=int(task.get("max_length") or 128),
-        batch_size=int(task["batch_size"]),
-        eval_batch_size=int(task["eval_batch_size"]),
-        group_by_length=bool(task.get("group_by_length", True)),
-    )
+    data = ClassificationDataModule.for_task(splits, tok, task)
     teacher = (
         build_model(cfg_dict["teacher"], task, "teacher")
         if cfg_dict["model"].get("init") == "from_teacher"

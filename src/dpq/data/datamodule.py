@@ -43,6 +43,23 @@ class ClassificationDataModule(L.LightningDataModule):
         self.num_workers, self.group_by_length = num_workers, group_by_length
         self._encoded: dict = {}
 
+    @classmethod
+    def for_task(
+        cls, splits: TaskSplits, tokenizer, task: dict, group_by_length: bool | None = None
+    ) -> ClassificationDataModule:
+        """The data module a task config describes (``max_length``, batch sizes, ``group_by_length``
+        unless given: evaluation-only callers pass False)."""
+        return cls(
+            splits,
+            tokenizer,
+            max_length=int(task.get("max_length") or 128),
+            batch_size=int(task["batch_size"]),
+            eval_batch_size=int(task["eval_batch_size"]),
+            group_by_length=bool(task.get("group_by_length", True))
+            if group_by_length is None
+            else group_by_length,
+        )
+
     @property
     def num_train(self) -> int:
         return len(self.splits.train)

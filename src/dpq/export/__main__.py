@@ -46,14 +46,7 @@ def export_run(run_dir: Path, overrides: dict | None = None) -> dict:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = ClassificationDataModule(
-        splits,
-        tokenizer,
-        max_length=int(task.get("max_length") or 128),
-        batch_size=int(task["batch_size"]),
-        eval_batch_size=int(task["eval_batch_size"]),
-        group_by_length=False,
-    )
+    data = ClassificationDataModule.for_task(splits, tokenizer, task, group_by_length=False)
     model = load_model(spec, task, model_dir).eval()
     names = {f.name for f in fields(OnnxOptions)}
     opts = {k: v for k, v in {**(cfg.get("export") or {}), **(overrides or {})}.items() if k in names}

@@ -78,14 +78,7 @@ class RunContext:
         ``git``: the state of the code captured when the process started (default: now); recorded
         under ``<run>/provenance/`` before any training, and reported in results.json."""
         task = cfg["task"]
-        data = ClassificationDataModule(
-            splits,
-            tokenizer,
-            max_length=int(task.get("max_length") or 128),
-            batch_size=int(task["batch_size"]),
-            eval_batch_size=int(task["eval_batch_size"]),
-            group_by_length=bool(task.get("group_by_length", True)),
-        )
+        data = ClassificationDataModule.for_task(splits, tokenizer, task)
         output_dir.mkdir(parents=True, exist_ok=True)
         git = git if git is not None else capture_git()
         earlier = records.git_starts(output_dir)
