@@ -9,6 +9,10 @@ from dpq.core.config import CONF_DIR
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Runs time latency in their own process (cost.latency_process=same): a fresh interpreter per record
+# would add seconds to each of the hundreds of tiny runs here. tests/test_latency_process.py
+# checks the separate process, which is the default everywhere else.
+os.environ.setdefault("DPQ_LATENCY_PROCESS", "same")
 
 
 def compose_cfg(tmp_path, overrides=()) -> DictConfig:

@@ -124,6 +124,12 @@ CASES = [
     ([TINY, "+trainer.warp_speed=9"], "trainer.warp_speed", "9", "is not a lightning.Trainer argument"),
     ([TINY, "cost.device=tpu"], "cost.device", "'tpu'", "must be one of cpu, cuda, auto"),
     (
+        [TINY, "cost.latency_process=elsewhere"],
+        "cost.latency_process",
+        "'elsewhere'",
+        "must be one of separate, same",
+    ),
+    (
         [TINY, "logger.kind=neptune"],
         "logger.kind",
         "'neptune'",

@@ -245,3 +245,34 @@ def test_a_run_writes_model_onnx_and_measures_it_and_the_cli_redoes_it(make_cfg,
     assert main([str(tmp_path / "run"), "--no-fuse"]) == 0
     again = json.loads((tmp_path / "run" / "results.json").read_text())
     assert again["onnx_export"]["fused"] == {} and again["final"]["onnx_agreement"] >= 0.9
+
+
+def test_deploy_compares_the_export_with_the_model_in_eval_mode_whatever_mode_it_was_left_in(tmp_path):
+    """A run's final model comes out of training in training mode; with its dropout running, PyTorch
+    disagreed with its own exact export (agreement 0.88 on a short run, found 2026-12-02)."""
+    from dpq.export.evaluate import deploy
+
+    model = bert()
+    model.config.hidden_dropout_prob = 0.5
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.5
+    model.train()
+    batches = []
+    for seed in range(4):
+        inputs = text_inputs(batch=16, seq=13)
+        torch.manual_seed(seed)
+        inputs["input_ids"] = torch.randint(1, 300, inputs["input_ids"].shape)
+        batches.append({**inputs, "labels": torch.randint(0, 3, (16,))})
+    metrics, _ = deploy(
+        model,
+        tmp_path / "m.onnx",
+        batches,
+        batches[:2],
+        text_inputs(),
+        {"warmup": 0, "repeats": 2, "latency_process": "same"},
+    )
+    assert metrics["onnx_agreement"] == 1.0 and metrics["onnx_val_agreement"] == 1.0
+    assert metrics["onnx_accuracy_delta"] == 0.0
+    assert model.training and all(m.training for m in model.modules())
+    assert metrics["onnx_latency_process"] == "same"

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from dpq.core.nn import logits_of, model_inputs
-from dpq.cost import latency_summary
+from dpq.cost import _eval_mode, latency_summary
 from dpq.export.onnx import OnnxOptions, export_onnx, feed, ort_session
+from dpq.latency_process import default_process, onnx_latency
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,17 @@ class OrtModel:
 
 
 def predictions(model, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """``(predicted class, label)`` over ``batches`` for a PyTorch module or an :class:`OrtModel`."""
+    """``(predicted class, label)`` over ``batches`` for a PyTorch module or an :class:`OrtModel`.
+
+    A module is evaluated in eval mode whatever mode it was left in (a model fresh from training
+    would otherwise run its dropout and disagree with its own export), and its flags restored."""
+    if isinstance(model, nn.Module):
+        with _eval_mode(model):
+            return _predictions(model, batches)
+    return _predictions(model, batches)
+
+
+def _predictions(model, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
     preds, labels = [], []
     with torch.inference_mode():
         for batch in batches:
@@ -92,7 +103,14 @@ def deploy(
         out[f"onnx_{split}agreement"] = float((ort_pred == torch_pred).mean())
         if not split:
             out["onnx_accuracy_delta"] = out["onnx_accuracy"] - float((torch_pred == labels).mean())
-    timing = ort_latency(ort, cost_inputs, int(cost.get("warmup", 5)), int(cost.get("repeats", 30)))
+    timing = onnx_latency(
+        path,
+        cost_inputs,
+        int(cost.get("warmup", 5)),
+        int(cost.get("repeats", 30)),
+        options.threads,
+        process=cost.get("latency_process") or default_process(),
+    )
     out.update({f"onnx_{k}": v for k, v in timing.items()})
     out.update(
         onnx_size_bytes=report.size_bytes,

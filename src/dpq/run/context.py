@@ -300,6 +300,7 @@ class RunContext:
                     "warmup": int(c["warmup"]),
                     "repeats": int(c["repeats"]),
                     "device": self.latency_device,
+                    "process": c.get("latency_process", "separate"),
                 },
             )
         )

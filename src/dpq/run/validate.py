@@ -106,6 +106,14 @@ def check_run_keys(cfg: dict[str, Any]) -> None:
     for k, low in (("batch_size", 1), ("seq_len", 1), ("warmup", 0), ("repeats", 1)):
         if k in c:
             _int(f"cost.{k}", c[k], low)
+    from dpq.latency_process import CHOICES
+
+    if c.get("latency_process", "separate") not in CHOICES:
+        raise ConfigError(
+            "cost.latency_process",
+            c["latency_process"],
+            f"must be one of {', '.join(CHOICES)} (where latency is timed: a fresh process, or the run's own)",
+        )
     ck = cfg.get("checkpoint") or {}
     for k in ("enabled",):
         if k in ck:
