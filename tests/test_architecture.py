@@ -20,6 +20,7 @@ LAYERS = {
     "prune": 1,
     "quant": 1,
     "cost": 1,
+    "latency_process": 1,
     "metrics": 1,
     "loggers": 1,
     "pareto": 1,

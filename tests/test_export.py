@@ -276,3 +276,33 @@ def test_deploy_compares_the_export_with_the_model_in_eval_mode_whatever_mode_it
     assert metrics["onnx_accuracy_delta"] == 0.0
     assert model.training and all(m.training for m in model.modules())
     assert metrics["onnx_latency_process"] == "same"
+
+
+def test_position_table_trimmed_to_the_longest_input_keeps_the_logits_and_refuses_longer_inputs(tmp_path):
+    from dpq.export import OnnxOptions
+    from dpq.export.onnx import max_positions
+
+    model, inputs = bert(), text_inputs(seq=13)
+    whole = export_onnx(model, inputs, tmp_path / "whole.onnx")
+    report = export_onnx(model, inputs, tmp_path / "trimmed.onnx", OnnxOptions(max_positions=16))
+    assert report.max_positions == 16 and whole.max_positions is None
+    with torch.no_grad():
+        want = model(**inputs).logits
+    torch.testing.assert_close(ort_logits(report.path, inputs), want, atol=1e-4, rtol=0)
+    full = text_inputs(seq=16)  # exactly as many tokens as positions kept
+    with torch.no_grad():
+        torch.testing.assert_close(ort_logits(report.path, full), model(**full).logits, atol=1e-4, rtol=0)
+    assert whole.size_bytes - report.size_bytes >= (64 - 16) * 64 * 4  # 48 float32 rows of 64 gone
+    assert model.bert.embeddings.position_embeddings.num_embeddings == 64  # the caller's model untouched
+    longer = text_inputs(seq=17)
+    with pytest.raises(Exception, match="16 by 17"):  # ONNX Runtime refuses: there is no 17th position
+        ort_logits(report.path, longer)
+    text = {"kind": "text", "max_length": 48}
+    assert (
+        max_positions("auto", text, {"seq_len": 64}) == 64
+        and max_positions("auto", text, {"seq_len": 8}) == 48
+    )
+    assert max_positions("auto", {"kind": "image"}, {}) is None and max_positions(None, text, {}) is None
+    assert max_positions(100, text, {}) == 100
+    with pytest.raises(ConfigError, match="export.max_positions"):
+        max_positions(0, text, {})

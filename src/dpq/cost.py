@@ -742,6 +742,7 @@ def measure(
     example_inputs: dict[str, Tensor],
     prunable: list[str],
     latency_kwargs: dict | None = None,
+    latency_fn=None,
 ) -> dict:
     """All cost numbers for one model in one dict (the entry point runs call).
 
@@ -750,9 +751,9 @@ def measure(
     flops_convention, bops, dense_bops, macs, nonzero_macs, bops_convention,
     size_bytes, size_breakdown, peak_memory_bytes, peak_activation_bytes,
     peak_memory_device, peak_memory_method, latency_ms_median, latency_ms_p90,
-    latency_ms_min, device, threads, warmup, repeats, batch_size, seq_len, and
-    latency_process when ``latency_kwargs`` has ``process`` ("separate": timed in a fresh
-    interpreter, :mod:`dpq.latency_process`; "same": here).
+    latency_ms_min, device, threads, warmup, repeats, batch_size, seq_len.
+    ``latency_fn`` times the model in place of :func:`latency` (same arguments and keys; a run
+    passes :func:`dpq.latency_process.latency`, which times it in a fresh process).
     Units: :data:`UNITS`. Peak memory is measured where latency is (``device``).
     """
     out: dict = {}
@@ -763,13 +764,6 @@ def measure(
     out.update(flops(model, example_inputs))
     out.update(bops(model, example_inputs))
     out.update(size_bytes(model))
-    lk = dict(latency_kwargs or {})
-    out.update(peak_memory(model, example_inputs, device=lk.get("device")))
-    process = lk.pop("process", None)
-    if process is None:
-        out.update(latency(model, example_inputs, **lk))
-    else:  # a fresh interpreter of its own unless "same" (dpq.latency_process says why)
-        from dpq import latency_process
-
-        out.update(latency_process.latency(model, example_inputs, process=process, **lk))
+    out.update(peak_memory(model, example_inputs, device=(latency_kwargs or {}).get("device")))
+    out.update((latency_fn or latency)(model, example_inputs, **(latency_kwargs or {})))
     return out

@@ -8,6 +8,7 @@ For runs that finished before export existed, or with ``export.onnx=false``: wri
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import fields
@@ -19,10 +20,10 @@ from dpq.core.files import write_json_atomic
 
 def export_run(run_dir: Path, overrides: dict | None = None) -> dict:
     """Export and measure the model of ``run_dir``; returns the updated results.json."""
-    from dpq import cost
+    from dpq import cost, latency_process
     from dpq.data import ClassificationDataModule, load_task, recorded_task
     from dpq.export.evaluate import deploy
-    from dpq.export.onnx import OnnxOptions
+    from dpq.export.onnx import OnnxOptions, max_positions
     from dpq.models import load_model
 
     results_path = run_dir / "results.json"
@@ -50,6 +51,7 @@ def export_run(run_dir: Path, overrides: dict | None = None) -> dict:
     model = load_model(spec, task, model_dir).eval()
     names = {f.name for f in fields(OnnxOptions)}
     opts = {k: v for k, v in {**(cfg.get("export") or {}), **(overrides or {})}.items() if k in names}
+    opts["max_positions"] = max_positions(opts.get("max_positions"), task, cfg["cost"])
     metrics, report = deploy(
         model,
         model_dir / "model.onnx",
@@ -58,11 +60,21 @@ def export_run(run_dir: Path, overrides: dict | None = None) -> dict:
         cost.task_inputs(task, cfg["cost"], tokenizer),
         cfg["cost"],
         OnnxOptions(**opts),
+        timer=functools.partial(
+            latency_process.onnx_latency,
+            process=cfg["cost"].get("latency_process") or latency_process.default_process(),
+        ),
     )
     results["final"].update(metrics)
     results["onnx_export"] = report
     write_json_atomic(results_path, results)
     return results
+
+
+def _positions(value: str | None):
+    if value is None or value.lower() == "none":
+        return None
+    return int(value) if value.isdigit() else value  # "auto" (anything else: a config error, said later)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-fuse", action="store_true", help="skip ONNX Runtime's transformer fusions")
     ap.add_argument("--no-fuse-attention", action="store_true", help="keep Q/K/V as separate MatMul nodes")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads for the checks and timing")
+    ap.add_argument(
+        "--max-positions",
+        default=None,
+        help="position-table rows kept: auto (the run's task.max_length / cost.seq_len), N, or none "
+        "(default: what the run's export config says; runs from before this option keep all)",
+    )
     args = ap.parse_args(argv)
     overrides = {
         k: v
@@ -78,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             "fuse": False if args.no_fuse else None,
             "fuse_attention": False if args.no_fuse_attention else None,
             "threads": args.threads,
+            "max_positions": _positions(args.max_positions),
         }.items()
         if v is not None
     }
+    if args.max_positions is not None and args.max_positions.lower() == "none":
+        overrides["max_positions"] = None
     for run_dir in args.run_dirs:
         try:
             final = export_run(run_dir, overrides)["final"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from torch import nn
 from dpq.core.nn import logits_of, model_inputs
 from dpq.cost import _eval_mode, latency_summary
 from dpq.export.onnx import OnnxOptions, export_onnx, feed, ort_session
-from dpq.latency_process import default_process, onnx_latency
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +83,14 @@ def deploy(
     cost_inputs: dict,
     cost: dict[str, Any],
     options: OnnxOptions | None = None,
+    timer: Callable[..., dict] | None = None,
 ) -> tuple[dict, dict]:
     """Export ``model`` to ``path`` and measure it; returns ``(metrics, report)``.
 
     ``metrics`` are flat numbers for results.json's ``final`` (``onnx_accuracy``,
     ``onnx_agreement``, ``onnx_latency_ms_median``, ``onnx_size_bytes`` ...); ``report`` says what
-    was exported and checked (:class:`~dpq.export.onnx.ExportReport`).
+    was exported and checked (:class:`~dpq.export.onnx.ExportReport`). ``timer(path, inputs, warmup,
+    repeats, threads)`` times the file (default: in this process); ``onnx_latency_process`` says where.
     """
     options = options or OnnxOptions()
     example = model_inputs(test[0])
@@ -103,14 +104,11 @@ def deploy(
         out[f"onnx_{split}agreement"] = float((ort_pred == torch_pred).mean())
         if not split:
             out["onnx_accuracy_delta"] = out["onnx_accuracy"] - float((torch_pred == labels).mean())
-    timing = onnx_latency(
-        path,
-        cost_inputs,
-        int(cost.get("warmup", 5)),
-        int(cost.get("repeats", 30)),
-        options.threads,
-        process=cost.get("latency_process") or default_process(),
-    )
+    warmup, repeats = int(cost.get("warmup", 5)), int(cost.get("repeats", 30))
+    if timer is None:  # in this process; a run passes dpq.latency_process.onnx_latency (a fresh one)
+        timing = {**ort_latency(ort, cost_inputs, warmup, repeats), "latency_process": "same"}
+    else:
+        timing = timer(path, cost_inputs, warmup, repeats, options.threads)
     out.update({f"onnx_{k}": v for k, v in timing.items()})
     out.update(
         onnx_size_bytes=report.size_bytes,

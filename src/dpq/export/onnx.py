@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dpq.core.errors import ConfigError
 from dpq.quant.packed import PackedLinear, QuantizedLinear, dequantize_, quantized_modules
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ class OnnxOptions:
     fuse: bool = True  # ONNX Runtime's transformer fusions (BERT-like Hugging Face encoders)
     fuse_attention: bool = True  # fused (Q)Attention; off: Q/K/V stay separate (Mat)Mul nodes
     threads: int = 2  # intra-op threads of the sessions dpq builds to check and time the model
+    # Rows of the position table kept (a run sets the task's max_length): the positions the model can
+    # ever see. The rest are dead weight in the file (0.69 MB of float32 at 512 x 384); a longer input
+    # fails loudly in ONNX Runtime instead of running. None: keep the whole table.
+    max_positions: int | None = None
 
 
 @dataclass
@@ -74,6 +79,7 @@ class ExportReport:
     zeros_checked: int = 0  # exact zeros among them
     fused: dict[str, int] = field(default_factory=dict)
     max_abs_logit_diff: float = 0.0  # ONNX Runtime vs PyTorch on the example inputs
+    max_positions: int | None = None  # the position table's rows when trimmed (longest input accepted)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -532,6 +538,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs = {k: v.detach().cpu() for k, v in inputs.items()}
     model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where it is
+    trimmed = _trim_positions(model, options.max_positions) if options.max_positions else None
     float_model = _float_copy(model)
     with tempfile.TemporaryDirectory(prefix="dpq-onnx-") as tmp:
         raw = Path(tmp) / "model.onnx"
@@ -540,7 +547,7 @@ def export_onnx(
         if options.fuse and _is_bert_like(model):
             packed_qkv = _qkv_fusable(model)
             fused = _fuse(raw, options.fuse_attention, separate_qkv=not packed_qkv)
-        report = ExportReport(str(path), 0, {}, fused=fused)
+        report = ExportReport(str(path), 0, {}, fused=fused, max_positions=trimmed)
         _replace_weights(raw, model, report)
         proto = onnx.load(str(raw))
         onnx.save(proto, str(path))
@@ -553,6 +560,45 @@ def export_onnx(
     got = session.run(["logits"], feed(session, inputs))[0]
     report.max_abs_logit_diff = float(np.abs(got - want.detach().float().numpy()).max())
     return report
+
+
+def max_positions(value: Any, task: dict, cost: dict) -> int | None:
+    """``export.max_positions`` as a number: ``"auto"`` is the longest input the run feeds the model
+    (its tokenizer's ``task.max_length``, the cost inputs' ``cost.seq_len``); None for non-text tasks."""
+    if value is None:
+        return None
+    if value == "auto":
+        if task.get("kind") != "text" or task.get("max_length") is None:
+            return None
+        return max(int(task["max_length"]), int(cost.get("seq_len") or 0))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError("export.max_positions", value, "must be auto, a positive integer or null")
+    return value
+
+
+def _trim_positions(model: nn.Module, keep: int) -> int | None:
+    """Keep the first ``keep`` rows of every learned position table (and its id buffers); returns
+    ``keep`` if a table was trimmed. Exact: the logits of inputs up to ``keep`` tokens are unchanged
+    (position i reads row i). Hand-written because no exporter drops rows a model never reads."""
+    if keep < 1:
+        raise ValueError(f"max_positions must be >= 1, got {keep}")
+    done = None
+    for module in model.modules():
+        table = getattr(module, "position_embeddings", None)
+        if not isinstance(table, nn.Embedding) or table.num_embeddings <= keep:
+            continue
+        small = nn.Embedding(keep, table.embedding_dim, padding_idx=table.padding_idx)
+        small.weight = nn.Parameter(table.weight.detach()[:keep].clone(), requires_grad=False)
+        module.position_embeddings = small
+        for name in ("position_ids", "token_type_ids"):
+            buf = getattr(module, name, None)
+            if isinstance(buf, torch.Tensor) and buf.dim() == 2 and buf.shape[1] > keep:
+                module.register_buffer(name, buf[:, :keep].clone(), persistent=False)
+        done = keep
+    config = getattr(model, "config", None)
+    if done and config is not None and getattr(config, "max_position_embeddings", 0) > keep:
+        config.max_position_embeddings = keep
+    return done
 
 
 def _op_counts(proto) -> dict[str, int]:

@@ -9,6 +9,7 @@ held fixed (:class:`~dpq.prune.callbacks.MaskFreeze`) and, when the runner says 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -21,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from dpq import cost
+from dpq import cost, latency_process
 from dpq import metrics as task_metrics
 from dpq.core import devices
 from dpq.core.distributed import is_global_zero
@@ -114,6 +115,11 @@ class RunContext:
     @property
     def latency_device(self) -> str:
         return devices.latency_device(self.cfg["cost"])
+
+    @property
+    def latency_process(self) -> str:
+        """``cost.latency_process``: latency timed in a fresh process (``separate``) or in this one."""
+        return self.cfg["cost"].get("latency_process") or latency_process.default_process()
 
     def build_teacher(self) -> nn.Module:
         return build_model(self.teacher_spec, self.task, "teacher")
@@ -300,8 +306,8 @@ class RunContext:
                     "warmup": int(c["warmup"]),
                     "repeats": int(c["repeats"]),
                     "device": self.latency_device,
-                    "process": c.get("latency_process", "separate"),
                 },
+                latency_fn=functools.partial(latency_process.latency, process=self.latency_process),
             )
         )
         rec = {

@@ -12,6 +12,7 @@ is written.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -323,11 +324,13 @@ class Runner:
         A failed export is reported in results.json (``onnx_export.error``) and the log, not raised:
         the trained run stands, and ``python -m dpq.export <run>`` can export it again.
         """
+        from dpq import latency_process
         from dpq.export.evaluate import deploy
-        from dpq.export.onnx import OnnxOptions
+        from dpq.export.onnx import OnnxOptions, max_positions
 
         ctx = self.ctx
         opts = {k: v for k, v in (ctx.cfg.get("export") or {}).items() if k != "onnx"}
+        opts["max_positions"] = max_positions(opts.get("max_positions"), ctx.task, ctx.cfg["cost"])
         try:
             metrics, report = deploy(
                 model,
@@ -337,6 +340,7 @@ class Runner:
                 ctx.example_inputs(),
                 ctx.cfg["cost"],
                 OnnxOptions(**opts),
+                timer=functools.partial(latency_process.onnx_latency, process=ctx.latency_process),
             )
         except Exception as e:  # noqa: BLE001 - any failure of the exporter or runtime is reported, not fatal
             log.error(

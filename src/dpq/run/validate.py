@@ -155,7 +155,7 @@ def check_export(cfg: dict[str, Any], stages: list[Stage]) -> None:
     """
     from dataclasses import fields
 
-    from dpq.export.onnx import OnnxOptions
+    from dpq.export.onnx import OnnxOptions, max_positions
 
     ex = cfg.get("export") or {}
     allowed = ["onnx", *(f.name for f in fields(OnnxOptions))]
@@ -171,6 +171,7 @@ def check_export(cfg: dict[str, Any], stages: list[Stage]) -> None:
         _int("export.threads", ex["threads"], 1)
     if "opset" in ex:
         _int("export.opset", ex["opset"], 17, " (the fused BERT operators need opset 17 or newer)")
+    max_positions(ex.get("max_positions"), cfg["task"], cfg.get("cost") or {})  # auto | int >= 1 | null
     if not ex.get("onnx"):
         return
     for stage in stages:
