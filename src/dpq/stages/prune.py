@@ -8,6 +8,7 @@ shrink (:func:`dpq.prune.structured.shrink_`) unless ``shrink=false``.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -17,12 +18,14 @@ from torch import nn
 
 from dpq.core.errors import ConfigError
 from dpq.core.selectors import PRUNABLE, matches, resolve_targets, select_checked
-from dpq.prune import structured
+from dpq.prune import depth, structured
 from dpq.prune.callbacks import MaskFreeze, SparsityRamp
 from dpq.prune.masks import CRITERIA, GRANULARITIES, SCOPES, intersect
 from dpq.prune.obs import ObsOptions
 from dpq.prune.schedules import SCHEDULES, make_schedule
 from dpq.stages.base import KDStageConfig, ModelCheck, Stage, register
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +58,11 @@ class PruneConfig(KDStageConfig):
     flops_target: Any = None
     # criterion=obs (second order, oBERT): block_size, num_grads, damp_ratio, update (dpq.prune.obs.ObsOptions)
     obs: dict = field(default_factory=dict)
+    # depth: whole transformer layers removed when the stage starts, before its ramp. An int: that many,
+    # lowest block influence first (dpq.prune.depth), measured on layer_batches training batches; a
+    # list: those layer indices. With flops_target the budget counts from the model before the drop.
+    drop_layers: Any = None
+    layer_batches: int = 16
 
     def obs_options(self) -> ObsOptions:
         return ObsOptions(**self.obs)
@@ -100,6 +108,7 @@ class PruneConfig(KDStageConfig):
         self._check_n_m(key)
         self._check_overrides(key)
         self._check_obs(key)
+        self._check_depth(key)
         if self.flops_target is not None:
             t = self.flops_target
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
@@ -119,6 +128,26 @@ class PruneConfig(KDStageConfig):
                     self.overrides,
                     "do not combine with flops_target (one budget for the whole model)",
                 )
+
+    def _check_depth(self, key: str) -> None:
+        d = self.drop_layers
+        ints = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        if d is not None:
+            ok = (ints(d) and d >= 1) or (
+                isinstance(d, (list, tuple))
+                and d
+                and all(ints(i) and i >= 0 for i in d)
+                and len(set(d)) == len(d)
+            )
+            if not ok:
+                raise ConfigError(
+                    f"{key}.drop_layers",
+                    d,
+                    "must be null, a number of layers >= 1, or a list of distinct layer indices (0-based)",
+                )
+            self.drop_layers = list(d) if isinstance(d, (list, tuple)) else d
+        if not ints(self.layer_batches) or self.layer_batches < 1:
+            raise ConfigError(f"{key}.layer_batches", self.layer_batches, "must be an integer >= 1")
 
     def _check_obs(self, key: str) -> None:
         allowed = [f.name for f in fields(ObsOptions)]
@@ -275,20 +304,75 @@ class PruneStage(Stage):
     def check_model(self, check: ModelCheck) -> None:
         super().check_model(check)
         if check.student is not None:
-            self.targets_of(check.student, check.model_spec)
+            self.check_depth(check.student)
+            if self.cfg.drop_layers is None:  # targets name layers as they are after the drop
+                self.targets_of(check.student, check.model_spec)
+
+    def check_depth(self, model: nn.Module) -> None:
+        """``drop_layers`` fits the model: an encoder with layers, at least one left."""
+        d = self.cfg.drop_layers
+        if d is None:
+            return
+        try:
+            n = depth.num_layers(model)
+        except ValueError as e:
+            raise ConfigError(f"{self.key}.drop_layers", d, str(e)) from None
+        count = d if isinstance(d, int) else len(d)
+        if count >= n:
+            raise ConfigError(
+                f"{self.key}.drop_layers", d, f"must leave at least one of the model's {n} layers"
+            )
+        if isinstance(d, list) and max(d) >= n:
+            raise ConfigError(f"{self.key}.drop_layers", d, f"layer indices must be in 0..{n - 1}")
+
+    def drop_layers(self, state, ctx, model: nn.Module) -> dict:
+        """Remove ``drop_layers`` from ``model`` (in place) before the ramp; what it did, for the record."""
+        import itertools
+
+        import torch
+
+        cfg: PruneConfig = self.cfg
+        self.check_depth(model)
+        with torch.random.fork_rng(devices=[]):  # the batches drawn here leave the run's randomness as it was
+            torch.manual_seed(0)
+            batches = list(itertools.islice(ctx.data.train_dataloader(), int(cfg.layer_batches)))
+        influence = depth.block_influence(model, batches)
+        drop = (
+            depth.choose(influence, cfg.drop_layers) if isinstance(cfg.drop_layers, int) else cfg.drop_layers
+        )
+        before = depth.num_layers(model)
+        state.masks = depth.drop_layers_(model, drop, state.masks)
+        log.info(
+            "%s: dropped layers %s of %d (block influence %s)",
+            self.name,
+            drop,
+            before,
+            ", ".join(f"{v:.4f}" for v in influence.tolist()),
+        )
+        return {"dropped_layers": list(drop), "layers_before": before, "block_influence": influence.tolist()}
 
     def run(self, state, ctx) -> None:
         cfg: PruneConfig = self.cfg
         student = ctx.ensure_student(state)
+        depth_record, flops_first = {}, None
+        if cfg.drop_layers is not None:
+            if cfg.flops_target:
+                from dpq import cost
+
+                flops_first = float(cost.flops_by_module(student, ctx.example_inputs())[0])
+            depth_record = self.drop_layers(state, ctx, student)
         targets = self.targets_of(student, ctx.model_spec)
         n_m = (int(cfg.n_m[0]), int(cfg.n_m[1])) if cfg.granularity == "n:m" else None
         groups = self.find_groups(student, targets) if cfg.structured else None
         budget = self.flops_budget(student, groups, ctx.example_inputs()) if cfg.flops_target else {}
+        remove = 1.0 - cfg.flops_target if budget else None
+        if budget and flops_first is not None:  # the target is a fraction of the model before the drop
+            remove = max(0.0, 1.0 - cfg.flops_target * flops_first / budget["flops_total"])
         ramp = SparsityRamp(
             self.name,
             targets,
             0.0 if budget else cfg.initial_sparsity,
-            1.0 - cfg.flops_target if budget else cfg.final_sparsity,
+            remove if budget else cfg.final_sparsity,
             cfg.exponent,
             cfg.update_every,
             cfg.ramp_end,
@@ -315,8 +399,9 @@ class PruneStage(Stage):
             "ramp": [list(h) for h in ramp.history[-1:]],
             "mask_updates": len(ramp.history),
         }
+        extra.update(depth_record)
         if budget:
-            extra.update(flops_target=cfg.flops_target, flops_before=budget["flops_total"])
+            extra.update(flops_target=cfg.flops_target, flops_before=flops_first or budget["flops_total"])
         if groups:
             extra["structure"] = structured.structure_summary(groups, ramp.group_keep)
             extra["shrunk"] = bool(cfg.shrink)
