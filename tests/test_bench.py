@@ -160,3 +160,12 @@ def test_overhead_times_plain_prune_and_qat_steps(tmp_path):
         assert res[k] > 0
     assert res["prune_ratio"] == pytest.approx(res["prune_ms"] / res["plain_ms"])
     assert json.loads((tmp_path / "o.json").read_text())["steps"] == 8
+
+
+def test_int8_matmul_times_float_and_int8_on_the_students_shapes(tmp_path):
+    res = load("int8_matmul").main(["--rounds", "1", "--per-round", "1", "--out", str(tmp_path / "i.json")])
+    assert len(res["rows"]) == 10 and res["kernel"]
+    for r in res["rows"]:
+        assert r["float32_ms"] > 0 and r["int8_ms"] > 0
+        assert r["int8_speedup"] == pytest.approx(r["float32_ms"] / r["int8_ms"])
+    assert json.loads((tmp_path / "i.json").read_text())["kernel"] == res["kernel"]

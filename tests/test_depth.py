@@ -170,3 +170,19 @@ def test_a_prune_stage_drops_a_layer_then_meets_a_flops_target_of_the_model_befo
         results["final"]["params_total"]
         < next(s for s in results["stages"] if s["stage"] == "distill")["metrics"]["params_total"]
     )
+
+
+def test_a_layer_map_counts_the_layers_left_after_the_drop(make_cfg):
+    from dpq.train import train
+
+    cfg = make_cfg(
+        "experiment=tiny",
+        "pipeline=dp",
+        "pipeline.stages.prune.drop_layers=1",
+        "pipeline.stages.prune.hidden=1.0",
+        "pipeline.stages.prune.layer_map=[1,2]",
+    )
+    with pytest.raises(
+        ConfigError, match=r"pipeline.stages.prune.layer_map=\[1, 2\]: needs one teacher layer"
+    ):
+        train(cfg)

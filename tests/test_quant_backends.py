@@ -112,6 +112,10 @@ def test_convert_agrees_with_fake_quant_keeps_zeros_and_reloads(
 
 
 def test_cpu_int8_runs_integer_matmuls(monkeypatch):
+    """On a CPU with int8 instructions (AMX here, by its probe) the product is torch._int_mm's."""
+    from torchao.kernel import intmm
+
+    monkeypatch.setattr(intmm, "_cpu_is_amx_tile_supported", lambda: True)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 2))
     prepare_qat_(model, QuantConfig(bits=4, act_bits=8, targets="0"))
@@ -248,3 +252,73 @@ def test_bnb_conversion_keeps_zeros_and_round_trips(tmp_path, scheme):
         )
     load_quantized_(float_model, tmp_path)
     assert torch.equal(logits(float_model), real)
+
+
+def test_cpu_int8_products_are_exact_whichever_kernel_the_cpu_has(monkeypatch):
+    """AMX (s8 x s8), AVX512-VNNI (u8 x s8, as torchao runs it) and, without either, float32 SGEMM over
+    K chunks of 1024: the same int32 product bit for bit, so a model's output cannot depend on the CPU.
+    K = 1536 of extreme codes sums past 2**24, where a single float32 product would round."""
+    from torchao.kernel import intmm
+
+    from dpq.quant import cpu_int8
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1536, generator=g)
+    x[0] = -10.0  # one row of -128 codes against a column of -128 weights: 1536 * 16384 > 2**24
+    w = torch.randint(-8, 8, (1536, 40), generator=g, dtype=torch.int8)
+    w[:, 0] = -128
+    scale = torch.rand(40, generator=g) * 0.1 + 0.01
+    zp = torch.randint(-3, 3, (40,), generator=g)
+    xq = torch.clamp(torch.round(x / (x.abs().amax(-1, keepdim=True) / 127.5)), -128, 127).to(torch.int8)
+    exact = xq.long() @ w.long()
+    assert int(exact[0, 0]) > 2**24
+    outs = {}
+    for amx, vnni, kind in (
+        (True, False, "s8s8 int8 (AMX)"),
+        (False, True, "u8s8 int8 (AVX512-VNNI)"),
+        (False, False, "exact float32"),
+    ):
+        monkeypatch.setattr(intmm, "_cpu_is_amx_tile_supported", lambda a=amx: a)
+        monkeypatch.setattr(intmm, "_cpu_is_vnni_supported", lambda v=vnni: v)
+        assert cpu_int8.int8_kernel().startswith(kind)
+        assert torch.equal(cpu_int8.int_mm(xq, w).long(), exact)
+        outs[kind] = (
+            cpu_int8.int8_matmul(x, w, scale, None, None),
+            cpu_int8.int8_matmul(x, w, scale, zp, torch.tensor(0.03)),
+        )
+    first = next(iter(outs.values()))
+    for o in outs.values():
+        assert all(torch.equal(a, b) for a, b in zip(o, first))
+    # and the product is the one the codes mean: dynamic per-row int8 inputs times the weight codes
+    sx = x.abs().amax(-1, keepdim=True) / 127.5
+    want = (torch.round(x * (1.0 / sx)).clamp(-128, 127) * sx) @ (w.float() * scale)
+    torch.testing.assert_close(first[0], want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+
+
+def test_cpu_int8_keeps_its_float_codes_once_and_peak_memory_counts_them(monkeypatch):
+    from torchao.kernel import intmm
+
+    monkeypatch.setattr(intmm, "_cpu_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(intmm, "_cpu_is_vnni_supported", lambda: False)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 2))
+    prepare_qat_(m, QuantConfig(bits=8, granularity="per_channel", targets=["0"]))
+    convert_(m, backend="cpu_int8")
+    x = {"input": torch.randn(4, 64)}
+
+    class Call(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input):
+            return self.inner(input)
+
+    model = Call(m).eval()
+    before = cost._resident_bytes(model, x)
+    with torch.no_grad():
+        y1 = model(**x)
+        cache = m[0]._w_float_t
+        y2 = model(**x)
+    assert m[0]._w_float_t is cache and torch.equal(y1, y2)
+    assert cost._resident_bytes(model, x) - before == 64 * 32 * 4

@@ -479,12 +479,15 @@ def _placed(model: nn.Module, device: str | torch.device | None) -> Iterator[tor
 
 def _resident_bytes(model: nn.Module, inputs: dict[str, Tensor]) -> int:
     """Bytes of the model's parameters and buffers (tied ones once) and of the inputs, as held in memory,
-    plus weights a module keeps dequantized for inference (``packed``'s ``_float_cache``: not state,
-    so not in ``size_bytes``, but memory the process holds while it serves)."""
+    plus weights a module keeps for inference (its ``inference_caches()``: ``packed``'s dequantized
+    weights, ``cpu_int8``'s float codes; not state, so not in ``size_bytes``, but memory the process
+    holds while it serves)."""
     seen: set = set()
     n = 0
     tensors = [*model.parameters(), *model.buffers(), *(v for v in inputs.values() if isinstance(v, Tensor))]
-    tensors += [c[1] for m in model.modules() if isinstance(c := getattr(m, "_float_cache", None), tuple)]
+    for m in model.modules():  # caches kept for inference (duck-typed: cost does not import dpq.quant)
+        caches = getattr(m, "inference_caches", None)
+        tensors += list(caches()) if callable(caches) else []
     for t in tensors:
         k = _tensor_key(t)
         if k not in seen:

@@ -312,6 +312,10 @@ def convert_(
     qcfg: QuantConfig = model.get_submodule(names[0]).quant_config
     s = resolve_scheme(backend, scheme, qcfg, "quant")
     check_module_kinds(backend, model, names, "quant", "names", names)
+    if backend == "cpu_int8":
+        from .cpu_int8 import warn_if_slow
+
+        warn_if_slow()
     if backend in ("packed", "cpu_int8"):
         for n in names:
             set_module(model, n, _to_codes_module(backend, model.get_submodule(n)))

@@ -24,6 +24,8 @@ unpacked int8 copy for the kernel is rebuilt on load.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,16 +34,24 @@ from .affine import EPS
 from .conv import PackedConv2d
 from .packed import PackedLinear, register_module_type
 
+log = logging.getLogger(__name__)
 GRANULARITIES = ("per_tensor", "per_channel")
 
 
 def int8_matmul(
-    x2: Tensor, w_int8_t: Tensor, scale: Tensor, zero_point: Tensor | None, act_scale: Tensor | None
+    x2: Tensor,
+    w_int8_t: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    act_scale: Tensor | None,
+    w_float_t: Tensor | None = None,
 ) -> Tensor:
     """``[N, K]`` float inputs times int8 weight codes ``[K, O]`` -> float32 ``[N, O]`` (no bias).
 
     Inputs become int8 with ``act_scale`` (static, per tensor) or a per-row dynamic scale;
     ``scale`` / ``zero_point`` hold one value per output column (or a single one, per tensor).
+    The integer product is exact on every CPU (:func:`int_mm`); ``w_float_t`` is the codes as
+    float32, kept by the caller for CPUs without int8 instructions.
     """
     x2 = x2.float()
     if act_scale is not None:  # static range from QAT / PTQ
@@ -49,12 +59,78 @@ def int8_matmul(
     else:  # dynamic, per token (row)
         sx = torch.clamp(x2.abs().amax(dim=-1, keepdim=True) / 127.5, min=EPS)
     xq = torch.clamp(torch.round(x2 * (1.0 / sx)), -128, 127).to(torch.int8)
-    acc = torch._int_mm(xq, w_int8_t)
+    acc = int_mm(xq, w_int8_t, w_float_t)
     if zero_point is not None:
         acc = acc - xq.sum(dim=-1, keepdim=True, dtype=torch.int32) * zero_point.reshape(1, -1).to(
             torch.int32
         )
     return acc.float() * sx * scale.reshape(1, -1)
+
+
+# Float32 represents every integer up to 2**24 exactly, and 1024 products of int8 codes (|x| <= 128,
+# |w| <= 128) sum to at most 2**24: a float32 matrix product over K chunks of 1024 is an exact int32 one.
+_EXACT_K = 1024
+
+
+def int_mm(xq: Tensor, w_int8_t: Tensor, w_float_t: Tensor | None = None) -> Tensor:
+    """Exact int32 ``xq @ w_int8_t`` with the fastest kernel this CPU has.
+
+    With AMX, ``torch._int_mm`` (oneDNN, s8 x s8); with AVX512-VNNI and no AMX, u8 x s8 (the input
+    shifted by 128 and corrected), the path torchao's ``int_scaled_matmul`` takes there. Without
+    either, oneDNN's int8 product is a reference loop, 25-40x slower than float32 on the default
+    student's shapes (bench/int8_matmul.py, AVX2, 2026-12-02), so the product runs as float32 SGEMM
+    over K chunks of 1024, which is exact (above). Hand-written: torchao's CPU dispatch has no
+    such fallback and applies its scales before the zero-point correction this backend needs.
+    """
+    kind = _kernel()
+    if kind == "amx":
+        return torch._int_mm(xq, w_int8_t)
+    if kind == "vnni":
+        xu = (xq.to(torch.int32) + 128).to(torch.uint8)
+        return torch._int_mm(xu, w_int8_t) - w_int8_t.sum(dim=0, keepdim=True, dtype=torch.int32) * 128
+    wf = w_int8_t.float() if w_float_t is None else w_float_t
+    xf = xq.float()
+    acc = None
+    for k0 in range(0, xf.shape[1], _EXACT_K):
+        part = (xf[:, k0 : k0 + _EXACT_K] @ wf[k0 : k0 + _EXACT_K]).to(torch.int32)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def _kernel() -> str:
+    from torchao.kernel import intmm
+
+    # torchao's own ISA probes (private helpers of the dispatch its int_scaled_matmul uses)
+    if intmm._cpu_is_amx_tile_supported():
+        return "amx"
+    if intmm._cpu_is_vnni_supported():
+        return "vnni"
+    return "float"
+
+
+def int8_kernel() -> str:
+    """Which integer product this CPU runs (results say so; int8 beats float only with VNNI or AMX)."""
+    return {
+        "amx": "s8s8 int8 (AMX)",
+        "vnni": "u8s8 int8 (AVX512-VNNI)",
+        "float": "exact float32 SGEMM on the int8 codes (no VNNI or AMX here: int8 kernels are slower)",
+    }[_kernel()]
+
+
+def warn_if_slow() -> None:
+    """One note per process when the CPU has no int8 dot-product instructions."""
+    global _WARNED
+    if _kernel() == "float" and not _WARNED:
+        _WARNED = True
+        log.warning(
+            "cpu_int8: this CPU has no AVX512-VNNI or AMX, whose int8 kernels would make the product faster than "
+            "float; it runs as an exact float32 product of the int8 codes (the same results, float speed at "
+            "best; int8 oneDNN ran 25-40x slower than float here, bench/int8_matmul.py). For speed on this CPU "
+            "export to ONNX Runtime (model/model.onnx)."
+        )
+
+
+_WARNED = False
 
 
 @register_module_type
@@ -88,13 +164,31 @@ class Int8Linear(PackedLinear):
 
     def _codes_changed(self) -> None:
         self.w_int8_t = self.codes().t().contiguous().to(self.qweight.device)
+        self._w_float_t = None
+
+    def inference_caches(self) -> list[Tensor]:
+        cached = getattr(self, "_w_float_t", None)
+        return [*super().inference_caches(), *([cached] if cached is not None else [])]
+
+    def _float_codes(self) -> Tensor | None:
+        """The codes as float32 for :func:`int_mm` on CPUs without int8 instructions (built once)."""
+        if _kernel() != "float":
+            return None
+        if getattr(self, "_w_float_t", None) is None or self._w_float_t.device != self.w_int8_t.device:
+            self._w_float_t = self.w_int8_t.float()
+        return self._w_float_t
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_tracing():  # FLOP counters trace: the same multiply-adds as a float linear
             return super().forward(x)
         shape = x.shape
         y = int8_matmul(
-            x.reshape(-1, self.in_features), self.w_int8_t, self.scale, self.zero_point, self.act_scale
+            x.reshape(-1, self.in_features),
+            self.w_int8_t,
+            self.scale,
+            self.zero_point,
+            self.act_scale,
+            self._float_codes(),
         )
         if self.bias is not None:
             y = y + self.bias

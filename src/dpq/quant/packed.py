@@ -298,6 +298,11 @@ class PackedLinear(QuantizedLinear):
             )  # not a buffer: never saved; cost.peak_memory counts it
         return cached[1]
 
+    def inference_caches(self) -> list[Tensor]:
+        """Tensors held for inference beyond the state (memory that :func:`dpq.cost.peak_memory` counts)."""
+        cached = getattr(self, "_float_cache", None)
+        return [cached[1]] if isinstance(cached, tuple) else []
+
     def packed_tensors(self) -> dict[str, Tensor]:
         names = ("qweight", "scale", "zero_point", "act_scale", "bias")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}

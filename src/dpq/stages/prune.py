@@ -324,6 +324,13 @@ class PruneStage(Stage):
             )
         if isinstance(d, list) and max(d) >= n:
             raise ConfigError(f"{self.key}.drop_layers", d, f"layer indices must be in 0..{n - 1}")
+        lm = self.cfg.layer_map
+        if isinstance(lm, (list, tuple)) and len(lm) != n - count:
+            raise ConfigError(
+                f"{self.key}.layer_map",
+                list(lm),
+                f"needs one teacher layer per student layer left after drop_layers ({n - count})",
+            )
 
     def drop_layers(self, state, ctx, model: nn.Module) -> dict:
         """Remove ``drop_layers`` from ``model`` (in place) before the ramp; what it did, for the record."""
