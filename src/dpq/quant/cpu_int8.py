@@ -77,7 +77,7 @@ def int_mm(xq: Tensor, w_int8_t: Tensor, w_float_t: Tensor | None = None) -> Ten
 
     With AMX, ``torch._int_mm`` (oneDNN, s8 x s8); with AVX512-VNNI and no AMX, u8 x s8 (the input
     shifted by 128 and corrected), the path torchao's ``int_scaled_matmul`` takes there. Without
-    either, oneDNN's int8 product is a reference loop, 25-40x slower than float32 on the default
+    either, oneDNN's int8 product is a reference loop, 25-50x slower than float32 on the default
     student's shapes (bench/int8_matmul.py, AVX2, 2026-12-02), so the product runs as float32 SGEMM
     over K chunks of 1024, which is exact (above). Hand-written: torchao's CPU dispatch has no
     such fallback and applies its scales before the zero-point correction this backend needs.
@@ -125,7 +125,7 @@ def warn_if_slow() -> None:
         log.warning(
             "cpu_int8: this CPU has no AVX512-VNNI or AMX, whose int8 kernels would make the product faster than "
             "float; it runs as an exact float32 product of the int8 codes (the same results, float speed at "
-            "best; int8 oneDNN ran 25-40x slower than float here, bench/int8_matmul.py). For speed on this CPU "
+            "best; int8 oneDNN ran 25-50x slower than float here, bench/int8_matmul.py). For speed on this CPU "
             "export to ONNX Runtime (model/model.onnx)."
         )
 
