@@ -179,8 +179,8 @@ def test_a_layer_map_counts_the_layers_left_after_the_drop(make_cfg):
         "experiment=tiny",
         "pipeline=dp",
         "pipeline.stages.prune.drop_layers=1",
-        "pipeline.stages.prune.hidden=1.0",
-        "pipeline.stages.prune.layer_map=[1,2]",
+        "+pipeline.stages.prune.hidden=1.0",
+        "+pipeline.stages.prune.layer_map=[1,2]",
     )
     with pytest.raises(
         ConfigError, match=r"pipeline.stages.prune.layer_map=\[1, 2\]: needs one teacher layer"
