@@ -9,6 +9,11 @@ the kernel :func:`~dpq.quant.cpu_int8.int_mm` picks for this CPU) and the bare i
 MiniLM-L3 student's linears (hidden 384, FFN 1536, and the FFN half-width a 50% neuron prune leaves)
 at 64 tokens (batch 1, sequence 64) and 2048 (batch 32). Prints the median ms of each and the
 speedups over float; the kernel the CPU runs is recorded with them.
+
+``--run RUN_DIR`` (a finished run whose final model is float, e.g. the dense student) also times the
+whole model at batch 1 and 32, sequence 64: float32 against copies of it with every encoder linear
+post-training-quantized to 8 bits (min-max, per channel) in ``cpu_int8`` and in ``packed``. Only
+latency is compared there (the copies are not evaluated).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +41,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--per-round", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "int8_matmul.json")
+    ap.add_argument("--run", type=Path, default=None, help="also time this run's whole model (see above)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -84,15 +91,56 @@ def main(argv=None) -> dict:
             )
     out = {
         "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(["python", "bench/int8_matmul.py", *(argv or [])]),
+        "command": " ".join(
+            ["python", "bench/int8_matmul.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "torch": torch.__version__,
         "threads": args.threads,
         "kernel": cpu_int8.int8_kernel(),
         "rows": rows,
     }
+    if args.run is not None:
+        out["model"] = whole_model(args.run, args)
     print(f"kernel: {out['kernel']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def whole_model(run: Path, args) -> dict:
+    """Float32 vs 8-bit ``cpu_int8`` vs 8-bit ``packed`` copies of ``run``'s model, interleaved."""
+    import copy
+
+    from dpq import cost
+    from dpq.checkpoints import load_model
+    from dpq.data import recorded_task
+    from dpq.models import load_tokenizer
+    from dpq.quant import QuantConfig, convert_
+
+    res = json.loads((run / "results.json").read_text())
+    cfg = res["config"]
+    task = recorded_task(cfg["task"])
+    model = load_model(cfg["model"], task, run / "model").eval()
+    targets = cfg["model"].get("quant_targets") or cfg["model"]["prune_targets"]
+    models = {"float32": model}
+    for backend in ("cpu_int8", "packed"):
+        m = copy.deepcopy(model)
+        convert_(m, cfg=QuantConfig(bits=8, granularity="per_channel", targets=targets), backend=backend)
+        models[f"8-bit {backend}"] = m.eval()
+    tok = load_tokenizer(cfg["teacher"])
+    out = {"run": str(run), "seq_len": 64, "batches": {}}
+    for batch in (1, 32):
+        inputs = cost.example_inputs_for("text", batch, 64, vocab_size=len(tok))
+        times = cost.interleaved_latency(models, inputs, rounds=args.rounds, per_round=args.per_round)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out["batches"][str(batch)] = {
+            k: {"ms": v, "speedup_vs_float32": med["float32"] / v} for k, v in med.items()
+        }
+        print(
+            f"whole model, batch {batch}: "
+            + ", ".join(f"{k} {v:.2f} ms ({med['float32'] / v:.2f}x)" for k, v in med.items()),
+            flush=True,
+        )
     return out
 
 
