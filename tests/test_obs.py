@@ -554,3 +554,15 @@ def test_obs_with_structured_groups_is_a_config_error():
     with pytest.raises(ConfigError) as e:
         PruneStage.from_config("prune", {"kind": "prune", "criterion": "obs", "obs": {"blocks": 4}})
     assert e.value.key == "pipeline.stages.prune.obs.blocks"
+
+
+def test_a_layer_with_an_all_zero_gradient_gets_the_overall_damp():
+    """Global allocation at a high target can mask a whole layer; its gradient is then all zero, and its
+    per-layer damp falls back to the overall one instead of failing the run."""
+    g = {"a": torch.full((4, 4), 2.0), "b": torch.ones(4, 4)}
+    masks = {"a": torch.ones(4, 4, dtype=torch.bool), "b": torch.zeros(4, 4, dtype=torch.bool)}
+    damp = suggest_damp(g, 1e-2, masks=masks, per_layer=True)
+    assert damp["a"] == pytest.approx(1e-2 * 4.0)
+    assert damp["b"] == pytest.approx(1e-2 * (16 * 4.0) / 32)  # the overall mean g^2 over both layers
+    with pytest.raises(ValueError, match="all gradients are zero"):
+        suggest_damp({"a": torch.zeros(2)}, 1e-2, per_layer=True)

@@ -49,7 +49,11 @@ def test_every_preset_runs_a_few_steps(make_cfg, preset, experiment):
     assert list(dict.fromkeys(top_level)) == order
     final = results["final"]
     prunes = "prune" in order or "spiral" in order
-    assert prunes == (final["sparsity"] == pytest.approx(0.5, abs=1e-3))
+    # 4-bit rounding may add zeros after the prune (pd distils for long after it: 0.5056 on digits)
+    assert prunes == (0.5 - 1e-3 <= final["sparsity"] <= 0.51)
+    pruned = [r for r in results["stages"] if r["kind"] == "prune" or r["stage"].endswith(".prune")]
+    if pruned:  # where pruning ends, the target exactly
+        assert pruned[-1]["metrics"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert final["quantized"] == any(s in cfg.pipeline.order for s in ("quantize", "ptq"))
 
 

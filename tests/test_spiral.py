@@ -68,3 +68,22 @@ def test_bad_spiral_configs(make_cfg, override, key):
     with pytest.raises(ConfigError) as err:
         train(make_cfg("experiment=tiny", "pipeline=spiral", override))
     assert err.value.key == key
+
+
+def test_structured_spiral_rounds_keep_going_once_a_layer_is_down_to_min_keep(make_cfg):
+    """tiny_bert has 2 heads per layer: after the first rounds a layer holds min_keep=1 head, and the
+    next round's prune must simply leave it (it raised a config error mid-run before)."""
+    results = train(
+        make_cfg(
+            "experiment=tiny",
+            "pipeline=spiral",
+            "pipeline.stages.prune.final_sparsity=0.67",
+            "+pipeline.stages.spiral.prune.granularity=heads+neurons",
+            "+pipeline.stages.spiral.prune.criterion=taylor",
+        )
+    )
+    rounds = [r for r in results["stages"] if r["stage"].endswith(".prune")]
+    assert len(rounds) == 3
+    heads = rounds[-1]["structure"]["heads"]
+    assert heads and all(n == 1 for n in heads.values())  # 2 heads, 67% asked, min_keep 1 left
+    assert rounds[-1]["metrics"]["dense_gflops"] < rounds[0]["metrics"]["dense_gflops"]

@@ -25,6 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
 COMMAND = ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]
 TINY = ["experiment=tiny", "cost.repeats=1", "cost.warmup=0"]
+# conf/experiment/tiny.yaml's settings, for commands that name another experiment
+TINY_GROUPS = [
+    "teacher=tiny_bert",
+    "model=tiny_bert",
+    "trainer=debug",
+    "task.subsample=256",
+    "cost.repeats=1",
+    "cost.warmup=0",
+]
 
 
 def load(path: Path) -> dict:
@@ -89,7 +98,7 @@ def compose_hydra(*overrides) -> OmegaConf:
 
 
 def test_the_documented_sweep_files_exist():
-    assert {p.stem for p in SWEEPS} == {"sparsity_grid", "orderings", "pareto_bayes"}
+    assert {p.stem for p in SWEEPS} == {"sparsity_grid", "orderings", "pareto_bayes", "far_front"}
     assert (ROOT / "sweeps" / "README.md").exists()
 
 
@@ -117,6 +126,30 @@ def test_each_sweep_file_is_a_valid_wandb_sweep_with_the_plain_override_command(
 def test_the_orderings_sweep_covers_every_preset_including_spiral():
     values = load(ROOT / "sweeps" / "orderings.yaml")["parameters"]["pipeline"]["values"]
     assert sorted(values) == sorted(list_options("pipeline")) and "spiral" in values
+
+
+def test_the_far_front_study_puts_four_orderings_at_both_far_points(tmp_path):
+    """Issue 21's study: dq, dpq, spiral and prune-before-distill at 80% unstructured and at a third
+    of the dense GFLOPs, three seeds; every ordering that prunes gets the point's target."""
+    params = load(ROOT / "sweeps" / "far_front.yaml")["parameters"]
+    assert params["pipeline"]["values"] == ["dq", "dpq", "spiral", "pd"]
+    assert params["experiment"]["values"] == ["far_u80", "far_hn33"] and params["seed"]["values"] == [
+        42,
+        43,
+        44,
+    ]
+    u80 = compose_cfg(tmp_path, ["experiment=far_u80", "pipeline=pd"])
+    assert list(u80.pipeline.order) == ["teacher", "prune", "distill", "quantize"]
+    assert u80.pipeline.stages.prune.final_sparsity == 0.8 and u80.pipeline.stages.prune.scope == "global"
+    spiral = compose_cfg(tmp_path, ["experiment=far_u80", "pipeline=spiral"]).pipeline.stages.spiral
+    assert spiral.final_sparsity == 0.8 and spiral.prune.criterion == "taylor"  # the target interpolated
+    hn = compose_cfg(tmp_path, ["experiment=far_hn33", "pipeline=dpq"])
+    assert (
+        hn.pipeline.stages.prune.flops_target == 0.33
+        and hn.pipeline.stages.prune.granularity == "heads+neurons"
+    )
+    spiral = compose_cfg(tmp_path, ["experiment=far_hn33", "pipeline=spiral"]).pipeline.stages.spiral
+    assert spiral.prune.granularity == "heads+neurons" and spiral.final_sparsity == 0.67
 
 
 def test_the_sparsity_grid_spans_targets_0_1_to_0_9_over_several_orderings():
@@ -147,6 +180,8 @@ def check_agent_commands(tmp_path, sweep: dict, pts: list[dict]) -> None:
         cmd = agent_command(sweep, point)
         cfg = compose_cfg(tmp_path, cmd[3:])
         for key, value in point.items():
+            if key == "experiment":  # a config group, not a key: test_the_far_front_* checks what it sets
+                continue
             got = cfg.pipeline.name if key == "pipeline" else OmegaConf.select(cfg, key)
             assert got == pytest.approx(value) if isinstance(value, float) else got == value, (
                 key,
@@ -246,7 +281,7 @@ def _basic_params(cfg) -> dict[str, list[str]]:
     return {k: [v.strip() for v in str(s).split(",")] for k, s in cfg.hydra.sweeper.params.items()}
 
 
-@pytest.mark.parametrize("name", ["sparsity_grid", "orderings"])
+@pytest.mark.parametrize("name", ["sparsity_grid", "orderings", "far_front"])
 def test_the_hydra_grid_twins_sweep_the_same_values_as_the_wandb_grids(name):
     cfg = compose_hydra(f"hparams_search={name}")
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
@@ -350,7 +385,9 @@ def test_one_agent_trial_per_sweep_runs_on_tiny_bert_and_logs_offline(tmp_path, 
     point = points(sweep)[0]
     cmd = agent_command(sweep, point)
     run_dir = tmp_path / "run"
-    extra = [*TINY, "logger=wandb", f"hydra.run.dir={run_dir}"]  # what a user appends for a quick check
+    # What a user appends for a quick check (a sweep that picks the experiment takes tiny's groups one by one).
+    tiny = TINY_GROUPS if "experiment" in point else TINY
+    extra = [*tiny, "logger=wandb", f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(
         [*cmd, *extra], cwd=ROOT, env=_env(shared_cache), capture_output=True, text=True, timeout=900
     )
@@ -358,7 +395,7 @@ def test_one_agent_trial_per_sweep_runs_on_tiny_bert_and_logs_offline(tmp_path, 
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "completed" and results["pipeline"] == point["pipeline"]
     for key, value in point.items():
-        if key != "pipeline":
+        if key not in ("pipeline", "experiment"):
             got = results["config"]
             for part in key.split("."):
                 got = got[part]

@@ -235,13 +235,15 @@ def suggest_damp(
             g = g * masks[name].to(g.device, g.dtype)
         sq[name] = float((g.detach().double() ** 2).sum())
         cnt[name] = g.numel()
-    if per_layer:
-        if any(v <= 0 for v in sq.values()):
-            raise ValueError("a layer's gradient is all zero; cannot scale its damp")
-        return {n: ratio * sq[n] / cnt[n] for n in sq}
     if sum(sq.values()) <= 0:
         raise ValueError("all gradients are zero; cannot scale damp")
-    return ratio * sum(sq.values()) / sum(cnt.values())
+    overall = ratio * sum(sq.values()) / sum(cnt.values())
+    if per_layer:
+        # A layer whose (unmasked) gradient is all zero -- every weight masked already, which global
+        # allocation at a high target can do, or a layer the loss does not reach -- gets the overall
+        # damp: its inverse is then a scaled identity and its weights' saliency w^2 / 2damp.
+        return {n: ratio * sq[n] / cnt[n] if sq[n] > 0 else overall for n in sq}
+    return overall
 
 
 # ---------------------------------------------------------------------- saliency

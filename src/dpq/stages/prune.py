@@ -436,12 +436,16 @@ class PruneStage(Stage):
                 f"the model has no {', '.join(missing)} among this stage's targets "
                 f"({', '.join(targets[:4])}...); choose unstructured, n:m or a kind the model has",
             )
+        # Against the layer's count before any shrink: a later round (spiral) or a second prune stage
+        # finds layers already shrunk to min_keep, which simply lose nothing more.
+        totals = getattr(model, "dpq_original_groups", None) or {}
         for g in groups:
-            small = int(cfg.min_keep) >= g.count
+            total = int(totals.get(g.name, g.count))
+            small = int(cfg.min_keep) >= total
             if small and cfg.final_sparsity > 0:
                 raise ConfigError(
                     f"{self.key}.min_keep",
                     cfg.min_keep,
-                    f"{g.name} has only {g.count} {g.kind}; must be < {g.count}",
+                    f"{g.name} has only {total} {g.kind}; must be < {total}",
                 )
         return groups
