@@ -566,3 +566,14 @@ def test_a_layer_with_an_all_zero_gradient_gets_the_overall_damp():
     assert damp["b"] == pytest.approx(1e-2 * (16 * 4.0) / 32)  # the overall mean g^2 over both layers
     with pytest.raises(ValueError, match="all gradients are zero"):
         suggest_damp({"a": torch.zeros(2)}, 1e-2, per_layer=True)
+
+
+def test_a_layer_with_a_negligible_gradient_gets_the_overall_damp_not_an_overflowing_one():
+    """A damp of 1e-49 (seen in a spiral round) makes the float32 inverse I/damp infinite."""
+    g = {"a": torch.ones(4, 4), "b": torch.full((4, 4), 1e-25)}
+    damp = suggest_damp(g, 1e-2, per_layer=True)
+    overall = 1e-2 * (16 * 1.0 + 16 * 1e-50) / 32
+    assert damp["a"] == pytest.approx(1e-2) and damp["b"] == pytest.approx(overall)
+    finv = BlockFisherInverse({"b": (4, 4)}, 1, 4, {"b": damp["b"]})
+    finv.add_gradient({"b": g["b"]})
+    assert torch.isfinite(finv.finv["b"]).all()

@@ -237,12 +237,15 @@ def suggest_damp(
         cnt[name] = g.numel()
     if sum(sq.values()) <= 0:
         raise ValueError("all gradients are zero; cannot scale damp")
-    overall = ratio * sum(sq.values()) / sum(cnt.values())
+    # float32 holds 1/damp (the inverse starts as I/damp) only while damp > ~3e-39; keep far from it
+    overall = max(ratio * sum(sq.values()) / sum(cnt.values()), 1e-30)
     if per_layer:
         # A layer whose (unmasked) gradient is all zero -- every weight masked already, which global
-        # allocation at a high target can do, or a layer the loss does not reach -- gets the overall
-        # damp: its inverse is then a scaled identity and its weights' saliency w^2 / 2damp.
-        return {n: ratio * sq[n] / cnt[n] if sq[n] > 0 else overall for n in sq}
+        # allocation at a high target can do -- or negligible (mean g^2 below 1e-12 of the model's: a
+        # spiral round on tiny_bert gave 1e-49, whose 1/damp overflowed float32 to inf and NaN) gets
+        # the overall damp: its inverse is then about a scaled identity, its saliency w^2 / 2damp.
+        per = {n: ratio * sq[n] / cnt[n] for n in sq}
+        return {n: d if d > 1e-12 * overall else overall for n, d in per.items()}
     return overall
 
 
