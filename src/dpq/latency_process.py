@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dpq import cost
+
 log = logging.getLogger(__name__)
 
 SEPARATE = "separate"
@@ -65,6 +67,25 @@ def _run_child(folder: Path, job: dict) -> dict:
     return json.loads(out.read_text())
 
 
+def _measure(what: str, write, job: dict, here) -> dict:
+    """Run ``job`` in a fresh process (``write(folder)`` puts its files there first); on any failure
+    measure with ``here()`` in this process instead, saying so in ``latency_process``."""
+    with tempfile.TemporaryDirectory(prefix="dpq-latency-") as tmp:
+        folder = Path(tmp)
+        try:
+            write(folder)
+            return {**_run_child(folder, job), "latency_process": SEPARATE}
+        except Exception as e:  # noqa: BLE001 - any failure falls back to measuring here, said in the record
+            why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            log.warning("%s measured in the run's own process: a separate one failed (%s)", what, why)
+            return {**here(), "latency_process": f"{SAME} (separate failed: {why})"}
+
+
+def _check(process: str) -> None:
+    if process not in CHOICES:
+        raise ValueError(f"process must be one of {CHOICES}, got {process!r}")
+
+
 def latency(
     model: nn.Module,
     example_inputs: dict[str, Tensor],
@@ -78,32 +99,22 @@ def latency(
     The result has ``latency_process``: ``"separate"``, ``"same"``, or ``"same (...)"`` with the
     reason when a separate measurement was asked for and could not be made.
     """
-    from dpq import cost
+    _check(process)
 
-    if process not in CHOICES:
-        raise ValueError(f"process must be one of {CHOICES}, got {process!r}")
+    def here() -> dict:
+        return cost.latency(model, example_inputs, warmup, repeats, device)
+
     if process == SAME:
-        return {**cost.latency(model, example_inputs, warmup, repeats, device), "latency_process": SAME}
+        return {**here(), "latency_process": SAME}
+
+    def write(folder: Path) -> None:
+        with cost._eval_mode(model):  # pickled in eval mode; the live model's flags are restored
+            torch.save(model, folder / "model.pt")
+        torch.save(dict(example_inputs), folder / "inputs.pt")
+
     dev = str(device) if device is not None else str(cost._model_device(model))
-    with tempfile.TemporaryDirectory(prefix="dpq-latency-") as tmp:
-        folder = Path(tmp)
-        try:
-            with cost._eval_mode(model):  # pickled in eval mode; the live model's flags are restored
-                torch.save(model, folder / "model.pt")
-            torch.save(dict(example_inputs), folder / "inputs.pt")
-            job = {
-                "kind": "torch",
-                "warmup": int(warmup),
-                "repeats": int(repeats),
-                "device": dev,
-                "threads": torch.get_num_threads(),
-            }
-            return {**_run_child(folder, job), "latency_process": SEPARATE}
-        except Exception as e:  # noqa: BLE001 - any failure falls back to measuring here, said in the record
-            why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-            log.warning("latency measured in the run's own process: a separate one failed (%s)", why)
-            out = cost.latency(model, example_inputs, warmup, repeats, device)
-            return {**out, "latency_process": f"{SAME} (separate failed: {why})"}
+    job = {"kind": "torch", "warmup": int(warmup), "repeats": int(repeats), "device": dev}
+    return _measure("latency", write, {**job, "threads": torch.get_num_threads()}, here)
 
 
 def onnx_latency(
@@ -118,29 +129,21 @@ def onnx_latency(
 
     Keys as :func:`dpq.cost.latency_summary` plus ``latency_process`` (see :func:`latency`).
     """
-    if process not in CHOICES:
-        raise ValueError(f"process must be one of {CHOICES}, got {process!r}")
-    if process == SEPARATE:
-        with tempfile.TemporaryDirectory(prefix="dpq-latency-") as tmp:
-            folder = Path(tmp)
-            try:
-                torch.save(dict(example_inputs), folder / "inputs.pt")
-                job = {
-                    "kind": "onnx",
-                    "path": str(Path(path).resolve()),
-                    "warmup": int(warmup),
-                    "repeats": int(repeats),
-                    "threads": int(threads),
-                }
-                return {**_run_child(folder, job), "latency_process": SEPARATE}
-            except Exception as e:  # noqa: BLE001 - as in latency()
-                why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-                log.warning("ONNX latency measured in the run's own process: a separate one failed (%s)", why)
-                return {
-                    **_onnx_here(path, example_inputs, warmup, repeats, threads),
-                    "latency_process": f"{SAME} (separate failed: {why})",
-                }
-    return {**_onnx_here(path, example_inputs, warmup, repeats, threads), "latency_process": SAME}
+    _check(process)
+
+    def here() -> dict:
+        return _onnx_here(path, example_inputs, warmup, repeats, threads)
+
+    if process == SAME:
+        return {**here(), "latency_process": SAME}
+    job = {
+        "kind": "onnx",
+        "path": str(Path(path).resolve()),
+        "warmup": int(warmup),
+        "repeats": int(repeats),
+        "threads": int(threads),
+    }
+    return _measure("ONNX latency", lambda f: torch.save(dict(example_inputs), f / "inputs.pt"), job, here)
 
 
 def _onnx_here(path, example_inputs, warmup, repeats, threads) -> dict:
@@ -156,8 +159,6 @@ def _child(folder: Path) -> None:
     if job["kind"] == "onnx":
         out = _onnx_here(job["path"], inputs, job["warmup"], job["repeats"], job["threads"])
     else:
-        from dpq import cost
-
         torch.set_num_threads(int(job["threads"]))
         dev = torch.device(job["device"])
         # The parent wrote this file a moment ago from its own model: a trusted pickle.
