@@ -58,6 +58,26 @@ def test_same_process_is_said_and_an_unpicklable_model_falls_back_visibly(caplog
         latency_process.latency(model, INPUTS, process="elsewhere")
 
 
+def test_a_hugging_face_model_asked_for_hidden_states_is_still_timed_in_a_separate_process():
+    """transformers leaves closure hooks on a model once it returned hidden states (hidden-state KD,
+    depth pruning); they are detached while the model is pickled, and put back in order."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    model = BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    model(**inputs, output_hidden_states=True)
+    hooks = {id(m): list(m._forward_hooks.items()) for m in model.modules() if m._forward_hooks}
+    assert hooks  # what made the model unpicklable
+    out = latency_process.latency(model, inputs, warmup=1, repeats=3, device="cpu")
+    assert out["latency_process"] == "separate"
+    assert {id(m): list(m._forward_hooks.items()) for m in model.modules() if m._forward_hooks} == hooks
+    assert len(model(**inputs, output_hidden_states=True).hidden_states) == 3  # still recorded
+
+
 STANDALONE = r"""
 import json, sys
 from pathlib import Path

@@ -16,6 +16,7 @@ a warning; ``latency_process`` then says so and why. Nothing is silently measure
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -86,6 +87,32 @@ def _check(process: str) -> None:
         raise ValueError(f"process must be one of {CHOICES}, got {process!r}")
 
 
+# transformers (>= 5) installs these forward hooks the first time a model is asked for hidden states or
+# attentions (hidden-state KD, depth pruning's block influence) and never removes them. They are
+# closures, so a model carrying them does not pickle; they do nothing unless outputs are being
+# recorded, which a latency measurement never asks for.
+_CAPTURE_HOOK_MODULE = "transformers.utils.output_capturing"
+
+
+@contextlib.contextmanager
+def without_capture_hooks(model: nn.Module):
+    """Detach transformers' output-capturing forward hooks from ``model`` for the block; put them back after."""
+    saved = []  # (module, its hook dict as it was): restored whole, so the hooks keep their order
+    for m in model.modules():
+        hooks = m._forward_hooks
+        drop = [k for k, fn in hooks.items() if getattr(fn, "__module__", None) == _CAPTURE_HOOK_MODULE]
+        if drop:
+            saved.append((m, hooks.copy()))
+            for k in drop:
+                del hooks[k]
+    try:
+        yield len(saved)
+    finally:
+        for m, hooks in saved:
+            m._forward_hooks.clear()
+            m._forward_hooks.update(hooks)
+
+
 def latency(
     model: nn.Module,
     example_inputs: dict[str, Tensor],
@@ -108,7 +135,8 @@ def latency(
         return {**here(), "latency_process": SAME}
 
     def write(folder: Path) -> None:
-        with cost._eval_mode(model):  # pickled in eval mode; the live model's flags are restored
+        # pickled in eval mode and without transformers' inert capture hooks; the live model is restored
+        with cost._eval_mode(model), without_capture_hooks(model):
             torch.save(model, folder / "model.pt")
         torch.save(dict(example_inputs), folder / "inputs.pt")
 
