@@ -56,6 +56,20 @@ CASES = [
         "0.3",
         "is not a parameter of a prune stage; allowed:",
     ),
+    # quantize-aware pruning / recovery names a later quantization stage
+    (
+        [TINY, "pipeline=dpq_qat", f"{P}.prune.qat=quantise"],
+        f"{P}.prune.qat",
+        "'quantise'",
+        "must name the quantization stage (quantize or ptq) that comes later in pipeline.order: quantize",
+    ),
+    ([TINY, "pipeline=dp", f"{P}.recover.qat=quantize"], f"{P}.recover.qat", "'quantize'", "there is none"),
+    (
+        [TINY, "pipeline=spiral", f"+{P}.spiral.prune.qat=quantize"],
+        f"{P}.spiral.prune.qat",
+        "'quantize'",
+        "not supported inside spiral rounds",
+    ),
     # ranges and types of stage parameters
     ([TINY, f"{P}.prune.final_sparsity=1.2"], f"{P}.prune.final_sparsity", "1.2", "must be in [0, 1)"),
     ([TINY, f"{P}.prune.final_sparsity=-0.1"], f"{P}.prune.final_sparsity", "-0.1", "must be in [0, 1)"),

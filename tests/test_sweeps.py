@@ -128,11 +128,12 @@ def test_the_orderings_sweep_covers_every_preset_including_spiral():
     assert sorted(values) == sorted(list_options("pipeline")) and "spiral" in values
 
 
-def test_the_far_front_study_puts_four_orderings_at_both_far_points(tmp_path):
-    """Issue 21's study: dq, dpq, spiral and prune-before-distill at 80% unstructured and at a third
-    of the dense GFLOPs, three seeds; every ordering that prunes gets the point's target."""
+def test_the_far_front_study_puts_five_orderings_at_both_far_points(tmp_path):
+    """Issue 21's study: dq, dpq, spiral, prune-before-distill and quantize-aware pruning at 80%
+    unstructured and at a third of the dense GFLOPs, three seeds; every ordering that prunes gets
+    the point's target."""
     params = load(ROOT / "sweeps" / "far_front.yaml")["parameters"]
-    assert params["pipeline"]["values"] == ["dq", "dpq", "spiral", "pd"]
+    assert params["pipeline"]["values"] == ["dq", "dpq", "spiral", "pd", "dpq_qat"]
     assert params["experiment"]["values"] == ["far_u80", "far_hn33"] and params["seed"]["values"] == [
         42,
         43,
@@ -150,6 +151,8 @@ def test_the_far_front_study_puts_four_orderings_at_both_far_points(tmp_path):
     )
     spiral = compose_cfg(tmp_path, ["experiment=far_hn33", "pipeline=spiral"]).pipeline.stages.spiral
     assert spiral.prune.granularity == "heads+neurons" and spiral.final_sparsity == 0.67
+    qa = compose_cfg(tmp_path, ["experiment=far_hn33", "pipeline=dpq_qat"]).pipeline.stages
+    assert qa.prune.qat == "quantize" and qa.recover.qat == "quantize" and qa.prune.flops_target == 0.33
 
 
 def test_the_sparsity_grid_spans_targets_0_1_to_0_9_over_several_orderings():

@@ -4,7 +4,8 @@
 (same Parameter objects, so the optimizer and state-dict keys are unchanged; LSQ steps and
 activation ranges travel in its ``state_dict`` under a unique ``state_key``, so a resumed fit
 continues with the quantizers it had). With ``embedding``, the word-embedding table is
-fake-quantized as well (:mod:`dpq.quant.embedding`).
+fake-quantized as well (:mod:`dpq.quant.embedding`). With ``keep=False`` the fit ends with plain
+float modules again (QAT during a prune or recover stage, ahead of the quantize stage).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import lightning as L
 import torch
 
 from .config import QuantConfig
-from .embedding import prepare_embedding_
-from .fake import load_quantizer_state_, prepare_qat_, quantizer_state
+from .embedding import prepare_embedding_, unprepare_embedding_
+from .fake import load_quantizer_state_, prepare_qat_, quantizer_state, unprepare_qat_
 
 
 class QuantizationAware(L.Callback):
@@ -26,8 +27,12 @@ class QuantizationAware(L.Callback):
         cfg: QuantConfig,
         names: list[str] | None = None,
         embedding: QuantConfig | None = None,
+        keep: bool = True,
     ):
+        """``keep=False``: at teardown, swap the fake-quantized modules back for plain ones (same
+        Parameters), so the weights leave the fit shaped by the quantizer but stored as float."""
         self.name, self.cfg, self.names, self.embedding = name, cfg, names, embedding
+        self.keep = keep
         self.prepared: list[str] = []
         self.model: torch.nn.Module | None = None
         self._pending: dict | None = None
@@ -45,6 +50,19 @@ class QuantizationAware(L.Callback):
         if self._pending:
             load_quantizer_state_(self.model, self._pending)
             self._pending = None
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if not self.keep and self.model is not None:
+            self.restore_float()
+
+    def restore_float(self) -> list[str]:
+        """Plain float modules in place of the ones this callback prepared (idempotent)."""
+        if self.model is None:
+            return []
+        done = unprepare_qat_(self.model, self.prepared)
+        if self.embedding is not None:
+            unprepare_embedding_(self.model)
+        return done
 
     def state_dict(self) -> dict:
         return {

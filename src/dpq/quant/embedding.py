@@ -73,7 +73,14 @@ class FakeQuantizedEmbedding(nn.Embedding):
 
     def float_module(self) -> nn.Embedding:
         emb = nn.Embedding(
-            self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, device=self.weight.device
+            self.num_embeddings,
+            self.embedding_dim,
+            padding_idx=self.padding_idx,
+            max_norm=self.max_norm,
+            norm_type=self.norm_type,
+            scale_grad_by_freq=self.scale_grad_by_freq,
+            sparse=self.sparse,
+            device="meta",
         )
         emb.weight = self.weight
         return emb
@@ -179,6 +186,18 @@ def prepare_embedding_(model: nn.Module, cfg: QuantConfig, static: bool = False)
     emb = model.get_submodule(name)
     if not isinstance(emb, FakeQuantizedEmbedding):
         set_module(model, name, FakeQuantizedEmbedding(emb, cfg, static=static))
+    return name
+
+
+def unprepare_embedding_(model: nn.Module) -> str | None:
+    """Undo :func:`prepare_embedding_`: the plain ``nn.Embedding`` with the same ``weight`` Parameter."""
+    name = word_embedding_name(model)
+    emb = model.get_submodule(name) if name is not None else None
+    if not isinstance(emb, FakeQuantizedEmbedding):
+        return None
+    plain = emb.float_module()
+    plain.train(emb.training)
+    set_module(model, name, plain)
     return name
 
 

@@ -32,7 +32,7 @@ from dpq.core.selectors import matches
 from . import ao
 from .affine import Blocks, fake_quantize_weight, weight_qparams
 from .config import QuantConfig
-from .conv import FakeQuantizedConv2d, weight_matrix
+from .conv import FakeQuantizedConv2d, conv_geometry, weight_matrix
 from .lsq import LSQWeightQuantizer
 from .observers import ActivationFakeQuant
 
@@ -225,6 +225,30 @@ def prepare_ptq_(model: nn.Module, cfg: QuantConfig, names: list[str] | None = N
     """Fake-quantize for post-training quantization: weight ranges fixed now (min-max or
     percentile), activation observers (``act_bits``) in calibration mode; see ``dpq.quant.ptq``."""
     return _prepare(model, cfg, names, static=True)
+
+
+def unprepare_qat_(model: nn.Module, names: Sequence[str] | None = None) -> list[str]:
+    """Undo :func:`prepare_qat_`: each prepared module (``names``, default all) becomes a plain
+    ``nn.Linear`` / ``nn.Conv2d`` holding the same Parameter objects, quantizers dropped.
+
+    For QAT that only shapes the weights of a stage before the quantize stage (``prune.qat``):
+    the stage's result is a float model again, so shrinking, snapshots and the stage cache see
+    the layers they know. Returns the names restored.
+    """
+    done = []
+    for name in prepared_modules(model) if names is None else list(names):
+        mod = model.get_submodule(name)
+        if not is_prepared(mod):
+            continue
+        if isinstance(mod, nn.Conv2d):
+            new = nn.Conv2d(**conv_geometry(mod), bias=mod.bias is not None, device="meta")
+        else:
+            new = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
+        new.weight, new.bias = mod.weight, mod.bias
+        new.train(mod.training)
+        set_module(model, name, new)
+        done.append(name)
+    return done
 
 
 def quantizer_state(model: nn.Module) -> dict[str, dict[str, Tensor]]:

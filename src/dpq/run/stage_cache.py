@@ -103,6 +103,9 @@ def _stage_payload(stage) -> dict:
         out["load_from"] = fingerprint_path(out["load_from"])
     if out.get("ensemble"):
         out["ensemble"] = [fingerprint_path(p) for p in out["ensemble"]]
+    qat = getattr(stage, "qat_settings", None)
+    if callable(qat) and qat() is not None:  # quantize-aware: the later stage's quantization shapes this one
+        out["qat_settings"] = qat()
     return {"name": stage.name, "kind": stage.kind, "config": out}
 
 

@@ -74,4 +74,6 @@ def build_stages(pipeline: dict[str, Any]) -> list[Stage]:
                 + (" (only one quantization stage per pipeline)" if stage.quantizes else ""),
             )
         stage.check_order(stages[:i])
+    for i, stage in enumerate(stages):
+        stage.check_after(stages[i + 1 :])
     return stages

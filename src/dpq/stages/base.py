@@ -6,7 +6,8 @@ A stage kind is one class in one module of this package (plus its YAML in
 * ``Config`` -- a dataclass of its parameters, the only source of their defaults. Unknown
   keys and out-of-range values are rejected with the key's full path before anything is
   loaded, the way llm-compressor validates recipes (:meth:`Stage.from_config`).
-* :meth:`Stage.check_order` -- what must (not) come before it in ``pipeline.order``.
+* :meth:`Stage.check_order` -- what must (not) come before it in ``pipeline.order``;
+  :meth:`Stage.check_after` -- what it needs of the stages after it.
 * :meth:`Stage.check_model` -- its module selectors, devices and task against the model's
   skeleton (weights not loaded), still before any training.
 * :meth:`Stage.run` -- the work, on the passive :class:`dpq.run.state.State` through the run's
@@ -176,6 +177,10 @@ class Stage:
                 f"the {self.kind} stage distils from a teacher (alpha or hidden/attention/relation > 0), "
                 "but no teacher stage comes before it in pipeline.order; add 'teacher' first or set alpha=0",
             )
+
+    def check_after(self, after: list[Stage]) -> None:
+        """Raise :class:`ConfigError` if the stages that follow in ``pipeline.order`` do not fit this one
+        (a stage that refers to a later one, e.g. ``prune.qat``, links it here)."""
 
     def check_model(self, check: ModelCheck) -> None:
         """Raise :class:`ConfigError` if the stage cannot run on this task, model or device."""

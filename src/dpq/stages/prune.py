@@ -1,9 +1,10 @@
 """``prune``: gradual pruning of the student along a sparsity schedule.
 
-Criterion (magnitude / Taylor / movement), granularity (unstructured / N:M / structured
+Criterion (magnitude / Taylor / movement / OBS), granularity (unstructured / N:M / structured
 heads, neurons, channels), schedule and per-layer final sparsities are chosen here;
 :class:`dpq.prune.callbacks.SparsityRamp` does the work. Structured pruning ends with a physical
-shrink (:func:`dpq.prune.structured.shrink_`) unless ``shrink=false``.
+shrink (:func:`dpq.prune.structured.shrink_`) unless ``shrink=false``. With ``qat: quantize`` the ramp
+runs on the fake-quantized student (quantize-aware pruning).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dpq.prune.masks import CRITERIA, GRANULARITIES, SCOPES, intersect
 from dpq.prune.obs import ObsOptions
 from dpq.prune.schedules import SCHEDULES, make_schedule
 from dpq.stages.base import KDStageConfig, ModelCheck, Stage, register
+from dpq.stages.quantize import QuantAwareTraining, check_qat_name
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ class PruneConfig(KDStageConfig):
     # list: those layer indices. With flops_target the budget counts from the model before the drop.
     drop_layers: Any = None
     layer_batches: int = 16
+    # quantize-aware pruning: the name of the later quantize / ptq stage whose fake quantization runs during
+    # the ramp (dpq.stages.quantize.QuantAwareTraining); null = float training
+    qat: Any = None
 
     def obs_options(self) -> ObsOptions:
         return ObsOptions(**self.obs)
@@ -109,6 +114,7 @@ class PruneConfig(KDStageConfig):
         self._check_overrides(key)
         self._check_obs(key)
         self._check_depth(key)
+        check_qat_name(key, self.qat)
         if self.flops_target is not None:
             t = self.flops_target
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
@@ -268,7 +274,7 @@ class PruneConfig(KDStageConfig):
 
 
 @register
-class PruneStage(Stage):
+class PruneStage(QuantAwareTraining, Stage):
     kind = "prune"
     Config = PruneConfig
     prunes = True
@@ -399,7 +405,12 @@ class PruneStage(Stage):
         # Masks of an earlier prune stage on modules this ramp does not touch stay frozen.
         others = {k: v for k, v in (state.masks or {}).items() if k not in targets}
         callbacks = [ramp] + ([MaskFreeze(f"{self.name}.frozen", others)] if others else [])
-        ctx.fit(state, student, self, kd_alpha=cfg.alpha, callbacks=callbacks, freeze_masks=False)
+        qat = self.qat_callbacks(student, ctx)
+        try:
+            ctx.fit(state, student, self, kd_alpha=cfg.alpha, callbacks=callbacks + qat, freeze_masks=False)
+        finally:
+            for q in qat:  # float modules again before the shrink (the callback's teardown did it already)
+                q.restore_float()
         state.masks = intersect(state.masks, ramp.masks)
         extra = {
             "granularity": cfg.granularity,
@@ -407,6 +418,8 @@ class PruneStage(Stage):
             "mask_updates": len(ramp.history),
         }
         extra.update(depth_record)
+        if qat:
+            extra["qat"] = self.qat_settings()
         if budget:
             extra.update(flops_target=cfg.flops_target, flops_before=flops_first or budget["flops_total"])
         if groups:

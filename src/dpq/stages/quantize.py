@@ -41,7 +41,15 @@ from dpq.stages.base import KDStageConfig, ModelCheck, Stage, register
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QuantOptions", "QuantStageMixin", "QuantizeConfig", "QuantizeStage", "finish_quantization"]
+__all__ = [
+    "QuantAwareTraining",
+    "QuantOptions",
+    "QuantStageMixin",
+    "QuantizeConfig",
+    "QuantizeStage",
+    "check_qat_name",
+    "finish_quantization",
+]
 
 
 @dataclass
@@ -295,6 +303,81 @@ class QuantStageMixin:
                 )
         check_module_kinds(cfg.backend, model, names, self.key, key, sel)  # torchao / bnb: no conv
         return qcfg, names
+
+
+def check_qat_name(key: str, value: Any) -> None:
+    """``<stage>.qat`` is null or the name of a stage (which one is checked against the order later)."""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(
+            f"{key}.qat",
+            value,
+            "must be null or the name of the pipeline's quantization stage (e.g. quantize)",
+        )
+
+
+class QuantAwareTraining:
+    """Stage mixin for ``qat: <quantization stage>``: quantize-aware pruning / recovery.
+
+    While the stage trains, the student's target Linears / Conv2ds (and the word-embedding table if
+    that stage quantizes it) are fake-quantized with the settings of the named ``quantize`` or
+    ``ptq`` stage, which comes later in the order: the mask is chosen, and the weights around it
+    learned, under the rounding they will be deployed with. The fit ends with plain float modules
+    again (same Parameters), so a structured shrink, snapshots and the stage cache see the layers
+    they know; the named stage quantizes for real (its QAT starts fresh quantizers: LSQ steps and
+    activation ranges learned here are not carried over).
+    """
+
+    qat_stage: QuantStageMixin | None = None
+
+    def check_after(self, after: list[Stage]) -> None:
+        super().check_after(after)
+        name = self.cfg.qat
+        if name is None:
+            return
+        later = {s.name: s for s in after}
+        quant = [s.name for s in after if s.quantizes]
+        if name not in later or not isinstance(later[name], QuantStageMixin):
+            raise ConfigError(
+                f"{self.key}.qat",
+                name,
+                "must name the quantization stage (quantize or ptq) that comes later in pipeline.order"
+                + (f": {quant[0]}" if quant else "; there is none after this stage")
+                + ", or be null",
+            )
+        self.qat_stage = later[name]
+
+    def qat_settings(self) -> dict | None:
+        """What the fake quantization during this stage depends on (for records and cache keys)."""
+        q = self.qat_stage
+        if q is None:
+            return None
+        qcfg = q.cfg.quant_config(**q._quant_extra())
+        return {
+            "stage": q.name,
+            **{k: v for k, v in qcfg.to_dict().items() if k != "targets"},
+            "targets": q.cfg.targets,
+            "embedding_bits": q.cfg.embedding_bits,
+            "embedding_group_size": q.cfg.embedding_group_size,
+        }
+
+    def qat_callbacks(self, student: nn.Module, ctx) -> list[QuantizationAware]:
+        """The QAT callback for this stage's fit ([] without ``qat``); it restores float modules at the end."""
+        q = self.qat_stage
+        if q is None:
+            return []
+        qcfg, names = q.targets_of(student, ctx.model_spec)
+        q.embedding_of(student)
+        emb = q.cfg.embedding_config()
+        log.info(
+            "%s: quantize-aware: %d modules fake-quantized at %d bits (%s) as stage '%s' will%s",
+            self.name,
+            len(names),
+            qcfg.bits,
+            qcfg.granularity,
+            q.name,
+            f", word embeddings at {emb.bits} bits" if emb is not None else "",
+        )
+        return [QuantizationAware(f"{self.name}.qat", qcfg, names, embedding=emb, keep=False)]
 
 
 @dataclass

@@ -74,6 +74,13 @@ class SpiralConfig:
                     f"must rise monotonically from initial_sparsity={self.initial_sparsity} and stay in [0, 1)",
                 )
             prev = t
+        if self.prune.get("qat") is not None:
+            raise ConfigError(
+                f"{key}.prune.qat",
+                self.prune["qat"],
+                "quantize-aware pruning is not supported inside spiral rounds; use the prune stage's qat "
+                "(pipeline=dpq_qat) or set it to null",
+            )
         for sub, cls in (("prune", PruneStage), ("distill", DistillStage)):
             bad = {"kind", "initial_sparsity", "final_sparsity"} & set(getattr(self, sub))
             if bad:
