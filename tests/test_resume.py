@@ -275,6 +275,33 @@ def test_killed_mid_prune_with_damaged_newest_checkpoint_and_snapshot_resumes_to
     assert again["wall_time_s"] == results["wall_time_s"]
 
 
+def test_killed_mid_quantize_aware_prune_resumes_to_the_same_result(tmp_path, monkeypatch):
+    """prune.qat with learned quantizers (LSQ steps, int8 activation ranges): they live in the module
+    checkpoint while the ramp runs, so a resumed ramp continues with them, and ends float as uninterrupted."""
+    args = [
+        *FAST,
+        "pipeline=dpq_qat",
+        "pipeline.stages.quantize.observer=lsq",
+        "pipeline.stages.quantize.act_bits=8",
+    ]
+    train(compose_cfg(tmp_path / "ref", args))
+    crash_in(monkeypatch, "prune", 13)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(compose_cfg(tmp_path / "killed", args))
+    monkeypatch.undo()
+    run_dir = tmp_path / "killed" / "run"
+    ckpt = torch.load(
+        sorted((run_dir / "checkpoints" / "stage_2_prune" / "lightning" / "prune").glob("*.ckpt"))[-1],
+        weights_only=False,
+    )
+    assert any(
+        k.endswith("weight_fake_quantizer.step") for k in ckpt["state_dict"]
+    )  # fake-quantized mid-ramp
+    results = train(compose_cfg(tmp_path / "elsewhere", ["resume=" + str(run_dir)]))
+    assert results["resumed_after"] == "distill"
+    assert_same_run(tmp_path / "ref" / "run", run_dir)
+
+
 # ---- real kills ----------------------------------------------------------------------------------------
 def _cli(run_dir: Path, args: list[str], cache: Path) -> subprocess.Popen:
     env = {**os.environ, "DPQ_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
