@@ -77,6 +77,7 @@ def build_report(
     wandb_entity: str | None = None,
 ) -> dict:
     """Gather, merge seeds, mark the front, write CSV/Parquet/PNG/HTML into ``out``; return the paths and counts."""
+    from .ownership import COSTS, front_ownership, html_section, markdown
     from .plots import write_png
     from .report import write_html
 
@@ -112,12 +113,29 @@ def build_report(
         "runs_csv": out / "runs.csv",
         "png": out / "pareto.png",
         "html": out / "pareto.html",
+        "ownership_json": out / "ownership.json",
+        "ownership_md": out / "ownership.md",
     }
+    # Who owns the front along each cost (the chosen ones first), with paired intervals against the baseline.
+    chosen = [o for o in objectives[1:] if o.sense == "min"]
+    costs = chosen + [OBJECTIVES[c] for c in COSTS if c not in {o.name for o in chosen}]
+    own = front_ownership(runs, objectives[0], costs, baseline=baseline)
+    paths["ownership_json"].write_text(json.dumps(own, indent=2, default=str))
+    paths["ownership_md"].write_text(markdown(own))
     points.to_csv(paths["csv"], index=False)
     points.to_parquet(paths["parquet"], index=False)
     runs.to_csv(paths["runs_csv"], index=False)
     write_png(points, objectives, paths["png"], baseline=baseline, title=title, log_x=log_x)
-    write_html(points, runs, objectives, paths["html"], baseline=baseline, title=title, log_x=log_x)
+    write_html(
+        points,
+        runs,
+        objectives,
+        paths["html"],
+        baseline=baseline,
+        title=title,
+        log_x=log_x,
+        sections=html_section(own),
+    )
     summary = {
         "out": str(out),
         **{k: str(v) for k, v in paths.items()},
@@ -146,7 +164,7 @@ def build_report(
         except Exception as e:  # the files are written; W&B is a copy
             log.warning("W&B logging failed (%s); the report files are in %s", e, out)
             summary["wandb"] = f"failed: {e}"
-    return {**summary, "points_df": points, "runs_df": runs, "objectives": objectives}
+    return {**summary, "points_df": points, "runs_df": runs, "objectives": objectives, "ownership": own}
 
 
 def print_front(points: pd.DataFrame, objectives: list[Objective], summary: dict) -> None:
@@ -171,7 +189,25 @@ def print_front(points: pd.DataFrame, objectives: list[Objective], summary: dict
     if not console.is_terminal:
         console = Console(width=160)
     console.print(table)
-    for k in ("csv", "parquet", "runs_csv", "png", "html"):
+    for ctx in summary.get("ownership", {}).get("contexts", []):
+        for f in ctx["fronts"]:
+            owners = "; ".join(
+                f"{s['ordering']} {s['from']:.4g}-{s['to']:.4g}"
+                if s["from"] != s["to"]
+                else f"{s['ordering']} {s['from']:.4g}"
+                for s in f["segments"]
+            )
+            console.print(f"front along {f['cost']} [{f['unit']}]: {owners}", highlight=False, markup=False)
+        dom = ctx.get("domination")
+        if dom and dom["checks"]:
+            missed = [c for c in dom["checks"] if c["dominated_by"] is None]
+            console.print(
+                f"every {'/'.join(dom['orderings'])} point dominated on every seed ({', '.join(dom['objectives'])}): "
+                + ("yes" if not missed else f"no, {len(missed)} of {len(dom['checks'])} not"),
+                highlight=False,
+                markup=False,
+            )
+    for k in ("csv", "parquet", "runs_csv", "png", "html", "ownership_md"):
         console.print(f"{k:>8}: {summary[k]}", highlight=False)
     if "wandb" in summary:
         console.print(f"   wandb: {summary['wandb']}", highlight=False)

@@ -324,6 +324,7 @@ def write_html(
     baseline: str | None = None,
     title: str = "dpq Pareto report",
     log_x: str = "auto",
+    sections: str = "",
 ) -> Path:
     """One HTML file, no network needed: plot (plotly.js inline), merged points, every run, conditions."""
     fig = plotly_figure(points, objectives, baseline=baseline, title=title, log_x=log_x)
@@ -346,6 +347,7 @@ Hover a point for its configuration.</p>
 {plot}
 <h2>Points (merged over seeds)</h2>
 {_table(points_table(points, objectives), "points")}
+{sections}
 <h2>Runs</h2>
 {_table(runs_table(runs, points), "runs")}
 <h2>Measurement conditions</h2>

@@ -1,0 +1,288 @@
+"""Which stage ordering owns which stretch of the front, per cost objective (issue 21).
+
+The study's question is not only "which points are on the front" but "which ordering (``dq``,
+``dpq``, ``spiral``, ``pd``, ``dpq_qat``, ...) owns it, and where". For each cost objective:
+
+* **segments** -- the final points (seeds merged) that no other final point beats on (primary
+  metric, that cost) are walked from the cheapest to the dearest; consecutive front points of one
+  ordering form a segment, which that ordering owns;
+* **against the baseline** -- every front point's primary metric minus the baseline ordering's
+  (``dq``), paired by seed, with its 95% t interval (the baseline configuration of the same
+  task/model/teacher; with several, the one at the point's bit width);
+* **per seed** -- (first cost only) is every point of the dominated orderings (``dq``, ``dp``)
+  beaten, on that seed, by a point of another ordering? Issue 21 asks this on every seed.
+
+Reference points (teacher, dense student records) are left out: the question is about orderings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from .aggregate import add_objectives, merge_seeds
+from .compare import CONTEXT, _per_seed
+from .front import pareto_mask
+from .gather import json_safe
+from .objectives import OBJECTIVES, Objective
+from .stats import mean_interval
+
+# The costs a front is owned along, when the runs measured them (deployment figures last).
+COSTS = ("effective_gflops", "bops", "latency_ms", "size_mb", "onnx_latency_ms", "onnx_size_mb")
+DOMINATED = ("dq", "dp")
+
+
+def _finals(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs["kind"] == "final"]
+
+
+# With several baseline configurations, the one that shares these settings with the point.
+MATCH_ON = ("bits", "final_sparsity", "granularity", "act_bits")
+
+
+def _baseline_rows(
+    finals: pd.DataFrame, baseline: str, point: pd.Series
+) -> tuple[pd.DataFrame | None, str | None]:
+    """The runs of the one baseline configuration to pair ``point`` with (narrowed by :data:`MATCH_ON`)."""
+    base = finals[finals["pipeline"] == baseline]
+    if base.empty:
+        return None, f"no {baseline} runs"
+    for col in MATCH_ON:
+        if base["config_key"].nunique() == 1:
+            break
+        if col in base and col in point:
+            v = point[col]
+            same = base[base[col].isna()] if pd.isna(v) else base[base[col].eq(v)]
+            if not same.empty:
+                base = same
+    n = base["config_key"].nunique()
+    if n != 1:
+        return (
+            None,
+            f"{n} {baseline} configurations fit this point ({', '.join(MATCH_ON)} do not tell them apart)",
+        )
+    return base, None
+
+
+def paired_delta(base: pd.DataFrame, cand: pd.DataFrame, metric: str) -> dict:
+    """Candidate minus baseline ``metric``, paired by seed: mean, std, n, 95% interval (``None``s without pairs)."""
+    b, c = _per_seed(base, [metric]), _per_seed(cand, [metric])
+    if metric not in b or metric not in c:
+        return {"mean": None, "std": None, "n": 0, "ci_low": None, "ci_high": None, "seeds": []}
+    common = sorted(set(b.index) & set(c.index) - {-1})
+    diff = [float(c.loc[s, metric] - b.loc[s, metric]) for s in common]
+    diff = [d for d in diff if not math.isnan(d)]
+    if not diff:
+        return {"mean": None, "std": None, "n": 0, "ci_low": None, "ci_high": None, "seeds": []}
+    stat = {k: json_safe(v) if isinstance(v, float) else v for k, v in mean_interval(diff).items()}
+    return {**stat, "seeds": [int(s) for s in common]}
+
+
+def _segments(front: pd.DataFrame, cost: Objective, primary: Objective) -> list[dict]:
+    segs: list[dict] = []
+    for _, r in front.iterrows():
+        if segs and segs[-1]["ordering"] == r["pipeline"]:
+            seg = segs[-1]
+        else:
+            seg = {
+                "ordering": r["pipeline"],
+                "order": r["order"],
+                "points": [],
+                cost.name: [],
+                primary.name: [],
+            }
+            segs.append(seg)
+        seg["points"].append(r["label"])
+        seg[cost.name].append(json_safe(float(r[cost.name])))
+        seg[primary.name].append(json_safe(float(r[primary.name])))
+    for seg in segs:
+        seg["from"], seg["to"] = seg[cost.name][0], seg[cost.name][-1]
+    return segs
+
+
+def seedwise_domination(
+    finals: pd.DataFrame, primary: Objective, cost: Objective, dominated: tuple[str, ...] = DOMINATED
+) -> dict:
+    """Per seed: each point of the ``dominated`` orderings, and a point of another ordering that beats it."""
+    out = []
+    for seed, runs in finals.dropna(subset=["seed"]).groupby("seed"):
+        ok = runs.dropna(subset=[primary.name, cost.name])
+        if ok.empty:
+            continue
+        targets = ok[ok["pipeline"].isin(dominated)]
+        others = ok[~ok["pipeline"].isin(dominated)]
+        for _, t in targets.iterrows():
+            by = None
+            for _, o in others.iterrows():
+                pts = np.array(
+                    [[o[primary.name], o[cost.name]], [t[primary.name], t[cost.name]]], dtype=float
+                )
+                mask = pareto_mask(pts, [primary.sense, cost.sense])
+                if mask[0] and not mask[1]:
+                    by = o["label"]
+                    break
+            out.append(
+                {"seed": int(seed), "point": t["label"], "ordering": t["pipeline"], "dominated_by": by}
+            )
+    return {
+        "objectives": [primary.name, cost.name],
+        "orderings": list(dominated),
+        "checks": out,
+        "all_dominated": bool(out) and all(c["dominated_by"] is not None for c in out),
+    }
+
+
+def front_ownership(
+    runs: pd.DataFrame,
+    primary: Objective,
+    costs: list[Objective] | None = None,
+    baseline: str | None = "dq",
+    dominated: tuple[str, ...] = DOMINATED,
+) -> dict:
+    """Per task/model/teacher and cost objective: the front's segments, who owns them, and each front
+    point's paired difference from ``baseline``; plus the per-seed domination check (first cost)."""
+    finals = _finals(runs)
+    if costs is None:
+        costs = [OBJECTIVES[c] for c in COSTS]
+    finals = add_objectives(finals, [primary, *costs])
+    contexts = []
+    ctx_cols = [c for c in CONTEXT if c in finals]
+    groups = finals.groupby(ctx_cols, sort=False, dropna=False) if ctx_cols else [((), finals)]
+    for ctx, sub in groups:
+        ctx = ctx if isinstance(ctx, tuple) else (ctx,)
+        points = merge_seeds(sub)
+        fronts = []
+        measured = [c for c in costs if c.name in sub and sub[c.name].notna().any()]
+        for cost in measured:
+            pts = points.dropna(subset=[primary.name, cost.name])
+            if pts.empty:
+                continue
+            mask = pareto_mask(
+                pts[[primary.name, cost.name]].to_numpy(dtype=float), [primary.sense, cost.sense]
+            )
+            front = pts[mask].sort_values([cost.name, primary.name], ascending=[cost.sense == "min", False])
+            entries = []
+            for _, r in front.iterrows():
+                entry = {
+                    "point": r["label"],
+                    "ordering": r["pipeline"],
+                    "seeds": r["seeds"],
+                    cost.name: json_safe(float(r[cost.name])),
+                    primary.name: json_safe(float(r[primary.name])),
+                }
+                if baseline:
+                    base, why = _baseline_rows(sub, baseline, r)
+                    cand = sub[sub["config_key"] == r["config_key"]]
+                    entry["vs_baseline"] = (
+                        {"baseline": baseline, **paired_delta(base, cand, primary.metric)}
+                        if base is not None
+                        else {"baseline": baseline, "missing": why}
+                    )
+                entries.append(entry)
+            segs = _segments(front, cost, primary)
+            fronts.append(
+                {
+                    "cost": cost.name,
+                    "unit": cost.unit,
+                    "owners": list(dict.fromkeys(s["ordering"] for s in segs)),
+                    "segments": segs,
+                    "front": entries,
+                }
+            )
+        contexts.append(
+            {
+                "context": {k: json_safe(v) for k, v in zip(ctx_cols, ctx)},
+                "primary": primary.name,
+                "fronts": fronts,
+                "domination": seedwise_domination(sub, primary, measured[0], dominated) if measured else None,
+            }
+        )
+    return {"baseline": baseline, "contexts": contexts}
+
+
+def _fmt_delta(d: dict | None) -> str:
+    if not d or d.get("mean") is None:
+        return (d or {}).get("missing", "no paired seeds")
+    if d.get("ci_low") is None:
+        return f"{d['mean']:+.4f} (n={d['n']})"
+    return f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] (n={d['n']})"
+
+
+def markdown(own: dict) -> str:
+    """The ownership as Markdown: per context and cost, the segments and each front point against the baseline."""
+    lines = ["# Who owns the front", ""]
+    base = own.get("baseline")
+    for ctx in own["contexts"]:
+        lines += [f"## {', '.join(f'{k}={v}' for k, v in ctx['context'].items())}", ""]
+        p = ctx["primary"]
+        for f in ctx["fronts"]:
+            lines += [f"### {p} vs {f['cost']} [{f['unit']}]: owned by {', '.join(f['owners'])}", ""]
+            lines += [
+                f"| {f['cost']} | ordering | point | {p} | Δ {p} vs {base}, paired [95%] |",
+                "|---|---|---|---|---|",
+            ]
+            for e in f["front"]:
+                lines.append(
+                    f"| {e[f['cost']]:.4g} | {e['ordering']} | {e['point']} | {e[p]:.4f} | "
+                    f"{_fmt_delta(e.get('vs_baseline'))} |"
+                )
+            lines.append("")
+        dom = ctx.get("domination")
+        if dom and dom["checks"]:
+            lines += [
+                f"### Per seed: is every {'/'.join(dom['orderings'])} point dominated on "
+                f"({', '.join(dom['objectives'])})? {'yes' if dom['all_dominated'] else 'no'}",
+                "",
+                "| seed | point | dominated by |",
+                "|---|---|---|",
+            ]
+            lines += [
+                f"| {c['seed']} | {c['point']} | {c['dominated_by'] or '**not dominated**'} |"
+                for c in dom["checks"]
+            ]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def html_section(own: dict) -> str:
+    """The ownership tables for the HTML report."""
+    import html
+
+    esc = html.escape
+    out = ['<h2 id="ownership">Who owns the front</h2>']
+    base = own.get("baseline")
+    for ctx in own["contexts"]:
+        p = ctx["primary"]
+        out.append(f"<h3>{esc(', '.join(f'{k}={v}' for k, v in ctx['context'].items()))}</h3>")
+        for f in ctx["fronts"]:
+            out.append(
+                f"<h4>{esc(p)} vs {esc(f['cost'])} [{esc(f['unit'])}]: owned by {esc(', '.join(f['owners']))}</h4>"
+            )
+            rows = "".join(
+                f"<tr><td>{e[f['cost']]:.4g}</td><td>{esc(e['ordering'])}</td><td>{esc(e['point'])}</td>"
+                f"<td>{e[p]:.4f}</td><td>{esc(_fmt_delta(e.get('vs_baseline')))}</td></tr>"
+                for e in f["front"]
+            )
+            out.append(
+                f"<table><thead><tr><th>{esc(f['cost'])}</th><th>ordering</th><th>point</th><th>{esc(p)}</th>"
+                f"<th>&Delta; {esc(p)} vs {esc(str(base))}, paired [95%]</th></tr></thead><tbody>{rows}</tbody></table>"
+            )
+        dom = ctx.get("domination")
+        if dom and dom["checks"]:
+            verdict = "yes" if dom["all_dominated"] else "no"
+            out.append(
+                f"<h4>Per seed: is every {esc('/'.join(dom['orderings']))} point dominated on "
+                f"({esc(', '.join(dom['objectives']))})? {verdict}</h4>"
+            )
+            rows = "".join(
+                f"<tr><td>{c['seed']}</td><td>{esc(c['point'])}</td>"
+                f"<td>{esc(c['dominated_by'] or 'not dominated')}</td></tr>"
+                for c in dom["checks"]
+            )
+            out.append(
+                "<table><thead><tr><th>seed</th><th>point</th><th>dominated by</th></tr></thead>"
+                f"<tbody>{rows}</tbody></table>"
+            )
+    return "\n".join(out)

@@ -1,0 +1,100 @@
+"""Who owns the front (issue 21): segments per cost, paired intervals against dq, per-seed domination."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_pareto import fake_results, write_runs
+
+from dpq.pareto import OBJECTIVES
+from dpq.pareto.cli import main as cli_main
+from dpq.pareto.gather import gather
+from dpq.pareto.ownership import front_ownership
+
+
+def renamed(res: dict, pipeline: str) -> dict:
+    """A fake run of another ordering with dpq's stages (the name is what ownership reads)."""
+    res = json.loads(json.dumps(res))
+    res["pipeline"] = res["config"]["pipeline"]["name"] = pipeline
+    res["run_name"] = res["config"]["run_name"] = f"{pipeline}-s{res['seed']}"
+    return res
+
+
+def study(tmp_path, dq_beaten: bool):
+    runs = {
+        "dq1": fake_results("dq", 1, 0.90, 0.68),
+        "dq2": fake_results("dq", 2, 0.92, 0.70),
+        "p1": fake_results("dpq", 1, 0.89, 0.40, sparsity=0.5),
+        "p2": fake_results("dpq", 2, 0.90, 0.41, sparsity=0.5),
+        "q1": renamed(fake_results("dpq", 1, 0.86, 0.20, sparsity=0.8), "dpq_qat"),
+        "q2": renamed(fake_results("dpq", 2, 0.87, 0.21, sparsity=0.8), "dpq_qat"),
+    }
+    if dq_beaten:  # a light prune that is better and cheaper than dq on both seeds
+        runs["l1"] = fake_results("dpq", 1, 0.91, 0.55, sparsity=0.2)
+        runs["l2"] = fake_results("dpq", 2, 0.93, 0.56, sparsity=0.2)
+    return gather([str(write_runs(tmp_path, runs))], references=False, progress=False)
+
+
+def test_segments_owners_and_paired_intervals_against_dq(tmp_path):
+    own = front_ownership(
+        study(tmp_path, dq_beaten=False), OBJECTIVES["accuracy"], [OBJECTIVES["effective_gflops"]]
+    )
+    (ctx,) = own["contexts"]
+    (front,) = ctx["fronts"]
+    assert front["owners"] == ["dpq_qat", "dpq", "dq"]  # cheapest first
+    assert [s["ordering"] for s in front["segments"]] == ["dpq_qat", "dpq", "dq"]
+    assert front["segments"][0]["from"] == pytest.approx(0.205)
+    by = {e["point"]: e for e in front["front"]}
+    d = by["dpq 0.5 sparse 4-bit"]["vs_baseline"]
+    diffs = [0.89 - 0.90, 0.90 - 0.92]
+    assert d["baseline"] == "dq" and d["seeds"] == [1, 2] and d["n"] == 2
+    assert d["mean"] == pytest.approx(np.mean(diffs))
+    half = 12.706204736 * np.std(diffs, ddof=1) / np.sqrt(2)
+    assert d["ci_low"] == pytest.approx(np.mean(diffs) - half) and d["ci_high"] == pytest.approx(
+        np.mean(diffs) + half
+    )
+    assert by["dq 4-bit"]["vs_baseline"]["mean"] == 0.0
+    # dq is the most accurate point: nothing dominates it, on either seed
+    dom = ctx["domination"]
+    assert dom["objectives"] == ["accuracy", "effective_gflops"] and not dom["all_dominated"]
+    assert [(c["seed"], c["dominated_by"]) for c in dom["checks"]] == [(1, None), (2, None)]
+
+
+def test_a_dq_point_beaten_on_every_seed_is_reported_dominated(tmp_path):
+    own = front_ownership(
+        study(tmp_path, dq_beaten=True), OBJECTIVES["accuracy"], [OBJECTIVES["effective_gflops"]]
+    )
+    (ctx,) = own["contexts"]
+    assert "dq" not in ctx["fronts"][0]["owners"]
+    dom = ctx["domination"]
+    assert dom["all_dominated"] and {c["dominated_by"] for c in dom["checks"]} == {"dpq 0.2 sparse 4-bit"}
+
+
+def test_an_ambiguous_baseline_is_said_not_guessed(tmp_path):
+    runs = study(tmp_path, dq_beaten=False)
+    own = front_ownership(runs, OBJECTIVES["accuracy"], [OBJECTIVES["effective_gflops"]], baseline="dpq_qat")
+    by = {e["point"]: e for e in own["contexts"][0]["fronts"][0]["front"]}
+    # dq's point has no sparsity of its own: the only dpq_qat configuration is the one to pair with
+    assert by["dq 4-bit"]["vs_baseline"]["mean"] == pytest.approx(np.mean([0.90 - 0.86, 0.92 - 0.87]))
+    own = front_ownership(runs, OBJECTIVES["accuracy"], [OBJECTIVES["effective_gflops"]], baseline="dense")
+    assert all(
+        "no dense runs" in e["vs_baseline"]["missing"] for e in own["contexts"][0]["fronts"][0]["front"]
+    )
+
+
+def test_the_report_writes_and_prints_who_owns_the_front(tmp_path, capsys):
+    study(tmp_path / "runs", dq_beaten=False)
+    out = tmp_path / "report"
+    assert cli_main([str(tmp_path / "runs"), "-o", str(out), "--no-progress", "--no-references"]) == 0
+    printed = capsys.readouterr().out
+    assert "front along effective_gflops [GFLOPs]: dpq_qat 0.205; dpq 0.405; dq 0.69" in printed
+    assert "every dq/dp point dominated on every seed (accuracy, effective_gflops): no, 2 of 2 not" in printed
+    md = (out / "ownership.md").read_text()
+    assert "### accuracy vs effective_gflops [GFLOPs]: owned by dpq_qat, dpq, dq" in md
+    assert "| 0.405 | dpq | dpq 0.5 sparse 4-bit | 0.8950 | -0.0150 [" in md
+    assert (
+        json.loads((out / "ownership.json").read_text())["contexts"][0]["fronts"][0]["owners"][0] == "dpq_qat"
+    )
+    assert 'id="ownership"' in (out / "pareto.html").read_text()
