@@ -26,6 +26,12 @@ def use_log(values: pd.Series, mode: str = "auto") -> bool:
     return bool(len(v) and (v > 0).all() and v.max() / v.min() > 10)
 
 
+def ordering(points: pd.DataFrame) -> pd.Series:
+    """What gets one colour: the pipeline and its stage order (``dpq`` and ``dpq_qat`` share an order
+    but differ in how a stage trains, so they are two orderings of the study)."""
+    return points["pipeline"].astype(str) + ": " + points["order"].astype(str)
+
+
 def colours(groups: list[str]) -> dict[str, tuple]:
     import matplotlib
 
@@ -55,14 +61,14 @@ def figure(
     y_obj, x_objs = objectives[0], objectives[1:]
     fig, axes = plt.subplots(1, len(x_objs), figsize=(7.5 * len(x_objs), 5.6), squeeze=False)
     runs = points[points["kind"].isin(["final", "stage"])]
-    groups = list(dict.fromkeys(runs["order"]))
+    key = ordering(runs)
+    groups = list(dict.fromkeys(key))
     cmap = colours(groups)
     for ax, x_obj in zip(axes[0], x_objs):
         for g in groups:
-            sub = runs[runs["order"] == g]
-            name = ", ".join(dict.fromkeys(sub["pipeline"]))
+            sub = runs[key == g]
             _errorbars(ax, sub, x_obj, y_obj, cmap[g])
-            ax.scatter(sub[x_obj.name], sub[y_obj.name], color=cmap[g], s=40, zorder=3, label=f"{name}: {g}")
+            ax.scatter(sub[x_obj.name], sub[y_obj.name], color=cmap[g], s=40, zorder=3, label=g)
         for kind, style in REFERENCE_STYLE.items():
             sub = points[points["kind"] == kind]
             if len(sub):

@@ -19,7 +19,7 @@ from dpq.metrics import METRICS
 from .front import step_order
 from .gather import CONDITION_KEYS, CONVENTION_KEYS, json_safe
 from .objectives import Objective
-from .plots import REFERENCE_LABEL, colours, use_log
+from .plots import REFERENCE_LABEL, colours, ordering, use_log
 
 PLOT_ID = "pareto-plot"
 REFERENCE_SYMBOL = {"teacher": ("star", 16, "black"), "dense": ("diamond", 11, "dimgray")}
@@ -122,7 +122,8 @@ def plotly_figure(
     hover = [_hover(r, objectives, d) for (_, r), d in zip(points.iterrows(), config_differences(points))]
     points = points.assign(_hover=hover)
     runs = points[points["kind"].isin(["final", "stage"])]
-    groups = list(dict.fromkeys(runs["order"]))
+    key = ordering(runs)
+    groups = list(dict.fromkeys(key))
     cmap = {g: mcolors.to_hex(c) for g, c in colours(groups).items()}
 
     def vals(sub: pd.DataFrame, col: str) -> list:
@@ -135,7 +136,7 @@ def plotly_figure(
     for col, x_obj in enumerate(x_objs, start=1):
         first = col == 1
         for g in groups:
-            sub = runs[runs["order"] == g]
+            sub = runs[key == g]
             fig.add_trace(
                 go.Scatter(
                     x=vals(sub, x_obj.name),
@@ -143,7 +144,7 @@ def plotly_figure(
                     mode="markers",
                     legendgroup=g,
                     showlegend=first,
-                    name=f"{', '.join(dict.fromkeys(sub['pipeline']))}: {g}",
+                    name=g,
                     marker=dict(color=cmap[g], size=10),
                     error_x=err(sub, x_obj),
                     error_y=err(sub, y_obj),
