@@ -56,6 +56,7 @@ CASES = [
         "0.3",
         "is not a parameter of a prune stage; allowed:",
     ),
+    ([TINY, "export.nbits_compute=int4"], "export.nbits_compute", "'int4'", "must be float"),
     # quantize-aware pruning / recovery names a later quantization stage
     (
         [TINY, "pipeline=dpq_qat", f"{P}.prune.qat=quantise"],

@@ -161,6 +161,30 @@ def test_4_bit_codes_become_matmulnbits_exactly(tmp_path, granularity):
     assert np.array_equal(q, layer.codes().numpy())
 
 
+def test_int8_compute_of_4_bit_layers_is_an_option_close_to_the_exact_export(tmp_path):
+    """export.nbits_compute=int8: MatMulNBits quantizes its activations per block (accuracy_level 4);
+    the codes are the same, the logits near the exact ones; the default stays float."""
+    import onnx
+
+    from dpq.export import OnnxOptions
+
+    m, inputs = quantized(bert(), 4), text_inputs()
+    levels = {}
+    for compute in ("float", "int8"):
+        r = export_onnx(m, inputs, tmp_path / f"{compute}.onnx", OnnxOptions(nbits_compute=compute))
+        nodes = [n for n in onnx.load(r.path).graph.node if n.op_type == "MatMulNBits"]
+        assert len(nodes) == 12
+        levels[compute] = {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"}
+        if compute == "int8":
+            got = ort_logits(r.path, inputs)
+    assert levels == {"float": {0}, "int8": {4}}
+    with torch.no_grad():
+        want = m(**inputs).logits
+    assert 0 < float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+    with pytest.raises(ConfigError, match="export.nbits_compute"):
+        export_onnx(m, inputs, tmp_path / "x.onnx", OnnxOptions(nbits_compute="int4"))
+
+
 def test_quantized_embedding_is_a_gather_block_quantized_and_keeps_zero_rows(tmp_path):
     m = bert()
     with torch.no_grad():

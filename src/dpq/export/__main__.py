@@ -89,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         help="position-table rows kept: auto (the run's task.max_length / cost.seq_len), N, or none "
         "(default: what the run's export config says; runs from before this option keep all)",
     )
+    ap.add_argument(
+        "--nbits-compute",
+        choices=["float", "int8"],
+        default=None,
+        help="4-bit layers: float activations (exact, the default) or int8 activations per block (faster)",
+    )
     args = ap.parse_args(argv)
     overrides = {
         k: v
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             "fuse_attention": False if args.no_fuse_attention else None,
             "threads": args.threads,
             "max_positions": _positions(args.max_positions),
+            "nbits_compute": args.nbits_compute,
         }.items()
         if v is not None
     }

@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 
 MS = "com.microsoft"
 NBITS_BLOCK = 128  # MatMulNBits block for per-channel / per-tensor codes (the scale is repeated per block)
+# MatMulNBits' accuracy_level per export.nbits_compute: "float" multiplies float activations by the
+# dequantized codes (what PyTorch computes); "int8" lets ONNX Runtime quantize each block of activations
+# to int8 on the fly and use integer dot products (faster on CPUs, not bit-exact: the agreement says how far).
+NBITS_COMPUTE = {"float": 0, "int8": 4}
 
 
 @dataclass
@@ -62,6 +66,7 @@ class OnnxOptions:
     # ever see. The rest are dead weight in the file (0.69 MB of float32 at 512 x 384); a longer input
     # fails loudly in ONNX Runtime instead of running. None: keep the whole table.
     max_positions: int | None = None
+    nbits_compute: str = "float"  # float (exact) | int8: MatMulNBits' activations (see NBITS_COMPUTE)
 
 
 @dataclass
@@ -318,7 +323,9 @@ def _scope(node_name: str) -> str:
     return ".".join(parts[:-1])
 
 
-def _replace_weights(path: Path, model: nn.Module, report: ExportReport) -> None:
+def _replace_weights(
+    path: Path, model: nn.Module, report: ExportReport, nbits_compute: str = "float"
+) -> None:
     """Put the quantized layers' codes into the fused float graph; compare every weight with PyTorch."""
     import onnx
     from onnx import helper, numpy_helper
@@ -383,7 +390,7 @@ def _replace_weights(path: Path, model: nn.Module, report: ExportReport) -> None
                     N=n,
                     bits=4,
                     block_size=block,
-                    accuracy_level=0,
+                    accuracy_level=NBITS_COMPUTE[nbits_compute],
                 )
             )
             report.nbits_layers.append(name)
@@ -534,6 +541,10 @@ def export_onnx(
     import onnx
 
     options = options or OnnxOptions()
+    if options.nbits_compute not in NBITS_COMPUTE:
+        raise ConfigError(
+            "export.nbits_compute", options.nbits_compute, f"must be one of {', '.join(NBITS_COMPUTE)}"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs = {k: v.detach().cpu() for k, v in inputs.items()}
@@ -548,7 +559,7 @@ def export_onnx(
             packed_qkv = _qkv_fusable(model)
             fused = _fuse(raw, options.fuse_attention, separate_qkv=not packed_qkv)
         report = ExportReport(str(path), 0, {}, fused=fused, max_positions=trimmed)
-        _replace_weights(raw, model, report)
+        _replace_weights(raw, model, report, options.nbits_compute)
         proto = onnx.load(str(raw))
         onnx.save(proto, str(path))
     report.size_bytes = path.stat().st_size

@@ -172,6 +172,15 @@ def check_export(cfg: dict[str, Any], stages: list[Stage]) -> None:
     if "opset" in ex:
         _int("export.opset", ex["opset"], 17, " (the fused BERT operators need opset 17 or newer)")
     max_positions(ex.get("max_positions"), cfg["task"], cfg.get("cost") or {})  # auto | int >= 1 | null
+    from dpq.export.onnx import NBITS_COMPUTE
+
+    if ex.get("nbits_compute", "float") not in NBITS_COMPUTE:
+        raise ConfigError(
+            "export.nbits_compute",
+            ex["nbits_compute"],
+            "must be float (4-bit layers computed on float activations, exact) or int8 (activations "
+            "quantized per block by ONNX Runtime: faster, not exact)",
+        )
     if not ex.get("onnx"):
         return
     for stage in stages:
