@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "--nbits-compute",
         choices=["float", "int8"],
         default=None,
-        help="4-bit layers: float activations (exact, the default) or int8 activations per block (faster)",
+        help="4-bit layers: float activations (exact, the default) or int8 activations per block (not exact)",
     )
     args = ap.parse_args(argv)
     overrides = {

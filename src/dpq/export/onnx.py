@@ -50,7 +50,8 @@ MS = "com.microsoft"
 NBITS_BLOCK = 128  # MatMulNBits block for per-channel / per-tensor codes (the scale is repeated per block)
 # MatMulNBits' accuracy_level per export.nbits_compute: "float" multiplies float activations by the
 # dequantized codes (what PyTorch computes); "int8" lets ONNX Runtime quantize each block of activations
-# to int8 on the fly and use integer dot products (faster on CPUs, not bit-exact: the agreement says how far).
+# to int8 on the fly and use integer dot products (not bit-exact: the agreement says how far; on an AVX2
+# CPU without VNNI it measured slower than float, 2026-12-02).
 NBITS_COMPUTE = {"float": 0, "int8": 4}
 
 

@@ -179,7 +179,7 @@ def check_export(cfg: dict[str, Any], stages: list[Stage]) -> None:
             "export.nbits_compute",
             ex["nbits_compute"],
             "must be float (4-bit layers computed on float activations, exact) or int8 (activations "
-            "quantized per block by ONNX Runtime: faster, not exact)",
+            "quantized per block by ONNX Runtime: not exact)",
         )
     if not ex.get("onnx"):
         return
