@@ -185,6 +185,39 @@ def test_int8_compute_of_4_bit_layers_is_an_option_close_to_the_exact_export(tmp
         export_onnx(m, inputs, tmp_path / "x.onnx", OnnxOptions(nbits_compute="int4"))
 
 
+def test_int8_matmul_runs_4_bit_codes_in_integer_kernels_stored_as_int4(tmp_path):
+    """export.nbits_compute=int8_matmul: per-channel 4-bit codes leave MatMulNBits for the kernels
+    quantize_dynamic emits (DynamicQuantizeMatMul, QAttention), as signed int8 weights (the VNNI
+    u8 x s8 path), stored as INT4 initializers widened by a Cast: the codes in the file are the model's."""
+    import onnx
+    from onnx import numpy_helper
+
+    from dpq.export import OnnxOptions
+
+    m, inputs = quantized(bert(), 4), text_inputs()
+    exact = export_onnx(m, inputs, tmp_path / "float.onnx")
+    r = export_onnx(m, inputs, tmp_path / "i8.onnx", OnnxOptions(nbits_compute="int8_matmul"))
+    assert "MatMulNBits" not in r.ops
+    assert r.ops.get("QAttention") == 2 and r.ops.get("DynamicQuantizeMatMul") == 6
+    assert len(r.int8_layers) == 12 and not r.nbits_layers
+    proto = onnx.load(r.path)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    inits = {i.name: i for i in proto.graph.initializer}
+    name = "bert.encoder.layer.0.intermediate.dense"
+    packed = inits[f"{name}.w_int_int4"]
+    assert packed.data_type == onnx.TensorProto.INT4 and list(packed.dims) == [64, 128]
+    b = np.frombuffer(packed.raw_data, np.uint8)
+    nib = np.stack([b & 0x0F, b >> 4], -1).reshape(-1).astype(np.int64)
+    q = np.where(nib > 7, nib - 16, nib)[: 64 * 128].reshape(64, 128)  # [K, N]
+    assert np.array_equal(q.T, m.get_submodule(name).codes().numpy())
+    assert numpy_helper.to_array(inits[f"{name}.w_zp"]).dtype == np.int8
+    assert r.size_bytes < exact.size_bytes * 1.1  # half a byte per weight, as MatMulNBits
+    got = ort_logits(r.path, inputs)
+    with torch.no_grad():
+        want = m(**inputs).logits
+    assert 0 < float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+
+
 def test_quantized_embedding_is_a_gather_block_quantized_and_keeps_zero_rows(tmp_path):
     m = bert()
     with torch.no_grad():

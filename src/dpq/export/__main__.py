@@ -91,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--nbits-compute",
-        choices=["float", "int8"],
+        choices=["float", "int8", "int8_matmul"],
         default=None,
-        help="4-bit layers: float activations (exact, the default) or int8 activations per block (not exact)",
+        help="4-bit layers: MatMulNBits with float activations (exact, the default) or int8 activations "
+        "per block (not exact), or int8_matmul: the codes in uint8 run by quantize_dynamic's integer kernels",
     )
     args = ap.parse_args(argv)
     overrides = {

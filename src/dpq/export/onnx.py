@@ -14,8 +14,10 @@ The steps (:func:`export_onnx`):
    8-bit codes as ``DynamicQuantizeMatMul`` (weights stored as ``uint8`` ``q + 128`` -- the same
    ``s * (q - z)``; the ``int8`` form saturates in AVX2 kernels without VNNI); <= 4-bit codes as
    ``MatMulNBits`` (block size = the QAT group, or 128 with the scale repeated for per-channel
-   codes; ``accuracy_level=0``, float math, bit-exact weights); a fused attention whose Q/K/V
-   are quantized per channel becomes ``QAttention`` with the codes as ``uint8``; the word
+   codes; ``accuracy_level=0``, float math, bit-exact weights), or with
+   ``nbits_compute="int8_matmul"`` as ``DynamicQuantizeMatMul`` / ``QAttention`` over signed int8
+   weights (stored as INT4, see :func:`_int8_operands`); a fused attention whose Q/K/V
+   are quantized per channel becomes ``QAttention``; the word
    embedding, when quantized, a ``GatherBlockQuantized``. Activations are quantized dynamically
    by ONNX Runtime (int8 ops) or stay float (``MatMulNBits``). Quantized convolutions keep their
    dequantized float weights (no integer conv here); the report lists them.
@@ -51,8 +53,12 @@ NBITS_BLOCK = 128  # MatMulNBits block for per-channel / per-tensor codes (the s
 # MatMulNBits' accuracy_level per export.nbits_compute: "float" multiplies float activations by the
 # dequantized codes (what PyTorch computes); "int8" lets ONNX Runtime quantize each block of activations
 # to int8 on the fly and use integer dot products (not bit-exact: the agreement says how far; on an AVX2
-# CPU without VNNI it measured slower than float, 2026-12-02).
-NBITS_COMPUTE = {"float": 0, "int8": 4}
+# CPU without VNNI it measured slower than float, 2026-12-02). "int8_matmul" leaves MatMulNBits: the
+# 4-bit codes are stored one per byte (exact: 4-bit values fit in uint8) and run by the kernels
+# ``quantize_dynamic`` itself emits (DynamicQuantizeMatMul, QAttention: per-tensor dynamic uint8
+# activations x uint8 weights), which use VNNI/AMX dot products where the CPU has them. The file grows
+# by half a byte per encoder weight; the activations are rounded per tensor (the agreement says how far).
+NBITS_COMPUTE = {"float": 0, "int8": 4, "int8_matmul": None}
 
 
 @dataclass
@@ -67,7 +73,9 @@ class OnnxOptions:
     # ever see. The rest are dead weight in the file (0.69 MB of float32 at 512 x 384); a longer input
     # fails loudly in ONNX Runtime instead of running. None: keep the whole table.
     max_positions: int | None = None
-    nbits_compute: str = "float"  # float (exact) | int8: MatMulNBits' activations (see NBITS_COMPUTE)
+    nbits_compute: str = (
+        "float"  # float (exact) | int8 | int8_matmul: 4-bit layers' kernel (see NBITS_COMPUTE)
+    )
 
 
 @dataclass
@@ -161,17 +169,36 @@ def _nbits_operands(c: Codes) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     return b, s.reshape(-1).astype(np.float32), zp, block
 
 
-def _uint8_operands(cs: list[Codes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-channel int codes of one or more layers (concatenated along N) as ONNX ``B [K, N]`` uint8
-    ``q + 128`` with per-column scale and zero point ``z + 128`` (the same ``s * (q - z)``)."""
+def _int8_operands(cs: list[Codes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-channel int codes of one or more layers (concatenated along N) as ONNX ``B [K, N]`` with a
+    per-column scale and zero point (the same ``s * (q - z)``).
+
+    Codes within +-64 (7 bits or fewer) are stored as int8 ``q`` and ``z``: ONNX Runtime's x86 kernels
+    multiply uint8 activations by int8 weights with VNNI (or AVX2 ``vpmaddubsw``, whose int16 pair sums
+    cannot saturate below 2 * 255 * 64), and took 2.5x longer per FLOP with uint8 weights
+    (DynamicQuantizeMatMul, 2026-12-03, AVX512-VNNI). 8-bit codes are stored as uint8 ``q + 128``,
+    which AVX2 without VNNI cannot saturate either."""
     if not all(c.per_channel for c in cs):
         raise ExportError("integer matmuls need one scale per output channel")
-    bq = np.concatenate([c.q.T for c in cs], 1) + 128
+    q = np.concatenate([c.q.T for c in cs], 1)
     s = np.concatenate([c.s[:, 0] for c in cs]).astype(np.float32)
-    z = np.concatenate([c.z[:, 0] for c in cs]) + 128
-    if bq.min() < 0 or bq.max() > 255 or z.min() < 0 or z.max() > 255:
+    z = np.concatenate([c.z[:, 0] for c in cs])
+    if q.min() >= -64 and q.max() <= 64 and z.min() >= -128 and z.max() <= 127:
+        return q.astype(np.int8), s, z.astype(np.int8)
+    q, z = q + 128, z + 128
+    if q.min() < 0 or q.max() > 255 or z.min() < 0 or z.max() > 255:
         raise ExportError("codes outside int8")
-    return bq.astype(np.uint8), s, z.astype(np.uint8)
+    return q.astype(np.uint8), s, z.astype(np.uint8)
+
+
+def _int4_initializer(name: str, w: np.ndarray):
+    """``w`` (int8 values in -8..7) as an INT4 initializer, two per byte (even index in the low nibble)."""
+    from onnx import TensorProto, helper
+
+    u = (w.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+    if u.size % 2:
+        u = np.append(u, np.uint8(0))
+    return helper.make_tensor(name, TensorProto.INT4, w.shape, (u[0::2] | (u[1::2] << 4)).tobytes(), raw=True)
 
 
 # --------------------------------------------------------------------------- export
@@ -329,7 +356,7 @@ def _replace_weights(
 ) -> None:
     """Put the quantized layers' codes into the fused float graph; compare every weight with PyTorch."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     proto = onnx.load(str(path))
     g = proto.graph
@@ -374,9 +401,24 @@ def _replace_weights(
         new_inits.append(numpy_helper.from_array(array, name))
         return name
 
+    int4_stored = []
+
+    def add_weight(name: str, array: np.ndarray) -> str:
+        """An integer weight; 4-bit codes held in int8 are stored as INT4 and widened by a Cast, which
+        ONNX Runtime folds into an int8 constant when the session loads (the file keeps half a byte
+        per weight, the kernels see int8; same outputs and speed, measured 2026-12-03)."""
+        if nbits_compute != "int8_matmul" or array.dtype != np.int8 or array.min() < -8 or array.max() > 7:
+            return add(name, array)
+        new_inits.append(_int4_initializer(f"{name}_int4", array))
+        nodes.append(
+            helper.make_node("Cast", [f"{name}_int4"], [name], name=f"{name}/Cast", to=TensorProto.INT8)
+        )
+        int4_stored.append(name)
+        return name
+
     def linear_node(node, name: str, x: str, y: str) -> bool:
         c = codes[name]
-        if c.bits <= 4:
+        if c.bits <= 4 and not (nbits_compute == "int8_matmul" and c.per_channel):
             b, s, zp, block = _nbits_operands(c)
             n, k = c.q.shape
             ins = [x, add(f"{name}.nbits_B", b), add(f"{name}.nbits_scales", s), add(f"{name}.nbits_zp", zp)]
@@ -398,8 +440,8 @@ def _replace_weights(
             return True
         if not c.per_channel:
             return False
-        bq, s, z = _uint8_operands([c])
-        ins = [x, add(f"{name}.w_u8", bq), add(f"{name}.w_scale", s), add(f"{name}.w_zp", z)]
+        bq, s, z = _int8_operands([c])
+        ins = [x, add_weight(f"{name}.w_int", bq), add(f"{name}.w_scale", s), add(f"{name}.w_zp", z)]
         nodes.append(
             helper.make_node(
                 "DynamicQuantizeMatMul", ins, [y], name=f"{name}/DynamicQuantizeMatMul", domain=MS
@@ -437,13 +479,13 @@ def _replace_weights(
             report.weights_checked += 3
             report.zeros_checked += int((want == 0).sum())
             if all(n in codes for n in qkv):
-                bq, s, z = _uint8_operands([codes[n] for n in qkv])
+                bq, s, z = _int8_operands([codes[n] for n in qkv])
                 xq, xs, xz = quantize_input(node.input[0])
                 mask = node.input[3] if len(node.input) > 3 else ""
                 heads = next(a.i for a in node.attribute if a.name == "num_heads")
                 ins = [
                     xq,
-                    add(f"{prefix}qkv.w_u8", bq),
+                    add_weight(f"{prefix}qkv.w_int", bq),
                     node.input[2],
                     xs,
                     add(f"{prefix}qkv.w_scale", s),
@@ -483,6 +525,10 @@ def _replace_weights(
     g.initializer.extend(keep)
     if not any(o.domain == MS for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS, 1))
+    if int4_stored:  # INT4 tensors and their Cast need opset 21
+        for o in proto.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = max(o.version, 21)
     missing = sorted(set(codes) - set(report.int8_layers) - set(report.nbits_layers))
     if missing:
         raise ExportError(f"quantized layers not found in the exported graph: {missing[:4]}")
@@ -518,7 +564,7 @@ def _gather_block_quantized(m, name: str, node, add):
     )
 
 
-def _qkv_fusable(model: nn.Module) -> bool:
+def _qkv_fusable(model: nn.Module, dynamic_int8: bool = False) -> bool:
     """Whether quantized Q/K/V can be packed into one (Q)Attention without changing what the model computes.
 
     QAttention takes one uint8 weight per output channel and quantizes its input to uint8. Per-group
@@ -526,11 +572,14 @@ def _qkv_fusable(model: nn.Module) -> bool:
     was trained with float activations, and the dynamic uint8 input moved 0.85% of the test
     predictions of a shrunk 4-bit BERT (2026-12-02). Such Q/K/V stay three exact ``MatMulNBits``
     feeding a fused ``MultiHeadAttention``. Int8 Q/K/V (exported as dynamic int8 anyway), Q/K/V
-    trained with int8 activations (``act_bits=8``) and float Q/K/V are packed."""
+    trained with int8 activations (``act_bits=8``) and float Q/K/V are packed, and so are 4-bit Q/K/V
+    when ``dynamic_int8`` (``nbits_compute=int8_matmul``: the user asked for dynamic int8 activations)."""
     for n, m in quantized_modules(model):
         if ".attention.self." not in n:
             continue
-        if getattr(m, "granularity", "") == "per_group" or (m.bits <= 4 and not m.act_bits):
+        if getattr(m, "granularity", "") == "per_group" or (
+            m.bits <= 4 and not m.act_bits and not dynamic_int8
+        ):
             return False
     return True
 
@@ -557,7 +606,7 @@ def export_onnx(
         _torch_export(float_model, inputs, raw, options.opset)
         fused: dict[str, int] = {}
         if options.fuse and _is_bert_like(model):
-            packed_qkv = _qkv_fusable(model)
+            packed_qkv = _qkv_fusable(model, dynamic_int8=options.nbits_compute == "int8_matmul")
             fused = _fuse(raw, options.fuse_attention, separate_qkv=not packed_qkv)
         report = ExportReport(str(path), 0, {}, fused=fused, max_positions=trimmed)
         _replace_weights(raw, model, report, options.nbits_compute)

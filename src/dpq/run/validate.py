@@ -178,8 +178,9 @@ def check_export(cfg: dict[str, Any], stages: list[Stage]) -> None:
         raise ConfigError(
             "export.nbits_compute",
             ex["nbits_compute"],
-            "must be float (4-bit layers computed on float activations, exact) or int8 (activations "
-            "quantized per block by ONNX Runtime: not exact)",
+            "must be float (4-bit layers computed on float activations, exact), int8 (MatMulNBits "
+            "quantizes activations per block: not exact) or int8_matmul (the codes run by ONNX Runtime's "
+            "integer kernels with dynamic uint8 activations: not exact)",
         )
     if not ex.get("onnx"):
         return
