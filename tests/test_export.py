@@ -72,11 +72,20 @@ def check(model, inputs, tmp_path, name, atol):
     return report
 
 
-def quantized(model, bits, granularity="per_channel", group=32, embedding=None, act_bits=None):
+def quantized(
+    model, bits, granularity="per_channel", group=32, embedding=None, act_bits=None, act_range="observed"
+):
     m = copy.deepcopy(model)
     names = prepare_qat_(
         m,
-        QuantConfig(bits=bits, granularity=granularity, group_size=group, targets=TARGETS, act_bits=act_bits),
+        QuantConfig(
+            bits=bits,
+            granularity=granularity,
+            group_size=group,
+            targets=TARGETS,
+            act_bits=act_bits,
+            act_range=act_range,
+        ),
     )
     if act_bits:  # the activation ranges come from (here, one) training step's inputs
         with torch.no_grad():
@@ -216,6 +225,50 @@ def test_int8_matmul_runs_4_bit_codes_in_integer_kernels_stored_as_int4(tmp_path
     with torch.no_grad():
         want = m(**inputs).logits
     assert 0 < float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+
+
+def test_dynamic_activation_qat_exports_as_the_integer_kernels_it_was_trained_for(tmp_path):
+    """act_range=dynamic: the PyTorch model quantizes each linear's input to uint8 over its own range,
+    as ONNX Runtime's DynamicQuantizeLinear does, so the default export (nbits_compute=float) puts its
+    4-bit codes into DynamicQuantizeMatMul / QAttention and the logits match to float rounding
+    (the float-activation model exported the same way does not), at two batch sizes."""
+    m = quantized(bert(), 4, act_bits=8, act_range="dynamic")
+    layer = m.get_submodule("bert.encoder.layer.0.intermediate.dense")
+    assert layer.act_dynamic and layer.act_scale is None and layer.meta()["act_range"] == "dynamic"
+    r = check(m, text_inputs(), tmp_path, "dyn", 2e-4)
+    assert "MatMulNBits" not in r.ops and r.ops.get("QAttention") == 2
+    assert r.ops.get("DynamicQuantizeMatMul") == 6
+    from dpq.export import OnnxOptions
+
+    plain = quantized(bert(), 4)
+    r2 = export_onnx(plain, text_inputs(), tmp_path / "p.onnx", OnnxOptions(nbits_compute="int8_matmul"))
+    with torch.no_grad():
+        want = plain(**text_inputs()).logits
+    assert r.max_abs_logit_diff < 1e-5  # measured 1.2e-7: the integer kernels are the model
+    assert r.max_abs_logit_diff * 5 < float((ort_logits(r2.path, text_inputs()) - want).abs().max())
+
+
+def test_dynamic_activation_range_reloads(tmp_path):
+    from dpq.quant import load_quantized_, save_quantized
+
+    m = quantized(bert(), 4, act_bits=8, act_range="dynamic")
+    save_quantized(m, tmp_path)
+    fresh = bert(seed=5)
+    load_quantized_(fresh, tmp_path)
+    assert fresh.get_submodule("bert.encoder.layer.1.output.dense").act_dynamic
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**text_inputs()).logits, m(**text_inputs()).logits, rtol=0, atol=0)
+
+
+def test_dynamic_activation_range_needs_act_bits_and_the_packed_backend():
+    from dpq.stages.quantize import QuantOptions
+
+    with pytest.raises(ConfigError, match="act_range.*needs act_bits=8"):
+        QuantConfig(act_range="dynamic").validate("q")
+    with pytest.raises(ConfigError, match="act_range.*must be one of"):
+        QuantConfig(act_bits=8, act_range="per_token").validate("q")
+    with pytest.raises(ConfigError, match="backend=packed"):
+        QuantOptions(act_bits=8, act_range="dynamic", backend="cpu_int8", bits=8).check_quant("q")
 
 
 def test_quantized_embedding_is_a_gather_block_quantized_and_keeps_zero_rows(tmp_path):

@@ -367,6 +367,8 @@ def _replace_weights(
     modules = dict(model.named_modules())
     packed = [(n, m) for n, m in quantized_modules(model) if isinstance(m, PackedLinear)]
     codes = {n: Codes.of(m) for n, m in packed if m.module_kind == "linear"}
+    # trained on dynamic uint8 activations (act_range=dynamic): the integer kernels are that model
+    dynamic_act = {n for n, m in packed if getattr(m, "act_dynamic", False)}
     table = next(((n, m) for n, m in packed if m.module_kind == "embedding"), None)
     floats = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
     nodes, new_inits, dyn = [], [], {}
@@ -407,7 +409,7 @@ def _replace_weights(
         """An integer weight; 4-bit codes held in int8 are stored as INT4 and widened by a Cast, which
         ONNX Runtime folds into an int8 constant when the session loads (the file keeps half a byte
         per weight, the kernels see int8; same outputs and speed, measured 2026-12-03)."""
-        if nbits_compute != "int8_matmul" or array.dtype != np.int8 or array.min() < -8 or array.max() > 7:
+        if array.dtype != np.int8 or array.min() < -8 or array.max() > 7:
             return add(name, array)
         new_inits.append(_int4_initializer(f"{name}_int4", array))
         nodes.append(
@@ -418,7 +420,8 @@ def _replace_weights(
 
     def linear_node(node, name: str, x: str, y: str) -> bool:
         c = codes[name]
-        if c.bits <= 4 and not (nbits_compute == "int8_matmul" and c.per_channel):
+        integer = c.per_channel and (nbits_compute == "int8_matmul" or name in dynamic_act)
+        if c.bits <= 4 and not integer:
             b, s, zp, block = _nbits_operands(c)
             n, k = c.q.shape
             ins = [x, add(f"{name}.nbits_B", b), add(f"{name}.nbits_scales", s), add(f"{name}.nbits_zp", zp)]

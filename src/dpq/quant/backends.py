@@ -263,6 +263,11 @@ def _to_codes_module(backend: str, module: nn.Module):
     else:
         cls = PackedLinear if backend == "packed" else Int8Linear
         shape = {"in_features": module.in_features, "out_features": module.out_features}
+    dynamic = cfg.act_bits and cfg.act_range == "dynamic"
+    if dynamic and cls is not PackedLinear:
+        raise ValueError(
+            f"act_range=dynamic is kept by the packed format's Linear layers only, not by {cls.__name__}"
+        )
     new = cls(
         **shape,
         bits=qp.bits,
@@ -271,6 +276,7 @@ def _to_codes_module(backend: str, module: nn.Module):
         symmetric=qp.symmetric,
         act_bits=cfg.act_bits,
         bias=module.bias is not None,
+        **({"act_dynamic": True} if dynamic else {}),
     )
     new.set_codes(
         weight_codes(w, qp.layout, qp.scale, qp.zero_point, qp.bits),

@@ -18,6 +18,7 @@ ALLOWED_GRANULARITY: tuple[str, ...] = ("per_tensor", "per_channel", "per_group"
 ALLOWED_OBSERVERS: tuple[str, ...] = ("minmax", "lsq")
 ALLOWED_ACT_BITS: tuple[int | None, ...] = (None, 8)
 ALLOWED_CALIBRATION: tuple[str, ...] = ("minmax", "percentile")
+ALLOWED_ACT_RANGE: tuple[str, ...] = ("observed", "dynamic")
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -37,7 +38,10 @@ class QuantConfig:
     * ``observer``: weight range from the current ``minmax`` (recomputed every step), or
       ``lsq`` learned step sizes (Esser et al. 2020, symmetric only).
     * ``act_bits``: ``None`` keeps activations float; 8 fake-quantizes each target's input
-      per tensor (symmetric) with a running min-max range.
+      per tensor: with ``act_range="observed"``, symmetric int8 over a running min-max range (a
+      static scale, as a static int8 kernel uses); with ``"dynamic"``, asymmetric uint8 over each
+      input's own range, as ONNX Runtime's ``DynamicQuantizeLinear`` (the activations of
+      ``quantize_dynamic``'s kernels) computes it, so the exported integer model is the trained one.
     * ``targets``: selector(s): an exact module name or ``re:<regex>`` (full match).
     * ``quantize_head``: the classifier head (the model's last Linear) stays float unless true.
     * ``calibration`` / ``percentile``: PTQ only: ranges from min-max or from the given
@@ -50,6 +54,7 @@ class QuantConfig:
     symmetric: bool = True
     observer: str = "minmax"
     act_bits: int | None = None
+    act_range: str = "observed"
     targets: Any = r"re:.*"
     quantize_head: bool = False
     calibration: str = "minmax"
@@ -99,6 +104,16 @@ class QuantConfig:
             )
         if self.act_bits not in ALLOWED_ACT_BITS or isinstance(self.act_bits, bool):
             raise ConfigError(f"{key}.act_bits", self.act_bits, "must be null (float activations) or 8")
+        if self.act_range not in ALLOWED_ACT_RANGE:
+            raise ConfigError(
+                f"{key}.act_range", self.act_range, f"must be one of {', '.join(ALLOWED_ACT_RANGE)}"
+            )
+        if self.act_range == "dynamic" and self.act_bits != 8:
+            raise ConfigError(
+                f"{key}.act_range",
+                self.act_range,
+                f"quantizes activations, which needs act_bits=8 (act_bits is {self.act_bits!r})",
+            )
         if self.calibration not in ALLOWED_CALIBRATION:
             raise ConfigError(
                 f"{key}.calibration", self.calibration, f"must be one of {', '.join(ALLOWED_CALIBRATION)}"

@@ -101,7 +101,7 @@ def weight_qparams_of(module: nn.Module) -> WeightQParams:
 
 def activation_scale_of(module: nn.Module) -> Tensor | None:
     q = getattr(module, "activation_fake_quantizer", None)
-    return q.scale() if isinstance(q, ActivationFakeQuant) else None
+    return q.scale() if isinstance(q, ActivationFakeQuant) and not q.dynamic else None
 
 
 # ------------------------------------------------------------------------------ selection
@@ -201,8 +201,10 @@ def _prepare(model: nn.Module, cfg: QuantConfig, names: list[str] | None, static
                 mod.weight_fake_quantizer = MinMaxWeightQuantizer(cfg, w, static=static).to(w.device)
             set_module(model, name, mod)
         if cfg.act_bits:
-            act = ActivationFakeQuant(cfg.act_bits, percentile=cfg.percentile).to(mod.weight.device)
-            if static:
+            dynamic = cfg.act_range == "dynamic"
+            act = ActivationFakeQuant(cfg.act_bits, percentile=cfg.percentile, dynamic=dynamic)
+            act = act.to(mod.weight.device)
+            if static and not dynamic:
                 act.set_mode(f"calibrate_{cfg.calibration}")
             mod.activation_fake_quantizer = act
         mod.weight_bits = mod.bits = cfg.bits

@@ -33,6 +33,20 @@ def fake_quantize_activation(x: Tensor, scale: Tensor, bits: int = 8) -> Tensor:
     return q + (x - x.detach())
 
 
+def fake_quantize_dynamic(x: Tensor) -> Tensor:
+    """Per-tensor asymmetric uint8 quantize-dequantize over ``x``'s own range, as ONNX Runtime's
+    ``DynamicQuantizeLinear`` defines it (range widened to include 0, ``scale = range / 255``, zero
+    point ``round(-min / scale)`` saturated to 0..255, round half to even), straight-through gradient.
+    Why: the kernels ``quantize_dynamic`` emits (``DynamicQuantizeMatMul``, ``QAttention``) quantize
+    their input so; a model trained and evaluated with it is the model those kernels run."""
+    xd = x.detach().float()
+    lo, hi = torch.clamp(xd.min(), max=0.0), torch.clamp(xd.max(), min=0.0)
+    s = torch.clamp((hi - lo) / 255.0, min=EPS)
+    zp = torch.clamp(torch.round(-lo / s), 0, 255)
+    q = (torch.clamp(torch.round(xd / s) + zp, 0, 255) - zp) * s
+    return q.to(x.dtype) + (x - x.detach())
+
+
 class ActivationFakeQuant(nn.Module):
     """Observes the input range and fake-quantizes the input to ``bits`` (8) per tensor.
 
@@ -42,9 +56,16 @@ class ActivationFakeQuant(nn.Module):
     buffer, so Lightning checkpoints and the QAT callback's state carry it.
     """
 
-    def __init__(self, bits: int = 8, averaging_constant: float = 0.01, percentile: float = 99.99):
+    def __init__(
+        self,
+        bits: int = 8,
+        averaging_constant: float = 0.01,
+        percentile: float = 99.99,
+        dynamic: bool = False,
+    ):
         super().__init__()
         self.bits, self.averaging_constant, self.percentile = bits, averaging_constant, percentile
+        self.dynamic = dynamic  # each input's own range (fake_quantize_dynamic): nothing observed or frozen
         self.mode = "qat"
         self.register_buffer("amax", torch.zeros(()))
         self.register_buffer("observed", torch.zeros((), dtype=torch.long))  # inputs (batches) seen
@@ -89,6 +110,8 @@ class ActivationFakeQuant(nn.Module):
         self.observed.add_(1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.dynamic:
+            return fake_quantize_dynamic(x)
         if self.mode.startswith("calibrate"):
             self._observe(x)
             return x
@@ -99,4 +122,6 @@ class ActivationFakeQuant(nn.Module):
         return fake_quantize_activation(x, self.scale(), self.bits)
 
     def extra_repr(self) -> str:
+        if self.dynamic:
+            return f"bits={self.bits}, dynamic uint8 range per input"
         return f"bits={self.bits}, mode={self.mode}, amax={float(self.amax):.4g}"

@@ -39,7 +39,7 @@ from dpq.core.nn import set_module
 
 from .affine import Blocks, dequantize_codes
 from .config import qrange
-from .observers import fake_quantize_activation
+from .observers import fake_quantize_activation, fake_quantize_dynamic
 
 FORMAT_VERSION = 2
 WEIGHTS_NAME = "quantized_weights.safetensors"
@@ -217,16 +217,20 @@ class PackedLinear(QuantizedLinear):
         symmetric: bool = True,
         act_bits: int | None = None,
         bias: bool = True,
+        act_dynamic: bool = False,
     ):
         super().__init__(in_features, out_features, bits, act_bits)
         self.granularity, self.group_size, self.symmetric = granularity, int(group_size), bool(symmetric)
+        # act_range=dynamic: inputs fake-quantized to uint8 over their own range (no stored scale)
+        self.act_dynamic = bool(act_dynamic and act_bits)
         a, b = self.layout.qparam_shape
         self.register_buffer(
             "qweight", torch.zeros(out_features, packed_row_bytes(in_features, bits), dtype=torch.uint8)
         )
         self.register_buffer("scale", torch.ones(a, b, dtype=torch.float32))
         self.register_buffer("zero_point", None if symmetric else torch.zeros(a, b, dtype=torch.int8))
-        self.register_buffer("act_scale", torch.ones((), dtype=torch.float32) if act_bits else None)
+        static_act = act_bits and not self.act_dynamic
+        self.register_buffer("act_scale", torch.ones((), dtype=torch.float32) if static_act else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
 
     @property
@@ -275,7 +279,9 @@ class PackedLinear(QuantizedLinear):
         return int((self.codes().float() != zp).sum().item())
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.act_scale is not None:
+        if self.act_dynamic:
+            x = fake_quantize_dynamic(x)
+        elif self.act_scale is not None:
             x = fake_quantize_activation(x, self.act_scale, self.act_bits)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.float_weight(x.dtype), bias)
@@ -314,6 +320,7 @@ class PackedLinear(QuantizedLinear):
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "act_bits": self.act_bits,
+            "act_range": "dynamic" if self.act_dynamic else "observed",
             "in_features": self.in_features,
             "out_features": self.out_features,
             "bias": self.bias is not None,
@@ -332,6 +339,7 @@ class PackedLinear(QuantizedLinear):
             meta["symmetric"],
             meta["act_bits"],
             meta["bias"],
+            **({"act_dynamic": True} if meta.get("act_range") == "dynamic" else {}),  # older saves: observed
         )
         return mod._load_packed(tensors, device)
 

@@ -60,7 +60,10 @@ class QuantOptions:
     granularity: str = "per_channel"  # per_tensor | per_channel | per_group
     group_size: int = 128  # per_group: input weights per scale
     symmetric: bool = True  # false: integer zero point (0.0 stays exactly representable)
-    act_bits: Any = None  # null (float activations) | 8 (per-tensor int8, observed range)
+    act_bits: Any = None  # null (float activations) | 8 (per-tensor int8)
+    # act_bits=8: observed (symmetric, a range frozen from training: static int8 kernels) | dynamic
+    # (uint8 over each input's own range, as ONNX Runtime's quantize_dynamic kernels; packed backend)
+    act_range: str = "observed"
     targets: object = None  # module selector(s); null = the model config's quant_targets
     quantize_head: bool = False  # the classifier head (last Linear) stays float unless true
     backend: str = "packed"  # packed | cpu_int8 | torchao | bnb
@@ -85,6 +88,7 @@ class QuantOptions:
             group_size=self.group_size,
             symmetric=self.symmetric,
             act_bits=self.act_bits,
+            act_range=self.act_range,
             targets=t,
             quantize_head=self.quantize_head,
             **extra,
@@ -93,6 +97,13 @@ class QuantOptions:
     def check_quant(self, key: str, **extra) -> None:
         qcfg = self.quant_config(**extra).validate(key)
         resolve_scheme(self.backend, self.scheme, qcfg, key)
+        if qcfg.act_range == "dynamic" and self.backend != "packed":
+            raise ConfigError(
+                f"{key}.act_range",
+                qcfg.act_range,
+                f"is kept by backend=packed (exported as ONNX Runtime's dynamic int8 kernels); backend "
+                f"{self.backend} quantizes activations its own way (use act_range=observed or backend=packed)",
+            )
         if self.embedding_bits is not None:
             if self.embedding_bits not in EMBEDDING_BITS:
                 raise ConfigError(
