@@ -33,3 +33,19 @@ def test_the_deploy_recipe_on_tiny_bert_shrinks_quantizes_and_exports(make_cfg):
     assert len(export["nbits_layers"]) == 6 * 2 + 1 and not export["int8_layers"]  # 2 layers + pooler
     assert final["onnx_agreement"] == 1.0  # weight-only 4-bit: float math on exact weights, as trained
     assert final["onnx_size_bytes"] < 1.5 * final["size_bytes"]  # the file holds the low-bit codes
+
+
+def test_the_deploy_recipe_with_dynamic_int8_activations_exports_the_model_it_trained(make_cfg):
+    """act_bits=8 act_range=dynamic: QAT on uint8 activations over each input's range, exported as
+    ONNX Runtime's integer kernels (no MatMulNBits), 4-bit codes stored as INT4: the exported model
+    agrees with the PyTorch one it came from."""
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "conf" / "experiment" / "deploy.yaml").read_text())
+    cfg = make_cfg("experiment=tiny", "trainer=debug", "cost.repeats=2", "cost.warmup=1")
+    cfg = OmegaConf.merge(cfg, {"pipeline": recipe["pipeline"]})
+    cfg = OmegaConf.merge(cfg, {"pipeline": {"stages": {"quantize": {"act_bits": 8, "act_range": "dynamic"}}}})
+    results = train(cfg)
+    final, export = results["final"], results["onnx_export"]
+    assert not export["nbits_layers"] and len(export["int8_layers"]) == 6 * 2 + 1
+    assert export["ops"].get("QAttention") == 2 and export["ops"].get("Cast", 0) >= 2 * 3 + 1
+    assert final["onnx_agreement"] == 1.0 and final["onnx_max_abs_logit_diff"] < 1e-4
+    assert final["onnx_size_bytes"] < 1.5 * final["size_bytes"]
