@@ -42,7 +42,9 @@ def test_the_deploy_recipe_with_dynamic_int8_activations_exports_the_model_it_tr
     recipe = yaml.safe_load((Path(__file__).parents[1] / "conf" / "experiment" / "deploy.yaml").read_text())
     cfg = make_cfg("experiment=tiny", "trainer=debug", "cost.repeats=2", "cost.warmup=1")
     cfg = OmegaConf.merge(cfg, {"pipeline": recipe["pipeline"]})
-    cfg = OmegaConf.merge(cfg, {"pipeline": {"stages": {"quantize": {"act_bits": 8, "act_range": "dynamic"}}}})
+    cfg = OmegaConf.merge(
+        cfg, {"pipeline": {"stages": {"quantize": {"act_bits": 8, "act_range": "dynamic"}}}}
+    )
     results = train(cfg)
     final, export = results["final"], results["onnx_export"]
     assert not export["nbits_layers"] and len(export["int8_layers"]) == 6 * 2 + 1
