@@ -26,6 +26,10 @@ def test_the_deploy_recipe_on_tiny_bert_shrinks_quantizes_and_exports(make_cfg):
     recipe = yaml.safe_load((Path(__file__).parents[1] / "conf" / "experiment" / "deploy.yaml").read_text())
     cfg = make_cfg("experiment=tiny", "trainer=debug", "cost.repeats=2", "cost.warmup=1")
     cfg = OmegaConf.merge(cfg, {"pipeline": recipe["pipeline"]})  # deploy's stages on the tiny model
+    # float activations: the weight-only MatMulNBits path (the recipe's default is tested below)
+    cfg = OmegaConf.merge(
+        cfg, {"pipeline": {"stages": {"quantize": {"act_bits": None, "act_range": "observed"}}}}
+    )
     results = train(cfg)
     final, export = results["final"], results["onnx_export"]
     assert final["dense_gflops"] < 0.75 * results["stages"][1]["metrics"]["dense_gflops"]  # shrunk
