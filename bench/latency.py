@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -76,6 +77,42 @@ def pick_runs(paths: list[Path]) -> dict[str, Path]:
     if not runs:
         sys.exit(f"no completed run with a saved model/ folder under {', '.join(map(str, paths))}")
     return runs
+
+
+def paired_speedup(base: list[float], model: list[float], per_round: int) -> dict:
+    """How many times faster ``model`` is than ``base``, paired by round, with a 95% interval.
+
+    Both lists are per-call times from :func:`dpq.cost.interleaved_latency`: ``per_round`` calls of
+    each model per round, so a round is one slice of the machine's state that hit both alike. The
+    per-round ratio of medians cancels what drifts between rounds (another process, the clock);
+    their geometric mean and Student's t interval on the log ratios say how sure "2x" is, where a
+    ratio of two overall medians would not (it moved by 10% between runs on the same models here).
+    The interval needs two rounds or more."""
+    from dpq.pareto.stats import mean_interval
+
+    if len(base) != len(model) or not base or per_round < 1 or len(base) % per_round:
+        raise ValueError(f"paired times need equal lengths divisible by per_round={per_round}")
+    rounds = len(base) // per_round
+    logs = [
+        math.log(
+            statistics.median(base[i * per_round : (i + 1) * per_round])
+            / statistics.median(model[i * per_round : (i + 1) * per_round])
+        )
+        for i in range(rounds)
+    ]
+    st = mean_interval(logs)
+    exp = lambda v: math.exp(v) if v is not None else None  # noqa: E731
+    return {
+        "geomean": exp(st["mean"]),
+        "ci95": [exp(st["ci_low"]), exp(st["ci_high"])],
+        "rounds": rounds,
+        "min_round": math.exp(min(logs)),
+    }
+
+
+def _speedup_text(p: dict) -> str:
+    lo, hi = p["ci95"]
+    return f"{p['geomean']:.2f}x" + (f" [{lo:.2f}-{hi:.2f}]" if lo is not None else "")
 
 
 def iqr(values: list[float]) -> list[float]:
@@ -203,7 +240,13 @@ def main(argv=None) -> dict:
         help="float dtype the models run in (bfloat16 casts weights, scales and activations; "
         "low-bit codes stay integers)",
     )
-    ap.add_argument("--baseline", default="dq", help="ratios are baseline latency / model latency (speedup)")
+    ap.add_argument(
+        "--baseline",
+        nargs="+",
+        default=["dq"],
+        help="ratios are baseline latency / model latency (speedup); with several names, every model "
+        "gets a speedup against each (e.g. --baseline dense 'dense ORT int8 dynamic')",
+    )
     ap.add_argument("--no-teacher", action="store_true")
     ap.add_argument(
         "--onnx",
@@ -241,7 +284,8 @@ def main(argv=None) -> dict:
         "rounds": args.rounds,
         "per_round": args.per_round,
         "warmup": args.warmup,
-        "baseline": args.baseline,
+        "baseline": args.baseline[0],
+        "baselines": args.baseline,
         "models": info,
         "batches": {},
     }
@@ -254,12 +298,16 @@ def main(argv=None) -> dict:
         }
         t = cost.interleaved_latency(models, x, args.rounds, args.per_round, args.warmup)
         med = {k: statistics.median(v) for k, v in t.items()}
-        base = med.get(args.baseline)
+        bases = [n for n in args.baseline if n in t]  # a study without dq has no default baseline
+        for n in args.baseline:
+            if n not in t:
+                print(f"  (--baseline {n!r} is not among the timed models {sorted(t)}: no ratios to it)")
         out["batches"][str(b)] = {
             k: {
                 "latency_ms_median": med[k],
                 "latency_ms_iqr": iqr(v),
-                f"speedup_vs_{args.baseline}": (base / med[k]) if base else None,
+                **{f"speedup_vs_{n}": med[n] / med[k] for n in bases},
+                **{f"paired_speedup_vs_{n}": paired_speedup(t[n], v, args.per_round) for n in bases},
             }
             for k, v in t.items()
         }
@@ -267,17 +315,17 @@ def main(argv=None) -> dict:
             f"batch {b}, sequence {args.seq_len}, {out['device']}, {args.dtype}, {out['threads']} threads: "
             f"median of {args.rounds * args.per_round} calls"
         )
-        print(
-            f"  {'model':<28} {'accuracy':>8} {'MB':>7} {'ms':>9} {'IQR ms':>15} {'speedup vs ' + args.baseline:>15}"
-        )
+        head = "".join(f" {'vs ' + n[:22]:>26}" for n in bases)
+        print(f"  {'model':<28} {'accuracy':>8} {'MB':>7} {'ms':>9} {'IQR ms':>15}{head}")
         for k, r in out["batches"][str(b)].items():
             lo, hi = r["latency_ms_iqr"]
-            sp = f"{r[f'speedup_vs_{args.baseline}']:.2f}x" if base else "-"
             mb = f"{info[k]['size_bytes'] / 1e6:.1f}" if info[k].get("size_bytes") else "-"
+            cols = "".join(f" {_speedup_text(r[f'paired_speedup_vs_{n}']):>26}" for n in bases)
             print(
-                f"  {k:<28} {info[k]['accuracy']:>8.4f} {mb:>7} {r['latency_ms_median']:>9.2f} {lo:>7.2f}-{hi:<7.2f} "
-                f"{sp:>15}"
+                f"  {k:<28} {info[k]['accuracy']:>8.4f} {mb:>7} {r['latency_ms_median']:>9.2f} {lo:>7.2f}-{hi:<7.2f}"
+                f"{cols}"
             )
+        print("  (speedups: geometric mean of per-round ratios [95% interval])")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     return out

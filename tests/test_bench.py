@@ -125,6 +125,8 @@ def test_latency_times_every_configs_saved_model_in_one_process(tiny_study, tmp_
     for b in ("1", "3"):
         r = res["batches"][b]
         assert r["dq"]["speedup_vs_dq"] == 1.0
+        assert r["dq"]["paired_speedup_vs_dq"]["geomean"] == 1.0  # paired by round: itself, exactly
+        assert r["dpq_u50"]["paired_speedup_vs_dq"]["rounds"] == 2
         assert all(v["latency_ms_median"] > 0 for v in r.values())
     assert (
         json.loads((tmp_path / "lat.json").read_text())["batches"]["3"].keys() == res["batches"]["3"].keys()

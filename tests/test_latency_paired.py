@@ -1,0 +1,55 @@
+"""bench/latency.py's paired speedup: per-round ratios cancel drift that hits both models alike."""
+
+import importlib.util
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def latency():
+    spec = importlib.util.spec_from_file_location("bench_latency", BENCH / "latency.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def rounds(per_round, factors, ms):
+    return [ms * f for f in factors for _ in range(per_round)]
+
+
+def test_drift_shared_by_both_models_cancels(latency):
+    drift = [1.0, 1.6, 0.9, 2.5, 1.1]  # the machine slowed 2.5x in one round, for both
+    p = latency.paired_speedup(rounds(3, drift, 10.0), rounds(3, drift, 4.0), per_round=3)
+    assert p["geomean"] == pytest.approx(2.5)
+    assert p["ci95"][0] == pytest.approx(2.5) and p["ci95"][1] == pytest.approx(2.5)
+    assert p["rounds"] == 5 and p["min_round"] == pytest.approx(2.5)
+
+
+def test_the_interval_covers_the_true_ratio_and_narrows_with_rounds(latency):
+    rng = random.Random(0)
+
+    def noisy(n):
+        drift = [rng.uniform(0.8, 1.5) for _ in range(n)]
+        base = [10.0 * d * rng.lognormvariate(0, 0.05) for d in drift for _ in range(5)]
+        model = [5.0 * d * rng.lognormvariate(0, 0.05) for d in drift for _ in range(5)]
+        return latency.paired_speedup(base, model, per_round=5)
+
+    few, many = noisy(4), noisy(40)
+    for p in (few, many):
+        assert p["ci95"][0] < 2.0 < p["ci95"][1]
+    assert many["ci95"][1] - many["ci95"][0] < few["ci95"][1] - few["ci95"][0]
+    assert math.isclose(many["geomean"], 2.0, rel_tol=0.03)
+
+
+def test_one_round_has_no_interval_and_bad_shapes_are_refused(latency):
+    p = latency.paired_speedup([2.0, 2.0], [1.0, 1.0], per_round=2)
+    assert p["geomean"] == pytest.approx(2.0) and p["ci95"] == [None, None]
+    with pytest.raises(ValueError, match="per_round"):
+        latency.paired_speedup([1.0, 1.0, 1.0], [1.0, 1.0], per_round=1)
+    with pytest.raises(ValueError, match="per_round"):
+        latency.paired_speedup([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], per_round=2)
