@@ -55,3 +55,20 @@ def test_the_deploy_recipe_with_dynamic_int8_activations_exports_the_model_it_tr
     assert export["ops"].get("QAttention") == 2 and export["ops"].get("Cast", 0) >= 2 * 3 + 1
     assert final["onnx_agreement"] == 1.0 and final["onnx_max_abs_logit_diff"] < 1e-4
     assert final["onnx_size_bytes"] < 1.5 * final["size_bytes"]
+
+
+def test_the_deploy60_recipe_on_tiny_bert_exports_its_learned_steps_exactly(make_cfg):
+    """experiment=deploy60 = deploy + 60% of heads and neurons + LSQ steps: the learned step sizes
+    become the exported int8 scales, so ONNX Runtime still computes the model QAT trained."""
+    cfg = make_cfg(
+        "experiment=deploy60", "teacher=tiny_bert", "model=tiny_bert", "trainer=debug",
+        "task.subsample=256", "cost.repeats=2", "cost.warmup=1",
+    )
+    stages = cfg.pipeline.stages
+    assert (stages.prune.final_sparsity, stages.quantize.observer, stages.quantize.act_range) == (0.6, "lsq", "dynamic")
+    results = train(cfg)
+    final, export = results["final"], results["onnx_export"]
+    dense = results["stages"][1]["metrics"]["dense_gflops"]
+    assert final["dense_gflops"] < 0.6 * dense  # shrunk further than deploy's half
+    assert not export["nbits_layers"] and len(export["int8_layers"]) == 6 * 2 + 1
+    assert final["onnx_agreement"] == 1.0 and final["onnx_max_abs_logit_diff"] < 1e-4
