@@ -265,9 +265,9 @@ def test_files_hard_linked_between_entries_count_once_towards_the_size(tmp_path)
     )
     os.utime(tmp_path / "teacher" / MANIFEST, (1e9, 1e9))
     entries = cache.entries()
-    assert sum(e["bytes"] for e in entries) > 110_000 and StageCache.disk_bytes(entries) < 61_000
+    assert sum(e["bytes"] for e in entries) > 110_000 and StageCache.disk_bytes(entries) < 62_000  # two small manifests on top
     assert [
-        e["key"] for e in cache.prune(max_bytes=61_000)
+        e["key"] for e in cache.prune(max_bytes=62_000)
     ] == []  # already fits: the link is not counted twice
     assert [e["key"] for e in cache.prune(max_bytes=60_000, dry_run=True)] == ["teacher", "distill"]
 
@@ -331,7 +331,7 @@ def _rewrite_manifest(path: Path, **changes) -> None:
 
 def test_entries_of_other_code_are_never_used_listed_stale_and_pruned(tmp_path, monkeypatch, capsys):
     cache = StageCache(tmp_path)
-    for key in ("current", "old_code", "old_libs", "old_format"):
+    for key in ("current", "old_code", "old_libs", "old_format", "other_cpu"):
         cache.build(key, write_payload, meta={"stages": ["teacher"]})
     code = provenance.code_fingerprint()
     assert json.loads((tmp_path / "current" / MANIFEST).read_text())["code"] == code
@@ -340,25 +340,30 @@ def test_entries_of_other_code_are_never_used_listed_stale_and_pruned(tmp_path, 
         tmp_path / "old_libs", code={**code, "libraries": {**code["libraries"], "torchao": "0.1"}}
     )
     _rewrite_manifest(tmp_path / "old_format", format=1, code=None)
+    _rewrite_manifest(  # trained on another CPU model: other kernels, other numbers
+        tmp_path / "other_cpu", code={**code, "hardware": {**code["hardware"], "cpu": "AuthenticAMD family 25 model 17: AMD EPYC"}}
+    )
     assert cache.stale() == {
         "old_code": "other dpq code",
         "old_libs": "other library versions",
         "old_format": "cache format 1",
+        "other_cpu": "another processor",
     }
     assert cache.lookup("current") is not None
-    assert all(cache.lookup(k) is None for k in ("old_code", "old_libs", "old_format"))
+    assert all(cache.lookup(k) is None for k in ("old_code", "old_libs", "old_format", "other_cpu"))
     line = cache.stale_summary()
     assert line.startswith("stage cache: ") and "1 entry from other dpq code" in line
     assert "1 entry from other library versions" in line and "prune --stale" in line
+    assert "1 entry from another processor" in line
     assert stage_cache.main(["--dir", str(tmp_path), "list"]) == 0
     out = capsys.readouterr().out.splitlines()
     marked = {ln.split()[0]: "STALE" in ln for ln in out[:-1]}
-    assert marked == {"current": False, "old_code": True, "old_libs": True, "old_format": True}
-    assert "4 entries (3 stale" in out[-1]
+    assert marked == {"current": False, "old_code": True, "old_libs": True, "old_format": True, "other_cpu": True}
+    assert "5 entries (4 stale" in out[-1]
     assert stage_cache.main(["--dir", str(tmp_path), "prune", "--stale", "--dry-run"]) == 0
-    assert "would evict 3 entries" in capsys.readouterr().out and len(cache.entries()) == 4
+    assert "would evict 4 entries" in capsys.readouterr().out and len(cache.entries()) == 5
     assert stage_cache.main(["--dir", str(tmp_path), "prune", "--stale"]) == 0
-    assert "evicted 3 entries" in capsys.readouterr().out
+    assert "evicted 4 entries" in capsys.readouterr().out
     assert [e["key"] for e in cache.entries()] == ["current"] and cache.stale_summary() is None
 
 

@@ -4,8 +4,8 @@ Two uses, kept in one place so they cannot drift apart:
 
 * **What determines a number** (:func:`code_fingerprint`, :func:`training_settings`): every cache
   that reuses a computed state (the stage cache, the teacher cache) keys on a hash of dpq's own
-  source files, the full versions of every library that touches numerics, and every trainer
-  setting that changes training. dpq's version string is not enough: it does not change when a
+  source files, the full versions of every library that touches numerics, the processor, and
+  every trainer setting that changes training. dpq's version string is not enough: it does not change when a
   bug in pruning or quantization is fixed.
 * **What ran** (:func:`capture_git`): the commit, whether the tree was dirty, and SHA-256 hashes
   of the uncommitted diff and of untracked source files, read when a run *starts* (a commit
@@ -107,10 +107,56 @@ def source_hash() -> str:
     return _tree_hash(PACKAGE_ROOT)
 
 
+@functools.cache
+def hardware() -> dict[str, str]:
+    """The processor this process computes on: its model name and the instruction set torch's CPU
+    kernels use.
+
+    Why it is part of every cache key: math libraries pick their kernels, and so their summation
+    orders, per processor, so the same code, library versions and settings give other numbers on
+    another CPU. Measured 2026-12-03/04 (BENCHMARKS.md, "a note on machines"): the fine-tuned
+    teacher's test loss differed in the 7th digit between an AMD EPYC (AVX512-VNNI) and an Intel
+    Xeon with AMX, and the same recovered deploy60 model of seed 42, QAT'd with minmax steps,
+    ended at 0.8543 test accuracy on the EPYC and 0.8515 on the Xeon, while two runs on the Xeon
+    (one cold, one from the cache) agreed to the last digit. A state cached on one machine type
+    is not what another would compute. (GPU models are not told apart yet: training on a GPU
+    keys only on the host CPU.)
+    """
+    import torch
+
+    return {
+        "cpu": _cpu_model(),
+        "machine": platform.machine(),
+        "torch_cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+    }
+
+
+def _cpu_model() -> str:
+    """Vendor, family, model number and name of the first CPU (Linux); ``platform.processor()``
+    elsewhere. The numbers matter: under a hypervisor the name can be as vague as "Intel(R) Xeon(R)
+    Processor"."""
+    try:
+        info: dict[str, str] = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if not key and info:
+                break  # the first processor's block is enough
+            info.setdefault(key, value.strip())
+        if "model name" in info:
+            return (
+                f"{info.get('vendor_id', '?')} family {info.get('cpu family', '?')} "
+                f"model {info.get('model', '?')}: {info['model name']}"
+            )
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def code_fingerprint() -> dict[str, Any]:
-    """What a cached state must share with this process to be reused: dpq's source and the
-    numerics libraries' versions."""
-    return {"dpq_source": source_hash(), "libraries": dict(numeric_versions())}
+    """What a cached state must share with this process to be reused: dpq's source, the numerics
+    libraries' versions and the processor (:func:`hardware`)."""
+    return {"dpq_source": source_hash(), "libraries": dict(numeric_versions()), "hardware": hardware()}
 
 
 def training_settings(trainer: Mapping[str, Any]) -> dict[str, Any]:
