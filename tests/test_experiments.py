@@ -61,11 +61,20 @@ def test_the_deploy60_recipe_on_tiny_bert_exports_its_learned_steps_exactly(make
     """experiment=deploy60 = deploy (LSQ steps) at 60% of heads and neurons: the learned step sizes
     become the exported int8 scales, so ONNX Runtime still computes the model QAT trained."""
     cfg = make_cfg(
-        "experiment=deploy60", "teacher=tiny_bert", "model=tiny_bert", "trainer=debug",
-        "task.subsample=256", "cost.repeats=2", "cost.warmup=1",
+        "experiment=deploy60",
+        "teacher=tiny_bert",
+        "model=tiny_bert",
+        "trainer=debug",
+        "task.subsample=256",
+        "cost.repeats=2",
+        "cost.warmup=1",
     )
     stages = cfg.pipeline.stages
-    assert (stages.prune.final_sparsity, stages.quantize.observer, stages.quantize.act_range) == (0.6, "lsq", "dynamic")  # deploy's steps
+    assert (stages.prune.final_sparsity, stages.quantize.observer, stages.quantize.act_range) == (
+        0.6,
+        "lsq",
+        "dynamic",
+    )  # deploy's steps
     results = train(cfg)
     final, export = results["final"], results["onnx_export"]
     dense = results["stages"][1]["metrics"]["dense_gflops"]

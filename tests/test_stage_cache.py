@@ -265,7 +265,9 @@ def test_files_hard_linked_between_entries_count_once_towards_the_size(tmp_path)
     )
     os.utime(tmp_path / "teacher" / MANIFEST, (1e9, 1e9))
     entries = cache.entries()
-    assert sum(e["bytes"] for e in entries) > 110_000 and StageCache.disk_bytes(entries) < 62_000  # two small manifests on top
+    assert (
+        sum(e["bytes"] for e in entries) > 110_000 and StageCache.disk_bytes(entries) < 62_000
+    )  # two small manifests on top
     assert [
         e["key"] for e in cache.prune(max_bytes=62_000)
     ] == []  # already fits: the link is not counted twice
@@ -341,7 +343,8 @@ def test_entries_of_other_code_are_never_used_listed_stale_and_pruned(tmp_path, 
     )
     _rewrite_manifest(tmp_path / "old_format", format=1, code=None)
     _rewrite_manifest(  # trained on another CPU model: other kernels, other numbers
-        tmp_path / "other_cpu", code={**code, "hardware": {**code["hardware"], "cpu": "AuthenticAMD family 25 model 17: AMD EPYC"}}
+        tmp_path / "other_cpu",
+        code={**code, "hardware": {**code["hardware"], "cpu": "AuthenticAMD family 25 model 17: AMD EPYC"}},
     )
     assert cache.stale() == {
         "old_code": "other dpq code",
@@ -358,7 +361,13 @@ def test_entries_of_other_code_are_never_used_listed_stale_and_pruned(tmp_path, 
     assert stage_cache.main(["--dir", str(tmp_path), "list"]) == 0
     out = capsys.readouterr().out.splitlines()
     marked = {ln.split()[0]: "STALE" in ln for ln in out[:-1]}
-    assert marked == {"current": False, "old_code": True, "old_libs": True, "old_format": True, "other_cpu": True}
+    assert marked == {
+        "current": False,
+        "old_code": True,
+        "old_libs": True,
+        "old_format": True,
+        "other_cpu": True,
+    }
     assert "5 entries (4 stale" in out[-1]
     assert stage_cache.main(["--dir", str(tmp_path), "prune", "--stale", "--dry-run"]) == 0
     assert "would evict 4 entries" in capsys.readouterr().out and len(cache.entries()) == 5
