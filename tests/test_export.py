@@ -248,6 +248,30 @@ def test_dynamic_activation_qat_exports_as_the_integer_kernels_it_was_trained_fo
     assert r.max_abs_logit_diff * 5 < float((ort_logits(r2.path, text_inputs()) - want).abs().max())
 
 
+def test_dynamic_activation_fake_quant_without_grad_is_bit_identical_and_keeps_its_input():
+    """The in-place inference path of the uint8 dynamic fake quantizer gives the very numbers of the
+    training path (a model evaluated under no_grad is the model QAT trained), leaves its input
+    untouched, and the training path still passes the straight-through gradient."""
+    from dpq.quant.observers import fake_quantize_dynamic
+
+    g = torch.Generator().manual_seed(0)
+    for x in (
+        torch.randn(4, 64, 384, generator=g) * 3 + 1,
+        torch.rand(2, 8, generator=g) + 0.5,
+        torch.zeros(3, 5),
+    ):
+        leaf = x.clone().requires_grad_(True)
+        slow = fake_quantize_dynamic(leaf)
+        keep = x.clone()
+        with torch.no_grad():
+            fast = fake_quantize_dynamic(x)
+        assert torch.equal(x, keep)
+        assert torch.equal(fast, slow.detach()) and not fast.requires_grad
+        assert fast.unique().numel() <= 256
+        slow.sum().backward()
+        assert torch.equal(leaf.grad, torch.ones_like(x))
+
+
 def test_dynamic_activation_range_reloads(tmp_path):
     from dpq.quant import load_quantized_, save_quantized
 

@@ -38,11 +38,19 @@ def fake_quantize_dynamic(x: Tensor) -> Tensor:
     ``DynamicQuantizeLinear`` defines it (range widened to include 0, ``scale = range / 255``, zero
     point ``round(-min / scale)`` saturated to 0..255, round half to even), straight-through gradient.
     Why: the kernels ``quantize_dynamic`` emits (``DynamicQuantizeMatMul``, ``QAttention``) quantize
-    their input so; a model trained and evaluated with it is the model those kernels run."""
+    their input so; a model trained and evaluated with it is the model those kernels run.
+
+    Without a gradient to carry (evaluation, inference) the same arithmetic runs in place on one
+    buffer, with one pass for the range (``aminmax``) and no straight-through terms: bit-identical
+    results in fewer passes, because this is what made the ``packed`` model slower than float in
+    PyTorch at batch 1 (README, "packed")."""
     xd = x.detach().float()
-    lo, hi = torch.clamp(xd.min(), max=0.0), torch.clamp(xd.max(), min=0.0)
+    lo, hi = torch.aminmax(xd)
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
     s = torch.clamp((hi - lo) / 255.0, min=EPS)
     zp = torch.clamp(torch.round(-lo / s), 0, 255)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return torch.div(xd, s).round_().add_(zp).clamp_(0, 255).sub_(zp).mul_(s).to(x.dtype)
     q = (torch.clamp(torch.round(xd / s) + zp, 0, 255) - zp) * s
     return q.to(x.dtype) + (x - x.detach())
 
