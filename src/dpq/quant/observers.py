@@ -42,8 +42,8 @@ def fake_quantize_dynamic(x: Tensor) -> Tensor:
 
     Without a gradient to carry (evaluation, inference) the same arithmetic runs in place on one
     buffer, with one pass for the range (``aminmax``) and no straight-through terms: bit-identical
-    results in fewer passes, because this is what made the ``packed`` model slower than float in
-    PyTorch at batch 1 (README, "packed")."""
+    results in fewer passes. These passes are what made the ``packed`` model slower than its float
+    model in PyTorch (README, "packed")."""
     xd = x.detach().float()
     lo, hi = torch.aminmax(xd)
     lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
