@@ -627,3 +627,37 @@ def test_task_metrics_are_objectives_and_the_primary_one_is_the_default(tmp_path
     assert by_acc["pareto"].to_dict() == {"dq": True, "dpq": True}
     compared = compare(gather([str(tmp_path / "runs")], progress=False), "dq", "dpq")[0]
     assert compared["deltas"]["mcc"]["mean"] == pytest.approx(0.05)
+
+
+def test_configurations_sharing_a_label_are_told_apart_by_their_settings(tmp_path):
+    def run(seed, criterion=None, epochs=None):
+        res = fake_results("dpq", seed, 0.85, 0.1, sparsity=0.8)
+        prune = res["config"]["pipeline"]["stages"]["prune"]
+        if criterion:
+            prune["criterion"] = criterion
+        if epochs:
+            prune["epochs"] = epochs
+        return res
+
+    write_runs(
+        tmp_path,
+        {
+            "taylor_s1": run(1, "taylor"),
+            "taylor_s2": run(2, "taylor"),
+            "obs_s1": run(1, "obs", epochs=4),
+            "dq_s1": fake_results("dq", 1, 0.86, 0.3),
+        },
+    )
+    runs = gather([str(tmp_path)], progress=False)
+    finals = runs[runs["kind"] == "final"].set_index("run")["label"]
+    assert (
+        finals["taylor_s1"]
+        == finals["taylor_s2"]
+        == "dpq 0.8 sparse 4-bit (prune.criterion=taylor, prune.epochs=unset)"
+    )
+    assert finals["obs_s1"] == "dpq 0.8 sparse 4-bit (prune.criterion=obs, prune.epochs=4)"
+    # a label naming one configuration stays as it was, and so do the shared references
+    assert finals["dq_s1"] == "dq 4-bit"
+    assert set(runs.loc[runs["kind"] == "teacher", "label"]) == {"teacher"}
+    merged = merge_seeds(runs)
+    assert merged.loc[merged["kind"] == "final", "label"].is_unique

@@ -329,7 +329,52 @@ def to_frame(loaded: list[tuple[dict, str]], references: bool = True, stages: bo
     df = pd.DataFrame(rows)
     if not df.empty:
         df["run"] = _relative_runs(df["run"])
+        df["label"] = distinct_labels(df)
     return df
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+_UNSET = object()
+
+
+def _show(v: Any) -> str:
+    if v is _UNSET:
+        return "unset"
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+
+
+def distinct_labels(df: pd.DataFrame, most: int = 3) -> pd.Series:
+    """One label per configuration.
+
+    A label names a point by its ordering, sparsity and bits; two configurations that differ
+    elsewhere (criterion, scope, epochs, ...) would share it and be told apart nowhere in the
+    plot or the tables. Each of those gets the settings where it differs from the others with
+    its label (at most ``most``, then "…"), e.g. ``dpq 0.8 sparse 4-bit (prune.criterion=obs)``.
+    """
+    labels = df["label"].copy()
+    for (_, label), grp in df.groupby(["kind", "label"], sort=False):
+        keys = list(dict.fromkeys(grp["config_key"]))
+        if len(keys) < 2:
+            continue
+        flat = {k: _flatten(json.loads(grp.loc[grp["config_key"] == k, "config"].iloc[0])) for k in keys}
+        names = sorted(set().union(*flat.values()))
+        differ = [n for n in names if len({_show(f.get(n, _UNSET)) for f in flat.values()}) > 1]
+        for k in keys:
+            parts = [
+                f"{n.removeprefix('pipeline.stages.')}={_show(flat[k].get(n, _UNSET))}" for n in differ[:most]
+            ]
+            parts += ["…"] if len(differ) > most else []
+            labels[grp.index[grp["config_key"] == k]] = f"{label} ({', '.join(parts)})"
+    return labels
 
 
 def _relative_runs(runs: pd.Series) -> pd.Series:
