@@ -661,3 +661,33 @@ def test_configurations_sharing_a_label_are_told_apart_by_their_settings(tmp_pat
     assert set(runs.loc[runs["kind"] == "teacher", "label"]) == {"teacher"}
     merged = merge_seeds(runs)
     assert merged.loc[merged["kind"] == "final", "label"].is_unique
+
+
+def test_min_seeds_keeps_one_seed_variants_off_the_front(tmp_path, caplog):
+    # a lucky one-seed variant dominates the three-seed dpq point unless --min-seeds 3 leaves it out
+    runs = {f"dpq_s{s}": fake_results("dpq", s, 0.85, 0.1, sparsity=0.8) for s in (1, 2, 3)}
+    runs |= {f"dq_s{s}": fake_results("dq", s, 0.86, 0.3) for s in (1, 2, 3)}
+    lucky = fake_results("dpq", 1, 0.90, 0.05, sparsity=0.9)
+    write_runs(tmp_path / "runs", {**runs, "lucky_s1": lucky})
+    out_all, out_3 = tmp_path / "all", tmp_path / "three"
+    assert cli_main([str(tmp_path / "runs"), "--no-progress", "-o", str(out_all)]) == 0
+    front = pd.read_csv(out_all / "pareto.csv").query("kind == 'final' and pareto")
+    assert set(front["label"]) == {"dpq 0.9 sparse 4-bit"}
+    with caplog.at_level("INFO", logger="dpq.pareto"):
+        assert cli_main([str(tmp_path / "runs"), "--no-progress", "--min-seeds", "3", "-o", str(out_3)]) == 0
+    assert "leaves out 1 configuration(s): dpq 0.9 sparse 4-bit (seeds 1)" in caplog.text
+    points = pd.read_csv(out_3 / "pareto.csv")
+    finals = points.query("kind == 'final'")
+    assert set(finals["label"]) == {"dpq 0.8 sparse 4-bit", "dq 4-bit"}
+    assert (finals["n_seeds"] == 3).all()
+    assert set(finals.query("pareto")["label"]) == {"dpq 0.8 sparse 4-bit", "dq 4-bit"}
+    own = json.loads((out_3 / "ownership.json").read_text())
+    assert "0.9 sparse" not in json.dumps(own)
+
+
+def test_min_seeds_more_than_any_configuration_has_is_a_config_error(tmp_path, capsys):
+    write_runs(tmp_path, {"dq_s1": fake_results("dq", 1, 0.86, 0.3)})
+    assert cli_main([str(tmp_path), "--no-progress", "--min-seeds", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--min-seeds=3" in err and "the most is 1" in err
+    assert cli_main([str(tmp_path), "--no-progress", "--min-seeds", "0"]) == 2

@@ -8,10 +8,16 @@ seeds and the standard deviation (ddof=1; 0 for a single seed) is across seeds o
 
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
+
+from dpq.core.errors import ConfigError
 
 from .gather import metric_columns
 from .objectives import Objective
+
+log = logging.getLogger("dpq.pareto")
 
 GROUP = ["kind", "config_key"]
 
@@ -24,6 +30,39 @@ def add_objectives(df: pd.DataFrame, objectives: list[Objective]) -> pd.DataFram
         if f"{o.metric}_std" in df:
             df[f"{o.name}_std"] = df[f"{o.metric}_std"] * o.scale
     return df
+
+
+def drop_few_seeds(df: pd.DataFrame, min_seeds: int) -> pd.DataFrame:
+    """The runs of configurations measured on at least ``min_seeds`` distinct seeds.
+
+    A mean over one seed and a mean over three are not the same kind of evidence: a one-seed
+    variant can land on the front by luck beside three-seed means. ``--min-seeds 3`` keeps the
+    front, the ownership and the per-seed domination check to configurations with every seed.
+    The teacher and dense-student references count like any configuration.
+    """
+    if min_seeds < 1:
+        raise ConfigError("--min-seeds", min_seeds, "must be a positive number of seeds")
+    if df.empty or min_seeds == 1:
+        return df
+    n = df.groupby(GROUP, sort=False, dropna=False)["seed"].transform(lambda s: s.dropna().nunique())
+    keep = n >= min_seeds
+    if not keep.any():
+        raise ConfigError(
+            "--min-seeds", min_seeds, f"no configuration has that many seeds (the most is {int(n.max())})"
+        )
+    dropped = df[~keep & (df["kind"] == "final")]
+    if not dropped.empty:
+        names = dropped.groupby(GROUP, sort=False, dropna=False).agg(
+            label=("label", "first"),
+            seeds=("seed", lambda s: ",".join(map(str, sorted(s.dropna().unique())))),
+        )
+        log.info(
+            "--min-seeds %d leaves out %d configuration(s): %s",
+            min_seeds,
+            len(names),
+            "; ".join(f"{r.label} (seeds {r.seeds or 'none'})" for r in names.itertuples()),
+        )
+    return df[keep].reset_index(drop=True)
 
 
 def merge_seeds(df: pd.DataFrame) -> pd.DataFrame:

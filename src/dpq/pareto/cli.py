@@ -14,7 +14,7 @@ import pandas as pd
 
 from dpq.core.errors import ConfigError
 
-from .aggregate import add_objectives, merge_seeds
+from .aggregate import add_objectives, drop_few_seeds, merge_seeds
 from .front import pareto_mask
 from .gather import INPUTS_HELP, SWEEP_ID, gather, is_sweep_id
 from .objectives import OBJECTIVES, Objective, parse_objectives
@@ -75,13 +75,17 @@ def build_report(
     progress: bool = True,
     wandb_project: str | None = None,
     wandb_entity: str | None = None,
+    min_seeds: int = 1,
 ) -> dict:
-    """Gather, merge seeds, mark the front, write CSV/Parquet/PNG/HTML into ``out``; return the paths and counts."""
+    """Gather, merge seeds, mark the front, write CSV/Parquet/PNG/HTML into ``out``; return the paths and counts.
+
+    ``min_seeds``: configurations with fewer distinct seeds are left out of everything (see
+    :func:`dpq.pareto.aggregate.drop_few_seeds`)."""
     from .ownership import COSTS, front_ownership, html_section, markdown
     from .plots import write_png
     from .report import write_html
 
-    runs = gather(inputs, references=references, progress=progress)
+    runs = drop_few_seeds(gather(inputs, references=references, progress=progress), min_seeds)
     if any(isinstance(o, str) for o in objectives):  # names, "primary" among them: resolved on the runs
         primary = primary_objective(runs)
         objectives = parse_objectives(
@@ -252,6 +256,14 @@ def front_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--title", help="plot and report title")
     p.add_argument(
+        "--min-seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="leave out configurations measured on fewer than N distinct seeds (default 1: keep all), "
+        "so one-seed variants do not sit on the front beside means over every seed",
+    )
+    p.add_argument(
         "--wandb",
         action="store_true",
         help="also log the tables, plot and report to a W&B run "
@@ -327,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.no_progress,
                 wandb_project=args.wandb_project if args.wandb else None,
                 wandb_entity=args.wandb_entity,
+                min_seeds=args.min_seeds,
             )
             print_front(summary["points_df"], summary["objectives"], summary)
     except ConfigError as e:
