@@ -667,22 +667,25 @@ def test_min_seeds_keeps_one_seed_variants_off_the_front(tmp_path, caplog):
     # a lucky one-seed variant dominates the three-seed dpq point unless --min-seeds 3 leaves it out
     runs = {f"dpq_s{s}": fake_results("dpq", s, 0.85, 0.1, sparsity=0.8) for s in (1, 2, 3)}
     runs |= {f"dq_s{s}": fake_results("dq", s, 0.86, 0.3) for s in (1, 2, 3)}
-    lucky = fake_results("dpq", 1, 0.90, 0.05, sparsity=0.9)
+    lucky = fake_results("dpq", 1, 0.90, 0.05, sparsity=0.8)
+    lucky["config"]["pipeline"]["stages"]["prune"]["criterion"] = "obs"
     write_runs(tmp_path / "runs", {**runs, "lucky_s1": lucky})
     out_all, out_3 = tmp_path / "all", tmp_path / "three"
     assert cli_main([str(tmp_path / "runs"), "--no-progress", "-o", str(out_all)]) == 0
     front = pd.read_csv(out_all / "pareto.csv").query("kind == 'final' and pareto")
-    assert set(front["label"]) == {"dpq 0.9 sparse 4-bit"}
+    assert set(front["label"]) == {"dpq 0.8 sparse 4-bit (prune.criterion=obs)"}
     with caplog.at_level("INFO", logger="dpq.pareto"):
         assert cli_main([str(tmp_path / "runs"), "--no-progress", "--min-seeds", "3", "-o", str(out_3)]) == 0
-    assert "leaves out 1 configuration(s): dpq 0.9 sparse 4-bit (seeds 1)" in caplog.text
+    assert (
+        "leaves out 1 configuration(s): dpq 0.8 sparse 4-bit (prune.criterion=obs) (seeds 1)" in caplog.text
+    )
     points = pd.read_csv(out_3 / "pareto.csv")
     finals = points.query("kind == 'final'")
-    assert set(finals["label"]) == {"dpq 0.8 sparse 4-bit", "dq 4-bit"}
+    assert set(finals["label"]) == {"dpq 0.8 sparse 4-bit", "dq 4-bit"}  # no settings left to tell apart
     assert (finals["n_seeds"] == 3).all()
     assert set(finals.query("pareto")["label"]) == {"dpq 0.8 sparse 4-bit", "dq 4-bit"}
     own = json.loads((out_3 / "ownership.json").read_text())
-    assert "0.9 sparse" not in json.dumps(own)
+    assert "obs" not in json.dumps(own)
 
 
 def test_min_seeds_more_than_any_configuration_has_is_a_config_error(tmp_path, capsys):

@@ -14,7 +14,7 @@ import pandas as pd
 
 from dpq.core.errors import ConfigError
 
-from .gather import metric_columns
+from .gather import distinct_labels, metric_columns
 from .objectives import Objective
 
 log = logging.getLogger("dpq.pareto")
@@ -62,7 +62,10 @@ def drop_few_seeds(df: pd.DataFrame, min_seeds: int) -> pd.DataFrame:
             len(names),
             "; ".join(f"{r.label} (seeds {r.seeds or 'none'})" for r in names.itertuples()),
         )
-    return df[keep].reset_index(drop=True)
+    kept = df[keep].reset_index(drop=True)
+    if "base_label" in kept:  # settings appended to tell configurations apart may no longer be needed
+        kept["label"] = distinct_labels(kept.assign(label=kept["base_label"]))
+    return kept
 
 
 def merge_seeds(df: pd.DataFrame) -> pd.DataFrame:

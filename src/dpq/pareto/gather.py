@@ -329,6 +329,7 @@ def to_frame(loaded: list[tuple[dict, str]], references: bool = True, stages: bo
     df = pd.DataFrame(rows)
     if not df.empty:
         df["run"] = _relative_runs(df["run"])
+        df["base_label"] = df["label"]  # what distinct_labels starts from (again, after a filter)
         df["label"] = distinct_labels(df)
     return df
 
