@@ -694,3 +694,17 @@ def test_min_seeds_more_than_any_configuration_has_is_a_config_error(tmp_path, c
     err = capsys.readouterr().err
     assert "--min-seeds=3" in err and "the most is 1" in err
     assert cli_main([str(tmp_path), "--no-progress", "--min-seeds", "0"]) == 2
+
+
+def test_a_distill_stage_after_pruning_is_no_dense_reference():
+    # pd: teacher -> prune -> distill -> quantize; its distill record is a pruned student
+    res = fake_results("dpq", 1, 0.84, 0.08, sparsity=0.8)
+    order = ["teacher", "prune", "distill", "quantize"]
+    res["order"] = res["config"]["pipeline"]["order"] = order
+    res["pipeline"] = res["config"]["pipeline"]["name"] = "pd"
+    by_stage = {r["stage"]: r for r in res["stages"]}
+    res["stages"] = [by_stage[s] for s in order]
+    kinds = [p["kind"] for p in points_from_results(res, "pd1")]
+    assert sorted(kinds) == ["final", "teacher"]
+    # the same records in dpq's order do give the dense student
+    assert "dense" in [p["kind"] for p in points_from_results(fake_results("dpq", 1, 0.84, 0.08), "dpq1")]

@@ -311,7 +311,12 @@ def points_from_results(results: dict, run: str, stages: bool = False) -> list[d
             add("stage", rec["metrics"], names, rec["stage"], rec.get("model"))
         elif rec.get("model") == "teacher" and rec.get("kind") == "teacher":
             add("teacher", rec["metrics"], names, rec["stage"], "teacher", drop=("model",))
-        elif rec.get("kind") == "distill" and not any(p["kind"] == "dense" for p in points):
+        elif (
+            rec.get("kind") == "distill"
+            and not any(p["kind"] == "dense" for p in points)
+            # prune-before-distill (pd) distils a pruned student: that record is no dense reference
+            and not any(st.get("kind") in ("prune", "spiral") for st in _stage_cfgs(cfg, names))
+        ):
             add("dense", rec["metrics"], names, rec["stage"], rec.get("model"))
     return points
 
