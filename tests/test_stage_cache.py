@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import compose_cfg
 from omegaconf import OmegaConf
 
@@ -121,6 +122,41 @@ def test_library_versions_format_and_extra_facts_are_in_the_key(tmp_path, monkey
         monkeypatch.undo()
     assert prefix_key(base, ["teacher"]) == key
     assert {"torchao", "fvcore", "datasets", "tokenizers", "numpy"} <= set(provenance.NUMERIC_LIBRARIES)
+
+
+@pytest.fixture
+def fresh_hardware():
+    """provenance.hardware() is read once per process: clear it around a test that patches what it reads."""
+    provenance.hardware.cache_clear()
+    yield provenance.hardware.cache_clear
+    provenance.hardware.cache_clear()
+
+
+def test_the_gpu_model_and_cuda_build_are_in_the_key(tmp_path, monkeypatch, fresh_hardware):
+    """cuBLAS/cuDNN pick kernels per GPU architecture: a state trained on an H100 is not what an
+    A100 would compute, so the host's GPU models (read from the driver, never through torch.cuda,
+    which would spoil forked DDP workers) and torch's CUDA version change every key."""
+    driver = tmp_path / "driver"
+    for i, model in enumerate(["NVIDIA H200", "NVIDIA H200"]):
+        (driver / f"0000:0{i}:00.0").mkdir(parents=True)
+        (driver / f"0000:0{i}:00.0" / "information").write_text(f"Model: \t\t {model}\nIRQ:   42\n")
+    assert provenance._gpu_models(str(driver)) == ("NVIDIA H200", "NVIDIA H200")
+    base = cfg_dict(tmp_path, "pipeline=dense")
+    key = prefix_key(base, ["teacher"])
+    keys = {key}
+    for gpus in [("NVIDIA H100 80GB HBM3",), ("NVIDIA A100-SXM4-80GB",), ("NVIDIA H100 80GB HBM3",) * 2]:
+        monkeypatch.setattr(provenance, "_gpu_models", lambda gpus=gpus: gpus)
+        fresh_hardware()
+        assert provenance.hardware()["gpus"] == ", ".join(gpus)
+        keys.add(prefix_key(base, ["teacher"]))
+    assert len(keys) == 4
+    monkeypatch.setattr(provenance, "_gpu_models", lambda: ())
+    monkeypatch.setattr(torch.version, "cuda", "0.0-not-a-cuda")
+    fresh_hardware()
+    assert provenance.hardware()["gpus"] == "none" and prefix_key(base, ["teacher"]) not in keys
+    monkeypatch.undo()
+    fresh_hardware()
+    assert prefix_key(base, ["teacher"]) == key
 
 
 def copy_of_dpq(tmp_path, edit: str | None = None) -> Path:
@@ -333,7 +369,7 @@ def _rewrite_manifest(path: Path, **changes) -> None:
 
 def test_entries_of_other_code_are_never_used_listed_stale_and_pruned(tmp_path, monkeypatch, capsys):
     cache = StageCache(tmp_path)
-    for key in ("current", "old_code", "old_libs", "old_format", "other_cpu"):
+    for key in ("current", "old_code", "old_libs", "old_format", "other_cpu", "other_gpu"):
         cache.build(key, write_payload, meta={"stages": ["teacher"]})
     code = provenance.code_fingerprint()
     assert json.loads((tmp_path / "current" / MANIFEST).read_text())["code"] == code
@@ -346,18 +382,23 @@ def test_entries_of_other_code_are_never_used_listed_stale_and_pruned(tmp_path, 
         tmp_path / "other_cpu",
         code={**code, "hardware": {**code["hardware"], "cpu": "AuthenticAMD family 25 model 17: AMD EPYC"}},
     )
+    _rewrite_manifest(  # same CPU, trained on a host with another GPU: other cuBLAS kernels
+        tmp_path / "other_gpu", code={**code, "hardware": {**code["hardware"], "gpus": "NVIDIA A100-SXM4-80GB"}}
+    )
     assert cache.stale() == {
         "old_code": "other dpq code",
         "old_libs": "other library versions",
         "old_format": "cache format 1",
         "other_cpu": "another processor",
+        "other_gpu": "another GPU or CUDA build",
     }
     assert cache.lookup("current") is not None
-    assert all(cache.lookup(k) is None for k in ("old_code", "old_libs", "old_format", "other_cpu"))
+    stale = ("old_code", "old_libs", "old_format", "other_cpu", "other_gpu")
+    assert all(cache.lookup(k) is None for k in stale)
     line = cache.stale_summary()
     assert line.startswith("stage cache: ") and "1 entry from other dpq code" in line
     assert "1 entry from other library versions" in line and "prune --stale" in line
-    assert "1 entry from another processor" in line
+    assert "1 entry from another processor" in line and "1 entry from another GPU or CUDA build" in line
     assert stage_cache.main(["--dir", str(tmp_path), "list"]) == 0
     out = capsys.readouterr().out.splitlines()
     marked = {ln.split()[0]: "STALE" in ln for ln in out[:-1]}
@@ -367,12 +408,13 @@ def test_entries_of_other_code_are_never_used_listed_stale_and_pruned(tmp_path, 
         "old_libs": True,
         "old_format": True,
         "other_cpu": True,
+        "other_gpu": True,
     }
-    assert "5 entries (4 stale" in out[-1]
+    assert "6 entries (5 stale" in out[-1]
     assert stage_cache.main(["--dir", str(tmp_path), "prune", "--stale", "--dry-run"]) == 0
-    assert "would evict 4 entries" in capsys.readouterr().out and len(cache.entries()) == 5
+    assert "would evict 5 entries" in capsys.readouterr().out and len(cache.entries()) == 6
     assert stage_cache.main(["--dir", str(tmp_path), "prune", "--stale"]) == 0
-    assert "evicted 4 entries" in capsys.readouterr().out
+    assert "evicted 5 entries" in capsys.readouterr().out
     assert [e["key"] for e in cache.entries()] == ["current"] and cache.stale_summary() is None
 
 

@@ -4,7 +4,7 @@ Two uses, kept in one place so they cannot drift apart:
 
 * **What determines a number** (:func:`code_fingerprint`, :func:`training_settings`): every cache
   that reuses a computed state (the stage cache, the teacher cache) keys on a hash of dpq's own
-  source files, the full versions of every library that touches numerics, the processor, and
+  source files, the full versions of every library that touches numerics, the processor and GPUs, and
   every trainer setting that changes training. dpq's version string is not enough: it does not change when a
   bug in pruning or quantization is fixed.
 * **What ran** (:func:`capture_git`): the commit, whether the tree was dirty, and SHA-256 hashes
@@ -119,8 +119,12 @@ def hardware() -> dict[str, str]:
     Xeon with AMX, and the same recovered deploy60 model of seed 42, QAT'd with minmax steps,
     ended at 0.8543 test accuracy on the EPYC and 0.8515 on the Xeon, while two runs on the Xeon
     (one cold, one from the cache) agreed to the last digit. A state cached on one machine type
-    is not what another would compute. (GPU models are not told apart yet: training on a GPU
-    keys only on the host CPU.)
+    is not what another would compute. GPUs the same: cuBLAS and cuDNN choose kernels per
+    architecture, so an H100 and an A100 (or the CUDA runtime torch was built with) give other
+    numbers; the GPU models on the host and torch's CUDA version are in the key too.
+
+    The GPUs are those the host has, not those a run uses: a CPU-only run on a GPU host keys apart
+    from the same run on a CPU-only host. That costs a cache miss at worst, never a wrong reuse.
     """
     import torch
 
@@ -128,7 +132,41 @@ def hardware() -> dict[str, str]:
         "cpu": _cpu_model(),
         "machine": platform.machine(),
         "torch_cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+        "gpus": ", ".join(_gpu_models()) or "none",
+        "torch_cuda": str(torch.version.cuda),
     }
+
+
+@functools.cache
+def _gpu_models(driver_dir: str = "/proc/driver/nvidia/gpus") -> tuple[str, ...]:
+    """Names of the host's NVIDIA GPUs, read from the driver's ``/proc`` files, else from
+    ``nvidia-smi``; () when there are none.
+
+    Never through ``torch.cuda``: initialising CUDA in the parent process would break the forked
+    workers of Lightning's ``ddp_fork`` / ``ddp_notebook`` strategies, and a cache key is computed
+    before the trainer starts."""
+    models = []
+    for info in sorted(Path(driver_dir).glob("*/information")):
+        try:
+            for line in info.read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "Model":
+                    models.append(value.strip())
+        except OSError:
+            continue
+    if models:
+        return tuple(models)
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return tuple(line.strip() for line in out.splitlines() if line.strip())
 
 
 def _cpu_model() -> str:

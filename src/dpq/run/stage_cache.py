@@ -84,7 +84,7 @@ class CacheBusy(TimeoutError):
 
 def stale_reason(manifest: Mapping[str, Any]) -> str | None:
     """Why an entry can never be used by this process (another cache format, other dpq code, other
-    numerics-library versions, another processor), or None. Keys already cover all four, so such an entry is never
+    numerics-library versions, another processor or GPU), or None. Keys already cover all four, so such an entry is never
     looked up; this only lets ``list`` and ``prune --stale`` tell it apart from a merely unused one."""
     if manifest.get("format") != CACHE_FORMAT:
         return f"cache format {manifest.get('format')}"
@@ -93,8 +93,10 @@ def stale_reason(manifest: Mapping[str, Any]) -> str | None:
         return "other dpq code"
     if code.get("libraries") != now["libraries"]:
         return "other library versions"
-    if code.get("hardware") != now["hardware"]:
-        return "another processor"
+    if (was := code.get("hardware") or {}) != now["hardware"]:
+        gpu_keys = ("gpus", "torch_cuda")
+        same_cpu = all(was.get(k) == v for k, v in now["hardware"].items() if k not in gpu_keys)
+        return "another GPU or CUDA build" if same_cpu else "another processor"
     return None
 
 
