@@ -84,8 +84,9 @@ class CacheBusy(TimeoutError):
 
 def stale_reason(manifest: Mapping[str, Any]) -> str | None:
     """Why an entry can never be used by this process (another cache format, other dpq code, other
-    numerics-library versions, another processor or GPU), or None. Keys already cover all four, so such an entry is never
-    looked up; this only lets ``list`` and ``prune --stale`` tell it apart from a merely unused one."""
+    numerics-library versions, another processor or GPU), or None. Keys already cover all four, so
+    such an entry is never looked up; this only lets ``list`` and ``prune --stale`` tell it apart
+    from a merely unused one."""
     if manifest.get("format") != CACHE_FORMAT:
         return f"cache format {manifest.get('format')}"
     code, now = manifest.get("code") or {}, code_fingerprint()
