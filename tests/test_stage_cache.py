@@ -383,7 +383,8 @@ def test_entries_of_other_code_are_never_used_listed_stale_and_pruned(tmp_path, 
         code={**code, "hardware": {**code["hardware"], "cpu": "AuthenticAMD family 25 model 17: AMD EPYC"}},
     )
     _rewrite_manifest(  # same CPU, trained on a host with another GPU: other cuBLAS kernels
-        tmp_path / "other_gpu", code={**code, "hardware": {**code["hardware"], "gpus": "NVIDIA A100-SXM4-80GB"}}
+        tmp_path / "other_gpu",
+        code={**code, "hardware": {**code["hardware"], "gpus": "NVIDIA A100-SXM4-80GB"}},
     )
     assert cache.stale() == {
         "old_code": "other dpq code",
