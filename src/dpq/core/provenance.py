@@ -137,10 +137,9 @@ def hardware() -> dict[str, str]:
     }
 
 
-@functools.cache
 def _gpu_models(driver_dir: str = "/proc/driver/nvidia/gpus") -> tuple[str, ...]:
     """Names of the host's NVIDIA GPUs, read from the driver's ``/proc`` files, else from
-    ``nvidia-smi``; () when there are none.
+    ``nvidia-smi``; () when there are none. Read once per process, through :func:`hardware`'s cache.
 
     Never through ``torch.cuda``: initialising CUDA in the parent process would break the forked
     workers of Lightning's ``ddp_fork`` / ``ddp_notebook`` strategies, and a cache key is computed
