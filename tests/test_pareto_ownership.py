@@ -98,3 +98,38 @@ def test_the_report_writes_and_prints_who_owns_the_front(tmp_path, capsys):
         json.loads((out / "ownership.json").read_text())["contexts"][0]["fronts"][0]["owners"][0] == "dpq_qat"
     )
     assert 'id="ownership"' in (out / "pareto.html").read_text()
+
+
+def with_observer(res: dict, observer: str) -> dict:
+    res = json.loads(json.dumps(res))
+    res["config"]["pipeline"]["stages"]["quantize"]["observer"] = observer
+    return res
+
+
+def test_two_dq_quantizers_each_point_is_paired_with_the_dq_of_its_own_quantizer(tmp_path):
+    """dq with minmax and with LSQ steps: same bits, so MATCH_ON cannot choose; the setting where the
+    two dq configurations differ (quantize.observer) does, and the table names the one used."""
+    runs = {}
+    for s, (mm, lsq, p_mm, p_lsq) in {1: (0.90, 0.88, 0.89, 0.85), 2: (0.92, 0.86, 0.90, 0.84)}.items():
+        runs[f"dqm{s}"] = with_observer(fake_results("dq", s, mm, 0.68), "minmax")
+        runs[f"dql{s}"] = with_observer(fake_results("dq", s, lsq, 0.69), "lsq")
+        runs[f"pm{s}"] = with_observer(fake_results("dpq", s, p_mm, 0.40), "minmax")
+        runs[f"pl{s}"] = with_observer(fake_results("dpq", s, p_lsq, 0.30), "lsq")
+    df = gather([str(write_runs(tmp_path, runs))], references=False, progress=False)
+    own = front_ownership(df, OBJECTIVES["accuracy"], [OBJECTIVES["effective_gflops"]])
+    by = {e["point"]: e["vs_baseline"] for e in own["contexts"][0]["fronts"][0]["front"]}
+    lsq = by["dpq 0.5 sparse 4-bit (quantize.observer=lsq)"]
+    assert lsq["mean"] == pytest.approx(np.mean([0.85 - 0.88, 0.84 - 0.86]))
+    assert lsq["baseline_point"] == "dq 4-bit (quantize.observer=lsq)"
+    mm = by["dpq 0.5 sparse 4-bit (quantize.observer=minmax)"]
+    assert mm["mean"] == pytest.approx(np.mean([0.89 - 0.90, 0.90 - 0.92]))
+    assert mm["baseline_point"] == "dq 4-bit (quantize.observer=minmax)"
+    # a point without the setting that tells them apart cannot pick one: said, not guessed
+    runs = {k: v for k, v in runs.items() if not k.startswith("p")}
+    runs |= {f"x{s}": fake_results("dpq", s, 0.95, 0.1) for s in (1, 2)}  # no observer in its config
+    df = gather([str(write_runs(tmp_path / "b", runs))], references=False, progress=False)
+    own = front_ownership(df, OBJECTIVES["accuracy"], [OBJECTIVES["effective_gflops"]])
+    (x,) = [e for e in own["contexts"][0]["fronts"][0]["front"] if e["ordering"] == "dpq"]
+    assert (
+        "2 dq configurations fit this point (they differ in quantize.observer" in x["vs_baseline"]["missing"]
+    )

@@ -8,7 +8,8 @@ The study's question is not only "which points are on the front" but "which orde
   ordering form a segment, which that ordering owns;
 * **against the baseline** -- every front point's primary metric minus the baseline ordering's
   (``dq``), paired by seed, with its 95% t interval (the baseline configuration of the same
-  task/model/teacher; with several, the one at the point's bit width);
+  task/model/teacher; with several, the one at the point's bit width, then the one that shares
+  the point's settings where the baselines differ, e.g. their quantizer; the table names it);
 * **per seed** -- (first cost only) is every point of the dominated orderings (``dq``, ``dp``)
   beaten, on that seed, by a point of another ordering? Issue 21 asks this on every seed.
 
@@ -17,6 +18,7 @@ Reference points (teacher, dense student records) are left out: the question is 
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -25,7 +27,7 @@ import pandas as pd
 from .aggregate import add_objectives, merge_seeds
 from .compare import CONTEXT, _per_seed
 from .front import pareto_mask
-from .gather import json_safe
+from .gather import _UNSET, _flatten, _show, json_safe
 from .objectives import OBJECTIVES, Objective
 from .stats import mean_interval
 
@@ -42,10 +44,35 @@ def _finals(runs: pd.DataFrame) -> pd.DataFrame:
 MATCH_ON = ("bits", "final_sparsity", "granularity", "act_bits")
 
 
+def _flat_config(rows: pd.DataFrame, key: str) -> dict:
+    cfg = rows.loc[rows["config_key"] == key, "config"]
+    return _flatten(json.loads(cfg.iloc[0])) if len(cfg) and isinstance(cfg.iloc[0], str) else {}
+
+
+def _same_settings(
+    finals: pd.DataFrame, base: pd.DataFrame, point: pd.Series
+) -> tuple[pd.DataFrame, list[str]]:
+    """Narrow several baseline configurations to the one that agrees with ``point`` wherever they
+    differ from each other and the point has the setting (e.g. ``pipeline.stages.quantize.observer``:
+    a point trained with LSQ steps is paired with the ``dq`` that has them too). Returns the rows kept
+    and the settings that told the baselines apart."""
+    keys = list(dict.fromkeys(base["config_key"]))
+    theirs = {k: _flat_config(base, k) for k in keys}
+    mine = _flat_config(finals, point["config_key"]) if "config_key" in point else {}
+    names = sorted(set().union(*theirs.values()))
+    differ = [n for n in names if len({_show(f.get(n, _UNSET)) for f in theirs.values()}) > 1]
+    shared = [n for n in differ if n in mine]
+    keep = [
+        k for k in keys if shared and all(_show(theirs[k].get(n, _UNSET)) == _show(mine[n]) for n in shared)
+    ]
+    return (base[base["config_key"].isin(keep)] if keep else base), differ
+
+
 def _baseline_rows(
     finals: pd.DataFrame, baseline: str, point: pd.Series
 ) -> tuple[pd.DataFrame | None, str | None]:
-    """The runs of the one baseline configuration to pair ``point`` with (narrowed by :data:`MATCH_ON`)."""
+    """The runs of the one baseline configuration to pair ``point`` with: narrowed by
+    :data:`MATCH_ON`, then by the settings where the baseline configurations differ."""
     base = finals[finals["pipeline"] == baseline]
     if base.empty:
         return None, f"no {baseline} runs"
@@ -57,11 +84,16 @@ def _baseline_rows(
             same = base[base[col].isna()] if pd.isna(v) else base[base[col].eq(v)]
             if not same.empty:
                 base = same
+    differ: list[str] = []
+    if base["config_key"].nunique() > 1 and "config" in finals:
+        base, differ = _same_settings(finals, base, point)
     n = base["config_key"].nunique()
     if n != 1:
+        apart = ", ".join(d.removeprefix("pipeline.stages.") for d in differ[:4]) or "nothing recorded"
         return (
             None,
-            f"{n} {baseline} configurations fit this point ({', '.join(MATCH_ON)} do not tell them apart)",
+            f"{n} {baseline} configurations fit this point (they differ in {apart}, "
+            "and the point does not pick one)",
         )
     return base, None
 
@@ -153,6 +185,7 @@ def front_ownership(
     for ctx, sub in groups:
         ctx = ctx if isinstance(ctx, tuple) else (ctx,)
         points = merge_seeds(sub)
+        several_baselines = sub.loc[sub["pipeline"] == baseline, "config_key"].nunique() > 1
         fronts = []
         measured = [c for c in costs if c.name in sub and sub[c.name].notna().any()]
         for cost in measured:
@@ -180,6 +213,8 @@ def front_ownership(
                         if base is not None
                         else {"baseline": baseline, "missing": why}
                     )
+                    if base is not None and several_baselines:  # say which one it was paired with
+                        entry["vs_baseline"]["baseline_point"] = str(base["label"].iloc[0])
                 entries.append(entry)
             segs = _segments(front, cost, primary)
             fronts.append(
@@ -205,9 +240,10 @@ def front_ownership(
 def _fmt_delta(d: dict | None) -> str:
     if not d or d.get("mean") is None:
         return (d or {}).get("missing", "no paired seeds")
+    vs = f" vs {d['baseline_point']}" if d.get("baseline_point") else ""
     if d.get("ci_low") is None:
-        return f"{d['mean']:+.4f} (n={d['n']})"
-    return f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] (n={d['n']})"
+        return f"{d['mean']:+.4f} (n={d['n']}){vs}"
+    return f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] (n={d['n']}){vs}"
 
 
 def markdown(own: dict) -> str:
