@@ -708,3 +708,27 @@ def test_a_distill_stage_after_pruning_is_no_dense_reference():
     assert sorted(kinds) == ["final", "teacher"]
     # the same records in dpq's order do give the dense student
     assert "dense" in [p["kind"] for p in points_from_results(fake_results("dpq", 1, 0.84, 0.08), "dpq1")]
+
+
+def test_a_label_leads_with_the_settings_its_configuration_changed(tmp_path):
+    """Five recipes at one sparsity, each changing one prune setting of a common base: four
+    settings differ across them, more than a label shows, so each label starts with its own change
+    (before, the update_every recipe was labelled like the base: both by criterion, epochs, scope)."""
+    base = {"criterion": "taylor", "epochs": 2, "scope": "layer", "update_every": 10}
+    changes = {"base": {}, "ep": {"epochs": 4}, "gl": {"scope": "global"}, "up": {"update_every": 5}}
+    changes["obs"] = {"criterion": "obs"}
+    runs = {}
+    for name, change in changes.items():
+        res = fake_results("dpq", 1, 0.85, 0.1, sparsity=0.8)
+        res["config"]["pipeline"]["stages"]["prune"].update({**base, **change})
+        runs[name] = res
+    write_runs(tmp_path, runs)
+    finals = gather([str(tmp_path)], progress=False).query("kind == 'final'").set_index("run")["label"]
+    assert finals.is_unique
+    assert finals["up"].startswith("dpq 0.8 sparse 4-bit (prune.update_every=5, ")
+    assert finals["ep"].startswith("dpq 0.8 sparse 4-bit (prune.epochs=4, ")
+    assert finals["obs"].startswith("dpq 0.8 sparse 4-bit (prune.criterion=obs, ")
+    assert (
+        finals["base"]
+        == "dpq 0.8 sparse 4-bit (prune.criterion=taylor, prune.epochs=2, prune.scope=layer, …)"
+    )

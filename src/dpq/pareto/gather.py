@@ -358,13 +358,24 @@ def _show(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
 
 
+def _settings(shown: dict, differ: list[str], k: str, limit: int | None) -> str:
+    """``k``'s values of the ``differ`` settings, the rarest among the configurations first."""
+    share = {n: sum(v[n] == shown[k][n] for v in shown.values()) for n in differ}
+    ranked = sorted(differ, key=lambda n: share[n])  # stable: by name among equals
+    out = [f"{n.removeprefix('pipeline.stages.')}={shown[k][n]}" for n in ranked[:limit]]
+    return ", ".join(out + (["…"] if limit is not None and len(differ) > limit else []))
+
+
 def distinct_labels(df: pd.DataFrame, most: int = 3) -> pd.Series:
     """One label per configuration.
 
     A label names a point by its ordering, sparsity and bits; two configurations that differ
     elsewhere (criterion, scope, epochs, ...) would share it and be told apart nowhere in the
     plot or the tables. Each of those gets the settings where it differs from the others with
-    its label (at most ``most``, then "…"), e.g. ``dpq 0.8 sparse 4-bit (prune.criterion=obs)``.
+    its label, e.g. ``dpq 0.8 sparse 4-bit (prune.criterion=obs)``: at most ``most``, then "…",
+    its rarest values first (among nine recipes at one sparsity, a recipe's own changes come before
+    the settings it shares with most of the others), and all of them where the short labels of two
+    configurations would be the same.
     """
     labels = df["label"].copy()
     for (_, label), grp in df.groupby(["kind", "label"], sort=False):
@@ -373,13 +384,14 @@ def distinct_labels(df: pd.DataFrame, most: int = 3) -> pd.Series:
             continue
         flat = {k: _flatten(json.loads(grp.loc[grp["config_key"] == k, "config"].iloc[0])) for k in keys}
         names = sorted(set().union(*flat.values()))
-        differ = [n for n in names if len({_show(f.get(n, _UNSET)) for f in flat.values()}) > 1]
+        shown = {k: {n: _show(f.get(n, _UNSET)) for n in names} for k, f in flat.items()}
+        differ = [n for n in names if len({v[n] for v in shown.values()}) > 1]
+        short = {k: _settings(shown, differ, k, most) for k in keys}
         for k in keys:
-            parts = [
-                f"{n.removeprefix('pipeline.stages.')}={_show(flat[k].get(n, _UNSET))}" for n in differ[:most]
-            ]
-            parts += ["…"] if len(differ) > most else []
-            labels[grp.index[grp["config_key"] == k]] = f"{label} ({', '.join(parts)})"
+            clash = sum(v == short[k] for v in short.values()) > 1
+            labels[grp.index[grp["config_key"] == k]] = (
+                f"{label} ({_settings(shown, differ, k, None) if clash else short[k]})"
+            )
     return labels
 
 
