@@ -8,6 +8,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from dpq.pareto.gather import _flatten
 from dpq.run.validate import validate
 from dpq.train import train
 
@@ -83,20 +84,12 @@ def test_the_deploy60_recipe_on_tiny_bert_exports_its_learned_steps_exactly(make
     assert final["onnx_agreement"] == 1.0 and final["onnx_max_abs_logit_diff"] < 1e-4
 
 
-def _leaves(d, prefix=""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _leaves(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
-
 def test_the_deploy70_preset_is_the_measured_recipe_deploy_at_70_percent_with_twice_the_recovery(make_cfg):
     """BENCHMARKS.md measured deploy70r8lsq as `experiment=deploy prune.final_sparsity=0.7
     recover.epochs=8` (LSQ steps): the preset must differ from deploy in exactly those two values,
     so a change to deploy (its quantizer, say) reaches deploy70 and nothing else sets it apart."""
     deploy, deploy70 = (
-        dict(_leaves(OmegaConf.to_container(make_cfg(f"experiment={n}"), resolve=True)["pipeline"]))
+        _flatten(OmegaConf.to_container(make_cfg(f"experiment={n}"), resolve=True)["pipeline"])
         for n in ("deploy", "deploy70")
     )
     assert deploy.keys() == deploy70.keys()

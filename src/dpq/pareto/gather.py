@@ -358,6 +358,20 @@ def _show(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
 
 
+def flat_config(rows: pd.DataFrame, key: str) -> dict:
+    """The flattened identity config of configuration ``key`` among ``rows`` ({} when absent)."""
+    cfg = rows.loc[rows["config_key"] == key, "config"]
+    return _flatten(json.loads(cfg.iloc[0])) if len(cfg) and isinstance(cfg.iloc[0], str) else {}
+
+
+def shown_settings(flat: dict[str, dict]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Per configuration, every setting as text (``unset`` where it lacks one), and the settings
+    whose text differs between the configurations: what tells them apart."""
+    names = sorted(set().union(*flat.values()))
+    shown = {k: {n: _show(f.get(n, _UNSET)) for n in names} for k, f in flat.items()}
+    return shown, [n for n in names if len({v[n] for v in shown.values()}) > 1]
+
+
 def _settings(shown: dict, differ: list[str], k: str, limit: int | None) -> str:
     """``k``'s values of the ``differ`` settings, the rarest among the configurations first."""
     share = {n: sum(v[n] == shown[k][n] for v in shown.values()) for n in differ}
@@ -382,10 +396,7 @@ def distinct_labels(df: pd.DataFrame, most: int = 3) -> pd.Series:
         keys = list(dict.fromkeys(grp["config_key"]))
         if len(keys) < 2:
             continue
-        flat = {k: _flatten(json.loads(grp.loc[grp["config_key"] == k, "config"].iloc[0])) for k in keys}
-        names = sorted(set().union(*flat.values()))
-        shown = {k: {n: _show(f.get(n, _UNSET)) for n in names} for k, f in flat.items()}
-        differ = [n for n in names if len({v[n] for v in shown.values()}) > 1]
+        shown, differ = shown_settings({k: flat_config(grp, k) for k in keys})
         short = {k: _settings(shown, differ, k, most) for k in keys}
         for k in keys:
             clash = sum(v == short[k] for v in short.values()) > 1

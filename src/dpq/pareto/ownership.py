@@ -18,7 +18,6 @@ Reference points (teacher, dense student records) are left out: the question is 
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -27,7 +26,7 @@ import pandas as pd
 from .aggregate import add_objectives, merge_seeds
 from .compare import CONTEXT, _per_seed
 from .front import pareto_mask
-from .gather import _UNSET, _flatten, _show, json_safe
+from .gather import _show, flat_config, json_safe, shown_settings
 from .objectives import OBJECTIVES, Objective
 from .stats import mean_interval
 
@@ -44,11 +43,6 @@ def _finals(runs: pd.DataFrame) -> pd.DataFrame:
 MATCH_ON = ("bits", "final_sparsity", "granularity", "act_bits")
 
 
-def _flat_config(rows: pd.DataFrame, key: str) -> dict:
-    cfg = rows.loc[rows["config_key"] == key, "config"]
-    return _flatten(json.loads(cfg.iloc[0])) if len(cfg) and isinstance(cfg.iloc[0], str) else {}
-
-
 def _same_settings(
     finals: pd.DataFrame, base: pd.DataFrame, point: pd.Series
 ) -> tuple[pd.DataFrame, list[str]]:
@@ -57,14 +51,10 @@ def _same_settings(
     a point trained with LSQ steps is paired with the ``dq`` that has them too). Returns the rows kept
     and the settings that told the baselines apart."""
     keys = list(dict.fromkeys(base["config_key"]))
-    theirs = {k: _flat_config(base, k) for k in keys}
-    mine = _flat_config(finals, point["config_key"]) if "config_key" in point else {}
-    names = sorted(set().union(*theirs.values()))
-    differ = [n for n in names if len({_show(f.get(n, _UNSET)) for f in theirs.values()}) > 1]
+    theirs, differ = shown_settings({k: flat_config(base, k) for k in keys})
+    mine = flat_config(finals, point["config_key"]) if "config_key" in point else {}
     shared = [n for n in differ if n in mine]
-    keep = [
-        k for k in keys if shared and all(_show(theirs[k].get(n, _UNSET)) == _show(mine[n]) for n in shared)
-    ]
+    keep = [k for k in keys if shared and all(theirs[k][n] == _show(mine[n]) for n in shared)]
     return (base[base["config_key"].isin(keep)] if keep else base), differ
 
 
