@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import compose_cfg
 
 from dpq.core.errors import ConfigError
 from dpq.stages.spiral import SpiralConfig
@@ -78,8 +79,8 @@ def test_structured_spiral_rounds_keep_going_once_a_layer_is_down_to_min_keep(ma
             "experiment=tiny",
             "pipeline=spiral",
             "pipeline.stages.prune.final_sparsity=0.67",
-            "+pipeline.stages.spiral.prune.granularity=heads+neurons",
-            "+pipeline.stages.spiral.prune.criterion=taylor",
+            "pipeline.stages.prune.granularity=heads+neurons",  # the rounds follow the prune stage
+            "pipeline.stages.prune.criterion=taylor",
         )
     )
     rounds = [r for r in results["stages"] if r["stage"].endswith(".prune")]
@@ -87,3 +88,23 @@ def test_structured_spiral_rounds_keep_going_once_a_layer_is_down_to_min_keep(ma
     heads = rounds[-1]["structure"]["heads"]
     assert heads and all(n == 1 for n in heads.values())  # 2 heads, 67% asked, min_keep 1 left
     assert rounds[-1]["metrics"]["dense_gflops"] < rounds[0]["metrics"]["dense_gflops"]
+
+
+def test_spiral_rounds_prune_what_and_how_the_prune_stage_prunes(tmp_path):
+    """An ordering comparison must prune the same groups by the same criterion: the rounds take
+    granularity, criterion, scope (and the rest of "what is removed") from the prune stage unless
+    the spiral sets its own; their schedule (epochs, lr) stays the spiral's."""
+    spiral = compose_cfg(tmp_path, ["experiment=deploy70", "pipeline=spiral"]).pipeline.stages.spiral
+    assert spiral.final_sparsity == 0.7
+    assert (spiral.prune.granularity, spiral.prune.criterion) == ("heads+neurons", "taylor")
+    assert spiral.prune.epochs == 1  # the round's own length, not the prune stage's 2
+    plain = compose_cfg(
+        tmp_path,
+        ["pipeline=spiral", "pipeline.stages.prune.scope=global", "pipeline.stages.prune.criterion=obs"],
+    ).pipeline.stages.spiral.prune
+    assert (plain.scope, plain.criterion, plain.granularity) == ("global", "obs", "unstructured")
+    own = compose_cfg(
+        tmp_path,
+        ["experiment=deploy70", "pipeline=spiral", "pipeline.stages.spiral.prune.criterion=magnitude"],
+    ).pipeline.stages.spiral.prune
+    assert (own.criterion, own.granularity) == ("magnitude", "heads+neurons")  # a spiral setting wins

@@ -130,29 +130,32 @@ def test_the_orderings_sweep_covers_every_preset_including_spiral():
 
 def test_the_far_front_study_puts_five_orderings_at_both_far_points(tmp_path):
     """Issue 21's study: dq, dpq, spiral, prune-before-distill and quantize-aware pruning at 80%
-    unstructured and at a third of the dense GFLOPs, three seeds; every ordering that prunes gets
-    the point's target."""
+    unstructured and at 70% heads+neurons (3.19x fewer dense GFLOPs), three seeds; every ordering
+    that prunes gets the point's target, granularity and criterion."""
     params = load(ROOT / "sweeps" / "far_front.yaml")["parameters"]
     assert params["pipeline"]["values"] == ["dq", "dpq", "spiral", "pd", "dpq_qat"]
-    assert params["experiment"]["values"] == ["far_u80", "far_hn33"] and params["seed"]["values"] == [
-        42,
-        43,
-        44,
-    ]
+    assert params["experiment"]["values"] == ["far_u80", "deploy70"]
+    assert params["seed"]["values"] == [42, 43, 44]
+    hydra_twin = load(ROOT / "conf" / "hparams_search" / "far_front.yaml")["hydra"]["sweeper"]["params"]
+    assert (
+        hydra_twin["experiment"] == "far_u80,deploy70"
+        and hydra_twin["pipeline"] == "dq,dpq,spiral,pd,dpq_qat"
+    )
     u80 = compose_cfg(tmp_path, ["experiment=far_u80", "pipeline=pd"])
     assert list(u80.pipeline.order) == ["teacher", "prune", "distill", "quantize"]
     assert u80.pipeline.stages.prune.final_sparsity == 0.8 and u80.pipeline.stages.prune.scope == "global"
     spiral = compose_cfg(tmp_path, ["experiment=far_u80", "pipeline=spiral"]).pipeline.stages.spiral
-    assert spiral.final_sparsity == 0.8 and spiral.prune.criterion == "taylor"  # the target interpolated
-    hn = compose_cfg(tmp_path, ["experiment=far_hn33", "pipeline=dpq"])
-    assert (
-        hn.pipeline.stages.prune.flops_target == 0.33
-        and hn.pipeline.stages.prune.granularity == "heads+neurons"
-    )
-    spiral = compose_cfg(tmp_path, ["experiment=far_hn33", "pipeline=spiral"]).pipeline.stages.spiral
-    assert spiral.prune.granularity == "heads+neurons" and spiral.final_sparsity == 0.67
-    qa = compose_cfg(tmp_path, ["experiment=far_hn33", "pipeline=dpq_qat"]).pipeline.stages
-    assert qa.prune.qat == "quantize" and qa.recover.qat == "quantize" and qa.prune.flops_target == 0.33
+    assert spiral.final_sparsity == 0.8 and spiral.prune.epochs == 2  # the target interpolated
+    assert spiral.prune.criterion == "taylor" and spiral.prune.scope == "global"  # as the prune stage
+    for pipeline in ("dpq", "pd", "dpq_qat"):
+        prune = compose_cfg(tmp_path, ["experiment=deploy70", f"pipeline={pipeline}"]).pipeline.stages.prune
+        assert (prune.granularity, prune.criterion, prune.final_sparsity) == ("heads+neurons", "taylor", 0.7)
+    spiral = compose_cfg(tmp_path, ["experiment=deploy70", "pipeline=spiral"]).pipeline.stages.spiral
+    assert spiral.prune.granularity == "heads+neurons" and spiral.final_sparsity == 0.7
+    qa = compose_cfg(tmp_path, ["experiment=deploy70", "pipeline=dpq_qat"]).pipeline.stages
+    assert qa.prune.qat == "quantize" and qa.recover.qat == "quantize" and qa.recover.epochs == 8
+    hn = compose_cfg(tmp_path, ["experiment=far_hn33", "pipeline=spiral"]).pipeline.stages
+    assert hn.prune.flops_target == 0.33 and hn.spiral.prune.granularity == "heads+neurons"
 
 
 def test_the_sparsity_grid_spans_targets_0_1_to_0_9_over_several_orderings():
