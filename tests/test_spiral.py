@@ -1,11 +1,14 @@
 """Spiral compression: alternating prune and distill rounds, each round's model teaching the next."""
 
 import json
+import logging
 
 import pytest
 from conftest import compose_cfg
+from omegaconf import OmegaConf
 
 from dpq.core.errors import ConfigError
+from dpq.run.validate import validate
 from dpq.stages.spiral import SpiralConfig
 from dpq.train import train
 
@@ -108,3 +111,22 @@ def test_spiral_rounds_prune_what_and_how_the_prune_stage_prunes(tmp_path):
         ["experiment=deploy70", "pipeline=spiral", "pipeline.stages.spiral.prune.criterion=magnitude"],
     ).pipeline.stages.spiral.prune
     assert (own.criterion, own.granularity) == ("magnitude", "heads+neurons")  # a spiral setting wins
+
+
+@pytest.mark.parametrize(
+    "overrides, warned",
+    [
+        (["experiment=far_hn33", "pipeline=spiral"], True),  # FLOPs budget set, only the spiral prunes
+        (["experiment=far_hn33", "pipeline=dpq"], False),  # the prune stage takes it
+        (["experiment=deploy70", "pipeline=spiral"], False),  # no FLOPs budget
+    ],
+)
+def test_a_flops_target_no_stage_uses_is_said_before_training(tmp_path, caplog, overrides, warned):
+    cfg = OmegaConf.to_container(compose_cfg(tmp_path, overrides), resolve=True)
+    with caplog.at_level(logging.WARNING, logger="dpq.run.validate"):
+        validate(cfg)
+    said = [r.getMessage() for r in caplog.records if "flops_target" in r.getMessage()]
+    assert bool(said) == warned
+    if warned:
+        assert "pipeline.stages.prune.flops_target=0.33" in said[0]
+        assert "pipeline.stages.spiral.final_sparsity=0.67" in said[0]

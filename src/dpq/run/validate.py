@@ -13,6 +13,7 @@ when the config states ``task.num_labels``, and again with the data's count and 
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -26,6 +27,8 @@ TASK_KINDS = ("text", "features", "image")
 # Which model architectures can read each task kind's inputs.
 ARCHES_FOR_KIND = {"text": ("hf",), "features": ("mlp",), "image": ("cnn", "mlp")}
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
+
+log = logging.getLogger(__name__)
 
 
 def validate(cfg: dict[str, Any]) -> list[Stage]:
@@ -55,9 +58,29 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
     check_run_keys(cfg)
     check_trainer(cfg.get("trainer") or {})
     check_export(cfg, stages)
+    warn_unused_flops_target(cfg, stages)
     if task.get("num_labels") is not None:  # else the data says how many (dpq.data.labelled)
         check_labels(cfg, stages)
     return stages
+
+
+def warn_unused_flops_target(cfg: dict[str, Any], stages: list[Stage]) -> str | None:
+    """Say so when ``prune.flops_target`` is set but only a spiral prunes: its rounds prune to
+    ``spiral.final_sparsity`` (a FLOPs budget cannot be split into per-round fractions), so the run
+    lands at another cost than a dpq run of the same config would. Not an error: a study may mean
+    it (experiment=far_hn33 sets the spiral's fraction to about the same GFLOPs)."""
+    target = ((cfg["pipeline"].get("stages") or {}).get("prune") or {}).get("flops_target")
+    spirals = [s for s in stages if s.kind == "spiral"]
+    if target is None or not spirals or any(s.kind == "prune" for s in stages):
+        return None
+    msg = (
+        f"pipeline.stages.prune.flops_target={target} is not used: no prune stage runs in "
+        f"{cfg['pipeline'].get('name')}; the spiral's rounds prune to "
+        f"pipeline.stages.{spirals[0].name}.final_sparsity={spirals[0].cfg.final_sparsity} instead "
+        "(set it for a comparable cost; the Pareto report places the run by its measured GFLOPs)"
+    )
+    log.warning(msg)
+    return msg
 
 
 def check_labels(cfg: dict[str, Any], stages: list[Stage]) -> None:
