@@ -218,6 +218,19 @@ def test_points_carry_final_teacher_and_dense_with_their_knobs():
     assert by["final"]["device"] == "cpu" and by["final"]["flops_convention"] == "fvcore"
 
 
+def test_a_structured_spiral_is_labelled_with_its_rounds_granularity():
+    """The spiral keeps the granularity in its rounds' prune settings; it was labelled 'sparse'
+    (unstructured) before, beside dpq and pd points of the same heads+neurons shape."""
+    run = Path(__file__).parents[1] / "bench" / "results" / "deploy" / "deploy70spiral-s42"
+    final = next(
+        p
+        for p in points_from_results(json.loads((run / "results.json").read_text()), "s")
+        if p["kind"] == "final"
+    )
+    assert final["granularity"] == "heads+neurons" and final["final_sparsity"] == 0.7
+    assert final["label"].startswith("spiral 0.7 heads+neurons")
+
+
 def test_the_exported_models_runtime_cost_is_an_objective_of_final_points():
     res = fake_results("dpq", 1, 0.88, 0.55)
     res["final"].update(onnx_accuracy=0.87, onnx_latency_ms_median=2.5, onnx_size_bytes=8e6)

@@ -197,7 +197,9 @@ def _knobs(cfg: dict, names: list[str]) -> tuple[float, int | None, int | None, 
     for st in _stage_cfgs(cfg, names):
         if st.get("kind") in ("prune", "spiral") and st.get("final_sparsity") is not None:
             sparsity = float(st["final_sparsity"])
-            granularity = str(st.get("granularity") or "unstructured")
+            # a spiral's rounds say it in their own prune settings
+            own = (st.get("prune") or {}) if st.get("kind") == "spiral" else st
+            granularity = str(own.get("granularity") or "unstructured")
         if isinstance(st.get("bits"), int):
             bits = int(st["bits"])
             act_bits = int(st["act_bits"]) if isinstance(st.get("act_bits"), int) else None
