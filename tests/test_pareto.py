@@ -17,7 +17,7 @@ from dpq.pareto.aggregate import add_objectives, merge_seeds
 from dpq.pareto.cli import main as cli_main
 from dpq.pareto.compare import compare
 from dpq.pareto.front import step_order
-from dpq.pareto.gather import find_results, gather, identity, is_sweep_id, points_from_results
+from dpq.pareto.gather import _flatten, find_results, gather, identity, is_sweep_id, points_from_results
 
 # --------------------------------------------------------------------------- the front
 
@@ -745,3 +745,10 @@ def test_a_label_leads_with_the_settings_its_configuration_changed(tmp_path):
         finals["base"]
         == "dpq 0.8 sparse 4-bit (prune.criterion=taylor, prune.epochs=2, prune.scope=layer, …)"
     )
+
+
+def test_an_empty_mapping_is_no_setting_when_configurations_are_told_apart():
+    plain = _flatten({"prune": {"overrides": {}, "final_sparsity": 0.5}})
+    mixed = _flatten({"prune": {"overrides": {"re:.*intermediate": 0.81}, "final_sparsity": 0.5}})
+    assert plain == {"prune.final_sparsity": 0.5}
+    assert set(mixed) - set(plain) == {"prune.overrides.re:.*intermediate"}

@@ -342,9 +342,12 @@ def to_frame(loaded: list[tuple[dict, str]], references: bool = True, stages: bo
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
+    """Dotted keys to leaf values. An empty mapping sets nothing, so it gives no key: a run with
+    ``prune.overrides={re:...: 0.81}`` then differs from one with ``{}`` in that one setting, not
+    also in an ``overrides`` key that one run has and the other lacks."""
     out: dict = {}
     for k, v in d.items():
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
