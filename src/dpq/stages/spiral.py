@@ -21,6 +21,8 @@ from dpq.stages.distill import DistillConfig, DistillStage
 from dpq.stages.prune import PruneConfig, PruneStage
 
 TEACHER_MODES = ("previous", "original", "both")
+# The round settings that follow the prune stage in conf/pipeline/spiral.yaml.
+ROUND_FOLLOWS_PRUNE = ("granularity", "n_m", "criterion", "obs", "scope", "norm", "min_keep", "targets")
 
 
 @dataclass
@@ -31,7 +33,9 @@ class SpiralConfig:
     final_sparsity: float = 0.5
     round_targets: Any = None  # explicit per-round targets; null = linear from initial to final
     teacher_mode: str = "previous"
-    # PruneConfig / DistillConfig fields for every round's prune / distill (shorter than the stand-alone stages')
+    # PruneConfig / DistillConfig fields for every round's prune / distill (shorter than the stand-alone stages').
+    # What is removed and how it is scored are the prune stage's defaults here; conf/pipeline/spiral.yaml
+    # interpolates them from the run's prune stage, which a dataclass cannot see.
     prune: dict = field(
         default_factory=lambda: {
             "epochs": 1,
@@ -40,6 +44,7 @@ class SpiralConfig:
             "ramp_end": 0.75,
             "alpha": 0.5,
             "temperature": 2.0,
+            **{k: copy.deepcopy(getattr(PruneConfig(), k)) for k in ROUND_FOLLOWS_PRUNE},
         }
     )
     distill: dict = field(default_factory=lambda: {"epochs": 1, "lr": 3e-5, "alpha": 0.5, "temperature": 2.0})
