@@ -62,3 +62,90 @@ def test_a_prune_stage_with_flops_target_reaches_it(make_cfg):
     before, after = distill["metrics"]["dense_gflops"], prune["metrics"]["dense_gflops"]
     assert prune["flops_target"] == 0.6 and prune["shrunk"]
     assert after <= 0.6 * before + 1e-9 and after >= 0.45 * before
+
+
+def _setup(keep: float):
+    m = bert()
+    targets = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and "encoder" in n]
+    sets = structured.find_groups(m, "heads+neurons", targets)
+    total, by_module = cost.flops_by_module(m, INPUTS)
+    costs = structured.group_costs(m, sets, by_module)
+    return m, targets, sets, total, costs
+
+
+@pytest.mark.parametrize("keep, heads", [(0.4, 0.5), (0.45, 0.25), (0.6, 0.0)])
+def test_flops_fill_keeps_the_head_share_and_meets_the_budget_with_the_fewest_neurons_removed(keep, heads):
+    m, targets, sets, total, costs = _setup(keep)
+    fraction, removed = structured.flops_fill(sets, costs, "neurons", heads, (1 - keep) * total)
+    neuron_sets = [s for s in sets if s.kind == "neurons"]
+    n = neuron_sets[0].count  # 256 in every layer
+    assert abs(fraction * n - round(fraction * n)) < 1e-9  # a whole number of neurons per layer
+    # the smallest such fraction: one neuron fewer per layer would leave the model above the budget
+    per_layer = sum(costs[s.name] for s in neuron_sets)
+    assert removed >= (1 - keep) * total - 1e-6 and removed - per_layer < (1 - keep) * total
+
+    g = torch.Generator().manual_seed(1)
+    scores = {t: torch.rand(m.get_submodule(t).weight.shape, generator=g) for t in targets}
+    per_set = {s.name: (fraction if s.kind == "neurons" else heads) for s in sets}
+    kept = structured.select_groups(sets, scores, per_set, scope="layer")
+    structured.shrink_(m, sets, kept)
+    after = cost.flops_by_module(m, INPUTS)[0]
+    assert abs((total - after) - removed) <= 1e-6 * total  # the solver's count is what the shrink removes
+    assert after <= keep * total + 1e-6
+    for s in sets:  # the head share is exactly the one asked, in every layer
+        if s.kind == "heads":
+            assert int(kept[s.name].sum()) == s.count - round(heads * s.count)
+        else:
+            assert int(kept[s.name].sum()) == n - round(fraction * n)
+
+
+def test_flops_fill_says_when_the_budget_cannot_be_split_that_way():
+    _, _, sets, total, costs = _setup(0.5)
+    with pytest.raises(ValueError, match="alone leaves fewer FLOPs than the target"):
+        structured.flops_fill(sets, costs, "neurons", 0.75, 0.01 * total)  # the heads alone remove more
+    with pytest.raises(ValueError, match="still leaves more FLOPs than the target"):
+        structured.flops_fill(sets, costs, "neurons", 0.0, 0.95 * total)  # neurons alone cannot reach 5%
+
+
+@pytest.mark.parametrize(
+    "settings, bad",
+    [
+        ({"flops_fill": "neurons"}, "flops_fill"),  # no flops_target
+        ({"flops_fill": "layers", "flops_target": 0.3}, "flops_fill"),
+        ({"flops_fill": "neurons", "flops_target": 0.3, "granularity": "neurons"}, "flops_fill"),
+        ({"flops_fill": "neurons", "flops_target": 0.3, "scope": "global"}, "flops_fill"),
+    ],
+)
+def test_flops_fill_misuse_is_a_config_error_naming_the_key(settings, bad):
+    from dpq.core.errors import ConfigError
+    from dpq.stages.prune import PruneConfig
+
+    cfg = PruneConfig(**{"granularity": "heads+neurons", **settings})
+    with pytest.raises(ConfigError, match=rf"pipeline\.stages\.prune\.{bad}"):
+        cfg.check("pipeline.stages.prune")
+
+
+def test_a_prune_stage_with_flops_fill_keeps_the_head_share_and_reaches_the_target(make_cfg):
+    from dpq.train import train
+
+    results = train(
+        make_cfg(
+            "experiment=tiny",
+            "pipeline=dp",
+            "pipeline.stages.prune.granularity=heads+neurons",
+            "pipeline.stages.prune.final_sparsity=0.5",
+            "pipeline.stages.prune.flops_target=0.4",
+            "pipeline.stages.prune.flops_fill=neurons",
+            "pipeline.stages.prune.criterion=taylor",
+        )
+    )
+    prune = next(s for s in results["stages"] if s["stage"] == "prune")
+    distill = next(s for s in results["stages"] if s["stage"] == "distill")
+    before, after = distill["metrics"]["dense_gflops"], prune["metrics"]["dense_gflops"]
+    assert prune["flops_fill"] == "neurons" and prune["shrunk"] and 0 < prune["fill_fraction"] < 1
+    assert after <= 0.4 * before + 1e-9 and after >= 0.3 * before
+    arch = results["config"]["model"]["config"]
+    h, n = arch["num_attention_heads"], arch["intermediate_size"]
+    # half the heads in every layer, and the same solved share of the neurons in every layer
+    assert set(prune["structure"]["heads"].values()) == {h - round(0.5 * h)}
+    assert set(prune["structure"]["neurons"].values()) == {n - round(prune["fill_fraction"] * n)}

@@ -247,6 +247,57 @@ def prune_counts(
     return out
 
 
+def flops_fill(
+    sets: list[GroupSet],
+    costs: Mapping[str, float],
+    fill: str,
+    sparsity: float,
+    remove_flops: float,
+    min_keep: int = 1,
+    totals: Mapping[str, int] | None = None,
+) -> tuple[float, float]:
+    """The per-layer fraction of ``fill``-kind groups (``heads`` or ``neurons``) that, with
+    ``sparsity`` of every other set's groups gone, removes at least ``remove_flops``; and the FLOPs
+    removed then.
+
+    A FLOPs budget split evenly across layers at a chosen mix of kinds (keep half the heads, let the
+    neurons make up the rest), where ``scope="flops"`` lets all groups compete. Counts are what
+    :func:`prune_counts` makes of a fraction, so the ramp that ends at it removes exactly these
+    groups. The smallest such fraction: one group fewer in every ``fill`` set would miss the budget.
+    Raises ValueError when the other kinds alone already remove more, or when ``fill`` cannot
+    remove enough before ``min_keep``.
+    """
+    fixed = [gs for gs in sets if gs.kind != fill]
+    filled = [gs for gs in sets if gs.kind == fill]
+    if not filled:
+        raise ValueError(f"no {fill} among the groups ({', '.join(sorted({gs.kind for gs in sets}))})")
+    by_fixed = prune_counts(fixed, sparsity, min_keep, totals)
+    removed_fixed = sum(costs[gs.name] * by_fixed[gs.name] for gs in fixed)
+    need = float(remove_flops) - removed_fixed
+    others = sorted({gs.kind for gs in fixed})
+    if need <= 0:
+        raise ValueError(
+            f"removing {sparsity} of the {', '.join(others)} alone leaves fewer FLOPs than the target "
+            f"({removed_fixed:.4g} removed, {float(remove_flops):.4g} asked): lower final_sparsity or the "
+            "fraction removed"
+        )
+
+    def removed(fraction: float) -> float:
+        counts = prune_counts(filled, fraction, min_keep, totals)
+        return sum(costs[gs.name] * counts[gs.name] for gs in filled)
+
+    sizes = {int((totals or {}).get(gs.name, gs.count)) for gs in filled}
+    for fraction in sorted({j / n for n in sizes for j in range(n)}):
+        got = removed(fraction)
+        if got >= need * (1 - 1e-12):
+            return fraction, removed_fixed + got
+    raise ValueError(
+        f"removing {sparsity} of the {', '.join(others)} and all the {fill} but min_keep={min_keep} per "
+        f"layer still leaves more FLOPs than the target ({removed_fixed + removed(1.0):.4g} of "
+        f"{float(remove_flops):.4g} removed): raise final_sparsity or keep more FLOPs"
+    )
+
+
 def keep_from_masks(
     model: nn.Module, sets: list[GroupSet], masks: Mapping[str, torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:

@@ -29,6 +29,8 @@ from dpq.stages.quantize import QuantAwareTraining, check_qat_name
 
 log = logging.getLogger(__name__)
 
+FILL_KINDS = ("heads", "neurons")  # flops_fill: the kind whose per-layer fraction meets flops_target
+
 
 @dataclass
 class PruneConfig(KDStageConfig):
@@ -58,6 +60,10 @@ class PruneConfig(KDStageConfig):
     # structured: keep this fraction of the model's dense GFLOPs (cost.batch_size/seq_len inputs) instead of a
     # per-layer fraction of groups; groups go lowest importance per FLOP first, across all layers
     flops_target: Any = None
+    # with flops_target: null = the above (all groups compete); heads | neurons = every layer loses
+    # final_sparsity of its other kind and this kind fills the rest of the budget, the same fraction in every
+    # layer (a FLOPs budget at a chosen head/neuron mix: dpq.prune.structured.flops_fill)
+    flops_fill: Any = None
     # criterion=obs (second order, oBERT): block_size, num_grads, damp_ratio, update (dpq.prune.obs.ObsOptions)
     obs: dict = field(default_factory=dict)
     # depth: whole transformer layers removed when the stage starts, before its ramp. An int: that many,
@@ -134,6 +140,33 @@ class PruneConfig(KDStageConfig):
                     self.overrides,
                     "do not combine with flops_target (one budget for the whole model)",
                 )
+        self._check_flops_fill(key)
+
+    def _check_flops_fill(self, key: str) -> None:
+        fill = self.flops_fill
+        if fill is None:
+            return
+        if fill not in FILL_KINDS:
+            raise ConfigError(f"{key}.flops_fill", fill, f"must be null or one of {', '.join(FILL_KINDS)}")
+        if self.flops_target is None:
+            raise ConfigError(
+                f"{key}.flops_fill",
+                fill,
+                "fills a FLOPs budget: set flops_target (the fraction of dense GFLOPs kept)",
+            )
+        if self.granularity != "heads+neurons":
+            raise ConfigError(
+                f"{key}.flops_fill",
+                fill,
+                f"splits the budget between heads and neurons; granularity={self.granularity} "
+                "(use granularity=heads+neurons, or flops_fill=null)",
+            )
+        if self.scope != "layer":
+            raise ConfigError(
+                f"{key}.flops_fill",
+                fill,
+                f"removes the same fractions in every layer, which scope={self.scope} contradicts (use scope=layer)",
+            )
 
     def _check_depth(self, key: str) -> None:
         d = self.drop_layers
@@ -381,6 +414,12 @@ class PruneStage(QuantAwareTraining, Stage):
         remove = 1.0 - cfg.flops_target if budget else None
         if budget and flops_first is not None:  # the target is a fraction of the model before the drop
             remove = max(0.0, 1.0 - cfg.flops_target * flops_first / budget["flops_total"])
+        finals, fill_record = cfg.layer_finals(targets, self.key), {}
+        # flops_fill: per-layer fractions, the other kind's final_sparsity and the fill kind's solved one
+        if budget and cfg.flops_fill:
+            finals, fill_record = self.fill_finals(student, groups, budget, remove)
+            fill_record["flops_before"] = flops_first or budget["flops_total"]
+            budget = {}
         ramp = SparsityRamp(
             self.name,
             targets,
@@ -393,7 +432,7 @@ class PruneStage(QuantAwareTraining, Stage):
             frozen=state.masks,
             criterion=cfg.criterion,
             schedule=make_schedule(cfg.schedule, cfg.exponent, cfg.iterations),
-            finals=cfg.layer_finals(targets, self.key),
+            finals=finals,
             n_m=n_m,
             groups=groups,
             norm=cfg.norm,
@@ -422,12 +461,50 @@ class PruneStage(QuantAwareTraining, Stage):
             extra["qat"] = self.qat_settings()
         if budget:
             extra.update(flops_target=cfg.flops_target, flops_before=flops_first or budget["flops_total"])
+        extra.update(fill_record)
         if groups:
             extra["structure"] = structured.structure_summary(groups, ramp.group_keep)
             extra["shrunk"] = bool(cfg.shrink)
             if cfg.shrink:
                 state.masks = structured.shrink_(student, groups, ramp.group_keep, state.masks)
         ctx.record(state, self, student, extra=extra)
+
+    def fill_finals(self, student, groups, budget: dict, remove: float) -> tuple[dict[str, float], dict]:
+        """``flops_fill``: per-layer final sparsities that meet ``flops_target`` with ``final_sparsity`` of
+        the other kind removed in every layer (keyed like ``overrides``, by each set's first producer)."""
+        cfg: PruneConfig = self.cfg
+        totals = getattr(student, "dpq_original_groups", None)
+        try:
+            fraction, removed = structured.flops_fill(
+                groups,
+                budget["costs"],
+                cfg.flops_fill,
+                cfg.final_sparsity,
+                remove * budget["flops_total"],
+                int(cfg.min_keep),
+                totals,
+            )
+        except ValueError as e:
+            raise ConfigError(f"{self.key}.flops_target", cfg.flops_target, str(e)) from None
+        log.info(
+            "%s: flops_fill=%s: %.4f of the %s per layer with %s of the rest meets flops_target=%s "
+            "(%.4g of %.4g FLOPs removed)",
+            self.name,
+            cfg.flops_fill,
+            fraction,
+            cfg.flops_fill,
+            cfg.final_sparsity,
+            cfg.flops_target,
+            removed,
+            budget["flops_total"],
+        )
+        finals = {gs.producers[0].module: fraction for gs in groups if gs.kind == cfg.flops_fill}
+        record = {
+            "flops_target": cfg.flops_target,
+            "flops_fill": cfg.flops_fill,
+            "fill_fraction": fraction,
+        }
+        return finals, record
 
     @staticmethod
     def flops_budget(model, groups: list[structured.GroupSet], inputs: dict) -> dict:
