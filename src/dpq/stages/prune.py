@@ -487,13 +487,14 @@ class PruneStage(QuantAwareTraining, Stage):
         except ValueError as e:
             raise ConfigError(f"{self.key}.flops_target", cfg.flops_target, str(e)) from None
         log.info(
-            "%s: flops_fill=%s: %.4f of the %s per layer with %s of the rest meets flops_target=%s "
+            "%s: flops_fill=%s: %.4f of the %s per layer with %s of the %s meets flops_target=%s "
             "(%.4g of %.4g FLOPs removed)",
             self.name,
             cfg.flops_fill,
             fraction,
             cfg.flops_fill,
             cfg.final_sparsity,
+            next(k for k in FILL_KINDS if k != cfg.flops_fill),
             cfg.flops_target,
             removed,
             budget["flops_total"],
