@@ -149,3 +149,23 @@ def test_a_prune_stage_with_flops_fill_keeps_the_head_share_and_reaches_the_targ
     # half the heads in every layer, and the same solved share of the neurons in every layer
     assert set(prune["structure"]["heads"].values()) == {h - round(0.5 * h)}
     assert set(prune["structure"]["neurons"].values()) == {n - round(prune["fill_fraction"] * n)}
+
+
+def test_flops_fill_below_the_initial_sparsity_is_a_config_error():
+    from dpq.core.errors import ConfigError
+    from dpq.stages.prune import PruneConfig, PruneStage
+
+    m, _, sets, total, costs = _setup(0.8)
+    cfg = PruneConfig(
+        granularity="heads+neurons",
+        final_sparsity=0.25,
+        initial_sparsity=0.25,
+        flops_target=0.8,
+        flops_fill="neurons",
+    )
+    cfg.check("pipeline.stages.prune")
+    fraction, _ = structured.flops_fill(sets, costs, "neurons", 0.25, 0.2 * total)
+    assert fraction < 0.25  # the neurons' solved share is below where the ramp starts
+    budget = {"costs": costs, "flops_total": total}
+    with pytest.raises(ConfigError, match=r"pipeline\.stages\.prune\.initial_sparsity"):
+        PruneStage("prune", cfg).fill_finals(m, sets, budget, 0.2)

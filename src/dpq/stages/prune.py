@@ -486,6 +486,12 @@ class PruneStage(QuantAwareTraining, Stage):
             )
         except ValueError as e:
             raise ConfigError(f"{self.key}.flops_target", cfg.flops_target, str(e)) from None
+        if fraction < cfg.initial_sparsity:  # the ramp would have to give groups back
+            raise ConfigError(
+                f"{self.key}.initial_sparsity",
+                cfg.initial_sparsity,
+                f"must be <= the {cfg.flops_fill}' solved final fraction {fraction:.4f} (flops_fill)",
+            )
         log.info(
             "%s: flops_fill=%s: %.4f of the %s per layer with %s of the %s meets flops_target=%s "
             "(%.4g of %.4g FLOPs removed)",
