@@ -378,9 +378,11 @@ def test_entries_of_other_code_are_never_used_listed_stale_and_pruned(tmp_path, 
         tmp_path / "old_libs", code={**code, "libraries": {**code["libraries"], "torchao": "0.1"}}
     )
     _rewrite_manifest(tmp_path / "old_format", format=1, code=None)
-    _rewrite_manifest(  # trained on another CPU model: other kernels, other numbers
-        tmp_path / "other_cpu",
-        code={**code, "hardware": {**code["hardware"], "cpu": "AuthenticAMD family 25 model 17: AMD EPYC"}},
+    # trained on another CPU model: other kernels, other numbers (whichever of two this host is not)
+    cpus = ("AuthenticAMD family 25 model 17: AMD EPYC", "GenuineIntel family 6 model 143: Intel Xeon")
+    other_cpu = next(c for c in cpus if c != code["hardware"]["cpu"])
+    _rewrite_manifest(
+        tmp_path / "other_cpu", code={**code, "hardware": {**code["hardware"], "cpu": other_cpu}}
     )
     _rewrite_manifest(  # same CPU, trained on a host with another GPU: other cuBLAS kernels
         tmp_path / "other_gpu",
