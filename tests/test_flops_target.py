@@ -45,7 +45,8 @@ def test_a_gflops_target_is_met_within_one_group(keep):
     assert abs((total - after) - removed) <= 1e-6 * total
 
 
-def test_a_prune_stage_with_flops_target_reaches_it(make_cfg):
+def _tiny_structured_run(make_cfg, *overrides):
+    """A tiny heads+neurons Taylor dp run: (results, prune record, dense GFLOPs before and after pruning)."""
     from dpq.train import train
 
     results = train(
@@ -53,13 +54,17 @@ def test_a_prune_stage_with_flops_target_reaches_it(make_cfg):
             "experiment=tiny",
             "pipeline=dp",
             "pipeline.stages.prune.granularity=heads+neurons",
-            "+pipeline.stages.prune.flops_target=0.6",
             "pipeline.stages.prune.criterion=taylor",
+            *overrides,
         )
     )
     prune = next(s for s in results["stages"] if s["stage"] == "prune")
     distill = next(s for s in results["stages"] if s["stage"] == "distill")
-    before, after = distill["metrics"]["dense_gflops"], prune["metrics"]["dense_gflops"]
+    return results, prune, distill["metrics"]["dense_gflops"], prune["metrics"]["dense_gflops"]
+
+
+def test_a_prune_stage_with_flops_target_reaches_it(make_cfg):
+    _, prune, before, after = _tiny_structured_run(make_cfg, "+pipeline.stages.prune.flops_target=0.6")
     assert prune["flops_target"] == 0.6 and prune["shrunk"]
     assert after <= 0.6 * before + 1e-9 and after >= 0.45 * before
 
@@ -126,22 +131,12 @@ def test_flops_fill_misuse_is_a_config_error_naming_the_key(settings, bad):
 
 
 def test_a_prune_stage_with_flops_fill_keeps_the_head_share_and_reaches_the_target(make_cfg):
-    from dpq.train import train
-
-    results = train(
-        make_cfg(
-            "experiment=tiny",
-            "pipeline=dp",
-            "pipeline.stages.prune.granularity=heads+neurons",
-            "pipeline.stages.prune.final_sparsity=0.5",
-            "pipeline.stages.prune.flops_target=0.4",
-            "pipeline.stages.prune.flops_fill=neurons",
-            "pipeline.stages.prune.criterion=taylor",
-        )
+    results, prune, before, after = _tiny_structured_run(
+        make_cfg,
+        "pipeline.stages.prune.final_sparsity=0.5",
+        "pipeline.stages.prune.flops_target=0.4",
+        "pipeline.stages.prune.flops_fill=neurons",
     )
-    prune = next(s for s in results["stages"] if s["stage"] == "prune")
-    distill = next(s for s in results["stages"] if s["stage"] == "distill")
-    before, after = distill["metrics"]["dense_gflops"], prune["metrics"]["dense_gflops"]
     assert prune["flops_fill"] == "neurons" and prune["shrunk"] and 0 < prune["fill_fraction"] < 1
     assert after <= 0.4 * before + 1e-9 and after >= 0.3 * before
     arch = results["config"]["model"]["config"]
