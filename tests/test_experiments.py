@@ -96,3 +96,26 @@ def test_the_deploy70_preset_is_the_measured_recipe_deploy_at_70_percent_with_tw
     changed = {k: (deploy[k], deploy70[k]) for k in deploy if deploy[k] != deploy70[k]}
     assert changed == {"stages.prune.final_sparsity": (0.5, 0.7), "stages.recover.epochs": (4, 8)}
     assert deploy70["stages.quantize.observer"] == "lsq"
+
+
+def test_the_deploy70mix_preset_is_the_command_its_runs_used_and_shares_their_cache_entries(make_cfg):
+    """BENCHMARKS.md trained the mix as `experiment=deploy70 prune.final_sparsity=0.5` plus a CLI
+    override of the FFN's fraction; the preset must resolve to that same config (the override's
+    escaped regex key included), so its stage-cache keys are those runs' keys."""
+    from dpq.run.stage_cache import pipeline_keys
+
+    cli = OmegaConf.to_container(
+        make_cfg(
+            "experiment=deploy70",
+            "pipeline.stages.prune.final_sparsity=0.5",
+            r"+pipeline.stages.prune.overrides={re\:.*intermediate\.dense:0.81}",
+        ),
+        resolve=True,
+    )
+    preset = OmegaConf.to_container(make_cfg("experiment=deploy70mix"), resolve=True)
+    assert preset["pipeline"]["stages"]["prune"]["overrides"] == {r"re:.*intermediate\.dense": 0.81}
+    assert _flatten(preset["pipeline"]) == _flatten(cli["pipeline"])
+    assert pipeline_keys(preset) == pipeline_keys(cli)
+    deploy70 = _flatten(OmegaConf.to_container(make_cfg("experiment=deploy70"), resolve=True)["pipeline"])
+    changed = {k for k, v in _flatten(preset["pipeline"]).items() if deploy70.get(k) != v}
+    assert changed == {"stages.prune.final_sparsity", r"stages.prune.overrides.re:.*intermediate\.dense"}
