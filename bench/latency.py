@@ -49,12 +49,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def pick_runs(paths: list[Path]) -> dict[str, Path]:
     """name -> run folder. A study folder contributes one completed run per config (its lowest
-    seed: the architecture, and so the latency, is the same on every seed); a run folder itself."""
+    seed: the architecture, and so the latency, is the same on every seed); a run folder itself,
+    named by its config (``dense-s42`` -> ``dense``, so ``--baseline dense`` finds it) unless two
+    folders given share a config: then both keep their folder names (three seeds' models of one
+    recipe are three rows, not one row silently holding the last)."""
     runs: dict[str, Path] = {}
+    folders = [p for p in paths if (p / "results.json").exists()]
+    configs = [m["config"] if (m := RUN_DIR.match(p.name)) else p.name for p in folders]
+    for p, config in zip(folders, configs):
+        name = config if configs.count(config) == 1 else p.name
+        if name in runs and runs[name] != p:
+            sys.exit(f"two run folders are both named {name!r}: {runs[name]} and {p}")
+        runs[name] = p
     for p in paths:
-        if (p / "results.json").exists():  # a run folder: named by its config when it is a study's
-            m = RUN_DIR.match(p.name)
-            runs[m["config"] if m else p.name] = p
+        if (p / "results.json").exists():
             continue
         found = sorted(p.glob("*/results.json"))
         if not found:

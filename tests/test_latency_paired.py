@@ -53,3 +53,26 @@ def test_one_round_has_no_interval_and_bad_shapes_are_refused(latency):
         latency.paired_speedup([1.0, 1.0, 1.0], [1.0, 1.0], per_round=1)
     with pytest.raises(ValueError, match="per_round"):
         latency.paired_speedup([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], per_round=2)
+
+
+def test_run_folders_are_named_by_config_unless_two_share_one(latency, tmp_path):
+    """Three seeds' models of one recipe are three rows; a lone seed keeps its config's name, so
+    ``--baseline dense`` still finds ``dense-s42`` (they once collapsed into one row, the last seed)."""
+    dirs = {}
+    for name in ("dense-s42", "mix-s42", "mix-s43", "mix-s44", "custom"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text("{}")
+        dirs[name] = tmp_path / name
+    runs = latency.pick_runs([dirs[n] for n in ("dense-s42", "mix-s42", "mix-s43", "mix-s44", "custom")])
+    assert runs == {
+        "dense": dirs["dense-s42"],
+        "mix-s42": dirs["mix-s42"],
+        "mix-s43": dirs["mix-s43"],
+        "mix-s44": dirs["mix-s44"],
+        "custom": dirs["custom"],
+    }
+    other = tmp_path / "elsewhere" / "mix-s42"
+    other.mkdir(parents=True)
+    (other / "results.json").write_text("{}")
+    with pytest.raises(SystemExit, match="both named 'mix-s42'"):
+        latency.pick_runs([dirs["mix-s42"], other])
