@@ -231,6 +231,22 @@ def test_a_structured_spiral_is_labelled_with_its_rounds_granularity():
     assert final["label"].startswith("spiral 0.7 heads+neurons")
 
 
+def test_per_layer_overrides_and_a_flops_target_are_in_the_label():
+    """The 50% heads / 81% neurons mix was labelled "dpq 0.5 heads+neurons W4A8", as if every
+    layer lost half its groups; its label now names the override (and a FLOPs target its budget)."""
+    run = Path(__file__).parents[1] / "bench" / "results" / "deploy_epyc" / "deploy70mix-s42"
+    res = json.loads((run / "results.json").read_text())
+    final = next(p for p in points_from_results(res, "s") if p["kind"] == "final")
+    assert final["label"] == "dpq 0.5 heads+neurons [intermediate.dense 0.81] W4A8"
+    prune = res["config"]["pipeline"]["stages"]["prune"]
+    prune.update(overrides={}, flops_target=0.3)
+    final = next(p for p in points_from_results(res, "s") if p["kind"] == "final")
+    assert final["label"] == "dpq 0.5 heads+neurons [0.3 of dense GFLOPs] W4A8"
+    prune.update(flops_target=None)
+    final = next(p for p in points_from_results(res, "s") if p["kind"] == "final")
+    assert final["label"] == "dpq 0.5 heads+neurons W4A8"
+
+
 def test_the_exported_models_runtime_cost_is_an_objective_of_final_points():
     res = fake_results("dpq", 1, 0.88, 0.55)
     res["final"].update(onnx_accuracy=0.87, onnx_latency_ms_median=2.5, onnx_size_bytes=8e6)

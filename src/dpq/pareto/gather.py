@@ -185,25 +185,53 @@ def _stage_cfgs(cfg: dict, names: list[str]) -> list[dict]:
     return [stages.get(n, {}) for n in names]
 
 
-def _knobs(cfg: dict, names: list[str]) -> tuple[float, int | None, int | None, str | None]:
-    """(final sparsity, weight bits, activation bits, pruning granularity) the stages ``names`` aim
-    for; 0.0 / None when they do not.
+def _knobs(cfg: dict, names: list[str]) -> tuple[float, int | None, int | None, str | None, str]:
+    """(final sparsity, weight bits, activation bits, pruning granularity, budget detail) the stages
+    ``names`` aim for; 0.0 / None / "" when they do not.
 
     Any stage with ``bits`` quantizes (QAT ``quantize``, post-training ``ptq``, ...). The
     granularity keeps a structured (shrunk) point apart from an unstructured one of the same
-    sparsity in labels and tables.
+    sparsity in labels and tables. The detail names what ``final_sparsity`` alone does not say:
+    per-layer ``overrides`` (the 50% heads / 81% neurons mix was labelled a plain "0.5") and a
+    ``flops_target``.
     """
-    sparsity, bits, act_bits, granularity = 0.0, None, None, None
+    sparsity, bits, act_bits, granularity, detail = 0.0, None, None, None, ""
     for st in _stage_cfgs(cfg, names):
         if st.get("kind") in ("prune", "spiral") and st.get("final_sparsity") is not None:
             sparsity = float(st["final_sparsity"])
             # a spiral's rounds say it in their own prune settings
             own = (st.get("prune") or {}) if st.get("kind") == "spiral" else st
             granularity = str(own.get("granularity") or "unstructured")
+            detail = _budget_detail(own)
         if isinstance(st.get("bits"), int):
             bits = int(st["bits"])
             act_bits = int(st["act_bits"]) if isinstance(st.get("act_bits"), int) else None
-    return sparsity, bits, act_bits, granularity
+    return sparsity, bits, act_bits, granularity, detail
+
+
+def _short_selector(sel: str) -> str:
+    """``re:.*intermediate\\.dense`` -> ``intermediate.dense``: a layer selector as a label shows it."""
+    s = str(sel).removeprefix("re:").replace("\\", "").strip("^$")
+    s = s.removeprefix(".*").removesuffix(".*")
+    return ".".join(s.split(".")[-2:]) or str(sel)
+
+
+def _budget_detail(prune: dict) -> str:
+    """Per-layer overrides and a FLOPs target of one prune configuration, for the label."""
+    parts = []
+    overrides = prune.get("overrides") or {}
+    if isinstance(overrides, dict):
+        parts += [
+            f"{_short_selector(k)} {v:g}" if isinstance(v, (int, float)) else f"{_short_selector(k)} {v}"
+            for k, v in overrides.items()
+        ]
+    if prune.get("flops_target") is not None:
+        parts.append(
+            f"{prune['flops_target']:g} of dense GFLOPs"
+            if isinstance(prune["flops_target"], (int, float))
+            else f"flops_target {prune['flops_target']}"
+        )
+    return ", ".join(parts)
 
 
 def identity(cfg: dict, upto: list[str] | None = None, drop: tuple[str, ...] = ()) -> dict:
@@ -238,6 +266,7 @@ def _label(
     stage: str | None = None,
     act_bits: int | None = None,
     granularity: str | None = None,
+    detail: str = "",
 ) -> str:
     if kind == "teacher":
         return "teacher"
@@ -248,6 +277,8 @@ def _label(
         parts.append(
             f"{sparsity:g} sparse" if granularity in (None, "unstructured") else f"{sparsity:g} {granularity}"
         )
+        if detail:
+            parts.append(f"[{detail}]")
     if bits:
         parts.append(f"W{bits}A{act_bits}" if act_bits else f"{bits}-bit")
     return " ".join(parts)
@@ -281,7 +312,7 @@ def points_from_results(results: dict, run: str, stages: bool = False) -> list[d
         role: str | None,
         drop: tuple[str, ...] = (),
     ) -> None:
-        sparsity, bits, act_bits, granularity = _knobs(cfg, names)
+        sparsity, bits, act_bits, granularity, detail = _knobs(cfg, names)
         ident = identity(cfg, None if kind == "final" else names, drop)
         # A reference point depends only on the stages up to it: that is its ordering.
         order_of = " → ".join(names) if kind in ("teacher", "dense") else common["order"]
@@ -292,7 +323,7 @@ def points_from_results(results: dict, run: str, stages: bool = False) -> list[d
                 "kind": kind,
                 "stage": stage,
                 "role": role,
-                "label": _label(kind, pipeline, sparsity, bits, stage, act_bits, granularity),
+                "label": _label(kind, pipeline, sparsity, bits, stage, act_bits, granularity, detail),
                 "final_sparsity": sparsity,
                 "granularity": granularity,
                 "bits": bits,
