@@ -725,6 +725,68 @@ def test_min_seeds_more_than_any_configuration_has_is_a_config_error(tmp_path, c
     assert cli_main([str(tmp_path), "--no-progress", "--min-seeds", "0"]) == 2
 
 
+def test_seeds_keeps_a_report_to_its_seeds_after_more_land_beside_it(tmp_path, caplog):
+    # three seeds reported, then seed 4 lands in the same folder: --seeds 1-3 still gives the first report
+    runs = {f"dq_s{s}": fake_results("dq", s, 0.86, 0.3) for s in (1, 2, 3)}
+    runs |= {f"dpq_s{s}": fake_results("dpq", s, 0.84 + 0.01 * s, 0.1, sparsity=0.8) for s in (1, 2, 3)}
+    write_runs(tmp_path / "runs", runs)
+    first = tmp_path / "first"
+    assert cli_main([str(tmp_path / "runs"), "--no-progress", "-o", str(first)]) == 0
+    write_runs(tmp_path / "runs", {"dpq_s4": fake_results("dpq", 4, 0.70, 0.1, sparsity=0.8)})
+    later, all_four = tmp_path / "later", tmp_path / "all"
+    with caplog.at_level("INFO", logger="dpq.pareto"):
+        assert cli_main([str(tmp_path / "runs"), "--no-progress", "--seeds", "1-3", "-o", str(later)]) == 0
+    assert "--seeds 1,2,3 leaves out 1 run(s) of seeds 4" in caplog.text
+    pd.testing.assert_frame_equal(pd.read_csv(first / "pareto.csv"), pd.read_csv(later / "pareto.csv"))
+    assert cli_main([str(tmp_path / "runs"), "--no-progress", "-o", str(all_four)]) == 0
+    dpq = pd.read_csv(all_four / "pareto.csv").query("kind == 'final' and pipeline == 'dpq'")
+    assert dpq["n_seeds"].item() == 4 and dpq["accuracy"].item() == pytest.approx(
+        (0.85 + 0.86 + 0.87 + 0.70) / 4
+    )
+    # compare: the same filter, so its paired interval is the three-seed one
+    three = compare(
+        gather([str(tmp_path / "runs")], references=False, progress=False).query("seed <= 3"), "dq", "dpq"
+    )
+    assert (
+        cli_main(
+            [
+                "compare",
+                str(tmp_path / "runs"),
+                "--baseline",
+                "dq",
+                "--candidate",
+                "dpq",
+                "--seeds",
+                "1,2,3",
+                "--no-progress",
+                "-o",
+                str(later),
+            ]
+        )
+        == 0
+    )
+    got = json.loads((later / "compare.json").read_text())
+    assert got["only_seeds"] == [1, 2, 3] and got["comparisons"][0]["seeds"] == [1, 2, 3]
+    assert got["comparisons"][0]["deltas"]["accuracy"]["mean"] == pytest.approx(
+        three[0]["deltas"]["accuracy"]["mean"]
+    )
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("1,5", "no run has seed 5; the runs have seeds 1, 2"),
+        ("1,x", "comma-separated integer seeds"),
+        (",", "comma-separated"),
+    ],
+)
+def test_seeds_that_no_run_has_or_that_are_not_numbers_are_config_errors(tmp_path, capsys, spec, match):
+    write_runs(tmp_path, {f"dq_s{s}": fake_results("dq", s, 0.86, 0.3) for s in (1, 2)})
+    assert cli_main([str(tmp_path), "--no-progress", "--seeds", spec]) == 2
+    err = capsys.readouterr().err
+    assert f"--seeds={spec!r}" in err and match in err and err.count("\n") == 1
+
+
 def test_a_distill_stage_after_pruning_is_no_dense_reference():
     # pd: teacher -> prune -> distill -> quantize; its distill record is a pruned student
     res = fake_results("dpq", 1, 0.84, 0.08, sparsity=0.8)

@@ -32,6 +32,59 @@ def add_objectives(df: pd.DataFrame, objectives: list[Objective]) -> pd.DataFram
     return df
 
 
+def parse_seeds(spec: str | None) -> list[int] | None:
+    """``--seeds 42,43,44`` (or ``42-46``) as a sorted list of ints; ``None`` keeps every seed."""
+    if spec is None:
+        return None
+    seeds: set[int] = set()
+    for part in (p.strip() for p in str(spec).split(",")):
+        lo, dash, hi = part.partition("-")
+        try:
+            seeds |= set(range(int(lo), int(hi) + 1)) if dash and lo else {int(part)}
+        except ValueError:
+            raise ConfigError(
+                "--seeds", spec, "comma-separated integer seeds or ranges, e.g. 42,43,44 or 42-44"
+            ) from None
+    if not seeds:
+        raise ConfigError("--seeds", spec, "comma-separated integer seeds or ranges, e.g. 42,43,44 or 42-44")
+    return sorted(seeds)
+
+
+def keep_seeds(df: pd.DataFrame, seeds: list[int] | None) -> pd.DataFrame:
+    """The runs of the listed seeds only (references included), so a report's command keeps
+    producing the same report after more seeds land in its input folders. A listed seed that no
+    run has is an error: the report would silently rest on fewer seeds than its command says."""
+    if seeds is None or df.empty:
+        return df
+    have = set(df["seed"].dropna().astype(int))
+    missing = [s for s in seeds if s not in have]
+    if missing:
+        raise ConfigError(
+            "--seeds",
+            ",".join(map(str, seeds)),
+            f"no run has seed {', '.join(map(str, missing))}; the runs have seeds "
+            f"{', '.join(map(str, sorted(have))) or 'none'}",
+        )
+    keep = df["seed"].isin(seeds)
+    left = df[~keep & (df["kind"] == "final")]
+    if not left.empty:
+        log.info(
+            "--seeds %s leaves out %d run(s) of seeds %s",
+            ",".join(map(str, seeds)),
+            len(left),
+            ", ".join(
+                [
+                    *map(str, sorted(set(left["seed"].dropna().astype(int)))),
+                    *(["none"] if left["seed"].isna().any() else []),
+                ]
+            ),
+        )
+    kept = df[keep].reset_index(drop=True)
+    if "base_label" in kept:  # settings appended to tell configurations apart may no longer be needed
+        kept["label"] = distinct_labels(kept.assign(label=kept["base_label"]))
+    return kept
+
+
 def drop_few_seeds(df: pd.DataFrame, min_seeds: int) -> pd.DataFrame:
     """The runs of configurations measured on at least ``min_seeds`` distinct seeds.
 

@@ -14,12 +14,16 @@ import pandas as pd
 
 from dpq.core.errors import ConfigError
 
-from .aggregate import add_objectives, drop_few_seeds, merge_seeds
+from .aggregate import add_objectives, drop_few_seeds, keep_seeds, merge_seeds, parse_seeds
 from .front import pareto_mask
 from .gather import INPUTS_HELP, SWEEP_ID, gather, is_sweep_id
 from .objectives import OBJECTIVES, Objective, parse_objectives
 
 log = logging.getLogger("dpq.pareto")
+SEEDS_HELP = (
+    "only the runs of these seeds, e.g. 42,43,44 or 42-44 (default: every seed found), so the "
+    "command of a committed report still gives that report after more seeds land beside it"
+)
 DEFAULT_OBJECTIVES = (
     "primary,effective_gflops"  # primary: the runs' task.primary_metric (accuracy by default)
 )
@@ -76,16 +80,19 @@ def build_report(
     wandb_project: str | None = None,
     wandb_entity: str | None = None,
     min_seeds: int = 1,
+    seeds: list[int] | None = None,
 ) -> dict:
     """Gather, merge seeds, mark the front, write CSV/Parquet/PNG/HTML into ``out``; return the paths and counts.
 
     ``min_seeds``: configurations with fewer distinct seeds are left out of everything (see
-    :func:`dpq.pareto.aggregate.drop_few_seeds`)."""
+    :func:`dpq.pareto.aggregate.drop_few_seeds`); ``seeds``: only the runs of these seeds (applied
+    first; see :func:`dpq.pareto.aggregate.keep_seeds`)."""
     from .ownership import COSTS, front_ownership, html_section, markdown
     from .plots import write_png
     from .report import write_html
 
-    runs = drop_few_seeds(gather(inputs, references=references, progress=progress), min_seeds)
+    runs = gather(inputs, references=references, progress=progress)
+    runs = drop_few_seeds(keep_seeds(runs, seeds), min_seeds)
     if any(isinstance(o, str) for o in objectives):  # names, "primary" among them: resolved on the runs
         primary = primary_objective(runs)
         objectives = parse_objectives(
@@ -162,6 +169,7 @@ def build_report(
                 config={
                     "inputs": list(map(str, inputs)),
                     "objectives": [f"{o.name}:{o.sense}" for o in objectives],
+                    "only_seeds": seeds,
                 },
                 out_dir=out,
             )
@@ -263,6 +271,7 @@ def front_parser() -> argparse.ArgumentParser:
         help="leave out configurations measured on fewer than N distinct seeds (default 1: keep all), "
         "so one-seed variants do not sit on the front beside means over every seed",
     )
+    p.add_argument("--seeds", metavar="S", help=SEEDS_HELP)
     p.add_argument(
         "--wandb",
         action="store_true",
@@ -290,6 +299,7 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o", "--out", type=Path, help="output folder for compare.json (default: <first input>/pareto)"
     )
+    p.add_argument("--seeds", metavar="S", help=SEEDS_HELP)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -297,7 +307,8 @@ def compare_parser() -> argparse.ArgumentParser:
 def run_compare(args: argparse.Namespace) -> dict:
     from .compare import compare, print_comparison
 
-    runs = gather(args.inputs, references=False, progress=not args.no_progress)
+    seeds = parse_seeds(args.seeds)
+    runs = keep_seeds(gather(args.inputs, references=False, progress=not args.no_progress), seeds)
     results = compare(runs, args.baseline, args.candidate)
     print_comparison(results)
     out = Path(args.out) if args.out else default_out(str(args.inputs[0]))
@@ -305,6 +316,7 @@ def run_compare(args: argparse.Namespace) -> dict:
     payload = {
         "baseline": args.baseline,
         "candidate": args.candidate,
+        "only_seeds": seeds,
         "comparisons": results,
         "method": "deltas: candidate - baseline; ratios: candidate / baseline; mean ± std across seeds "
         "with the 95% interval of the mean (ci_low, ci_high): per-seed pairs and Student's t when seeds "
@@ -340,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                 wandb_project=args.wandb_project if args.wandb else None,
                 wandb_entity=args.wandb_entity,
                 min_seeds=args.min_seeds,
+                seeds=parse_seeds(args.seeds),
             )
             print_front(summary["points_df"], summary["objectives"], summary)
     except ConfigError as e:
