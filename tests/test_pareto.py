@@ -787,6 +787,63 @@ def test_seeds_that_no_run_has_or_that_are_not_numbers_are_config_errors(tmp_pat
     assert f"--seeds={spec!r}" in err and match in err and err.count("\n") == 1
 
 
+def test_runs_from_two_processor_types_are_flagged_not_silently_merged(tmp_path, caplog):
+    epyc = {
+        "cpu": "AuthenticAMD family 23 model 49: AMD EPYC",
+        "torch_cpu_capability": "AVX2",
+        "gpus": "none",
+    }
+    xeon = {"cpu": "GenuineIntel family 6 model 143: Xeon", "torch_cpu_capability": "AVX512", "gpus": "none"}
+    runs = {}
+    for s in (1, 2, 3):
+        for pipe, acc, g in (("dq", 0.86, 0.3), ("dpq", 0.85, 0.1)):
+            res = fake_results(pipe, s, acc, g, sparsity=0.8)
+            res["hardware"] = xeon if s == 3 else epyc
+            runs[f"{pipe}_s{s}"] = res
+    write_runs(tmp_path / "runs", runs)
+    with caplog.at_level("WARNING", logger="dpq.pareto"):
+        assert cli_main([str(tmp_path / "runs"), "--no-progress", "-o", str(tmp_path / "all")]) == 0
+    assert (
+        "more than one machine type (4 on AuthenticAMD family 23 model 49: AMD EPYC [AVX2]; 2 on"
+        in caplog.text
+    )
+    points = pd.read_csv(tmp_path / "all" / "pareto.csv").query("kind == 'final'")
+    assert (
+        points["hardware"] == "AuthenticAMD family 23 model 49: AMD EPYC [AVX2] | "
+        "GenuineIntel family 6 model 143: Xeon [AVX512]"
+    ).all()
+    html = (tmp_path / "all" / "pareto.html").read_text()
+    assert "Xeon [AVX512]" in html
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dpq.pareto"):  # one machine: nothing to warn about
+        assert (
+            cli_main([str(tmp_path / "runs"), "--no-progress", "--seeds", "1,2", "-o", str(tmp_path / "two")])
+            == 0
+        )
+        assert (
+            cli_main(
+                [
+                    "compare",
+                    str(tmp_path / "runs"),
+                    "--baseline",
+                    "dq",
+                    "--candidate",
+                    "dpq",
+                    "--seeds",
+                    "1,2",
+                    "--no-progress",
+                    "-o",
+                    str(tmp_path / "two"),
+                ]
+            )
+            == 0
+        )
+    assert "machine type" not in caplog.text
+    assert json.loads((tmp_path / "two" / "compare.json").read_text())["hardware"] == [
+        "AuthenticAMD family 23 model 49: AMD EPYC [AVX2]"
+    ]
+
+
 def test_a_distill_stage_after_pruning_is_no_dense_reference():
     # pd: teacher -> prune -> distill -> quantize; its distill record is a pruned student
     res = fake_results("dpq", 1, 0.84, 0.08, sparsity=0.8)

@@ -78,6 +78,7 @@ def test_results_json_has_all_fields(dpq_run):
         "seed",
         "git",
         "versions",
+        "hardware",
         "cost_conditions",
         "stages",
         "final",
@@ -90,6 +91,9 @@ def test_results_json_has_all_fields(dpq_run):
     assert {"torch", "lightning", "transformers", "datasets", "torchmetrics", "fvcore"} <= set(
         on_disk["versions"]
     )
+    from dpq.core.provenance import hardware
+
+    assert on_disk["hardware"] == hardware() and on_disk["hardware"]["cpu"]  # the machine's processor
     assert set(on_disk["git"]) == {
         "sha",
         "dirty",

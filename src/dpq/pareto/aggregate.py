@@ -85,6 +85,27 @@ def keep_seeds(df: pd.DataFrame, seeds: list[int] | None) -> pd.DataFrame:
     return kept
 
 
+def warn_mixed_hardware(df: pd.DataFrame) -> list[str]:
+    """Warn when the final runs come from more than one processor type: the same recipe and seed
+    end at other numbers on another CPU (BENCHMARKS.md, "a note on machines"), so differences
+    between such runs mix the method with the machine. Returns the distinct machines."""
+    if df.empty or "hardware" not in df:
+        return []
+    finals = df[df["kind"] == "final"] if "kind" in df else df
+    counts = finals["hardware"].value_counts()
+    unknown = int(finals["hardware"].isna().sum())
+    if len(counts) > 1 or (len(counts) and unknown):
+        parts = [f"{n} on {hw}" for hw, n in counts.items()]
+        if unknown:
+            parts.append(f"{unknown} that do not record it (made before dpq recorded the hardware)")
+        log.warning(
+            "the runs come from more than one machine type (%s): the same run gives other numbers "
+            "on another processor, so differences here mix the method with the machine",
+            "; ".join(parts),
+        )
+    return list(counts.index)
+
+
 def drop_few_seeds(df: pd.DataFrame, min_seeds: int) -> pd.DataFrame:
     """The runs of configurations measured on at least ``min_seeds`` distinct seeds.
 
@@ -137,6 +158,8 @@ def merge_seeds(df: pd.DataFrame) -> pd.DataFrame:
     info_cols = [c for c in df.columns if c not in metrics and c not in (*GROUP, "run", "run_name", "seed")]
     raw = df.groupby(GROUP, sort=False, dropna=False)
     info = raw[info_cols].first()
+    if "hardware" in info:  # every machine a configuration's seeds ran on, not just the first
+        info["hardware"] = raw["hardware"].agg(lambda s: " | ".join(dict.fromkeys(s.dropna())))
     info["n_runs"] = raw.size()
     info["seeds"] = raw["seed"].agg(lambda s: ",".join(str(int(v)) for v in sorted(s.dropna().unique())))
     info["runs"] = raw["run"].agg(lambda s: "; ".join(dict.fromkeys(s)))

@@ -14,7 +14,14 @@ import pandas as pd
 
 from dpq.core.errors import ConfigError
 
-from .aggregate import add_objectives, drop_few_seeds, keep_seeds, merge_seeds, parse_seeds
+from .aggregate import (
+    add_objectives,
+    drop_few_seeds,
+    keep_seeds,
+    merge_seeds,
+    parse_seeds,
+    warn_mixed_hardware,
+)
 from .front import pareto_mask
 from .gather import INPUTS_HELP, SWEEP_ID, gather, is_sweep_id
 from .objectives import OBJECTIVES, Objective, parse_objectives
@@ -93,6 +100,7 @@ def build_report(
 
     runs = gather(inputs, references=references, progress=progress)
     runs = drop_few_seeds(keep_seeds(runs, seeds), min_seeds)
+    warn_mixed_hardware(runs)
     if any(isinstance(o, str) for o in objectives):  # names, "primary" among them: resolved on the runs
         primary = primary_objective(runs)
         objectives = parse_objectives(
@@ -309,6 +317,7 @@ def run_compare(args: argparse.Namespace) -> dict:
 
     seeds = parse_seeds(args.seeds)
     runs = keep_seeds(gather(args.inputs, references=False, progress=not args.no_progress), seeds)
+    machines = warn_mixed_hardware(runs)
     results = compare(runs, args.baseline, args.candidate)
     print_comparison(results)
     out = Path(args.out) if args.out else default_out(str(args.inputs[0]))
@@ -317,6 +326,7 @@ def run_compare(args: argparse.Namespace) -> dict:
         "baseline": args.baseline,
         "candidate": args.candidate,
         "only_seeds": seeds,
+        **({"hardware": machines} if machines else {}),
         "comparisons": results,
         "method": "deltas: candidate - baseline; ratios: candidate / baseline; mean ± std across seeds "
         "with the 95% interval of the mean (ci_low, ci_high): per-seed pairs and Student's t when seeds "

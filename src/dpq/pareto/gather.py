@@ -301,6 +301,8 @@ def points_from_results(results: dict, run: str, stages: bool = False) -> list[d
         "model": (cfg.get("model") or {}).get("name"),
         "teacher": (cfg.get("teacher") or {}).get("name"),
     }
+    if results.get("hardware"):  # runs since 2026-12-05 say which processor they computed on
+        common["hardware"] = hardware_label(results["hardware"])
     records = list(results.get("stages") or [])
     points = []
 
@@ -352,6 +354,13 @@ def points_from_results(results: dict, run: str, stages: bool = False) -> list[d
         ):
             add("dense", rec["metrics"], names, rec["stage"], rec.get("model"))
     return points
+
+
+def hardware_label(hw: dict) -> str:
+    """One line for a run's ``hardware`` record: CPU model, torch's CPU instruction set, GPUs if any."""
+    label = f"{hw.get('cpu', '?')} [{hw.get('torch_cpu_capability', '?')}]"
+    gpus = hw.get("gpus")
+    return f"{label}; GPUs {gpus}" if gpus and gpus != "none" else label
 
 
 def to_frame(loaded: list[tuple[dict, str]], references: bool = True, stages: bool = False) -> pd.DataFrame:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from dpq.core.files import write_json_atomic
-from dpq.core.provenance import GitState, library_versions
+from dpq.core.provenance import GitState, hardware, library_versions
 from dpq.metrics import primary_metric, task_metrics
 
 PROVENANCE = "provenance"  # <run>/provenance/: git.json (one entry per start) and the uncommitted diff
@@ -76,6 +76,10 @@ def results(
         "git": git,
         **extra,
         "versions": library_versions(),
+        # The processor (and GPUs) the numbers came from: math libraries pick kernels per processor,
+        # so the same run on another CPU type ends elsewhere (cached stages share this process's, as
+        # it is in their key). dpq.pareto warns when the runs it merges or compares differ here.
+        "hardware": hardware(),
         "cost_conditions": {
             **cfg["cost"],
             "flops_convention": final.get("flops_convention"),
