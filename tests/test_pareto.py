@@ -14,6 +14,7 @@ import pytest
 from dpq.core.errors import ConfigError
 from dpq.pareto import OBJECTIVES, pareto_mask, parse_objectives
 from dpq.pareto.aggregate import add_objectives, merge_seeds
+from dpq.pareto.cli import build_report
 from dpq.pareto.cli import main as cli_main
 from dpq.pareto.compare import compare
 from dpq.pareto.front import step_order
@@ -842,6 +843,45 @@ def test_runs_from_two_processor_types_are_flagged_not_silently_merged(tmp_path,
     assert json.loads((tmp_path / "two" / "compare.json").read_text())["hardware"] == [
         "AuthenticAMD family 23 model 49: AMD EPYC [AVX2]"
     ]
+
+
+def test_a_teacher_that_differs_between_runs_of_one_seed_is_flagged(tmp_path, caplog):
+    # the stage cache shares one teacher per seed: runs whose teachers differ did not start from the same model
+    # (here seed 2's dpq run, as if trained on another machine); seed 1 agrees to the last digit
+    runs = {
+        "dq_s1": fake_results("dq", 1, 0.86, 0.3),
+        "dpq_s1": fake_results("dpq", 1, 0.85, 0.1),
+        "dq_s2": fake_results("dq", 2, 0.86, 0.3),
+        "dpq_s2": fake_results("dpq", 2, 0.85, 0.1, teacher_acc=0.95 + 1e-7),
+    }
+    write_runs(tmp_path / "runs", runs)
+    with caplog.at_level("WARNING", logger="dpq.pareto"):
+        summary = build_report(
+            [str(tmp_path / "runs")], ["accuracy", "effective_gflops"], tmp_path / "out", progress=False
+        )
+        assert (
+            cli_main(
+                [
+                    "compare",
+                    str(tmp_path / "runs"),
+                    "--baseline",
+                    "dq",
+                    "--candidate",
+                    "dpq",
+                    "--no-progress",
+                    "-o",
+                    str(tmp_path / "out"),
+                ]
+            )
+            == 0
+        )
+    (found,) = summary["diverging_references"]
+    assert found["kind"] == "teacher" and found["seed"] == 2
+    assert sorted(len(v["runs"]) for v in found["versions"]) == [1, 1]
+    assert caplog.text.count("the teacher of seed 2 is not one training") == 2 and "seed 1" not in caplog.text
+    payload = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert payload["diverging_references"][0]["seed"] == 2
+    assert payload["comparisons"][0]["seeds"] == [1, 2]  # still compared, with the warning on record
 
 
 def test_a_distill_stage_after_pruning_is_no_dense_reference():

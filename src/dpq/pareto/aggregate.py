@@ -14,7 +14,7 @@ import pandas as pd
 
 from dpq.core.errors import ConfigError
 
-from .gather import distinct_labels, metric_columns
+from .gather import distinct_labels, json_safe, metric_columns
 from .objectives import Objective
 
 log = logging.getLogger("dpq.pareto")
@@ -104,6 +104,55 @@ def warn_mixed_hardware(df: pd.DataFrame) -> list[str]:
             "; ".join(parts),
         )
     return list(counts.index)
+
+
+# What must agree between two records of one training (losses first: they move in the 7th digit).
+SAME_TRAINING = ("val_loss", "loss", "val_accuracy", "accuracy")
+
+
+def warn_diverging_references(df: pd.DataFrame) -> list[dict]:
+    """Teacher and dense-student records of one configuration and seed are the same training,
+    shared through the stage cache, so their numbers agree to the last digit -- unless the runs
+    computed on different processors, code or library versions (the cache never shares a state
+    between those). Then the runs of that seed did not start from the same model and paired
+    differences between them mix the method with the machine. Warn, naming the runs of each
+    version; return one entry per reference that differs."""
+    if df.empty or "kind" not in df:
+        return []
+    refs = df[df["kind"].isin(("teacher", "dense"))]
+    cols = [c for c in SAME_TRAINING if c in refs]
+    found = []
+    if refs.empty or not cols:
+        return found
+    for (kind, _, seed), g in refs.groupby(["kind", "config_key", "seed"], sort=True, dropna=False):
+        versions = g.groupby(cols, dropna=False, sort=False)["run"].agg(list)
+        if len(versions) < 2:
+            continue
+        entry = {
+            "kind": kind,
+            "label": g["label"].iloc[0],
+            "seed": json_safe(seed),
+            "versions": [
+                {
+                    **dict(zip(cols, map(json_safe, vals if isinstance(vals, tuple) else (vals,)))),
+                    "runs": runs,
+                }
+                for vals, runs in versions.items()
+            ],
+        }
+        found.append(entry)
+        log.warning(
+            "the %s of seed %s is not one training: %s -- the runs computed on different machines, "
+            "code or library versions, so they did not start from the same model",
+            entry["label"],
+            entry["seed"],
+            " against ".join(
+                f"{cols[0]} {v[cols[0]]!r} in {len(v['runs'])} run(s) ({', '.join(v['runs'][:2])}"
+                f"{', ...' if len(v['runs']) > 2 else ''})"
+                for v in entry["versions"]
+            ),
+        )
+    return found
 
 
 def drop_few_seeds(df: pd.DataFrame, min_seeds: int) -> pd.DataFrame:

@@ -20,10 +20,11 @@ from .aggregate import (
     keep_seeds,
     merge_seeds,
     parse_seeds,
+    warn_diverging_references,
     warn_mixed_hardware,
 )
 from .front import pareto_mask
-from .gather import INPUTS_HELP, SWEEP_ID, gather, is_sweep_id
+from .gather import INPUTS_HELP, SWEEP_ID, distinct_labels, gather, is_sweep_id
 from .objectives import OBJECTIVES, Objective, parse_objectives
 
 log = logging.getLogger("dpq.pareto")
@@ -101,6 +102,7 @@ def build_report(
     runs = gather(inputs, references=references, progress=progress)
     runs = drop_few_seeds(keep_seeds(runs, seeds), min_seeds)
     warn_mixed_hardware(runs)
+    diverging = warn_diverging_references(runs)
     if any(isinstance(o, str) for o in objectives):  # names, "primary" among them: resolved on the runs
         primary = primary_objective(runs)
         objectives = parse_objectives(
@@ -161,6 +163,7 @@ def build_report(
         "runs": int((runs["kind"] == "final").sum()),
         "points": len(points),
         "front": int(points["pareto"].sum()),
+        "diverging_references": diverging,
     }
     if wandb_project:
         from .wandb_log import log_report
@@ -316,8 +319,11 @@ def run_compare(args: argparse.Namespace) -> dict:
     from .compare import compare, print_comparison
 
     seeds = parse_seeds(args.seeds)
-    runs = keep_seeds(gather(args.inputs, references=False, progress=not args.no_progress), seeds)
+    runs = keep_seeds(gather(args.inputs, references=True, progress=not args.no_progress), seeds)
     machines = warn_mixed_hardware(runs)
+    diverging = warn_diverging_references(runs)  # the references are read for this check only
+    runs = runs[runs["kind"] == "final"].reset_index(drop=True)
+    runs["label"] = distinct_labels(runs.assign(label=runs["base_label"]))
     results = compare(runs, args.baseline, args.candidate)
     print_comparison(results)
     out = Path(args.out) if args.out else default_out(str(args.inputs[0]))
@@ -327,6 +333,7 @@ def run_compare(args: argparse.Namespace) -> dict:
         "candidate": args.candidate,
         "only_seeds": seeds,
         **({"hardware": machines} if machines else {}),
+        **({"diverging_references": diverging} if diverging else {}),
         "comparisons": results,
         "method": "deltas: candidate - baseline; ratios: candidate / baseline; mean ± std across seeds "
         "with the 95% interval of the mean (ci_low, ci_high): per-seed pairs and Student's t when seeds "
