@@ -196,6 +196,24 @@ def fake_results(
     }
 
 
+def compare_cli(runs, out, *extra: str) -> int:
+    """``python -m dpq.pareto compare --baseline dq --candidate dpq RUNS -o OUT EXTRA...``"""
+    return cli_main(
+        [
+            "compare",
+            str(runs),
+            "--baseline",
+            "dq",
+            "--candidate",
+            "dpq",
+            "--no-progress",
+            "-o",
+            str(out),
+            *extra,
+        ]
+    )
+
+
 def write_runs(root, runs: dict[str, dict]):
     for name, res in runs.items():
         d = root / name
@@ -748,24 +766,7 @@ def test_seeds_keeps_a_report_to_its_seeds_after_more_land_beside_it(tmp_path, c
     three = compare(
         gather([str(tmp_path / "runs")], references=False, progress=False).query("seed <= 3"), "dq", "dpq"
     )
-    assert (
-        cli_main(
-            [
-                "compare",
-                str(tmp_path / "runs"),
-                "--baseline",
-                "dq",
-                "--candidate",
-                "dpq",
-                "--seeds",
-                "1,2,3",
-                "--no-progress",
-                "-o",
-                str(later),
-            ]
-        )
-        == 0
-    )
+    assert compare_cli(tmp_path / "runs", str(later), "--seeds", "1,2,3") == 0
     got = json.loads((later / "compare.json").read_text())
     assert got["only_seeds"] == [1, 2, 3] and got["comparisons"][0]["seeds"] == [1, 2, 3]
     assert got["comparisons"][0]["deltas"]["accuracy"]["mean"] == pytest.approx(
@@ -821,24 +822,7 @@ def test_runs_from_two_processor_types_are_flagged_not_silently_merged(tmp_path,
             cli_main([str(tmp_path / "runs"), "--no-progress", "--seeds", "1,2", "-o", str(tmp_path / "two")])
             == 0
         )
-        assert (
-            cli_main(
-                [
-                    "compare",
-                    str(tmp_path / "runs"),
-                    "--baseline",
-                    "dq",
-                    "--candidate",
-                    "dpq",
-                    "--seeds",
-                    "1,2",
-                    "--no-progress",
-                    "-o",
-                    str(tmp_path / "two"),
-                ]
-            )
-            == 0
-        )
+        assert compare_cli(tmp_path / "runs", str(tmp_path / "two"), "--seeds", "1,2") == 0
     assert "machine type" not in caplog.text
     assert json.loads((tmp_path / "two" / "compare.json").read_text())["hardware"] == [
         "AuthenticAMD family 23 model 49: AMD EPYC [AVX2]"
@@ -859,22 +843,7 @@ def test_a_teacher_that_differs_between_runs_of_one_seed_is_flagged(tmp_path, ca
         summary = build_report(
             [str(tmp_path / "runs")], ["accuracy", "effective_gflops"], tmp_path / "out", progress=False
         )
-        assert (
-            cli_main(
-                [
-                    "compare",
-                    str(tmp_path / "runs"),
-                    "--baseline",
-                    "dq",
-                    "--candidate",
-                    "dpq",
-                    "--no-progress",
-                    "-o",
-                    str(tmp_path / "out"),
-                ]
-            )
-            == 0
-        )
+        assert compare_cli(tmp_path / "runs", str(tmp_path / "out")) == 0
     (found,) = summary["diverging_references"]
     assert found["kind"] == "teacher" and found["seed"] == 2
     assert sorted(len(v["runs"]) for v in found["versions"]) == [1, 1]
