@@ -32,6 +32,17 @@ def add_objectives(df: pd.DataFrame, objectives: list[Objective]) -> pd.DataFram
     return df
 
 
+def relabel(df: pd.DataFrame) -> pd.DataFrame:
+    """Labels made again after a filter: settings appended to tell configurations apart (see
+    :func:`dpq.pareto.gather.distinct_labels`) may no longer be needed among the rows left."""
+    if "base_label" in df:
+        df = df.assign(label=distinct_labels(df.assign(label=df["base_label"])))
+    return df
+
+
+SEEDS_SYNTAX = "comma-separated integer seeds or ranges, e.g. 42,43,44 or 42-44"
+
+
 def parse_seeds(spec: str | None) -> list[int] | None:
     """``--seeds 42,43,44`` (or ``42-46``) as a sorted list of ints; ``None`` keeps every seed."""
     if spec is None:
@@ -42,11 +53,9 @@ def parse_seeds(spec: str | None) -> list[int] | None:
         try:
             seeds |= set(range(int(lo), int(hi) + 1)) if dash and lo else {int(part)}
         except ValueError:
-            raise ConfigError(
-                "--seeds", spec, "comma-separated integer seeds or ranges, e.g. 42,43,44 or 42-44"
-            ) from None
+            raise ConfigError("--seeds", spec, SEEDS_SYNTAX) from None
     if not seeds:
-        raise ConfigError("--seeds", spec, "comma-separated integer seeds or ranges, e.g. 42,43,44 or 42-44")
+        raise ConfigError("--seeds", spec, SEEDS_SYNTAX)
     return sorted(seeds)
 
 
@@ -79,10 +88,7 @@ def keep_seeds(df: pd.DataFrame, seeds: list[int] | None) -> pd.DataFrame:
                 ]
             ),
         )
-    kept = df[keep].reset_index(drop=True)
-    if "base_label" in kept:  # settings appended to tell configurations apart may no longer be needed
-        kept["label"] = distinct_labels(kept.assign(label=kept["base_label"]))
-    return kept
+    return relabel(df[keep].reset_index(drop=True))
 
 
 def warn_mixed_hardware(df: pd.DataFrame) -> list[str]:
@@ -185,10 +191,7 @@ def drop_few_seeds(df: pd.DataFrame, min_seeds: int) -> pd.DataFrame:
             len(names),
             "; ".join(f"{r.label} (seeds {r.seeds or 'none'})" for r in names.itertuples()),
         )
-    kept = df[keep].reset_index(drop=True)
-    if "base_label" in kept:  # settings appended to tell configurations apart may no longer be needed
-        kept["label"] = distinct_labels(kept.assign(label=kept["base_label"]))
-    return kept
+    return relabel(df[keep].reset_index(drop=True))
 
 
 def merge_seeds(df: pd.DataFrame) -> pd.DataFrame:

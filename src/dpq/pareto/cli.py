@@ -20,11 +20,12 @@ from .aggregate import (
     keep_seeds,
     merge_seeds,
     parse_seeds,
+    relabel,
     warn_diverging_references,
     warn_mixed_hardware,
 )
 from .front import pareto_mask
-from .gather import INPUTS_HELP, SWEEP_ID, distinct_labels, gather, is_sweep_id
+from .gather import INPUTS_HELP, SWEEP_ID, gather, is_sweep_id
 from .objectives import OBJECTIVES, Objective, parse_objectives
 
 log = logging.getLogger("dpq.pareto")
@@ -322,8 +323,7 @@ def run_compare(args: argparse.Namespace) -> dict:
     runs = keep_seeds(gather(args.inputs, references=True, progress=not args.no_progress), seeds)
     machines = warn_mixed_hardware(runs)
     diverging = warn_diverging_references(runs)  # the references are read for this check only
-    runs = runs[runs["kind"] == "final"].reset_index(drop=True)
-    runs["label"] = distinct_labels(runs.assign(label=runs["base_label"]))
+    runs = relabel(runs[runs["kind"] == "final"].reset_index(drop=True))
     results = compare(runs, args.baseline, args.candidate)
     print_comparison(results)
     out = Path(args.out) if args.out else default_out(str(args.inputs[0]))
