@@ -27,6 +27,7 @@ from .aggregate import (
 from .front import pareto_mask
 from .gather import INPUTS_HELP, SWEEP_ID, gather, is_sweep_id
 from .objectives import OBJECTIVES, Objective, parse_objectives
+from .selection import parse_keys, validation_objective
 
 log = logging.getLogger("dpq.pareto")
 SEEDS_HELP = (
@@ -64,6 +65,21 @@ def front_table(points: pd.DataFrame, objectives: list[Objective]) -> pd.DataFra
     return points
 
 
+def choose_variants(
+    runs: pd.DataFrame, choose: list[str] | None, choose_on: str | None
+) -> tuple[pd.DataFrame, list[dict]]:
+    """``--choose``/``--choose-on``: the runs left once each recipe's variants are reduced to the
+    one chosen on validation, and the record of each choice (see :mod:`dpq.pareto.selection`)."""
+    from .selection import choose as choose_
+
+    if choose_on is not None and not choose:
+        raise ConfigError("--choose-on", choose_on, "needs --choose, the settings whose variants it decides")
+    if not choose:
+        return runs, []
+    objective = validation_objective(choose_on or f"val_{primary_objective(runs)}")
+    return choose_(runs, choose, objective)
+
+
 def primary_objective(runs: pd.DataFrame) -> str:
     """The runs' ``task.primary_metric`` (what ``primary`` in ``--objectives`` stands for)."""
     found = sorted(dict.fromkeys(runs["primary_metric"].dropna())) if "primary_metric" in runs else []
@@ -90,20 +106,26 @@ def build_report(
     wandb_entity: str | None = None,
     min_seeds: int = 1,
     seeds: list[int] | None = None,
+    choose: list[str] | None = None,
+    choose_on: str | None = None,
 ) -> dict:
     """Gather, merge seeds, mark the front, write CSV/Parquet/PNG/HTML into ``out``; return the paths and counts.
 
     ``min_seeds``: configurations with fewer distinct seeds are left out of everything (see
     :func:`dpq.pareto.aggregate.drop_few_seeds`); ``seeds``: only the runs of these seeds (applied
-    first; see :func:`dpq.pareto.aggregate.keep_seeds`)."""
+    first; see :func:`dpq.pareto.aggregate.keep_seeds`); ``choose``: settings whose variants are
+    reduced to the one with the best mean ``choose_on`` (a validation objective; default
+    ``val_<primary metric>``), see :mod:`dpq.pareto.selection`."""
     from .ownership import COSTS, front_ownership, html_section, markdown
     from .plots import write_png
     from .report import write_html
+    from .selection import markdown as chosen_markdown
 
     runs = gather(inputs, references=references, progress=progress)
     runs = drop_few_seeds(keep_seeds(runs, seeds), min_seeds)
     warn_mixed_hardware(runs)
     diverging = warn_diverging_references(runs)
+    runs, picked = choose_variants(runs, choose, choose_on)
     if any(isinstance(o, str) for o in objectives):  # names, "primary" among them: resolved on the runs
         primary = primary_objective(runs)
         objectives = parse_objectives(
@@ -142,8 +164,10 @@ def build_report(
     chosen = [o for o in objectives[1:] if o.sense == "min"]
     costs = chosen + [OBJECTIVES[c] for c in COSTS if c not in {o.name for o in chosen}]
     own = front_ownership(runs, objectives[0], costs, baseline=baseline)
+    if picked:
+        own["chosen"] = picked
     paths["ownership_json"].write_text(json.dumps(own, indent=2, default=str))
-    paths["ownership_md"].write_text(markdown(own))
+    paths["ownership_md"].write_text(chosen_markdown(picked) + markdown(own))
     points.to_csv(paths["csv"], index=False)
     points.to_parquet(paths["parquet"], index=False)
     runs.to_csv(paths["runs_csv"], index=False)
@@ -165,6 +189,7 @@ def build_report(
         "points": len(points),
         "front": int(points["pareto"].sum()),
         "diverging_references": diverging,
+        "chosen": picked,
     }
     if wandb_project:
         from .wandb_log import log_report
@@ -241,6 +266,22 @@ def _objective_list() -> str:
     return "\n".join(f"  {o.name:<17} {o.sense}  {o.unit:<10} {o.label}" for o in OBJECTIVES.values())
 
 
+def add_choose_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--choose",
+        metavar="KEYS",
+        help="comma-separated settings (dotted config keys or their last parts, e.g. quantize.observer): "
+        "among final configurations equal but in these, keep only the variant with the best mean "
+        "--choose-on over the seeds they share (ties: the one listed first in the inputs), so what "
+        "is reported on test was picked without it",
+    )
+    p.add_argument(
+        "--choose-on",
+        metavar="OBJECTIVE",
+        help="the validation objective --choose decides on (default val_<the runs' primary metric>)",
+    )
+
+
 def front_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dpq.pareto",
@@ -284,6 +325,7 @@ def front_parser() -> argparse.ArgumentParser:
         "so one-seed variants do not sit on the front beside means over every seed",
     )
     p.add_argument("--seeds", metavar="S", help=SEEDS_HELP)
+    add_choose_args(p)
     p.add_argument(
         "--wandb",
         action="store_true",
@@ -312,6 +354,7 @@ def compare_parser() -> argparse.ArgumentParser:
         "-o", "--out", type=Path, help="output folder for compare.json (default: <first input>/pareto)"
     )
     p.add_argument("--seeds", metavar="S", help=SEEDS_HELP)
+    add_choose_args(p)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -323,6 +366,7 @@ def run_compare(args: argparse.Namespace) -> dict:
     runs = keep_seeds(gather(args.inputs, references=True, progress=not args.no_progress), seeds)
     machines = warn_mixed_hardware(runs)
     diverging = warn_diverging_references(runs)  # the references are read for this check only
+    runs, chosen = choose_variants(runs, parse_keys(args.choose), args.choose_on)
     runs = relabel(runs[runs["kind"] == "final"].reset_index(drop=True))
     results = compare(runs, args.baseline, args.candidate)
     print_comparison(results)
@@ -334,6 +378,7 @@ def run_compare(args: argparse.Namespace) -> dict:
         "only_seeds": seeds,
         **({"hardware": machines} if machines else {}),
         **({"diverging_references": diverging} if diverging else {}),
+        **({"chosen": chosen} if chosen else {}),
         "comparisons": results,
         "method": "deltas: candidate - baseline; ratios: candidate / baseline; mean ± std across seeds "
         "with the 95% interval of the mean (ci_low, ci_high): per-seed pairs and Student's t when seeds "
@@ -351,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = compare_parser() if is_compare else front_parser()
     args = parser.parse_args(argv[1:] if is_compare else argv)
     try:
+        if args.choose_on is not None:  # a bad name fails before any run is read
+            validation_objective(args.choose_on)
+            if not args.choose:
+                raise ConfigError(
+                    "--choose-on", args.choose_on, "needs --choose, the settings whose variants it decides"
+                )
         if is_compare:
             run_compare(args)
         else:
@@ -370,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                 wandb_entity=args.wandb_entity,
                 min_seeds=args.min_seeds,
                 seeds=parse_seeds(args.seeds),
+                choose=parse_keys(args.choose),
+                choose_on=args.choose_on,
             )
             print_front(summary["points_df"], summary["objectives"], summary)
     except ConfigError as e:
