@@ -631,6 +631,29 @@ def test_point_labels_do_not_overlap_each_other_or_markers():
     plt.close(fig)
 
 
+def test_a_dense_pipeline_run_is_drawn_once_as_the_dense_student(tmp_path):
+    """``pipeline=dense`` ends at its distillation: its final point is the dense-student reference
+    and is drawn as the diamond only, not a second time (with a legend entry) beneath it."""
+    import matplotlib.pyplot as plt
+
+    from dpq.pareto.plots import figure
+
+    runs = {f"dense_s{s}": fake_results("dense", s, 0.9, 2.0) for s in (1, 2)}
+    runs |= {f"dq_s{s}": fake_results("dq", s, 0.88, 0.3) for s in (1, 2)}
+    out = build_report(
+        [str(write_runs(tmp_path, runs))], ["accuracy", "effective_gflops"], tmp_path / "o", progress=False
+    )
+    points = out["points_df"]
+    assert len(points.query("kind == 'final' and pipeline == 'dense'")) == 1  # still in the tables
+    fig = figure(points, out["objectives"])
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "dense student (distilled)" in legend and "dq: teacher → distill → quantize" in legend
+    assert not any(t.startswith("dense:") for t in legend)
+    drawn = [tuple(o) for c in fig.axes[0].collections for o in c.get_offsets()]
+    assert drawn.count((2.0, 0.9)) == 1
+    plt.close(fig)
+
+
 def test_task_metrics_are_objectives_and_the_primary_one_is_the_default(tmp_path):
     mcc, val_f1 = parse_objectives(["mcc", "val_f1"])
     assert (mcc.sense, mcc.unit) == ("max", "-1..1") and "higher is better" in mcc.title

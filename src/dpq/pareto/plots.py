@@ -32,6 +32,18 @@ def ordering(points: pd.DataFrame) -> pd.Series:
     return points["pipeline"].astype(str) + ": " + points["order"].astype(str)
 
 
+def drawn_as_reference(runs: pd.DataFrame, points: pd.DataFrame, objectives: list[Objective]) -> pd.DataFrame:
+    """``runs`` without the points that are a reference marker already: a ``pipeline=dense`` run ends
+    at its distillation, so its final point is the dense student (same stages, same numbers) and
+    was drawn a second time under the diamond, with a legend entry of its own."""
+    refs = points[points["kind"].isin(list(REFERENCE_STYLE))]
+    if runs.empty or refs.empty:
+        return runs
+    cols = ["order", *(o.name for o in objectives)]
+    same = runs[cols].apply(tuple, axis=1).isin(set(refs[cols].apply(tuple, axis=1)))
+    return runs[~same]
+
+
 def colours(groups: list[str]) -> dict[str, tuple]:
     import matplotlib
 
@@ -60,7 +72,7 @@ def figure(
 
     y_obj, x_objs = objectives[0], objectives[1:]
     fig, axes = plt.subplots(1, len(x_objs), figsize=(7.5 * len(x_objs), 5.6), squeeze=False)
-    runs = points[points["kind"].isin(["final", "stage"])]
+    runs = drawn_as_reference(points[points["kind"].isin(["final", "stage"])], points, objectives)
     key = ordering(runs)
     groups = list(dict.fromkeys(key))
     cmap = colours(groups)
