@@ -92,7 +92,9 @@ def test_compare_reports_only_the_chosen_variant(tmp_path):
     runs = study(tmp_path / "runs")
     assert compare_cli(runs, tmp_path / "o", "--choose", "quantize.observer") == 0
     got = json.loads((tmp_path / "o" / "compare.json").read_text())
-    assert [c["candidate"]["label"] for c in got["comparisons"]] == ["dpq 0.5 sparse 4-bit (quantize.observer=minmax)"]
+    assert [c["candidate"]["label"] for c in got["comparisons"]] == [
+        "dpq 0.5 sparse 4-bit (quantize.observer=minmax)"
+    ]
     assert got["comparisons"][0]["deltas"]["accuracy"]["mean"] == pytest.approx(-0.01)
     assert got["chosen"][0]["kept"].endswith("(quantize.observer=minmax)")
 
@@ -116,3 +118,35 @@ def test_choosing_on_test_or_on_no_setting_is_a_config_error(tmp_path, capsys, e
     assert match in err and err.count("\n") == 1
     assert compare_cli(runs, tmp_path / "c", *extra) == 2
     assert match in capsys.readouterr().err
+
+
+def test_the_committed_epyc_report_is_what_its_command_gives(tmp_path):
+    """bench/results/front_epyc_lsq/pareto (BENCHMARKS.md "The QAT observer chosen on validation") is
+    rebuilt from the committed runs with its documented command: the same choices and the same front."""
+    from pathlib import Path
+
+    from dpq.pareto.cli import build_report
+
+    root = Path(__file__).resolve().parents[1] / "bench" / "results"
+    inputs = [
+        str(root / "front_epyc_b"),
+        *(str(root / "front_epyc" / f"fu80-s{s}") for s in (42, 43, 44)),
+        str(root / "front_epyc" / "*-s45"),
+        str(root / "front_epyc" / "*-s46"),
+        str(root / "front_epyc_lsq"),
+    ]
+    build_report(
+        inputs,
+        ["accuracy", "effective_gflops"],
+        tmp_path,
+        progress=False,
+        min_seeds=5,
+        seeds=list(range(42, 47)),
+        choose=["quantize.observer"],
+    )
+    committed = root / "front_epyc_lsq" / "pareto"
+    got = json.loads((tmp_path / "ownership.json").read_text())
+    assert got == json.loads((committed / "ownership.json").read_text())
+    assert [v["kept"] for r in got["chosen"] for v in r["variants"]] == [False, True, False, True]
+    assert (tmp_path / "ownership.md").read_text() == (committed / "ownership.md").read_text()
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "pareto.csv"), pd.read_csv(committed / "pareto.csv"))
