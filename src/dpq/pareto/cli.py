@@ -72,12 +72,21 @@ def choose_variants(
     one chosen on validation, and the record of each choice (see :mod:`dpq.pareto.selection`)."""
     from .selection import choose as choose_
 
-    if choose_on is not None and not choose:
-        raise ConfigError("--choose-on", choose_on, "needs --choose, the settings whose variants it decides")
+    check_choose(choose, choose_on)
     if not choose:
         return runs, []
     objective = validation_objective(choose_on or f"val_{primary_objective(runs)}")
     return choose_(runs, choose, objective)
+
+
+def check_choose(choose: list[str] | None, choose_on: str | None) -> None:
+    """A bad ``--choose-on`` fails before any run is read."""
+    if choose_on is not None:
+        validation_objective(choose_on)
+        if not choose:
+            raise ConfigError(
+                "--choose-on", choose_on, "needs --choose, the settings whose variants it decides"
+            )
 
 
 def primary_objective(runs: pd.DataFrame) -> str:
@@ -396,12 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = compare_parser() if is_compare else front_parser()
     args = parser.parse_args(argv[1:] if is_compare else argv)
     try:
-        if args.choose_on is not None:  # a bad name fails before any run is read
-            validation_objective(args.choose_on)
-            if not args.choose:
-                raise ConfigError(
-                    "--choose-on", args.choose_on, "needs --choose, the settings whose variants it decides"
-                )
+        check_choose(args.choose, args.choose_on)
         if is_compare:
             run_compare(args)
         else:
