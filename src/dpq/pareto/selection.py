@@ -22,7 +22,7 @@ import pandas as pd
 from dpq.core.errors import ConfigError
 
 from .aggregate import relabel
-from .gather import _flatten, json_safe
+from .gather import flat_config, json_safe
 from .objectives import OBJECTIVES, Objective
 
 log = logging.getLogger("dpq.pareto")
@@ -67,7 +67,7 @@ def choose(df: pd.DataFrame, keys: list[str], objective: Objective) -> tuple[pd.
     if not keys or df.empty:
         return df, []
     finals = df[df["kind"] == "final"]
-    settings = {ck: _flatten(json.loads(cfg)) for ck, cfg in zip(finals["config_key"], finals["config"])}
+    settings = {ck: flat_config(finals, ck) for ck in dict.fromkeys(finals["config_key"])}
     every = set().union(*(s.keys() for s in settings.values())) if settings else set()
     for spec in keys:
         if not any(_matches(k, spec) for k in every):
