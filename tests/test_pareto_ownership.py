@@ -60,6 +60,29 @@ def test_segments_owners_and_paired_intervals_against_dq(tmp_path):
     dom = ctx["domination"]
     assert dom["objectives"] == ["accuracy", "effective_gflops"] and not dom["all_dominated"]
     assert [(c["seed"], c["dominated_by"]) for c in dom["checks"]] == [(1, None), (2, None)]
+    # how far from dominated: the most accurate point of another ordering at no higher cost
+    assert [c["closest"]["point"] for c in dom["checks"]] == ["dpq 0.5 sparse 4-bit"] * 2
+    assert [c["closest"]["margin"] for c in dom["checks"]] == pytest.approx([0.89 - 0.90, 0.90 - 0.92])
+    assert [c["accuracy"] for c in dom["checks"]] == pytest.approx([0.90, 0.92])
+    assert [c["effective_gflops"] for c in dom["checks"]] == pytest.approx([0.68, 0.70])
+
+
+def test_the_closest_point_is_at_no_higher_cost_and_none_when_every_other_costs_more(tmp_path):
+    runs = {
+        "dq1": fake_results("dq", 1, 0.90, 0.30),
+        "hi": fake_results("dpq", 1, 0.95, 0.31, sparsity=0.1),  # better but dearer: not a candidate
+        "lo": fake_results("dpq", 1, 0.88, 0.30, sparsity=0.3),  # same cost, lower accuracy
+        "dq2": fake_results("dq", 2, 0.90, 0.10),
+        "hi2": fake_results("dpq", 2, 0.95, 0.31, sparsity=0.1),
+    }
+    runs = gather([str(write_runs(tmp_path, runs))], references=False, progress=False)
+    own = front_ownership(runs, OBJECTIVES["accuracy"], [OBJECTIVES["effective_gflops"]])
+    c1, c2 = own["contexts"][0]["domination"]["checks"]
+    assert c1["dominated_by"] is None and c1["closest"]["point"] == "dpq 0.3 sparse 4-bit"
+    assert c1["closest"]["margin"] == pytest.approx(-0.02) and c1["closest"][
+        "effective_gflops"
+    ] == pytest.approx(0.30)
+    assert c2["dominated_by"] is None and c2["closest"] is None
 
 
 def test_a_dq_point_beaten_on_every_seed_is_reported_dominated(tmp_path):
@@ -94,6 +117,9 @@ def test_the_report_writes_and_prints_who_owns_the_front(tmp_path, capsys):
     md = (out / "ownership.md").read_text()
     assert "### accuracy vs effective_gflops [GFLOPs]: owned by dpq_qat, dpq, dq" in md
     assert "| 0.405 | dpq | dpq 0.5 sparse 4-bit | 0.8950 | -0.0150 [" in md
+    assert (
+        "| 1 | dq 4-bit | 0.9000 | 0.68 | **not dominated** | dpq 0.5 sparse 4-bit: 0.8900 (-0.0100) |" in md
+    )
     assert (
         json.loads((out / "ownership.json").read_text())["contexts"][0]["fronts"][0]["owners"][0] == "dpq_qat"
     )

@@ -124,10 +124,32 @@ def _segments(front: pd.DataFrame, cost: Objective, primary: Objective) -> list[
     return segs
 
 
+def _closest(others: pd.DataFrame, t: pd.Series, primary: Objective, cost: Objective) -> dict | None:
+    """The point of ``others`` with the best primary metric among those no costlier than ``t``, and its
+    margin over ``t`` (positive = better): how far a point that is not dominated is from being so."""
+    cheap = (
+        others[others[cost.name] <= t[cost.name]]
+        if cost.sense == "min"
+        else others[others[cost.name] >= t[cost.name]]
+    )
+    if cheap.empty:
+        return None
+    best = cheap[primary.name].idxmax() if primary.sense == "max" else cheap[primary.name].idxmin()
+    o = cheap.loc[best]
+    margin = float(o[primary.name] - t[primary.name]) * (1 if primary.sense == "max" else -1)
+    return {
+        "point": o["label"],
+        primary.name: json_safe(float(o[primary.name])),
+        cost.name: json_safe(float(o[cost.name])),
+        "margin": json_safe(margin),
+    }
+
+
 def seedwise_domination(
     finals: pd.DataFrame, primary: Objective, cost: Objective, dominated: tuple[str, ...] = DOMINATED
 ) -> dict:
-    """Per seed: each point of the ``dominated`` orderings, and a point of another ordering that beats it."""
+    """Per seed: each point of the ``dominated`` orderings, a point of another ordering that beats it,
+    and the best point of another ordering at no higher cost (``closest``, with its margin)."""
     out = []
     for seed, runs in finals.dropna(subset=["seed"]).groupby("seed"):
         ok = runs.dropna(subset=[primary.name, cost.name])
@@ -146,7 +168,15 @@ def seedwise_domination(
                     by = o["label"]
                     break
             out.append(
-                {"seed": int(seed), "point": t["label"], "ordering": t["pipeline"], "dominated_by": by}
+                {
+                    "seed": int(seed),
+                    "point": t["label"],
+                    "ordering": t["pipeline"],
+                    primary.name: json_safe(float(t[primary.name])),
+                    cost.name: json_safe(float(t[cost.name])),
+                    "dominated_by": by,
+                    "closest": _closest(others, t, primary, cost),
+                }
             )
     return {
         "objectives": [primary.name, cost.name],
@@ -236,6 +266,17 @@ def _fmt_delta(d: dict | None) -> str:
     return f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] (n={d['n']}){vs}"
 
 
+def _fmt_num(v, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def _fmt_closest(check: dict, primary: str) -> str:
+    c = check.get("closest")
+    if not c:
+        return "none"
+    return f"{c['point']}: {c[primary]:.4f} ({c['margin']:+.4f})"
+
+
 def markdown(own: dict) -> str:
     """The ownership as Markdown: per context and cost, the segments and each front point against the baseline."""
     lines = ["# Who owns the front", ""]
@@ -257,15 +298,18 @@ def markdown(own: dict) -> str:
             lines.append("")
         dom = ctx.get("domination")
         if dom and dom["checks"]:
+            dp, dc = dom["objectives"]
             lines += [
                 f"### Per seed: is every {'/'.join(dom['orderings'])} point dominated on "
                 f"({', '.join(dom['objectives'])})? {'yes' if dom['all_dominated'] else 'no'}",
                 "",
-                "| seed | point | dominated by |",
-                "|---|---|---|",
+                f"| seed | point | {dp} | {dc} | dominated by "
+                f"| best point of another ordering at no higher {dc}: {dp} (margin) |",
+                "|---|---|---|---|---|---|",
             ]
             lines += [
-                f"| {c['seed']} | {c['point']} | {c['dominated_by'] or '**not dominated**'} |"
+                f"| {c['seed']} | {c['point']} | {_fmt_num(c.get(dp), '.4f')} | {_fmt_num(c.get(dc), '.4g')} | "
+                f"{c['dominated_by'] or '**not dominated**'} | {_fmt_closest(c, dp)} |"
                 for c in dom["checks"]
             ]
             lines.append("")
@@ -302,13 +346,17 @@ def html_section(own: dict) -> str:
                 f"<h4>Per seed: is every {esc('/'.join(dom['orderings']))} point dominated on "
                 f"({esc(', '.join(dom['objectives']))})? {verdict}</h4>"
             )
+            dp, dc = dom["objectives"]
             rows = "".join(
-                f"<tr><td>{c['seed']}</td><td>{esc(c['point'])}</td>"
-                f"<td>{esc(c['dominated_by'] or 'not dominated')}</td></tr>"
+                f"<tr><td>{c['seed']}</td><td>{esc(c['point'])}</td><td>{_fmt_num(c.get(dp), '.4f')}</td>"
+                f"<td>{_fmt_num(c.get(dc), '.4g')}</td><td>{esc(c['dominated_by'] or 'not dominated')}</td>"
+                f"<td>{esc(_fmt_closest(c, dp))}</td></tr>"
                 for c in dom["checks"]
             )
             out.append(
-                "<table><thead><tr><th>seed</th><th>point</th><th>dominated by</th></tr></thead>"
+                f"<table><thead><tr><th>seed</th><th>point</th><th>{esc(dp)}</th><th>{esc(dc)}</th>"
+                "<th>dominated by</th>"
+                f"<th>best point of another ordering at no higher {esc(dc)}: {esc(dp)} (margin)</th></tr></thead>"
                 f"<tbody>{rows}</tbody></table>"
             )
     return "\n".join(out)
