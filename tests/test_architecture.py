@@ -25,6 +25,7 @@ LAYERS = {
     "loggers": 1,
     "pareto": 1,
     "export": 1,
+    "predictions": 1,
     "stages": 2,
     "run": 3,
     "train": 4,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -21,40 +20,19 @@ from dpq.core.files import write_json_atomic
 def export_run(run_dir: Path, overrides: dict | None = None) -> dict:
     """Export and measure the model of ``run_dir``; returns the updated results.json."""
     from dpq import cost, latency_process
-    from dpq.data import ClassificationDataModule, load_task, recorded_task
     from dpq.export.evaluate import deploy
+    from dpq.export.finished import load_finished
     from dpq.export.onnx import OnnxOptions, max_positions
-    from dpq.models import load_model
 
-    results_path = run_dir / "results.json"
-    try:
-        results = json.loads(results_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError("RUN_DIR", str(run_dir), f"holds no readable results.json ({e})") from None
-    if results.get("status") != "completed" or not results.get("model_dir"):
-        raise ConfigError(
-            "RUN_DIR",
-            str(run_dir),
-            "is not a completed run with a saved model (status "
-            f"{results.get('status')!r}, model_dir {results.get('model_dir')!r})",
-        )
-    cfg, model_dir = results["config"], run_dir / "model"
-    task = recorded_task(cfg["task"])  # an older run's keys in today's names
-    spec = cfg["model"] if results["final"].get("model", "student") == "student" else cfg["teacher"]
-    splits = load_task(task)
-    tokenizer = None
-    if splits.kind == "text":
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = ClassificationDataModule.for_task(splits, tokenizer, task, group_by_length=False)
-    model = load_model(spec, task, model_dir).eval()
+    run = load_finished(run_dir)
+    results, task, data, model, tokenizer = run.results, run.task, run.data, run.model, run.tokenizer
+    cfg = results["config"]
     names = {f.name for f in fields(OnnxOptions)}
     opts = {k: v for k, v in {**(cfg.get("export") or {}), **(overrides or {})}.items() if k in names}
     opts["max_positions"] = max_positions(opts.get("max_positions"), task, cfg["cost"])
     metrics, report = deploy(
         model,
-        model_dir / "model.onnx",
+        run.model_dir / "model.onnx",
         list(data.test_dataloader()),
         list(data.val_dataloader()),
         cost.task_inputs(task, cfg["cost"], tokenizer),
@@ -67,7 +45,7 @@ def export_run(run_dir: Path, overrides: dict | None = None) -> dict:
     )
     results["final"].update(metrics)
     results["onnx_export"] = report
-    write_json_atomic(results_path, results)
+    write_json_atomic(run_dir / "results.json", results)
     return results
 
 

@@ -207,7 +207,9 @@ def merge_seeds(df: pd.DataFrame) -> pd.DataFrame:
     std = grouped[metrics].std(ddof=1).fillna(0.0)
     out = out.join(std.add_suffix("_std"))
     out["n_seeds"] = grouped.size()
-    info_cols = [c for c in df.columns if c not in metrics and c not in (*GROUP, "run", "run_name", "seed")]
+    info_cols = [
+        c for c in df.columns if c not in metrics and c not in (*GROUP, "run", "run_path", "run_name", "seed")
+    ]
     raw = df.groupby(GROUP, sort=False, dropna=False)
     info = raw[info_cols].first()
     if "hardware" in info:  # every machine a configuration's seeds ran on, not just the first

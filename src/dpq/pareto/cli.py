@@ -175,6 +175,7 @@ def build_report(
     own = front_ownership(runs, objectives[0], costs, baseline=baseline)
     if picked:
         own["chosen"] = picked
+    runs = runs.drop(columns=["run_path"], errors="ignore")  # a local path: not in the reports
     paths["ownership_json"].write_text(json.dumps(own, indent=2, default=str))
     paths["ownership_md"].write_text(chosen_markdown(picked) + markdown(own))
     points.to_csv(paths["csv"], index=False)

@@ -375,6 +375,9 @@ def to_frame(loaded: list[tuple[dict, str]], references: bool = True, stages: bo
         )
     df = pd.DataFrame(rows)
     if not df.empty:
+        # Where a local run's files are (predictions.npz, for the paired per-seed checks); not
+        # written into reports, whose ``run`` stays relative so that they read the same anywhere.
+        df["run_path"] = [os.path.abspath(r) if os.path.isdir(r) else None for r in df["run"]]
         df["run"] = _relative_runs(df["run"])
         df["base_label"] = df["label"]  # what distinct_labels starts from (again, after a filter)
         df["label"] = distinct_labels(df)

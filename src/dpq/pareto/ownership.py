@@ -11,7 +11,9 @@ The study's question is not only "which points are on the front" but "which orde
   task/model/teacher; with several, the one at the point's bit width, then the one that shares
   the point's settings where the baselines differ, e.g. their quantizer; the table names it);
 * **per seed** -- (first cost only) is every point of the dominated orderings (``dq``, ``dp``)
-  beaten, on that seed, by a point of another ordering? Issue 21 asks this on every seed.
+  beaten, on that seed, by a point of another ordering? Issue 21 asks this on every seed. Each
+  check names the best point of another ordering at no higher cost, its margin and, when both runs
+  left per-example predictions, the two compared on the same examples (:mod:`dpq.pareto.paired`).
 
 Reference points (teacher, dense student records) are left out: the question is about orderings.
 """
@@ -28,6 +30,7 @@ from .compare import CONTEXT, _per_seed
 from .front import pareto_mask
 from .gather import _show, flat_config, json_safe, shown_settings
 from .objectives import OBJECTIVES, Objective
+from .paired import Predictions
 from .stats import mean_interval
 
 # The costs a front is owned along, when the runs measured them (deployment figures last).
@@ -124,9 +127,8 @@ def _segments(front: pd.DataFrame, cost: Objective, primary: Objective) -> list[
     return segs
 
 
-def _closest(others: pd.DataFrame, t: pd.Series, primary: Objective, cost: Objective) -> dict | None:
-    """The point of ``others`` with the best primary metric among those no costlier than ``t``, and its
-    margin over ``t`` (positive = better): how far a point that is not dominated is from being so."""
+def _closest(others: pd.DataFrame, t: pd.Series, primary: Objective, cost: Objective) -> pd.Series | None:
+    """The point of ``others`` with the best primary metric among those no costlier than ``t``."""
     cheap = (
         others[others[cost.name] <= t[cost.name]]
         if cost.sense == "min"
@@ -135,14 +137,25 @@ def _closest(others: pd.DataFrame, t: pd.Series, primary: Objective, cost: Objec
     if cheap.empty:
         return None
     best = cheap[primary.name].idxmax() if primary.sense == "max" else cheap[primary.name].idxmin()
-    o = cheap.loc[best]
+    return cheap.loc[best]
+
+
+def _closest_entry(
+    o: pd.Series, t: pd.Series, primary: Objective, cost: Objective, pairs: Predictions
+) -> dict:
+    """``o`` and its margin over ``t`` (positive = better): how far a point that is not dominated is
+    from being so; with both runs' predictions, also ``paired``: the two on the same examples."""
     margin = float(o[primary.name] - t[primary.name]) * (1 if primary.sense == "max" else -1)
-    return {
+    entry = {
         "point": o["label"],
         primary.name: json_safe(float(o[primary.name])),
         cost.name: json_safe(float(o[cost.name])),
         "margin": json_safe(margin),
     }
+    paired = pairs.pair(t, o, primary.metric)
+    if paired is not None:
+        entry["paired"] = {k: json_safe(v) for k, v in paired.items()}
+    return entry
 
 
 def seedwise_domination(
@@ -151,6 +164,7 @@ def seedwise_domination(
     """Per seed: each point of the ``dominated`` orderings, a point of another ordering that beats it,
     and the best point of another ordering at no higher cost (``closest``, with its margin)."""
     out = []
+    pairs = Predictions()
     for seed, runs in finals.dropna(subset=["seed"]).groupby("seed"):
         ok = runs.dropna(subset=[primary.name, cost.name])
         if ok.empty:
@@ -175,7 +189,9 @@ def seedwise_domination(
                     primary.name: json_safe(float(t[primary.name])),
                     cost.name: json_safe(float(t[cost.name])),
                     "dominated_by": by,
-                    "closest": _closest(others, t, primary, cost),
+                    "closest": None
+                    if (o := _closest(others, t, primary, cost)) is None
+                    else _closest_entry(o, t, primary, cost, pairs),
                 }
             )
     return {
@@ -277,6 +293,34 @@ def _fmt_closest(check: dict, primary: str) -> str:
     return f"{c['point']}: {c[primary]:.4f} ({c['margin']:+.4f})"
 
 
+def _paired(check: dict) -> dict | None:
+    return (check.get("closest") or {}).get("paired")
+
+
+def _fmt_paired(check: dict) -> str:
+    p = _paired(check)
+    if not p:
+        return ""
+    if "missing" in p:
+        return p["missing"]
+    return (
+        f"{p['only_second']} / {p['only_first']} of {p['n']}: {p['diff']:+.4f} "
+        f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}], p={p['p_mcnemar']:.2g}"
+    )
+
+
+def _paired_header(dom: dict) -> str | None:
+    """The per-example column's header, when some check has one (runs with predictions.npz)."""
+    splits = {_paired(c).get("split") for c in dom["checks"] if _paired(c)} - {None}
+    if not any(_paired(c) for c in dom["checks"]):
+        return None
+    where = "/".join(sorted(splits)) or "same"
+    return (
+        f"that point against this one on the same {where} examples: right only there / only here, "
+        "paired Δ [95%], McNemar p"
+    )
+
+
 def markdown(own: dict) -> str:
     """The ownership as Markdown: per context and cost, the segments and each front point against the baseline."""
     lines = ["# Who owns the front", ""]
@@ -307,9 +351,14 @@ def markdown(own: dict) -> str:
                 f"| best point of another ordering at no higher {dc}: {dp} (margin) |",
                 "|---|---|---|---|---|---|",
             ]
+            extra = _paired_header(dom)
+            if extra:
+                lines[-2] += f" {extra} |"
+                lines[-1] += "---|"
             lines += [
                 f"| {c['seed']} | {c['point']} | {_fmt_num(c.get(dp), '.4f')} | {_fmt_num(c.get(dc), '.4g')} | "
                 f"{c['dominated_by'] or '**not dominated**'} | {_fmt_closest(c, dp)} |"
+                + (f" {_fmt_paired(c)} |" if extra else "")
                 for c in dom["checks"]
             ]
             lines.append("")
@@ -347,16 +396,20 @@ def html_section(own: dict) -> str:
                 f"({esc(', '.join(dom['objectives']))})? {verdict}</h4>"
             )
             dp, dc = dom["objectives"]
+            extra = _paired_header(dom)
             rows = "".join(
                 f"<tr><td>{c['seed']}</td><td>{esc(c['point'])}</td><td>{_fmt_num(c.get(dp), '.4f')}</td>"
                 f"<td>{_fmt_num(c.get(dc), '.4g')}</td><td>{esc(c['dominated_by'] or 'not dominated')}</td>"
-                f"<td>{esc(_fmt_closest(c, dp))}</td></tr>"
+                f"<td>{esc(_fmt_closest(c, dp))}</td>"
+                + (f"<td>{esc(_fmt_paired(c))}</td>" if extra else "")
+                + "</tr>"
                 for c in dom["checks"]
             )
             out.append(
                 f"<table><thead><tr><th>seed</th><th>point</th><th>{esc(dp)}</th><th>{esc(dc)}</th>"
                 "<th>dominated by</th>"
-                f"<th>best point of another ordering at no higher {esc(dc)}: {esc(dp)} (margin)</th></tr></thead>"
-                f"<tbody>{rows}</tbody></table>"
+                f"<th>best point of another ordering at no higher {esc(dc)}: {esc(dp)} (margin)</th>"
+                + (f"<th>{esc(extra)}</th>" if extra else "")
+                + f"</tr></thead><tbody>{rows}</tbody></table>"
             )
     return "\n".join(out)

@@ -297,6 +297,8 @@ class Runner:
         )
         if onnx_report is not None:
             results["onnx_export"] = onnx_report
+        if writer and integrity_error is None:
+            results["predictions"] = self._write_predictions(model, final)
         if integrity_error is not None:
             results.update(status="integrity_failed", error=str(integrity_error))
         if writer:
@@ -352,6 +354,23 @@ class Runner:
             return {"error": f"{type(e).__name__}: {e}"}
         final.update(metrics)
         return report
+
+    def _write_predictions(self, model: nn.Module, final: dict) -> dict:
+        """``predictions.npz`` beside results.json: the final model's class for every test and
+        validation example, for paired per-example comparisons of runs (:mod:`dpq.pareto.paired`)."""
+        from dpq import predictions
+
+        data = self.ctx.data
+        preds = predictions.compute(model, data.test_dataloader(), data.val_dataloader())
+        predictions.save(self.ctx.output_dir, preds)
+        summary = predictions.summary(preds, final)
+        if not summary["matches"]:
+            log.warning(
+                "predictions.npz does not reproduce the run's accuracies (%s); paired comparisons "
+                "will not use it",
+                "; ".join(summary["mismatch"]),
+            )
+        return summary
 
     def _check_reload(
         self, model_dir: Path, role: str, final: dict, tolerance: float

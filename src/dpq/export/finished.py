@@ -1,0 +1,62 @@
+"""A finished run's saved model with the data it was measured on, for work done after the run
+(``python -m dpq.export``, ``python -m dpq.predictions``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from dpq.core.errors import ConfigError
+
+
+@dataclass
+class FinishedRun:
+    results: dict
+    task: dict
+    data: Any  # a ClassificationDataModule over the run's task, split as the run split it
+    model: nn.Module
+    tokenizer: Any
+    model_dir: Path
+
+
+def read_results(run_dir: Path) -> dict:
+    """``run_dir/results.json`` of a completed run with a saved model, or a :class:`ConfigError` saying why not."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError("RUN_DIR", str(run_dir), f"holds no readable results.json ({e})") from None
+    if results.get("status") != "completed" or not results.get("model_dir"):
+        raise ConfigError(
+            "RUN_DIR",
+            str(run_dir),
+            "is not a completed run with a saved model (status "
+            f"{results.get('status')!r}, model_dir {results.get('model_dir')!r})",
+        )
+    return results
+
+
+def load_finished(run_dir: Path, model_dir: Path | None = None) -> FinishedRun:
+    """The model saved by the run in ``run_dir`` (``model_dir``, default ``run_dir/model``), eval mode."""
+    from dpq.data import ClassificationDataModule, load_task, recorded_task
+    from dpq.models import load_model
+
+    results = read_results(run_dir)
+    model_dir = Path(model_dir) if model_dir is not None else run_dir / "model"
+    if not model_dir.is_dir():
+        raise ConfigError("model folder", str(model_dir), "does not exist (the run's saved model is needed)")
+    cfg = results["config"]
+    task = recorded_task(cfg["task"])  # an older run's keys in today's names
+    spec = cfg["model"] if results["final"].get("model", "student") == "student" else cfg["teacher"]
+    splits = load_task(task)
+    tokenizer = None
+    if splits.kind == "text":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = ClassificationDataModule.for_task(splits, tokenizer, task, group_by_length=False)
+    model = load_model(spec, task, model_dir).eval()
+    return FinishedRun(results, task, data, model, tokenizer, model_dir)
