@@ -147,3 +147,37 @@ def test_a_run_writes_its_predictions_and_the_cli_rewrites_them_from_the_saved_m
     (run / "results.json").write_text(json.dumps(res))
     assert main([str(run)]) == 2
     assert predictions.load(run) is None
+
+
+def test_compare_gives_the_seed_averaged_difference_its_spread_over_test_samples(tmp_path, capsys):
+    root = paired_study(tmp_path / "runs")
+    assert (
+        cli_main(
+            [
+                "compare",
+                str(root),
+                "--baseline",
+                "dq",
+                "--candidate",
+                "dpq",
+                "-o",
+                str(tmp_path / "c"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    (r,) = json.loads((tmp_path / "c" / "compare.json").read_text())["comparisons"]
+    e = r["examples"]["accuracy"]
+    # by hand: per example, the candidate's minus dq's correctness averaged over the two seeds
+    right = {
+        k: correct_on(v)["test_pred"] == correct_on(v)["test_label"]
+        for k, v in {"dq1": range(90), "p1": range(10, 99), "dq2": range(92), "p2": range(90)}.items()
+    }
+    d = ((right["p1"] * 1.0 - right["dq1"]) + (right["p2"] * 1.0 - right["dq2"])) / 2
+    assert e["mean"] == pytest.approx(d.mean()) == pytest.approx(r["deltas"]["accuracy"]["mean"])
+    se = d.std(ddof=1) / math.sqrt(100)
+    assert e["se"] == pytest.approx(se) and e["ci_low"] == pytest.approx(d.mean() - 1.959963985 * se)
+    assert (e["n_examples"], e["n_seeds"], e["seeds"]) == (100, 2, [1, 2])
+    assert set(r["examples"]) == {"accuracy"}  # these fake runs record no val_accuracy
+    assert "over 100 examples x 2 seeds: -0.0150 [" in capsys.readouterr().out

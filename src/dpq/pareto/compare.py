@@ -19,6 +19,7 @@ from dpq.core.errors import ConfigError
 from dpq.metrics import METRICS
 
 from .gather import json_safe
+from .paired import SPLIT_OF, Predictions
 from .stats import difference_interval, mean_interval
 
 # Differences: accuracy and every other task metric the runs measured (test and validation).
@@ -131,6 +132,15 @@ def compare_pair(base: pd.DataFrame, cand: pd.DataFrame) -> dict:
                     "ci_high": None,
                 }
         (out["deltas"] if m in DELTAS else out["ratios"])[m] = stat
+    if common:  # with per-example predictions: the same difference, its spread over test samples
+        pairs = Predictions()
+        examples = {}
+        for m in SPLIT_OF:
+            got = pairs.seed_averaged(base, cand, m) if m in b and m in c else None
+            if got is not None:
+                examples[m] = {k: json_safe(v) if isinstance(v, float) else v for k, v in got.items()}
+        if examples:
+            out["examples"] = examples
     return out
 
 
@@ -247,3 +257,13 @@ def print_comparison(results: list[dict]) -> None:
     if not console.is_terminal:
         console = Console(width=170)
     console.print(table)
+    for r in results:  # the spread a new test sample would give (runs with predictions.npz)
+        for m, e in (r.get("examples") or {}).items():
+            if "missing" in e:
+                console.print(f"{r['candidate']['label']}, {m} per example: not paired ({e['missing']})")
+                continue
+            console.print(
+                f"{r['candidate']['label']} - {r['baseline']['label']}, {m} over {e['n_examples']} examples "
+                f"x {e['n_seeds']} seeds: {e['mean']:+.4f} [{e['ci_low']:+.4f}, {e['ci_high']:+.4f}] "
+                "(95%, over test samples with the trained models fixed)"
+            )

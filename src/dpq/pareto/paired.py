@@ -70,36 +70,95 @@ class Predictions:
             self._cache[run_path] = predictions.load(Path(run_path))
         return self._cache[run_path]
 
+    def correct(self, row, metric: str) -> tuple[np.ndarray | None, str | None]:
+        """``row``'s run right or wrong on each example of ``metric``'s split: ``(array, None)``;
+        ``(None, None)`` without predictions (or for a metric that is no accuracy); ``(None, why)``
+        when the predictions are not that run's (they do not give its recorded ``metric``)."""
+        split = SPLIT_OF.get(metric)
+        p = self.of(row.get("run_path")) if split else None
+        if p is None or f"{split}_pred" not in p:
+            return None, None
+        right = p[f"{split}_pred"] == p[f"{split}_label"]
+        want = row.get(metric)
+        if (
+            want is None
+            or (isinstance(want, float) and math.isnan(want))
+            or abs(right.mean() - float(want)) * len(right) >= 0.5
+        ):
+            return (
+                None,
+                f"{row['label']}: its predictions give {metric} {right.mean():.4f}, not the run's {want}",
+            )
+        return right, None
+
+    def labels(self, row, metric: str) -> str:
+        from dpq.predictions import digest
+
+        return digest(self.of(row.get("run_path"))[f"{SPLIT_OF[metric]}_label"])
+
     def pair(self, first, second, metric: str) -> dict | None:
         """``second`` against ``first`` (rows with ``run_path`` and ``metric``) on the examples of
         ``metric``'s split; None when either run has no predictions or ``metric`` is no accuracy,
         ``{"missing": why}`` when they cannot be paired honestly."""
-        from dpq.predictions import digest
-
-        split = SPLIT_OF.get(metric)
-        if split is None:
+        got = [self.correct(r, metric) for r in (first, second)]
+        why = next((w for _, w in got if w), None)
+        if why:
+            return {"missing": why}
+        if any(c is None for c, _ in got):
             return None
-        preds = [self.of(r.get("run_path")) for r in (first, second)]
-        if any(p is None or f"{split}_pred" not in p for p in preds):
-            return None
-        for r, p in zip((first, second), preds):
-            n = len(p[f"{split}_label"])
-            got = float((p[f"{split}_pred"] == p[f"{split}_label"]).mean())
-            want = r.get(metric)
-            if (
-                want is None
-                or (isinstance(want, float) and math.isnan(want))
-                or abs(got - float(want)) * n >= 0.5
-            ):
-                return {
-                    "missing": f"{r['label']}: its predictions give {metric} {got:.4f}, not the run's {want}"
-                }
-        if digest(preds[0][f"{split}_label"]) != digest(preds[1][f"{split}_label"]):
+        if self.labels(first, metric) != self.labels(second, metric):
             return {"missing": "the two runs were measured on different examples (their labels differ)"}
-        return {
-            "split": split,
-            **paired_accuracy(
-                preds[0][f"{split}_pred"] == preds[0][f"{split}_label"],
-                preds[1][f"{split}_pred"] == preds[1][f"{split}_label"],
-            ),
-        }
+        return {"split": SPLIT_OF[metric], **paired_accuracy(got[0][0], got[1][0])}
+
+    def seed_averaged(self, base, cand, metric: str) -> dict | None:
+        """Candidate minus baseline over seeds *and* examples: see :func:`seed_averaged`. ``base`` and
+        ``cand`` are frames of final runs; used when every seed both share has one run per side with
+        predictions that are the run's (else None, or ``{"missing": why}``)."""
+        seeds = sorted(set(base["seed"].dropna()) & set(cand["seed"].dropna()))
+        if not seeds or SPLIT_OF.get(metric) is None:
+            return None
+        firsts, seconds, digests = [], [], set()
+        for seed in seeds:
+            pair = []
+            for side in (base, cand):
+                rows = side[side["seed"] == seed]
+                if len(rows) != 1:
+                    return {"missing": f"seed {int(seed)} has {len(rows)} runs of {side['label'].iloc[0]}"}
+                right, why = self.correct(rows.iloc[0], metric)
+                if why:
+                    return {"missing": why}
+                if right is None:
+                    return None
+                digests.add(self.labels(rows.iloc[0], metric))
+                pair.append(right)
+            firsts.append(pair[0])
+            seconds.append(pair[1])
+        if len(digests) > 1:
+            return {"missing": "the runs were measured on different examples (their labels differ)"}
+        return {"split": SPLIT_OF[metric], "seeds": [int(s) for s in seeds], **seed_averaged(firsts, seconds)}
+
+
+def seed_averaged(firsts: list[np.ndarray], seconds: list[np.ndarray], level: float = LEVEL) -> dict:
+    """The mean over seeds of ``second - first`` accuracy, with the interval a new test sample would
+    give (the trained models held fixed).
+
+    The seeds' t interval holds the test split fixed: every seed is scored on the same examples, so
+    how those examples were drawn is in none of its spread. Here the roles swap: per example, the
+    difference averaged over the seeds, ``d_i``; the mean of ``d_i`` is the mean paired difference,
+    and ``sd(d_i) / sqrt(n)`` its standard error over examples (normal interval)."""
+    from scipy.stats import norm
+
+    d = np.mean([np.asarray(s, float) - np.asarray(f, float) for f, s in zip(firsts, seconds)], axis=0)
+    n = d.size
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    z = float(norm.ppf(0.5 + level / 2))
+    mean = float(d.mean())
+    return {
+        "mean": mean,
+        "se": se,
+        "ci_low": mean - z * se,
+        "ci_high": mean + z * se,
+        "n_examples": n,
+        "n_seeds": len(firsts),
+        "level": level,
+    }
