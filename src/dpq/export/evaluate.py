@@ -84,6 +84,7 @@ def deploy(
     cost: dict[str, Any],
     options: OnnxOptions | None = None,
     timer: Callable[..., dict] | None = None,
+    reference: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict, dict]:
     """Export ``model`` to ``path`` and measure it; returns ``(metrics, report)``.
 
@@ -91,14 +92,19 @@ def deploy(
     ``onnx_agreement``, ``onnx_latency_ms_median``, ``onnx_size_bytes`` ...); ``report`` says what
     was exported and checked (:class:`~dpq.export.onnx.ExportReport`). ``timer(path, inputs, warmup,
     repeats, threads)`` times the file (default: in this process); ``onnx_latency_process`` says where.
+    ``reference``: ``model``'s predictions over the same batches, already computed
+    (:func:`dpq.predictions.compute`), so that the model is not run over both splits a second time.
     """
     options = options or OnnxOptions()
     example = model_inputs(test[0])
     report = export_onnx(model, example, path, options)
     ort = OrtModel(ort_session(path, options.threads))
     out: dict[str, Any] = {}
-    for split, batches in (("", test), ("val_", validation)):
-        torch_pred, labels = predictions(model, batches)
+    for split, name, batches in (("", "test", test), ("val_", "val", validation)):
+        if reference is not None:
+            torch_pred, labels = reference[f"{name}_pred"], reference[f"{name}_label"]
+        else:
+            torch_pred, labels = predictions(model, batches)
         ort_pred, _ = predictions(ort, batches)
         out[f"onnx_{split}accuracy"] = float((ort_pred == labels).mean())
         out[f"onnx_{split}agreement"] = float((ort_pred == torch_pred).mean())

@@ -78,13 +78,11 @@ class Predictions:
         p = self.of(row.get("run_path")) if split else None
         if p is None or f"{split}_pred" not in p:
             return None, None
+        from dpq.predictions import reproduces
+
         right = p[f"{split}_pred"] == p[f"{split}_label"]
         want = row.get(metric)
-        if (
-            want is None
-            or (isinstance(want, float) and math.isnan(want))
-            or abs(right.mean() - float(want)) * len(right) >= 0.5
-        ):
+        if not reproduces(right, want):
             return (
                 None,
                 f"{row['label']}: its predictions give {metric} {right.mean():.4f}, not the run's {want}",

@@ -274,6 +274,9 @@ class Runner:
             integrity_error = self._check_reload(
                 model_dir, role, final, float(cfg.get("integrity_tolerance", 1e-3))
             )
+        preds = None
+        if writer and integrity_error is None:  # also the reference the ONNX check compares with
+            preds, preds_summary = self._write_predictions(model, final)
         onnx_report = None
         if (
             model_dir is not None
@@ -281,7 +284,7 @@ class Runner:
             and integrity_error is None
             and (cfg.get("export") or {}).get("onnx")
         ):
-            onnx_report = self._export_onnx(model, model_dir / "model.onnx", final)
+            onnx_report = self._export_onnx(model, model_dir / "model.onnx", final, preds)
         results = records.results(
             cfg,
             state,
@@ -297,8 +300,8 @@ class Runner:
         )
         if onnx_report is not None:
             results["onnx_export"] = onnx_report
-        if writer and integrity_error is None:
-            results["predictions"] = self._write_predictions(model, final)
+        if preds is not None:
+            results["predictions"] = preds_summary
         if integrity_error is not None:
             results.update(status="integrity_failed", error=str(integrity_error))
         if writer:
@@ -320,7 +323,7 @@ class Runner:
             )
         return results
 
-    def _export_onnx(self, model: nn.Module, path: Path, final: dict) -> dict:
+    def _export_onnx(self, model: nn.Module, path: Path, final: dict, preds: dict | None = None) -> dict:
         """``model/model.onnx``, measured with ONNX Runtime; its figures join ``final`` (``onnx_*``).
 
         A failed export is reported in results.json (``onnx_export.error``) and the log, not raised:
@@ -343,6 +346,7 @@ class Runner:
                 ctx.cfg["cost"],
                 OnnxOptions(**opts),
                 timer=functools.partial(latency_process.onnx_latency, process=ctx.latency_process),
+                reference=preds,
             )
         except Exception as e:  # noqa: BLE001 - any failure of the exporter or runtime is reported, not fatal
             log.error(
@@ -355,9 +359,10 @@ class Runner:
         final.update(metrics)
         return report
 
-    def _write_predictions(self, model: nn.Module, final: dict) -> dict:
+    def _write_predictions(self, model: nn.Module, final: dict) -> tuple[dict, dict]:
         """``predictions.npz`` beside results.json: the final model's class for every test and
-        validation example, for paired per-example comparisons of runs (:mod:`dpq.pareto.paired`)."""
+        validation example, for paired per-example comparisons of runs (:mod:`dpq.pareto.paired`).
+        Returns the arrays and results.json's ``predictions`` entry."""
         from dpq import predictions
 
         data = self.ctx.data
@@ -370,7 +375,7 @@ class Runner:
                 "will not use it",
                 "; ".join(summary["mismatch"]),
             )
-        return summary
+        return preds, summary
 
     def _check_reload(
         self, model_dir: Path, role: str, final: dict, tolerance: float
