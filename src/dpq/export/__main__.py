@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         help="4-bit layers: MatMulNBits with float activations (exact, the default) or int8 activations "
         "per block (not exact), or int8_matmul: the codes in uint8 run by quantize_dynamic's integer kernels",
     )
+    ap.add_argument(
+        "--no-compact",
+        action="store_true",
+        help="export every head and FFN neuron, also those pruning left without effect (default: removed)",
+    )
     args = ap.parse_args(argv)
     overrides = {
         k: v
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "max_positions": _positions(args.max_positions),
             "nbits_compute": args.nbits_compute,
+            "compact": False if args.no_compact else None,
         }.items()
         if v is not None
     }

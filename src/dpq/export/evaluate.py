@@ -8,6 +8,7 @@ batch and sequence as ``cost``) and file size.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -97,7 +98,15 @@ def deploy(
     """
     options = options or OnnxOptions()
     example = model_inputs(test[0])
-    report = export_onnx(model, example, path, options)
+    exported, compacted = model, None
+    if options.compact:  # the units pruning left without effect go first; the agreement below checks it
+        from dpq.prune.compact import compact_
+
+        exported = copy.deepcopy(model).cpu().eval()
+        compacted = compact_(exported, {k: v.cpu() for k, v in example.items()})
+        if not compacted.removed:
+            exported = model
+    report = export_onnx(exported, example, path, options)
     ort = OrtModel(ort_session(path, options.threads))
     out: dict[str, Any] = {}
     for split, name, batches in (("", "test", test), ("val_", "val", validation)):
@@ -121,13 +130,29 @@ def deploy(
         onnx_threads=options.threads,
         onnx_max_abs_logit_diff=report.max_abs_logit_diff,
     )
+    report = report.to_dict()
+    if compacted is not None:
+        report["compact"] = compacted.to_dict()
+        if compacted.removed:  # the exported graph's FLOPs at the cost inputs (the run's are the model's)
+            from dpq.cost import flops
+
+            dense = flops(exported, {k: v.cpu() for k, v in cost_inputs.items()})
+            out.update(onnx_dense_gflops=dense["dense_gflops"], onnx_params=compacted.params_after)
+        out["onnx_compacted_units"] = compacted.removed
+    if compacted is not None and compacted.removed:
+        log.info(
+            "onnx: removed %d heads/neurons without effect before export (%s left), %.4g dense GFLOPs",
+            compacted.removed,
+            ", ".join(f"{k['left']}/{k['before']} {kind}" for kind, k in compacted.by_kind().items()),
+            out["onnx_dense_gflops"],
+        )
     log.info(
         "onnx: %s, %.2f MB, test accuracy %.4f (PyTorch %+.4f), agreement %.4f, %.2f ms",
         path,
-        report.size_bytes / 1e6,
+        report["size_bytes"] / 1e6,
         out["onnx_accuracy"],
         -out["onnx_accuracy_delta"],
         out["onnx_agreement"],
         out["onnx_latency_ms_median"],
     )
-    return out, report.to_dict()
+    return out, report

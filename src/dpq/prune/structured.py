@@ -504,8 +504,12 @@ def shrink_(
         for s in (*gs.slices, *gs.extra):
             idx = (groups[:, None] * s.size + torch.arange(s.size)[None, :]).flatten()
             mod = model.get_submodule(s.module)
-            for p in s.params:
-                _index_param(mod, p, s.dim if p == "weight" else 0, idx)
+            select = getattr(mod, "select_", None)
+            if callable(select):  # a quantized layer cuts its own codes, scales and bias (dpq.compact)
+                select(s.dim, idx)
+            else:
+                for p in s.params:
+                    _index_param(mod, p, s.dim if p == "weight" else 0, idx)
             if s.module in masks and s.dim < masks[s.module].dim():
                 masks[s.module] = masks[s.module].index_select(s.dim, idx.to(masks[s.module].device))
             _sync_attrs(mod)
@@ -533,8 +537,9 @@ def _record_structure(model: nn.Module, touched: set[str], sets: list[GroupSet])
     st = dict(getattr(config, "dpq_structure", None) or {})
     linears = dict(st.get("linears", {}))
     for name in touched:
-        w = model.get_submodule(name).weight
-        linears[name] = list(w.shape)
+        m = model.get_submodule(name)
+        w = getattr(m, "weight", None)
+        linears[name] = list(w.shape) if isinstance(w, torch.Tensor) else [m.out_features, m.in_features]
     counts = dict(st.get("counts", {}))
     for gs in sets:
         if gs.owner is not None and gs.count_attr:
@@ -546,7 +551,7 @@ def _record_structure(model: nn.Module, touched: set[str], sets: list[GroupSet])
         widths = {
             m.out_features
             for n, m in model.named_modules()
-            if n.endswith(suffix) and isinstance(m, nn.Linear)
+            if n.endswith(suffix) and isinstance(getattr(m, "out_features", None), int)  # float or quantized
         }
         if hasattr(config, attr) and len(widths) == 1:
             setattr(config, attr, widths.pop())

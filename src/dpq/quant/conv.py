@@ -117,6 +117,11 @@ class PackedConv2d(PackedLinear):
     backend = "packed"
     module_kind = "conv2d"
 
+    def select_(self, dim: int, index: Tensor) -> None:
+        raise NotImplementedError(
+            "PackedConv2d: a quantized conv cannot be cut in place (its codes are a [out, in*kh*kw] matrix)"
+        )
+
     def __init__(
         self,
         in_channels: int,

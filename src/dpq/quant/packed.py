@@ -260,6 +260,43 @@ class PackedLinear(QuantizedLinear):
             raise ValueError("a symmetric PackedLinear cannot store non-zero zero points")
         self._codes_changed()
 
+    @torch.no_grad()
+    def select_(self, dim: int, index: Tensor) -> None:
+        """Keep only the output rows (``dim=0``) or input columns (``dim=1``) in ``index``, codes as they are.
+
+        The structural shrink's hook (:func:`dpq.prune.structured.shrink_`) for a quantized layer:
+        rows take their codes, block scales, zero points and bias along; columns keep every row's
+        scale, so only per-channel and per-tensor codes can lose columns (a per-group block's scale
+        would then cover other columns). The kept codes are bit for bit the ones trained.
+        """
+        index = index.to(torch.long).cpu()
+        codes = self.codes()
+        if dim == 0:
+            rows = index.to(self.qweight.device)
+            qparams = {n: getattr(self, n) for n in ("scale", "zero_point")}
+            self.out_features = int(index.numel())
+            for n, t in qparams.items():
+                if t is not None and self.layout.granularity != "per_tensor":
+                    setattr(self, n, t.index_select(0, rows.to(t.device)).clone())
+            if self.bias is not None:
+                self.bias = self.bias.index_select(0, rows.to(self.bias.device)).clone()
+            self.qweight = pack_codes(codes.index_select(0, index.to(codes.device)), self.bits).to(
+                self.qweight.device
+            )
+        elif dim == 1:
+            if self.layout.granularity == "per_group":
+                raise ValueError(
+                    f"{type(self).__name__}: per-group codes cannot lose input columns (each group's scale "
+                    "covers a block of columns)"
+                )
+            self.in_features = int(index.numel())
+            self.qweight = pack_codes(codes.index_select(1, index.to(codes.device)), self.bits).to(
+                self.qweight.device
+            )
+        else:
+            raise ValueError(f"dim must be 0 (rows) or 1 (columns), got {dim}")
+        self._codes_changed()
+
     def _codes_changed(self) -> None:
         """Hook for subclasses that keep an unpacked copy for their kernel."""
 
