@@ -379,6 +379,14 @@ def test_a_run_writes_model_onnx_and_measures_it_and_the_cli_redoes_it(make_cfg,
     assert main([str(tmp_path / "run"), "--no-fuse"]) == 0
     again = json.loads((tmp_path / "run" / "results.json").read_text())
     assert again["onnx_export"]["fused"] == {} and again["final"]["onnx_agreement"] >= 0.9
+    assert again["final"]["onnx_compacted_units"] == 0 and again["onnx_export"]["compact"]["by_kind"]
+    # a figure of an earlier export that this one does not write goes (no stale onnx_dense_gflops)
+    again["final"]["onnx_dense_gflops"] = 123.0
+    (tmp_path / "run" / "results.json").write_text(json.dumps(again))
+    assert main([str(tmp_path / "run"), "--no-compact"]) == 0
+    third = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "onnx_dense_gflops" not in third["final"] and "onnx_compacted_units" not in third["final"]
+    assert "compact" not in third["onnx_export"] and third["final"]["onnx_agreement"] >= 0.9
 
 
 def test_deploy_compares_the_export_with_the_model_in_eval_mode_whatever_mode_it_was_left_in(tmp_path):

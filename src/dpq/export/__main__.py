@@ -43,6 +43,8 @@ def export_run(run_dir: Path, overrides: dict | None = None) -> dict:
             process=cfg["cost"].get("latency_process") or latency_process.default_process(),
         ),
     )
+    # an earlier export's figures go first: a key this export does not write must not outlive it
+    results["final"] = {k: v for k, v in results["final"].items() if not k.startswith("onnx_")}
     results["final"].update(metrics)
     results["onnx_export"] = report
     write_json_atomic(run_dir / "results.json", results)
@@ -100,9 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"dpq.export: {e}", file=sys.stderr)
             return 2
+        compacted = (
+            f", {final['onnx_compacted_units']} heads/neurons without effect removed "
+            f"({final['onnx_dense_gflops']:.4g} dense GFLOPs)"
+            if final.get("onnx_compacted_units")
+            else ""
+        )
         print(
             f"{run_dir}: {final['onnx_size_bytes'] / 1e6:.2f} MB, test accuracy {final['onnx_accuracy']:.4f} "
             f"(agreement with PyTorch {final['onnx_agreement']:.4f}), {final['onnx_latency_ms_median']:.2f} ms"
+            f"{compacted}"
         )
     return 0
 
