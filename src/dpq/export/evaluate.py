@@ -95,6 +95,9 @@ def deploy(
     repeats, threads)`` times the file (default: in this process); ``onnx_latency_process`` says where.
     ``reference``: ``model``'s predictions over the same batches, already computed
     (:func:`dpq.predictions.compute`), so that the model is not run over both splits a second time.
+    With ``options.compact`` the graph is exported from a copy without the heads and neurons that have
+    no effect (:func:`dpq.prune.compact.compact_`; ``report["compact"]``); ``model`` stays as it is and
+    the agreement compares the export with it.
     """
     options = options or OnnxOptions()
     example = model_inputs(test[0])
@@ -133,19 +136,18 @@ def deploy(
     report = report.to_dict()
     if compacted is not None:
         report["compact"] = compacted.to_dict()
+        out["onnx_compacted_units"] = compacted.removed
         if compacted.removed:  # the exported graph's FLOPs at the cost inputs (the run's are the model's)
             from dpq.cost import flops
 
             dense = flops(exported, {k: v.cpu() for k, v in cost_inputs.items()})
             out.update(onnx_dense_gflops=dense["dense_gflops"], onnx_params=compacted.params_after)
-        out["onnx_compacted_units"] = compacted.removed
-    if compacted is not None and compacted.removed:
-        log.info(
-            "onnx: removed %d heads/neurons without effect before export (%s left), %.4g dense GFLOPs",
-            compacted.removed,
-            ", ".join(f"{k['left']}/{k['before']} {kind}" for kind, k in compacted.by_kind().items()),
-            out["onnx_dense_gflops"],
-        )
+            log.info(
+                "onnx: removed %d heads/neurons without effect before export (%s left), %.4g dense GFLOPs",
+                compacted.removed,
+                ", ".join(f"{k['left']}/{k['before']} {kind}" for kind, k in compacted.by_kind().items()),
+                out["onnx_dense_gflops"],
+            )
     log.info(
         "onnx: %s, %.2f MB, test accuracy %.4f (PyTorch %+.4f), agreement %.4f, %.2f ms",
         path,
