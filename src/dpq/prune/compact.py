@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dpq.core.nn import logits_of
+from dpq.cost import parameter_counts
 from dpq.prune.structured import GroupSet, _group_view, find_groups, shrink_
 from dpq.quant.packed import PackedLinear, QuantizedLinear, dequantize_, quantized_modules
 
@@ -59,22 +61,6 @@ class CompactReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "by_kind": self.by_kind()}
-
-
-def _params(model: nn.Module) -> int:
-    """Weights held by the model, quantized layers counted by their code count."""
-    total = 0
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear):
-            total += m.in_features * m.out_features + (0 if m.float_bias() is None else m.out_features)
-            continue
-        total += sum(p.numel() for p in m.parameters(recurse=False))
-    return total
-
-
-def _logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(**inputs)
-    return getattr(out, "logits", out)
 
 
 def _all_zero(probe: nn.Module, gs: GroupSet, slices) -> torch.Tensor:
@@ -121,7 +107,7 @@ def compact_(model: nn.Module, example_inputs: dict[str, torch.Tensor]) -> Compa
     """
     was_training = model.training
     model.eval()
-    report = CompactReport(params_before=_params(model))
+    report = CompactReport(params_before=parameter_counts(model)["params_total"])
     probe = model
     if quantized_modules(model):  # group discovery and zero tests on float weights; same module names
         probe = copy.deepcopy(model)
@@ -161,7 +147,7 @@ def compact_(model: nn.Module, example_inputs: dict[str, torch.Tensor]) -> Compa
 
             hooks.append(model.get_submodule(name).register_forward_pre_hook(grab))
     try:
-        before = _logits(model, example_inputs).detach().float().cpu()
+        before = logits_of(model, example_inputs).detach().float().cpu()
     finally:
         for h in hooks:
             h.remove()
@@ -199,9 +185,9 @@ def compact_(model: nn.Module, example_inputs: dict[str, torch.Tensor]) -> Compa
             folded=int((remove & ~dead_out).sum()),
             left=int((~remove).sum()),
         )
-    after = _logits(model, example_inputs).detach().float().cpu()
+    after = logits_of(model, example_inputs).detach().float().cpu()
     report.max_abs_logit_diff = float((after - before).abs().max()) if before.numel() else 0.0
-    report.params_after = _params(model)
+    report.params_after = parameter_counts(model)["params_total"]
     model.train(was_training)
     scale = 1.0 + float(before.abs().max()) if before.numel() else 1.0
     if report.max_abs_logit_diff > 1e-3 * scale:
