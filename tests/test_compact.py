@@ -155,3 +155,21 @@ def test_int8_rows_and_columns_select_exactly(bits):
     m.select_(0, torch.tensor([1, 3]))
     assert (m.out_features, m.in_features) == (2, 3)
     assert torch.equal(m.codes(), codes[[1, 3]][:, [0, 4, 12]])
+
+
+def test_a_compacted_4_bit_model_saves_and_reloads_with_its_smaller_shapes(tmp_path):
+    """What compaction leaves is a model like any shrunk one: dpq's save/load rebuilds its cut
+    heads and neurons (config.dpq_structure) under the packed codes and gives the same logits."""
+    from dpq.checkpoints import load_model, save_model
+
+    model = quantized(kill(bert()), 4)
+    compact_(model, text_inputs())
+    before = logits(model, other_inputs())
+    save_model(model, tmp_path / "model")
+    reloaded = load_model({}, {}, tmp_path / "model").eval()
+    layer0 = reloaded.bert.encoder.layer[0]
+    assert layer0.intermediate.dense.out_features == 78 and layer0.output.dense.in_features == 78
+    assert layer0.attention.self.num_attention_heads == 2
+    name = "bert.encoder.layer.0.output.dense"
+    assert torch.equal(reloaded.get_submodule(name).codes(), model.get_submodule(name).codes())
+    torch.testing.assert_close(logits(reloaded, other_inputs()), before, atol=0, rtol=0)
