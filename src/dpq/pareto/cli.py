@@ -25,7 +25,7 @@ from .aggregate import (
     warn_mixed_hardware,
 )
 from .front import pareto_mask
-from .gather import INPUTS_HELP, SWEEP_ID, gather, is_sweep_id
+from .gather import INPUTS_HELP, SWEEP_ID, gather, is_sweep_id, prefix_orderings
 from .objectives import OBJECTIVES, Objective, parse_objectives
 from .selection import parse_keys, validation_objective
 
@@ -117,6 +117,7 @@ def build_report(
     seeds: list[int] | None = None,
     choose: list[str] | None = None,
     choose_on: str | None = None,
+    prefix_points: list[str] | None = None,
 ) -> dict:
     """Gather, merge seeds, mark the front, write CSV/Parquet/PNG/HTML into ``out``; return the paths and counts.
 
@@ -124,13 +125,16 @@ def build_report(
     :func:`dpq.pareto.aggregate.drop_few_seeds`); ``seeds``: only the runs of these seeds (applied
     first; see :func:`dpq.pareto.aggregate.keep_seeds`); ``choose``: settings whose variants are
     reduced to the one with the best mean ``choose_on`` (a validation objective; default
-    ``val_<primary metric>``), see :mod:`dpq.pareto.selection`."""
+    ``val_<primary metric>``), see :mod:`dpq.pareto.selection`; ``prefix_points``: pipeline presets whose
+    points are also read off the runs whose stages begin with theirs (``dp`` from ``dpq`` runs), see
+    :mod:`dpq.pareto.gather`."""
     from .ownership import COSTS, front_ownership, html_section, markdown
     from .plots import write_png
     from .report import write_html
     from .selection import markdown as chosen_markdown
 
-    runs = gather(inputs, references=references, progress=progress)
+    prefixes = prefix_orderings(prefix_points) if prefix_points else None
+    runs = gather(inputs, references=references, progress=progress, prefix_points=prefixes)
     runs = drop_few_seeds(keep_seeds(runs, seeds), min_seeds)
     warn_mixed_hardware(runs)
     diverging = warn_diverging_references(runs)
@@ -292,6 +296,21 @@ def add_choose_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def names_of(spec: str | None) -> list[str]:
+    """``dp,dense`` -> ["dp", "dense"] (none for ``None``)."""
+    return [n.strip() for n in (spec or "").split(",") if n.strip()]
+
+
+def add_prefix_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prefix-points",
+        metavar="PIPELINES",
+        help="comma-separated pipeline presets (e.g. dp): also count, as that preset's point, the record a "
+        "run made at the end of the preset's whole stage order when its own stages begin with it (a dpq "
+        "run's recovery is its dp point); prefixes trained for a later quantizer (qat) are not",
+    )
+
+
 def front_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dpq.pareto",
@@ -336,6 +355,7 @@ def front_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", metavar="S", help=SEEDS_HELP)
     add_choose_args(p)
+    add_prefix_args(p)
     p.add_argument(
         "--wandb",
         action="store_true",
@@ -365,6 +385,7 @@ def compare_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", metavar="S", help=SEEDS_HELP)
     add_choose_args(p)
+    add_prefix_args(p)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -373,7 +394,10 @@ def run_compare(args: argparse.Namespace) -> dict:
     from .compare import compare, print_comparison
 
     seeds = parse_seeds(args.seeds)
-    runs = keep_seeds(gather(args.inputs, references=True, progress=not args.no_progress), seeds)
+    prefixes = prefix_orderings(names_of(args.prefix_points)) or None
+    runs = keep_seeds(
+        gather(args.inputs, references=True, progress=not args.no_progress, prefix_points=prefixes), seeds
+    )
     machines = warn_mixed_hardware(runs)
     diverging = warn_diverging_references(runs)  # the references are read for this check only
     runs, chosen = choose_variants(runs, parse_keys(args.choose), args.choose_on)
@@ -430,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                 seeds=parse_seeds(args.seeds),
                 choose=parse_keys(args.choose),
                 choose_on=args.choose_on,
+                prefix_points=names_of(args.prefix_points),
             )
             print_front(summary["points_df"], summary["objectives"], summary)
     except ConfigError as e:

@@ -2,7 +2,11 @@
 
 Every run gives its *final* point plus two reference points that the same results.json
 already measured: the *teacher* and the *dense* distilled student (the record of the
-first distill stage). Each point carries a ``config_key``: a hash of the configuration
+first distill stage). With ``prefix_points`` (e.g. ``{"dp": [...]}``, from :func:`prefix_orderings`), a
+run whose stages begin with a preset's whole stage order also gives that preset's final point: the
+record at the end of that prefix is what a run of the preset measures (the stage cache restores exactly
+that prefix for it), so a ``dpq`` run carries its ``dp`` point. Each point carries a ``config_key``: a
+hash of the configuration
 that determined it, without the seed, run name, paths and logger, so that seeds of one
 configuration can be merged (:mod:`dpq.pareto.aggregate`) and the shared teacher of a
 whole grid counts once.
@@ -22,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 
+from dpq.core.config import list_options, load_option
 from dpq.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -284,8 +289,45 @@ def _label(
     return " ".join(parts)
 
 
-def points_from_results(results: dict, run: str, stages: bool = False) -> list[dict]:
-    """The points one results.json contributes: final, teacher and dense (or every stage with ``stages``)."""
+def prefix_orderings(names: Iterable[str]) -> dict[str, list[str]]:
+    """The stage kinds of each named pipeline preset (``conf/pipeline``), in order: what
+    ``prefix_points`` matches the start of a run's stages against."""
+    allowed = list_options("pipeline")
+    base = load_option("pipeline", "_base").get("stages") or {}
+    out = {}
+    for name in names:
+        if name not in allowed:
+            raise ConfigError("--prefix-points", name, f"a pipeline preset: one of {allowed}")
+        opt = load_option("pipeline", name)
+        own = opt.get("stages") or {}
+        out[name] = [
+            (own.get(s) or {}).get("kind") or (base.get(s) or {}).get("kind") or s for s in opt["order"]
+        ]
+    return out
+
+
+def _prefix_records(cfg: dict, order: list[str], records: list[dict], prefix_points: dict[str, list[str]]):
+    """(preset, stage names of the prefix, record) for each preset whose whole stage order (by kind) the run's
+    stages begin with and go beyond. A prefix trained for a later quantizer (a stage with ``qat``) is not
+    what the preset trains, so it gives no point."""
+    kinds = [st.get("kind") or n for n, st in zip(order, _stage_cfgs(cfg, order))]
+    for name, want in prefix_points.items():
+        n = len(want)
+        if n >= len(order) or kinds[:n] != want:
+            continue
+        prefix = order[:n]
+        if any(st.get("qat") for st in _stage_cfgs(cfg, prefix)):
+            continue
+        rec = next((r for r in reversed(records) if r.get("stage") == prefix[-1]), None)
+        if rec is not None:
+            yield name, prefix, rec
+
+
+def points_from_results(
+    results: dict, run: str, stages: bool = False, prefix_points: dict[str, list[str]] | None = None
+) -> list[dict]:
+    """The points one results.json contributes: final, teacher and dense (or every stage with ``stages``),
+    and with ``prefix_points`` the final point of each preset its stages begin with (see the module doc)."""
     cfg = results.get("config") or {}
     order = list(results.get("order") or (cfg.get("pipeline") or {}).get("order") or [])
     pipeline = results.get("pipeline") or (cfg.get("pipeline") or {}).get("name") or "?"
@@ -313,19 +355,28 @@ def points_from_results(results: dict, run: str, stages: bool = False) -> list[d
         stage: str | None,
         role: str | None,
         drop: tuple[str, ...] = (),
+        as_pipeline: str | None = None,
     ) -> None:
         sparsity, bits, act_bits, granularity, detail = _knobs(cfg, names)
-        ident = identity(cfg, None if kind == "final" else names, drop)
+        ident = identity(cfg, None if kind == "final" and not as_pipeline else names, drop)
+        extra = {}
+        if as_pipeline:  # a preset's point read off this run's prefix: keyed as that preset's run would be
+            if "pipeline" in ident:
+                ident["pipeline"]["name"] = as_pipeline
+            extra = {"pipeline": as_pipeline, "prefix_of": pipeline}
         # A reference point depends only on the stages up to it: that is its ordering.
-        order_of = " → ".join(names) if kind in ("teacher", "dense") else common["order"]
+        order_of = " → ".join(names) if kind in ("teacher", "dense") or as_pipeline else common["order"]
         points.append(
             {
                 **common,
+                **extra,
                 "order": order_of,
                 "kind": kind,
                 "stage": stage,
                 "role": role,
-                "label": _label(kind, pipeline, sparsity, bits, stage, act_bits, granularity, detail),
+                "label": _label(
+                    kind, as_pipeline or pipeline, sparsity, bits, stage, act_bits, granularity, detail
+                ),
                 "final_sparsity": sparsity,
                 "granularity": granularity,
                 "bits": bits,
@@ -353,6 +404,9 @@ def points_from_results(results: dict, run: str, stages: bool = False) -> list[d
             and not any(st.get("kind") in ("prune", "spiral") for st in _stage_cfgs(cfg, names))
         ):
             add("dense", rec["metrics"], names, rec["stage"], rec.get("model"))
+    if prefix_points and not stages:
+        for name, prefix, rec in _prefix_records(cfg, order, records, prefix_points):
+            add("final", rec["metrics"], prefix, rec["stage"], rec.get("model"), as_pipeline=name)
     return points
 
 
@@ -363,11 +417,16 @@ def hardware_label(hw: dict) -> str:
     return f"{label}; GPUs {gpus}" if gpus and gpus != "none" else label
 
 
-def to_frame(loaded: list[tuple[dict, str]], references: bool = True, stages: bool = False) -> pd.DataFrame:
+def to_frame(
+    loaded: list[tuple[dict, str]],
+    references: bool = True,
+    stages: bool = False,
+    prefix_points: dict[str, list[str]] | None = None,
+) -> pd.DataFrame:
     """One row per point of every loaded run (unmerged); with ``stages``, one per stage record instead."""
     rows = []
     for res, run in loaded:
-        pts = points_from_results(res, run, stages)
+        pts = points_from_results(res, run, stages, prefix_points)
         rows += (
             [p for p in pts if p["kind"] == "stage"]
             if stages
@@ -377,7 +436,11 @@ def to_frame(loaded: list[tuple[dict, str]], references: bool = True, stages: bo
     if not df.empty:
         # Where a local run's files are (predictions.npz, for the paired per-seed checks); not
         # written into reports, whose ``run`` stays relative so that they read the same anywhere.
-        df["run_path"] = [os.path.abspath(r) if os.path.isdir(r) else None for r in df["run"]]
+        # A point read off a run's prefix has none: the run's predictions.npz is of its final model.
+        derived = df["prefix_of"].notna() if "prefix_of" in df else pd.Series(False, index=df.index)
+        df["run_path"] = [
+            os.path.abspath(r) if os.path.isdir(r) and not d else None for r, d in zip(df["run"], derived)
+        ]
         df["run"] = _relative_runs(df["run"])
         df["base_label"] = df["label"]  # what distinct_labels starts from (again, after a filter)
         df["label"] = distinct_labels(df)
@@ -468,7 +531,12 @@ def _relative_runs(runs: pd.Series) -> pd.Series:
     return runs.map(lambda r: os.path.relpath(os.path.abspath(r), root) if r in local else r)
 
 
-def gather(inputs: list[str], references: bool = True, progress: bool = True) -> pd.DataFrame:
+def gather(
+    inputs: list[str],
+    references: bool = True,
+    progress: bool = True,
+    prefix_points: dict[str, list[str]] | None = None,
+) -> pd.DataFrame:
     """All points named by ``inputs`` (see :data:`INPUTS_HELP`) as one unmerged table."""
     if not inputs:
         raise ConfigError("inputs", [], f"nothing to gather; pass {INPUTS_HELP}")
@@ -481,7 +549,7 @@ def gather(inputs: list[str], references: bool = True, progress: bool = True) ->
         loaded += load_results(find_results(paths), progress)
     if not loaded:
         raise ConfigError("inputs", list(inputs), "none of the runs found finished (status 'completed')")
-    return to_frame(loaded, references=references)
+    return to_frame(loaded, references=references, prefix_points=prefix_points)
 
 
 def metric_columns(df: pd.DataFrame) -> list[str]:

@@ -11,7 +11,8 @@ The study's question is not only "which points are on the front" but "which orde
   task/model/teacher; with several, the one at the point's bit width, then the one that shares
   the point's settings where the baselines differ, e.g. their quantizer; the table names it);
 * **per seed** -- (first cost only) is every point of the dominated orderings (``dq``, ``dp``)
-  beaten, on that seed, by a point of another ordering? Issue 21 asks this on every seed. Each
+  beaten, on that seed, by a point of another ordering? Issue 21 asks this on every seed (``dp`` points of a
+  study without dp runs: ``--prefix-points dp``, :func:`dpq.pareto.gather.prefix_orderings`). Each
   check names the best point of another ordering at no higher cost, its margin and, when both runs
   left per-example predictions, the two compared on the same examples (:mod:`dpq.pareto.paired`).
 
@@ -169,7 +170,9 @@ def seedwise_domination(
         ok = runs.dropna(subset=[primary.name, cost.name])
         if ok.empty:
             continue
-        targets = ok[ok["pipeline"].isin(dominated)]
+        # One check per point: runs that restored the same prefix from the stage cache repeat its point
+        # exactly (e.g. the dp point of a dpq run with min-max and one with LSQ steps).
+        targets = ok[ok["pipeline"].isin(dominated)].drop_duplicates(["config_key", primary.name, cost.name])
         others = ok[~ok["pipeline"].isin(dominated)]
         for _, t in targets.iterrows():
             by = None

@@ -115,6 +115,11 @@ class Predictions:
         seeds = sorted(set(base["seed"].dropna()) & set(cand["seed"].dropna()))
         if not seeds or SPLIT_OF.get(metric) is None:
             return None
+        for side in (base, cand):
+            if "prefix_of" in side and side["prefix_of"].notna().any():
+                return {
+                    "missing": f"{side['label'].iloc[0]} is read off runs' prefixes: no predictions of its own"
+                }
         firsts, seconds, digests = [], [], set()
         for seed in seeds:
             pair = []
