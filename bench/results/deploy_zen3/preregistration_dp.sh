@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Pre-registered 2026-12-06, written 09:21-09:25 UTC and committed before this run started.
+# Pre-registered 2026-12-06, written 08:12-08:16 UTC and committed (08:16:01) before this run started (08:16:02).
+# (As first committed, this line said 09:21-09:25: a wrong guess of the time, corrected after the start.)
 # Question: `python -m dpq.pareto --prefix-points dp` (3910fb5) reads a dpq run's recovery record as the point
 # of the dp preset with the same settings, because a `pipeline=dp` run trains exactly that prefix. Is that so?
 # Test: run `experiment=far_u80 pipeline=dp seed=42` for real, cold (the code changed since the cache was
