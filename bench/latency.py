@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import shlex
 import statistics
 import sys
 import tempfile
@@ -227,8 +228,21 @@ def onnx_models(runs: dict[str, Path]) -> tuple[dict, dict]:
     return models, info
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a hint where a common ordering of the arguments leaves no run folder."""
+
+    def error(self, message):
+        # --baseline and --batches take several values: they eat the folders that follow them
+        if "required: paths" in message:
+            message += (
+                " (folders written after --baseline or --batches are read as their values: give the folders "
+                "first, or end those values with --)"
+            )
+        super().error(message)
+
+
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", type=Path, nargs="+", help="study folder(s) and/or run folders")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument(
@@ -283,7 +297,7 @@ def main(argv=None) -> dict:
         info.update(more_info)
     out = {
         "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(["python", "bench/latency.py", *(argv or sys.argv[1:])]),
+        "command": shlex.join(["python", "bench/latency.py", *(argv or sys.argv[1:])]),  # re-runnable
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "seq_len": args.seq_len,

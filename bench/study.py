@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -565,7 +566,7 @@ def main(argv=None) -> dict:
     summary = built["summary"]
     report = {
         "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(["python", "bench/study.py", *(argv or sys.argv[1:])]),
+        "command": shlex.join(["python", "bench/study.py", *(argv or sys.argv[1:])]),
         "tiny": args.tiny,
         "collected": args.collect,
         "git_at_start": git.info,  # of this process; each run records its own in its results.json

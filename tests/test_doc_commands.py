@@ -1,6 +1,8 @@
 """Every ``python -m dpq.train`` command that README.md, sweeps/README.md and BENCHMARKS.md print composes
 and passes the up-front validation as written: a renamed option, a removed preset or a mistyped key in the
-docs fails here, not in the hands of the user who copies it.
+docs fails here, not in the hands of the user who copies it. The other tools' commands (``python -m
+dpq.pareto``, ``dpq.export``, ``dpq.predictions``, ``dpq.stage_cache``, ``python bench/*.py``) are parsed by
+their own argument parsers, placeholders standing for a path (nothing runs).
 
 Commands with placeholders (``$B``, ``<dense-s42>``, ``[a | b]``, a one-letter value such as
 ``final_sparsity=F``) are not runnable as written and are skipped; ``seed=S`` stands for any seed. Hydra
@@ -10,6 +12,9 @@ one error a CPU-only machine must give them.
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -102,3 +107,75 @@ def test_a_broken_documented_command_would_be_caught(tmp_path):
     assert runnable("experiment=deploy seed=S pipeline.stages.prune.final_sparsity=F") is None
     assert runnable("experiment=deploy seed=S") == ["experiment=deploy", "seed=42"]
     assert variants(["pipeline=dq,dpq", "seed=1"]) == [["pipeline=dq", "seed=1"], ["pipeline=dpq", "seed=1"]]
+
+
+TOOL = re.compile(
+    r"python (?:-m (dpq\.(?:pareto|export|predictions|stage_cache))|(bench/[a-z_]+\.py))(?=\s|$)(.*)"
+)
+MAINS = {
+    "dpq.pareto": "dpq.pareto.cli",
+    "dpq.export": "dpq.export.__main__",
+    "dpq.predictions": "dpq.predictions",
+    "dpq.stage_cache": "dpq.run.stage_cache",
+}
+
+
+def tool_commands(doc: str) -> list[tuple[str, str]]:
+    """(module or script, argument string) of the other tools' commands in ``doc``'s shell blocks."""
+    text = (ROOT / doc).read_text()
+    found = []
+    for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.split(r"\s#", line, maxsplit=1)[0].strip()
+            for part in line.split(";"):
+                if m := TOOL.search(part):
+                    found.append((m.group(1) or m.group(2), m.group(3).strip()))
+    return found
+
+
+def as_argv(args: str) -> list[str]:
+    """The arguments with placeholders as a path: ``$T``, ``$(ls ...)``, ``<run folder>``; ``[--opt]`` as
+    ``--opt``; ``...`` dropped."""
+    args = re.sub(r"\$\([^)]*\)", "RUN", args)
+    args = re.sub(r"<[^>]*>", "RUN", args)
+    args = re.sub(r"\[(--[^\]]*)\]", r"\1", args)
+    return ["RUN" if t.startswith("$") else t for t in shlex.split(args) if t not in ("...", "…")]
+
+
+def tool_main(tool: str):
+    if tool in MAINS:
+        return importlib.import_module(MAINS[tool]).main
+    spec = importlib.util.spec_from_file_location(f"doc_{Path(tool).stem}", ROOT / tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+class Parsed(Exception):
+    """Raised right after a tool's parser accepted its arguments, so that nothing runs."""
+
+
+TOOL_CASES = [(doc, tool, args) for doc in DOCS for tool, args in tool_commands(doc)]
+
+
+@pytest.mark.parametrize("doc,tool,args", TOOL_CASES, ids=[f"{d}:{t} {a[:50]}" for d, t, a in TOOL_CASES])
+def test_a_documented_tool_command_parses(monkeypatch, capsys, doc, tool, args):
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, *a, **k):
+        raise Parsed(real(self, *a, **k))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    main = tool_main(tool)
+    try:
+        main(as_argv(args))
+    except Parsed:
+        return
+    except SystemExit as e:
+        raise AssertionError(f"{doc}: `python {tool} {args}` is refused: {capsys.readouterr().err}") from e
+    raise AssertionError(f"{tool}: its main() returned without parsing arguments")
+
+
+def test_the_docs_show_the_tools_commands():
+    tools = {t for _, t, _ in TOOL_CASES}
+    assert {"dpq.pareto", "dpq.export", "dpq.predictions", "dpq.stage_cache", "bench/latency.py"} <= tools
