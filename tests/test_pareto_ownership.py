@@ -113,7 +113,9 @@ def test_the_report_writes_and_prints_who_owns_the_front(tmp_path, capsys):
     assert cli_main([str(tmp_path / "runs"), "-o", str(out), "--no-progress", "--no-references"]) == 0
     printed = capsys.readouterr().out
     assert "front along effective_gflops [GFLOPs]: dpq_qat 0.205; dpq 0.405; dq 0.69" in printed
-    assert "every dq/dp point dominated on every seed (accuracy, effective_gflops): no, 2 of 2 not" in printed
+    # no dp runs here: the line names what was checked, and says what was not
+    assert "every dq point dominated on every seed (accuracy, effective_gflops): no, 2 of 2 not" in printed
+    assert "No dp points among these runs: the check covers dq only" in printed
     md = (out / "ownership.md").read_text()
     assert "### accuracy vs effective_gflops [GFLOPs]: owned by dpq_qat, dpq, dq" in md
     assert "| 0.405 | dpq | dpq 0.5 sparse 4-bit | 0.8950 | -0.0150 [" in md

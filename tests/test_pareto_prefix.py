@@ -117,3 +117,16 @@ def test_compare_takes_dp_points_as_candidates(tmp_path):
     (c,) = json.loads((tmp_path / "c" / "compare.json").read_text())["comparisons"]
     assert c["candidate"]["label"] == "dp 0.5 sparse"
     assert c["deltas"]["accuracy"]["mean"] == pytest.approx(0.915 - 0.80)
+
+
+def test_a_check_without_dp_points_says_it_covers_dq_only(tmp_path, capsys):
+    runs = {"p1": fake_results("dpq", 1, 0.85, 0.20), "dq1": fake_results("dq", 1, 0.80, 0.70)}
+    (tmp_path / "runs").mkdir()
+    folder = write_runs(tmp_path / "runs", runs)
+    assert cli_main([str(folder), "-o", str(tmp_path / "a"), "--no-progress"]) == 0
+    md = (tmp_path / "a" / "ownership.md").read_text()
+    assert "is every dq point dominated" in md and "No dp points among these runs" in md
+    assert "No dp points" in capsys.readouterr().out
+    assert cli_main([str(folder), "-o", str(tmp_path / "b"), "--prefix-points", "dp", "--no-progress"]) == 0
+    md = (tmp_path / "b" / "ownership.md").read_text()
+    assert "is every dq/dp point dominated" in md and "No dp points" not in md

@@ -234,6 +234,7 @@ def print_front(points: pd.DataFrame, objectives: list[Objective], summary: dict
     from rich.console import Console
     from rich.table import Table
 
+    from .ownership import absent_note, checked
     from .report import _pm
 
     table = Table(
@@ -265,11 +266,13 @@ def print_front(points: pd.DataFrame, objectives: list[Objective], summary: dict
         if dom and dom["checks"]:
             missed = [c for c in dom["checks"] if c["dominated_by"] is None]
             console.print(
-                f"every {'/'.join(dom['orderings'])} point dominated on every seed ({', '.join(dom['objectives'])}): "
+                f"every {checked(dom)} point dominated on every seed ({', '.join(dom['objectives'])}): "
                 + ("yes" if not missed else f"no, {len(missed)} of {len(dom['checks'])} not"),
                 highlight=False,
                 markup=False,
             )
+            if note := absent_note(dom):
+                console.print(note, highlight=False, markup=False)
     for k in ("csv", "parquet", "runs_csv", "png", "html", "ownership_md"):
         console.print(f"{k:>8}: {summary[k]}", highlight=False)
     if "wandb" in summary:

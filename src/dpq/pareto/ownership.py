@@ -200,6 +200,8 @@ def seedwise_domination(
     return {
         "objectives": [primary.name, cost.name],
         "orderings": list(dominated),
+        # named by the question but without a point here: the answer does not cover them
+        "absent": [o for o in dominated if not (finals["pipeline"] == o).any()],
         "checks": out,
         "all_dominated": bool(out) and all(c["dominated_by"] is not None for c in out),
     }
@@ -346,10 +348,12 @@ def markdown(own: dict) -> str:
         dom = ctx.get("domination")
         if dom and dom["checks"]:
             dp, dc = dom["objectives"]
+            note = absent_note(dom)
             lines += [
-                f"### Per seed: is every {'/'.join(dom['orderings'])} point dominated on "
+                f"### Per seed: is every {checked(dom)} point dominated on "
                 f"({', '.join(dom['objectives'])})? {'yes' if dom['all_dominated'] else 'no'}",
                 "",
+                *([note, ""] if note else []),
                 f"| seed | point | {dp} | {dc} | dominated by "
                 f"| best point of another ordering at no higher {dc}: {dp} (margin) |",
                 "|---|---|---|---|---|---|",
@@ -366,6 +370,22 @@ def markdown(own: dict) -> str:
             ]
             lines.append("")
     return "\n".join(lines)
+
+
+def checked(dom: dict) -> str:
+    """The orderings the per-seed check covered, e.g. ``dq/dp``."""
+    return "/".join(o for o in dom["orderings"] if o not in dom.get("absent", ()))
+
+
+def absent_note(dom: dict) -> str | None:
+    """What the check could not cover, and how a study without such runs gets their points."""
+    absent = dom.get("absent") or []
+    if not absent:
+        return None
+    hint = (
+        " (`--prefix-points dp` reads the dp points off the dpq runs' recoveries)" if "dp" in absent else ""
+    )
+    return f"No {'/'.join(absent)} points among these runs: the check covers {checked(dom)} only{hint}."
 
 
 def html_section(own: dict) -> str:
@@ -395,9 +415,11 @@ def html_section(own: dict) -> str:
         if dom and dom["checks"]:
             verdict = "yes" if dom["all_dominated"] else "no"
             out.append(
-                f"<h4>Per seed: is every {esc('/'.join(dom['orderings']))} point dominated on "
+                f"<h4>Per seed: is every {esc(checked(dom))} point dominated on "
                 f"({esc(', '.join(dom['objectives']))})? {verdict}</h4>"
             )
+            if note := absent_note(dom):
+                out.append(f"<p>{esc(note)}</p>")
             dp, dc = dom["objectives"]
             extra = _paired_header(dom)
             rows = "".join(
