@@ -34,16 +34,19 @@ PLACEHOLDER = re.compile(r"[$<|()]|=[A-Z]$")
 GPU_ONLY = "no CUDA GPU is visible"
 
 
+def shell_lines(doc: str) -> list[str]:
+    """The lines of ``doc``'s shell blocks, continuation lines joined, trailing comments dropped."""
+    lines = []
+    for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", (ROOT / doc).read_text(), re.S):
+        lines += [
+            re.split(r"\s#", line, maxsplit=1)[0].strip() for line in block.replace("\\\n", " ").splitlines()
+        ]
+    return lines
+
+
 def doc_commands(doc: str) -> list[str]:
-    """The argument strings of the app's commands in ``doc``'s shell blocks, continuation lines joined."""
-    text = (ROOT / doc).read_text()
-    found = []
-    for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.split(r"\s#", line, maxsplit=1)[0].strip()  # drop a trailing comment
-            if m := APP.search(line):
-                found.append(m.group(1).strip())
-    return found
+    """The argument strings of the app's commands in ``doc``'s shell blocks."""
+    return [m.group(1).strip() for line in shell_lines(doc) if (m := APP.search(line))]
 
 
 def runnable(args: str) -> list[str] | None:
@@ -122,15 +125,12 @@ MAINS = {
 
 def tool_commands(doc: str) -> list[tuple[str, str]]:
     """(module or script, argument string) of the other tools' commands in ``doc``'s shell blocks."""
-    text = (ROOT / doc).read_text()
-    found = []
-    for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.split(r"\s#", line, maxsplit=1)[0].strip()
-            for part in line.split(";"):
-                if m := TOOL.search(part):
-                    found.append((m.group(1) or m.group(2), m.group(3).strip()))
-    return found
+    return [
+        (m.group(1) or m.group(2), m.group(3).strip())
+        for line in shell_lines(doc)
+        for part in line.split(";")
+        if (m := TOOL.search(part))
+    ]
 
 
 def as_argv(args: str) -> list[str]:
