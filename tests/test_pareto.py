@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 import sys
@@ -919,3 +920,42 @@ def test_an_empty_mapping_is_no_setting_when_configurations_are_told_apart():
     mixed = _flatten({"prune": {"overrides": {"re:.*intermediate": 0.81}, "final_sparsity": 0.5}})
     assert plain == {"prune.final_sparsity": 0.5}
     assert set(mixed) - set(plain) == {"prune.overrides.re:.*intermediate"}
+
+
+def test_reports_record_the_command_that_built_them(tmp_path, monkeypatch, capsys):
+    """ownership.json/.md and compare.json say how to make them again: the command as given and the folder
+    it ran in, relative to the report (tests/test_committed_reports.py reruns the committed ones)."""
+    grid(tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "runs",
+        "--no-progress",
+        "-O",
+        "accuracy,effective_gflops",
+        "-o",
+        "runs/rep",
+        "--title",
+        "a front",
+    ]
+    assert cli_main(argv) == 0
+    built = json.loads((tmp_path / "runs/rep/ownership.json").read_text())["built_by"]
+    assert built == {"command": "python -m dpq.pareto " + " ".join(argv[:-1]) + " 'a front'", "cwd": "../.."}
+    assert (tmp_path / "runs/rep" / built["cwd"]).resolve() == tmp_path
+    md = (tmp_path / "runs/rep/ownership.md").read_text()
+    assert md.rstrip().endswith(f"```bash\n{built['command']}\n```")
+    assert html.escape(built["command"]) in (tmp_path / "runs/rep/pareto.html").read_text()
+    argv = [
+        "compare",
+        "runs",
+        "--baseline",
+        "dq",
+        "--candidate",
+        "dpq,final_sparsity=0.2",
+        "-o",
+        "cmp",
+        "--no-progress",
+    ]
+    assert cli_main(argv) == 0
+    capsys.readouterr()
+    built = json.loads((tmp_path / "cmp/compare.json").read_text())["built_by"]
+    assert built == {"command": "python -m dpq.pareto " + " ".join(argv), "cwd": ".."}

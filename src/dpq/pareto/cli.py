@@ -7,6 +7,8 @@ import argparse
 import glob
 import json
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -54,6 +56,26 @@ def default_out(first: str) -> Path:
     else:
         base = Path(first)
     return (base if base.is_dir() else base.parent) / "pareto"
+
+
+def built_by(argv: list[str], out: Path) -> dict:
+    """How a report was made, so it can be made again: the command as given and the folder it ran in,
+    relative to the report's own folder (paths in the command are relative to that folder; a glob is
+    recorded as the shell expanded it). ``tests/test_committed_reports.py`` reruns it."""
+    return {
+        "command": shlex.join(["python", "-m", "dpq.pareto", *argv]),
+        "cwd": Path(os.path.relpath(Path.cwd().resolve(), Path(out).resolve())).as_posix(),
+    }
+
+
+def built_by_markdown(b: dict | None) -> str:
+    if not b:
+        return ""
+    return (
+        "\n## How this report was built\n\n"
+        f"In `{b['cwd']}` (relative to this folder), with the runs it names there:\n\n"
+        f"```bash\n{b['command']}\n```\n"
+    )
 
 
 def front_table(points: pd.DataFrame, objectives: list[Objective]) -> pd.DataFrame:
@@ -118,6 +140,7 @@ def build_report(
     choose: list[str] | None = None,
     choose_on: str | None = None,
     prefix_points: list[str] | None = None,
+    argv: list[str] | None = None,
 ) -> dict:
     """Gather, merge seeds, mark the front, write CSV/Parquet/PNG/HTML into ``out``; return the paths and counts.
 
@@ -127,7 +150,8 @@ def build_report(
     reduced to the one with the best mean ``choose_on`` (a validation objective; default
     ``val_<primary metric>``), see :mod:`dpq.pareto.selection`; ``prefix_points``: pipeline presets whose
     points are also read off the runs whose stages begin with theirs (``dp`` from ``dpq`` runs), see
-    :mod:`dpq.pareto.gather`."""
+    :mod:`dpq.pareto.gather`; ``argv``: the command line that asked for the report, recorded in
+    ``ownership.json``/``.md`` (see :func:`built_by`)."""
     from .ownership import COSTS, front_ownership, html_section, markdown
     from .plots import write_png
     from .report import write_html
@@ -179,9 +203,13 @@ def build_report(
     own = front_ownership(runs, objectives[0], costs, baseline=baseline)
     if picked:
         own["chosen"] = picked
+    if argv is not None:
+        own["built_by"] = built_by(argv, out)
     runs = runs.drop(columns=["run_path"], errors="ignore")  # a local path: not in the reports
     paths["ownership_json"].write_text(json.dumps(own, indent=2, default=str))
-    paths["ownership_md"].write_text(chosen_markdown(picked) + markdown(own))
+    paths["ownership_md"].write_text(
+        chosen_markdown(picked) + markdown(own) + built_by_markdown(own.get("built_by"))
+    )
     points.to_csv(paths["csv"], index=False)
     points.to_parquet(paths["parquet"], index=False)
     runs.to_csv(paths["runs_csv"], index=False)
@@ -393,7 +421,7 @@ def compare_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_compare(args: argparse.Namespace) -> dict:
+def run_compare(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     from .compare import compare, print_comparison
 
     seeds = parse_seeds(args.seeds)
@@ -417,6 +445,7 @@ def run_compare(args: argparse.Namespace) -> dict:
         **({"diverging_references": diverging} if diverging else {}),
         **({"chosen": chosen} if chosen else {}),
         "comparisons": results,
+        **({"built_by": built_by(argv, out)} if argv is not None else {}),
         "method": "deltas: candidate - baseline; ratios: candidate / baseline; mean ± std across seeds "
         "with the 95% interval of the mean (ci_low, ci_high): per-seed pairs and Student's t when seeds "
         "are shared, else propagated from each side's std (Welch's interval for deltas, none for ratios); "
@@ -437,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_choose(args.choose, args.choose_on)
         if is_compare:
-            run_compare(args)
+            run_compare(args, argv)
         else:
             names = [s.strip() for s in args.objectives.split(",") if s.strip()]
             if all(n.split(":")[0] != "primary" for n in names):
@@ -458,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                 choose=parse_keys(args.choose),
                 choose_on=args.choose_on,
                 prefix_points=names_of(args.prefix_points),
+                argv=argv,
             )
             print_front(summary["points_df"], summary["objectives"], summary)
     except ConfigError as e:

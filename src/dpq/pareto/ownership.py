@@ -437,4 +437,9 @@ def html_section(own: dict) -> str:
                 + (f"<th>{esc(extra)}</th>" if extra else "")
                 + f"</tr></thead><tbody>{rows}</tbody></table>"
             )
+    if b := own.get("built_by"):
+        out.append(
+            f"<h3>How this report was built</h3><p>In <code>{esc(b['cwd'])}</code> (relative to this "
+            f"report's folder), with the runs it names there:</p><pre>{esc(b['command'])}</pre>"
+        )
     return "\n".join(out)
