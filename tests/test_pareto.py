@@ -106,7 +106,21 @@ def test_objectives_by_name_with_direction_override():
         ("size_mb", "size_bytes", "min", 1e-6),
         ("latency_ms", "latency_ms_median", "max", 1.0),
     ]
-    assert OBJECTIVES["bops"].unit == "GBOPs" and "lower is better" in OBJECTIVES["effective_gflops"].title
+    assert OBJECTIVES["gbops"].unit == "GBOPs" and "lower is better" in OBJECTIVES["effective_gflops"].title
+    assert [o.name for o in parse_objectives(["accuracy", "bops", "dense_bops:max"])] == [
+        "accuracy",
+        "gbops",
+        "dense_gbops",
+    ]  # the recorded metrics' names are accepted for them
+
+
+def test_no_scaled_objective_takes_a_recorded_metrics_column():
+    metrics = {o.metric for o in OBJECTIVES.values()}
+    for o in OBJECTIVES.values():
+        if o.scale != 1.0:
+            assert o.name not in metrics, (
+                f"{o.name} would replace the recorded {o.name} with its scaled value"
+            )
 
 
 @pytest.mark.parametrize(
@@ -959,3 +973,22 @@ def test_reports_record_the_command_that_built_them(tmp_path, monkeypatch, capsy
     capsys.readouterr()
     built = json.loads((tmp_path / "cmp/compare.json").read_text())["built_by"]
     assert built == {"command": "python -m dpq.pareto " + " ".join(argv), "cwd": ".."}
+
+
+@pytest.mark.parametrize("cost", ["bops", "gbops"])
+def test_a_scaled_cost_chosen_by_name_is_scaled_once(tmp_path, cost):
+    """-O accuracy,bops: the front, the tables and the ownership show GBOPs (the recorded BOPs x 1e-9, once),
+    and runs.csv keeps the recorded count under its own name. (The objective once shared the metric's
+    column name, so each pass that added it scaled it again: 34 GBOPs came out as 3.4e-08.)"""
+    grid(tmp_path / "runs")
+    assert cli_main([str(tmp_path / "runs"), "--no-progress", "-O", f"accuracy,{cost}"]) == 0
+    out = tmp_path / "runs" / "pareto"
+    points = pd.read_csv(out / "pareto.csv").set_index("label")
+    assert points.loc["dq 4-bit", "gbops"] == pytest.approx(0.69)  # grid(): bops = GFLOPs x 1e9
+    assert points.loc["teacher", "gbops"] == pytest.approx(10.0)
+    runs = pd.read_csv(out / "runs.csv")
+    assert runs.query("kind == 'final'")["bops"].min() == pytest.approx(0.30e9)
+    own = json.loads((out / "ownership.json").read_text())
+    front = next(f for f in own["contexts"][0]["fronts"] if f["cost"] == "gbops")
+    assert sorted(e["gbops"] for e in front["front"]) == pytest.approx([0.30, 0.555, 0.69])
+    assert "accuracy vs gbops [GBOPs]" in (out / "ownership.md").read_text()

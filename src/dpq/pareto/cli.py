@@ -28,7 +28,7 @@ from .aggregate import (
 )
 from .front import pareto_mask
 from .gather import INPUTS_HELP, SWEEP_ID, gather, is_sweep_id, prefix_orderings
-from .objectives import OBJECTIVES, Objective, parse_objectives
+from .objectives import ALIASES, OBJECTIVES, Objective, parse_objectives
 from .selection import parse_keys, validation_objective
 
 log = logging.getLogger("dpq.pareto")
@@ -308,7 +308,12 @@ def print_front(points: pd.DataFrame, objectives: list[Objective], summary: dict
 
 
 def _objective_list() -> str:
-    return "\n".join(f"  {o.name:<17} {o.sense}  {o.unit:<10} {o.label}" for o in OBJECTIVES.values())
+    also = {n: a for a, n in ALIASES.items()}
+    return "\n".join(
+        f"  {o.name:<17} {o.sense}  {o.unit:<10} {o.label}"
+        + (f" (also: {also[o.name]})" if o.name in also else "")
+        for o in OBJECTIVES.values()
+    )
 
 
 def add_choose_args(p: argparse.ArgumentParser) -> None:

@@ -46,8 +46,10 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("loss", "loss", "min", "nats", label="test loss"),
         Objective("effective_gflops", "effective_gflops", "min", "GFLOPs", label="effective GFLOPs"),
         Objective("dense_gflops", "dense_gflops", "min", "GFLOPs", label="dense GFLOPs"),
-        Objective("bops", "bops", "min", "GBOPs", 1e-9, label="bit operations"),
-        Objective("dense_bops", "dense_bops", "min", "GBOPs", 1e-9, label="dense bit operations"),
+        # Named apart from the recorded counts (bops, dense_bops): a scaled objective column must not
+        # replace its metric's column, or each pass that adds the objectives scales it again.
+        Objective("gbops", "bops", "min", "GBOPs", 1e-9, label="bit operations"),
+        Objective("dense_gbops", "dense_bops", "min", "GBOPs", 1e-9, label="dense bit operations"),
         Objective("latency_ms", "latency_ms_median", "min", "ms", label="median latency"),
         Objective("latency_p90_ms", "latency_ms_p90", "min", "ms", label="p90 latency"),
         Objective("size_mb", "size_bytes", "min", "MB", 1e-6, label="size"),
@@ -78,11 +80,16 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
+# Names people type for an objective whose column is named after its unit (the recorded metric keeps its own).
+ALIASES = {"bops": "gbops", "dense_bops": "dense_gbops"}
+
+
 def allowed() -> str:
     return (
         "one of "
         + ", ".join(OBJECTIVES)
-        + " (optionally NAME:max or NAME:min; the dpq.pareto command also takes primary: the runs' task.primary_metric)"
+        + f" ({', '.join(f'{a} = {n}' for a, n in ALIASES.items())}; optionally NAME:max or NAME:min; "
+        "the dpq.pareto command also takes primary: the runs' task.primary_metric)"
     )
 
 
@@ -94,6 +101,7 @@ def parse_objectives(specs: list[str] | tuple[str, ...], key: str = "--objective
     out: list[Objective] = []
     for spec in specs:
         name, _, sense = str(spec).partition(":")
+        name = ALIASES.get(name, name)
         if name not in OBJECTIVES:
             raise ConfigError(key, spec, allowed())
         obj = OBJECTIVES[name]

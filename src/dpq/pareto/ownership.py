@@ -35,7 +35,7 @@ from .paired import Predictions
 from .stats import mean_interval
 
 # The costs a front is owned along, when the runs measured them (deployment figures last).
-COSTS = ("effective_gflops", "bops", "latency_ms", "size_mb", "onnx_latency_ms", "onnx_size_mb")
+COSTS = ("effective_gflops", "gbops", "latency_ms", "size_mb", "onnx_latency_ms", "onnx_size_mb")
 DOMINATED = ("dq", "dp")
 
 
