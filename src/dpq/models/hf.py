@@ -79,6 +79,22 @@ def local_folder(spec: dict) -> str | None:
     return os.path.abspath(os.path.expanduser(str(path))) if path and _looks_local(path) else None
 
 
+def local_folders(spec: dict) -> dict[str, str]:
+    """Every local folder ``spec`` reads: ``pretrained`` (:func:`local_folder`), a ``tokenizer`` and an
+    ``init: random`` model's ``base_config``, each a path or a {pretrained, embedded} spec. Cache keys
+    fingerprint them, since each can be overwritten in place (a new vocab.txt is another model)."""
+    out = {"pretrained": local_folder(spec)}
+    for sub in ("tokenizer", "base_config"):
+        if sub == "base_config" and spec.get("init", "pretrained") != "random":
+            continue
+        ref = spec.get(sub)
+        if isinstance(ref, Mapping):
+            out[sub] = local_folder({"arch": "hf", "init": "pretrained", **ref})
+        elif ref and _looks_local(str(ref)):
+            out[sub] = os.path.abspath(os.path.expanduser(str(ref)))
+    return {k: v for k, v in out.items() if v}
+
+
 def load_tokenizer(spec: dict, key: str = "teacher"):
     """The tokenizer of ``spec``: its ``tokenizer`` (a path, hub id or {pretrained, embedded}), else the model's own."""
     from transformers import AutoTokenizer

@@ -84,9 +84,9 @@ class CacheBusy(TimeoutError):
 
 def stale_reason(manifest: Mapping[str, Any]) -> str | None:
     """Why an entry can never be used by this process (another cache format, other dpq code, other
-    numerics-library versions, another processor or GPU), or None. Keys already cover all four, so
-    such an entry is never looked up; this only lets ``list`` and ``prune --stale`` tell it apart
-    from a merely unused one."""
+    numerics-library versions, another processor or GPU, other threads or visible GPUs), or None. Keys
+    already cover all of these, so such an entry is never looked up; this only lets ``list`` and
+    ``prune --stale`` tell it apart from a merely unused one."""
     if manifest.get("format") != CACHE_FORMAT:
         return f"cache format {manifest.get('format')}"
     code, now = manifest.get("code") or {}, code_fingerprint()
@@ -98,6 +98,8 @@ def stale_reason(manifest: Mapping[str, Any]) -> str | None:
         gpu_keys = ("gpus", "torch_cuda")
         same_cpu = all(was.get(k) == v for k, v in now["hardware"].items() if k not in gpu_keys)
         return "another GPU or CUDA build" if same_cpu else "another processor"
+    if code.get("compute") != now["compute"]:
+        return "other threads or visible GPUs"
     return None
 
 
@@ -128,11 +130,14 @@ def key_payload(
     rest = {k: v for k, v in cfg_dict.items() if k not in IGNORED_KEYS and k != "pipeline"}
     if isinstance(rest.get("trainer"), Mapping):
         rest["trainer"] = training_settings(rest["trainer"])
-    from dpq.models import local_folder
+    from dpq.models import local_folders
 
-    # A model loaded from a local folder: the folder's files too (it may be overwritten in place).
+    # A model, tokenizer or base config read from a local folder: the folder's files too (it may be
+    # overwritten in place). The model's own folder under "teacher"/"model", the others as "teacher.tokenizer".
     local = {
-        k: fingerprint_path(f) for k in ("teacher", "model") if (f := local_folder(cfg_dict.get(k) or {}))
+        k if sub == "pretrained" else f"{k}.{sub}": fingerprint_path(f)
+        for k in ("teacher", "model")
+        for sub, f in local_folders(cfg_dict.get(k) or {}).items()
     }
     if local:
         rest["local_models"] = local

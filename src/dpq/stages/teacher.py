@@ -25,7 +25,7 @@ from dpq.core.errors import ConfigError
 from dpq.core.files import fingerprint_path, write_dir_atomic
 from dpq.core.provenance import code_fingerprint, training_settings
 from dpq.distill.teachers import teacher_signal
-from dpq.models import check_head_labels, local_folder, save_model
+from dpq.models import check_head_labels, local_folder, local_folders, save_model
 from dpq.stages.base import ModelCheck, Stage, StageConfig, register
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,16 @@ class TeacherStage(Stage):
         payload = {
             "teacher": cfg["teacher"],
             "task": cfg["task"],
+            # the data actually loaded: task.source=auto reads the embedded copy when its package is
+            # installed, else the hub's, which are other examples (the stage cache keys the same facts)
+            "data_source": ctx.data.splits.source,
+            "data_sizes": ctx.data.splits.sizes(),
             # local data files and model folders can change in place: their files' sizes and times
             **({"data": ctx.data.splits.fingerprint} if ctx.data.splits.fingerprint else {}),
-            **({"folder": fingerprint_path(f)} if (f := local_folder(cfg["teacher"])) else {}),
+            **{
+                "folder" if sub == "pretrained" else f"folder.{sub}": fingerprint_path(f)
+                for sub, f in local_folders(cfg["teacher"]).items()
+            },
             "seed": cfg["seed"],
             "stage": {
                 k: v
