@@ -82,10 +82,38 @@ def pick_runs(paths: list[Path]) -> dict[str, Path]:
             seed = int(m["seed"])
             if m["config"] not in best or seed < best[m["config"]][0]:
                 best[m["config"]] = (seed, f.parent)
-        runs.update({c: d for c, (_, d) in best.items()})
+        for c, (_, d) in best.items():
+            if c in runs and runs[c] != d:  # a named run folder, or another study's pick: never replaced
+                sys.exit(
+                    f"{c!r} is both {runs[c]} and {d} (picked from the study folder {p}): give one "
+                    "study folder, or run folders whose configs differ from the study's"
+                )
+            runs[c] = d
     if not runs:
         sys.exit(f"no completed run with a saved model/ folder under {', '.join(map(str, paths))}")
-    return runs
+    return name_dense(runs)
+
+
+def name_dense(runs: dict[str, Path]) -> dict[str, Path]:
+    """The teacher row and the free ONNX Runtime baselines come from the run named ``dense``. A run
+    folder as Hydra names it (``<time>_dense-<task>-<model>-s42``) is not: when no run is named
+    ``dense``, the one run whose pipeline is ``dense`` (results.json) takes the name; with several,
+    none does and :func:`main` says why the free baselines are missing."""
+    if "dense" in runs:
+        return runs
+    dense = [n for n, d in runs.items() if pipeline_of(d) == "dense"]
+    if len(dense) != 1:
+        return runs
+    print(f"{dense[0]}: its pipeline is dense, named 'dense' (teacher, free baselines, --baseline dense)")
+    return {("dense" if n == dense[0] else n): d for n, d in runs.items()}
+
+
+def pipeline_of(run: Path) -> str | None:
+    try:
+        res = json.loads((run / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return res.get("pipeline") or ((res.get("config") or {}).get("pipeline") or {}).get("name")
 
 
 def paired_speedup(base: list[float], model: list[float], per_round: int) -> dict:
@@ -284,6 +312,8 @@ def main(argv=None) -> dict:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"--device {args.device}: no CUDA device here (torch {torch.__version__})")
     models, info = load_models(runs, teacher=not args.no_teacher)
+    if not args.no_teacher and "teacher" not in models:
+        print("no teacher row: the teacher is read from the run named 'dense', and none is")
     models = {k: m.to(device=args.device, dtype=DTYPES[args.dtype]) for k, m in models.items()}
     vocab = min(int(getattr(m.config, "vocab_size", 0) or 0) for m in models.values())
     if args.onnx:
@@ -292,6 +322,16 @@ def main(argv=None) -> dict:
             more, more_info = free_baselines(runs["dense"], work)
             models.update(more)
             info.update(more_info)
+        else:
+            dense = [n for n, d in runs.items() if pipeline_of(d) == "dense"]
+            print(
+                "--onnx: no free ONNX Runtime baselines: they are built from one dense run "
+                + (
+                    f"and several are given ({', '.join(dense)})"
+                    if dense
+                    else "(a pipeline=dense run folder)"
+                )
+            )
         more, more_info = onnx_models(runs)
         models.update(more)
         info.update(more_info)

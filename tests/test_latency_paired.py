@@ -76,3 +76,31 @@ def test_run_folders_are_named_by_config_unless_two_share_one(latency, tmp_path)
     (other / "results.json").write_text("{}")
     with pytest.raises(SystemExit, match="both named 'mix-s42'"):
         latency.pick_runs([dirs["mix-s42"], other])
+
+
+def test_a_study_pick_never_replaces_a_named_run_and_a_hydra_named_dense_run_is_dense(latency, tmp_path):
+    """A study folder's dense-s42 once silently replaced an explicit dense-s43 (and a second study folder the
+    first): now that is an error. A run folder as Hydra names it is found as the dense run by its pipeline,
+    so the teacher row and the free ONNX Runtime baselines are not silently left out."""
+    import json
+
+    def run(folder, pipeline):
+        folder.mkdir(parents=True)
+        (folder / "model").mkdir()
+        (folder / "results.json").write_text(json.dumps({"status": "completed", "pipeline": pipeline}))
+        return folder
+
+    study = tmp_path / "study"
+    run(study / "dense-s42", "dense"), run(study / "dq-s42", "dq")
+    other = run(tmp_path / "other" / "dense-s43", "dense")
+    with pytest.raises(SystemExit, match="'dense' is both"):
+        latency.pick_runs([other, study])
+    study2 = tmp_path / "study2"
+    run(study2 / "dq-s44", "dq")
+    with pytest.raises(SystemExit, match="'dq' is both"):
+        latency.pick_runs([study, study2])
+    hydra = run(tmp_path / "outputs" / "10-00-00_dense-rotten_tomatoes-minilm_l3-s42", "dense")
+    mix = run(tmp_path / "outputs" / "11-00-00_dpq-rotten_tomatoes-minilm_l3-s42", "dpq")
+    assert latency.pick_runs([hydra, mix]) == {"dense": hydra, "11-00-00_dpq-rotten_tomatoes-minilm_l3": mix}
+    two = run(tmp_path / "outputs" / "12-00-00_dense-rotten_tomatoes-minilm_l3-s43", "dense")
+    assert "dense" not in latency.pick_runs([hydra, two])  # which one would be a guess
