@@ -160,6 +160,31 @@ CASES = [
     ([TINY, "resume=/nonexistent/run"], "resume", "'/nonexistent/run'", "is not a folder"),
     ([TINY, "resume={tmp}/no_checkpoints"], "resume", "no_checkpoints", "holds no dpq checkpoints"),
     ([TINY], "hydra.run.dir", "run", "already holds another run (results.json)"),
+    # stages defined but not in the order: a typo'd name, bad values (a multirun may still set them)
+    (
+        [TINY, f"+{P}.prun.final_sparsity=0.8"],
+        f"{P}.prun",
+        "'final_sparsity': 0.8",
+        "is not a stage of pipeline.order ['teacher', 'distill', 'prune', 'recover', 'quantize'] and names "
+        f"no stage kind (did you mean {P}.prune?)",
+    ),
+    ([TINY, "pipeline=dq", f"{P}.prune.final_sparsity=1.5"], f"{P}.prune.final_sparsity", "1.5", "[0, 1)"),
+    # training length is a stage's, and trainer keys are checked when a strategy defers building it
+    ([TINY, "+trainer.max_epochs=5"], "trainer.max_epochs", "5", "training length is set per stage"),
+    (
+        [TINY, "trainer=ddp_cpu", "+trainer.warp_speed=9"],
+        "trainer.warp_speed",
+        "9",
+        "is not a lightning.Trainer argument",
+    ),
+    ([TINY, f"{P}.prune.targets=123"], f"{P}.prune.targets", "123", "must be a module name"),
+    (
+        [TINY, f"{P}.teacher.load_from={{tmp}}/no_checkpoints"],
+        f"{P}.teacher.load_from",
+        "no_checkpoints",
+        "no config.json",
+    ),
+    ([TINY, "task=_base"], "run_name", "${task.name}", "task=_base or model=_base holds the defaults"),
 ]
 
 
@@ -222,3 +247,27 @@ def test_cli_prints_one_clear_line_and_exits_2(tmp_path, overrides, line):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert line.replace("{tmp}", str(tmp_path)) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_overrides_of_stages_not_in_the_order_are_warned_about(caplog):
+    """pipeline=dq_ptq quantizes with its ptq stage: quantize.bits=8 would change nothing, said before training
+    (a warning, not an error: a multirun over pipeline=dq,dpq sets the prune stage for both)."""
+    from dpq.run.validate import unused_stage_overrides
+
+    pipeline = {"name": "dq_ptq", "order": ["teacher", "distill", "ptq"], "stages": {}}
+    overrides = [
+        "pipeline=dq_ptq",
+        f"{P}.quantize.bits=8",
+        f"+{P}.ptq.bits=8",
+        f"{P}.prune.final_sparsity=0.5",
+    ]
+    with caplog.at_level("WARNING"):
+        out = unused_stage_overrides(pipeline, overrides)
+    assert [m.split(" has no effect")[0] for m in out] == [
+        f"{P}.quantize.bits=8",
+        f"{P}.prune.final_sparsity=0.5",
+    ]
+    assert (
+        "stage 'quantize' is not in pipeline.order ['teacher', 'distill', 'ptq'] (pipeline dq_ptq)" in out[0]
+    )
+    assert out[0] in caplog.text

@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError
 
 from dpq.core.errors import ConfigError, IntegrityError, TrainingDiverged
 from dpq.core.provenance import capture_git
@@ -25,6 +26,7 @@ from dpq.data import labelled, load_task
 from dpq.models import load_tokenizer
 from dpq.run import RunContext, Runner, records, validate, validate_data
 from dpq.run.resume import check_resume_overrides, claim_output_dir, load_run_config, register_resolvers
+from dpq.run.validate import unused_stage_overrides
 
 register_resolvers()  # conf/hydra/default.yaml: a resumed run keeps its own folder
 
@@ -37,12 +39,28 @@ def quiet_libraries() -> None:
     logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
 
 
+def unresolved(cfg: DictConfig, key: str):
+    """``key``'s value as written (an interpolation such as ``${task.name}-s${seed}``)."""
+    node = OmegaConf.to_container(cfg, resolve=False)
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def train(cfg: DictConfig) -> dict:
     """Validate, load data and models, run every stage in order, write results.json; return it."""
     started = time.perf_counter()
     git = capture_git()  # the code that runs is the code at the start, whatever is committed meanwhile
     quiet_libraries()
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationKeyError as e:  # e.g. task=_base: the defaults the tasks start from, not a task
+        raise ConfigError(
+            str(e.full_key),
+            unresolved(cfg, str(e.full_key)),
+            f"refers to a key the composed config lacks ({str(e.msg).splitlines()[0]}); a config group option such as "
+            "task=_base or model=_base holds the defaults the others start from and is not one to choose",
+        ) from None
     resume_from = cfg_dict.get("resume")
     if resume_from:  # continue that run: its own resolved config, its own folder
         cfg_dict = load_run_config(resume_from)
@@ -90,7 +108,10 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        check_resume_overrides(cfg.get("resume"), list(HydraConfig.get().overrides.task))
+        overrides = list(HydraConfig.get().overrides.task)
+        check_resume_overrides(cfg.get("resume"), overrides)
+        if not cfg.get("resume"):
+            unused_stage_overrides(OmegaConf.to_container(cfg.pipeline, resolve=True), overrides)
         results = train(cfg)
     except ConfigError as e:
         print(f"dpq: config error: {e}", file=sys.stderr)

@@ -48,6 +48,7 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
             )
     task_metrics.check_names(task)
     stages = build_stages(cfg["pipeline"])
+    check_unused_stages(cfg["pipeline"])
     if cfg["model"].get("init") == "from_teacher" and cfg["teacher"].get("arch") != cfg["model"].get("arch"):
         raise ConfigError("model.init", "from_teacher", "needs a teacher of the same architecture")
     devices.check_devices(cfg)
@@ -62,6 +63,51 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
     if task.get("num_labels") is not None:  # else the data says how many (dpq.data.labelled)
         check_labels(cfg, stages)
     return stages
+
+
+def check_unused_stages(pipeline: dict[str, Any]) -> None:
+    """Stages defined but not in ``pipeline.order`` are kept (a preset defines them all, and a multirun
+    over ``pipeline=dq,dpq`` sets the prune stage for both), but each must still be a stage: a typo such as
+    ``+pipeline.stages.prun.final_sparsity=0.8`` would otherwise add a stage nobody runs and leave the real
+    one at its default. Their values are checked as a running stage's are."""
+    from difflib import get_close_matches
+
+    from dpq.stages import discover
+
+    kinds = discover()
+    order = list(pipeline.get("order") or [])
+    for name, raw in (pipeline.get("stages") or {}).items():
+        if name in order or raw is None:
+            continue
+        kind = dict(raw).get("kind", name)
+        if kind not in kinds:
+            near = get_close_matches(str(name), [*order, *kinds], n=1)
+            raise ConfigError(
+                f"pipeline.stages.{name}",
+                dict(raw),
+                f"is not a stage of pipeline.order {order} and names no stage kind"
+                + (f" (did you mean pipeline.stages.{near[0]}?)" if near else ""),
+                f"stage kinds: {', '.join(kinds)}; a new stage needs its kind (+pipeline.stages.{name}.kind=...)",
+            )
+        kinds[kind].from_config(name, {**dict(raw), "kind": kind})
+
+
+def unused_stage_overrides(pipeline: dict[str, Any], overrides: list[str]) -> list[str]:
+    """Command-line overrides of stages that are not in ``pipeline.order``: they change nothing in this run
+    (``pipeline=dq_ptq pipeline.stages.quantize.bits=8`` quantizes with the ptq stage's bits). Logged as a
+    warning, not an error: a multirun over ``pipeline=dq,dpq`` sets the prune stage for both."""
+    order = list(pipeline.get("order") or [])
+    out = []
+    for o in overrides:
+        m = re.match(r"^[+~]*pipeline\.stages\.([^.=]+)", o)
+        if m and m.group(1) not in order:
+            out.append(
+                f"{o.lstrip('+~')} has no effect: stage '{m.group(1)}' is not in pipeline.order {order} "
+                f"(pipeline {pipeline.get('name')})"
+            )
+    for msg in out:
+        log.warning(msg)
+    return out
 
 
 def warn_unused_flops_target(cfg: dict[str, Any], stages: list[Stage]) -> str | None:
@@ -228,7 +274,16 @@ def check_trainer(trainer: dict[str, Any]) -> None:
     accel = trainer.get("accelerator", "auto")
     if accel not in devices.ACCELERATORS:
         raise ConfigError("trainer.accelerator", accel, f"must be one of {', '.join(devices.ACCELERATORS)}")
+    for k in ("max_epochs", "max_steps"):
+        if k in trainer:
+            raise ConfigError(
+                f"trainer.{k}",
+                trainer[k],
+                "training length is set per stage (pipeline.stages.<name>.epochs, "
+                "pipeline.stages.<name>.max_steps); each stage's Trainer would override this",
+            )
     if trainer.get("strategy") is not None or "_target_" not in trainer:
+        check_trainer_arguments(trainer)
         return  # distributed launchers set up process groups when built: leave them to the first fit
     import hydra
     import lightning as L
@@ -259,6 +314,23 @@ def check_trainer(trainer: dict[str, Any]) -> None:
         ) from None
     if not isinstance(built, L.Trainer):
         raise ConfigError("trainer._target_", trainer.get("_target_"), "must build a lightning Trainer")
+
+
+def check_trainer_arguments(trainer: dict[str, Any]) -> None:
+    """A trainer that is not built up front (a distributed strategy): at least every key must be a
+    ``lightning.Trainer`` argument, as the built one's would be."""
+    import inspect
+
+    import lightning as L
+
+    allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    for k in trainer:
+        if k != "_target_" and k not in allowed:
+            raise ConfigError(
+                f"trainer.{k}",
+                trainer[k],
+                "is not a lightning.Trainer argument (see `python -m dpq.train --cfg job` for the trainer group)",
+            )
 
 
 # ---- models: every stage against the model it will see ----------------------------------------------

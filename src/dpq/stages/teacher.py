@@ -72,6 +72,14 @@ class TeacherStage(Stage):
             )
         if self.cfg.load_from and not Path(self.cfg.load_from).exists():
             raise ConfigError(f"{self.key}.load_from", self.cfg.load_from, "no such folder")
+        if self.cfg.load_from and not (Path(self.cfg.load_from) / "config.json").exists():
+            inner = Path(self.cfg.load_from) / "model"
+            raise ConfigError(
+                f"{self.key}.load_from",
+                self.cfg.load_from,
+                "is not a saved model folder (no config.json)"
+                + (f"; a run folder keeps its model in {inner}" if (inner / "config.json").exists() else ""),
+            )
         extra = list(self.cfg.ensemble or [])
         for i, path in enumerate(extra):
             if not (Path(path) / "config.json").exists():
