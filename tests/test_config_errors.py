@@ -185,6 +185,13 @@ CASES = [
         "no config.json",
     ),
     ([TINY, "task=_base"], "run_name", "${task.name}", "task=_base or model=_base holds the defaults"),
+    # a hub student that cannot be loaded (offline, or no such id): said before the teacher trains
+    (
+        [TINY, "model=distilbert", "model.pretrained=dpq-no-such-org/no-such-model"],
+        "model.pretrained",
+        "'dpq-no-such-org/no-such-model'",
+        "could not be loaded (OSError",
+    ),
 ]
 
 

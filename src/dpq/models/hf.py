@@ -274,7 +274,13 @@ def skeleton_hf(spec: dict, task: dict, key: str, teacher: nn.Module | None = No
         config = hf_config(spec, task, key, teacher.config if teacher is not None else None)
     except ConfigError:
         raise
-    except Exception:  # not available offline, say
+    except (
+        OSError
+    ) as e:  # a hub id offline, say: loading it after the teacher trained would fail the same way
+        if spec.get("init", "pretrained") == "pretrained":
+            raise _hf_load_error(key, str(spec.get("pretrained")), e) from None
+        return None
+    except Exception:  # not knowable here: loading it later reports it with its own message
         return None
     with torch.device("meta"):
         return AutoModelForSequenceClassification.from_config(config)
