@@ -185,6 +185,19 @@ CASES = [
         "no config.json",
     ),
     ([TINY, "task=_base"], "run_name", "${task.name}", "task=_base or model=_base holds the defaults"),
+    # structured kinds the model lacks, min_keep against its counts: before the teacher and distill train
+    (
+        [TINY, f"{P}.prune.granularity=channels"],
+        f"{P}.prune.granularity",
+        "'channels'",
+        "the model has no channels",
+    ),
+    (
+        [TINY, f"{P}.prune.granularity=heads", f"{P}.prune.min_keep=100"],
+        f"{P}.prune.min_keep",
+        "100",
+        "has only 2 heads; must be < 2",
+    ),
     # a hub student that cannot be loaded (offline, or no such id): said before the teacher trains
     (
         [TINY, "model=distilbert", "model.pretrained=dpq-no-such-org/no-such-model"],

@@ -345,7 +345,9 @@ class PruneStage(QuantAwareTraining, Stage):
         if check.student is not None:
             self.check_depth(check.student)
             if self.cfg.drop_layers is None:  # targets name layers as they are after the drop
-                self.targets_of(check.student, check.model_spec)
+                targets = self.targets_of(check.student, check.model_spec)
+                if self.cfg.structured:  # the kinds the model has, min_keep against their counts
+                    self.find_groups(check.student, targets)
 
     def check_depth(self, model: nn.Module) -> None:
         """``drop_layers`` fits the model: an encoder with layers, at least one left."""
