@@ -198,6 +198,14 @@ CASES = [
         "100",
         "has only 2 heads; must be < 2",
     ),
+    # keys dpq would not read
+    ([TINY, "+sed=43"], "sed", "43", "is not a run setting (did you mean seed?)"),
+    (
+        [TINY, "+cost.batchsize=8"],
+        "cost.batchsize",
+        "8",
+        "is not a cost setting (did you mean cost.batch_size?)",
+    ),
     # a hub student that cannot be loaded (offline, or no such id): said before the teacher trains
     (
         [TINY, "model=distilbert", "model.pretrained=dpq-no-such-org/no-such-model"],
@@ -291,3 +299,15 @@ def test_overrides_of_stages_not_in_the_order_are_warned_about(caplog):
         "stage 'quantize' is not in pipeline.order ['teacher', 'distill', 'ptq'] (pipeline dq_ptq)" in out[0]
     )
     assert out[0] in caplog.text
+
+
+def test_the_known_run_keys_are_the_composed_defaults(tmp_path):
+    """RUN_KEYS (what check_known_keys allows) follows the config: a key added to conf/train.yaml goes there too."""
+    from conftest import compose_cfg
+
+    from dpq.run.validate import RUN_KEYS
+
+    cfg = compose_cfg(tmp_path, [])
+    assert set(RUN_KEYS[""]) - {"hydra"} == set(cfg)
+    for block in ("cost", "stage_cache", "objective"):
+        assert set(RUN_KEYS[block]) == set(cfg[block]), block

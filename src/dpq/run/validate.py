@@ -29,6 +29,18 @@ ARCHES_FOR_KIND = {"text": ("hf",), "features": ("mlp",), "image": ("cnn", "mlp"
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 
 log = logging.getLogger(__name__)
+# The keys dpq reads at the top of the run config and in its small blocks (tests/test_config_errors.py
+# checks them against the composed defaults): anything else, added with '+', would be silently ignored.
+RUN_KEYS = {
+    "": (
+        "checkpoint", "cost", "export", "integrity", "integrity_tolerance", "logger", "model", "objective",
+        "paths", "pipeline", "resume", "run_name", "save_model", "seed", "stage_cache", "task", "teacher",
+        "trainer", "hydra",
+    ),
+    "cost": ("batch_size", "device", "latency_process", "repeats", "seq_len", "warmup"),
+    "stage_cache": ("dir", "enabled"),
+    "objective": ("metrics", "weights"),
+}  # fmt: skip
 
 
 def validate(cfg: dict[str, Any]) -> list[Stage]:
@@ -56,6 +68,7 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
     kind = (cfg.get("logger") or {}).get("kind", "none")
     if kind not in LOGGERS:
         raise ConfigError("logger.kind", kind, f"must be one of {', '.join(LOGGERS)}")
+    check_known_keys(cfg)
     check_run_keys(cfg)
     check_trainer(cfg.get("trainer") or {})
     check_export(cfg, stages)
@@ -155,6 +168,26 @@ def _int(key: str, v: Any, low: int, what: str = "") -> None:
 def _bool(key: str, v: Any) -> None:
     if not isinstance(v, bool):
         raise ConfigError(key, v, "must be true or false")
+
+
+def check_known_keys(cfg: dict[str, Any]) -> None:
+    """No key dpq would not read: ``+sed=43`` or ``+cost.batchsize=8`` must not run at the defaults."""
+    from difflib import get_close_matches
+
+    for block, allowed in RUN_KEYS.items():
+        node = cfg if not block else cfg.get(block)
+        if not isinstance(node, dict):
+            continue
+        for k in node:
+            if k not in allowed:
+                near = get_close_matches(str(k), allowed, n=1)
+                raise ConfigError(
+                    f"{block}.{k}" if block else str(k),
+                    node[k],
+                    f"is not a {'run' if not block else block} setting"
+                    + (f" (did you mean {block + '.' if block else ''}{near[0]}?)" if near else "")
+                    + f"; allowed: {', '.join(a for a in allowed if a != 'hydra')}",
+                )
 
 
 def check_run_keys(cfg: dict[str, Any]) -> None:
