@@ -198,6 +198,12 @@ CASES = [
         "100",
         "has only 2 heads; must be < 2",
     ),
+    # switches are true or false, numbers finite and not booleans
+    ([TINY, f"{P}.teacher.cache=maybe"], f"{P}.teacher.cache", "'maybe'", "must be true or false"),
+    ([TINY, "stage_cache.enabled=maybe"], "stage_cache.enabled", "'maybe'", "must be true or false"),
+    ([TINY, "task.group_by_length=maybe"], "task.group_by_length", "'maybe'", "must be true or false"),
+    ([TINY, f"{P}.distill.lr=inf"], f"{P}.distill.lr", "inf", "must be a finite number"),
+    ([TINY, f"{P}.distill.epochs=true"], f"{P}.distill.epochs", "True", "must be a finite number"),
     # keys dpq would not read
     ([TINY, "+sed=43"], "sed", "43", "is not a run setting (did you mean seed?)"),
     (

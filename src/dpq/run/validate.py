@@ -237,6 +237,10 @@ def check_run_keys(cfg: dict[str, Any]) -> None:
     for k in ("integrity", "save_model"):
         if k in cfg:
             _bool(k, cfg[k])
+    if "enabled" in (cfg.get("stage_cache") or {}):
+        _bool("stage_cache.enabled", cfg["stage_cache"]["enabled"])
+    if "group_by_length" in task:
+        _bool("task.group_by_length", task["group_by_length"])
     tol = cfg.get("integrity_tolerance", 0.0)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:
         raise ConfigError(

@@ -20,6 +20,7 @@ package, so a new kind needs no edit anywhere else.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -106,13 +107,24 @@ class KDStageConfig(StageConfig):
 
 
 def _coerce(key: str, default: Any, v: Any) -> Any:
-    """Numbers from YAML or the command line to the field's type; anything else unchanged."""
-    if v is None or isinstance(default, bool) or not isinstance(default, (int, float)):
+    """Numbers from YAML or the command line to the field's type (finite; ``true`` is not 1); a switch
+    must be true or false (a string such as "maybe" would count as true); anything else unchanged."""
+    if v is None:
+        return v
+    if isinstance(default, bool):
+        if not isinstance(v, bool):
+            raise ConfigError(key, v, "must be true or false")
+        return v
+    if not isinstance(default, (int, float)):
         return v
     try:
+        if isinstance(v, bool):
+            raise ValueError
         f = float(v)
+        if not math.isfinite(f):
+            raise ValueError
     except (TypeError, ValueError):
-        raise ConfigError(key, v, f"must be a number ({type(default).__name__})") from None
+        raise ConfigError(key, v, f"must be a finite number ({type(default).__name__})") from None
     if isinstance(default, int):
         if not f.is_integer():
             raise ConfigError(key, v, "must be an integer")
