@@ -204,6 +204,19 @@ CASES = [
     ([TINY, "task.group_by_length=maybe"], "task.group_by_length", "'maybe'", "must be true or false"),
     ([TINY, f"{P}.distill.lr=inf"], f"{P}.distill.lr", "inf", "must be a finite number"),
     ([TINY, f"{P}.distill.epochs=true"], f"{P}.distill.epochs", "True", "must be a finite number"),
+    # an ensemble is a list of folders, weighted by numbers
+    (
+        [TINY, f"+{P}.teacher.ensemble=/tmp"],
+        f"{P}.teacher.ensemble",
+        "'/tmp'",
+        "must be a list of saved model",
+    ),
+    (
+        [TINY, f"+{P}.teacher.ensemble_weights=[1,abc]"],
+        f"{P}.teacher.ensemble_weights",
+        "[1, 'abc']",
+        "needs 1 non-negative numbers",
+    ),
     # keys dpq would not read
     ([TINY, "+sed=43"], "sed", "43", "is not a run setting (did you mean seed?)"),
     (

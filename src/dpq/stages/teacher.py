@@ -80,6 +80,12 @@ class TeacherStage(Stage):
                 "is not a saved model folder (no config.json)"
                 + (f"; a run folder keeps its model in {inner}" if (inner / "config.json").exists() else ""),
             )
+        if self.cfg.ensemble is not None and not isinstance(self.cfg.ensemble, (list, tuple)):
+            raise ConfigError(
+                f"{self.key}.ensemble",
+                self.cfg.ensemble,
+                "must be a list of saved model folders, e.g. '[/a,/b]'",
+            )
         extra = list(self.cfg.ensemble or [])
         for i, path in enumerate(extra):
             if not (Path(path) / "config.json").exists():
@@ -87,12 +93,22 @@ class TeacherStage(Stage):
                     f"{self.key}.ensemble[{i}]", path, "is not a saved model folder (no config.json)"
                 )
         if self.cfg.ensemble_weights is not None:
-            w = list(self.cfg.ensemble_weights)
-            if len(w) != 1 + len(extra) or any(float(x) < 0 for x in w) or not any(float(x) > 0 for x in w):
+            w = (
+                list(self.cfg.ensemble_weights)
+                if isinstance(self.cfg.ensemble_weights, (list, tuple))
+                else []
+            )
+            numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w)
+            if (
+                len(w) != 1 + len(extra)
+                or not numbers
+                or any(float(x) < 0 for x in w)
+                or not any(float(x) > 0 for x in w)
+            ):
                 raise ConfigError(
                     f"{self.key}.ensemble_weights",
-                    w,
-                    f"needs {1 + len(extra)} non-negative weights (this teacher first), not all zero",
+                    self.cfg.ensemble_weights,
+                    f"needs {1 + len(extra)} non-negative numbers (this teacher first), not all zero",
                 )
 
     def check_model(self, check: ModelCheck) -> None:
