@@ -58,6 +58,9 @@ def pick_runs(paths: list[Path]) -> dict[str, Path]:
     folders = [p for p in paths if (p / "results.json").exists()]
     configs = [m["config"] if (m := RUN_DIR.match(p.name)) else p.name for p in folders]
     for p, config in zip(folders, configs):
+        status = json.loads((p / "results.json").read_text()).get("status")
+        if status not in (None, "completed"):  # timed as asked, but its accuracy is not a finished run's
+            print(f"{p}: status {status!r}, not completed (its accuracy and model are what it left)")
         name = config if configs.count(config) == 1 else p.name
         if name in runs and runs[name] != p:
             sys.exit(f"two run folders are both named {name!r}: {runs[name]} and {p}")
