@@ -217,6 +217,7 @@ CASES = [
         "[1, 'abc']",
         "needs 1 non-negative numbers",
     ),
+    ([TINY, "export.threads=some"], "export.threads", "'some'", "or auto (the threads PyTorch's latency"),
     # keys dpq would not read
     ([TINY, "+sed=43"], "sed", "43", "is not a run setting (did you mean seed?)"),
     (

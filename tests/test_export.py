@@ -448,3 +448,14 @@ def test_position_table_trimmed_to_the_longest_input_keeps_the_logits_and_refuse
     assert max_positions(100, text, {}) == 100
     with pytest.raises(ConfigError, match="export.max_positions"):
         max_positions(0, text, {})
+
+
+def test_export_threads_auto_is_pytorchs_thread_count():
+    """A run's ONNX Runtime latency is timed with the threads its PyTorch latency is (cost.py records
+    torch.get_num_threads()), so the two can be read side by side on any machine; an int is kept."""
+    import torch
+
+    from dpq.export.onnx import session_threads
+
+    assert session_threads("auto") == torch.get_num_threads()
+    assert session_threads(3) == 3 and session_threads("4") == 4

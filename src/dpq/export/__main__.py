@@ -22,7 +22,7 @@ def export_run(run_dir: Path, overrides: dict | None = None) -> dict:
     from dpq import cost, latency_process
     from dpq.export.evaluate import deploy
     from dpq.export.finished import load_finished
-    from dpq.export.onnx import OnnxOptions, max_positions
+    from dpq.export.onnx import OnnxOptions, max_positions, session_threads
 
     run = load_finished(run_dir)
     results, task, data, model, tokenizer = run.results, run.task, run.data, run.model, run.tokenizer
@@ -30,6 +30,7 @@ def export_run(run_dir: Path, overrides: dict | None = None) -> dict:
     names = {f.name for f in fields(OnnxOptions)}
     opts = {k: v for k, v in {**(cfg.get("export") or {}), **(overrides or {})}.items() if k in names}
     opts["max_positions"] = max_positions(opts.get("max_positions"), task, cfg["cost"])
+    opts["threads"] = session_threads(opts.get("threads", "auto"))
     metrics, report = deploy(
         model,
         run.model_dir / "model.onnx",

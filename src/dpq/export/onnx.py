@@ -61,6 +61,17 @@ NBITS_BLOCK = 128  # MatMulNBits block for per-channel / per-tensor codes (the s
 NBITS_COMPUTE = {"float": 0, "int8": 4, "int8_matmul": None}
 
 
+def session_threads(value) -> int:
+    """``export.threads``: ``auto`` = the intra-op threads PyTorch computes with here, so a run's ONNX
+    Runtime latency is timed under the same thread count as its PyTorch latency (``cost``'s); an int
+    as given."""
+    if value == "auto":
+        import torch
+
+        return torch.get_num_threads()
+    return int(value)
+
+
 @dataclass
 class OnnxOptions:
     """How a model is exported (the ``export`` config group). Pure data."""

@@ -331,11 +331,12 @@ class Runner:
         """
         from dpq import latency_process
         from dpq.export.evaluate import deploy
-        from dpq.export.onnx import OnnxOptions, max_positions
+        from dpq.export.onnx import OnnxOptions, max_positions, session_threads
 
         ctx = self.ctx
         opts = {k: v for k, v in (ctx.cfg.get("export") or {}).items() if k != "onnx"}
         opts["max_positions"] = max_positions(opts.get("max_positions"), ctx.task, ctx.cfg["cost"])
+        opts["threads"] = session_threads(opts.get("threads", "auto"))
         try:
             metrics, report = deploy(
                 model,

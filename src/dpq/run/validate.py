@@ -273,8 +273,8 @@ def check_export(cfg: dict[str, Any], stages: list[Stage]) -> None:
     for k in ("onnx", "fuse", "fuse_attention"):
         if k in ex:
             _bool(f"export.{k}", ex[k])
-    if "threads" in ex:
-        _int("export.threads", ex["threads"], 1)
+    if "threads" in ex and ex["threads"] != "auto":
+        _int("export.threads", ex["threads"], 1, " or auto (the threads PyTorch's latency is timed with)")
     if "opset" in ex:
         _int("export.opset", ex["opset"], 17, " (the fused BERT operators need opset 17 or newer)")
     max_positions(ex.get("max_positions"), cfg["task"], cfg.get("cost") or {})  # auto | int >= 1 | null
