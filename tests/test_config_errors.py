@@ -331,3 +331,34 @@ def test_the_known_run_keys_are_the_composed_defaults(tmp_path):
     assert set(RUN_KEYS[""]) - {"hydra"} == set(cfg)
     for block in ("cost", "stage_cache", "objective"):
         assert set(RUN_KEYS[block]) == set(cfg[block]), block
+
+
+def test_a_stage_setting_a_stage_in_the_order_reads_is_not_warned_about(tmp_path):
+    """The spiral reads the prune stage's target, granularity, criterion... through interpolations
+    (conf/pipeline/spiral.yaml), so sweeping pipeline.stages.prune.final_sparsity over spiral runs has an effect."""
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    from dpq.run.validate import unused_stage_overrides
+
+    cfg = compose_cfg(tmp_path, ["pipeline=spiral", f"{P}.prune.final_sparsity=0.3"])
+    assert OmegaConf.to_container(cfg, resolve=True)["pipeline"]["stages"]["spiral"]["final_sparsity"] == 0.3
+    raw = OmegaConf.to_container(cfg.pipeline, resolve=False)
+    ok = [f"{P}.prune.final_sparsity=0.3", f"{P}.prune.obs.block_size=16", f"{P}.prune.granularity=heads"]
+    assert unused_stage_overrides(raw, ok) == []
+    assert (
+        len(unused_stage_overrides(raw, [f"{P}.prune.epochs=5", f"{P}.quantize.bits=8"])) == 1
+    )  # epochs only
+
+
+def test_a_failed_trial_returns_the_worst_value_of_each_objective():
+    """Under a multirun a diverged trial returns these instead of exiting, so one bad trial does not end
+    an Optuna study (NaN would fail Optuna's tell; an exit would stop Hydra's launcher)."""
+    from omegaconf import OmegaConf
+
+    from dpq.train import worst_values
+
+    one = OmegaConf.create({"objective": {"metrics": ["val_accuracy"]}})
+    two = OmegaConf.create({"objective": {"metrics": ["val_accuracy", "effective_gflops"]}})
+    assert worst_values(one, "maximize") == float("-inf") and worst_values(one, None) == float("-inf")
+    assert worst_values(two, OmegaConf.create(["maximize", "minimize"])) == [float("-inf"), float("inf")]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from hydra.types import RunMode
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
 from dpq.core.errors import ConfigError, IntegrityError, TrainingDiverged
@@ -108,21 +109,34 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        overrides = list(HydraConfig.get().overrides.task)
+        hc = HydraConfig.get()
+        overrides = list(hc.overrides.task)
         check_resume_overrides(cfg.get("resume"), overrides)
         if not cfg.get("resume"):
-            unused_stage_overrides(OmegaConf.to_container(cfg.pipeline, resolve=True), overrides)
+            unused_stage_overrides(OmegaConf.to_container(cfg.pipeline, resolve=False), overrides)
         results = train(cfg)
     except ConfigError as e:
         print(f"dpq: config error: {e}", file=sys.stderr)
         sys.exit(2)
-    except TrainingDiverged as e:
-        print(f"dpq: training diverged: {e}", file=sys.stderr)
-        sys.exit(3)
-    except IntegrityError as e:
-        print(f"dpq: integrity check failed: {e}", file=sys.stderr)
-        sys.exit(4)
+    except (TrainingDiverged, IntegrityError) as e:
+        what = "training diverged" if isinstance(e, TrainingDiverged) else "integrity check failed"
+        print(f"dpq: {what}: {e}", file=sys.stderr)
+        if hc.mode == RunMode.MULTIRUN:  # one bad trial must not end the sweep or the Optuna study
+            worst = worst_values(cfg, hc.sweeper.get("direction"))
+            log.error("%s; this trial returns %s to the sweeper (its results.json says why)", what, worst)
+            return worst
+        sys.exit(3 if isinstance(e, TrainingDiverged) else 4)
     return objective_values(cfg, results)
+
+
+def worst_values(cfg, direction) -> float | list[float]:
+    """What a failed trial returns to a sweeper: the worst value of each objective, -inf where higher is
+    better (``maximize``, the default) and +inf where lower is. (NaN would fail Optuna's ``tell``, and
+    the Optuna sweeper ends the study once a batch's failures pass ``max_failure_rate``.)"""
+    n = len((cfg.get("objective") or {}).get("metrics") or ["val_accuracy"])
+    dirs = list(direction) if isinstance(direction, (list, tuple, ListConfig)) else [direction] * n
+    vals = [float("inf") if str(d).lower() == "minimize" else float("-inf") for d in dirs]
+    return vals[0] if len(vals) == 1 else vals
 
 
 def objective_values(cfg, results: dict) -> float | list[float]:

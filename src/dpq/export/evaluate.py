@@ -106,7 +106,9 @@ def deploy(
         from dpq.prune.compact import compact_
 
         exported = copy.deepcopy(model).cpu().eval()
-        compacted = compact_(exported, {k: v.cpu() for k, v in example.items()})
+        # The probe that tells constant units is a validation batch: test data only measures.
+        probe = model_inputs(validation[0]) if validation else example
+        compacted = compact_(exported, {k: v.cpu() for k, v in probe.items()})
         if not compacted.removed:
             exported = model
     report = export_onnx(exported, example, path, options)

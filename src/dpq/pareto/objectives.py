@@ -44,6 +44,7 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("accuracy", "accuracy", "max", "fraction", label="test accuracy"),
         Objective("val_accuracy", "val_accuracy", "max", "fraction", label="validation accuracy"),
         Objective("loss", "loss", "min", "nats", label="test loss"),
+        Objective("val_loss", "val_loss", "min", "nats", label="validation loss"),
         Objective("effective_gflops", "effective_gflops", "min", "GFLOPs", label="effective GFLOPs"),
         Objective("dense_gflops", "dense_gflops", "min", "GFLOPs", label="dense GFLOPs"),
         # Named apart from the recorded counts (bops, dense_bops): a scaled objective column must not

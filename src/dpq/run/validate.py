@@ -110,12 +110,32 @@ def unused_stage_overrides(pipeline: dict[str, Any], overrides: list[str]) -> li
     (``pipeline=dq_ptq pipeline.stages.quantize.bits=8`` quantizes with the ptq stage's bits). Logged as a
     warning, not an error: a multirun over ``pipeline=dq,dpq`` sets the prune stage for both."""
     order = list(pipeline.get("order") or [])
+    # "stage.key" read by a stage in the order through an interpolation (the spiral's
+    # final_sparsity is ${..prune.final_sparsity}): setting those has an effect.
+    read = set()
+
+    def scan(v):
+        if isinstance(v, dict):
+            for x in v.values():
+                scan(x)
+        elif isinstance(v, list):
+            for x in v:
+                scan(x)
+        elif isinstance(v, str):
+            read.update(re.findall(r"\$\{\.*(?:pipeline\.stages\.)?([\w]+\.[\w.]+)\}", v))
+
+    for name in order:
+        scan((pipeline.get("stages") or {}).get(name))
     out = []
     for o in overrides:
-        m = re.match(r"^[+~]*pipeline\.stages\.([^.=]+)", o)
-        if m and m.group(1) not in order:
+        m = re.match(r"^[+~]*pipeline\.stages\.(([^.=]+)[^=]*)", o)
+        if (
+            m
+            and m.group(2) not in order
+            and not any(m.group(1) == r or m.group(1).startswith(r + ".") for r in read)
+        ):
             out.append(
-                f"{o.lstrip('+~')} has no effect: stage '{m.group(1)}' is not in pipeline.order {order} "
+                f"{o.lstrip('+~')} has no effect: stage '{m.group(2)}' is not in pipeline.order {order} "
                 f"(pipeline {pipeline.get('name')})"
             )
     for msg in out:
