@@ -40,6 +40,7 @@ FAST = [
     "pipeline.stages.prune.epochs=3",
     "pipeline.stages.recover.epochs=1",
     "pipeline.stages.quantize.epochs=2",
+    "model.dropout=0.1",  # dropout draws from the RNG streams a resume must restore
 ]
 # Numbers that are a function of the weights (latency, peak memory and durations are measurements).
 DETERMINISTIC = [
@@ -297,6 +298,25 @@ def test_killed_mid_quantize_aware_prune_resumes_to_the_same_result(tmp_path, mo
     assert any(
         k.endswith("weight_fake_quantizer.step") for k in ckpt["state_dict"]
     )  # fake-quantized mid-ramp
+    results = train(compose_cfg(tmp_path / "elsewhere", ["resume=" + str(run_dir)]))
+    assert results["resumed_after"] == "distill"
+    assert_same_run(tmp_path / "ref" / "run", run_dir)
+
+
+def test_killed_mid_obs_prune_resumes_to_the_same_result(tmp_path, monkeypatch):
+    """criterion=obs gathers raw gradients for its next mask update (num_grads copies of the weights),
+    which no checkpoint holds: a step between two updates is not checkpointed (steps 3 and 9 here, with
+    updates every 2 steps), so the resumed ramp rebuilds the update from all its gradients. (Resuming from
+    step 9 gave other masks and another accuracy.)"""
+    args = [*FAST, "pipeline=dp", "pipeline.stages.prune.criterion=obs"]
+    train(compose_cfg(tmp_path / "ref", args))
+    crash_in(monkeypatch, "prune", 11)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(compose_cfg(tmp_path / "killed", args))
+    monkeypatch.undo()
+    run_dir = tmp_path / "killed" / "run"
+    ckpts = run_dir / "checkpoints" / "stage_2_prune" / "lightning" / "prune"
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["step0000006.ckpt"]
     results = train(compose_cfg(tmp_path / "elsewhere", ["resume=" + str(run_dir)]))
     assert results["resumed_after"] == "distill"
     assert_same_run(tmp_path / "ref" / "run", run_dir)

@@ -346,6 +346,12 @@ class SparsityRamp(_MaskCallback):
         self.history.append((trainer.global_step, self.target_at(self.total_steps)))
         self._log(trainer, trainer.global_step)
 
+    def pending_state(self) -> bool:
+        """obs: gradients collected for the next mask update that ``state_dict`` does not hold (they are
+        ``num_grads`` copies of every pruned weight); :class:`dpq.run.resume.StageCheckpoint` skips such
+        steps, so a resumed ramp never rebuilds that update from fewer gradients than the uninterrupted one."""
+        return self._fisher is not None and self._fisher.count > 0
+
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),

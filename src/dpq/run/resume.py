@@ -92,6 +92,19 @@ class StageCheckpoint(ModelCheckpoint):
             return True
         if trainer.global_step >= trainer.estimated_stepping_batches:
             return True
+        pending = [
+            cb
+            for cb in trainer.callbacks
+            if callable(getattr(cb, "pending_state", None)) and cb.pending_state()
+        ]
+        if pending:  # e.g. an OBS ramp between two mask updates: its gradients are not in any checkpoint
+            log.info(
+                "step %d: %s holds state a checkpoint cannot (gradients for its next mask update); "
+                "not checkpointing this step",
+                trainer.global_step,
+                getattr(pending[0], "state_key", type(pending[0]).__name__),
+            )
+            return True
         bad = [n for n, p in trainer.lightning_module.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             log.warning(

@@ -73,6 +73,7 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
     check_trainer(cfg.get("trainer") or {})
     check_export(cfg, stages)
     warn_unused_flops_target(cfg, stages)
+    warn_obs_checkpoints(cfg, stages)
     if task.get("num_labels") is not None:  # else the data says how many (dpq.data.labelled)
         check_labels(cfg, stages)
     return stages
@@ -141,6 +142,25 @@ def unused_stage_overrides(pipeline: dict[str, Any], overrides: list[str]) -> li
     for msg in out:
         log.warning(msg)
     return out
+
+
+def warn_obs_checkpoints(cfg: dict[str, Any], stages: list[Stage]) -> str | None:
+    """An OBS prune stage is checkpointed only at its mask updates (the gradients gathered for the next
+    one are too large for a checkpoint, see SparsityRamp.pending_state): say so when
+    ``checkpoint.every_n_steps`` never or rarely meets them, since a killed run then resumes from further back."""
+    ck = cfg.get("checkpoint") or {}
+    n = int(ck.get("every_n_steps") or 0)
+    if not ck.get("enabled", True) or n <= 0:
+        return None
+    for s in stages:
+        if s.kind == "prune" and getattr(s.cfg, "criterion", None) == "obs" and n % int(s.cfg.update_every):
+            msg = (
+                f"checkpoint.every_n_steps={n} is not a multiple of pipeline.stages.{s.name}.update_every="
+                f"{s.cfg.update_every}: with criterion=obs only steps that are both are checkpointed in that stage"
+            )
+            log.warning(msg)
+            return msg
+    return None
 
 
 def warn_unused_flops_target(cfg: dict[str, Any], stages: list[Stage]) -> str | None:
