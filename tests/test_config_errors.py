@@ -218,6 +218,7 @@ CASES = [
         "needs 1 non-negative numbers",
     ),
     ([TINY, "export.threads=some"], "export.threads", "'some'", "or auto (the threads PyTorch's latency"),
+    ([TINY, "task.split.validation=1.5"], "task.split.validation", "1.5", "must be a fraction in (0, 1)"),
     # keys dpq would not read
     ([TINY, "+sed=43"], "sed", "43", "is not a run setting (did you mean seed?)"),
     (

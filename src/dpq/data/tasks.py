@@ -244,6 +244,14 @@ def load_task(task: dict) -> TaskSplits:
         raise ConfigError("task.num_labels", n, "must be >= 2 (or null: the number of labels in the data)")
     split_cfg = task.get("split") or {}
     seed = int(split_cfg.get("seed", 0))
+    fractions = {k: split_cfg[k] for k in ("validation", "test") if split_cfg.get(k) is not None}
+    for k, v in fractions.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise ConfigError(f"task.split.{k}", v, "must be a fraction in (0, 1) of the examples carved off")
+    if sum(fractions.values()) >= 1:
+        raise ConfigError(
+            "task.split", fractions, "validation + test must leave examples to train on (sum < 1)"
+        )
 
     raw, used, fingerprint, one_table = _raw_parts(task)
     parts = {}
