@@ -85,6 +85,12 @@ def pick_runs(paths: list[Path]) -> dict[str, Path]:
             seed = int(m["seed"])
             if m["config"] not in best or seed < best[m["config"]][0]:
                 best[m["config"]] = (seed, f.parent)
+        seeds = sorted({seed for seed, _ in best.values()})
+        if len(seeds) > 1:  # a config missing its lowest seed: its row's accuracy is another seed's
+            print(
+                f"{p}: rows from seeds {seeds}: "
+                + ", ".join(f"{c} s{seed}" for c, (seed, _) in sorted(best.items()))
+            )
         for c, (_, d) in best.items():
             if c in runs and runs[c] != d:  # a named run folder, or another study's pick: never replaced
                 sys.exit(
