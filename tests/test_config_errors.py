@@ -219,6 +219,12 @@ CASES = [
     ),
     ([TINY, "export.threads=some"], "export.threads", "'some'", "or auto (the threads PyTorch's latency"),
     ([TINY, "task.split.validation=1.5"], "task.split.validation", "1.5", "must be a fraction in (0, 1)"),
+    (
+        [TINY, f"{P}.distill.hidden=1.0", f"{P}.distill.layer_map=[9,9]"],
+        f"{P}.distill.layer_map",
+        "[9, 9]",
+        "teacher layer must be an integer in 1..2",
+    ),
     # keys dpq would not read
     ([TINY, "+sed=43"], "sed", "43", "is not a run setting (did you mean seed?)"),
     (

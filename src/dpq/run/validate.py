@@ -441,6 +441,41 @@ def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
     )
     for stage in stages:
         stage.check_model(check)
+    check_feature_kd(cfg, stages, student, teacher)
+
+
+def check_feature_kd(cfg: dict[str, Any], stages: list[Stage], student, teacher) -> None:
+    """Hidden/attention/relation distillation (a stage's ``hidden``, ``attention``, ``relation``) needs one
+    teacher model, and its ``layer_map`` one teacher layer per student layer (after any ``drop_layers``):
+    said here, not when the stage sets up after the teacher trained."""
+    from dpq.distill.features import resolve_layer_map
+    from dpq.stages.base import KDStageConfig
+
+    kd = [s for s in stages if isinstance(s.cfg, KDStageConfig) and s.cfg.feature_kd().active]
+    if not kd:
+        return
+    t_stage = next((s for s in stages if s.trains_teacher), None)
+    if t_stage is not None and getattr(t_stage.cfg, "ensemble", None):
+        raise ConfigError(
+            f"{kd[0].key}.hidden",
+            {k: getattr(kd[0].cfg, k) for k in ("hidden", "attention", "relation")},
+            f"hidden/attention/relation distillation needs a single teacher model ({t_stage.key}.ensemble is set)",
+        )
+    if teacher is None:
+        teacher = skeleton(cfg["teacher"], cfg["task"], "teacher")
+    n_t = getattr(getattr(teacher, "config", None), "num_hidden_layers", None)
+    n_s = getattr(getattr(student, "config", None), "num_hidden_layers", None)
+    if n_t is None or n_s is None:
+        return  # not known here (offline, or not a Hugging Face encoder: check_model says so)
+    for s in stages:
+        d = getattr(s.cfg, "drop_layers", None) if s.kind == "prune" else None
+        if s in kd and s.cfg.layer_map is not None and not (s.kind == "prune" and d is not None):
+            try:  # a prune stage's own map after its drop is checked by that stage (check_depth)
+                resolve_layer_map(s.cfg.layer_map, n_s, n_t)
+            except ValueError as e:
+                raise ConfigError(f"{s.key}.layer_map", s.cfg.layer_map, str(e)) from None
+        if d is not None:
+            n_s -= d if isinstance(d, int) else len(d)
 
 
 # ---- the objective a sweep optimises -------------------------------------------------------------
