@@ -992,3 +992,19 @@ def test_a_scaled_cost_chosen_by_name_is_scaled_once(tmp_path, cost):
     front = next(f for f in own["contexts"][0]["fronts"] if f["cost"] == "gbops")
     assert sorted(e["gbops"] for e in front["front"]) == pytest.approx([0.30, 0.555, 0.69])
     assert "accuracy vs gbops [GBOPs]" in (out / "ownership.md").read_text()
+
+
+def test_runs_without_a_seed_are_not_a_shared_seed():
+    """compare pairs by seed: runs without one (a W&B summary, say) are not a pair of their own (-1 and -1),
+    and the merged point lists them as "none" among its seeds."""
+    from dpq.pareto.aggregate import merge_seeds
+    from dpq.pareto.compare import compare_pair
+
+    def rows(accs):
+        return pd.DataFrame({"seed": [1, 2, None], "accuracy": accs})
+
+    out = compare_pair(rows([0.80, 0.82, 0.70]), rows([0.81, 0.83, 0.90]))
+    assert out["seeds"] == [1, 2] and out["deltas"]["accuracy"]["mean"] == pytest.approx(0.01)
+    grid_rows = rows([0.80, 0.82, 0.70]).assign(kind="final", config_key="k", label="x", run=["a", "b", "c"])
+    merged = merge_seeds(grid_rows)
+    assert merged.loc[0, "seeds"] == "1,2,none" and merged.loc[0, "n_seeds"] == 3

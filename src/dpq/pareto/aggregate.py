@@ -215,7 +215,12 @@ def merge_seeds(df: pd.DataFrame) -> pd.DataFrame:
     if "hardware" in info:  # every machine a configuration's seeds ran on, not just the first
         info["hardware"] = raw["hardware"].agg(lambda s: " | ".join(dict.fromkeys(s.dropna())))
     info["n_runs"] = raw.size()
-    info["seeds"] = raw["seed"].agg(lambda s: ",".join(str(int(v)) for v in sorted(s.dropna().unique())))
+    # Runs without a seed are merged as one group of their own (counted in n_seeds): listed as "none".
+    info["seeds"] = raw["seed"].agg(
+        lambda s: ",".join(
+            [str(int(v)) for v in sorted(s.dropna().unique())] + (["none"] if s.isna().any() else [])
+        )
+    )
     info["runs"] = raw["run"].agg(lambda s: "; ".join(dict.fromkeys(s)))
     merged = info.join(out).reset_index()
     front = [

@@ -99,7 +99,7 @@ def compare_pair(base: pd.DataFrame, cand: pd.DataFrame) -> dict:
     """Deltas and ratios of one candidate configuration against one baseline configuration."""
     cols = [*DELTAS, *RATIOS]
     b, c = _per_seed(base, cols), _per_seed(cand, cols)
-    common = sorted(set(b.index) & set(c.index))
+    common = sorted((set(b.index) & set(c.index)) - {-1})  # runs without a seed pair with nothing
     out: dict = {
         "pairing": "paired by seed" if common else "unpaired (no common seeds)",
         "seeds": [int(s) for s in common] if common else None,
