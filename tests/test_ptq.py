@@ -145,3 +145,14 @@ def test_ptq_config_errors_before_training(make_cfg, overrides, key, message):
 def test_activation_observer_modes_are_checked():
     with pytest.raises(ValueError, match="mode"):
         ActivationFakeQuant().set_mode("ema")
+
+
+def test_dynamic_activation_ranges_need_no_calibration():
+    """act_range=dynamic takes each batch's own range: calibration leaves it alone (it once required every
+    activation quantizer to have seen input, so PTQ with dynamic activations always failed)."""
+    model = _model()
+    prepare_ptq_(model, QuantConfig(bits=4, act_bits=8, act_range="dynamic", targets=["0", "2"]))
+    assert model[0].activation_fake_quantizer.dynamic
+    used = calibrate_(model, _batches(), num_batches=2, forward=lambda m, b: m(b["x"]))
+    assert used == 0  # nothing to calibrate: no batch is run
+    assert torch.isfinite(model(_batches()[0]["x"])).all()

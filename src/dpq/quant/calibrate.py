@@ -27,7 +27,8 @@ def _move(batch: Any, device: torch.device) -> Any:
 
 
 def activation_quantizers(model: nn.Module) -> list[ActivationFakeQuant]:
-    return [m for m in model.modules() if isinstance(m, ActivationFakeQuant)]
+    """The activation quantizers with a range to calibrate (``act_range=dynamic`` ones take each batch's own)."""
+    return [m for m in model.modules() if isinstance(m, ActivationFakeQuant) and not m.dynamic]
 
 
 @torch.no_grad()
