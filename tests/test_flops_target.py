@@ -164,3 +164,25 @@ def test_flops_fill_below_the_initial_sparsity_is_a_config_error():
     budget = {"costs": costs, "flops_total": total}
     with pytest.raises(ConfigError, match=r"pipeline\.stages\.prune\.initial_sparsity"):
         PruneStage("prune", cfg).fill_finals(m, sets, budget, 0.2)
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+@pytest.mark.parametrize("scope", ["global", "flops"])
+def test_heads_and_neurons_compete_on_importance_per_element_not_on_group_size(norm, scope):
+    """Every attention weight scores 3, every FFN weight 1: per element (global) or per FLOP (flops) the
+    neurons are the cheaper importance, so they go first and no head does, with l1 and with l2. (The l2
+    norm divided by a group's size once ranked heads, which have 128x a neuron's elements here, far lower.)"""
+    m = bert()
+    targets = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and "encoder" in n]
+    sets = structured.find_groups(m, "heads+neurons", targets)
+    scores = {
+        n: torch.full(m.get_submodule(n).weight.shape, 3.0 if "attention" in n else 1.0) for n in targets
+    }
+    extra = {}
+    if scope == "flops":
+        total, by_module = cost.flops_by_module(m, INPUTS)
+        extra = dict(costs=structured.group_costs(m, sets, by_module), flops_total=total)
+    kept = structured.select_groups(sets, scores, 0.2, scope=scope, norm=norm, **extra)
+    heads_gone = sum(int((~kept[s.name]).sum()) for s in sets if s.kind == "heads")
+    neurons_gone = sum(int((~kept[s.name]).sum()) for s in sets if s.kind == "neurons")
+    assert heads_gone == 0 and neurons_gone > 0

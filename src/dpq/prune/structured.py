@@ -208,10 +208,19 @@ def _bad_shape(t, dim, count, size):
 
 
 def group_scores(
-    scores: Mapping[str, torch.Tensor], gs: GroupSet, norm: str = "l2", signed: bool = False
+    scores: Mapping[str, torch.Tensor],
+    gs: GroupSet,
+    norm: str = "l2",
+    signed: bool = False,
+    additive: bool = False,
 ) -> torch.Tensor:
     """One importance per group: the L1 or L2 norm of its elements' scores (a plain sum when
-    ``signed``, for movement scores whose sign matters), over producers and consumers."""
+    ``signed``, for movement scores whose sign matters), over producers and consumers.
+
+    ``additive``: L2's sum of squares instead of its root, so the score adds up over elements like L1's
+    and a score per element or per FLOP compares groups of different sizes (a head of 4 x 64 x 384
+    weights against a neuron of 2 x 384); the L2 norm over n equal elements grows as sqrt(n), and divided
+    by n it ranked every head far below every neuron whatever their weights."""
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r}: must be one of {NORMS}")
     total = torch.zeros(gs.count, dtype=torch.float64)
@@ -223,7 +232,7 @@ def group_scores(
             total += v.abs().sum(1)
         else:
             total += v.pow(2).sum(1)
-    return total if signed or norm == "l1" else total.sqrt()
+    return total if signed or norm == "l1" or additive else total.sqrt()
 
 
 def prune_counts(
@@ -342,8 +351,8 @@ def select_groups(
         )
     ranked = {}
     for gs in sets:
-        s = group_scores(scores, gs, norm, signed)
-        if scope == "global":
+        s = group_scores(scores, gs, norm, signed, additive=scope == "global")
+        if scope == "global":  # per element, so sets of different group sizes compare
             s = s / sum(sl.size * _other_elems(scores[sl.module], sl.dim) for sl in gs.slices)
         if previous is not None and gs.name in previous:
             s = torch.where(previous[gs.name].cpu(), s, torch.full_like(s, -math.inf))
@@ -405,7 +414,7 @@ def _select_by_flops(sets, scores, fraction, previous, norm, signed, min_keep, c
     keep = {gs.name: torch.ones(gs.count, dtype=torch.bool) for gs in sets}
     entries = []  # (rank key, set, index): earlier-removed groups first, then lowest score per FLOP
     for gs in sets:
-        s = group_scores(scores, gs, norm, signed) / max(costs[gs.name], 1e-12)
+        s = group_scores(scores, gs, norm, signed, additive=True) / max(costs[gs.name], 1e-12)
         if previous is not None and gs.name in previous:
             s = torch.where(previous[gs.name].cpu(), s, torch.full_like(s, -math.inf))
         entries += [(float(v), gs, i) for i, v in enumerate(s.tolist())]
