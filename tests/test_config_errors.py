@@ -225,6 +225,12 @@ CASES = [
         "[9, 9]",
         "teacher layer must be an integer in 1..2",
     ),
+    (
+        [TINY, f"{P}.quantize.granularity=per_group", f"{P}.quantize.bits=8", "export.onnx=true"],
+        f"{P}.quantize.granularity",
+        "'per_group'",
+        "8-bit per_group codes have no ONNX Runtime kernel",
+    ),
     # keys dpq would not read
     ([TINY, "+sed=43"], "sed", "43", "is not a run setting (did you mean seed?)"),
     (

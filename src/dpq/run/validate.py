@@ -332,7 +332,31 @@ def check_export(cfg: dict[str, Any], stages: list[Stage]) -> None:
         return
     for stage in stages:
         opts = stage.cfg
-        if not stage.quantizes or getattr(opts, "granularity", None) != "per_group" or opts.bits > 4:
+        if not stage.quantizes:
+            continue
+        gran, bits = getattr(opts, "granularity", None), getattr(opts, "bits", None)
+        act_bits, act_range = getattr(opts, "act_bits", None), getattr(opts, "act_range", None)
+        if gran == "per_group" and bits is not None and bits > 4:
+            raise ConfigError(
+                f"{stage.key}.granularity",
+                gran,
+                f"{bits}-bit per_group codes have no ONNX Runtime kernel dpq exports to (MatMulNBits takes 2-4 "
+                "bits here, the integer kernels per-channel scales): use per_channel, bits <= 4, or export.onnx=false",
+            )
+        if act_bits and act_range == "observed":
+            log.warning(
+                "%s.act_range=observed: the ONNX export quantizes activations per batch (dynamic), not with the "
+                "trained static range; onnx_accuracy and onnx_agreement measure the difference",
+                stage.key,
+            )
+        elif act_bits and gran == "per_group":
+            log.warning(
+                "%s: per_group weights with act_bits=%s export as MatMulNBits on float activations (the "
+                "activation quantization is not in the ONNX model); onnx_agreement measures the difference",
+                stage.key,
+                act_bits,
+            )
+        if gran != "per_group" or bits > 4:
             continue
         g = opts.group_size
         if g < 16 or g & (g - 1):
