@@ -231,6 +231,16 @@ CASES = [
         "'per_group'",
         "8-bit per_group codes have no ONNX Runtime kernel",
     ),
+    (
+        [
+            TINY,
+            f"{P}.prune.granularity=heads+neurons",
+            f"+{P}.prune.overrides={{re\\:.*output\\.dense:0.75}}",
+        ],
+        f"{P}.prune.overrides.re:.*output\\.dense",
+        "0.75",
+        "a layer's fraction is set on the first module of each group set",
+    ),
     # keys dpq would not read
     ([TINY, "+sed=43"], "sed", "43", "is not a run setting (did you mean seed?)"),
     (

@@ -535,6 +535,17 @@ class PruneStage(QuantAwareTraining, Stage):
                 f"the model has no {', '.join(missing)} among this stage's targets "
                 f"({', '.join(targets[:4])}...); choose unstructured, n:m or a kind the model has",
             )
+        # A set's fraction is read off its first producer (query, intermediate.dense, the conv): an override
+        # that picks none of those (output.dense, value...) would pass and change nothing.
+        firsts = [g.producers[0].module for g in groups]
+        for sel, v in (cfg.overrides or {}).items():
+            if not any(matches(n, sel) for n in firsts):
+                raise ConfigError(
+                    f"{self.key}.overrides.{sel}",
+                    v,
+                    f"with granularity={cfg.granularity} a layer's fraction is set on the first module of each "
+                    f"group set (e.g. {', '.join(dict.fromkeys(firsts[:4]))}); this selector picks none of them",
+                )
         # Against the layer's count before any shrink: a later round (spiral) or a second prune stage
         # finds layers already shrunk to min_keep, which simply lose nothing more.
         totals = getattr(model, "dpq_original_groups", None) or {}
