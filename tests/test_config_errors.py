@@ -218,7 +218,12 @@ CASES = [
         "needs 1 non-negative numbers",
     ),
     ([TINY, "export.threads=some"], "export.threads", "'some'", "or auto (the threads PyTorch's latency"),
-    ([TINY, "task.split.validation=1.5"], "task.split.validation", "1.5", "must be a fraction in (0, 1)"),
+    (
+        [TINY, "task.split.validation=1.5"],
+        "task.split.validation",
+        "1.5",
+        "must be a fraction in (0, 1) or a number",
+    ),
     (
         [TINY, f"{P}.distill.hidden=1.0", f"{P}.distill.layer_map=[9,9]"],
         f"{P}.distill.layer_map",

@@ -244,10 +244,15 @@ def load_task(task: dict) -> TaskSplits:
         raise ConfigError("task.num_labels", n, "must be >= 2 (or null: the number of labels in the data)")
     split_cfg = task.get("split") or {}
     seed = int(split_cfg.get("seed", 0))
-    fractions = {k: split_cfg[k] for k in ("validation", "test") if split_cfg.get(k) is not None}
-    for k, v in fractions.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-            raise ConfigError(f"task.split.{k}", v, "must be a fraction in (0, 1) of the examples carved off")
+    carved = {k: split_cfg[k] for k in ("validation", "test") if split_cfg.get(k) is not None}
+    for k, v in carved.items():  # a float: that fraction; an int: that many examples (datasets' test_size)
+        count = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        fraction = isinstance(v, float) and 0 < v < 1
+        if not (count or fraction):
+            raise ConfigError(
+                f"task.split.{k}", v, "must be a fraction in (0, 1) or a number of examples (an integer >= 1)"
+            )
+    fractions = {k: v for k, v in carved.items() if isinstance(v, float)}
     if sum(fractions.values()) >= 1:
         raise ConfigError(
             "task.split", fractions, "validation + test must leave examples to train on (sum < 1)"
