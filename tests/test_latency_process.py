@@ -96,7 +96,7 @@ model = load_model(cfg["model"], task, run / "model")
 inputs = cost.task_inputs(task, cfg["cost"], load_tokenizer(cfg["teacher"]))
 c = cfg["cost"]
 out = {"torch": cost.latency(model, inputs, c["warmup"], c["repeats"])}
-threads = cfg["export"]["threads"]
+threads = res["final"]["onnx_threads"]  # export.threads as the run resolved it (auto: PyTorch's count)
 out["onnx"] = onnx_latency(run / "model" / "model.onnx", inputs, c["warmup"], c["repeats"], threads, "same")
 print(json.dumps(out))
 """
