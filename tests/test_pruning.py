@@ -89,6 +89,21 @@ def test_global_scope_uses_one_threshold():
     assert (~masks["hidden.1"]).sum() == 0
 
 
+def test_global_scope_warns_once_when_it_empties_a_layer(caplog):
+    net = Net()
+    with torch.no_grad():  # layer 1 all larger: a global 40% takes all 512 weights of layer 0 (40% of 1536)
+        net.hidden[1].weight.copy_(net.hidden[1].weight.sign() * (net.hidden[1].weight.abs() + 1.0))
+    with caplog.at_level("WARNING", logger="dpq.prune.masks"):
+        m1 = magnitude_masks(net, TARGETS, 0.2, scope="global")
+        assert not caplog.records  # 20% leaves layer 0 some weights
+        m2 = magnitude_masks(net, TARGETS, 1 / 3, previous=m1, scope="global")
+        assert not m2["hidden.0"].any()
+        assert [r.getMessage() for r in caplog.records if "hidden.0" in r.getMessage()]
+        caplog.clear()
+        magnitude_masks(net, TARGETS, 0.5, previous=m2, scope="global")
+        assert not caplog.records  # already empty: said once
+
+
 def test_masks_only_grow_sparser():
     net = Net()
     m1 = magnitude_masks(net, TARGETS, 0.3)

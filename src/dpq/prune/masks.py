@@ -73,7 +73,27 @@ def score_masks(
             masks[n] = _keep_largest(s, int(round(sp * s.numel())))
     if previous is not None:  # a group with more than M-N earlier zeros must not get them back
         masks = {n: m & previous[n].to(m.device) if n in previous else m for n, m in masks.items()}
+    if scope == "global":
+        _warn_emptied(masks, previous)
     return masks
+
+
+def _warn_emptied(masks: Masks, previous: Masks | None) -> None:
+    """One global threshold may prune a whole layer (its output becomes its bias): say so once, when it happens."""
+    emptied = [
+        n
+        for n, m in masks.items()
+        if m.numel()
+        and not bool(m.any())
+        and (previous is None or n not in previous or bool(previous[n].any()))
+    ]
+    if emptied:
+        log.warning(
+            "global sparsity pruned every weight of %d layer(s): %s (their outputs are now their biases; "
+            "a lower target or scope=layer keeps them)",
+            len(emptied),
+            ", ".join(emptied),
+        )
 
 
 def nm_candidates(scores: torch.Tensor, n_m: tuple[int, int], name: str = "") -> torch.Tensor:
