@@ -231,10 +231,16 @@ CASES = [
         "teacher layer must be an integer in 1..2",
     ),
     (
-        [TINY, f"{P}.quantize.granularity=per_group", f"{P}.quantize.bits=8", "export.onnx=true"],
-        f"{P}.quantize.granularity",
-        "'per_group'",
-        "8-bit per_group codes have no ONNX Runtime kernel",
+        [
+            TINY,
+            f"{P}.quantize.granularity=per_group",
+            f"{P}.quantize.bits=8",
+            f"{P}.quantize.group_size=24",
+            "export.onnx=true",
+        ],
+        f"{P}.quantize.group_size",
+        "24",
+        "8-bit codes export to ONNX Runtime's MatMulNBits, whose blocks are powers of two >= 16",
     ),
     (
         [

@@ -170,6 +170,30 @@ def test_4_bit_codes_become_matmulnbits_exactly(tmp_path, granularity):
     assert np.array_equal(q, layer.codes().numpy())
 
 
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_8_bit_per_group_codes_become_8_bit_matmulnbits_exactly(tmp_path, act_bits):
+    """The integer kernels take one scale per channel; per-group 8-bit codes go to MatMulNBits bits=8
+    (one code per byte, zero points z + 128): float math on the model's own codes."""
+    m = quantized(bert(), 8, "per_group", group=16, act_bits=act_bits)
+    # weight-only: what PyTorch computes up to summation order; with act_bits the activation rounding
+    # is not in the export (a warning says so before training), so only near
+    r = check(m, text_inputs(), tmp_path, f"int8-group-{act_bits}", 1e-4 if act_bits is None else 0.5)
+    assert r.ops.get("MatMulNBits") == 12 and not r.int8_layers and "DynamicQuantizeMatMul" not in r.ops
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(r.path)
+    assert {
+        a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"
+    } == {8}
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    name = "bert.encoder.layer.1.output.dense"
+    layer = m.get_submodule(name)
+    b = inits[f"{name}.nbits_B"]  # [N, K / 16, 16], q + 128
+    assert b.shape == (64, 128 // 16, 16)
+    assert np.array_equal(b.reshape(64, -1).astype(np.int64) - 128, layer.codes().numpy())
+
+
 def test_int8_compute_of_4_bit_layers_is_an_option_close_to_the_exact_export(tmp_path):
     """export.nbits_compute=int8: MatMulNBits quantizes its activations per block (accuracy_level 4);
     the codes are the same, the logits near the exact ones; the default stays float."""

@@ -14,7 +14,8 @@ The steps (:func:`export_onnx`):
    8-bit codes as ``DynamicQuantizeMatMul`` (weights stored as ``uint8`` ``q + 128`` -- the same
    ``s * (q - z)``; the ``int8`` form saturates in AVX2 kernels without VNNI); <= 4-bit codes as
    ``MatMulNBits`` (block size = the QAT group, or 128 with the scale repeated for per-channel
-   codes; ``accuracy_level=0``, float math, bit-exact weights), or with
+   codes; ``accuracy_level=0``, float math, bit-exact weights), and so are 8-bit ``per_group``
+   codes (``MatMulNBits`` with ``bits=8``: the integer kernels take one scale per channel), or with
    ``nbits_compute="int8_matmul"`` as ``DynamicQuantizeMatMul`` / ``QAttention`` over signed int8
    weights (stored as INT4, see :func:`_int8_operands`); a fused attention whose Q/K/V
    are quantized per channel becomes ``QAttention``; the word
@@ -163,25 +164,36 @@ class Codes:
         return (self.q - self.z[:, idx]).astype(np.float32) * self.s[:, idx]
 
 
-def _nbits_operands(c: Codes) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """``MatMulNBits`` inputs: B uint8 ``[N, blocks, block/2]`` (even k in the low nibble, codes as
-    unsigned ``q + 8``), scales float32 ``[N * blocks]``, zero points uint8 (``z + 8``, nibbles)."""
+def nbits_width(bits: int) -> int:
+    """The ``MatMulNBits`` width that holds ``bits``-bit codes exactly: 4 for 2-4 bits, 8 for 5-8."""
+    return 4 if bits <= 4 else 8
+
+
+def _nbits_operands(c: Codes) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """``MatMulNBits`` inputs and width. 4-bit (2-4 bit codes): B uint8 ``[N, blocks, block/2]`` (even k
+    in the low nibble, codes as unsigned ``q + 8``), zero points uint8 ``z + 8`` two per byte. 8-bit
+    (5-8 bit codes): B uint8 ``[N, blocks, block]`` of ``q + 128``, zero points ``z + 128`` one per
+    byte. Scales float32 ``[N * blocks]``; the same ``s * (q - z)`` either way."""
     n, k = c.q.shape
+    bits = nbits_width(c.bits)
+    off, top = 2 ** (bits - 1), 2**bits - 1
     block = NBITS_BLOCK if c.per_channel else c.group
     nb = -(-k // block)
     s = np.repeat(c.s, nb, axis=1) if c.per_channel else c.s
     z = np.repeat(c.z, nb, axis=1) if c.per_channel else c.z
     u = np.zeros((n, nb * block), np.int64)
-    u[:, :k] = c.q + 8
-    u[:, k:] = z[:, -1:] + 8  # padding dequantizes to exactly 0
-    if u.min() < 0 or u.max() > 15:
-        raise ExportError(f"codes outside 4 bits ({u.min() - 8}..{u.max() - 8})")
+    u[:, :k] = c.q + off
+    u[:, k:] = z[:, -1:] + off  # padding dequantizes to exactly 0
+    if u.min() < 0 or u.max() > top or (z + off).min() < 0 or (z + off).max() > top:
+        raise ExportError(f"codes outside {bits} bits ({u.min() - off}..{u.max() - off})")
     u = u.reshape(n, nb, block).astype(np.uint8)
+    if bits == 8:
+        return u, s.reshape(-1).astype(np.float32), (z + off).reshape(-1).astype(np.uint8), block, bits
     b = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
     zz = np.zeros((n, nb + nb % 2), np.uint8)
-    zz[:, :nb] = (z + 8).astype(np.uint8)
+    zz[:, :nb] = (z + off).astype(np.uint8)
     zp = (zz[:, 0::2] | (zz[:, 1::2] << 4)).reshape(-1).astype(np.uint8)
-    return b, s.reshape(-1).astype(np.float32), zp, block
+    return b, s.reshape(-1).astype(np.float32), zp, block, bits
 
 
 def _int8_operands(cs: list[Codes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -459,8 +471,8 @@ def _replace_weights(
 
     def linear_node(node, name: str, x: str, y: str, bias: str | None = None) -> bool:
         c = codes[name]
-        if c.bits <= 4 and not integer(name):
-            b, s, zp, block = _nbits_operands(c)
+        if (c.bits <= 4 or not c.per_channel) and not integer(name):  # per_group 8-bit: MatMulNBits bits=8
+            b, s, zp, block, width = _nbits_operands(c)
             n, k = c.q.shape
             ins = [x, add(f"{name}.nbits_B", b), add(f"{name}.nbits_scales", s), add(f"{name}.nbits_zp", zp)]
             nodes.append(
@@ -472,7 +484,7 @@ def _replace_weights(
                     domain=MS,
                     K=k,
                     N=n,
-                    bits=4,
+                    bits=width,
                     block_size=block,
                     accuracy_level=NBITS_COMPUTE[nbits_compute],
                 )

@@ -295,9 +295,9 @@ def check_run_keys(cfg: dict[str, Any]) -> None:
 def check_export(cfg: dict[str, Any], stages: list[Stage]) -> None:
     """``export`` keys, and quantization that ONNX Runtime's kernels can hold exactly.
 
-    4-bit (and 2/3-bit) codes are exported as ``MatMulNBits``, whose block size is a power of two
-    >= 16: a ``per_group`` quantization must use such a group, or its trained codes could not be
-    exported as they are -- found out now rather than after training.
+    ``per_group`` codes (any bits) and 4-bit (and 2/3-bit) codes are exported as ``MatMulNBits``, whose
+    block size is a power of two >= 16: a ``per_group`` quantization must use such a group, or its
+    trained codes could not be exported as they are -- found out now rather than after training.
     """
     from dataclasses import fields
 
@@ -334,15 +334,8 @@ def check_export(cfg: dict[str, Any], stages: list[Stage]) -> None:
         opts = stage.cfg
         if not stage.quantizes:
             continue
-        gran, bits = getattr(opts, "granularity", None), getattr(opts, "bits", None)
+        gran = getattr(opts, "granularity", None)
         act_bits, act_range = getattr(opts, "act_bits", None), getattr(opts, "act_range", None)
-        if gran == "per_group" and bits is not None and bits > 4:
-            raise ConfigError(
-                f"{stage.key}.granularity",
-                gran,
-                f"{bits}-bit per_group codes have no ONNX Runtime kernel dpq exports to (MatMulNBits takes 2-4 "
-                "bits here, the integer kernels per-channel scales): use per_channel, bits <= 4, or export.onnx=false",
-            )
         if act_bits and act_range == "observed":
             log.warning(
                 "%s.act_range=observed: the ONNX export quantizes activations per batch (dynamic), not with the "
@@ -356,7 +349,7 @@ def check_export(cfg: dict[str, Any], stages: list[Stage]) -> None:
                 stage.key,
                 act_bits,
             )
-        if gran != "per_group" or bits > 4:
+        if gran != "per_group":
             continue
         g = opts.group_size
         if g < 16 or g & (g - 1):
