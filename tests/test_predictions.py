@@ -181,3 +181,37 @@ def test_compare_gives_the_seed_averaged_difference_its_spread_over_test_samples
     assert (e["n_examples"], e["n_seeds"], e["seeds"]) == (100, 2, [1, 2])
     assert set(r["examples"]) == {"accuracy"}  # these fake runs record no val_accuracy
     assert "over 100 examples x 2 seeds: -0.0150 [" in capsys.readouterr().out
+
+
+def test_compare_names_the_split_each_per_example_interval_is_over(tmp_path, capsys):
+    def with_val(preds):  # validation predictions that differ from the test ones: dq right on 80, dpq on 70
+        for name, right in {"dq1": 80, "p1": 70, "dq2": 80, "p2": 70}.items():
+            v = correct_on(range(right))
+            preds[name]["val_pred"], preds[name]["val_label"] = v["test_pred"], v["test_label"]
+
+    root = paired_study(tmp_path / "runs", tamper=with_val)
+    for name, acc in {"dq1": 0.80, "p1": 0.70, "dq2": 0.80, "p2": 0.70}.items():
+        res = json.loads((root / name / "results.json").read_text())
+        res["final"]["val_accuracy"] = acc
+        (root / name / "results.json").write_text(json.dumps(res))
+    argv = [
+        "compare",
+        str(root),
+        "--baseline",
+        "dq",
+        "--candidate",
+        "dpq",
+        "-o",
+        str(tmp_path / "c"),
+        "--no-progress",
+    ]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    (r,) = json.loads((tmp_path / "c" / "compare.json").read_text())["comparisons"]
+    assert r["examples"]["val_accuracy"]["split"] == "val"
+    assert r["examples"]["val_accuracy"]["mean"] == pytest.approx(-0.10)
+    assert r["examples"]["accuracy"]["split"] == "test"
+    val_line = next(line for line in out.splitlines() if "val_accuracy over" in line)
+    test_line = next(line for line in out.splitlines() if " accuracy over" in line and "val_" not in line)
+    assert "over validation samples" in val_line and "-0.1000" in val_line
+    assert "over test samples" in test_line

@@ -455,7 +455,8 @@ def run_compare(args: argparse.Namespace, argv: list[str] | None = None) -> dict
         "with the 95% interval of the mean (ci_low, ci_high): per-seed pairs and Student's t when seeds "
         "are shared, else propagated from each side's std (Welch's interval for deltas, none for ratios); "
         "examples (runs with predictions.npz): the seed-averaged per-example difference, its normal 95% "
-        "interval over test samples with the trained models fixed (dpq.pareto.paired.seed_averaged)",
+        "interval over the samples of its metric's split (test for accuracy, validation for val_accuracy) with the "
+        "trained models fixed (dpq.pareto.paired.seed_averaged)",
     }
     (out / "compare.json").write_text(json.dumps(payload, indent=2, default=str))
     print(f"compare.json: {out / 'compare.json'}")

@@ -22,6 +22,8 @@ from .gather import json_safe
 from .paired import SPLIT_OF, Predictions
 from .stats import difference_interval, mean_interval
 
+SPLIT_NAME = {"test": "test", "val": "validation"}  # for the printed per-example lines
+
 # Differences: accuracy and every other task metric the runs measured (test and validation).
 DELTAS = ("accuracy", "val_accuracy", *(f"{p}{m}" for m in METRICS if m != "accuracy" for p in ("", "val_")))
 RATIOS = (
@@ -132,7 +134,7 @@ def compare_pair(base: pd.DataFrame, cand: pd.DataFrame) -> dict:
                     "ci_high": None,
                 }
         (out["deltas"] if m in DELTAS else out["ratios"])[m] = stat
-    if common:  # with per-example predictions: the same difference, its spread over test samples
+    if common:  # with per-example predictions: the same difference, its spread over the split's examples
         pairs = Predictions()
         examples = {}
         for m in SPLIT_OF:
@@ -265,5 +267,5 @@ def print_comparison(results: list[dict]) -> None:
             console.print(
                 f"{r['candidate']['label']} - {r['baseline']['label']}, {m} over {e['n_examples']} examples "
                 f"x {e['n_seeds']} seeds: {e['mean']:+.4f} [{e['ci_low']:+.4f}, {e['ci_high']:+.4f}] "
-                "(95%, over test samples with the trained models fixed)"
+                f"(95%, over {SPLIT_NAME.get(e.get('split'), e.get('split'))} samples with the trained models fixed)"
             )
