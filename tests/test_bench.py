@@ -171,3 +171,35 @@ def test_int8_matmul_times_float_and_int8_on_the_students_shapes(tmp_path):
         assert r["float32_ms"] > 0 and r["int8_ms"] > 0
         assert r["int8_speedup"] == pytest.approx(r["float32_ms"] / r["int8_ms"])
     assert json.loads((tmp_path / "i.json").read_text())["kernel"] == res["kernel"]
+
+
+def test_weight_only_export_times_integer_kernels_against_exact_matmulnbits(tiny_study, tmp_path):
+    out, _ = tiny_study
+    res = load("weight_only_export").main(
+        [str(out / "dense-s1"), "--group", "16", "--batches", "2", "--rounds", "2", "--per-round", "1"]
+        + ["--warmup", "0", "--seq-len", "8", "--out", str(tmp_path / "w.json")]
+    )
+    m = res["models"]
+    channel, group = m["8-bit per_channel ORT"], m["8-bit per_group 16 ORT"]
+    # per channel: the integer kernels (activations rounded on the fly); per group: MatMulNBits, exact
+    assert (
+        channel["int8_layers"] == 12
+        and channel["nbits_layers"] == 0
+        and "DynamicQuantizeMatMul" in channel["ops"]
+    )
+    assert (
+        group["nbits_layers"] == 12
+        and group["int8_layers"] == 0
+        and "DynamicQuantizeMatMul" not in group["ops"]
+    )
+    assert group["max_abs_logit_diff"] < 1e-4 and group["agreement"] == 1.0
+    assert 0 < channel["agreement"] <= 1 and m["8-bit per_channel PyTorch"]["accuracy"] > 0
+    r = res["batches"]["2"]
+    assert set(r) == {
+        "dense ORT fp32",
+        "dense ORT int8 dynamic",
+        "8-bit per_channel ORT",
+        "8-bit per_group 16 ORT",
+    }
+    assert r["dense ORT fp32"]["paired_speedup_vs_dense ORT fp32"]["geomean"] == 1.0
+    assert json.loads((tmp_path / "w.json").read_text())["models"].keys() == m.keys()

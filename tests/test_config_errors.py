@@ -396,3 +396,37 @@ def test_a_failed_trial_returns_the_worst_value_of_each_objective():
     two = OmegaConf.create({"objective": {"metrics": ["val_accuracy", "effective_gflops"]}})
     assert worst_values(one, "maximize") == float("-inf") and worst_values(one, None) == float("-inf")
     assert worst_values(two, OmegaConf.create(["maximize", "minimize"])) == [float("-inf"), float("inf")]
+
+
+@pytest.mark.parametrize(
+    "overrides, warned",
+    [
+        ([f"{P}.quantize.bits=8"], True),  # per-channel weight-only 8-bit: integer kernels, not exact
+        ([f"{P}.quantize.bits=8", f"{P}.quantize.granularity=per_tensor"], True),
+        (
+            [f"{P}.quantize.bits=8", f"{P}.quantize.granularity=per_group", f"{P}.quantize.group_size=16"],
+            False,
+        ),
+        ([f"{P}.quantize.bits=4"], False),  # MatMulNBits on float activations: exact
+        ([f"{P}.quantize.bits=8", f"{P}.quantize.act_bits=8", f"{P}.quantize.act_range=dynamic"], False),
+        ([f"{P}.quantize.bits=8", "export.onnx=false"], False),
+    ],
+)
+def test_weight_only_8_bit_codes_are_warned_to_export_inexactly(tmp_path, caplog, overrides, warned):
+    """Said before training: the export rounds the activations of 8-bit weight-only codes, which the model
+    never did, and per_group is the exact form (bench/weight_only_export.py measured both)."""
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    from dpq.run.validate import validate
+
+    cfg = OmegaConf.to_container(compose_cfg(tmp_path, [TINY, "pipeline=dq", *overrides]), resolve=True)
+    with caplog.at_level("WARNING"):
+        validate(cfg)
+    said = [r.getMessage() for r in caplog.records if "weight-only codes export" in r.getMessage()]
+    assert bool(said) == warned, said
+    if warned:
+        assert (
+            said[0].startswith(f"{P}.quantize: 8-bit")
+            and "granularity=per_group exports them exactly" in said[0]
+        )

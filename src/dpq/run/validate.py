@@ -349,6 +349,23 @@ def check_export(cfg: dict[str, Any], stages: list[Stage]) -> None:
                 stage.key,
                 act_bits,
             )
+        elif (
+            not act_bits
+            and gran != "per_group"
+            and getattr(opts, "bits", 4) > 4
+            and getattr(opts, "backend", "packed") == "packed"
+        ):
+            # Why not MatMulNBits bits=8 here: exact, but 0.60x / 0.94x the speed of ONNX Runtime fp32 at
+            # batch 1 / 32 on the default student (bench/weight_only_export.py, BENCHMARKS 2026-12-06).
+            log.warning(
+                "%s: %s-bit %s weight-only codes export to ONNX Runtime's integer kernels, which round the "
+                "activations to uint8 on the fly (the model computes on float activations); onnx_agreement "
+                "measures the difference. granularity=per_group exports them exactly (MatMulNBits bits=8), "
+                "slower than float",
+                stage.key,
+                opts.bits,
+                gran,
+            )
         if gran != "per_group":
             continue
         g = opts.group_size
