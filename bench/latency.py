@@ -161,6 +161,16 @@ def _speedup_text(p: dict) -> str:
     return f"{p['geomean']:.2f}x" + (f" [{lo:.2f}-{hi:.2f}]" if lo is not None else "")
 
 
+def text_batch(vocab: int, batch: int, seq_len: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The timing input: random token ids (seed 0), no padding, one segment."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(0, vocab, (batch, seq_len), generator=g).to(device),
+        "attention_mask": torch.ones(batch, seq_len, dtype=torch.long, device=device),
+        "token_type_ids": torch.zeros(batch, seq_len, dtype=torch.long, device=device),
+    }
+
+
 def iqr(values: list[float]) -> list[float]:
     """[first, third] quartile; both the value itself when there is one."""
     return statistics.quantiles(values, n=4)[::2] if len(values) > 1 else [values[0], values[0]]
@@ -361,12 +371,7 @@ def main(argv=None) -> dict:
         "batches": {},
     }
     for b in args.batches:
-        g = torch.Generator().manual_seed(0)
-        x = {
-            "input_ids": torch.randint(0, vocab, (b, args.seq_len), generator=g).to(args.device),
-            "attention_mask": torch.ones(b, args.seq_len, dtype=torch.long, device=args.device),
-            "token_type_ids": torch.zeros(b, args.seq_len, dtype=torch.long, device=args.device),
-        }
+        x = text_batch(vocab, b, args.seq_len, args.device)
         t = cost.interleaved_latency(models, x, args.rounds, args.per_round, args.warmup)
         med = {k: statistics.median(v) for k, v in t.items()}
         bases = [n for n in args.baseline if n in t]  # a study without dq has no default baseline

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import free_baselines, iqr, paired_speedup  # noqa: E402
+from latency import free_baselines, iqr, paired_speedup, text_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,13 +117,9 @@ def main(argv=None) -> dict:
         "batches": {},
     }
     for b in args.batches:
-        g = torch.Generator().manual_seed(0)
-        x = {
-            "input_ids": torch.randint(0, vocab, (b, args.seq_len), generator=g),
-            "attention_mask": torch.ones(b, args.seq_len, dtype=torch.long),
-            "token_type_ids": torch.zeros(b, args.seq_len, dtype=torch.long),
-        }
-        t = cost.interleaved_latency(models, x, args.rounds, args.per_round, args.warmup)
+        t = cost.interleaved_latency(
+            models, text_batch(vocab, b, args.seq_len), args.rounds, args.per_round, args.warmup
+        )
         out["batches"][str(b)] = {
             k: {
                 "latency_ms_median": statistics.median(v),

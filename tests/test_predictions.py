@@ -66,6 +66,10 @@ def paired_study(tmp_path, tamper=None):
     return root
 
 
+def compare_dq_dpq(root, out) -> list[str]:
+    return ["compare", str(root), "--baseline", "dq", "--candidate", "dpq", "-o", str(out), "--no-progress"]
+
+
 def checks(root):
     runs = gather([str(root)], references=False, progress=False)
     own = front_ownership(runs, OBJECTIVES["accuracy"], [OBJECTIVES["effective_gflops"]])
@@ -151,22 +155,7 @@ def test_a_run_writes_its_predictions_and_the_cli_rewrites_them_from_the_saved_m
 
 def test_compare_gives_the_seed_averaged_difference_its_spread_over_test_samples(tmp_path, capsys):
     root = paired_study(tmp_path / "runs")
-    assert (
-        cli_main(
-            [
-                "compare",
-                str(root),
-                "--baseline",
-                "dq",
-                "--candidate",
-                "dpq",
-                "-o",
-                str(tmp_path / "c"),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert cli_main(compare_dq_dpq(root, tmp_path / "c")) == 0
     (r,) = json.loads((tmp_path / "c" / "compare.json").read_text())["comparisons"]
     e = r["examples"]["accuracy"]
     # by hand: per example, the candidate's minus dq's correctness averaged over the two seeds
@@ -194,18 +183,7 @@ def test_compare_names_the_split_each_per_example_interval_is_over(tmp_path, cap
         res = json.loads((root / name / "results.json").read_text())
         res["final"]["val_accuracy"] = acc
         (root / name / "results.json").write_text(json.dumps(res))
-    argv = [
-        "compare",
-        str(root),
-        "--baseline",
-        "dq",
-        "--candidate",
-        "dpq",
-        "-o",
-        str(tmp_path / "c"),
-        "--no-progress",
-    ]
-    assert cli_main(argv) == 0
+    assert cli_main(compare_dq_dpq(root, tmp_path / "c")) == 0
     out = capsys.readouterr().out
     (r,) = json.loads((tmp_path / "c" / "compare.json").read_text())["comparisons"]
     assert r["examples"]["val_accuracy"]["split"] == "val"
