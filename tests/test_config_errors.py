@@ -28,6 +28,15 @@ P = "pipeline.stages"
 # config.json), "no_checkpoints/" (a folder that is not a run), and "run/results.json" when
 # the case is about an output folder that already holds a run.
 CASES = [
+    # null where a stage needs a number: refused by name, not a TypeError mid-training
+    (
+        [TINY, f"{P}.prune.final_sparsity=null"],
+        f"{P}.prune.final_sparsity",
+        "null",
+        "must be a number, not null",
+    ),
+    ([TINY, f"+{P}.quantize.weight_decay=null"], f"{P}.quantize.weight_decay", "null", "must be a number"),
+    ([TINY, f"{P}.distill.epochs=null"], f"{P}.distill.epochs", "null", "must be an integer, not null"),
     # stage order and stage names
     (
         [TINY, "pipeline.order=[teacher,distill,prun]"],

@@ -260,7 +260,7 @@ def bad_case(here: Path, case: str) -> tuple[str, str, str]:
         (here / "data").mkdir()
         (here / "data" / "train.xlsx").write_text("x")
         files = "  data_files: {train: data/train.xlsx}"
-        want = ("task.files.format", "None", "cannot tell the format of train.xlsx")
+        want = ("task.files.format", "null", "cannot tell the format of train.xlsx")
     elif case == "old task keys":
         files = "  data_files: {train: data/train.csv}\nonline: {path: csv}"
         want = ("task.online", "csv", "was renamed task.hub")

@@ -13,7 +13,7 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: object, allowed: str, hint: str | None = None):
         self.key, self.value, self.allowed = key, value, allowed
-        msg = f"{key}={value!r}: {allowed}"
+        msg = f"{key}={'null' if value is None else repr(value)}: {allowed}"  # null: what the user wrote
         if hint:
             msg += f" ({hint})"
         super().__init__(msg)

@@ -106,10 +106,17 @@ class KDStageConfig(StageConfig):
             raise ConfigError(f"{key}.temperature", self.temperature, "must be > 0")
 
 
-def _coerce(key: str, default: Any, v: Any) -> Any:
+def _coerce(key: str, default: Any, v: Any, annotation: Any = None) -> Any:
     """Numbers from YAML or the command line to the field's type (finite; ``true`` is not 1); a switch
-    must be true or false (a string such as "maybe" would count as true); anything else unchanged."""
+    must be true or false (a string such as "maybe" would count as true); ``null`` only where the field
+    allows it (a plain ``int``/``float``/``bool`` field does not: the stage would fail on it mid-training);
+    anything else unchanged."""
     if v is None:
+        if annotation in ("int", "float", "bool", int, float, bool) and default is not None:
+            kind = {"int": "an integer", "float": "a number", "bool": "true or false"}
+            raise ConfigError(
+                key, None, f"must be {kind[getattr(annotation, '__name__', annotation)]}, not null"
+            )
         return v
     if isinstance(default, bool):
         if not isinstance(v, bool):
@@ -170,7 +177,7 @@ class Stage:
                 raw[unknown[0]],
                 f"is not a parameter of a {cls.kind} stage; allowed: {', '.join(sorted(fields))}",
             )
-        values = {k: _coerce(f"{key}.{k}", fields[k].default, v) for k, v in raw.items()}
+        values = {k: _coerce(f"{key}.{k}", fields[k].default, v, fields[k].type) for k, v in raw.items()}
         cfg = cls.Config(**values)
         cfg.check(key)
         return cls(name, cfg)
