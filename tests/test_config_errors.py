@@ -37,6 +37,8 @@ CASES = [
     ),
     ([TINY, f"+{P}.quantize.weight_decay=null"], f"{P}.quantize.weight_decay", "null", "must be a number"),
     ([TINY, f"{P}.distill.epochs=null"], f"{P}.distill.epochs", "null", "must be an integer, not null"),
+    # a position table shorter than the run's inputs: the export would fail after training
+    ([TINY, "export.max_positions=10"], "export.max_positions", "10", "must be at least"),
     # stage order and stage names
     (
         [TINY, "pipeline.order=[teacher,distill,prun]"],

@@ -390,7 +390,7 @@ def test_a_group_that_matmulnbits_cannot_hold_is_a_config_error_before_training(
     validate(OmegaConf.to_container(ok, resolve=True))
 
 
-def test_a_run_writes_model_onnx_and_measures_it_and_the_cli_redoes_it(make_cfg, tmp_path):
+def test_a_run_writes_model_onnx_and_measures_it_and_the_cli_redoes_it(make_cfg, tmp_path, capsys):
     from dpq.export.__main__ import main
     from dpq.train import train
 
@@ -411,6 +411,15 @@ def test_a_run_writes_model_onnx_and_measures_it_and_the_cli_redoes_it(make_cfg,
     third = json.loads((tmp_path / "run" / "results.json").read_text())
     assert "onnx_dense_gflops" not in third["final"] and "onnx_compacted_units" not in third["final"]
     assert "compact" not in third["onnx_export"] and third["final"]["onnx_agreement"] >= 0.9
+    # bad flags: one message naming the flag, exit 2, results.json untouched (no traceback, no -3 recorded)
+    before = (tmp_path / "run" / "results.json").read_text()
+    for flags, said in (
+        (["--threads", "-3"], "--threads=-3: must be an integer >= 1"),
+        (["--max-positions", "10"], "--max-positions=10: must be at least"),
+    ):
+        assert main([str(tmp_path / "run"), *flags]) == 2
+        assert said in capsys.readouterr().err
+        assert (tmp_path / "run" / "results.json").read_text() == before
 
 
 def test_deploy_compares_the_export_with_the_model_in_eval_mode_whatever_mode_it_was_left_in(tmp_path):
@@ -472,6 +481,11 @@ def test_position_table_trimmed_to_the_longest_input_keeps_the_logits_and_refuse
     assert max_positions(100, text, {}) == 100
     with pytest.raises(ConfigError, match="export.max_positions"):
         max_positions(0, text, {})
+    # fewer rows than the run's inputs have tokens: the export would fail after training, so not now
+    with pytest.raises(ConfigError, match=r"export.max_positions=10: must be at least 64, .*cost.seq_len=64"):
+        max_positions(10, text, {"seq_len": 64})
+    with pytest.raises(ConfigError, match=r"--max-positions=0: .* or none"):
+        max_positions(0, text, {}, key="--max-positions")
 
 
 def test_export_threads_auto_is_pytorchs_thread_count():
@@ -483,3 +497,6 @@ def test_export_threads_auto_is_pytorchs_thread_count():
 
     assert session_threads("auto") == torch.get_num_threads()
     assert session_threads(3) == 3 and session_threads("4") == 4
+    for bad in (0, -3, "two", True):
+        with pytest.raises(ConfigError, match="export.threads"):
+            session_threads(bad)

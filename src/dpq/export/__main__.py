@@ -29,8 +29,17 @@ def export_run(run_dir: Path, overrides: dict | None = None) -> dict:
     cfg = results["config"]
     names = {f.name for f in fields(OnnxOptions)}
     opts = {k: v for k, v in {**(cfg.get("export") or {}), **(overrides or {})}.items() if k in names}
-    opts["max_positions"] = max_positions(opts.get("max_positions"), task, cfg["cost"])
-    opts["threads"] = session_threads(opts.get("threads", "auto"))
+    from_cli = set(overrides or {})
+    opts["max_positions"] = max_positions(
+        opts.get("max_positions"),
+        task,
+        cfg["cost"],
+        key="--max-positions" if "max_positions" in from_cli else "export.max_positions",
+    )
+    try:
+        opts["threads"] = session_threads(opts.get("threads", "auto"))
+    except ConfigError as e:
+        raise ConfigError("--threads" if "threads" in from_cli else e.key, e.value, e.allowed) from None
     metrics, report = deploy(
         model,
         run.model_dir / "model.onnx",

@@ -70,7 +70,10 @@ def session_threads(value) -> int:
         import torch
 
         return torch.get_num_threads()
-    return int(value)
+    n = int(value) if isinstance(value, str) and value.isdigit() else value
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError("export.threads", value, "must be an integer >= 1 or auto")
+    return n
 
 
 @dataclass
@@ -690,17 +693,27 @@ def export_onnx(
     return report
 
 
-def max_positions(value: Any, task: dict, cost: dict) -> int | None:
+def max_positions(value: Any, task: dict, cost: dict, key: str = "export.max_positions") -> int | None:
     """``export.max_positions`` as a number: ``"auto"`` is the longest input the run feeds the model
-    (its tokenizer's ``task.max_length``, the cost inputs' ``cost.seq_len``); None for non-text tasks."""
+    (its tokenizer's ``task.max_length``, the cost inputs' ``cost.seq_len``); None for non-text tasks.
+    A number below that longest input is refused now: the export would fail on it after training."""
     if value is None:
         return None
+    longest = None
+    if task.get("kind") == "text" and task.get("max_length") is not None:
+        longest = max(int(task["max_length"]), int(cost.get("seq_len") or 0))
     if value == "auto":
-        if task.get("kind") != "text" or task.get("max_length") is None:
-            return None
-        return max(int(task["max_length"]), int(cost.get("seq_len") or 0))
+        return longest
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError("export.max_positions", value, "must be auto, a positive integer or null")
+        keep_all = "none" if key.startswith("--") else "null"  # the CLI's word, or the config's
+        raise ConfigError(key, value, f"must be auto, a positive integer or {keep_all} (every row)")
+    if longest is not None and value < longest:
+        raise ConfigError(
+            key,
+            value,
+            f"must be at least {longest}, the longest input this run feeds the model (task.max_length="
+            f"{task['max_length']}, cost.seq_len={cost.get('seq_len')}); auto keeps exactly that many rows",
+        )
     return value
 
 
