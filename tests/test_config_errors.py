@@ -37,6 +37,12 @@ CASES = [
     ),
     ([TINY, f"+{P}.quantize.weight_decay=null"], f"{P}.quantize.weight_decay", "null", "must be a number"),
     ([TINY, f"{P}.distill.epochs=null"], f"{P}.distill.epochs", "null", "must be an integer, not null"),
+    (
+        [TINY, "logger=wandb", "logger.mode=onlin"],
+        "logger.mode",
+        "'onlin'",
+        "must be one of auto, online, offline",
+    ),
     # a position table shorter than the run's inputs: the export would fail after training
     ([TINY, "export.max_positions=10"], "export.max_positions", "10", "must be at least"),
     # stage order and stage names
@@ -332,14 +338,21 @@ def run_cli(tmp_path, *overrides):
             "dpq: config error: resume='{tmp}/run': continues a run with the config it started with",
             marks=pytest.mark.slow,
         ),
+        pytest.param(  # a mistyped folder: said before Hydra would create it as the run folder
+            ["resume={tmp}/rnu"],
+            "dpq: config error: resume='{tmp}/rnu': no such folder",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_cli_prints_one_clear_line_and_exits_2(tmp_path, overrides, line):
     overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
+    (tmp_path / "run").mkdir()
     proc = run_cli(tmp_path, "experiment=tiny", "logger=none", f"hydra.run.dir={tmp_path}/new", *overrides)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert line.replace("{tmp}", str(tmp_path)) in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "rnu").exists()
 
 
 def test_overrides_of_stages_not_in_the_order_are_warned_about(caplog):

@@ -176,6 +176,16 @@ def test_a_new_run_never_writes_into_another_runs_folder(tmp_path):
         resume.claim_output_dir(tmp_path / "run", {"seed": 2})
 
 
+def test_a_resume_folder_that_does_not_exist_is_refused_from_the_command_line(tmp_path):
+    (tmp_path / "run").mkdir()
+    for ok in (["resume=" + str(tmp_path / "run")], ["seed=1"], ["resume=null"], ["resume="]):
+        resume.check_resume_argument(ok)
+    for bad in (f"resume={tmp_path}/rnu", f"+resume='{tmp_path}/rnu'"):
+        with pytest.raises(ConfigError, match="no such folder") as err:
+            resume.check_resume_argument(["seed=1", bad])
+        assert err.value.key == "resume" and err.value.value == str(tmp_path / "rnu")
+
+
 def test_resume_refuses_overrides_that_would_change_the_run():
     resume.check_resume_overrides("out/run", ["resume=out/run", "hydra.verbose=true"])
     with pytest.raises(ConfigError) as err:

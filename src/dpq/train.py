@@ -26,7 +26,13 @@ from dpq.core.provenance import capture_git
 from dpq.data import labelled, load_task
 from dpq.models import load_tokenizer
 from dpq.run import RunContext, Runner, records, validate, validate_data
-from dpq.run.resume import check_resume_overrides, claim_output_dir, load_run_config, register_resolvers
+from dpq.run.resume import (
+    check_resume_argument,
+    check_resume_overrides,
+    claim_output_dir,
+    load_run_config,
+    register_resolvers,
+)
 from dpq.run.validate import unused_stage_overrides
 
 register_resolvers()  # conf/hydra/default.yaml: a resumed run keeps its own folder
@@ -105,7 +111,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
-def main(cfg: DictConfig) -> float | list[float] | None:
+def hydra_main(cfg: DictConfig) -> float | list[float] | None:
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -146,6 +152,18 @@ def objective_values(cfg, results: dict) -> float | list[float]:
         float(results["final"][m]) for m in (cfg.get("objective") or {}).get("metrics") or ["val_accuracy"]
     ]
     return vals[0] if len(vals) == 1 else vals
+
+
+def main() -> float | list[float] | None:
+    """``python -m dpq.train`` / ``dpq-train``: the command line's ``resume=`` is checked before Hydra
+    starts, since Hydra creates the run folder first -- a mistyped resume folder would be made and then
+    reported as holding no checkpoints."""
+    try:
+        check_resume_argument(sys.argv[1:])
+    except ConfigError as e:
+        print(f"dpq: config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return hydra_main()
 
 
 if __name__ == "__main__":

@@ -294,6 +294,21 @@ def claim_output_dir(output_dir: Path, cfg_dict: dict) -> None:
     write_json_atomic(checkpoints_dir(output_dir) / RUN_FILE, {"config": cfg_dict})
 
 
+def check_resume_argument(argv: list[str]) -> None:
+    """Refuse ``resume=<folder>`` on the command line when the folder does not exist (before Hydra makes it)."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+").partition("=")
+        value = value.strip("'\"")
+        if key != "resume" or not sep or value in ("", "null", "None"):
+            continue
+        if not Path(value).expanduser().exists():
+            raise ConfigError(
+                "resume",
+                value,
+                "no such folder; pass the folder of the run to continue (outputs/<date>/<time>_<run name>)",
+            )
+
+
 def load_run_config(folder) -> dict:
     """The resolved config a run started with (``checkpoints/run.json``), pointed at ``folder``."""
     path = Path(str(folder)).expanduser()

@@ -27,6 +27,7 @@ TASK_KINDS = ("text", "features", "image")
 # Which model architectures can read each task kind's inputs.
 ARCHES_FOR_KIND = {"text": ("hf",), "features": ("mlp",), "image": ("cnn", "mlp")}
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
+WANDB_MODES = ("auto", "online", "offline")  # conf/logger/wandb.yaml; dpq.loggers resolves auto
 
 log = logging.getLogger(__name__)
 # The keys dpq reads at the top of the run config and in its small blocks (tests/test_config_errors.py
@@ -68,6 +69,9 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
     kind = (cfg.get("logger") or {}).get("kind", "none")
     if kind not in LOGGERS:
         raise ConfigError("logger.kind", kind, f"must be one of {', '.join(LOGGERS)}")
+    mode = (cfg.get("logger") or {}).get("mode", "auto")
+    if kind == "wandb" and mode not in WANDB_MODES:  # else W&B's own error comes after the run has started
+        raise ConfigError("logger.mode", mode, f"must be one of {', '.join(WANDB_MODES)}")
     check_known_keys(cfg)
     check_run_keys(cfg)
     check_trainer(cfg.get("trainer") or {})
