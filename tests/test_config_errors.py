@@ -454,3 +454,46 @@ def test_weight_only_8_bit_codes_are_warned_to_export_inexactly(tmp_path, caplog
             said[0].startswith(f"{P}.quantize: 8-bit")
             and "granularity=per_group exports them exactly" in said[0]
         )
+
+
+def test_a_grid_multirun_lists_every_job_as_the_basic_sweeper_will_run_them(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from dpq.core.config import CONF_DIR
+    from dpq.run.multirun import check_job, sweep_jobs
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        grid = compose("train", overrides=["hparams_search=far_front"], return_hydra_config=True)
+        assert len(sweep_jobs(grid)) == 2 * 5 * 3  # conf/hparams_search/far_front.yaml
+        grid.hydra.overrides.task.append("seed=1,2")  # as `-m ... seed=1,2` leaves it (compose refuses sweeps)
+        jobs = sweep_jobs(grid)
+        assert (
+            len(jobs) == 2 * 5 * 2
+        )  # experiments x pipelines x the command line's seeds (they replace 42-44)
+        assert jobs[0][:3] == ["experiment=far_u80", "pipeline=dq", "seed=1"] and "seed=2" in jobs[1]
+        check_job("train", jobs[-1])
+        with pytest.raises(ConfigError, match="final_sparsity=1.5: must be in"):
+            check_job("train", [*jobs[0], f"{P}.prune.final_sparsity=1.5"])
+        optuna = compose("train", overrides=["hparams_search=pareto_bayes"], return_hydra_config=True)
+        assert sweep_jobs(optuna) is None  # sampled as it goes: each trial checks itself
+
+
+@pytest.mark.slow
+def test_a_bad_job_in_a_grid_multirun_stops_it_before_any_job_trains(tmp_path):
+    env = {**os.environ, "DPQ_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpq.train", "-m", TINY, "logger=none", f"hydra.sweep.dir={tmp_path}/sweep"]
+        + [f"{P}.prune.final_sparsity=0.3,1.5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        "dpq: config error in multirun job #1 (" in proc.stderr
+        and "final_sparsity=1.5: must be in" in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "sweep").exists()  # job #0 never started

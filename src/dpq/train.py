@@ -54,13 +54,10 @@ def unresolved(cfg: DictConfig, key: str):
     return node
 
 
-def train(cfg: DictConfig) -> dict:
-    """Validate, load data and models, run every stage in order, write results.json; return it."""
-    started = time.perf_counter()
-    git = capture_git()  # the code that runs is the code at the start, whatever is committed meanwhile
-    quiet_libraries()
+def resolved_config(cfg: DictConfig) -> dict:
+    """The composed config as plain data, every interpolation resolved."""
     try:
-        cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+        return OmegaConf.to_container(cfg, resolve=True)
     except InterpolationKeyError as e:  # e.g. task=_base: the defaults the tasks start from, not a task
         raise ConfigError(
             str(e.full_key),
@@ -68,6 +65,14 @@ def train(cfg: DictConfig) -> dict:
             f"refers to a key the composed config lacks ({str(e.msg).splitlines()[0]}); a config group option such as "
             "task=_base or model=_base holds the defaults the others start from and is not one to choose",
         ) from None
+
+
+def train(cfg: DictConfig) -> dict:
+    """Validate, load data and models, run every stage in order, write results.json; return it."""
+    started = time.perf_counter()
+    git = capture_git()  # the code that runs is the code at the start, whatever is committed meanwhile
+    quiet_libraries()
+    cfg_dict = resolved_config(cfg)
     resume_from = cfg_dict.get("resume")
     if resume_from:  # continue that run: its own resolved config, its own folder
         cfg_dict = load_run_config(resume_from)

@@ -1,0 +1,73 @@
+"""Check every job of a Hydra grid multirun before the first one trains.
+
+Hydra's basic sweeper composes each job's config up front (a mistyped group option fails at once), but
+dpq's own checks (ranges, stage order, export settings: :func:`dpq.run.validate.validate`) ran only as
+each job started, so ``final_sparsity=0.3,1.5`` trained the whole first job before refusing the second.
+Hydra has no hook that hands a callback the job list, so :class:`ValidateJobsFirst` expands the sweep as
+the basic sweeper does (its own ``split_arguments``), composes each job with Hydra's compose API, and
+validates it; the first bad job ends the multirun with the job's overrides and the usual one-line
+message. Optuna (and other) sweepers sample their jobs as they go: only their fixed overrides are known
+up front, and the first trial checks those.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict
+
+from dpq.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """The overrides of every job the basic sweeper will launch, in its order; None for other sweepers."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.sweeper
+    if not str(sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+        return None
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]  # as BasicSweeper._parse_config
+    overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+    return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def check_job(config_name: str, overrides: list[str]) -> None:
+    """Compose one job's config and run dpq's config checks on it (no data, no model)."""
+    from hydra import compose
+
+    from dpq.run.validate import validate
+    from dpq.train import resolved_config
+
+    cfg = compose(config_name=config_name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = "<the job's folder>"  # ${hydra:runtime.output_dir} exists only inside the job
+    cfg_dict = resolved_config(cfg)
+    if not cfg_dict.get("resume"):
+        validate(cfg_dict)
+
+
+class ValidateJobsFirst(Callback):
+    """``hydra.callbacks`` entry (``conf/hydra/default.yaml``): every grid job checked before any trains."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        jobs = sweep_jobs(config)
+        if not jobs or len(jobs) < 2:  # one job checks itself as it starts
+            return
+        from dpq.train import quiet_libraries
+
+        quiet_libraries()  # each check builds a Trainer once; its banners would repeat per job
+        name = config.hydra.job.config_name
+        for i, job in enumerate(jobs):
+            try:
+                check_job(name, job)
+            except ConfigError as e:
+                print(f"dpq: config error in multirun job #{i} ({' '.join(job)}): {e}", file=sys.stderr)
+                print(f"dpq: none of the {len(jobs)} jobs was started", file=sys.stderr)
+                sys.exit(2)
+        log.info("checked the configs of all %d jobs", len(jobs))
