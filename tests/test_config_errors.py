@@ -465,7 +465,9 @@ def test_a_grid_multirun_lists_every_job_as_the_basic_sweeper_will_run_them(tmp_
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         grid = compose("train", overrides=["hparams_search=far_front"], return_hydra_config=True)
         assert len(sweep_jobs(grid)) == 2 * 5 * 3  # conf/hparams_search/far_front.yaml
-        grid.hydra.overrides.task.append("seed=1,2")  # as `-m ... seed=1,2` leaves it (compose refuses sweeps)
+        grid.hydra.overrides.task.append(
+            "seed=1,2"
+        )  # as `-m ... seed=1,2` leaves it (compose refuses sweeps)
         jobs = sweep_jobs(grid)
         assert (
             len(jobs) == 2 * 5 * 2

@@ -486,8 +486,10 @@ def test_compare_selector_errors(tmp_path):
         compare(runs, "quant_only", "dpq")
     with pytest.raises(ConfigError, match="2 configurations"):
         compare(runs, "dpq", "dq")  # two dpq configurations: the baseline must be one
-    with pytest.raises(ConfigError, match="no run matches"):
-        compare(runs, "dq,bits=8", "dpq")
+    with pytest.raises(ConfigError, match=r"no run matches 'bits=8'; the dq runs have bits: 4$"):
+        compare(runs, "dq,bits=8", "dpq")  # what the filter could have said
+    with pytest.raises(ConfigError, match=r"the dpq runs that match the filters before it have bits: 4$"):
+        compare(runs, "dq", "dpq,final_sparsity=0.2,bits=8")
 
 
 # --------------------------------------------------------------------------- CLI errors

@@ -387,6 +387,12 @@ def test_stage_cache_command_lists_and_prunes(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         stage_cache.main(["--dir", str(tmp_path / "nope"), "list"])
     assert e.value.code == 2
+    # the cache root ($DPQ_CACHE_DIR, which holds stages/) given for the stages folder: its entries are listed
+    root = tmp_path / "root"
+    StageCache(root / "stages").build("k2", lambda d: _sized(d, 1000), meta={"stages": ["teacher"]})
+    assert stage_cache.main(["--dir", str(root), "list"]) == 0
+    out, err = capsys.readouterr()
+    assert "k2" in out and "1 entries" in out and "is the cache root" in err
 
 
 def _rewrite_manifest(path: Path, **changes) -> None:

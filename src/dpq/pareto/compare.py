@@ -57,7 +57,7 @@ def select(runs: pd.DataFrame, spec: str, key: str) -> pd.DataFrame:
             key, spec, f"no runs of pipeline {name!r}; pipelines found: {', '.join(known) or 'none'}"
         )
     sel = finals[finals["pipeline"] == name]
-    for f in filters:
+    for i, f in enumerate(filters):
         col, sep, want = f.partition("=")
         if not sep:
             raise ConfigError(key, spec, SELECTOR_HELP)
@@ -72,9 +72,16 @@ def select(runs: pd.DataFrame, spec: str, key: str) -> pd.DataFrame:
                     f"{col!r} is neither a column ({', '.join(map(str, sel.columns[:12]))}, ...) "
                     "nor a config key of these runs",
                 )
-        sel = sel[have.map(lambda v: _equal(v, want))]  # noqa: B023 (applied at once)
-    if sel.empty:
-        raise ConfigError(key, spec, "no run matches these filters")
+        match = sel[have.map(lambda v: _equal(v, want))]  # noqa: B023 (applied at once)
+        if match.empty:
+            values = sorted({str(v) for v in have.dropna()})
+            raise ConfigError(
+                key,
+                spec,
+                f"no run matches {f!r}; the {name} runs{' that match the filters before it' if i else ''} "
+                f"have {col}: {', '.join(values[:20]) or 'no value'}{' ...' if len(values) > 20 else ''}",
+            )
+        sel = match
     return sel
 
 

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import stat
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -488,6 +489,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not root.is_dir():
         ap.exit(2, f"stage cache: no folder {root} (set --dir or DPQ_CACHE_DIR)\n")
     cache = StageCache(root)
+    if (
+        args.dir and not cache.entries() and (root / "stages").is_dir()
+    ):  # the cache root ($DPQ_CACHE_DIR) given
+        root = root / "stages"
+        cache = StageCache(root)
+        print(f"(--dir {args.dir} is the cache root; its entries are in {root})", file=sys.stderr)
     if args.cmd == "list":
         entries = cache.entries()
         for e in entries:
