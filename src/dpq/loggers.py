@@ -18,6 +18,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def quiet_libraries() -> None:
+    """Every stage builds a Trainer; its per-fit banners ("GPU available", tips) would repeat five times."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
+
+
 def wandb_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True

@@ -19,11 +19,11 @@ import hydra
 import lightning as L
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import InterpolationKeyError
 
 from dpq.core.errors import ConfigError, IntegrityError, TrainingDiverged
 from dpq.core.provenance import capture_git
 from dpq.data import labelled, load_task
+from dpq.loggers import quiet_libraries
 from dpq.models import load_tokenizer
 from dpq.run import RunContext, Runner, records, validate, validate_data
 from dpq.run.resume import (
@@ -33,38 +33,11 @@ from dpq.run.resume import (
     load_run_config,
     register_resolvers,
 )
-from dpq.run.validate import unused_stage_overrides
+from dpq.run.validate import resolved_config, unused_stage_overrides
 
 register_resolvers()  # conf/hydra/default.yaml: a resumed run keeps its own folder
 
 log = logging.getLogger("dpq")
-
-
-def quiet_libraries() -> None:
-    """Every stage builds a Trainer; its per-fit banners ("GPU available", tips) would repeat five times."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
-
-
-def unresolved(cfg: DictConfig, key: str):
-    """``key``'s value as written (an interpolation such as ``${task.name}-s${seed}``)."""
-    node = OmegaConf.to_container(cfg, resolve=False)
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def resolved_config(cfg: DictConfig) -> dict:
-    """The composed config as plain data, every interpolation resolved."""
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except InterpolationKeyError as e:  # e.g. task=_base: the defaults the tasks start from, not a task
-        raise ConfigError(
-            str(e.full_key),
-            unresolved(cfg, str(e.full_key)),
-            f"refers to a key the composed config lacks ({str(e.msg).splitlines()[0]}); a config group option such as "
-            "task=_base or model=_base holds the defaults the others start from and is not one to choose",
-        ) from None
 
 
 def train(cfg: DictConfig) -> dict:

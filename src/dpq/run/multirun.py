@@ -41,8 +41,7 @@ def check_job(config_name: str, overrides: list[str]) -> None:
     """Compose one job's config and run dpq's config checks on it (no data, no model)."""
     from hydra import compose
 
-    from dpq.run.validate import validate
-    from dpq.train import resolved_config
+    from dpq.run.validate import resolved_config, validate
 
     cfg = compose(config_name=config_name, overrides=overrides)
     with open_dict(cfg):
@@ -59,7 +58,7 @@ class ValidateJobsFirst(Callback):
         jobs = sweep_jobs(config)
         if not jobs or len(jobs) < 2:  # one job checks itself as it starts
             return
-        from dpq.train import quiet_libraries
+        from dpq.loggers import quiet_libraries
 
         quiet_libraries()  # each check builds a Trainer once; its banners would repeat per job
         name = config.hydra.job.config_name

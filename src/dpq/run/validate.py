@@ -17,6 +17,9 @@ import logging
 import re
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError
+
 from dpq import metrics as task_metrics
 from dpq.core import devices
 from dpq.core.errors import ConfigError
@@ -108,6 +111,27 @@ def check_unused_stages(pipeline: dict[str, Any]) -> None:
                 f"stage kinds: {', '.join(kinds)}; a new stage needs its kind (+pipeline.stages.{name}.kind=...)",
             )
         kinds[kind].from_config(name, {**dict(raw), "kind": kind})
+
+
+def unresolved(cfg: DictConfig, key: str):
+    """``key``'s value as written (an interpolation such as ``${task.name}-s${seed}``)."""
+    node = OmegaConf.to_container(cfg, resolve=False)
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    """The composed config as plain data, every interpolation resolved."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationKeyError as e:  # e.g. task=_base: the defaults the tasks start from, not a task
+        raise ConfigError(
+            str(e.full_key),
+            unresolved(cfg, str(e.full_key)),
+            f"refers to a key the composed config lacks ({str(e.msg).splitlines()[0]}); a config group option such as "
+            "task=_base or model=_base holds the defaults the others start from and is not one to choose",
+        ) from None
 
 
 def unused_stage_overrides(pipeline: dict[str, Any], overrides: list[str]) -> list[str]:
