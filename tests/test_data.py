@@ -30,6 +30,37 @@ def test_online_only_task_offline_fails_clearly(make_cfg, monkeypatch):
         load_task(task(make_cfg, "task=sst2"))
 
 
+def test_online_only_task_without_network_fails_at_once_not_after_retries(make_cfg, monkeypatch):
+    import socket
+
+    from dpq.data import sources
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example:8443")
+    tried = []
+
+    def no_network(address, timeout=None):
+        tried.append((address, timeout))
+        raise OSError(-2, "Name or service not known")
+
+    def no_download(*a, **k):
+        raise AssertionError("load_dataset must not be called (it retries for ~23 s offline)")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(sources.datasets, "load_dataset", no_download)
+    with pytest.raises(
+        ConfigError, match=r"hub is not reachable \(hub.example:8443 unreachable: Name or service"
+    ):
+        load_task(task(make_cfg, "task=sst2"))
+    assert tried == [(("hub.example", 8443), 3.0)]
+    monkeypatch.setenv(
+        "HTTPS_PROXY", "http://proxy:3128"
+    )  # behind a proxy a direct connection proves nothing
+    assert sources.hub_unreachable() is None and len(tried) == 1
+
+
 def test_text_batches_are_padded_and_carry_labels_and_index(make_cfg):
     cfg = make_cfg("experiment=tiny")
     splits = load_task(task(make_cfg, "experiment=tiny"))
