@@ -87,7 +87,9 @@ class QuantConfig:
             isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2
         ):
             raise ConfigError(
-                f"{key}.group_size", self.group_size, "must be an integer >= 2 (input weights per scale)"
+                f"{key}.group_size",
+                self.group_size,
+                "must be an integer >= 2 (input weights per scale; a power of two >= 16 for the ONNX export)",
             )
         if not isinstance(self.symmetric, bool):
             raise ConfigError(f"{key}.symmetric", self.symmetric, "must be true or false")
