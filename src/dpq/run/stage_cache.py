@@ -489,9 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not root.is_dir():
         ap.exit(2, f"stage cache: no folder {root} (set --dir or DPQ_CACHE_DIR)\n")
     cache = StageCache(root)
-    if (
-        args.dir and not cache.entries() and (root / "stages").is_dir()
-    ):  # the cache root ($DPQ_CACHE_DIR) given
+    # the cache root ($DPQ_CACHE_DIR) given for its stages/ folder
+    if args.dir and not cache.entries() and (root / "stages").is_dir():
         root = root / "stages"
         cache = StageCache(root)
         print(f"(--dir {args.dir} is the cache root; its entries are in {root})", file=sys.stderr)
