@@ -38,18 +38,17 @@ from latency import free_baselines, iqr, paired_speedup, text_batch  # noqa: E40
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def quantized_student(run: Path, bits: int, granularity: str, group: int):
+def quantized_student(run: Path, cfg: dict, bits: int, granularity: str, group: int):
     """The run's student with its quantization targets min-max quantized to ``bits``, weight-only."""
     from dpq.checkpoints import load_model
     from dpq.quant import QuantConfig, convert_, prepare_qat_
 
-    cfg = json.loads((run / "results.json").read_text())["config"]
     model = load_model(cfg["model"], cfg["task"], run / "model").eval()
     qcfg = QuantConfig(
         bits=bits, granularity=granularity, group_size=group, targets=cfg["model"]["quant_targets"]
     )
     convert_(model, backend="packed", names=prepare_qat_(model, qcfg))
-    return model.eval(), cfg
+    return model.eval()
 
 
 def main(argv=None) -> dict:
@@ -83,7 +82,7 @@ def main(argv=None) -> dict:
     test = list(data.test_dataloader())
     labels = None
     for gran in ("per_channel", "per_group"):
-        student, _ = quantized_student(args.run, args.bits, gran, args.group)
+        student = quantized_student(args.run, cfg, args.bits, gran, args.group)
         want, labels = predictions(student, test)
         name = f"{args.bits}-bit {gran}" + (f" {args.group}" if gran == "per_group" else "")
         info[f"{name} PyTorch"] = {"accuracy": float((want == labels).mean())}

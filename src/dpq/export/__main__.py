@@ -36,10 +36,9 @@ def export_run(run_dir: Path, overrides: dict | None = None) -> dict:
         cfg["cost"],
         key="--max-positions" if "max_positions" in from_cli else "export.max_positions",
     )
-    try:
-        opts["threads"] = session_threads(opts.get("threads", "auto"))
-    except ConfigError as e:
-        raise ConfigError("--threads" if "threads" in from_cli else e.key, e.value, e.allowed) from None
+    opts["threads"] = session_threads(
+        opts.get("threads", "auto"), key="--threads" if "threads" in from_cli else "export.threads"
+    )
     metrics, report = deploy(
         model,
         run.model_dir / "model.onnx",

@@ -62,7 +62,7 @@ NBITS_BLOCK = 128  # MatMulNBits block for per-channel / per-tensor codes (the s
 NBITS_COMPUTE = {"float": 0, "int8": 4, "int8_matmul": None}
 
 
-def session_threads(value) -> int:
+def session_threads(value, key: str = "export.threads") -> int:
     """``export.threads``: ``auto`` = the intra-op threads PyTorch computes with here, so a run's ONNX
     Runtime latency is timed under the same thread count as its PyTorch latency (``cost``'s); an int
     as given."""
@@ -72,7 +72,7 @@ def session_threads(value) -> int:
         return torch.get_num_threads()
     n = int(value) if isinstance(value, str) and value.isdigit() else value
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError("export.threads", value, "must be an integer >= 1 or auto")
+        raise ConfigError(key, value, "must be an integer >= 1 or auto")
     return n
 
 
