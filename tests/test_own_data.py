@@ -154,6 +154,19 @@ def test_local_files_run_through_a_task_yaml_alone(here, case):
     results = train(cfg)
 
     assert results["task"]["source"] == f"files:{'json' if c['ext'] == 'jsonl' else c['ext']}"
+    # The generated tickets repeat: the run counts test inputs also in train (dpq.data.overlap), and keeps them.
+    if "validation" in c["splits"]:
+        read = {
+            s: pd.read_json(here / "data" / f"{s}.jsonl", lines=True)
+            if c["ext"] == "jsonl"
+            else getattr(pd, f"read_{c['ext']}")(here / "data" / f"{s}.{c['ext']}")
+            for s in c["splits"]
+        }
+        cols = ["message", "subject"] if "text_pair_column" in c["extra"] else ["message"]
+        seen = set(map(tuple, read["train"][cols].values.tolist()))
+        shared = sum(tuple(r) in seen for r in read["test"][cols].values.tolist())
+        assert shared > 0 and results["task"]["overlap"]["test_in_train"] == shared
+        assert results["task"]["sizes"]["test"] == sizes["test"]  # warn: kept
     assert results["task"]["labels"] == c["names"] and results["config"]["task"]["num_labels"] == len(
         c["names"]
     )

@@ -20,7 +20,7 @@ import datasets
 import numpy as np
 
 from dpq.core.errors import ConfigError
-from dpq.data import columns, labels
+from dpq.data import columns, labels, overlap
 from dpq.data.files import Part, load_files
 from dpq.data.sources import EMBEDDED_LOADERS, SourceUnavailable, load_hub
 
@@ -47,6 +47,8 @@ class TaskSplits:
     # Image tasks: per-channel mean and std of pixels scaled to [0, 1], applied when batching.
     image_mean: tuple[float, ...] | None = None
     image_std: tuple[float, ...] | None = None
+    # Validation / test examples whose input is also in train (dpq.data.overlap), as results.json records it.
+    overlap: dict | None = None
 
     def sizes(self) -> dict[str, int]:
         return {s: len(getattr(self, s)) for s in SPLITS}
@@ -287,9 +289,12 @@ def load_task(task: dict) -> TaskSplits:
         cap = max(n // 4, 32)
         for split in ("validation", "test"):
             data[split] = data[split].select(range(min(cap, len(data[split]))))
-
+    data = {s: _flatten(data[s]) for s in SPLITS}  # Arrow reads the inputs' columns in a few chunks
+    data, shared = overlap.apply(data, kind, task.get("overlap", "warn"), task["name"])
     for split in SPLITS:  # a stable example index, used to cache the teacher's logits per example
-        data[split] = _flatten(data[split]).add_column("idx", list(range(len(data[split]))))
+        if shared.get("dropped") and split != "train":
+            data[split] = _flatten(data[split])
+        data[split] = data[split].add_column("idx", list(range(len(data[split]))))
     image = _image_normalisation(task, data["train"]) if kind == "image" else {}
     return TaskSplits(
         **data,
@@ -298,6 +303,7 @@ def load_task(task: dict) -> TaskSplits:
         label_names=label_names,
         source=used,
         fingerprint=fingerprint,
+        overlap=shared,
         **image,
     )
 

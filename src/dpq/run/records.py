@@ -68,6 +68,7 @@ def results(
             "name": task["name"],
             "source": splits.source,
             "sizes": splits.sizes(),
+            "overlap": splits.overlap,
             "labels": list(splits.label_names),
             "metrics": task_metrics(task),
             "primary_metric": primary_metric(task),
