@@ -456,6 +456,31 @@ def test_weight_only_8_bit_codes_are_warned_to_export_inexactly(tmp_path, caplog
         )
 
 
+@pytest.mark.parametrize("group, wide", [(256, 12), (128, 10), (64, 0)])
+def test_a_group_wider_than_a_layers_input_is_warned_before_training(tmp_path, caplog, group, wide):
+    """tiny_bert's quantized layers read 64 inputs (Q/K/V, attention output, intermediate: 10 of them) or
+    128 (the FFN output: 2): a wider group is one scale per row, which the user did not ask for."""
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    from dpq.run.validate import check_models
+    from dpq.stages import build_stages
+
+    over = [f"{P}.quantize.granularity=per_group", f"{P}.quantize.group_size={group}"]
+    cfg = OmegaConf.to_container(compose_cfg(tmp_path, [TINY, "pipeline=dq", *over]), resolve=True)
+    with caplog.at_level("WARNING"):
+        check_models(cfg, build_stages(cfg["pipeline"]))
+    said = [r.getMessage() for r in caplog.records if "is wider than the input" in r.getMessage()]
+    assert len(said) == (1 if wide else 0), said
+    if wide:
+        assert said[0].startswith(
+            f"{P}.quantize.group_size={group} is wider than the input of {wide} of the 12"
+        )
+        assert "bert.encoder.layer.0.attention.self.query (64)" in said[0] and said[0].endswith(
+            "a group_size below 64 gives each of them several"
+        )
+
+
 def test_a_grid_multirun_lists_every_job_as_the_basic_sweeper_will_run_them(tmp_path):
     from hydra import compose, initialize_config_dir
 

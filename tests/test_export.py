@@ -16,7 +16,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from dpq.core.errors import ConfigError
-from dpq.export import export_onnx, feed, ort_session
+from dpq.export import OnnxOptions, export_onnx, feed, ort_session
 from dpq.prune import structured
 from dpq.prune.masks import apply_masks, magnitude_masks
 from dpq.quant import QuantConfig, convert_, convert_embedding_, prepare_embedding_, prepare_qat_
@@ -194,12 +194,22 @@ def test_8_bit_per_group_codes_become_8_bit_matmulnbits_exactly(tmp_path, act_bi
     assert np.array_equal(b.reshape(64, -1).astype(np.int64) - 128, layer.codes().numpy())
 
 
+def test_a_per_group_layer_whose_one_group_spans_the_row_is_still_exported_exactly(tmp_path):
+    """group_size 128 >= every layer's width (64 or 128): one scale per row, as per_channel codes have,
+    but the model computed on float activations, so not the integer kernels (which round them)."""
+    m = quantized(bert(), 8, "per_group", group=128)
+    r = check(m, text_inputs(), tmp_path, "int8-one-group", 1e-4)
+    assert r.ops.get("MatMulNBits") == 12 and not r.int8_layers and "DynamicQuantizeMatMul" not in r.ops
+    # asked for: the integer kernels
+    r = export_onnx(m, text_inputs(), tmp_path / "asked.onnx", OnnxOptions(nbits_compute="int8_matmul"))
+    assert len(r.int8_layers) == 12
+
+
 def test_int8_compute_of_4_bit_layers_is_an_option_close_to_the_exact_export(tmp_path):
     """export.nbits_compute=int8: MatMulNBits quantizes its activations per block (accuracy_level 4);
     the codes are the same, the logits near the exact ones; the default stays float."""
     import onnx
 
-    from dpq.export import OnnxOptions
 
     m, inputs = quantized(bert(), 4), text_inputs()
     levels = {}
@@ -225,7 +235,6 @@ def test_int8_matmul_runs_4_bit_codes_in_integer_kernels_stored_as_int4(tmp_path
     import onnx
     from onnx import numpy_helper
 
-    from dpq.export import OnnxOptions
 
     m, inputs = quantized(bert(), 4), text_inputs()
     exact = export_onnx(m, inputs, tmp_path / "float.onnx")
@@ -262,7 +271,6 @@ def test_dynamic_activation_qat_exports_as_the_integer_kernels_it_was_trained_fo
     r = check(m, text_inputs(), tmp_path, "dyn", 2e-4)
     assert "MatMulNBits" not in r.ops and r.ops.get("QAttention") == 2
     assert r.ops.get("DynamicQuantizeMatMul") == 6
-    from dpq.export import OnnxOptions
 
     plain = quantized(bert(), 4)
     r2 = export_onnx(plain, text_inputs(), tmp_path / "p.onnx", OnnxOptions(nbits_compute="int8_matmul"))
@@ -454,7 +462,6 @@ def test_deploy_compares_the_export_with_the_model_in_eval_mode_whatever_mode_it
 
 
 def test_position_table_trimmed_to_the_longest_input_keeps_the_logits_and_refuses_longer_inputs(tmp_path):
-    from dpq.export import OnnxOptions
     from dpq.export.onnx import max_positions
 
     model, inputs = bert(), text_inputs(seq=13)

@@ -134,6 +134,9 @@ class Codes:
     z: np.ndarray  # int64 [N, G]
     bits: int
     group: int  # columns per scale
+    # Trained per group: exported exactly (MatMulNBits) even when its one group spans the row, where the
+    # scales look per channel (group_size >= in_features) but the model never rounded its activations.
+    grouped: bool = False
 
     @classmethod
     def of(cls, m: QuantizedLinear) -> Codes:
@@ -155,6 +158,7 @@ class Codes:
             zp.round().to(torch.int64).numpy().reshape(n, -1),
             int(m.bits),
             int(group),
+            layout.granularity == "per_group",
         )
 
     @property
@@ -450,7 +454,9 @@ def _replace_weights(
 
     def integer(name: str) -> bool:
         c = codes[name]
-        return c.per_channel and (c.bits > 4 or nbits_compute == "int8_matmul" or name in dynamic_act)
+        return c.per_channel and (
+            (c.bits > 4 and not c.grouped) or nbits_compute == "int8_matmul" or name in dynamic_act
+        )
 
     # The bias Add after a MatMul goes into DynamicQuantizeMatMul's optional bias input: one node
     # less per layer (at batch 1 every node is ~20 us of a ~2 ms model).
@@ -474,7 +480,7 @@ def _replace_weights(
 
     def linear_node(node, name: str, x: str, y: str, bias: str | None = None) -> bool:
         c = codes[name]
-        if (c.bits <= 4 or not c.per_channel) and not integer(name):  # per_group 8-bit: MatMulNBits bits=8
+        if (c.bits <= 4 or c.grouped) and not integer(name):  # per_group 8-bit: MatMulNBits bits=8
             b, s, zp, block, width = _nbits_operands(c)
             n, k = c.q.shape
             ins = [x, add(f"{name}.nbits_B", b), add(f"{name}.nbits_scales", s), add(f"{name}.nbits_zp", zp)]

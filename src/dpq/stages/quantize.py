@@ -272,9 +272,30 @@ class QuantStageMixin:
     def check_model(self, check: ModelCheck) -> None:
         super().check_model(check)
         if check.student is not None:
-            self.targets_of(check.student, check.model_spec)
+            self.warn_wide_groups(check.student, self.targets_of(check.student, check.model_spec)[1])
             self.embedding_of(check.student)
         self.check_devices(check.model_device, check.latency_device)
+
+    def warn_wide_groups(self, model: nn.Module, names: list[str]) -> str | None:
+        """``per_group`` with a ``group_size`` wider than a layer's input: that layer's rows are one group
+        each, one scale per row as ``per_channel`` gives (still exported exactly, as per_group codes are).
+        Said before training, since the user asked for finer scales than the layer gets."""
+        g = self.cfg.group_size
+        if self.cfg.granularity != "per_group":
+            return None
+        wide = {n: w for n in names if (w := model.get_submodule(n).weight[0].numel()) < g}
+        if not wide:
+            return None
+        shown = ", ".join(f"{n} ({w})" for n, w in list(wide.items())[:3]) + (
+            ", ..." if len(wide) > 3 else ""
+        )
+        msg = (
+            f"{self.key}.group_size={g} is wider than the input of {len(wide)} of the {len(names)} quantized "
+            f"layers ({shown}): each of their rows is one group, with one scale as per_channel gives; a group_size "
+            f"below {min(wide.values())} gives each of them several"
+        )
+        log.warning("%s", msg)
+        return msg
 
     def embedding_of(self, model: nn.Module) -> str | None:
         """The word-embedding table ``embedding_bits`` quantizes (None when it stays float)."""
