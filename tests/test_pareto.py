@@ -814,6 +814,44 @@ def test_seeds_keeps_a_report_to_its_seeds_after_more_land_beside_it(tmp_path, c
     )
 
 
+def test_runs_measured_on_other_examples_are_flagged_not_silently_compared(tmp_path, caplog):
+    """Seed 3's dq run dropped the test examples shared with train (task.overlap=drop): its accuracy is on
+    other examples than its dpq pair's, which the report and compare say, and record."""
+    same = "files:csv: train 80, validation 10, test 10; split seed 0"
+    runs = {}
+    for s in (1, 2, 3):
+        for pipe, acc, g in (("dq", 0.86, 0.3), ("dpq", 0.85, 0.1)):
+            res = fake_results(pipe, s, acc, g, sparsity=0.8)
+            res["task"] = {
+                "name": "toy",
+                "source": "files:csv",
+                "sizes": {"train": 80, "validation": 10, "test": 10},
+            }
+            if (pipe, s) == ("dq", 3):
+                res["task"]["sizes"]["test"] = 8
+                res["task"]["overlap"] = {"test_in_train": 2, "policy": "drop", "dropped": {"test": 2}}
+            runs[f"{pipe}_s{s}"] = res
+    write_runs(tmp_path / "runs", runs)
+    other = "files:csv: train 80, validation 10, test 8; split seed 0; examples shared with train dropped"
+    with caplog.at_level("WARNING", logger="dpq.pareto"):
+        assert compare_cli(tmp_path / "runs", str(tmp_path / "all")) == 0
+        assert cli_main([str(tmp_path / "runs"), "--no-progress", "-o", str(tmp_path / "all")]) == 0
+    assert (
+        caplog.text.count(
+            f"the runs of task toy were measured on different examples (5 on {same}; 1 on {other})"
+        )
+        == 2
+    )
+    assert json.loads((tmp_path / "all" / "compare.json").read_text())["data"] == [same, other]
+    points = pd.read_csv(tmp_path / "all" / "pareto.csv").query("kind == 'final'").set_index("pipeline")
+    assert points.loc["dq", "data"] == f"{same} | {other}" and points.loc["dpq", "data"] == same
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dpq.pareto"):  # the same examples: nothing to warn about
+        assert compare_cli(tmp_path / "runs", str(tmp_path / "two"), "--seeds", "1,2") == 0
+    assert "different examples" not in caplog.text
+    assert json.loads((tmp_path / "two" / "compare.json").read_text())["data"] == [same]
+
+
 @pytest.mark.parametrize(
     "spec, match",
     [

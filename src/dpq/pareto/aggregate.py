@@ -112,6 +112,27 @@ def warn_mixed_hardware(df: pd.DataFrame) -> list[str]:
     return list(counts.index)
 
 
+def warn_mixed_data(df: pd.DataFrame) -> list[str]:
+    """Warn when runs of one task were measured on different examples (another split seed, a subsample,
+    copies of train examples dropped, other files): their metrics are not on the same splits, so
+    differences and fronts between them compare the data as much as the method. Returns the distinct
+    splits of all the final runs."""
+    if df.empty or "data" not in df:
+        return []
+    finals = df[df["kind"] == "final"] if "kind" in df else df
+    tasks = finals["task"].fillna("?") if "task" in finals else pd.Series("?", index=finals.index)
+    for task, rows in finals.groupby(tasks, sort=False):
+        counts = rows["data"].value_counts()
+        if len(counts) > 1:
+            log.warning(
+                "the runs of task %s were measured on different examples (%s): their metrics are not on "
+                "the same splits, so differences here mix the method with the data",
+                task,
+                "; ".join(f"{n} on {d}" for d, n in counts.items()),
+            )
+    return list(dict.fromkeys(finals["data"].dropna()))
+
+
 # What must agree between two records of one training (losses first: they move in the 7th digit).
 SAME_TRAINING = ("val_loss", "loss", "val_accuracy", "accuracy")
 
@@ -212,8 +233,9 @@ def merge_seeds(df: pd.DataFrame) -> pd.DataFrame:
     ]
     raw = df.groupby(GROUP, sort=False, dropna=False)
     info = raw[info_cols].first()
-    if "hardware" in info:  # every machine a configuration's seeds ran on, not just the first
-        info["hardware"] = raw["hardware"].agg(lambda s: " | ".join(dict.fromkeys(s.dropna())))
+    for col in ("hardware", "data"):  # every machine / split a configuration's seeds ran on, not the first
+        if col in info:
+            info[col] = raw[col].agg(lambda s: " | ".join(dict.fromkeys(s.dropna())))
     info["n_runs"] = raw.size()
     # Runs without a seed are merged as one group of their own (counted in n_seeds): listed as "none".
     info["seeds"] = raw["seed"].agg(

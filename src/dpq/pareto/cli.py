@@ -24,6 +24,7 @@ from .aggregate import (
     parse_seeds,
     relabel,
     warn_diverging_references,
+    warn_mixed_data,
     warn_mixed_hardware,
 )
 from .front import pareto_mask
@@ -161,6 +162,7 @@ def build_report(
     runs = gather(inputs, references=references, progress=progress, prefix_points=prefixes)
     runs = drop_few_seeds(keep_seeds(runs, seeds), min_seeds)
     warn_mixed_hardware(runs)
+    warn_mixed_data(runs)
     diverging = warn_diverging_references(runs)
     runs, picked = choose_variants(runs, choose, choose_on)
     if any(isinstance(o, str) for o in objectives):  # names, "primary" among them: resolved on the runs
@@ -435,6 +437,7 @@ def run_compare(args: argparse.Namespace, argv: list[str] | None = None) -> dict
         gather(args.inputs, references=True, progress=not args.no_progress, prefix_points=prefixes), seeds
     )
     machines = warn_mixed_hardware(runs)
+    splits = warn_mixed_data(runs)
     diverging = warn_diverging_references(runs)  # the references are read for this check only
     runs, chosen = choose_variants(runs, parse_keys(args.choose), args.choose_on)
     runs = relabel(runs[runs["kind"] == "final"].reset_index(drop=True))
@@ -447,6 +450,7 @@ def run_compare(args: argparse.Namespace, argv: list[str] | None = None) -> dict
         "candidate": args.candidate,
         "only_seeds": seeds,
         **({"hardware": machines} if machines else {}),
+        **({"data": splits} if splits else {}),
         **({"diverging_references": diverging} if diverging else {}),
         **({"chosen": chosen} if chosen else {}),
         "comparisons": results,

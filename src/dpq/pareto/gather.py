@@ -345,6 +345,8 @@ def points_from_results(
     }
     if results.get("hardware"):  # runs since 2026-12-05 say which processor they computed on
         common["hardware"] = hardware_label(results["hardware"])
+    if data := data_label(results.get("task"), task if isinstance(task, dict) else {}):
+        common["data"] = data
     records = list(results.get("stages") or [])
     points = []
 
@@ -408,6 +410,19 @@ def points_from_results(
         for name, prefix, rec in _prefix_records(cfg, order, records, prefix_points):
             add("final", rec["metrics"], prefix, rec["stage"], rec.get("model"), as_pipeline=name)
     return points
+
+
+def data_label(record: dict | None, task: dict) -> str | None:
+    """One line for the examples a run was measured on: the source, the split sizes, the seed that carved
+    the splits the data lacks, and whether examples shared with train were dropped (``task.overlap``)."""
+    sizes = (record or {}).get("sizes") if isinstance(record, dict) else None
+    if not sizes:
+        return None
+    label = f"{record.get('source', '?')}: " + ", ".join(f"{s} {n}" for s, n in sizes.items())
+    label += f"; split seed {(task.get('split') or {}).get('seed', 0)}"
+    if ((record.get("overlap") or {}).get("policy")) == "drop":
+        label += "; examples shared with train dropped"
+    return label
 
 
 def hardware_label(hw: dict) -> str:
