@@ -277,6 +277,18 @@ CASES = [
         "8",
         "is not a cost setting (did you mean cost.batch_size?)",
     ),
+    (
+        [TINY, "+task.max_lenght=32"],
+        "task.max_lenght",
+        "32",
+        "is not a task setting (did you mean task.max_length?)",
+    ),
+    (
+        [TINY, "+teacher.pretrainde=x"],
+        "teacher.pretrainde",
+        "'x'",
+        "is not a teacher setting (did you mean teacher.pretrained?)",
+    ),
     # a hub student that cannot be loaded (offline, or no such id): said before the teacher trains
     (
         [TINY, "model=distilbert", "model.pretrained=dpq-no-such-org/no-such-model"],
@@ -389,6 +401,21 @@ def test_the_known_run_keys_are_the_composed_defaults(tmp_path):
     assert set(RUN_KEYS[""]) - {"hydra"} == set(cfg)
     for block in ("cost", "stage_cache", "objective"):
         assert set(RUN_KEYS[block]) == set(cfg[block]), block
+
+
+def test_every_key_of_the_shipped_tasks_and_models_is_known():
+    """check_known_keys refuses what RUN_KEYS lacks: every key a shipped task, model or teacher file
+    sets must be there (and a task or model file added with a new key adds it)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from dpq.run.validate import RUN_KEYS
+
+    for group, block in (("task", "task"), ("model", "model"), ("teacher", "teacher")):
+        for f in sorted((Path(__file__).resolve().parents[1] / "conf" / group).glob("*.yaml")):
+            keys = set(OmegaConf.load(f)) - {"defaults"}
+            assert keys <= set(RUN_KEYS[block]), (f.name, keys - set(RUN_KEYS[block]))
 
 
 def test_a_stage_setting_a_stage_in_the_order_reads_is_not_warned_about(tmp_path):

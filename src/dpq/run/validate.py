@@ -46,6 +46,19 @@ RUN_KEYS = {
     "stage_cache": ("dir", "enabled"),
     "objective": ("metrics", "weights"),
 }  # fmt: skip
+# What dpq.data reads of a task (conf/task/_base.yaml and the kind-specific keys; offline / online are the
+# keys before local files existed, which dpq.data.tasks refuses with what to write instead), and what
+# dpq.models reads of a model or teacher: a misspelt `+task.max_lenght=32` would otherwise run at 64.
+RUN_KEYS["task"] = (
+    "batch_size", "embedded", "eval_batch_size", "features_column", "files", "group_by_length", "hub",
+    "image_column", "image_shape", "kind", "label_column", "label_names", "max_length", "metrics", "name",
+    "normalize", "num_features", "num_labels", "offline", "online", "overlap", "positive_label",
+    "primary_metric", "source", "split", "subsample", "text_column", "text_pair_column",
+)  # fmt: skip
+RUN_KEYS["model"] = RUN_KEYS["teacher"] = (
+    "arch", "base_config", "channels", "config", "dropout", "embedded", "fine_tuned", "hidden", "init",
+    "layers", "model_type", "name", "pool", "pretrained", "prune_targets", "quant_targets", "tokenizer",
+)  # fmt: skip
 
 
 def validate(cfg: dict[str, Any]) -> list[Stage]:
@@ -255,7 +268,7 @@ def check_known_keys(cfg: dict[str, Any]) -> None:
                     node[k],
                     f"is not a {'run' if not block else block} setting"
                     + (f" (did you mean {block + '.' if block else ''}{near[0]}?)" if near else "")
-                    + f"; allowed: {', '.join(a for a in allowed if a != 'hydra')}",
+                    + f"; allowed: {', '.join(a for a in allowed if a not in ('hydra', 'offline', 'online'))}",
                 )
 
 
@@ -272,9 +285,7 @@ def check_run_keys(cfg: dict[str, Any]) -> None:
     if task.get("subsample") is not None:
         _int("task.subsample", task["subsample"], 1, " or null (all examples)")
     if task.get("overlap", "warn") not in OVERLAP_POLICIES:  # dpq.data.overlap says it again with the data
-        raise ConfigError(
-            "task.overlap", task["overlap"], f"must be one of {', '.join(OVERLAP_POLICIES)}"
-        )
+        raise ConfigError("task.overlap", task["overlap"], f"must be one of {', '.join(OVERLAP_POLICIES)}")
     if task.get("kind") == "text" and task.get("max_length") is not None:
         _int("task.max_length", task["max_length"], 1, " (tokens per example) or null")
     c = cfg.get("cost") or {}
