@@ -284,6 +284,18 @@ CASES = [
         "is not a task setting (did you mean task.max_length?)",
     ),
     (
+        [TINY, "+task.split.sed=3"],
+        "task.split.sed",
+        "3",
+        "is not a task.split setting (did you mean task.split.seed?)",
+    ),
+    (
+        [TINY, "+logger.projet=x"],
+        "logger.projet",
+        "'x'",
+        "is not a logger setting (did you mean logger.project?)",
+    ),
+    (
         [TINY, "+teacher.pretrainde=x"],
         "teacher.pretrainde",
         "'x'",
@@ -394,13 +406,15 @@ def test_overrides_of_stages_not_in_the_order_are_warned_about(caplog):
 def test_the_known_run_keys_are_the_composed_defaults(tmp_path):
     """RUN_KEYS (what check_known_keys allows) follows the config: a key added to conf/train.yaml goes there too."""
     from conftest import compose_cfg
+    from omegaconf import OmegaConf
 
     from dpq.run.validate import RUN_KEYS
 
-    cfg = compose_cfg(tmp_path, [])
+    cfg = compose_cfg(tmp_path, ["logger=wandb"])
     assert set(RUN_KEYS[""]) - {"hydra"} == set(cfg)
-    for block in ("cost", "stage_cache", "objective"):
-        assert set(RUN_KEYS[block]) == set(cfg[block]), block
+    for block in ("cost", "stage_cache", "objective", "logger", "pipeline", "task.split"):
+        node = OmegaConf.select(cfg, block)
+        assert set(RUN_KEYS[block]) == set(node), block
 
 
 def test_every_key_of_the_shipped_tasks_and_models_is_known():

@@ -210,7 +210,6 @@ def test_int8_compute_of_4_bit_layers_is_an_option_close_to_the_exact_export(tmp
     the codes are the same, the logits near the exact ones; the default stays float."""
     import onnx
 
-
     m, inputs = quantized(bert(), 4), text_inputs()
     levels = {}
     for compute in ("float", "int8"):
@@ -234,7 +233,6 @@ def test_int8_matmul_runs_4_bit_codes_in_integer_kernels_stored_as_int4(tmp_path
     u8 x s8 path), stored as INT4 initializers widened by a Cast: the codes in the file are the model's."""
     import onnx
     from onnx import numpy_helper
-
 
     m, inputs = quantized(bert(), 4), text_inputs()
     exact = export_onnx(m, inputs, tmp_path / "float.onnx")

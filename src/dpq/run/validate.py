@@ -38,14 +38,40 @@ log = logging.getLogger(__name__)
 # checks them against the composed defaults): anything else, added with '+', would be silently ignored.
 RUN_KEYS = {
     "": (
-        "checkpoint", "cost", "export", "integrity", "integrity_tolerance", "logger", "model", "objective",
-        "paths", "pipeline", "resume", "run_name", "save_model", "seed", "stage_cache", "task", "teacher",
-        "trainer", "hydra",
+        "checkpoint",
+        "cost",
+        "export",
+        "integrity",
+        "integrity_tolerance",
+        "logger",
+        "model",
+        "objective",
+        "paths",
+        "pipeline",
+        "resume",
+        "run_name",
+        "save_model",
+        "seed",
+        "stage_cache",
+        "task",
+        "teacher",
+        "trainer",
+        "hydra",
     ),
     "cost": ("batch_size", "device", "latency_process", "repeats", "seq_len", "warmup"),
     "stage_cache": ("dir", "enabled"),
     "objective": ("metrics", "weights"),
-}  # fmt: skip
+    "logger": (
+        "kind",
+        "project",
+        "entity",
+        "group",
+        "tags",
+        "mode",
+        "init_timeout",
+    ),  # conf/logger/wandb.yaml
+    "pipeline": ("name", "order", "stages"),
+}  # fmt: skip  (paths stays open: keys of one's own there, e.g. a data folder, feed interpolations)
 # What dpq.data reads of a task (conf/task/_base.yaml and the kind-specific keys; offline / online are the
 # keys before local files existed, which dpq.data.tasks refuses with what to write instead), and what
 # dpq.models reads of a model or teacher: a misspelt `+task.max_lenght=32` would otherwise run at 64.
@@ -55,6 +81,7 @@ RUN_KEYS["task"] = (
     "normalize", "num_features", "num_labels", "offline", "online", "overlap", "positive_label",
     "primary_metric", "source", "split", "subsample", "text_column", "text_pair_column",
 )  # fmt: skip
+RUN_KEYS["task.split"] = ("validation", "test", "seed")
 RUN_KEYS["model"] = RUN_KEYS["teacher"] = (
     "arch", "base_config", "channels", "config", "dropout", "embedded", "fine_tuned", "hidden", "init",
     "layers", "model_type", "name", "pool", "pretrained", "prune_targets", "quant_targets", "tokenizer",
@@ -257,7 +284,9 @@ def check_known_keys(cfg: dict[str, Any]) -> None:
     from difflib import get_close_matches
 
     for block, allowed in RUN_KEYS.items():
-        node = cfg if not block else cfg.get(block)
+        node = cfg
+        for part in block.split(".") if block else ():  # "task.split": a block inside a block
+            node = node.get(part) if isinstance(node, dict) else None
         if not isinstance(node, dict):
             continue
         for k in node:
