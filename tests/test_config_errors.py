@@ -301,6 +301,13 @@ CASES = [
         "'x'",
         "is not a teacher setting (did you mean teacher.pretrained?)",
     ),
+    # a Hugging Face config setting the model does not have (transformers would keep it as a loose attribute)
+    (
+        [TINY, "+model.config.hiden_size=32"],
+        "model.config.hiden_size",
+        "32",
+        "is not a BertConfig setting (did you mean model.config.hidden_size?)",
+    ),
     # a hub student that cannot be loaded (offline, or no such id): said before the teacher trains
     (
         [TINY, "model=distilbert", "model.pretrained=dpq-no-such-org/no-such-model"],
@@ -415,6 +422,21 @@ def test_the_known_run_keys_are_the_composed_defaults(tmp_path):
     for block in ("cost", "stage_cache", "objective", "logger", "pipeline", "task.split"):
         node = OmegaConf.select(cfg, block)
         assert set(RUN_KEYS[block]) == set(node), block
+
+
+def test_config_settings_a_from_teacher_student_does_not_use_are_warned_about(tmp_path, caplog):
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    from dpq.run.validate import check_models
+    from dpq.stages import build_stages
+
+    over = ["teacher=minilm_l6", "model=minilm_l3", "+model.config.hidden_dropout_prob=0.2"]
+    cfg = OmegaConf.to_container(compose_cfg(tmp_path, [TINY, *over]), resolve=True)
+    cfg["task"]["num_labels"] = 2
+    with caplog.at_level("WARNING"):
+        check_models(cfg, build_stages(cfg["pipeline"]))
+    assert "model.config={'hidden_dropout_prob': 0.2} is not used with init=from_teacher" in caplog.text
 
 
 def test_every_key_of_the_shipped_tasks_and_models_is_known():

@@ -204,6 +204,7 @@ def hf_config(spec: dict, task: dict, key: str, teacher_config=None):
     if init == "pretrained":
         path = resolve_pretrained(spec, key)
         config = AutoConfig.from_pretrained(path, **overrides)
+        check_config_overrides(config, overrides, key)
         if has_head(config):
             check_head_labels(
                 [config.id2label[i] for i in range(config.num_labels)], task, f"{key}.pretrained", path
@@ -223,16 +224,45 @@ def hf_config(spec: dict, task: dict, key: str, teacher_config=None):
     if init == "random":
         base = spec.get("base_config")
         if base:
-            return AutoConfig.from_pretrained(
+            config = AutoConfig.from_pretrained(
                 resolve_pretrained(base) if isinstance(base, dict) else base, **labels, **overrides
             )
-        return AutoConfig.for_model(spec.get("model_type", "bert"), **labels, **overrides)
+        else:
+            config = AutoConfig.for_model(spec.get("model_type", "bert"), **labels, **overrides)
+        return check_config_overrides(config, overrides, key)
     if teacher_config is None:
         raise ConfigError(f"{key}.init", init, "needs a teacher model to copy layers from")
+    if overrides:  # the student is the teacher's layers, config and all (a model file may set both)
+        log.warning(
+            "%s.config=%s is not used with init=from_teacher: the student copies the teacher's config and "
+            "layers",
+            key,
+            overrides,
+        )
     n_teacher = teacher_config.num_hidden_layers
     layers = _checked_layers(resolve_layers(spec.get("layers"), n_teacher), n_teacher)
     config = copy.deepcopy(teacher_config)
     config.num_hidden_layers = len(layers)
+    return config
+
+
+def check_config_overrides(config, overrides: dict, key: str):
+    """``<key>.config`` entries must be settings of the model's config class: transformers keeps an
+    unknown one as a loose attribute that no layer reads (``hiden_size=128`` would build the default width)."""
+    from difflib import get_close_matches
+
+    cls = type(config)
+    known = {*cls().to_dict(), *getattr(cls, "attribute_map", {}), "num_labels"}
+    for k, v in overrides.items():
+        if k not in known:
+            near = get_close_matches(str(k), sorted(known), n=1)
+            raise ConfigError(
+                f"{key}.config.{k}",
+                v,
+                f"is not a {cls.__name__} setting"
+                + (f" (did you mean {key}.config.{near[0]}?)" if near else "")
+                + f"; see transformers' {cls.__name__} for the settings",
+            )
     return config
 
 

@@ -526,8 +526,9 @@ def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
     # A pretrained Hugging Face student of its own reads the data the teacher's tokenizer wrote.
     own_student = model.get("arch") == teacher_spec.get("arch") == "hf" and model.get("init") == "pretrained"
     student = teacher = None
-    if from_teacher or teacher_spec.get("fine_tuned") or own_student:
-        teacher = skeleton(teacher_spec, task, "teacher")  # a fine-tuned head must fit the task's labels
+    # A fine-tuned head must fit the task's labels; config overrides must be the model's settings.
+    if from_teacher or teacher_spec.get("fine_tuned") or own_student or teacher_spec.get("config"):
+        teacher = skeleton(teacher_spec, task, "teacher")
     if not all(s.trains_teacher for s in stages):
         student = skeleton(model, task, "model", teacher=teacher if from_teacher else None)
         if own_student and student is not None and teacher is not None:
