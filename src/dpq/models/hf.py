@@ -252,7 +252,11 @@ def check_config_overrides(config, overrides: dict, key: str):
     from difflib import get_close_matches
 
     cls = type(config)
-    known = {*cls().to_dict(), *getattr(cls, "attribute_map", {}), "num_labels"}
+    try:
+        defaults = cls().to_dict()
+    except Exception:  # a composite config (encoder-decoder, say) has no default to read its settings from
+        return config
+    known = {*defaults, *getattr(cls, "attribute_map", {}), "num_labels"}
     for k, v in overrides.items():
         if k not in known:
             near = get_close_matches(str(k), sorted(known), n=1)

@@ -36,42 +36,19 @@ WANDB_MODES = ("auto", "online", "offline")  # conf/logger/wandb.yaml; dpq.logge
 log = logging.getLogger(__name__)
 # The keys dpq reads at the top of the run config and in its small blocks (tests/test_config_errors.py
 # checks them against the composed defaults): anything else, added with '+', would be silently ignored.
+# paths stays open: keys of one's own there (a data folder, say) feed interpolations.
 RUN_KEYS = {
     "": (
-        "checkpoint",
-        "cost",
-        "export",
-        "integrity",
-        "integrity_tolerance",
-        "logger",
-        "model",
-        "objective",
-        "paths",
-        "pipeline",
-        "resume",
-        "run_name",
-        "save_model",
-        "seed",
-        "stage_cache",
-        "task",
-        "teacher",
-        "trainer",
-        "hydra",
+        "checkpoint", "cost", "export", "integrity", "integrity_tolerance", "logger", "model", "objective",
+        "paths", "pipeline", "resume", "run_name", "save_model", "seed", "stage_cache", "task", "teacher",
+        "trainer", "hydra",
     ),
     "cost": ("batch_size", "device", "latency_process", "repeats", "seq_len", "warmup"),
     "stage_cache": ("dir", "enabled"),
     "objective": ("metrics", "weights"),
-    "logger": (
-        "kind",
-        "project",
-        "entity",
-        "group",
-        "tags",
-        "mode",
-        "init_timeout",
-    ),  # conf/logger/wandb.yaml
+    "logger": ("kind", "project", "entity", "group", "tags", "mode", "init_timeout"),  # conf/logger/wandb.yaml
     "pipeline": ("name", "order", "stages"),
-}  # fmt: skip  (paths stays open: keys of one's own there, e.g. a data folder, feed interpolations)
+}  # fmt: skip
 # What dpq.data reads of a task (conf/task/_base.yaml and the kind-specific keys; offline / online are the
 # keys before local files existed, which dpq.data.tasks refuses with what to write instead), and what
 # dpq.models reads of a model or teacher: a misspelt `+task.max_lenght=32` would otherwise run at 64.
