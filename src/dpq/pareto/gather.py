@@ -415,12 +415,11 @@ def points_from_results(
 def data_label(record: dict | None, task: dict) -> str | None:
     """One line for the examples a run was measured on: the source, the split sizes, the seed that carved
     the splits the data lacks, and whether examples shared with train were dropped (``task.overlap``)."""
-    sizes = (record or {}).get("sizes") if isinstance(record, dict) else None
-    if not sizes:
+    if not isinstance(record, dict) or not (sizes := record.get("sizes")):
         return None
     label = f"{record.get('source', '?')}: " + ", ".join(f"{s} {n}" for s, n in sizes.items())
     label += f"; split seed {(task.get('split') or {}).get('seed', 0)}"
-    if ((record.get("overlap") or {}).get("policy")) == "drop":
+    if (record.get("overlap") or {}).get("policy") == "drop":
         label += "; examples shared with train dropped"
     return label
 
