@@ -301,6 +301,20 @@ CASES = [
         "'x'",
         "is not a teacher setting (did you mean teacher.pretrained?)",
     ),
+    # the hub block is read only when the embedded copy is missing: a typo there is caught anyway,
+    # since it would load the newest data (revision) or the default splits without a word
+    (
+        [TINY, "+task.hub.revison=a1b2c3"],
+        "task.hub.revison",
+        "'a1b2c3'",
+        "is not a hub setting (did you mean task.hub.revision?); allowed: path, name, splits, revision",
+    ),
+    (
+        [TINY, "+task.hub.splits.valid=validation"],
+        "task.hub.splits.valid",
+        "'validation'",
+        "not a split; splits are train, validation, test",
+    ),
     # a Hugging Face config setting the model does not have (transformers would keep it as a loose attribute)
     (
         [TINY, "+model.config.hiden_size=32"],

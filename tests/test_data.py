@@ -61,6 +61,42 @@ def test_online_only_task_without_network_fails_at_once_not_after_retries(make_c
     assert sources.hub_unreachable() is None and len(tried) == 1
 
 
+def test_a_hub_revision_is_loaded_named_and_a_changed_revision_is_other_content(make_cfg, monkeypatch):
+    """task.hub.revision reaches datasets.load_dataset and the source's name; a dataset that changed under
+    the same id and sizes (one label) gets another content digest, so no cache serves the old state."""
+    import datasets
+
+    from dpq.data import sources
+
+    calls = []
+    rows = {
+        s: {"sentence": [f"{s} sentence {i}" for i in range(40)], "label": [i % 2 for i in range(40)]}
+        for s in ("train", "validation")
+    }
+
+    def fake_load(path, name=None, **kw):
+        calls.append((path, name, kw))
+        data = {s: dict(r) for s, r in rows.items()}
+        if kw.get("revision") == "v2":
+            data["train"] = {
+                **data["train"],
+                "label": [1 - data["train"]["label"][0], *data["train"]["label"][1:]],
+            }
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict(d) for s, d in data.items()})
+
+    monkeypatch.setattr(sources, "hub_offline", lambda: False)
+    monkeypatch.setattr(sources, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(sources.datasets, "load_dataset", fake_load)
+    v1 = load_task(task(make_cfg, "task=sst2", "+task.hub.revision=v1", "task.overlap=error"))
+    assert calls[-1] == ("nyu-mll/glue", "sst2", {"revision": "v1"})
+    assert v1.source == "hub:nyu-mll/glue/sst2@v1"
+    assert load_task(task(make_cfg, "task=sst2", "+task.hub.revision=v1")).content == v1.content
+    v2 = load_task(task(make_cfg, "task=sst2", "+task.hub.revision=v2"))
+    assert v2.sizes() == v1.sizes() and v2.content != v1.content
+    load_task(task(make_cfg, "task=sst2"))
+    assert calls[-1] == ("nyu-mll/glue", "sst2", {})  # unpinned: the newest data, as datasets loads it
+
+
 def test_text_batches_are_padded_and_carry_labels_and_index(make_cfg):
     cfg = make_cfg("experiment=tiny")
     splits = load_task(task(make_cfg, "experiment=tiny"))

@@ -670,11 +670,20 @@ def test_a_sweep_on_f1_gets_f1_back(here):
 def test_an_edited_data_file_or_model_folder_changes_the_cache_keys(here):
     from dpq.run.stage_cache import key_payload
 
-    write(here / "data" / "train.csv", tickets(40, 0))
+    rows = tickets(40, 0)
+    write(here / "data" / "train.csv", rows)
     conf_file(here, "task", "edit", task_yaml("edit", "  data_files: {train: data/train.csv}", COLUMNS))
-    before = load_task(task_of(here, "task=edit")).fingerprint
+    content = lambda: load_task(task_of(here, "task=edit")).content  # noqa: E731
+    before = content()
+    write(here / "data" / "train.csv", rows)  # rewritten unchanged: the same key (a new mtime is no new data)
+    assert before and content() == before
+    # one label flipped, same inputs, same sizes: another key (a file name and its sizes cannot tell)
+    flipped = [dict(r) for r in rows]
+    flipped[0]["priority"] = "routine" if rows[0]["priority"] == "urgent" else "urgent"
+    write(here / "data" / "train.csv", flipped)
+    assert content() not in (before, None)
     write(here / "data" / "train.csv", tickets(41, 0))  # the same path, other rows
-    assert before and load_task(task_of(here, "task=edit")).fingerprint != before
+    assert content() != before
 
     readme_setup(here)
     cfg = OmegaConf.to_container(readme_compose(here, "task=tickets", "teacher=my_bert"), resolve=True)

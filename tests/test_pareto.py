@@ -852,6 +852,36 @@ def test_runs_measured_on_other_examples_are_flagged_not_silently_compared(tmp_p
     assert json.loads((tmp_path / "two" / "compare.json").read_text())["data"] == [same]
 
 
+def test_runs_on_changed_data_under_one_name_are_flagged_by_their_content_digest(tmp_path, caplog):
+    """Same source, sizes and split seed, but seed 2's dq run read an edited file (another content digest):
+    the label cannot tell, the digest can. A run from before digests (none recorded) is no evidence."""
+    runs = {}
+    for s in (1, 2, 3):
+        for pipe, acc, g in (("dq", 0.86, 0.3), ("dpq", 0.85, 0.1)):
+            res = fake_results(pipe, s, acc, g, sparsity=0.8)
+            res["task"] = {
+                "name": "toy",
+                "source": "files:csv",
+                "sizes": {"train": 80, "validation": 10, "test": 10},
+            }
+            if s != 3:
+                res["task"]["content"] = "bbbb" if (pipe, s) == ("dq", 2) else "aaaa"
+            runs[f"{pipe}_s{s}"] = res
+    write_runs(tmp_path / "runs", runs)
+    with caplog.at_level("WARNING", logger="dpq.pareto"):
+        assert cli_main([str(tmp_path / "runs"), "--no-progress", "-o", str(tmp_path / "all")]) == 0
+    assert (
+        "although source, sizes and split seed agree (content digests aaaa: 3 runs, bbbb: 1 run"
+        in caplog.text
+    )
+    points = pd.read_csv(tmp_path / "all" / "pareto.csv").query("kind == 'final'").set_index("pipeline")
+    assert points.loc["dq", "data_content"] == "aaaa | bbbb" and points.loc["dpq", "data_content"] == "aaaa"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dpq.pareto"):  # seeds 1 and 3: one digest and one unknown
+        assert compare_cli(tmp_path / "runs", str(tmp_path / "two"), "--seeds", "1,3") == 0
+    assert "different examples" not in caplog.text
+
+
 @pytest.mark.parametrize(
     "spec, match",
     [

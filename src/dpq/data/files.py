@@ -18,8 +18,6 @@ the network. A split without data is carved from train (``task.split``).
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,6 @@ from pathlib import Path
 import datasets
 
 from dpq.core.errors import ConfigError
-from dpq.core.files import fingerprint_path
 
 BUILDERS = ("csv", "json", "parquet", "text")
 FORMATS = (*BUILDERS, "saved", "folder")
@@ -134,9 +131,9 @@ def _text_split(value, key: str, label_column: str, options: dict) -> tuple[data
     return datasets.concatenate_datasets(parts), ", ".join(files), files
 
 
-def load_files(files: dict | None, label_column: str = "label") -> tuple[dict[str, Part], str, str]:
-    """The splits ``task.files`` names (missing ones are carved later), its format, and a fingerprint
-    of the files read (path, size, modification time), so caches keyed by it see a changed file."""
+def load_files(files: dict | None, label_column: str = "label") -> tuple[dict[str, Part], str]:
+    """The splits ``task.files`` names (missing ones are carved later) and its format (caches key on
+    the loaded content, :attr:`dpq.data.tasks.TaskSplits.content`, so an edited file is another key)."""
     if not isinstance(files, dict):
         raise ConfigError(
             "task.files",
@@ -187,7 +184,7 @@ def load_files(files: dict | None, label_column: str = "label") -> tuple[dict[st
         )
     if fmt in ("saved", "folder"):
         raise ConfigError("task.files.format", fmt, "reads a folder: set task.files.path, not data_files")
-    parts, read, used = {}, [], []
+    parts, used = {}, []
     for split in SPLITS:
         value = data_files.get(split)
         if not value:
@@ -207,14 +204,11 @@ def load_files(files: dict | None, label_column: str = "label") -> tuple[dict[st
                 _where(found),
             )
         parts[split] = Part(ds, key, where)
-        read += found
         used.append(split_fmt)
-    return parts, "+".join(dict.fromkeys(used)), _fingerprint(read)
+    return parts, "+".join(dict.fromkeys(used))
 
 
-def _load_folder(
-    path, fmt: str | None, splits: dict | None, options: dict
-) -> tuple[dict[str, Part], str, str]:
+def _load_folder(path, fmt: str | None, splits: dict | None, options: dict) -> tuple[dict[str, Part], str]:
     folder = Path(os.path.abspath(os.path.expanduser(str(path))))
     if not folder.is_dir():
         raise ConfigError("task.files.path", str(path), f"no such folder: {folder}")
@@ -252,9 +246,4 @@ def _load_folder(
             wanted.get("train"),
             f"a train split is required; {folder} has {list(raw)}",
         )
-    files = sorted(str(f) for f in folder.rglob("*") if f.is_file())
-    return parts, fmt, _fingerprint(files)
-
-
-def _fingerprint(files: list[str]) -> str:
-    return hashlib.sha256(json.dumps([fingerprint_path(f) for f in files]).encode()).hexdigest()[:16]
+    return parts, fmt

@@ -8,6 +8,7 @@ the pipeline sees one kind of object.
 from __future__ import annotations
 
 import csv
+import difflib
 import functools
 import gzip
 import importlib.metadata
@@ -182,10 +183,81 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     return None
 
 
+# task.hub: the dataset's id, its config, which of its splits serve as ours, and a revision (a branch,
+# tag or commit of the dataset's repository: a hub dataset can change under the same id).
+HUB_KEYS = ("path", "name", "splits", "revision")
+HUB_SPLITS = ("train", "validation", "test")
+# datasets' file builders (csv, json, parquet, ...): as a hub path they would read the working directory
+BUILDER_NAMES = frozenset(datasets.packaged_modules._PACKAGED_DATASETS_MODULES)
+
+
+def check_hub(hub) -> None:
+    """Refuse a ``task.hub`` block that would be read otherwise than written (an unknown key such as
+    ``split`` or ``revison`` was ignored and the default splits or the newest data were loaded);
+    checked with the config, before any network is needed."""
+    if hub is None:
+        return
+    if not isinstance(hub, dict):
+        raise ConfigError(
+            "task.hub", hub, "must be a block: {path: <dataset id>, name: ..., splits: ..., revision: ...}"
+        )
+    path = hub.get("path")
+    if path in BUILDER_NAMES:
+        raise ConfigError(
+            "task.hub.path",
+            path,
+            "is a datasets file builder, not a hub dataset (it would read the working directory); local "
+            f"files go in task.files: {{format: {path}, data_files: {{train: ..., validation: ..., test: ...}}}} "
+            "with task.source=files",
+        )
+    unknown = sorted(set(hub) - set(HUB_KEYS))
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], HUB_KEYS, n=1)
+        raise ConfigError(
+            f"task.hub.{unknown[0]}",
+            hub[unknown[0]],
+            "is not a hub setting"
+            + (f" (did you mean task.hub.{near[0]}?)" if near else "")
+            + f"; allowed: {', '.join(HUB_KEYS)}",
+        )
+    if not isinstance(hub.get("path"), str) or not hub["path"].strip():
+        raise ConfigError("task.hub.path", hub.get("path"), "must be a Hugging Face dataset id, e.g. glue")
+    for key in ("name", "revision"):
+        if hub.get(key) is not None and not isinstance(hub[key], str | int):
+            raise ConfigError(f"task.hub.{key}", hub[key], "must be a string or null")
+    splits = hub.get("splits")
+    if splits is None:
+        return
+    if not isinstance(splits, dict):
+        raise ConfigError(
+            "task.hub.splits",
+            splits,
+            "must map our splits to the dataset's: {train: train, validation: ..., test: ...}",
+        )
+    for split, theirs in splits.items():
+        if split not in HUB_SPLITS:
+            raise ConfigError(
+                f"task.hub.splits.{split}", theirs, f"not a split; splits are {', '.join(HUB_SPLITS)}"
+            )
+        if theirs is not None and not isinstance(theirs, str):
+            raise ConfigError(
+                f"task.hub.splits.{split}", theirs, "must name a split of the dataset (or null: carved)"
+            )
+    if not splits.get("train"):
+        raise ConfigError("task.hub.splits.train", splits.get("train"), "a train split is required")
+
+
+def hub_label(hub: dict) -> str:
+    """How results and caches name a hub dataset: ``hub:<path>[/<name>][@<revision>]``."""
+    name, revision = hub.get("name"), hub.get("revision")
+    return f"hub:{hub['path']}" + (f"/{name}" if name else "") + (f"@{revision}" if revision else "")
+
+
 def load_hub(task_name: str, hub: dict) -> datasets.DatasetDict:
     """Load a Hugging Face dataset from the hub; any failure becomes one clear :class:`ConfigError`."""
-    path, name = hub["path"], hub.get("name")
-    where = f"{path}" + (f" ({name})" if name else "")
+    check_hub(hub)
+    path, name, revision = hub["path"], hub.get("name"), hub.get("revision")
+    where = f"{path}" + (f" ({name})" if name else "") + (f" at revision {revision}" if revision else "")
     if hub_offline():
         raise ConfigError(
             "task",
@@ -201,7 +273,7 @@ def load_hub(task_name: str, hub: dict) -> datasets.DatasetDict:
             f"offline tasks: {', '.join(sorted(offline_task_names()))}; local files: task.source=files",
         )
     try:
-        return datasets.load_dataset(path, name)
+        return datasets.load_dataset(path, name, **({"revision": str(revision)} if revision else {}))
     except Exception as e:  # network, auth, missing dataset: all the same to the user
         raise ConfigError(
             "task",

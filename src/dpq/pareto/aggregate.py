@@ -130,6 +130,20 @@ def warn_mixed_data(df: pd.DataFrame) -> list[str]:
                 task,
                 "; ".join(f"{n} on {d}" for d, n in counts.items()),
             )
+        if "data_content" not in rows:
+            continue
+        # One source, sizes and seed, but other examples: a file edited, a hub dataset's new revision.
+        for data, same in rows.groupby("data", sort=False):
+            digests = same["data_content"].dropna().value_counts()
+            if len(digests) > 1:
+                log.warning(
+                    "the runs of task %s on %s were measured on different examples although source, sizes and "
+                    "split seed agree (content digests %s: the data changed between runs, e.g. a file edited "
+                    "in place or a hub dataset's new revision), so differences here mix the method with the data",
+                    task,
+                    data,
+                    ", ".join(f"{d}: {n} run{'s' * (n != 1)}" for d, n in digests.items()),
+                )
     return list(dict.fromkeys(finals["data"].dropna()))
 
 
@@ -233,7 +247,7 @@ def merge_seeds(df: pd.DataFrame) -> pd.DataFrame:
     ]
     raw = df.groupby(GROUP, sort=False, dropna=False)
     info = raw[info_cols].first()
-    for col in ("hardware", "data"):  # every machine / split a configuration's seeds ran on, not the first
+    for col in ("hardware", "data", "data_content"):  # every machine / split a configuration's seeds ran on
         if col in info:
             info[col] = raw[col].agg(lambda s: " | ".join(dict.fromkeys(s.dropna())))
     info["n_runs"] = raw.size()

@@ -347,6 +347,8 @@ def points_from_results(
         common["hardware"] = hardware_label(results["hardware"])
     if data := data_label(results.get("task"), task if isinstance(task, dict) else {}):
         common["data"] = data
+    if isinstance(task, dict) and (content := (results.get("task") or {}).get("content")):
+        common["data_content"] = content  # runs since 2026-12-06: tells apart examples the label cannot
     records = list(results.get("stages") or [])
     points = []
 

@@ -69,6 +69,7 @@ def results(
             "source": splits.source,
             "sizes": splits.sizes(),
             "overlap": splits.overlap,
+            "content": splits.content,  # a digest of every split's inputs and labels (dpq.data.tasks)
             "labels": list(splits.label_names),
             "metrics": task_metrics(task),
             "primary_metric": primary_metric(task),

@@ -77,9 +77,8 @@ class Runner:
 
     def _run_cached(self, stages: list[Stage], seed: int, cache: stage_cache.StageCache) -> None:
         splits = self.ctx.data.splits
-        data = {"data_source": splits.source, "data_sizes": splits.sizes()}
-        if splits.fingerprint:  # local files: edited in place, they give another key
-            data["data_fingerprint"] = splits.fingerprint
+        # the examples themselves: a file edited in place or a hub dataset's new revision is another key
+        data = {"data_source": splits.source, "data_sizes": splits.sizes(), "data_content": splits.content}
         keys = stage_cache.pipeline_keys(self.ctx.cfg, data)
         distributed = trainer_world_size(self.ctx.cfg["trainer"]) > 1
         if is_global_zero() and cache.root.is_dir() and (line := cache.stale_summary()):

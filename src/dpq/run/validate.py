@@ -24,6 +24,7 @@ from dpq import metrics as task_metrics
 from dpq.core import devices
 from dpq.core.errors import ConfigError
 from dpq.data.overlap import POLICIES as OVERLAP_POLICIES
+from dpq.data.sources import check_hub
 from dpq.models import skeleton
 from dpq.stages import ModelCheck, Stage, build_stages
 
@@ -290,6 +291,7 @@ def check_run_keys(cfg: dict[str, Any]) -> None:
         _int(f"task.{k}", task.get(k), 1)
     if task.get("subsample") is not None:
         _int("task.subsample", task["subsample"], 1, " or null (all examples)")
+    check_hub(task.get("hub"))  # read only when the hub is used: checked here, before any network
     if task.get("overlap", "warn") not in OVERLAP_POLICIES:  # dpq.data.overlap says it again with the data
         raise ConfigError("task.overlap", task["overlap"], f"must be one of {', '.join(OVERLAP_POLICIES)}")
     if task.get("kind") == "text" and task.get("max_length") is not None:

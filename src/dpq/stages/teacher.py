@@ -141,8 +141,9 @@ class TeacherStage(Stage):
             # installed, else the hub's, which are other examples (the stage cache keys the same facts)
             "data_source": ctx.data.splits.source,
             "data_sizes": ctx.data.splits.sizes(),
-            # local data files and model folders can change in place: their files' sizes and times
-            **({"data": ctx.data.splits.fingerprint} if ctx.data.splits.fingerprint else {}),
+            # the examples themselves (local files and hub datasets can change under one name), and
+            # local model folders' files' sizes and times (they can be overwritten in place)
+            "data_content": ctx.data.splits.content,
             **{
                 "folder" if sub == "pretrained" else f"folder.{sub}": fingerprint_path(f)
                 for sub, f in local_folders(cfg["teacher"]).items()
