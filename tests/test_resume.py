@@ -332,6 +332,41 @@ def test_killed_mid_obs_prune_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert_same_run(tmp_path / "ref" / "run", run_dir)
 
 
+def test_a_resume_on_changed_data_is_refused_before_any_training(tmp_path, monkeypatch):
+    """Between the kill and the resume one training label changed (a file edited in place, a hub dataset's
+    new revision; here the embedded loader's table): same source, same sizes, so only the content digest
+    that run.json recorded tells. The resume stops with a config error and trains nothing."""
+    from dpq.data import sources
+
+    args = [*FAST, "pipeline=dp"]
+    crash_in(monkeypatch, "distill", 2)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(compose_cfg(tmp_path, args))
+    monkeypatch.undo()
+    run_dir = tmp_path / "run"
+    recorded = json.loads((run_dir / "checkpoints" / "run.json").read_text())["data"]
+    assert recorded["source"] == "embedded:sklearn_digits" and len(recorded["content"]) == 20
+
+    real = sources.EMBEDDED_LOADERS["sklearn_digits"]
+
+    def edited(**kw):
+        ds = real(**kw)
+        return ds.map(lambda row, i: {"label": (row["label"] + 1) % 10} if i == 0 else {}, with_indices=True)
+
+    monkeypatch.setitem(sources.EMBEDDED_LOADERS, "sklearn_digits", edited)
+    fits = []
+    monkeypatch.setattr(RunContext, "fit", lambda *a, **k: fits.append(a))
+    with pytest.raises(ConfigError) as err:
+        train(compose_cfg(tmp_path / "elsewhere", ["resume=" + str(run_dir)]))
+    msg = str(err.value)
+    assert err.value.key == "resume" and f"content {recorded['content']} at the start" in msg, msg
+    assert "source" not in msg and "sizes" not in msg  # only the content differs
+    assert fits == []
+    monkeypatch.setitem(sources.EMBEDDED_LOADERS, "sklearn_digits", real)  # the data as it was: resumes
+    monkeypatch.undo()
+    assert train(compose_cfg(tmp_path / "again", ["resume=" + str(run_dir)]))["status"] == "completed"
+
+
 # ---- real kills ----------------------------------------------------------------------------------------
 def _cli(run_dir: Path, args: list[str], cache: Path) -> subprocess.Popen:
     env = {**os.environ, "DPQ_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}

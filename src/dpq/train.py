@@ -29,7 +29,9 @@ from dpq.run import RunContext, Runner, records, validate, validate_data
 from dpq.run.resume import (
     check_resume_argument,
     check_resume_overrides,
+    check_same_data,
     claim_output_dir,
+    data_record,
     load_run_config,
     register_resolvers,
 )
@@ -61,8 +63,10 @@ def train(cfg: DictConfig) -> dict:
     if resume_from and (done := records.completed(output_dir)) is not None:
         log.info("%s already completed; nothing to resume", output_dir)
         return done
-    if not resume_from:
-        claim_output_dir(output_dir, cfg_dict)  # never write into another run's folder
+    if resume_from:
+        check_same_data(output_dir, splits)  # the examples it started on, or a config error
+    else:
+        claim_output_dir(output_dir, cfg_dict, data_record(splits))  # never write into another run's folder
     ctx = RunContext.open(cfg_dict, splits, tokenizer, output_dir, git)
     log.info("task %s from %s: %s", cfg_dict["task"]["name"], splits.source, splits.sizes())
     log.info("pipeline %s: %s", cfg_dict["pipeline"]["name"], " -> ".join(s.name for s in stages))
