@@ -426,6 +426,13 @@ def test_a_run_writes_model_onnx_and_measures_it_and_the_cli_redoes_it(make_cfg,
         assert main([str(tmp_path / "run"), *flags]) == 2
         assert said in capsys.readouterr().err
         assert (tmp_path / "run" / "results.json").read_text() == before
+    # the task's examples changed since the run (its content digest): the export would measure other data
+    assert results["task"]["content"] and len(results["task"]["content"]) == 20
+    changed = json.loads(before)
+    changed["task"]["content"] = "0" * 20
+    (tmp_path / "run" / "results.json").write_text(json.dumps(changed))
+    assert main([str(tmp_path / "run")]) == 2
+    assert f"content {'0' * 20} then, {results['task']['content']} now" in capsys.readouterr().err
 
 
 def test_deploy_compares_the_export_with_the_model_in_eval_mode_whatever_mode_it_was_left_in(tmp_path):

@@ -359,7 +359,7 @@ def test_a_resume_on_changed_data_is_refused_before_any_training(tmp_path, monke
     with pytest.raises(ConfigError) as err:
         train(compose_cfg(tmp_path / "elsewhere", ["resume=" + str(run_dir)]))
     msg = str(err.value)
-    assert err.value.key == "resume" and f"content {recorded['content']} at the start" in msg, msg
+    assert err.value.key == "resume" and f"content {recorded['content']} then" in msg, msg
     assert "source" not in msg and "sizes" not in msg  # only the content differs
     assert fits == []
     monkeypatch.setitem(sources.EMBEDDED_LOADERS, "sklearn_digits", real)  # the data as it was: resumes

@@ -31,7 +31,6 @@ from dpq.run.resume import (
     check_resume_overrides,
     check_same_data,
     claim_output_dir,
-    data_record,
     load_run_config,
     register_resolvers,
 )
@@ -66,7 +65,7 @@ def train(cfg: DictConfig) -> dict:
     if resume_from:
         check_same_data(output_dir, splits)  # the examples it started on, or a config error
     else:
-        claim_output_dir(output_dir, cfg_dict, data_record(splits))  # never write into another run's folder
+        claim_output_dir(output_dir, cfg_dict, splits.identity())  # never write into another run's folder
     ctx = RunContext.open(cfg_dict, splits, tokenizer, output_dir, git)
     log.info("task %s from %s: %s", cfg_dict["task"]["name"], splits.source, splits.sizes())
     log.info("pipeline %s: %s", cfg_dict["pipeline"]["name"], " -> ".join(s.name for s in stages))

@@ -56,6 +56,25 @@ class TaskSplits:
     def sizes(self) -> dict[str, int]:
         return {s: len(getattr(self, s)) for s in SPLITS}
 
+    def identity(self) -> dict:
+        """What a run records of the examples it ran on (results.json's ``task``, ``checkpoints/run.json``)."""
+        return {"source": self.source, "sizes": self.sizes(), "content": self.content}
+
+    def changed_since(self, was: dict | None) -> str | None:
+        """How these examples differ from ``was`` (an :meth:`identity` recorded earlier), or None; a
+        record without a content digest (runs before 2026-12-06) is not compared."""
+        if not isinstance(was, dict) or not was.get("content"):
+            return None
+        now = self.identity()
+        return (
+            "; ".join(
+                f"{k} {was.get(k)} then, {now[k]} now"
+                for k in ("source", "sizes", "content")
+                if was.get(k) != now[k]
+            )
+            or None
+        )
+
 
 def _carve(
     ds: datasets.Dataset, size: float, seed: int, stratify: bool

@@ -52,6 +52,14 @@ def load_finished(run_dir: Path, model_dir: Path | None = None) -> FinishedRun:
     task = recorded_task(cfg["task"])  # an older run's keys in today's names
     spec = cfg["model"] if results["final"].get("model", "student") == "student" else cfg["teacher"]
     splits = load_task(task)
+    if differs := splits.changed_since(results.get("task")):
+        raise ConfigError(
+            "RUN_DIR",
+            str(run_dir),
+            f"the task's examples are not the ones the run was measured on ({differs}); accuracies "
+            "measured now would sit in its results.json beside numbers from other data: restore the data "
+            "the run used (a file edited in place, a hub dataset's newer revision)",
+        )
     tokenizer = None
     if splits.kind == "text":
         from transformers import AutoTokenizer

@@ -66,10 +66,8 @@ def results(
         "order": list(order),
         "task": {
             "name": task["name"],
-            "source": splits.source,
-            "sizes": splits.sizes(),
+            **splits.identity(),  # source, sizes, and a digest of every split's inputs and labels
             "overlap": splits.overlap,
-            "content": splits.content,  # a digest of every split's inputs and labels (dpq.data.tasks)
             "labels": list(splits.label_names),
             "metrics": task_metrics(task),
             "primary_metric": primary_metric(task),

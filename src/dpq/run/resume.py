@@ -278,11 +278,6 @@ def checkpoints_dir(output_dir: Path) -> Path:
     return Path(output_dir) / CHECKPOINTS
 
 
-def data_record(splits) -> dict:
-    """What ``checkpoints/run.json`` keeps of the examples a run started on, for :func:`check_same_data`."""
-    return {"source": splits.source, "sizes": splits.sizes(), "content": splits.content}
-
-
 def check_same_data(folder, splits) -> None:
     """A resumed run must read the examples it started on: a data file edited or a hub dataset updated
     between the kill and the resume would train and measure its later stages (and look up the teacher's
@@ -292,28 +287,19 @@ def check_same_data(folder, splits) -> None:
         was = json.loads((checkpoints_dir(Path(folder)) / RUN_FILE).read_text()).get("data")
     except (OSError, ValueError):
         return  # load_run_config read it a moment ago; a file going away now is not this check's business
-    if not was or not was.get("content"):
-        return
-    now = data_record(splits)
-    if now == was:
-        return
-    differs = "; ".join(
-        f"{k} {was.get(k)} at the start, {now[k]} now"
-        for k in ("source", "sizes", "content")
-        if was.get(k) != now[k]
-    )
-    raise ConfigError(
-        "resume",
-        str(folder),
-        f"the task's examples are not the ones the run started on ({differs}): its later stages would train "
-        "and be measured on other data than its earlier ones; restore the data the run started with (a file "
-        "edited in place, a hub dataset's newer revision), or start a new run",
-    )
+    if differs := splits.changed_since(was):
+        raise ConfigError(
+            "resume",
+            str(folder),
+            f"the task's examples are not the ones the run started on ({differs}): its later stages would "
+            "train and be measured on other data than its earlier ones; restore the data the run started with "
+            "(a file edited in place, a hub dataset's newer revision), or start a new run",
+        )
 
 
 def claim_output_dir(output_dir: Path, cfg_dict: dict, data: dict | None = None) -> None:
     """Start a new run in ``output_dir``: refuse a folder that holds another run, then record the config
-    and the examples it runs on (:func:`data_record`)."""
+    and the examples it runs on (``data``: :meth:`dpq.data.TaskSplits.identity`)."""
     output_dir = Path(output_dir)
     if not is_global_zero():
         return  # the other ranks of a DDP run share rank 0's folder
