@@ -223,7 +223,10 @@ def free_baselines(dense_run: Path, work: Path) -> tuple[dict, dict]:
 
     tok = AutoTokenizer.from_pretrained(dense_run / "model")
     task = recorded_task(cfg["task"])  # an older run's keys in today's names
-    data = ClassificationDataModule.for_task(load_task(task), tok, task, group_by_length=False)
+    splits = load_task(task)
+    if differs := splits.changed_since(res.get("task")):  # the baselines' accuracy beside the runs' own
+        raise SystemExit(f"{dense_run}: the task's examples changed since the run ({differs}); restore them")
+    data = ClassificationDataModule.for_task(splits, tok, task, group_by_length=False)
     test = list(data.test_dataloader())
     fp32, int8 = work / "dense_fp32.onnx", work / "dense_int8_dynamic.onnx"
     from dpq.core.nn import model_inputs
