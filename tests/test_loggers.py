@@ -36,3 +36,32 @@ def test_other_loggers(tmp_path, kind):
     if logger is not None:
         logger.log_metrics({"x": 1.0}, step=0)
         loggers.tolerant(logger).close()
+
+
+def test_a_run_prints_no_library_lines_a_user_cannot_act_on(tmp_path, capfd):
+    """transformers' progress bars at every model load and save (five stages: a dozen bars per run) are off
+    once a run starts; so is torchao's import-time Triton warning on a machine without a GPU."""
+    import logging
+
+    import torch
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        cfg = transformers.BertConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+        transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "m")
+        transformers.BertForSequenceClassification.from_pretrained(tmp_path / "m")
+        assert "Loading weights" in capfd.readouterr().err  # what a run printed at every load
+        loggers.quiet_libraries()
+        transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "m2")
+        transformers.BertForSequenceClassification.from_pretrained(tmp_path / "m2")
+        err = capfd.readouterr().err
+        assert "Loading weights" not in err and "Writing model shards" not in err
+        if not torch.cuda.is_available():
+            assert not logging.getLogger("torchao.kernel.intmm").isEnabledFor(logging.WARNING)
+    finally:
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()

@@ -19,9 +19,24 @@ log = logging.getLogger(__name__)
 
 
 def quiet_libraries() -> None:
-    """Every stage builds a Trainer; its per-fit banners ("GPU available", tips) would repeat five times."""
+    """Lines a run would print that no user can act on, most of them once per stage."""
+    import warnings
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    # Every stage builds a Trainer; its per-fit banners ("GPU available", tips) would repeat five times.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
+    # torchao warns on import that Triton is missing; its Triton kernels are CUDA-only, so without a GPU
+    # nothing is lost (with one, the warning stays: it may matter there).
+    if not torch.cuda.is_available():
+        logging.getLogger("torchao.kernel.intmm").setLevel(logging.ERROR)
+    # transformers' progress bars at every model load and save ("Loading weights", "Writing model shards"):
+    # a run loads and saves small models at every stage. Downloads keep theirs (huggingface_hub's).
+    hf_logging.disable_progress_bar()
+    # Lightning's own use of a torch API that torch deprecated: nothing a user can change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def wandb_credentials() -> bool:

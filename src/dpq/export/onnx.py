@@ -361,19 +361,25 @@ def _fuse(path: Path, fuse_attention: bool, separate_qkv: bool = False) -> dict[
     options.enable_embed_layer_norm = False  # the word-embedding Gather stays visible (quantized tables)
     options.enable_attention = fuse_attention
     options.use_multi_head_attention = separate_qkv
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = optimize_model(
-            str(path),
-            model_type="bert",
-            num_heads=0,
-            hidden_size=0,
-            opt_level=0,
-            optimization_options=options,
-        )
-    stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
-    opt.save_model_to_file(str(path))
+    # The optimizer's modules log as top-level names (onnx_model, fusion_base, onnx_model_bert, ...: it puts
+    # its folder on sys.path), a dozen INFO lines per export; the fused counts are returned and recorded instead.
+    was = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = optimize_model(
+                str(path),
+                model_type="bert",
+                num_heads=0,
+                hidden_size=0,
+                opt_level=0,
+                optimization_options=options,
+            )
+        stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+        opt.save_model_to_file(str(path))
+    finally:
+        logging.disable(was)
     return stats
 
 
