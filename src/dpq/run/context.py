@@ -214,10 +214,11 @@ class RunContext:
             loader, carry.sampler = resume.resumable_loader(loader, seed)
             carry.batch_size = loader.batch_size or 1
         log.info(
-            "stage %s (%s): %d epochs, lr %.2e, kd alpha %.2f%s",
+            "stage %s (%s): %d epoch%s, lr %.2e, kd alpha %.2f%s",
             stage.name,
             stage.kind,
             stage.cfg.epochs,
+            "" if stage.cfg.epochs == 1 else "s",
             stage.cfg.lr,
             kd_alpha,
             f"; resuming from {ckpt_path}" if ckpt_path else "",
