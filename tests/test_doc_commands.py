@@ -74,13 +74,25 @@ def variants(overrides: list[str]) -> list[list[str]]:
     return lists
 
 
-CASES = [(doc, args) for doc in DOCS for args in doc_commands(doc)]
+HELP = "conf/hydra/help/dpq.yaml"  # `python -m dpq.train --help` shows these commands
+
+
+def help_commands() -> list[str]:
+    import yaml
+
+    header = yaml.safe_load((ROOT / HELP).read_text())["header"]
+    lines = [re.split(r"\s#", line, maxsplit=1)[0].strip() for line in header.splitlines()]
+    return [m.group(1).strip() for line in lines if line.startswith("python") and (m := APP.search(line))]
+
+
+CASES = [(doc, args) for doc in DOCS for args in doc_commands(doc)] + [(HELP, a) for a in help_commands()]
 
 
 def test_the_docs_show_commands_and_most_are_runnable_as_written():
     # the extraction itself must not rot into checking nothing
     for doc in DOCS:
         assert doc_commands(doc), f"no `python -m dpq.train` command found in {doc}"
+    assert len(help_commands()) >= 5
     assert sum(runnable(a) is not None for _, a in CASES) >= 0.8 * len(CASES)
 
 
@@ -179,3 +191,25 @@ def test_a_documented_tool_command_parses(monkeypatch, capsys, doc, tool, args):
 def test_the_docs_show_the_tools_commands():
     tools = {t for _, t, _ in TOOL_CASES}
     assert {"dpq.pareto", "dpq.export", "dpq.predictions", "dpq.stage_cache", "bench/latency.py"} <= tools
+
+
+def test_help_lists_dpqs_commands_and_the_options_of_every_group_a_user_can_choose(tmp_path):
+    """``--help`` shows the commands checked above and each group's options as Hydra finds them (a user's
+    ``--config-dir`` included), not the ``_base`` files other options build on."""
+    import subprocess
+    import sys
+
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "tickets.yaml").write_text("defaults: [_base, _self_]\nname: tickets\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "dpq.train", "--config-dir", str(tmp_path), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    groups = out.stdout.split("== Configuration groups (group=option) ==")[1].split("== Config")[0]
+    assert "task: digits, fashion_mnist, rotten_tomatoes, sst2, tickets" in groups
+    assert "pipeline: dense, dp, dpq," in groups and " _base" not in groups and "hydra" not in groups
+    assert "python -m dpq.train experiment=tiny logger=csv" in out.stdout and "\ntask:\n" in out.stdout
