@@ -373,6 +373,11 @@ def run_cli(tmp_path, *overrides):
     "overrides, line",
     [
         (["pipeline.order=[teacher,distill,quantize,prune]"], "dpq: config error: pipeline.order="),
+        (  # Hydra's own refusal would advise +pipeline.stages.prune.final_sparsty=0.5, adding the typo
+            ["pipeline.stages.prune.final_sparsty=0.5"],
+            "dpq: config error: pipeline.stages.prune.final_sparsty=0.5: is not a pipeline.stages.prune setting "
+            "(did you mean pipeline.stages.prune.final_sparsity?)",
+        ),
         pytest.param(
             ["trainer.precision=12"],
             "dpq: config error: trainer.precision=12: Precision 12 is invalid",
@@ -398,6 +403,55 @@ def test_cli_prints_one_clear_line_and_exits_2(tmp_path, overrides, line):
     assert line.replace("{tmp}", str(tmp_path)) in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "rnu").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, key, said",
+    [
+        (
+            ["pipeline=dqp"],
+            "pipeline",
+            "is not a pipeline option (did you mean pipeline=dq?); allowed: dense, dp,",
+        ),
+        (
+            ["-m", "pipeline=dq,spiral,dqp", "seed=1,2"],
+            "pipeline",
+            "did you mean pipeline=dq?",
+        ),  # each swept value
+        (["experiment=tiny", "sed=43"], "sed", "is not a run setting (did you mean seed?); allowed: task,"),
+        (
+            ["pipline.order=[a]"],
+            "pipline.order",
+            "pipline is not a run setting (did you mean pipeline.order?)",
+        ),
+        (["pipeline=dq", f"{P}.prnue.epochs=2"], f"{P}.prnue.epochs", f"(did you mean {P}.prune.epochs?)"),
+        (["task.hub.revision=v1"], "task.hub.revision", "is added with +task.hub.revision=..."),
+    ],
+)
+def test_a_mistyped_key_or_option_on_the_command_line_gets_dpqs_message_not_hydras(argv, key, said):
+    from dpq.run.overrides import check_command_line
+
+    with pytest.raises(ConfigError) as err:
+        check_command_line(argv)
+    assert err.value.key == key and said in str(err.value), str(err.value)
+
+
+def test_the_command_line_check_passes_what_hydra_composes_and_leaves_flags_to_hydra(tmp_path):
+    from dpq.run.overrides import check_command_line
+
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "tickets.yaml").write_text("defaults: [_base, _self_]\nname: tickets\n")
+    for argv in (
+        [],
+        ["experiment=tiny", "pipeline=dq,dpq", "seed=1,2", "-m", "logger=csv"],
+        ["+task.hub.revision=v1", f"{P}.prune.final_sparsity=0.8", "hydra.run.dir=/tmp/x"],
+        [f"{P}.distill.alpha=interval(0.2,0.8)", "hparams_search=pareto_bayes"],  # Optuna's search space
+        ["--config-dir", str(tmp_path), "task=tickets"],  # a user's own task
+        ["--cfg", "job", "sed=1"],  # a flag: Hydra's business, as before
+    ):
+        check_command_line(argv)
+    with pytest.raises(ConfigError, match="task='tickets': is not a task option"):
+        check_command_line(["task=tickets"])  # without the user's folder Hydra cannot find it either
 
 
 def test_overrides_of_stages_not_in_the_order_are_warned_about(caplog):

@@ -26,6 +26,7 @@ from dpq.data import labelled, load_task
 from dpq.loggers import quiet_libraries
 from dpq.models import load_tokenizer
 from dpq.run import RunContext, Runner, records, validate, validate_data
+from dpq.run.overrides import check_command_line
 from dpq.run.resume import (
     check_resume_argument,
     check_resume_overrides,
@@ -141,6 +142,9 @@ def main() -> float | list[float] | None:
     reported as holding no checkpoints."""
     try:
         check_resume_argument(sys.argv[1:])
+        check_command_line(
+            sys.argv[1:]
+        )  # a mistyped key or option: dpq's message, not Hydra's advice to add it
     except ConfigError as e:
         print(f"dpq: config error: {e}", file=sys.stderr)
         sys.exit(2)

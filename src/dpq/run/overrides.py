@@ -1,0 +1,143 @@
+"""The command line's overrides, checked against the composed config before Hydra runs anything.
+
+Hydra refuses ``pipeline.stages.prune.final_sparsty=0.8`` with "Key 'final_sparsty' is not in struct"
+and advises ``+pipeline.stages.prune.final_sparsty=0.8`` -- for a typo, the wrong fix -- and a mistyped
+option (``pipeline=dqp``) with a list that includes the ``_base`` files. This composes the command
+line once (each swept value of a multirun once) with Hydra's own compose API and turns those two
+failures into dpq's one-line config error: the key, the value, the nearest existing key or option,
+and what is allowed. Anything else, composed or not, is left to Hydra as before, so nothing Hydra
+accepts is refused here.
+"""
+
+from __future__ import annotations
+
+import re
+from difflib import get_close_matches
+from pathlib import Path
+
+from dpq.core.config import CONF_DIR
+from dpq.core.errors import ConfigError
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Raise :class:`ConfigError` for an override of a key the config lacks or an option a group lacks."""
+    overrides, search = [], []
+    it = iter(argv)
+    for arg in it:
+        if arg in ("--config-dir", "-cd"):
+            search.append(next(it, ""))
+        elif arg.startswith("--config-dir="):
+            search.append(arg.split("=", 1)[1])
+        elif arg in ("-m", "--multirun"):
+            continue
+        elif arg.startswith("-"):  # --help, --cfg, --config-name, ...: Hydra's business alone, as before
+            return
+        else:
+            overrides.append(arg)
+    if not overrides or not CONF_DIR.is_dir():
+        return
+    try:
+        variants = _variants(overrides)
+    except Exception:  # an override Hydra's parser refuses: Hydra says so itself
+        return
+    extra = [f"hydra.searchpath=[{','.join(_file_url(d) for d in search)}]"] if search else []
+    for variant in variants:
+        _check(variant + extra)
+
+
+def _value(text: str):
+    """The value as the user wrote it, typed as YAML reads it (0.5, not '0.5')."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _file_url(folder: str) -> str:
+    return "file://" + str(Path(folder).expanduser().resolve())
+
+
+def _variants(overrides: list[str]) -> list[list[str]]:
+    """One override list per swept value (the other sweeps at their first value); Optuna's interval() and
+    similar search spaces, which compose cannot take, are left out (they name keys Hydra checks per trial)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    choices = []
+    for text, o in zip(overrides, OverridesParser.create().parse_overrides(overrides), strict=True):
+        if o.is_sweep_override():
+            try:
+                values = list(o.sweep_string_iterator())
+            except Exception:  # interval(...), tag(...): a search space, not a list of values
+                continue
+            prefix = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++", OverrideType.DEL: "~"}.get(
+                o.type, ""
+            )
+            choices.append([f"{prefix}{o.get_key_element()}={v}" for v in values])
+        else:
+            choices.append([text])
+    lists = [[c[0] for c in choices]]
+    for i, c in enumerate(choices):
+        lists += [[v if j == i else cs[0] for j, cs in enumerate(choices)] for v in c[1:]]
+    return lists
+
+
+def _check(overrides: list[str]) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            compose("train", overrides=overrides)
+            return
+        except MissingConfigException as e:
+            if not (m := re.search(r"Could not find '([^']+)/([^'/]+)'", str(e))):
+                return
+            group, option = m.groups()
+            loader = GlobalHydra.instance().config_loader()
+            options = [o for o in loader.get_group_options(group) if not o.startswith("_")]
+            if not options or option in options:
+                return
+            near = get_close_matches(option, options, n=1)
+            raise ConfigError(
+                group.replace("/", "."),
+                option,
+                f"is not a {group} option"
+                + (f" (did you mean {group}={near[0]}?)" if near else "")
+                + f"; allowed: {', '.join(options)}",
+            ) from None
+        except ConfigCompositionException as e:
+            cause = f"{e} {e.__cause__}"
+            if not (m := re.search(r"Could not override '([^']+)'", str(e))) or "not in struct" not in cause:
+                return
+            key = m.group(1)
+            value = next((_value(o.split("=", 1)[1]) for o in overrides if o.split("=", 1)[0] == key), None)
+            rest = [o for o in overrides if o.split("=", 1)[0] != key]
+            try:
+                cfg = compose("train", overrides=rest)
+            except Exception:
+                return
+        finally:
+            GlobalHydra.instance().clear()
+    from omegaconf import DictConfig
+
+    parts = key.split(".")
+    node, i = cfg, 0
+    while i < len(parts) - 1 and isinstance(node, DictConfig) and parts[i] in node:
+        node, i = node[parts[i]], i + 1  # down to the first part the config lacks
+    parent, name = ".".join(parts[:i]), parts[i]
+    allowed = [str(k) for k in node.keys() if str(k) != "hydra"] if isinstance(node, DictConfig) else []
+    near = get_close_matches(name, allowed, n=1)
+    meant = ".".join([*parts[:i], near[0], *parts[i + 1 :]]) if near else None
+    raise ConfigError(
+        key,
+        value,
+        f"{'is' if i == len(parts) - 1 else f'{name} is'} not a {parent or 'run'} setting"
+        + (f" (did you mean {meant}?)" if meant else "")
+        + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        + f"; a key the config does not have is added with +{key}=... (dpq then checks that it reads it)",
+    )
