@@ -1078,3 +1078,48 @@ def test_runs_without_a_seed_are_not_a_shared_seed():
     grid_rows = rows([0.80, 0.82, 0.70]).assign(kind="final", config_key="k", label="x", run=["a", "b", "c"])
     merged = merge_seeds(grid_rows)
     assert merged.loc[0, "seeds"] == "1,2,none" and merged.loc[0, "n_seeds"] == 3
+
+
+def test_a_key_added_to_the_config_later_does_not_split_a_configurations_seeds(tmp_path):
+    """Seeds 1-2 ran before task.overlap existed, seed 3 after (recording its default, warn): one configuration
+    of three seeds. A seed with overlap=drop ran on other examples: a configuration of its own."""
+    runs = {}
+    for s in (1, 2, 3, 4):
+        res = fake_results("dpq", s, 0.85, 0.1)
+        if s == 3:
+            res["config"]["task"]["overlap"] = "warn"
+        if s == 4:
+            res["config"]["task"]["overlap"] = "drop"
+        runs[f"dpq_s{s}"] = res
+    write_runs(tmp_path / "runs", runs)
+    merged = merge_seeds(gather([str(tmp_path / "runs")], references=False, progress=False))
+    assert sorted(merged["seeds"]) == ["1,2,3", "4"]
+
+
+def test_every_config_key_added_since_the_committed_runs_says_how_those_runs_behaved():
+    """Today's default config holds no key (outside the pipeline, which is compared as parsed stages) that a
+    committed run of 2026-12-05 lacks, unless ADDED_LATER gives the value those runs behaved as: a key added
+    with a default would otherwise split old and new seeds of one recipe into two points."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from dpq.pareto.gather import ADDED_LATER, IGNORED_KEYS
+
+    def flat(d: dict, prefix: str = "") -> set[str]:
+        keys = set()
+        for k, v in d.items():
+            keys |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}"}
+        return keys
+
+    root = Path(__file__).resolve().parents[1]
+    ref = json.loads((root / "bench/results/front_epyc_30/fu30lsq-s42/results.json").read_text())["config"]
+    with initialize_config_dir(config_dir=os.path.abspath(root / "conf"), version_base="1.3"):
+        today = OmegaConf.to_container(compose("train", overrides=["experiment=far_u80"]), resolve=False)
+    blocks = [k for k in today if k not in (*IGNORED_KEYS, "pipeline", "hydra")]
+    new = {k for b in blocks for k in flat({b: today[b]})} - {
+        k for b in blocks for k in flat({b: ref.get(b) or {}})
+    }
+    assert new <= set(ADDED_LATER), f"add to dpq.pareto.gather.ADDED_LATER: {sorted(new - set(ADDED_LATER))}"
+    assert set(ADDED_LATER) <= new  # a key every committed run has needs no entry
