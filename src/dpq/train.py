@@ -26,7 +26,7 @@ from dpq.data import labelled, load_task
 from dpq.loggers import quiet_libraries
 from dpq.models import load_tokenizer
 from dpq.run import RunContext, Runner, records, validate, validate_data
-from dpq.run.overrides import check_command_line
+from dpq.run.overrides import check_command_line, register_help
 from dpq.run.resume import (
     check_resume_argument,
     check_resume_overrides,
@@ -38,6 +38,7 @@ from dpq.run.resume import (
 from dpq.run.validate import resolved_config, unused_stage_overrides
 
 register_resolvers()  # conf/hydra/default.yaml: a resumed run keeps its own folder
+register_help()  # conf/hydra/help/dpq.yaml: --help lists the groups' options
 
 log = logging.getLogger("dpq")
 

@@ -254,8 +254,8 @@ def hub_label(hub: dict) -> str:
 
 
 def load_hub(task_name: str, hub: dict) -> datasets.DatasetDict:
-    """Load a Hugging Face dataset from the hub; any failure becomes one clear :class:`ConfigError`."""
-    check_hub(hub)
+    """Load a Hugging Face dataset from the hub (``hub`` checked by :func:`check_hub`); any failure becomes
+    one clear :class:`ConfigError`."""
     path, name, revision = hub["path"], hub.get("name"), hub.get("revision")
     where = f"{path}" + (f" ({name})" if name else "") + (f" at revision {revision}" if revision else "")
     if hub_offline():

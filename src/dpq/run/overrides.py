@@ -6,7 +6,7 @@ option (``pipeline=dqp``) with a list that includes the ``_base`` files. This co
 line once (each swept value of a multirun once) with Hydra's own compose API and turns those two
 failures into dpq's one-line config error: the key, the value, the nearest existing key or option,
 and what is allowed. Anything else, composed or not, is left to Hydra as before, so nothing Hydra
-accepts is refused here.
+accepts is refused here. ``--help`` lists the same groups' options (``conf/hydra/help/dpq.yaml``).
 """
 
 from __future__ import annotations
@@ -141,3 +141,23 @@ def _check(overrides: list[str]) -> None:
         + (f"; allowed: {', '.join(allowed)}" if allowed else "")
         + f"; a key the config does not have is added with +{key}=... (dpq then checks that it reads it)",
     )
+
+
+def config_groups_help() -> str:
+    """``--help``'s list of config groups and their options, as Hydra finds them (a user's ``--config-dir``
+    included), without the ``_base`` files other options build on (``task=_base`` is not a task)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    lines = []
+    for group in sorted(g for g in loader.list_groups("") if g != "hydra"):
+        options = [o for o in loader.get_group_options(group) if not o.startswith("_")]
+        lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+def register_help() -> None:
+    """The resolver ``conf/hydra/help/dpq.yaml`` lists the groups with."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("dpq_config_groups", config_groups_help, replace=True)

@@ -385,19 +385,6 @@ def check_resume_overrides(resume, overrides: list[str]) -> None:
         )
 
 
-def config_groups_help() -> str:
-    """``--help``'s list of config groups and their options, as Hydra finds them (a user's ``--config-dir``
-    included), without the ``_base`` files other options build on (``task=_base`` is not a task)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    loader = GlobalHydra.instance().config_loader()
-    lines = []
-    for group in sorted(g for g in loader.list_groups("") if g != "hydra"):
-        options = [o for o in loader.get_group_options(group) if not o.startswith("_")]
-        lines.append(f"{group}: {', '.join(options)}")
-    return "\n".join(lines)
-
-
 def register_resolvers() -> None:
     """Resolvers ``conf/hydra/default.yaml`` uses so that ``resume=<folder>`` runs in that folder.
 
@@ -411,7 +398,6 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver(
         "dpq_run_dir", lambda resume, new: str(resume) if resume else new, replace=True
     )
-    OmegaConf.register_new_resolver("dpq_config_groups", config_groups_help, replace=True)
     OmegaConf.register_new_resolver(
         "dpq_hydra_subdir",
         lambda resume: f".hydra/resume-{time.strftime('%Y%m%d-%H%M%S')}" if resume else ".hydra",
