@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 from conftest import compose_cfg
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from dpq.core.errors import ConfigError
+from dpq.run.overrides import variants  # one override list per swept value, as the CLI checks them
 from dpq.run.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,23 +55,6 @@ def runnable(args: str) -> list[str] | None:
     if any(PLACEHOLDER.search(t) for t in tokens):
         return None
     return [t for t in tokens if t not in ("-m", "--multirun")]
-
-
-def variants(overrides: list[str]) -> list[list[str]]:
-    """One override list per swept value (the others at their first value); one list if nothing sweeps."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    choices = []
-    for text, o in zip(overrides, parsed):
-        if o.is_sweep_override():
-            key = o.get_key_element()
-            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
-        else:
-            choices.append([text])
-    lists = [[c[0] for c in choices]]
-    for i, c in enumerate(choices):
-        for value in c[1:]:
-            lists.append([value if j == i else cs[0] for j, cs in enumerate(choices)])
-    return lists
 
 
 HELP = "conf/hydra/help/dpq.yaml"  # `python -m dpq.train --help` shows these commands

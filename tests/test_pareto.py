@@ -814,11 +814,8 @@ def test_seeds_keeps_a_report_to_its_seeds_after_more_land_beside_it(tmp_path, c
     )
 
 
-def test_runs_measured_on_other_examples_are_flagged_not_silently_compared(tmp_path, caplog):
-    """Seed 3's dq run dropped the test examples shared with train (task.overlap=drop): its accuracy is on
-    other examples than its dpq pair's, which the report and compare say, and record."""
-    same = "files:csv: train 80, validation 10, test 10; split seed 0"
-    runs = {}
+def toy_file_runs():
+    """(pipeline, seed, results) of dq and dpq on seeds 1-3 of one local-files task, as each records its data."""
     for s in (1, 2, 3):
         for pipe, acc, g in (("dq", 0.86, 0.3), ("dpq", 0.85, 0.1)):
             res = fake_results(pipe, s, acc, g, sparsity=0.8)
@@ -827,10 +824,19 @@ def test_runs_measured_on_other_examples_are_flagged_not_silently_compared(tmp_p
                 "source": "files:csv",
                 "sizes": {"train": 80, "validation": 10, "test": 10},
             }
-            if (pipe, s) == ("dq", 3):
-                res["task"]["sizes"]["test"] = 8
-                res["task"]["overlap"] = {"test_in_train": 2, "policy": "drop", "dropped": {"test": 2}}
-            runs[f"{pipe}_s{s}"] = res
+            yield pipe, s, res
+
+
+def test_runs_measured_on_other_examples_are_flagged_not_silently_compared(tmp_path, caplog):
+    """Seed 3's dq run dropped the test examples shared with train (task.overlap=drop): its accuracy is on
+    other examples than its dpq pair's, which the report and compare say, and record."""
+    same = "files:csv: train 80, validation 10, test 10; split seed 0"
+    runs = {}
+    for pipe, s, res in toy_file_runs():
+        if (pipe, s) == ("dq", 3):
+            res["task"]["sizes"]["test"] = 8
+            res["task"]["overlap"] = {"test_in_train": 2, "policy": "drop", "dropped": {"test": 2}}
+        runs[f"{pipe}_s{s}"] = res
     write_runs(tmp_path / "runs", runs)
     other = "files:csv: train 80, validation 10, test 8; split seed 0; examples shared with train dropped"
     with caplog.at_level("WARNING", logger="dpq.pareto"):
@@ -856,17 +862,10 @@ def test_runs_on_changed_data_under_one_name_are_flagged_by_their_content_digest
     """Same source, sizes and split seed, but seed 2's dq run read an edited file (another content digest):
     the label cannot tell, the digest can. A run from before digests (none recorded) is no evidence."""
     runs = {}
-    for s in (1, 2, 3):
-        for pipe, acc, g in (("dq", 0.86, 0.3), ("dpq", 0.85, 0.1)):
-            res = fake_results(pipe, s, acc, g, sparsity=0.8)
-            res["task"] = {
-                "name": "toy",
-                "source": "files:csv",
-                "sizes": {"train": 80, "validation": 10, "test": 10},
-            }
-            if s != 3:
-                res["task"]["content"] = "bbbb" if (pipe, s) == ("dq", 2) else "aaaa"
-            runs[f"{pipe}_s{s}"] = res
+    for pipe, s, res in toy_file_runs():
+        if s != 3:
+            res["task"]["content"] = "bbbb" if (pipe, s) == ("dq", 2) else "aaaa"
+        runs[f"{pipe}_s{s}"] = res
     write_runs(tmp_path / "runs", runs)
     with caplog.at_level("WARNING", logger="dpq.pareto"):
         assert cli_main([str(tmp_path / "runs"), "--no-progress", "-o", str(tmp_path / "all")]) == 0

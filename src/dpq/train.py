@@ -143,9 +143,8 @@ def main() -> float | list[float] | None:
     reported as holding no checkpoints."""
     try:
         check_resume_argument(sys.argv[1:])
-        check_command_line(
-            sys.argv[1:]
-        )  # a mistyped key or option: dpq's message, not Hydra's advice to add it
+        # a mistyped key or option: dpq's message, not Hydra's advice to add it
+        check_command_line(sys.argv[1:])
     except ConfigError as e:
         print(f"dpq: config error: {e}", file=sys.stderr)
         sys.exit(2)

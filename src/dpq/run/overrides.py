@@ -37,11 +37,11 @@ def check_command_line(argv: list[str]) -> None:
     if not overrides or not CONF_DIR.is_dir():
         return
     try:
-        variants = _variants(overrides)
+        lists = variants(overrides)
     except Exception:  # an override Hydra's parser refuses: Hydra says so itself
         return
     extra = [f"hydra.searchpath=[{','.join(_file_url(d) for d in search)}]"] if search else []
-    for variant in variants:
+    for variant in lists:
         _check(variant + extra)
 
 
@@ -59,7 +59,7 @@ def _file_url(folder: str) -> str:
     return "file://" + str(Path(folder).expanduser().resolve())
 
 
-def _variants(overrides: list[str]) -> list[list[str]]:
+def variants(overrides: list[str]) -> list[list[str]]:
     """One override list per swept value (the other sweeps at their first value); Optuna's interval() and
     similar search spaces, which compose cannot take, are left out (they name keys Hydra checks per trial)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
