@@ -1122,3 +1122,62 @@ def test_every_config_key_added_since_the_committed_runs_says_how_those_runs_beh
     }
     assert new <= set(ADDED_LATER), f"add to dpq.pareto.gather.ADDED_LATER: {sorted(new - set(ADDED_LATER))}"
     assert set(ADDED_LATER) <= new  # a key every committed run has needs no entry
+
+
+def test_seeds_run_with_other_bookkeeping_are_one_configuration(tmp_path, caplog):
+    """Sweep agents that ran seeds of one recipe with another stage-cache folder, checkpoint cadence, integrity
+    setting, teacher cache or objective: one configuration of every seed (these change no number). Its
+    final.objective, a sum under the weights of each run, is averaged only where the weights agree. A setting
+    that changes a number (the distill lr; the cost conditions) still makes a configuration of its own."""
+    one = {"weights": {"val_accuracy": 1.0}}
+    bookkeeping = {
+        1: {"stage_cache": {"enabled": True, "dir": "/a/stages"}, "objective": one},
+        2: {
+            "stage_cache": {"enabled": False, "dir": "/b/stages"},
+            "checkpoint": {"every_n_steps": 0},
+            "integrity": False,
+            "integrity_tolerance": 0.01,
+            "objective": {"weights": {"val_accuracy": 1.0, "effective_gflops": -0.1}},
+        },
+        3: {"stage_cache": {"enabled": True, "dir": "/c/stages"}, "objective": one},
+    }
+    runs = {}
+    for s, extra in bookkeeping.items():
+        for pipe in ("dq", "dpq"):
+            res = fake_results(pipe, s, 0.85 + s / 100, 0.1)
+            res["config"].update(extra)
+            res["config"]["pipeline"]["stages"]["teacher"]["cache"] = s != 2
+            res["final"]["objective"] = float(s)
+            runs[f"{pipe}_s{s}"] = res
+    lr = fake_results("dq", 4, 0.9, 0.1, lr=5e-4)  # another distill lr: another dq and dense student
+    lr["config"]["objective"], lr["final"]["objective"] = one, 1.0
+    cost = fake_results("dpq", 4, 0.9, 0.1)
+    cost["config"]["cost"] = {"batch_size": 32}  # measured under other conditions: every point its own
+    runs |= {"dq_lr_s4": lr, "dpq_b32_s4": cost}
+    write_runs(tmp_path / "runs", runs)
+    with caplog.at_level("WARNING", logger="dpq.pareto"):
+        assert cli_main([str(tmp_path / "runs"), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    merged = merge_seeds(gather([str(tmp_path / "runs")], progress=False))
+    finals = merged[merged["kind"] == "final"].set_index(["pipeline", "seeds"])
+    assert sorted(finals.index) == [("dpq", "1,2,3"), ("dpq", "4"), ("dq", "1,2,3"), ("dq", "4")]
+    refs = merged[merged["kind"] != "final"]
+    assert sorted(zip(refs["kind"], refs["seeds"])) == [
+        ("dense", "1,2,3"),  # the teacher's cache switch is no setting of the student either
+        ("dense", "4"),  # another distill lr
+        ("dense", "4"),  # other cost conditions
+        ("teacher", "1,2,3,4"),
+        ("teacher", "4"),  # other cost conditions
+    ]
+    for pipe in ("dq", "dpq"):
+        row = finals.loc[(pipe, "1,2,3")]
+        assert row["accuracy"] == pytest.approx(0.87) and row["n_runs"] == 3
+        assert np.isnan(row["objective"]) and np.isnan(row["objective_std"])  # seed 2 weighed it otherwise
+    assert finals.loc[("dq", "4"), "objective"] == 1.0  # one run: its own objective
+    warned = [r.getMessage() for r in caplog.records if "weigh final.objective differently" in r.getMessage()]
+    assert len(warned) == 2 and all("2 runs with" in w and "1 run with" in w for w in warned)
+    # the same weights on every seed: the objective is averaged as before
+    for res in runs.values():
+        res["config"]["objective"] = one
+    write_runs(tmp_path / "same", runs)
+    merged = merge_seeds(gather([str(tmp_path / "same")], references=False, progress=False))
+    assert merged.set_index(["pipeline", "seeds"]).loc[("dq", "1,2,3"), "objective"] == pytest.approx(2.0)

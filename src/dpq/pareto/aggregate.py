@@ -147,6 +147,27 @@ def warn_mixed_data(df: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(finals["data"].dropna()))
 
 
+def warn_mixed_objective(df: pd.DataFrame) -> list[str]:
+    """Warn when the seeds of one configuration were run under different ``objective.weights`` (e.g. by two
+    sweeps): they are one configuration, since the weights change no number but ``final.objective``, whose
+    mean is then left empty. Returns the labels of such configurations."""
+    if df.empty or "objective_weights" not in df:
+        return []
+    finals = df[df["kind"] == "final"] if "kind" in df else df
+    mixed = []
+    for _, rows in finals.groupby(GROUP, sort=False, dropna=False):
+        weights = rows["objective_weights"].dropna().value_counts()
+        if len(weights) > 1:
+            mixed.append(rows["label"].iloc[0])
+            log.warning(
+                "the runs of %s weigh final.objective differently (%s): they are seeds of one configuration "
+                "(the weights change no other number), and its objective is not averaged",
+                mixed[-1],
+                "; ".join(f"{n} run{'s' * (n != 1)} with {w}" for w, n in weights.items()),
+            )
+    return mixed
+
+
 # What must agree between two records of one training (losses first: they move in the 7th digit).
 SAME_TRAINING = ("val_loss", "loss", "val_accuracy", "accuracy")
 
@@ -242,12 +263,17 @@ def merge_seeds(df: pd.DataFrame) -> pd.DataFrame:
     std = grouped[metrics].std(ddof=1).fillna(0.0)
     out = out.join(std.add_suffix("_std"))
     out["n_seeds"] = grouped.size()
+    if "objective" in metrics and "objective_weights" in df:
+        # final.objective under other weights is another quantity: no mean across them (warn_mixed_objective)
+        mixed = df.groupby(GROUP, sort=False, dropna=False)["objective_weights"].nunique() > 1
+        out.loc[mixed.reindex(out.index, fill_value=False), ["objective", "objective_std"]] = float("nan")
     info_cols = [
         c for c in df.columns if c not in metrics and c not in (*GROUP, "run", "run_path", "run_name", "seed")
     ]
     raw = df.groupby(GROUP, sort=False, dropna=False)
     info = raw[info_cols].first()
-    for col in ("hardware", "data", "data_content"):  # every machine / split a configuration's seeds ran on
+    # every machine, split and objective weighting a configuration's seeds ran under
+    for col in ("hardware", "data", "data_content", "objective_weights"):
         if col in info:
             info[col] = raw[col].agg(lambda s: " | ".join(dict.fromkeys(s.dropna())))
     info["n_runs"] = raw.size()

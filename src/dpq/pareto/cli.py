@@ -26,6 +26,7 @@ from .aggregate import (
     warn_diverging_references,
     warn_mixed_data,
     warn_mixed_hardware,
+    warn_mixed_objective,
 )
 from .front import pareto_mask
 from .gather import INPUTS_HELP, SWEEP_ID, gather, is_sweep_id, prefix_orderings
@@ -163,6 +164,7 @@ def build_report(
     runs = drop_few_seeds(keep_seeds(runs, seeds), min_seeds)
     warn_mixed_hardware(runs)
     warn_mixed_data(runs)
+    warn_mixed_objective(runs)
     diverging = warn_diverging_references(runs)
     runs, picked = choose_variants(runs, choose, choose_on)
     if any(isinstance(o, str) for o in objectives):  # names, "primary" among them: resolved on the runs
@@ -438,6 +440,7 @@ def run_compare(args: argparse.Namespace, argv: list[str] | None = None) -> dict
     )
     machines = warn_mixed_hardware(runs)
     splits = warn_mixed_data(runs)
+    warn_mixed_objective(runs)
     diverging = warn_diverging_references(runs)  # the references are read for this check only
     runs, chosen = choose_variants(runs, parse_keys(args.choose), args.choose_on)
     runs = relabel(runs[runs["kind"] == "final"].reset_index(drop=True))

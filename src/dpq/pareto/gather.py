@@ -7,8 +7,10 @@ run whose stages begin with a preset's whole stage order also gives that preset'
 record at the end of that prefix is what a run of the preset measures (the stage cache restores exactly
 that prefix for it), so a ``dpq`` run carries its ``dp`` point. Each point carries a ``config_key``: a
 hash of the configuration
-that determined it, without the seed, run name, paths and logger, so that seeds of one
-configuration can be merged (:mod:`dpq.pareto.aggregate`) and the shared teacher of a
+that determined it, without the seed and the bookkeeping that changes no number (run name, paths,
+logger, checkpoints, integrity checks, stage-cache folder, the sweep's objective; see
+:data:`IGNORED_KEYS`), so that seeds of one configuration can be merged (:mod:`dpq.pareto.aggregate`),
+also when agents ran them with other cache folders or objective weights, and the shared teacher of a
 whole grid counts once.
 """
 
@@ -26,14 +28,16 @@ from typing import Any
 
 import pandas as pd
 
-from dpq.core.config import list_options, load_option
+from dpq.core.config import BOOKKEEPING_KEYS, BOOKKEEPING_STAGE_KEYS, list_options, load_option
 from dpq.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
-# Not part of what a configuration *is*: differ between seeds / reruns of the same thing.
-IGNORED_KEYS = ("seed", "run_name", "paths", "logger", "save_model", "resume")
+# Not part of what a configuration *is*: the seed, and the bookkeeping that never changes a number
+# (where a run wrote, its checkpoints, integrity checks, stage-cache folder, the sweep's objective).
+# Seeds of one recipe run by agents with other cache folders or objective weights are one configuration.
+IGNORED_KEYS = BOOKKEEPING_KEYS | {"seed"}
 # Config keys added after runs had been recorded without them, each with the value under which such a run
 # behaved as it did (task.overlap: every example kept; export.compact: the export did not remove dead units).
 # A run recorded before the key existed and a run recording that value are one configuration; without this a
@@ -259,7 +263,11 @@ def identity(cfg: dict, upto: list[str] | None = None, drop: tuple[str, ...] = (
     pipe = cfg.get("pipeline") or {}
     names = list(pipe.get("order") or []) if upto is None else upto
     if "pipeline" in out:
-        out["pipeline"] = {"order": names, "stages": dict(zip(names, _stage_cfgs(cfg, names)))}
+        stages = [
+            {k: v for k, v in st.items() if k not in BOOKKEEPING_STAGE_KEYS} if isinstance(st, dict) else st
+            for st in _stage_cfgs(cfg, names)
+        ]
+        out["pipeline"] = {"order": names, "stages": dict(zip(names, stages))}
         if upto is None:
             out["pipeline"]["name"] = pipe.get("name")
     return out
@@ -359,6 +367,10 @@ def points_from_results(
         common["data"] = data
     if isinstance(task, dict) and (content := (results.get("task") or {}).get("content")):
         common["data_content"] = content  # runs since 2026-12-06: tells apart examples the label cannot
+    if weights := (cfg.get("objective") or {}).get("weights"):
+        # final.objective is the weighted sum of the final metrics under these weights; the objective is
+        # not part of a configuration's identity, so its seeds' sums are averaged only under one weighting
+        common["objective_weights"] = json.dumps(weights, sort_keys=True)
     records = list(results.get("stages") or [])
     points = []
 

@@ -38,6 +38,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from dpq.core.config import BOOKKEEPING_KEYS, BOOKKEEPING_STAGE_KEYS
 from dpq.core.files import fingerprint_path, write_dir_atomic
 from dpq.core.provenance import code_fingerprint, training_settings
 from dpq.stages import build_stages
@@ -50,33 +51,16 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 2
 MANIFEST = "dpq-stage-cache.json"
 
-# Top-level config keys that never change what a stage computes or measures (where results go,
-# how they are tracked and named, the cache's own settings). Checkpointing and integrity checks
-# only save and verify state; they never change it.
+# The key leaves out the config's bookkeeping (dpq.core.config.BOOKKEEPING_KEYS) and ``export``, which
+# runs after the last stage and is never part of a stage's state.
 #
 # ``cost`` is *in* the key. Every restored record carries cost figures (FLOPs, BOPs, peak memory,
 # latency) measured under the building run's ``cost`` settings, and an entry holds only the model
 # after its last stage, so the earlier records of a restored prefix could not be measured again.
 # With the cost settings in the key, every figure in a results.json was measured under the
 # conditions it states; a run with other cost settings trains its own prefix.
-IGNORED_KEYS = frozenset(
-    {
-        "logger",
-        "paths",
-        "run_name",
-        "save_model",
-        "hydra",
-        "stage_cache",
-        "resume",
-        "objective",
-        "checkpoint",
-        "integrity",
-        "integrity_tolerance",
-        "export",  # after the last stage: never part of a stage's state
-    }
-)
-# Stage parameters that switch another cache, not the result.
-IGNORED_STAGE_KEYS = frozenset({"cache"})
+IGNORED_KEYS = BOOKKEEPING_KEYS | {"export"}
+IGNORED_STAGE_KEYS = BOOKKEEPING_STAGE_KEYS
 
 
 class CacheBusy(TimeoutError):
