@@ -201,7 +201,7 @@ CASES = [
         "no_checkpoints",
         "no config.json",
     ),
-    ([TINY, "task=_base"], "run_name", "${task.name}", "task=_base or model=_base holds the defaults"),
+    ([TINY, "task=_base"], "run_name", "${task.name}", "such as task=_base holds the defaults"),
     # structured kinds the model lacks, min_keep against its counts: before the teacher and distill train
     (
         [TINY, f"{P}.prune.granularity=channels"],
@@ -322,6 +322,23 @@ CASES = [
         "32",
         "is not a BertConfig setting (did you mean model.config.hidden_size?)",
     ),
+    # a block or list given a scalar: said by name, not a TypeError from the first check that reads inside it
+    ([TINY, "cost=5"], "cost", "5", "must be a block of settings (batch_size, device, latency_process,"),
+    ([TINY, f"{P}.prune=0.5"], f"{P}.prune", "0.5", "must be a block of settings, or null for the defaults"),
+    (
+        [TINY, "objective.metrics=val_accuracy"],
+        "objective.metrics",
+        "'val_accuracy'",
+        "must be a list of metric",
+    ),
+    # an interpolation that cannot be resolved: its key and what it says, before anything loads
+    ([TINY, "run_name=${nope}"], "run_name", "${nope}", "lacks (Interpolation key 'nope' not found)"),
+    (
+        [TINY, "run_name=${oc.env:DPQ_NO_SUCH_VARIABLE}"],
+        "run_name",
+        "${oc.env:DPQ_NO_SUCH_VARIABLE}",
+        'cannot be resolved: KeyError raised while resolving interpolation: "Environment variable',
+    ),
     # a hub student that cannot be loaded (offline, or no such id): said before the teacher trains
     (
         [TINY, "model=distilbert", "model.pretrained=dpq-no-such-org/no-such-model"],
@@ -386,6 +403,16 @@ def run_cli(tmp_path, *overrides):
         pytest.param(
             ["resume={tmp}/run", "pipeline.stages.prune.final_sparsity=0.9"],
             "dpq: config error: resume='{tmp}/run': continues a run with the config it started with",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(  # Hydra's record of the overrides resolved the interpolation inside one, and failed
+            ["run_name=${nope}"],
+            "dpq: config error: run_name='${nope}': refers to a key the composed config lacks",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(  # read by the check of stage overrides that runs before the config's own checks
+            ["pipeline.stages=5"],
+            "dpq: config error: pipeline.stages=5: must be a block of settings",
             marks=pytest.mark.slow,
         ),
         pytest.param(  # a mistyped folder: said before Hydra would create it as the run folder

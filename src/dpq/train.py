@@ -99,7 +99,8 @@ def hydra_main(cfg: DictConfig) -> float | list[float] | None:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
-        overrides = list(hc.overrides.task)
+        # as typed: iterating the ListConfig would resolve an interpolation inside an override (run_name=${x})
+        overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)
         check_resume_overrides(cfg.get("resume"), overrides)
         if not cfg.get("resume"):
             unused_stage_overrides(OmegaConf.to_container(cfg.pipeline, resolve=False), overrides)

@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationKeyError
+from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError
 
 from dpq import metrics as task_metrics
 from dpq.core import devices
@@ -66,9 +66,65 @@ RUN_KEYS["model"] = RUN_KEYS["teacher"] = (
 )  # fmt: skip
 
 
+# The config's blocks and lists, and whether null stands for "the defaults" there. A block given a scalar on
+# the command line (``cost=5``, ``pipeline.stages.prune=0.5`` for ``...prune.final_sparsity=0.5``) is
+# refused here, before any check reads inside it, instead of failing with a Python traceback.
+SHAPES: dict[str, tuple[type, bool]] = {
+    "task": (dict, False), "model": (dict, False), "teacher": (dict, False), "pipeline": (dict, False),
+    "pipeline.stages": (dict, False), "trainer": (dict, True), "paths": (dict, True), "logger": (dict, True),
+    "cost": (dict, True), "export": (dict, True), "checkpoint": (dict, True), "stage_cache": (dict, True),
+    "objective": (dict, True), "objective.weights": (dict, True), "objective.metrics": (list, True),
+    "task.split": (dict, True), "task.embedded": (dict, True), "task.files": (dict, True),
+    "task.normalize": (dict, True), "task.label_names": (list, True), "task.metrics": (list, True),
+    "model.config": (dict, True), "teacher.config": (dict, True),
+}  # fmt: skip
+# What a block or list holds where "settings" would not say it, and an example.
+SHAPE_EXAMPLES = {
+    "objective.weights": (
+        "metric: weight pairs",
+        "objective.weights={val_accuracy:1.0,effective_gflops:-0.1}",
+    ),
+    "objective.metrics": ("metric names", "objective.metrics=[val_accuracy,effective_gflops]"),
+    "model.config": ("model config fields", "model.config.hidden_size=<value>"),
+    "teacher.config": ("model config fields", "teacher.config.hidden_size=<value>"),
+    "task.label_names": ("class names in id order", "task.label_names=[negative,positive]"),
+    "task.metrics": ("metric names", "task.metrics=[accuracy,f1]"),
+}
+
+
+def check_shapes(cfg: dict[str, Any]) -> None:
+    """Every block a mapping and every list a list (or null where that means the defaults); each stage
+    under ``pipeline.stages`` a mapping of its settings (null: its kind's defaults)."""
+    stages = cfg.get("pipeline", {}).get("stages") if isinstance(cfg.get("pipeline"), dict) else None
+    names = list(stages) if isinstance(stages, dict) else []
+    shapes = {**SHAPES, **{f"pipeline.stages.{n}": (dict, True) for n in names}}
+    for key, (kind, null_ok) in shapes.items():
+        node, found = cfg, True
+        for part in key.split("."):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                found = False
+                break
+        if not found or (node is None and null_ok) or isinstance(node, kind):
+            continue
+        what, example = SHAPE_EXAMPLES.get(key, ("settings", f"{key}.<setting>=<value>"))
+        allowed = [a for a in RUN_KEYS.get(key, ()) if a not in ("hydra", "offline", "online")]
+        raise ConfigError(
+            key,
+            node,
+            ("must be a list of " if kind is list else "must be a block of ")
+            + what
+            + (f" ({', '.join(allowed)})" if allowed else "")
+            + (", or null for the defaults" if null_ok else "")
+            + f"; e.g. {example}",
+        )
+
+
 def validate(cfg: dict[str, Any]) -> list[Stage]:
     """Validate the resolved run config; return the pipeline's stages. Checks that need the task's labels
     run here only when the config states ``task.num_labels`` (:func:`validate_data` runs them with the data's)."""
+    check_shapes(cfg)
     task = cfg["task"]
     if task.get("kind") not in TASK_KINDS:
         raise ConfigError("task.kind", task.get("kind"), f"must be one of {', '.join(TASK_KINDS)}")
@@ -144,12 +200,27 @@ def resolved_config(cfg: DictConfig) -> dict:
     """The composed config as plain data, every interpolation resolved."""
     try:
         return OmegaConf.to_container(cfg, resolve=True)
-    except InterpolationKeyError as e:  # e.g. task=_base: the defaults the tasks start from, not a task
+    except InterpolationKeyError as e:  # a typo in ${...}, or task=_base: the defaults the tasks start from
+        why = str(e.msg).splitlines()[0]
+        missing = m.group(1) if (m := re.search(r"key '([^']+)' not found", why)) else ""
+        group = missing.split(".")[0]
+        base = group in ("task", "model", "teacher", "pipeline") and "name" not in (cfg.get(group) or {})
         raise ConfigError(
             str(e.full_key),
             unresolved(cfg, str(e.full_key)),
-            f"refers to a key the composed config lacks ({str(e.msg).splitlines()[0]}); a config group option such as "
-            "task=_base or model=_base holds the defaults the others start from and is not one to choose",
+            f"refers to a key the composed config lacks ({why})"
+            + (
+                f"; a config group option such as {group}=_base holds the defaults the others start from and is "
+                "not one to choose"
+                if base
+                else ""
+            ),
+        ) from None
+    except InterpolationResolutionError as e:  # ${oc.env:VAR} unset, an unknown resolver, ...
+        raise ConfigError(
+            str(e.full_key),
+            unresolved(cfg, str(e.full_key)),
+            f"cannot be resolved: {str(e.msg).splitlines()[0]}",
         ) from None
 
 
@@ -172,8 +243,9 @@ def unused_stage_overrides(pipeline: dict[str, Any], overrides: list[str]) -> li
         elif isinstance(v, str):
             read.update(re.findall(r"\$\{\.*(?:pipeline\.stages\.)?([\w]+\.[\w.]+)\}", v))
 
+    stages = pipeline.get("stages")
     for name in order:
-        scan((pipeline.get("stages") or {}).get(name))
+        scan(stages.get(name) if isinstance(stages, dict) else None)  # not a block: validate says so
     out = []
     for o in overrides:
         m = re.match(r"^[+~]*pipeline\.stages\.(([^.=]+)[^=]*)", o)
