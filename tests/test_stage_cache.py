@@ -5,6 +5,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -452,7 +453,11 @@ def test_entries_of_other_code_are_never_used_listed_stale_and_pruned(tmp_path, 
         "other_gpu": True,
     }
     assert "6 entries (5 stale" in out[-1]
-    assert stage_cache.main(["--dir", str(tmp_path), "prune", "--stale", "--dry-run"]) == 0
+    advised = shlex.split(line.split("`")[1])  # the command the run's log line gives, as it gives it
+    assert advised[:3] == ["python", "-m", "dpq.stage_cache"]
+    assert stage_cache.main([*advised[3:], "--dry-run"]) == 0
+    assert "would evict 5 entries" in capsys.readouterr().out and len(cache.entries()) == 6
+    assert stage_cache.main(["--dir", str(tmp_path), "prune", "--stale", "--dry-run"]) == 0  # --dir first
     assert "would evict 5 entries" in capsys.readouterr().out and len(cache.entries()) == 6
     assert stage_cache.main(["--dir", str(tmp_path), "prune", "--stale"]) == 0
     assert "evicted 5 entries" in capsys.readouterr().out

@@ -457,10 +457,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="List the stage cache, or evict stale and least recently used entries.",
     )
     ap.add_argument("--dir", type=Path, default=None, help="default: $DPQ_CACHE_DIR/stages (stage_cache.dir)")
+    # --dir also after the command (`prune --stale --dir D`, as the run's log line writes it)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="entries, least recently used first, with sizes; stale ones marked")
+    sub.add_parser(
+        "list", parents=[where], help="entries, least recently used first, with sizes; stale ones marked"
+    )
     pr = sub.add_parser(
         "prune",
+        parents=[where],
         help="evict stale entries (other dpq code, library versions or cache format), entries unused "
         "for N days, then the least recently used above a size",
     )
