@@ -659,6 +659,12 @@ def test_a_grid_multirun_lists_every_job_as_the_basic_sweeper_will_run_them(tmp_
         check_job("train", jobs[-1])
         with pytest.raises(ConfigError, match="final_sparsity=1.5: must be in"):
             check_job("train", [*jobs[0], f"{P}.prune.final_sparsity=1.5"])
+        # an interpolation in an override is read as typed (listing the jobs resolved it, and failed)
+        grid.hydra.overrides.task.append("run_name=${nope}")
+        jobs = sweep_jobs(grid)
+        assert len(jobs) == 2 * 5 * 2 and jobs[0][-1].startswith("run_name=")  # as Hydra escapes it
+        with pytest.raises(ConfigError, match="Interpolation key 'nope' not found"):
+            check_job("train", jobs[0])
         optuna = compose("train", overrides=["hparams_search=pareto_bayes"], return_hydra_config=True)
         assert sweep_jobs(optuna) is None  # sampled as it goes: each trial checks itself
 

@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dpq.core.errors import ConfigError
 
@@ -33,7 +33,9 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     if not str(sweeper.get("_target_", "")).endswith(".BasicSweeper"):
         return None
     params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]  # as BasicSweeper._parse_config
-    overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+    # as typed: iterating the ListConfig would resolve an interpolation inside an override (run_name=${x})
+    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    overrides = OverridesParser.create().parse_overrides([*params, *task])
     return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
