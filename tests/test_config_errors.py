@@ -131,7 +131,25 @@ CASES = [
         "selector matches none of this stage's targets",
     ),
     # models and label counts
-    ([DIGITS, "model=tiny_bert"], "model", "'tiny_bert'", "needs an mlp model"),
+    (
+        [DIGITS, "model=tiny_bert"],
+        "model",
+        "'tiny_bert'",
+        "is an arch=hf model but task 'digits' (features) needs arch=mlp",
+    ),
+    # a text input longer than a model's position table: it failed inside the embeddings after training began
+    (
+        [TINY, "cost.seq_len=129"],
+        "cost.seq_len",
+        "129",
+        "is longer than the 128 positions of the teacher (tiny_bert",
+    ),
+    (
+        [TINY, "task.max_length=200"],
+        "task.max_length",
+        "200",
+        "is longer than the 128 positions of the teacher",
+    ),
     (
         [TINY, "model.init=from_teacher", "+model.layers=[0,9]"],
         "model.layers",

@@ -194,3 +194,26 @@ def test_4bit_packing_keeps_the_nibble_layout():
     codes = torch.tensor([[-8, 7, 0, -1, 3, 2, 1, -2]], dtype=torch.int8)
     packed = pack_codes(codes, 4)
     assert packed.tolist() == [[0 | (15 << 4), 8 | (7 << 4), 11 | (10 << 4), 9 | (6 << 4)]]
+
+
+def test_a_layer_with_one_input_quantizes_per_channel():
+    """A FFN pruned down to one neuron leaves its output layer with in_features 1: per-channel QAT there
+    (torchao's quantizer asserts a group wider than 1) runs dpq's quantizer, matches the float64 reference
+    and converts bit for bit -- it used to fail in the quantize stage, after every earlier stage had trained."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 1), nn.ReLU(), nn.Linear(1, 6), nn.ReLU(), nn.Linear(6, 3))
+    cfg = QuantConfig(bits=4, granularity="per_channel", targets=["0", "2"])
+    assert prepare_qat_(model, cfg) == ["0", "2"]
+    x = torch.randn(16, 8)
+    deq, _, scales, _ = reference_fake_quant(
+        model[2].weight.detach().double().numpy(), 4, "per_channel", 0, True
+    )
+    with torch.no_grad():
+        fq = model(x)
+        used = (model[2](torch.ones(1, 1)) - model[2].bias).double().numpy().T  # the weight it computes with
+    # one weight per row sits at the symmetric grid's edge (|w| / scale = 7.5), where float32 may round to
+    # the code on either side (see test_fake_quant_matches_float64_reference): the reference's, or one step
+    assert np.all(np.abs(used - deq) <= scales * (1 + 1e-5)) and np.any(np.abs(used - deq) < 1e-7)
+    convert_(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), fq)

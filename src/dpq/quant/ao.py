@@ -95,8 +95,8 @@ def intx_fits(cfg: QuantConfig, in_features: int, static: bool) -> bool:
     """Whether torchao's ``IntxFakeQuantizer`` computes exactly what ``cfg`` asks for this layer."""
     if not cfg.symmetric or cfg.observer != "minmax" or (static and cfg.calibration != "minmax"):
         return False
-    if cfg.granularity == "per_channel":
-        return True
+    if cfg.granularity == "per_channel":  # one group of in_features per row: torchao asserts a group > 1
+        return in_features > 1  # (a layer shrunk to one input: a FFN left with one neuron)
     return (
         cfg.granularity == "per_group" and in_features % cfg.group_size == 0 and cfg.group_size < in_features
     )

@@ -135,7 +135,7 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
             raise ConfigError(
                 f"{key}",
                 cfg[key].get("name"),
-                f"is a {arch} model but task '{task['name']}' ({task['kind']}) needs an {' or '.join(want)} model",
+                f"is an arch={arch} model but task '{task['name']}' ({task['kind']}) needs arch={' or '.join(want)}",
             )
     task_metrics.check_names(task)
     stages = build_stages(cfg["pipeline"])
@@ -600,7 +600,33 @@ def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
     )
     for stage in stages:
         stage.check_model(check)
+    if task.get("kind") == "text":
+        if teacher is None:
+            teacher = skeleton(teacher_spec, task, "teacher")
+        check_positions(cfg, {"teacher": teacher, "model": student})
     check_feature_kd(cfg, stages, student, teacher)
+
+
+def check_positions(cfg: dict[str, Any], models: dict[str, Any]) -> None:
+    """A text input no longer than each model's position table: the training batches (``task.max_length``)
+    and the inputs cost is measured with (``cost.seq_len``, after every stage). A longer one fails inside
+    the model's embeddings, after the stages before it trained."""
+    longest = {
+        "task.max_length": cfg["task"].get("max_length"),
+        "cost.seq_len": (cfg.get("cost") or {}).get("seq_len"),
+    }
+    for key, model in models.items():
+        n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if not isinstance(n, int):
+            continue  # not known here (offline), or no learned position table
+        for k, v in longest.items():
+            if isinstance(v, int) and not isinstance(v, bool) and v > n:
+                raise ConfigError(
+                    k,
+                    v,
+                    f"is longer than the {n} positions of the {key} ({cfg[key].get('name')}: "
+                    f"max_position_embeddings={n}); at most {n}",
+                )
 
 
 def check_feature_kd(cfg: dict[str, Any], stages: list[Stage], student, teacher) -> None:
