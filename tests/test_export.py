@@ -413,7 +413,11 @@ def test_a_run_writes_model_onnx_and_measures_it_and_the_cli_redoes_it(make_cfg,
     assert 0.9 <= final["onnx_agreement"] <= 1.0 and final["onnx_latency_ms_median"] > 0
     assert final["onnx_accuracy"] == pytest.approx(final["accuracy"] + final["onnx_accuracy_delta"])
     assert results["onnx_export"]["embedding"] == "GatherBlockQuantized 8-bit"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as in a fresh process: the CLI turns transformers' load bars off
     assert main([str(tmp_path / "run"), "--no-fuse"]) == 0
+    assert not hf_logging.is_progress_bar_enabled()
     again = json.loads((tmp_path / "run" / "results.json").read_text())
     assert again["onnx_export"]["fused"] == {} and again["final"]["onnx_agreement"] >= 0.9
     assert again["final"]["onnx_compacted_units"] == 0 and again["onnx_export"]["compact"]["by_kind"]

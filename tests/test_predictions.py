@@ -140,7 +140,11 @@ def test_a_run_writes_its_predictions_and_the_cli_rewrites_them_from_the_saved_m
     assert json.loads((run / "results.json").read_text())["predictions"] == summary
 
     (run / predictions.FILE).unlink()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as in a fresh process: the CLI turns transformers' load bars off
     assert main([str(run)]) == 0
+    assert not hf_logging.is_progress_bar_enabled()
     again = predictions.load(run)
     assert all(np.array_equal(again[k], preds[k]) for k in preds)
 

@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         "in each results.json where RUN_DIR/model is missing)",
     )
     args = ap.parse_args(argv)
+    from dpq.loggers import quiet_libraries
+
+    quiet_libraries()  # transformers' "Loading weights" bar at every model load, as in a run
     if args.model is not None and len(args.run_dirs) > 1:
         print("dpq.predictions: --model names one run's model; pass one RUN_DIR with it", file=sys.stderr)
         return 2

@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         help="export every head and FFN neuron, also those pruning left without effect (default: removed)",
     )
     args = ap.parse_args(argv)
+    from dpq.loggers import quiet_libraries
+
+    quiet_libraries()  # transformers' "Loading weights" bar at every model load, as in a run
     overrides = {
         k: v
         for k, v in {
