@@ -706,3 +706,25 @@ def test_a_bad_job_in_a_grid_multirun_stops_it_before_any_job_trains(tmp_path):
     )
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "sweep").exists()  # job #0 never started
+
+
+def test_a_roberta_style_position_table_holds_two_rows_fewer_inputs():
+    """RoBERTa counts positions from padding_idx + 1: 66 rows take inputs of at most 64 tokens."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, RobertaConfig
+
+    from dpq.run.validate import check_positions
+
+    config = RobertaConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=66,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    cfg = {"task": {"max_length": 64}, "cost": {"seq_len": 64}, "teacher": {"name": "r"}}
+    check_positions(cfg, {"teacher": model})
+    cfg["cost"]["seq_len"] = 65
+    with pytest.raises(
+        ConfigError, match=r"cost.seq_len=65: is longer than the 64 positions of the teacher \(r: "
+    ):
+        check_positions(cfg, {"teacher": model})

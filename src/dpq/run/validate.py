@@ -619,13 +619,18 @@ def check_positions(cfg: dict[str, Any], models: dict[str, Any]) -> None:
         n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if not isinstance(n, int):
             continue  # not known here (offline), or no learned position table
+        for module in model.modules():  # RoBERTa-style: positions count from padding_idx + 1
+            pad = getattr(module, "padding_idx", None)
+            if hasattr(module, "position_embeddings") and isinstance(pad, int):
+                n -= pad + 1
+                break
         for k, v in longest.items():
             if isinstance(v, int) and not isinstance(v, bool) and v > n:
                 raise ConfigError(
                     k,
                     v,
                     f"is longer than the {n} positions of the {key} ({cfg[key].get('name')}: "
-                    f"max_position_embeddings={n}); at most {n}",
+                    f"max_position_embeddings={model.config.max_position_embeddings}); at most {n}",
                 )
 
 
