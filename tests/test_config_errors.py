@@ -471,6 +471,19 @@ def test_cli_prints_one_clear_line_and_exits_2(tmp_path, overrides, line):
         ),
         (["pipeline=dq", f"{P}.prnue.epochs=2"], f"{P}.prnue.epochs", f"(did you mean {P}.prune.epochs?)"),
         (["task.hub.revision=v1"], "task.hub.revision", "is added with +task.hub.revision=..."),
+        # a key inside a mapping value: named as the key it is, not as the mapping
+        (["task.split={valdation:0.2}"], "task.split.valdation", "(did you mean task.split.validation?)"),
+        # a weighted sum given as a mapping: Hydra would merge it into the default weights
+        (
+            ["objective.weights={val_accuracy:1.0}"],
+            "objective.weights",
+            "name every weight (objective.weights={val_accuracy:1.0,effective_gflops:0})",
+        ),
+        (
+            ["task.primary_metric=f1", "objective.weights={val_f1:1.0}"],
+            "objective.weights",
+            "replace the mapping: '~objective.weights' '+objective.weights={val_f1:1.0}'",
+        ),
     ],
 )
 def test_a_mistyped_key_or_option_on_the_command_line_gets_dpqs_message_not_hydras(argv, key, said):
@@ -493,6 +506,8 @@ def test_the_command_line_check_passes_what_hydra_composes_and_leaves_flags_to_h
         [f"{P}.distill.alpha=interval(0.2,0.8)", "hparams_search=pareto_bayes"],  # Optuna's search space
         ["--config-dir", str(tmp_path), "task=tickets"],  # a user's own task
         ["--cfg", "job", "sed=1"],  # a flag: Hydra's business, as before
+        ["objective.weights={val_accuracy:2.0,effective_gflops:0}", "task.split={validation:0.2}"],
+        ["~objective.weights", "+objective.weights={val_accuracy:1.0}"],  # the mapping replaced
     ):
         check_command_line(argv)
     with pytest.raises(ConfigError, match="task='tickets': is not a task option"):

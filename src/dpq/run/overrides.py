@@ -45,14 +45,53 @@ def check_command_line(argv: list[str]) -> None:
         _check(variant + extra)
 
 
-def _value(text: str):
-    """The value as the user wrote it, typed as YAML reads it (0.5, not '0.5')."""
-    import yaml
+def _value(override: str):
+    """The value of ``key=value`` as Hydra types it (0.5, not '0.5'; ``{val_f1:1.0}`` a mapping: YAML would
+    read that as one key ``'val_f1:1.0'``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        return OverridesParser.create().parse_override(override).value()
+    except Exception:
+        return override.split("=", 1)[1]
+
+
+# Mappings whose entries are summed: Hydra merges a mapping given on the command line into the one the
+# config has, so objective.weights={val_f1:1.0} would keep the default weights of val_accuracy and
+# effective_gflops (and Hydra refuses a key the defaults lack as "not in struct"). For a weighted sum
+# that merge is silently another objective, so such a value must name every weight, or replace the mapping.
+SUMMED_MAPPINGS = ("objective.weights",)
+
+
+def _check_summed_mappings(overrides: list[str], compose) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from omegaconf import OmegaConf
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    for text, o in zip(overrides, parsed, strict=True):
+        key = o.get_key_element()
+        if key not in SUMMED_MAPPINGS or o.type != OverrideType.CHANGE or not isinstance(o.value(), dict):
+            continue
+        if any(p.get_key_element() == key and p.type == OverrideType.DEL for p in parsed):
+            continue  # '~objective.weights' '+objective.weights={...}' (Hydra refuses a plain = after ~ itself)
+        try:
+            node = OmegaConf.select(compose("train", overrides=[t for t in overrides if t != text]), key)
+        except Exception:
+            return  # the rest does not compose: Hydra says why itself
+        given, configured = dict(o.value()), dict(node or {})
+        if set(given) == set(configured):
+            continue
+        spelled = "{" + ",".join(f"{k}:{v}" for k, v in given.items()) + "}"
+        replace = f"replace the mapping: '~{key}' '+{key}={spelled}'"
+        if set(given) <= set(configured):  # Hydra would merge: the weights not named would stay
+            whole = ",".join(f"{k}:{v}" for k, v in {**{k: 0 for k in configured}, **given}.items())
+            replace = f"name every weight ({key}={{{whole}}}) or {replace}"
+        raise ConfigError(
+            key,
+            given,
+            f"is merged by Hydra into the configured {key} {configured}, not put in their place; {replace}",
+        )
 
 
 def _file_url(folder: str) -> str:
@@ -92,6 +131,7 @@ def _check(overrides: list[str]) -> None:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
+            _check_summed_mappings(overrides, compose)
             compose("train", overrides=overrides)
             return
         except MissingConfigException as e:
@@ -115,8 +155,13 @@ def _check(overrides: list[str]) -> None:
             if not (m := re.search(r"Could not override '([^']+)'", str(e))) or "not in struct" not in cause:
                 return
             key = m.group(1)
-            value = next((_value(o.split("=", 1)[1]) for o in overrides if o.split("=", 1)[0] == key), None)
+            value = next((_value(o) for o in overrides if o.split("=", 1)[0] == key), None)
             rest = [o for o in overrides if o.split("=", 1)[0] != key]
+            if isinstance(value, dict) and (f := re.search(r"full_key: (\S+)", cause)) and f[1] != key:
+                inner = f[1][
+                    len(key) + 1 :
+                ]  # a mapping's key the config's mapping lacks: task.split={valdation:...}
+                key, value = f[1], value.get(inner, value)
             try:
                 cfg = compose("train", overrides=rest)
             except Exception:
