@@ -472,7 +472,13 @@ def test_cli_prints_one_clear_line_and_exits_2(tmp_path, overrides, line):
         (["pipeline=dq", f"{P}.prnue.epochs=2"], f"{P}.prnue.epochs", f"(did you mean {P}.prune.epochs?)"),
         (["task.hub.revision=v1"], "task.hub.revision", "is added with +task.hub.revision=..."),
         # a key inside a mapping value: named as the key it is, not as the mapping
-        (["task.split={valdation:0.2}"], "task.split.valdation", "(did you mean task.split.validation?)"),
+        (["task.split={valdation:0.2}"], "task.split.valdation", "(did you mean 'validation'?)"),
+        (  # a selector is one key, dots and all; + merges (the preset's selector stays), ~ then + replaces
+            ["experiment=deploy70mix", f"{P}.prune.overrides={{re\\:.*query:0.3}}"],
+            f"{P}.prune.overrides.re:.*query",
+            f"to add keys, +{P}.prune.overrides={{re\\:.*query:0.3}} (the configured ones stay); to replace it,"
+            f" '~{P}.prune.overrides' '+{P}.prune.overrides={{re\\:.*query:0.3}}'",
+        ),
         # a weighted sum given as a mapping: Hydra would merge it into the default weights
         (
             ["objective.weights={val_accuracy:1.0}"],
@@ -480,7 +486,7 @@ def test_cli_prints_one_clear_line_and_exits_2(tmp_path, overrides, line):
             "name every weight (objective.weights={val_accuracy:1.0,effective_gflops:0})",
         ),
         (
-            ["task.primary_metric=f1", "objective.weights={val_f1:1.0}"],
+            ["task.primary_metric=f1", "+objective.weights={val_f1:1.0}"],  # + merges as well
             "objective.weights",
             "replace the mapping: '~objective.weights' '+objective.weights={val_f1:1.0}'",
         ),
@@ -492,6 +498,15 @@ def test_a_mistyped_key_or_option_on_the_command_line_gets_dpqs_message_not_hydr
     with pytest.raises(ConfigError) as err:
         check_command_line(argv)
     assert err.value.key == key and said in str(err.value), str(err.value)
+
+
+def test_each_swept_value_keeps_the_prefix_it_was_written_with():
+    from dpq.run.overrides import variants
+
+    assert variants(["+seed=1,2", "~task.split", "++a=3"]) == [
+        ["+seed=1", "~task.split", "++a=3"],
+        ["+seed=2", "~task.split", "++a=3"],
+    ]
 
 
 def test_the_command_line_check_passes_what_hydra_composes_and_leaves_flags_to_hydra(tmp_path):

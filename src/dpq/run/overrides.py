@@ -70,10 +70,10 @@ def _check_summed_mappings(overrides: list[str], compose) -> None:
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     for text, o in zip(overrides, parsed, strict=True):
-        key = o.get_key_element()
-        if key not in SUMMED_MAPPINGS or o.type != OverrideType.CHANGE or not isinstance(o.value(), dict):
+        key = o.key_or_group
+        if key not in SUMMED_MAPPINGS or o.type == OverrideType.DEL or not isinstance(o.value(), dict):
             continue
-        if any(p.get_key_element() == key and p.type == OverrideType.DEL for p in parsed):
+        if any(p.key_or_group == key and p.type == OverrideType.DEL for p in parsed):
             continue  # '~objective.weights' '+objective.weights={...}' (Hydra refuses a plain = after ~ itself)
         try:
             node = OmegaConf.select(compose("train", overrides=[t for t in overrides if t != text]), key)
@@ -82,7 +82,7 @@ def _check_summed_mappings(overrides: list[str], compose) -> None:
         given, configured = dict(o.value()), dict(node or {})
         if set(given) == set(configured):
             continue
-        spelled = "{" + ",".join(f"{k}:{v}" for k, v in given.items()) + "}"
+        spelled = _spelled(given)
         replace = f"replace the mapping: '~{key}' '+{key}={spelled}'"
         if set(given) <= set(configured):  # Hydra would merge: the weights not named would stay
             whole = ",".join(f"{k}:{v}" for k, v in {**{k: 0 for k in configured}, **given}.items())
@@ -102,7 +102,6 @@ def variants(overrides: list[str]) -> list[list[str]]:
     """One override list per swept value (the other sweeps at their first value); Optuna's interval() and
     similar search spaces, which compose cannot take, are left out (they name keys Hydra checks per trial)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
 
     choices = []
     for text, o in zip(overrides, OverridesParser.create().parse_overrides(overrides), strict=True):
@@ -111,10 +110,8 @@ def variants(overrides: list[str]) -> list[list[str]]:
                 values = list(o.sweep_string_iterator())
             except Exception:  # interval(...), tag(...): a search space, not a list of values
                 continue
-            prefix = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++", OverrideType.DEL: "~"}.get(
-                o.type, ""
-            )
-            choices.append([f"{prefix}{o.get_key_element()}={v}" for v in values])
+            # get_key_element() keeps the + / ++ / ~ the override was written with
+            choices.append([f"{o.get_key_element()}={v}" for v in values])
         else:
             choices.append([text])
     lists = [[c[0] for c in choices]]
@@ -157,18 +154,16 @@ def _check(overrides: list[str]) -> None:
             key = m.group(1)
             value = next((_value(o) for o in overrides if o.split("=", 1)[0] == key), None)
             rest = [o for o in overrides if o.split("=", 1)[0] != key]
-            if isinstance(value, dict) and (f := re.search(r"full_key: (\S+)", cause)) and f[1] != key:
-                inner = f[1][
-                    len(key) + 1 :
-                ]  # a mapping's key the config's mapping lacks: task.split={valdation:...}
-                key, value = f[1], value.get(inner, value)
             try:
                 cfg = compose("train", overrides=rest)
             except Exception:
                 return
         finally:
             GlobalHydra.instance().clear()
-    from omegaconf import DictConfig
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(value, dict) and isinstance(node := OmegaConf.select(cfg, key), DictConfig):
+        _refuse_mapping_key(key, value, [str(k) for k in node.keys()])
 
     parts = key.split(".")
     node, i = cfg, 0
@@ -185,6 +180,30 @@ def _check(overrides: list[str]) -> None:
         + (f" (did you mean {meant}?)" if meant else "")
         + (f"; allowed: {', '.join(allowed)}" if allowed else "")
         + f"; a key the config does not have is added with +{key}=... (dpq then checks that it reads it)",
+    )
+
+
+def _spelled(mapping: dict) -> str:
+    """A mapping as a Hydra override writes it (a ':' inside a key escaped: ``{re\\:.*\\.dense:0.7}``)."""
+    return "{" + ",".join(f"{str(k).replace(':', chr(92) + ':')}:{v}" for k, v in mapping.items()) + "}"
+
+
+def _refuse_mapping_key(key: str, value: dict, allowed: list[str]) -> None:
+    """``task.split={valdation:0.2}``: Hydra merges a mapping into the configured one and refuses a key
+    that one lacks. Named here as the key it is (a selector such as ``re:.*\\.dense`` is one key, dots and
+    all), with the two ways Hydra takes a new key."""
+    new = [str(k) for k in value if str(k) not in allowed]
+    if not new:
+        return
+    near = get_close_matches(new[0], allowed, n=1)
+    spelled = _spelled(value)
+    raise ConfigError(
+        f"{key}.{new[0]}",
+        value[new[0]],
+        f"{new[0]!r} is not a key of {key}"
+        + (f" (did you mean {near[0]!r}?)" if near else "")
+        + f"; it has {', '.join(allowed) or 'none'}. Hydra merges a mapping into the configured one: to add"
+        f" keys, +{key}={spelled} (the configured ones stay); to replace it, '~{key}' '+{key}={spelled}'",
     )
 
 
