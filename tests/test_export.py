@@ -212,6 +212,17 @@ def test_a_per_group_layer_whose_one_group_spans_the_row_is_still_exported_exact
     assert len(r.int8_layers) == 12
 
 
+def test_int8_matmul_says_which_per_group_layers_cannot_run_on_the_integer_kernels(tmp_path, caplog):
+    """Groups of 64 split the FFN output layer's 128 inputs: its codes have two scales per row, which
+    DynamicQuantizeMatMul cannot hold, so it stays MatMulNBits (exact) and a warning says so."""
+    m = quantized(bert(), 8, "per_group", group=64)
+    with caplog.at_level("WARNING"):
+        r = export_onnx(m, text_inputs(), tmp_path / "g.onnx", OnnxOptions(nbits_compute="int8_matmul"))
+    assert r.nbits_layers == ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"]
+    assert len(r.int8_layers) == 10
+    assert "2 layers have per-group codes (bert.encoder.layer.0.output.dense, ...)" in caplog.text
+
+
 def test_int8_compute_of_4_bit_layers_is_an_option_close_to_the_exact_export(tmp_path):
     """export.nbits_compute=int8: MatMulNBits quantizes its activations per block (accuracy_level 4);
     the codes are the same, the logits near the exact ones; the default stays float."""

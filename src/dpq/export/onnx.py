@@ -409,6 +409,13 @@ def _replace_weights(
     codes = {n: Codes.of(m) for n, m in packed if m.module_kind == "linear"}
     # trained on dynamic uint8 activations (act_range=dynamic): the integer kernels are that model
     dynamic_act = {n for n, m in packed if getattr(m, "act_dynamic", False)}
+    if nbits_compute == "int8_matmul" and (grouped := [n for n, c in codes.items() if not c.per_channel]):
+        log.warning(
+            "nbits_compute=int8_matmul: %d layers have per-group codes (%s, ...), which ONNX Runtime's integer "
+            "kernels (one scale per output channel) cannot hold; they stay MatMulNBits on float activations",
+            len(grouped),
+            grouped[0],
+        )
     table = next(((n, m) for n, m in packed if m.module_kind == "embedding"), None)
     floats = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
     nodes, new_inits, dyn = [], [], {}

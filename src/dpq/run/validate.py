@@ -492,6 +492,14 @@ def check_export(cfg: dict[str, Any], stages: list[Stage]) -> None:
             )
         if gran != "per_group":
             continue
+        if ex.get("nbits_compute") == "int8_matmul":  # a group as wide as a layer's row is one per channel
+            log.warning(
+                "export.nbits_compute=int8_matmul runs codes with one scale per output channel on ONNX Runtime's "
+                "integer kernels; %s.granularity=per_group layers with more than one group (group_size=%s) "
+                "stay MatMulNBits on float activations. granularity=per_channel runs them all there",
+                stage.key,
+                opts.group_size,
+            )
         g = opts.group_size
         if g < 16 or g & (g - 1):
             raise ConfigError(
