@@ -74,6 +74,19 @@ CASES = [
         "is not a parameter of a prune stage; allowed:",
     ),
     ([TINY, "export.nbits_compute=int4"], "export.nbits_compute", "'int4'", "must be float"),
+    # feature-KD settings named one by one, not as the distill block
+    (
+        [TINY, f"{P}.distill.hidden_kind=l1"],
+        f"{P}.distill.hidden_kind",
+        "'l1'",
+        "must be one of ('mse', 'cosine')",
+    ),
+    (
+        [TINY, f"{P}.distill.relation=-1"],
+        f"{P}.distill.relation",
+        "-1",
+        "weight must be a finite number >= 0",
+    ),
     # quantize-aware pruning / recovery names a later quantization stage
     (
         [TINY, "pipeline=dpq_qat", f"{P}.prune.qat=quantise"],

@@ -91,15 +91,11 @@ class KDStageConfig(StageConfig):
         super().check(key)
         try:
             self.feature_kd()
-        except ValueError as e:
-            raise ConfigError(
-                key,
-                {
-                    k: getattr(self, k)
-                    for k in ("hidden", "hidden_kind", "layer_map", "attention", "relation")
-                },
-                str(e),
-            ) from None
+        except ValueError as e:  # "hidden_kind='l1': must be one of ...": named as that key, with its value
+            field, _, why = str(e).partition("=")
+            if not hasattr(self, field):
+                raise ConfigError(key, None, str(e)) from None
+            raise ConfigError(f"{key}.{field}", getattr(self, field), why.split(": ", 1)[-1]) from None
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"{key}.alpha", self.alpha, "must be in [0, 1]")
         if not self.temperature > 0:
