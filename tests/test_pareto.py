@@ -526,6 +526,18 @@ def test_cli_sweep_id_offline_says_why(tmp_path):
     assert "needs W&B online" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_cli_refuses_a_named_baseline_no_run_has_and_an_output_folder_it_cannot_make(tmp_path, capsys):
+    grid(tmp_path / "runs")
+    (tmp_path / "a_file").write_text("")
+    assert cli_main([str(tmp_path / "runs"), "--no-progress", "--baseline", "qd"]) == 2
+    assert (
+        "--baseline='qd': no run has this pipeline; the runs' pipelines: dpq, dq" in capsys.readouterr().err
+    )
+    assert cli_main([str(tmp_path / "runs"), "--no-progress", "-o", str(tmp_path / "a_file" / "out")]) == 2
+    assert "cannot be created as a folder" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "pareto").exists()
+
+
 def test_cli_writes_tables_that_flag_the_front(tmp_path):
     grid(tmp_path / "runs")
     assert cli_main([str(tmp_path / "runs"), "--no-progress", "-O", "accuracy,effective_gflops"]) == 0

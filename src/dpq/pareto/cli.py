@@ -126,6 +126,15 @@ def primary_objective(runs: pd.DataFrame) -> str:
     return found[0] if found else "accuracy"
 
 
+def make_out(out: Path) -> Path:
+    """The output folder, created; one that cannot be (a file in the way, no permission) is the user's to fix."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("--out", str(out), f"cannot be created as a folder ({e.strerror})") from None
+    return out
+
+
 def build_report(
     inputs: list[str],
     objectives: list[Objective] | list[str],
@@ -143,6 +152,7 @@ def build_report(
     choose_on: str | None = None,
     prefix_points: list[str] | None = None,
     argv: list[str] | None = None,
+    baseline_named: bool = False,
 ) -> dict:
     """Gather, merge seeds, mark the front, write CSV/Parquet/PNG/HTML into ``out``; return the paths and counts.
 
@@ -187,11 +197,16 @@ def build_report(
     points = front_table(merge_seeds(runs), objectives)
     keys = points.set_index(["kind", "config_key"])["pareto"]
     runs["pareto"] = [bool(keys.get((k, c), False)) for k, c in zip(runs["kind"], runs["config_key"])]
-    out = Path(out) if out else default_out(str(inputs[0]))
-    out.mkdir(parents=True, exist_ok=True)
-    title = title or f"dpq Pareto front: {objectives[0].name} vs {', '.join(o.name for o in objectives[1:])}"
     if baseline and baseline not in set(runs["pipeline"]):
+        if baseline_named:  # --baseline given: a typo would leave the report without its intervals
+            raise ConfigError(
+                "--baseline",
+                baseline,
+                f"no run has this pipeline; the runs' pipelines: {', '.join(sorted(set(runs['pipeline'])))}",
+            )
         log.info("baseline pipeline %r not among the runs; nothing marked as baseline", baseline)
+    out = make_out(Path(out) if out else default_out(str(inputs[0])))
+    title = title or f"dpq Pareto front: {objectives[0].name} vs {', '.join(o.name for o in objectives[1:])}"
     paths = {
         "csv": out / "pareto.csv",
         "parquet": out / "pareto.parquet",
@@ -373,7 +388,7 @@ def front_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--out", type=Path, help="output folder (default: <first input>/pareto)")
     p.add_argument(
-        "--baseline", default="dq", help="pipeline whose points are outlined as the baseline (default dq)"
+        "--baseline", default=None, help="pipeline whose points are outlined as the baseline (default dq)"
     )
     p.add_argument(
         "--no-references", action="store_true", help="leave out the teacher and dense-student points"
@@ -446,8 +461,7 @@ def run_compare(args: argparse.Namespace, argv: list[str] | None = None) -> dict
     runs = relabel(runs[runs["kind"] == "final"].reset_index(drop=True))
     results = compare(runs, args.baseline, args.candidate)
     print_comparison(results)
-    out = Path(args.out) if args.out else default_out(str(args.inputs[0]))
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out(Path(args.out) if args.out else default_out(str(args.inputs[0])))
     payload = {
         "baseline": args.baseline,
         "candidate": args.candidate,
@@ -488,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.inputs,
                 names,
                 args.out,
-                baseline=args.baseline,
+                baseline=args.baseline or "dq",
+                baseline_named=args.baseline is not None,
                 references=not args.no_references,
                 log_x=args.log_x,
                 title=args.title,
