@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -728,6 +729,36 @@ def test_a_grid_multirun_lists_every_job_as_the_basic_sweeper_will_run_them(tmp_
             check_job("train", jobs[0])
         optuna = compose("train", overrides=["hparams_search=pareto_bayes"], return_hydra_config=True)
         assert sweep_jobs(optuna) is None  # sampled as it goes: each trial checks itself
+
+
+@pytest.mark.parametrize(
+    "overrides, said",
+    [
+        (["hparams_search=pareto_multi", "objective.metrics=[val_accuracy]"], "needs one direction per"),
+        (["hparams_search=pareto_bayes", "objective.metrics=[val_accuracy,effective_gflops]"], "needs one"),
+        (
+            ["hparams_search=pareto_multi", "hydra.sweeper.direction=[maximize,minimise]"],
+            "maximize or minimize",
+        ),
+        (["hparams_search=pareto_bayes", "hydra.sweeper.n_trials=0"], "n_trials=0: must be an integer >= 1"),
+    ],
+)
+def test_an_optuna_study_whose_trials_could_only_fail_is_refused_before_the_first(overrides, said):
+    """Objectives and directions that disagree fail in the sweeper only after each trial has trained."""
+    from hydra import compose, initialize_config_dir
+
+    from dpq.core.config import CONF_DIR
+    from dpq.run.multirun import check_sweeper
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for fine in (
+            "hparams_search=pareto_bayes",
+            "hparams_search=pareto_multi",
+            "hparams_search=orderings",
+        ):
+            check_sweeper(compose("train", overrides=[fine], return_hydra_config=True))
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            check_sweeper(compose("train", overrides=overrides, return_hydra_config=True))
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from dpq.core.errors import ConfigError
 
@@ -53,10 +53,46 @@ def check_job(config_name: str, overrides: list[str]) -> None:
         validate(cfg_dict)
 
 
+def check_sweeper(config: DictConfig) -> None:
+    """An Optuna study (a sweeper with ``direction``) has one direction per ``objective.metrics`` entry and at
+    least one trial. Otherwise the sweeper finds out only from a finished trial's return value (every trial
+    trains, then fails in the sweeper: "Return value must be float-castable"), or after no trial at all
+    ("No trials are completed yet")."""
+    sweeper = config.hydra.sweeper
+    if "direction" not in sweeper:
+        return
+    direction = sweeper.direction
+    dirs = [str(d) for d in direction] if isinstance(direction, ListConfig) else [str(direction)]
+    try:
+        metrics = OmegaConf.to_container(config.objective.metrics, resolve=True) or ["val_accuracy"]
+    except Exception:  # an interpolation only a job resolves: the job checks its objective itself
+        return
+    bad = [d for d in dirs if d.lower() not in ("maximize", "minimize")]
+    if bad:
+        raise ConfigError("hydra.sweeper.direction", dirs, "each direction must be maximize or minimize")
+    if len(dirs) != len(metrics):
+        raise ConfigError(
+            "hydra.sweeper.direction",
+            dirs,
+            f"needs one direction per objective.metrics entry ({metrics}: {len(metrics)}); dpq.train returns "
+            "one value per metric, in order",
+        )
+    n = sweeper.get("n_trials")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError("hydra.sweeper.n_trials", n, "must be an integer >= 1")
+
+
 class ValidateJobsFirst(Callback):
-    """``hydra.callbacks`` entry (``conf/hydra/default.yaml``): every grid job checked before any trains."""
+    """``hydra.callbacks`` entry (``conf/hydra/default.yaml``): every grid job checked before any trains, and
+    an Optuna study's objectives against its directions."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_sweeper(config)
+        except ConfigError as e:
+            print(f"dpq: config error: {e}", file=sys.stderr)
+            print("dpq: no trial was started", file=sys.stderr)
+            sys.exit(2)
         jobs = sweep_jobs(config)
         if not jobs or len(jobs) < 2:  # one job checks itself as it starts
             return
