@@ -449,6 +449,30 @@ def test_label_order_and_count_are_as_stated_or_as_the_data_says(here):
         load_task(task_of(here, "task=one"))
 
 
+def test_a_validation_split_of_one_label_is_warned_about_once_before_training(here, caplog):
+    """All validation examples 'routine': accuracy there only counts 'routine' guesses, and f1, mcc are
+    undefined (torchmetrics: 0 and -1), which a sweep on val_f1 would optimise."""
+    from dpq.data import labelled
+    from dpq.run.validate import warn_one_label_splits
+
+    rows = tickets(60, 1)
+    write(here / "data" / "train.csv", rows)
+    write(here / "data" / "val.csv", [r for r in tickets(80, 2) if r["priority"] == "routine"][:20])
+    write(here / "data" / "test.csv", tickets(20, 3))
+    files = "  data_files: {train: data/train.csv, validation: data/val.csv, test: data/test.csv}"
+    conf_file(here, "task", "skewed", task_yaml("skewed", files, COLUMNS + "metrics: [accuracy, f1, mcc]\n"))
+    task = task_of(here, "task=skewed")
+    splits = load_task(task)
+    with caplog.at_level("WARNING"):
+        warn_one_label_splits(labelled(task, splits), splits)
+    said = [r.getMessage() for r in caplog.records if r.name == "dpq.run.validate"]
+    assert said == [
+        "task skewed: every one of the 20 validation examples has the label 'routine', so its accuracy is how "
+        "often the model predicts that label, and f1, mcc are undefined on it (model selection and sweeps "
+        "read validation)"
+    ]
+
+
 # ----------------------------------------------------------------------------- your own model
 
 

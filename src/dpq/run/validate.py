@@ -775,3 +775,32 @@ def validate_data(cfg: dict[str, Any], splits, stages: list[Stage] | None = None
             )
     if stages is not None:
         check_labels(cfg, stages)
+        warn_one_label_splits(task, splits)
+
+
+def warn_one_label_splits(task: dict[str, Any], splits) -> None:
+    """A validation or test split whose examples all carry one label scores nothing but how often the model
+    predicts it: accuracy rewards a constant guess, and the metrics that compare classes are undefined there
+    (torchmetrics returns 0, or -1 for mcc, with a UserWarning per evaluation). Said once, before training."""
+    import warnings
+
+    names = [str(n) for n in task.get("label_names") or range(int(task["num_labels"]))]
+    comparing = [m for m in task_metrics.task_metrics(task) if m not in ("accuracy", "loss")]
+    for split in ("validation", "test"):
+        ds = getattr(splits, split)
+        if len(ds) == 0 or len(labels := set(ds["label"])) != 1:
+            continue
+        only = next(iter(labels))
+        label = names[only] if isinstance(only, int) and 0 <= only < len(names) else only
+        log.warning(
+            "task %s: every one of the %d %s examples has the label %r, so its accuracy is how often the "
+            "model predicts that label%s%s",
+            task["name"],
+            len(ds),
+            split,
+            label,
+            f", and {', '.join(comparing)} are undefined on it" if comparing else "",
+            " (model selection and sweeps read validation)" if split == "validation" else "",
+        )
+        # said here once; torchmetrics would repeat it at every evaluation
+        warnings.filterwarnings("ignore", message=r"No (positive|negative) samples in targets")
