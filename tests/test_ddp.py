@@ -199,5 +199,36 @@ def test_the_ddp_command_line_run_completes_in_one_run_folder(tmp_path):
     assert results["stages"][2]["metrics"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 
+@pytest.mark.slow
+def test_under_ddp_the_recorded_accuracy_is_the_whole_splits(tmp_path):
+    """65 test examples on 2 ranks: a DistributedSampler pads the shards to 33 + 33 with a repeated example;
+    the recorded accuracy must still be the split's (what the per-example predictions give), not 66 examples'."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpq.train",
+            "experiment=tiny",
+            "trainer.devices=2",
+            "task.subsample=260",  # validation and test: 65 examples each
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["predictions"]["test_n"] == results["predictions"]["val_n"] == 65
+    assert results["predictions"]["matches"], results["predictions"]
+    for stage in results["stages"]:
+        for key in ("accuracy", "val_accuracy"):
+            assert stage["metrics"][key] * 65 == pytest.approx(round(stage["metrics"][key] * 65), abs=1e-4)
+
+
 if __name__ == "__main__":
     _rank_main(Path(sys.argv[1]), sys.argv[2:])

@@ -129,7 +129,8 @@ class ClassifierModule(L.LightningModule):
         logits = self(batch).float()
         loss = F.cross_entropy(logits, batch["labels"])
         bs = batch["labels"].shape[0]
-        self.log(f"{self.stage}/{split}_loss", loss, prog_bar=split == "val", batch_size=bs)
+        # sync_dist: under DDP the logged loss is the mean over the ranks, not rank 0's alone
+        self.log(f"{self.stage}/{split}_loss", loss, prog_bar=split == "val", batch_size=bs, sync_dist=True)
         for name, metric in metrics.items():
             metric.update(logits, batch["labels"])
             self.log(
