@@ -208,6 +208,13 @@ CASES = [
     # resume and output folders
     ([TINY, "resume=/nonexistent/run"], "resume", "'/nonexistent/run'", "is not a folder"),
     ([TINY, "resume={tmp}/no_checkpoints"], "resume", "no_checkpoints", "holds no dpq checkpoints"),
+    # folders the run would write: a file in the way (as a read-only shared cache would be)
+    (
+        [TINY, "stage_cache.dir={tmp}/three_labels/config.json/stages"],
+        "stage_cache.dir",
+        "config.json/stages",
+        "cannot be made a writable folder (Not a directory); choose another (or stage_cache.enabled=false)",
+    ),
     ([TINY], "hydra.run.dir", "run", "already holds another run (results.json)"),
     # stages defined but not in the order: a typo'd name, bad values (a multirun may still set them)
     (

@@ -35,7 +35,7 @@ from dpq.run.resume import (
     load_run_config,
     register_resolvers,
 )
-from dpq.run.validate import resolved_config, unused_stage_overrides
+from dpq.run.validate import check_folders, resolved_config, unused_stage_overrides
 
 register_resolvers()  # conf/hydra/default.yaml: a resumed run keeps its own folder
 register_help()  # conf/hydra/help/dpq.yaml: --help lists the groups' options
@@ -53,6 +53,7 @@ def train(cfg: DictConfig) -> dict:
     if resume_from:  # continue that run: its own resolved config, its own folder
         cfg_dict = load_run_config(resume_from)
     stages = validate(cfg_dict)  # config errors surface here, before anything heavy
+    check_folders(cfg_dict)  # the run's folder and the caches can be written
     # Bad data (missing file, empty split, missing column, empty text, unknown label) fails here. The data's
     # labels (count, names) complete the task config that the label checks and the models use.
     splits = load_task(cfg_dict["task"])

@@ -14,7 +14,9 @@ when the config states ``task.num_labels``, and again with the data's count and 
 from __future__ import annotations
 
 import logging
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -776,6 +778,28 @@ def validate_data(cfg: dict[str, Any], splits, stages: list[Stage] | None = None
     if stages is not None:
         check_labels(cfg, stages)
         warn_one_label_splits(task, splits)
+
+
+def check_folders(cfg: dict[str, Any]) -> None:
+    """The folders a run writes (its own, the caches) can be made and written, or a config error names the key
+    before anything loads; a read-only shared cache otherwise failed with a traceback as the first stage began."""
+    folders = [("paths.output_dir", cfg["paths"]["output_dir"], "")]
+    cache = cfg["paths"].get("cache_dir")
+    folders.append(("paths.cache_dir", cache, " (default $DPQ_CACHE_DIR, else ~/.cache/dpq)"))
+    sc = cfg.get("stage_cache") or {}
+    if sc.get("enabled") and sc.get("dir"):
+        folders.append(("stage_cache.dir", sc["dir"], " (or stage_cache.enabled=false)"))
+    for key, folder, hint in folders:
+        if not folder:
+            continue
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as e:
+            raise ConfigError(
+                key, str(folder), f"cannot be made a writable folder ({e.strerror}); choose another{hint}"
+            ) from None
 
 
 def warn_one_label_splits(task: dict[str, Any], splits) -> None:
