@@ -25,7 +25,7 @@ from torch import nn
 from dpq import cost, latency_process
 from dpq import metrics as task_metrics
 from dpq.core import devices
-from dpq.core.distributed import is_global_zero
+from dpq.core.distributed import barrier, is_global_zero
 from dpq.core.errors import ConfigError
 from dpq.core.provenance import GitState, capture_git
 from dpq.core.selectors import select_prunable
@@ -301,19 +301,26 @@ class RunContext:
         """Evaluate and measure ``model`` after ``stage``; append the record to ``state.records`` and log it."""
         metrics = self.evaluate(model, stage.name)
         c = self.cfg["cost"]
-        metrics.update(
-            cost.measure(
+        timed = {"warmup": int(c["warmup"]), "repeats": int(c["repeats"]), "device": self.latency_device}
+
+        def measure(latency_kwargs: dict) -> dict:
+            return cost.measure(
                 model,
                 self.example_inputs(),
                 self.prunable_names(state, model, role),
-                latency_kwargs={
-                    "warmup": int(c["warmup"]),
-                    "repeats": int(c["repeats"]),
-                    "device": self.latency_device,
-                },
+                latency_kwargs=latency_kwargs,
                 latency_fn=functools.partial(latency_process.latency, process=self.latency_process),
             )
-        )
+
+        # DDP: rank 0 (whose record is written) times the model while the other ranks wait, then they take
+        # a one-call measurement of their own; timed side by side, the ranks would share the cores (on
+        # CPU) and inflate the recorded latency. A single process just measures.
+        barrier()
+        if is_global_zero():
+            metrics.update(measure(timed))
+        barrier()
+        if not is_global_zero():
+            metrics.update(measure({**timed, "warmup": 0, "repeats": 1}))  # not recorded: rank 0 writes
         rec = {
             "stage": stage.name,
             "kind": stage.kind,
