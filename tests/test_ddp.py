@@ -175,18 +175,11 @@ def test_two_process_ddp_on_cpu_ends_with_identical_masks_and_quantized_weights(
     assert r0["final_sparsity"] >= 0.5 - 1e-3  # 4-bit rounding may add zeros, never remove pruned ones
 
 
-@pytest.mark.slow
-def test_the_ddp_command_line_run_completes_in_one_run_folder(tmp_path):
-    """``python -m dpq.train trainer=ddp_cpu``: Lightning re-runs the command for rank 1 in the same folder."""
+def _train_cli(tmp_path: Path, *overrides: str) -> dict:
+    """``python -m dpq.train <overrides>`` into ``tmp_path/run`` (caches beside it); its results.json."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dpq.train",
-            *DDP_RUN,
-            f"hydra.run.dir={tmp_path / 'run'}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-        ],
+        [sys.executable, "-m", "dpq.train", *overrides]
+        + [f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"],
         cwd=ROOT,
         env=_env(),
         capture_output=True,
@@ -194,7 +187,13 @@ def test_the_ddp_command_line_run_completes_in_one_run_folder(tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    return json.loads((tmp_path / "run" / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_ddp_command_line_run_completes_in_one_run_folder(tmp_path):
+    """``python -m dpq.train trainer=ddp_cpu``: Lightning re-runs the command for rank 1 in the same folder."""
+    results = _train_cli(tmp_path, *DDP_RUN)
     assert results["status"] == "completed" and results["order"][-1] == "quantize"
     assert results["stages"][2]["metrics"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
 
@@ -203,26 +202,10 @@ def test_the_ddp_command_line_run_completes_in_one_run_folder(tmp_path):
 def test_under_ddp_the_recorded_accuracy_is_the_whole_splits(tmp_path):
     """65 test examples on 2 ranks: a DistributedSampler pads the shards to 33 + 33 with a repeated example;
     the recorded accuracy must still be the split's (what the per-example predictions give), not 66 examples'."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dpq.train",
-            "experiment=tiny",
-            "trainer.devices=2",
-            "task.subsample=260",  # validation and test: 65 examples each
-            "logger=none",
-            f"hydra.run.dir={tmp_path / 'run'}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-        ],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    # validation and test: 65 examples each
+    results = _train_cli(
+        tmp_path, "experiment=tiny", "trainer.devices=2", "task.subsample=260", "logger=none"
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["predictions"]["test_n"] == results["predictions"]["val_n"] == 65
     assert results["predictions"]["matches"], results["predictions"]
     for stage in results["stages"]:
