@@ -75,6 +75,8 @@ CASES = [
         "is not a parameter of a prune stage; allowed:",
     ),
     ([TINY, "export.nbits_compute=int4"], "export.nbits_compute", "'int4'", "must be float"),
+    # a precision Lightning would swap for another (16-mixed on CPU runs as bf16-mixed)
+    ([TINY, "trainer.precision=16-mixed"], "trainer.precision", "'16-mixed'", "would train at bf16-mixed"),
     # feature-KD settings named one by one, not as the distill block
     (
         [TINY, f"{P}.distill.hidden_kind=l1"],

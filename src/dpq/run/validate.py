@@ -559,6 +559,32 @@ def check_trainer(trainer: dict[str, Any]) -> None:
         ) from None
     if not isinstance(built, L.Trainer):
         raise ConfigError("trainer._target_", trainer.get("_target_"), "must build a lightning Trainer")
+    check_precision(trainer.get("precision"), built)
+
+
+def check_precision(asked: Any, built) -> None:
+    """The precision a run records is the one it trains at. Lightning replaces ``16-mixed`` on CPU with
+    ``bf16-mixed`` (a warning at every stage), while the run's config, results.json and stage-cache key
+    would keep ``16-mixed``."""
+    import warnings
+
+    from lightning.fabric.connector import _convert_precision_to_unified_args
+
+    if asked is None:
+        return
+    with warnings.catch_warnings():  # precision=16 "is supported for historical reasons": said by Lightning
+        warnings.simplefilter("ignore")
+        try:
+            unified = _convert_precision_to_unified_args(asked)
+        except Exception:  # Lightning refused it when the trainer was built
+            return
+    if built.precision != unified:
+        raise ConfigError(
+            "trainer.precision",
+            asked,
+            f"Lightning would train at {built.precision} instead on this accelerator (fp16 AMP needs CUDA); set "
+            f"trainer.precision={built.precision}, so that the run records the precision it trains at",
+        )
 
 
 def check_trainer_arguments(trainer: dict[str, Any]) -> None:
