@@ -94,14 +94,6 @@ def task_of(tmp_path: Path, *overrides) -> dict:
     return OmegaConf.to_container(compose(tmp_path, *overrides).task, resolve=True)
 
 
-@pytest.fixture
-def here(tmp_path, monkeypatch):
-    """Run in ``tmp_path``, offline: relative data paths start there, and nothing may reach the hub."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path
-
-
 # ----------------------------------------------------------------------------- runs on local files
 
 FORMAT_CASES = {
@@ -314,25 +306,6 @@ BAD_CASES = [
     "local folder as hub dataset",
     "positive metric on 3 labels",
 ]
-
-
-@pytest.fixture
-def nothing_loads(monkeypatch):
-    """No model may be built or loaded, no tokenizer loaded, no training started before a data error.
-    (Checks may read a model's config and build its weightless skeleton: that loads nothing.)"""
-    import transformers
-
-    import dpq.run.context
-    import dpq.train
-
-    def boom(*a, **k):
-        raise AssertionError("a model or tokenizer was loaded (or training started) before the data error")
-
-    monkeypatch.setattr(L.Trainer, "fit", boom)
-    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", boom)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", boom)
-    monkeypatch.setattr(dpq.run.context, "build_model", boom)
-    monkeypatch.setattr(dpq.train, "load_tokenizer", boom)
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

@@ -94,7 +94,7 @@ def test_the_teacher_cache_key_covers_trainer_settings_dpq_source_and_library_ve
             source=source,
             sizes=lambda: dict(zip(("train", "validation", "test"), sizes)),
         )
-        return teacher.cache_key(SimpleNamespace(cfg=cfg, data=SimpleNamespace(splits=splits)))
+        return teacher.cache_key(cfg, splits)
 
     base = key()
     assert key("logger=csv", "trainer.log_every_n_steps=3", "cost.batch_size=4") == base  # never a number

@@ -129,21 +129,21 @@ class TeacherStage(Stage):
             if own is not None:
                 check_head_labels(own, task, f"{self.key}.{sub}", path)
 
-    def cache_key(self, ctx) -> str:
+    def cache_key(self, cfg: dict, splits) -> str:
         """Hash of everything that determines the fine-tuned teacher: its model and task config, the
-        seed, this stage's training parameters, every trainer setting that changes training, dpq's
-        source files and the numerics libraries' versions (:func:`~dpq.core.provenance.code_fingerprint`)."""
-        cfg = ctx.cfg
+        examples (``splits``, the loaded :class:`~dpq.data.tasks.Splits`), the seed, this stage's training
+        parameters, every trainer setting that changes training, dpq's source files and the numerics
+        libraries' versions (:func:`~dpq.core.provenance.code_fingerprint`)."""
         payload = {
             "teacher": cfg["teacher"],
             "task": cfg["task"],
             # the data actually loaded: task.source=auto reads the embedded copy when its package is
             # installed, else the hub's, which are other examples (the stage cache keys the same facts)
-            "data_source": ctx.data.splits.source,
-            "data_sizes": ctx.data.splits.sizes(),
+            "data_source": splits.source,
+            "data_sizes": splits.sizes(),
             # the examples themselves (local files and hub datasets can change under one name), and
             # local model folders' files' sizes and times (they can be overwritten in place)
-            "data_content": ctx.data.splits.content,
+            "data_content": splits.content,
             **{
                 "folder" if sub == "pretrained" else f"folder.{sub}": fingerprint_path(f)
                 for sub, f in local_folders(cfg["teacher"]).items()
@@ -160,9 +160,13 @@ class TeacherStage(Stage):
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def cache_entry(self, cfg: dict, splits) -> Path:
+        """The teacher cache's folder for this run's fine-tuned teacher (complete when it holds ``COMPLETE``)."""
+        return Path(cfg["paths"]["cache_dir"]) / "teachers" / self.cache_key(cfg, splits)
+
     def _cached_or_trained(self, state, ctx, info: dict):
         cfg: TeacherConfig = self.cfg
-        entry = Path(ctx.cfg["paths"]["cache_dir"]) / "teachers" / self.cache_key(ctx)
+        entry = self.cache_entry(ctx.cfg, ctx.data.splits)
         if cfg.cache and (entry / "COMPLETE").exists():
             try:
                 teacher = ctx.load_model("teacher", entry)
