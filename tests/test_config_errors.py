@@ -750,6 +750,7 @@ def test_a_grid_multirun_lists_every_job_as_the_basic_sweeper_will_run_them(tmp_
             "maximize or minimize",
         ),
         (["hparams_search=pareto_bayes", "hydra.sweeper.n_trials=0"], "n_trials=0: must be an integer >= 1"),
+        (["hparams_search=pareto_bayes", "dry_run=true"], "dry_run=True: trains nothing, so an Optuna study"),
     ],
 )
 def test_an_optuna_study_whose_trials_could_only_fail_is_refused_before_the_first(overrides, said):

@@ -25,7 +25,7 @@ from dpq.core.provenance import capture_git
 from dpq.data import labelled, load_task
 from dpq.loggers import quiet_libraries
 from dpq.models import load_tokenizer
-from dpq.run import RunContext, Runner, records, validate, validate_data
+from dpq.run import RunContext, Runner, plan, records, validate, validate_data
 from dpq.run.overrides import check_command_line, register_help
 from dpq.run.resume import (
     check_resume_argument,
@@ -44,12 +44,17 @@ log = logging.getLogger("dpq")
 
 
 def train(cfg: DictConfig) -> dict:
-    """Validate, load data and models, run every stage in order, write results.json; return it."""
+    """Validate, load data and models, run every stage in order, write results.json; return it.
+    With ``dry_run``: validate and load the data, then return (and print) what would run (:mod:`dpq.run.plan`)."""
     started = time.perf_counter()
     git = capture_git()  # the code that runs is the code at the start, whatever is committed meanwhile
     quiet_libraries()
     cfg_dict = resolved_config(cfg)
     resume_from = cfg_dict.get("resume")
+    if resume_from and cfg_dict.get("dry_run"):  # the command line refuses any override beside resume=
+        raise ConfigError(
+            "dry_run", True, f"cannot be combined with resume={resume_from}, which continues that run"
+        )
     if resume_from:  # continue that run: its own resolved config, its own folder
         cfg_dict = load_run_config(resume_from)
     stages = validate(cfg_dict)  # config errors surface here, before anything heavy
@@ -59,6 +64,10 @@ def train(cfg: DictConfig) -> dict:
     splits = load_task(cfg_dict["task"])
     cfg_dict["task"] = labelled(cfg_dict["task"], splits)
     validate_data(cfg_dict, splits, stages)
+    if cfg_dict.get("dry_run"):  # every check above passed: say what would run, train nothing
+        result = plan.plan(cfg_dict, stages, splits)
+        plan.print_plan(result, f"dry run of {cfg_dict['run_name']} ({cfg_dict['pipeline']['name']})")
+        return result
     tokenizer = load_tokenizer(cfg_dict["teacher"]) if splits.kind == "text" else None
     L.seed_everything(int(cfg_dict["seed"]), workers=True, verbose=False)
     output_dir = Path(cfg_dict["paths"]["output_dir"])
@@ -106,6 +115,8 @@ def hydra_main(cfg: DictConfig) -> float | list[float] | None:
         if not cfg.get("resume"):
             unused_stage_overrides(OmegaConf.to_container(cfg.pipeline, resolve=False), overrides)
         results = train(cfg)
+        if results.get("dry_run"):
+            return None  # nothing was trained, so there is no objective (Optuna sweeps refuse dry runs)
     except ConfigError as e:
         print(f"dpq: config error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -26,6 +26,7 @@ BOOKKEEPING_KEYS = frozenset(
         "integrity_tolerance",
         "stage_cache",
         "objective",
+        "dry_run",
     }
 )
 # Stage parameters of the same kind: they switch another cache (the teacher's), not the result.

@@ -61,6 +61,13 @@ def check_sweeper(config: DictConfig) -> None:
     sweeper = config.hydra.sweeper
     if "direction" not in sweeper:
         return
+    if config.get("dry_run"):
+        raise ConfigError(
+            "dry_run",
+            True,
+            "trains nothing, so an Optuna study's trials would return no objective values to learn from; "
+            "dry-run one trial without -m (the study's fixed overrides and one value of each searched key)",
+        )
     direction = sweeper.direction
     dirs = [str(d) for d in direction] if isinstance(direction, ListConfig) else [str(direction)]
     try:

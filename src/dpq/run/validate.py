@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 # paths stays open: keys of one's own there (a data folder, say) feed interpolations.
 RUN_KEYS = {
     "": (
-        "checkpoint", "cost", "export", "integrity", "integrity_tolerance", "logger", "model", "objective",
-        "paths", "pipeline", "resume", "run_name", "save_model", "seed", "stage_cache", "task", "teacher",
-        "trainer", "hydra",
+        "checkpoint", "cost", "dry_run", "export", "integrity", "integrity_tolerance", "logger", "model",
+        "objective", "paths", "pipeline", "resume", "run_name", "save_model", "seed", "stage_cache", "task",
+        "teacher", "trainer", "hydra",
     ),
     "cost": ("batch_size", "device", "latency_process", "repeats", "seq_len", "warmup"),
     "stage_cache": ("dir", "enabled"),
@@ -400,7 +400,7 @@ def check_run_keys(cfg: dict[str, Any]) -> None:
             ck[unknown[0]],
             "is not a checkpoint setting; allowed: enabled, every_n_steps, keep, keep_snapshots",
         )
-    for k in ("integrity", "save_model"):
+    for k in ("integrity", "save_model", "dry_run"):
         if k in cfg:
             _bool(k, cfg[k])
     if "enabled" in (cfg.get("stage_cache") or {}):

@@ -1,0 +1,181 @@
+"""``dry_run=true``: check a run and show what it would do, without training anything.
+
+A run on a queue, or one trial of a sweep, otherwise learns that its data is wrong when its turn comes,
+and the stage cache decides silently which stages train again. A dry run makes every check a run makes
+before its first stage (the config, the folders, the data and its labels), then prints one row per
+stage: what the stage is set to do, how long it trains, and where its state would come from -- the
+stage cache (the same configuration's finished prefix), the teacher cache, a folder, or training. It
+loads no model, starts no logger and writes no results.json; only Hydra's own record of the invocation
+(``.hydra/``, its log) lands in the run folder.
+
+Hydra's ``--cfg job`` prints the composed config but runs none of dpq's checks; Lightning's
+``fast_dev_run`` trains a batch per stage and measures it, which is a (meaningless) result. Neither
+says what the stage cache will reuse, hence this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from dpq.run import stage_cache
+
+# Stage parameters worth a glance in the plan, in this order, where a stage kind has them (any kind,
+# including one added later: the plan reads its config, it does not switch on kind names).
+SHOWN = (
+    "granularity",
+    "criterion",
+    "scope",
+    "initial_sparsity",
+    "final_sparsity",
+    "flops_target",
+    "drop_layers",
+    "rounds",
+    "teacher_mode",
+    "bits",
+    "act_bits",
+    "act_range",
+    "observer",
+    "backend",
+    "embedding_bits",
+    "calibration",
+    "alpha",
+    "hidden",
+    "attention",
+    "qat",
+)
+
+
+def length(stage) -> str:
+    """How long a stage trains, as its config says (``epochs`` or ``max_steps``; a spiral's rounds)."""
+    cfg = stage.cfg
+    rounds = getattr(cfg, "rounds", None)
+    if rounds is not None and isinstance(getattr(cfg, "prune", None), dict):
+        p, d = cfg.prune.get("epochs", 1), cfg.distill.get("epochs", 1)
+        return f"{rounds} x ({p} + {d}) epochs"
+    if getattr(cfg, "max_steps", -1) > 0:
+        return f"{cfg.max_steps} steps"
+    if hasattr(cfg, "epochs"):
+        return f"{cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'}"
+    return "no training"
+
+
+# Of these, an unset or zero value means the feature is off, and is left out.
+OFF_WHEN_FALSY = {"flops_target", "drop_layers", "act_bits", "embedding_bits", "hidden", "attention", "qat"}
+
+
+def settings(stage) -> str:
+    """The stage's notable parameters, ``key=value`` (defaults of its kind included: what will run)."""
+    values = dataclasses.asdict(stage.cfg)
+    shown = [
+        f"{k}={values[k]}"
+        for k in SHOWN
+        if k in values
+        and values[k] is not None
+        and not (k in OFF_WHEN_FALSY and not values[k])
+        and not (k == "act_range" and not values.get("act_bits"))  # float activations have no range
+    ]
+    if "lr" in values:
+        shown.append(f"lr={values['lr']:.1e}")
+    return " ".join(shown)
+
+
+# Hydra multirun (its sweep folder) -> the stage-cache keys its earlier jobs' dry runs would build: the
+# basic launcher runs jobs one after another in one process, and a later job of the real multirun reuses
+# what an earlier one trained (a grid over the final sparsity trains the teacher and distillation once).
+_PLANNED: dict[str, set[str]] = {}
+
+
+def _multirun() -> str | None:
+    """The sweep folder of the Hydra multirun this job belongs to, or None (a single run, a test's call)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):  # ValueError: no Hydra job is running
+        return None
+    return str(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+
+
+def sources(cfg: dict[str, Any], stages: list, splits) -> list[str]:
+    """Where each stage's state would come from if the run started now (or, in a multirun, after the
+    jobs before it)."""
+    out = ["train" for _ in stages]
+    sc = cfg.get("stage_cache") or {}
+    reused = 0
+    if sc.get("enabled"):
+        data = {"data_source": splits.source, "data_sizes": splits.sizes(), "data_content": splits.content}
+        keys = stage_cache.pipeline_keys(cfg, data)
+        reused, _ = stage_cache.StageCache(sc["dir"]).longest_prefix(keys)
+        for i in range(reused):
+            out[i] = f"stage cache {keys[reused - 1]}"
+        if (sweep := _multirun()) is not None:
+            planned = _PLANNED.setdefault(sweep, set())
+            # keys chain prefixes: an earlier job that builds keys[i] builds (or reuses) keys[:i] too
+            later = max((i + 1 for i, k in enumerate(keys) if k in planned), default=0)
+            for i in range(reused, later):
+                out[i] = f"stage cache {keys[later - 1]} (an earlier job trains it)"
+            reused = max(reused, later)
+            planned.update(keys)
+    for i, stage in enumerate(stages[reused:], start=reused):
+        if stage.trains_teacher:
+            out[i] = teacher_source(cfg, stage, splits)
+        elif length(stage) == "no training":
+            out[i] = "compute (no training)"
+    return out
+
+
+def teacher_source(cfg: dict[str, Any], stage, splits) -> str:
+    if getattr(stage.cfg, "load_from", None):
+        return f"loaded from {stage.cfg.load_from}"
+    if cfg["teacher"].get("fine_tuned"):
+        return "the teacher as it is (teacher.fine_tuned)"
+    if getattr(stage.cfg, "cache", False) and hasattr(stage, "cache_entry"):
+        entry = stage.cache_entry(cfg, splits)
+        if (entry / "COMPLETE").exists():
+            return f"teacher cache {entry.name}"
+    return "train"
+
+
+def plan(cfg: dict[str, Any], stages: list, splits) -> dict[str, Any]:
+    """What a dry run reports (and ``train`` returns): the data, and per stage its settings and source."""
+    batch = int(cfg["task"]["batch_size"])
+    n_train = splits.sizes()["train"]
+    return {
+        "dry_run": True,
+        "output_dir": str(Path(cfg["paths"]["output_dir"])),
+        "data": {
+            "source": splits.source,
+            "sizes": splits.sizes(),
+            "batches_per_epoch": math.ceil(n_train / batch),
+        },
+        "stages": [
+            {"stage": s.name, "kind": s.kind, "length": length(s), "settings": settings(s), "source": src}
+            for s, src in zip(stages, sources(cfg, stages, splits), strict=True)
+        ],
+    }
+
+
+def print_plan(result: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    data = result["data"]
+    table = Table(
+        title=title,
+        caption=(
+            f"data {data['source']}: {data['sizes']}, {data['batches_per_epoch']} training batches per epoch; "
+            "dry run: nothing trained or written"
+        ),
+    )
+    for header in ("stage", "kind", "length", "settings", "state from"):
+        table.add_column(header, overflow="fold")
+    for row in result["stages"]:
+        table.add_row(row["stage"], row["kind"], row["length"], row["settings"], row["source"])
+    console = Console()
+    if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
+        console = Console(width=160)
+    console.print(table)

@@ -1,0 +1,102 @@
+"""``dry_run=true``: every check a run makes before its first stage, then each stage's settings and where its
+state would come from (stage cache, teacher cache, training); nothing is trained, loaded or written."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import compose_cfg
+from omegaconf import open_dict
+from test_own_data import COLUMNS, GOOD, bad_case, compose, conf_file, task_yaml
+
+from dpq.core.errors import ConfigError
+from dpq.train import train
+
+TINY = ["experiment=tiny", "cost.repeats=2", "cost.warmup=1"]
+DPQ = ["teacher", "distill", "prune", "recover", "quantize"]
+
+
+def cfg(tmp_path, out: str, *overrides):
+    """A tiny run writing to ``tmp_path/out``; every run of a test shares ``tmp_path/cache``."""
+    c = compose_cfg(tmp_path, [*TINY, *overrides])
+    with open_dict(c):
+        c.paths.output_dir = str(tmp_path / out)
+    return c
+
+
+def test_a_dry_run_trains_and_writes_nothing_and_says_what_the_caches_would_serve(tmp_path, count_fits):
+    dry = train(cfg(tmp_path, "dry", "dry_run=true"))
+    assert [s["stage"] for s in dry["stages"]] == DPQ
+    assert [s["source"] for s in dry["stages"]] == ["train"] * 5  # an empty cache
+    prune = dry["stages"][2]
+    assert prune["length"] == "2 epochs" and "final_sparsity=0.5" in prune["settings"]
+    assert "bits=4" in dry["stages"][4]["settings"]
+    assert dry["data"]["sizes"] == {"train": 256, "validation": 64, "test": 64}
+    assert dry["data"]["batches_per_epoch"] == 8  # 256 examples, task.batch_size 32
+    assert count_fits == []
+    assert (
+        not (tmp_path / "dry" / "results.json").exists() and not (tmp_path / "dry" / "checkpoints").exists()
+    )
+    assert not list((tmp_path / "cache").rglob("dpq-stage-cache.json"))
+
+    train(cfg(tmp_path, "dq", "pipeline=dq"))  # trains the teacher and the distillation dpq starts with
+    assert count_fits == ["teacher", "distill", "quantize"]
+    dry = train(cfg(tmp_path, "dry2", "dry_run=true"))
+    src = [s["source"] for s in dry["stages"]]
+    assert src[0] == src[1] and src[0].startswith("stage cache ") and src[2:] == ["train"] * 3
+    assert count_fits == ["teacher", "distill", "quantize"]  # still only the dq run's
+
+    # without the stage cache, the fine-tuned teacher still comes from the teacher cache
+    src = [
+        s["source"]
+        for s in train(cfg(tmp_path, "dry3", "dry_run=true", "stage_cache.enabled=false"))["stages"]
+    ]
+    assert src[0].startswith("teacher cache ") and src[1:] == ["train"] * 4
+    # a run that dry_run left out changes nothing a real run would do: the real dpq run reuses the prefix
+    train(cfg(tmp_path, "dpq"))
+    assert count_fits == ["teacher", "distill", "quantize", "prune", "recover", "quantize"]
+
+
+def test_in_a_multirun_a_dry_run_counts_what_the_earlier_jobs_would_have_cached(tmp_path, monkeypatch):
+    """Hydra's basic launcher runs a grid's jobs one after another: a final-sparsity grid trains the teacher and
+    the distillation once. Outside a multirun (a single run, these tests' calls) nothing is remembered."""
+    import dpq.run.plan as plan
+
+    first = train(cfg(tmp_path, "a", "dry_run=true"))
+    again = train(cfg(tmp_path, "b", "dry_run=true", "pipeline.stages.prune.final_sparsity=0.7"))
+    assert [s["source"] for s in first["stages"]] == [s["source"] for s in again["stages"]] == ["train"] * 5
+
+    monkeypatch.setattr(plan, "_multirun", lambda: str(tmp_path / "sweep"))
+    monkeypatch.setattr(plan, "_PLANNED", {})
+    train(cfg(tmp_path, "c", "dry_run=true"))
+    second = [
+        s["source"]
+        for s in train(cfg(tmp_path, "d", "dry_run=true", "pipeline.stages.prune.final_sparsity=0.7"))[
+            "stages"
+        ]
+    ]
+    assert second[0] == second[1] and second[0].endswith("(an earlier job trains it)")
+    assert second[2:] == ["train"] * 3
+    third = [s["source"] for s in train(cfg(tmp_path, "e", "dry_run=true", "pipeline=dq"))["stages"]]
+    assert third[:2] == second[:2] and third[2] == "train"  # dq's quantize follows distill: a new prefix
+
+
+def test_a_dry_run_loads_no_model_and_stops_at_bad_data_as_a_run_does(here, nothing_loads):
+    bad_case(here, "missing column")  # the data files, and task "bad" naming a column they lack
+    conf_file(here, "task", "good", task_yaml("good", GOOD, COLUMNS))
+    dry = train(compose(here, "task=good", "trainer=debug", "dry_run=true"))
+    assert [s["source"] for s in dry["stages"]] == ["train"] * 5
+    assert dry["data"]["sizes"]["train"] == 30
+    with pytest.raises(ConfigError, match="task.text_column='question': .*not a column of"):
+        train(compose(here, "task=bad", "trainer=debug", "dry_run=true"))
+
+
+def test_dry_run_is_bookkeeping():
+    """A dry run never writes results.json; the key must not split real runs' configurations or caches."""
+    from dpq.core.config import BOOKKEEPING_KEYS
+
+    assert "dry_run" in BOOKKEEPING_KEYS
+
+
+def test_a_dry_run_of_a_resume_is_refused_rather_than_resuming(tmp_path):
+    with pytest.raises(ConfigError, match="dry_run=True: cannot be combined with resume="):
+        train(cfg(tmp_path, "dry", "dry_run=true", f"resume={tmp_path / 'old'}"))
