@@ -56,7 +56,9 @@ def test_a_dry_run_trains_and_writes_nothing_and_says_what_the_caches_would_serv
     assert count_fits == ["teacher", "distill", "quantize", "prune", "recover", "quantize"]
 
 
-def test_in_a_multirun_a_dry_run_counts_what_the_earlier_jobs_would_have_cached(tmp_path, monkeypatch):
+def test_in_a_multirun_a_dry_run_counts_what_the_earlier_jobs_would_have_cached(
+    tmp_path, monkeypatch, capsys
+):
     """Hydra's basic launcher runs a grid's jobs one after another: a final-sparsity grid trains the teacher and
     the distillation once. Outside a multirun (a single run, these tests' calls) nothing is remembered."""
     import dpq.run.plan as plan
@@ -65,8 +67,8 @@ def test_in_a_multirun_a_dry_run_counts_what_the_earlier_jobs_would_have_cached(
     again = train(cfg(tmp_path, "b", "dry_run=true", "pipeline.stages.prune.final_sparsity=0.7"))
     assert [s["source"] for s in first["stages"]] == [s["source"] for s in again["stages"]] == ["train"] * 5
 
-    monkeypatch.setattr(plan, "_multirun", lambda: str(tmp_path / "sweep"))
-    monkeypatch.setattr(plan, "_PLANNED", {})
+    monkeypatch.setattr(plan, "_in_multirun", lambda: True)
+    plan.DryRunSummary().on_multirun_start(None)
     train(cfg(tmp_path, "c", "dry_run=true"))
     second = [
         s["source"]
@@ -78,6 +80,12 @@ def test_in_a_multirun_a_dry_run_counts_what_the_earlier_jobs_would_have_cached(
     assert second[2:] == ["train"] * 3
     third = [s["source"] for s in train(cfg(tmp_path, "e", "dry_run=true", "pipeline=dq"))["stages"]]
     assert third[:2] == second[:2] and third[2] == "train"  # dq's quantize follows distill: a new prefix
+    capsys.readouterr()
+    plan.DryRunSummary().on_multirun_end({"dry_run": True})
+    assert capsys.readouterr().out.strip() == (
+        "dpq dry run of 3 jobs: 9 stages would train; the stage cache would serve 4 (4 after an earlier job of "
+        "this multirun), the teacher cache 0; 0 need no training"
+    )
 
 
 def test_a_dry_run_loads_no_model_and_stops_at_bad_data_as_a_run_does(here, nothing_loads):

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from dpq.run import stage_cache
 
@@ -82,22 +86,26 @@ def settings(stage) -> str:
     return " ".join(shown)
 
 
-# Hydra multirun (its sweep folder) -> the stage-cache keys its earlier jobs' dry runs would build: the
-# basic launcher runs jobs one after another in one process, and a later job of the real multirun reuses
-# what an earlier one trained (a grid over the final sparsity trains the teacher and distillation once).
-_PLANNED: dict[str, set[str]] = {}
+# What the dry runs of the current Hydra multirun's earlier jobs would build (stage-cache keys) and how their
+# stages' states would be had: the basic launcher runs jobs one after another in one process, and a later job
+# of the real multirun reuses what an earlier one trained (a grid over the final sparsity trains the teacher
+# and the distillation once). :class:`DryRunSummary` empties both as a multirun starts and sums them up at its end.
+_PLANNED: set[str] = set()
+_TALLY: Counter = Counter()
 
 
-def _multirun() -> str | None:
-    """The sweep folder of the Hydra multirun this job belongs to, or None (a single run, a test's call)."""
+def _in_multirun() -> bool:
+    """Whether this job belongs to a Hydra multirun (not a single run, nor a test's direct call)."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        hc = HydraConfig.get()
+        return HydraConfig.get().mode == RunMode.MULTIRUN
     except (ImportError, ValueError):  # ValueError: no Hydra job is running
-        return None
-    return str(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+        return False
+
+
+EARLIER = "(an earlier job trains it)"
 
 
 def sources(cfg: dict[str, Any], stages: list, splits) -> list[str]:
@@ -112,14 +120,13 @@ def sources(cfg: dict[str, Any], stages: list, splits) -> list[str]:
         reused, _ = stage_cache.StageCache(sc["dir"]).longest_prefix(keys)
         for i in range(reused):
             out[i] = f"stage cache {keys[reused - 1]}"
-        if (sweep := _multirun()) is not None:
-            planned = _PLANNED.setdefault(sweep, set())
+        if _in_multirun():
             # keys chain prefixes: an earlier job that builds keys[i] builds (or reuses) keys[:i] too
-            later = max((i + 1 for i, k in enumerate(keys) if k in planned), default=0)
+            later = max((i + 1 for i, k in enumerate(keys) if k in _PLANNED), default=0)
             for i in range(reused, later):
-                out[i] = f"stage cache {keys[later - 1]} (an earlier job trains it)"
+                out[i] = f"stage cache {keys[later - 1]} {EARLIER}"
             reused = max(reused, later)
-            planned.update(keys)
+            _PLANNED.update(keys)
     for i, stage in enumerate(stages[reused:], start=reused):
         if stage.trains_teacher:
             out[i] = teacher_source(cfg, stage, splits)
@@ -144,6 +151,12 @@ def plan(cfg: dict[str, Any], stages: list, splits) -> dict[str, Any]:
     """What a dry run reports (and ``train`` returns): the data, and per stage its settings and source."""
     batch = int(cfg["task"]["batch_size"])
     n_train = splits.sizes()["train"]
+    rows = [
+        {"stage": s.name, "kind": s.kind, "length": length(s), "settings": settings(s), "source": src}
+        for s, src in zip(stages, sources(cfg, stages, splits), strict=True)
+    ]
+    if _in_multirun():
+        tally(rows)
     return {
         "dry_run": True,
         "output_dir": str(Path(cfg["paths"]["output_dir"])),
@@ -152,11 +165,41 @@ def plan(cfg: dict[str, Any], stages: list, splits) -> dict[str, Any]:
             "sizes": splits.sizes(),
             "batches_per_epoch": math.ceil(n_train / batch),
         },
-        "stages": [
-            {"stage": s.name, "kind": s.kind, "length": length(s), "settings": settings(s), "source": src}
-            for s, src in zip(stages, sources(cfg, stages, splits), strict=True)
-        ],
+        "stages": rows,
     }
+
+
+def tally(rows: list[dict[str, Any]]) -> None:
+    """Count a multirun job's stages by where their state would come from (for :class:`DryRunSummary`)."""
+    _TALLY["jobs"] += 1
+    for row in rows:
+        src = row["source"]
+        _TALLY[
+            "earlier job"
+            if src.endswith(EARLIER)
+            else next((k for k in ("train", "stage cache", "teacher cache") if src.startswith(k)), "other")
+        ] += 1
+
+
+class DryRunSummary(Callback):
+    """``hydra.callbacks`` entry (``conf/hydra/default.yaml``): a dry-run multirun ends with one line saying how
+    many stages the real one would train, and how many states the caches would serve."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _PLANNED.clear()
+        _TALLY.clear()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if (
+            not config.get("dry_run") or not _TALLY["jobs"]
+        ):  # a launcher with jobs in other processes: nothing seen
+            return
+        t = _TALLY
+        print(
+            f"dpq dry run of {t['jobs']} jobs: {t['train']} stages would train; the stage cache would serve "
+            f"{t['stage cache'] + t['earlier job']} ({t['earlier job']} after an earlier job of this multirun), "
+            f"the teacher cache {t['teacher cache']}; {t['other']} need no training"
+        )
 
 
 def print_plan(result: dict[str, Any], title: str) -> None:
