@@ -48,6 +48,7 @@ SHOWN = (
     "alpha",
     "hidden",
     "attention",
+    "relation",
     "qat",
 )
 
@@ -67,7 +68,16 @@ def length(stage) -> str:
 
 
 # Of these, an unset or zero value means the feature is off, and is left out.
-OFF_WHEN_FALSY = {"flops_target", "drop_layers", "act_bits", "embedding_bits", "hidden", "attention", "qat"}
+OFF_WHEN_FALSY = {
+    "flops_target",
+    "drop_layers",
+    "act_bits",
+    "embedding_bits",
+    "hidden",
+    "attention",
+    "relation",
+    "qat",
+}
 
 
 def settings(stage) -> str:
