@@ -59,11 +59,17 @@ CASES = [
         "'prune'",
         "quantization must be the last stage",
     ),
-    ([TINY, "pipeline.order=[distill,prune]"], "pipeline.order", "'distill'", "needs a teacher stage"),
+    # the order as written, not the part of it the rule looked at
     (
-        [TINY, "pipeline.order=[teacher,distill,recover]"],
+        [TINY, "pipeline.order=[distill,prune]"],
         "pipeline.order",
-        "'recover'",
+        "=['distill', 'prune']:",
+        "needs a teacher stage",
+    ),
+    (
+        [TINY, "pipeline.order=[teacher,distill,recover,quantize]"],
+        "pipeline.order",
+        "=['teacher', 'distill', 'recover', 'quantize']:",
         "needs a prune stage",
     ),
     ([TINY, "pipeline.order=[teacher,distill,distill]"], "pipeline.order", "'distill'", "appears twice"),

@@ -73,7 +73,13 @@ def build_stages(pipeline: dict[str, Any]) -> list[Stage]:
                 "quantization must be the last stage"
                 + (" (only one quantization stage per pipeline)" if stage.quantizes else ""),
             )
-        stage.check_order(stages[:i])
+        try:
+            stage.check_order(stages[:i])
+        except ConfigError as e:
+            if e.key != "pipeline.order":
+                raise
+            # a stage's rule sees the stages before it; the message names the order the user wrote
+            raise ConfigError("pipeline.order", list(order), e.allowed) from None
     for i, stage in enumerate(stages):
         stage.check_after(stages[i + 1 :])
     return stages
