@@ -285,7 +285,8 @@ def print_front(points: pd.DataFrame, objectives: list[Objective], summary: dict
     from .report import _pm
 
     table = Table(
-        title=f"Pareto front ({summary['front']} of {summary['points']} points, {summary['runs']} runs)"
+        title=f"Pareto front ({summary['front']} of {summary['points']} points, {summary['runs']} "
+        f"run{'' if summary['runs'] == 1 else 's'})"
     )
     for h in ("point", "ordering", "seeds", *(f"{o.name} [{o.unit}]" for o in objectives)):
         table.add_column(h, justify="left" if h in ("point", "ordering", "seeds") else "right")
