@@ -73,6 +73,13 @@ CASES = [
         "needs a prune stage",
     ),
     ([TINY, "pipeline.order=[teacher,distill,distill]"], "pipeline.order", "'distill'", "appears twice"),
+    # null reads as "no recover", yet it ran with the recover kind's dataclass defaults
+    (
+        [TINY, f"{P}.recover=null"],
+        f"{P}.recover",
+        "null",
+        "a null stage would run with its kind's built-in defaults, not the preset's; to drop it, leave it out",
+    ),
     ([TINY, f"{P}.prune.kind=shrink"], f"{P}.prune.kind", "'shrink'", "unknown stage kind; allowed:"),
     (
         [TINY, f"+{P}.prune.sparsity=0.3"],
