@@ -73,6 +73,9 @@ CASES = [
         "needs a prune stage",
     ),
     ([TINY, "pipeline.order=[teacher,distill,distill]"], "pipeline.order", "'distill'", "appears twice"),
+    # a block of settings set to null: its keys fell back to built-in defaults, or (cost) the run failed mid-way
+    ([TINY, "checkpoint=null"], "checkpoint", "null", "checkpoint.enabled=false turns checkpoints off"),
+    ([TINY, "cost=null"], "cost", "null", "must be a mapping of cost settings"),
     # null reads as "no recover", yet it ran with the recover kind's dataclass defaults
     (
         [TINY, f"{P}.recover=null"],
@@ -525,6 +528,14 @@ def test_cli_prints_one_clear_line_and_exits_2(tmp_path, overrides, line):
             ["task.primary_metric=f1", "+objective.weights={val_f1:1.0}"],  # + merges as well
             "objective.weights",
             "replace the mapping: '~objective.weights' '+objective.weights={val_f1:1.0}'",
+        ),
+        # a config group set to null: Hydra's ValueError with a traceback (for the optional groups too)
+        (["model=null"], "model", "model=null: choose one of the model options: cnn_small,"),
+        (["-m", "model=tiny_bert,null"], "model", "choose one of the model options"),
+        (
+            ["experiment=null"],
+            "experiment",
+            "is the default (no experiment): leave the override out, or choose",
         ),
     ],
 )

@@ -98,6 +98,36 @@ def _file_url(folder: str) -> str:
     return "file://" + str(Path(folder).expanduser().resolve())
 
 
+def _check_null_groups(overrides: list[str]) -> None:
+    """``model=null``: Hydra refuses a config group set to null with a traceback ("Config group override must
+    be a string or a list"), even for ``experiment=null``, the default. Said as a config error instead."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from omegaconf import OmegaConf
+
+    loader = GlobalHydra.instance().config_loader()
+    groups = set(loader.list_groups(""))
+    for o in OverridesParser.create().parse_overrides(overrides):
+        group = o.key_or_group
+        if (
+            group not in groups
+            or o.type == OverrideType.DEL
+            or o.is_sweep_override()
+            or o.value() is not None
+        ):
+            continue
+        options = [x for x in loader.get_group_options(group) if not x.startswith("_")]
+        defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "train.yaml")).get("defaults") or []
+        optional = any(isinstance(d, dict) and group in d and d[group] is None for d in defaults)
+        raise ConfigError(
+            group,
+            None,
+            (f"is the default (no {group}): leave the override out, or choose" if optional else "choose")
+            + f" one of the {group} options: {', '.join(options)}",
+        )
+
+
 def variants(overrides: list[str]) -> list[list[str]]:
     """One override list per swept value (the other sweeps at their first value); Optuna's interval() and
     similar search spaces, which compose cannot take, are left out (they name keys Hydra checks per trial)."""
@@ -128,6 +158,7 @@ def _check(overrides: list[str]) -> None:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
+            _check_null_groups(overrides)
             _check_summed_mappings(overrides, compose)
             compose("train", overrides=overrides)
             return

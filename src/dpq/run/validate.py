@@ -353,8 +353,23 @@ def check_known_keys(cfg: dict[str, Any]) -> None:
                 )
 
 
+# Blocks of settings a run reads key by key. Set to null, each key fell back to a built-in default (the
+# checkpoints stayed on, the export kept its defaults) or the run failed mid-way (cost, after the first
+# stage trained); what turns a block off is one of its keys, named here.
+SETTING_BLOCKS = {
+    "cost": "set its keys instead (cost.repeats=10, ...)",
+    "checkpoint": "checkpoint.enabled=false turns checkpoints off",
+    "stage_cache": "stage_cache.enabled=false turns the stage cache off",
+    "export": "export.onnx=false skips the export",
+    "objective": "set objective.metrics or objective.weights instead",
+}
+
+
 def check_run_keys(cfg: dict[str, Any]) -> None:
     """Seed, batch sizes, cost conditions, checkpointing and integrity switches."""
+    for key, instead in SETTING_BLOCKS.items():
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise ConfigError(key, cfg[key], f"must be a mapping of {key} settings; {instead}")
     _int("seed", cfg.get("seed"), 0)
     if not isinstance(cfg.get("run_name"), str) or not cfg["run_name"].strip():
         raise ConfigError(
