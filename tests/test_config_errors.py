@@ -74,14 +74,20 @@ CASES = [
     ),
     ([TINY, "pipeline.order=[teacher,distill,distill]"], "pipeline.order", "'distill'", "appears twice"),
     # a block of settings set to null: its keys fell back to built-in defaults, or (cost) the run failed mid-way
-    ([TINY, "checkpoint=null"], "checkpoint", "null", "checkpoint.enabled=false turns checkpoints off"),
-    ([TINY, "cost=null"], "cost", "null", "must be a mapping of cost settings"),
+    (
+        [TINY, "checkpoint=null"],
+        "checkpoint",
+        "null",
+        "e.g. checkpoint.enabled=false to turn checkpoints off",
+    ),
+    ([TINY, "cost=null"], "cost", "null", "must be a block of cost settings (batch_size,"),
     # null reads as "no recover", yet it ran with the recover kind's dataclass defaults
     (
         [TINY, f"{P}.recover=null"],
         f"{P}.recover",
         "null",
-        "a null stage would run with its kind's built-in defaults, not the preset's; to drop it, leave it out",
+        "must be a block of settings; e.g. pipeline.stages.recover.<setting>=<value> (to drop the stage, leave it "
+        "out of pipeline.order ['teacher', 'distill', 'prune', 'recover', 'quantize'])",
     ),
     ([TINY, f"{P}.prune.kind=shrink"], f"{P}.prune.kind", "'shrink'", "unknown stage kind; allowed:"),
     (
@@ -380,8 +386,21 @@ CASES = [
         "is not a BertConfig setting (did you mean model.config.hidden_size?)",
     ),
     # a block or list given a scalar: said by name, not a TypeError from the first check that reads inside it
-    ([TINY, "cost=5"], "cost", "5", "must be a block of settings (batch_size, device, latency_process,"),
-    ([TINY, f"{P}.prune=0.5"], f"{P}.prune", "0.5", "must be a block of settings, or null for the defaults"),
+    ([TINY, "cost=5"], "cost", "5", "must be a block of cost settings (batch_size, device, latency_process,"),
+    ([TINY, "pipeline.name=null"], "pipeline.name", "null", "must be a non-empty string"),  # ran as 'None'
+    # a scalar where a list of teacher layers belongs: a TypeError traceback
+    (
+        [TINY, f"{P}.distill.layer_map=5"],
+        f"{P}.distill.layer_map",
+        "5",
+        "must be a list of 1-based teacher layers",
+    ),
+    (
+        [TINY, f"{P}.prune=0.5"],
+        f"{P}.prune",
+        "0.5",
+        "must be a block of settings; e.g. pipeline.stages.prune.<",
+    ),
     (
         [TINY, "objective.metrics=val_accuracy"],
         "objective.metrics",

@@ -28,7 +28,7 @@ model; :func:`feature_kd_loss` raises a ValueError saying so when attentions are
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -306,6 +306,10 @@ class FeatureKDConfig:
         if self.hidden_kind not in HIDDEN_KINDS:
             raise ValueError(f"hidden_kind={self.hidden_kind!r}: must be one of {HIDDEN_KINDS}")
         if self.layer_map is not None:
+            if isinstance(self.layer_map, (str, bytes)) or not isinstance(self.layer_map, Iterable):
+                raise ValueError(
+                    f"layer_map={self.layer_map!r}: must be a list of 1-based teacher layers, one per student layer"
+                )
             layer_map = list(self.layer_map)  # e.g. an OmegaConf ListConfig from Hydra
             for j in layer_map:
                 if isinstance(j, bool) or not isinstance(j, int) or j < 1:

@@ -70,12 +70,14 @@ RUN_KEYS["model"] = RUN_KEYS["teacher"] = (
 
 # The config's blocks and lists, and whether null stands for "the defaults" there. A block given a scalar on
 # the command line (``cost=5``, ``pipeline.stages.prune=0.5`` for ``...prune.final_sparsity=0.5``) is
-# refused here, before any check reads inside it, instead of failing with a Python traceback.
+# refused here, before any check reads inside it, instead of failing with a Python traceback. Blocks read
+# key by key are no null: ``cost=null`` failed as the first stage was measured, and ``checkpoint=null``,
+# ``export=null``, ``stage_cache=null`` read as "off" but kept each key's built-in default (checkpoints on).
 SHAPES: dict[str, tuple[type, bool]] = {
     "task": (dict, False), "model": (dict, False), "teacher": (dict, False), "pipeline": (dict, False),
     "pipeline.stages": (dict, False), "trainer": (dict, True), "paths": (dict, True), "logger": (dict, True),
-    "cost": (dict, True), "export": (dict, True), "checkpoint": (dict, True), "stage_cache": (dict, True),
-    "objective": (dict, True), "objective.weights": (dict, True), "objective.metrics": (list, True),
+    "cost": (dict, False), "export": (dict, False), "checkpoint": (dict, False), "stage_cache": (dict, False),
+    "objective": (dict, False), "objective.weights": (dict, True), "objective.metrics": (list, True),
     "task.split": (dict, True), "task.embedded": (dict, True), "task.files": (dict, True),
     "task.normalize": (dict, True), "task.label_names": (list, True), "task.metrics": (list, True),
     "model.config": (dict, True), "teacher.config": (dict, True),
@@ -91,6 +93,11 @@ SHAPE_EXAMPLES = {
     "teacher.config": ("model config fields", "teacher.config.hidden_size=<value>"),
     "task.label_names": ("class names in id order", "task.label_names=[negative,positive]"),
     "task.metrics": ("metric names", "task.metrics=[accuracy,f1]"),
+    "cost": ("cost settings", "cost.repeats=10"),
+    "export": ("export settings", "export.onnx=false to skip the export"),
+    "checkpoint": ("checkpoint settings", "checkpoint.enabled=false to turn checkpoints off"),
+    "stage_cache": ("stage cache settings", "stage_cache.enabled=false to turn the stage cache off"),
+    "objective": ("objective settings", "objective.metrics=[val_accuracy]"),
 }
 
 
@@ -99,7 +106,10 @@ def check_shapes(cfg: dict[str, Any]) -> None:
     under ``pipeline.stages`` a mapping of its settings (null: its kind's defaults)."""
     stages = cfg.get("pipeline", {}).get("stages") if isinstance(cfg.get("pipeline"), dict) else None
     names = list(stages) if isinstance(stages, dict) else []
-    shapes = {**SHAPES, **{f"pipeline.stages.{n}": (dict, True) for n in names}}
+    order = cfg["pipeline"].get("order") if isinstance(cfg.get("pipeline"), dict) else None
+    ordered = set(order) if isinstance(order, (list, tuple)) else set()
+    # a stage in the order is no null: it would run with its kind's dataclass defaults, not the preset's
+    shapes = {**SHAPES, **{f"pipeline.stages.{n}": (dict, n not in ordered) for n in names}}
     for key, (kind, null_ok) in shapes.items():
         node, found = cfg, True
         for part in key.split("."):
@@ -111,6 +121,8 @@ def check_shapes(cfg: dict[str, Any]) -> None:
         if not found or (node is None and null_ok) or isinstance(node, kind):
             continue
         what, example = SHAPE_EXAMPLES.get(key, ("settings", f"{key}.<setting>=<value>"))
+        if key.startswith("pipeline.stages.") and key.split(".")[2] in ordered:
+            example += f" (to drop the stage, leave it out of pipeline.order {list(order)})"
         allowed = [a for a in RUN_KEYS.get(key, ()) if a not in ("hydra", "offline", "online")]
         raise ConfigError(
             key,
@@ -353,27 +365,21 @@ def check_known_keys(cfg: dict[str, Any]) -> None:
                 )
 
 
-# Blocks of settings a run reads key by key. Set to null, each key fell back to a built-in default (the
-# checkpoints stayed on, the export kept its defaults) or the run failed mid-way (cost, after the first
-# stage trained); what turns a block off is one of its keys, named here.
-SETTING_BLOCKS = {
-    "cost": "set its keys instead (cost.repeats=10, ...)",
-    "checkpoint": "checkpoint.enabled=false turns checkpoints off",
-    "stage_cache": "stage_cache.enabled=false turns the stage cache off",
-    "export": "export.onnx=false skips the export",
-    "objective": "set objective.metrics or objective.weights instead",
-}
-
-
 def check_run_keys(cfg: dict[str, Any]) -> None:
     """Seed, batch sizes, cost conditions, checkpointing and integrity switches."""
-    for key, instead in SETTING_BLOCKS.items():
-        if key in cfg and not isinstance(cfg[key], dict):
-            raise ConfigError(key, cfg[key], f"must be a mapping of {key} settings; {instead}")
     _int("seed", cfg.get("seed"), 0)
     if not isinstance(cfg.get("run_name"), str) or not cfg["run_name"].strip():
         raise ConfigError(
             "run_name", cfg.get("run_name"), "must be a non-empty string (it names the run folder)"
+        )
+    name = cfg["pipeline"].get("name")
+    if (
+        not isinstance(name, str) or not name.strip()
+    ):  # null became the string 'None' in run names and reports
+        raise ConfigError(
+            "pipeline.name",
+            name,
+            "must be a non-empty string (it names the ordering in run names and reports)",
         )
     task = cfg["task"]
     for k in ("batch_size", "eval_batch_size"):
