@@ -30,6 +30,7 @@ def test_a_dry_run_trains_and_writes_nothing_and_says_what_the_caches_would_serv
     prune = dry["stages"][2]
     assert prune["length"] == "2 epochs" and "final_sparsity=0.5" in prune["settings"]
     assert "bits=4" in dry["stages"][4]["settings"]
+    assert "overrides" not in prune["settings"] and "flops_target" not in prune["settings"]  # off: not shown
     assert dry["data"]["sizes"] == {"train": 256, "validation": 64, "test": 64}
     assert dry["data"]["batches_per_epoch"] == 8  # 256 examples, task.batch_size 32
     assert count_fits == []

@@ -35,6 +35,8 @@ SHOWN = (
     "initial_sparsity",
     "final_sparsity",
     "flops_target",
+    "flops_fill",
+    "overrides",
     "drop_layers",
     "rounds",
     "teacher_mode",
@@ -70,6 +72,8 @@ def length(stage) -> str:
 # Of these, an unset or zero value means the feature is off, and is left out.
 OFF_WHEN_FALSY = {
     "flops_target",
+    "flops_fill",
+    "overrides",
     "drop_layers",
     "act_bits",
     "embedding_bits",
