@@ -33,6 +33,7 @@ def test_a_dry_run_trains_and_writes_nothing_and_says_what_the_caches_would_serv
     assert "overrides" not in prune["settings"] and "flops_target" not in prune["settings"]  # off: not shown
     assert dry["data"]["sizes"] == {"train": 256, "validation": 64, "test": 64}
     assert dry["data"]["batches_per_epoch"] == 8  # 256 examples, task.batch_size 32
+    assert dry["data"]["processes"] == 1 and dry["data"]["steps_per_epoch"] == 8
     assert count_fits == []
     assert (
         not (tmp_path / "dry" / "results.json").exists() and not (tmp_path / "dry" / "checkpoints").exists()
@@ -109,3 +110,10 @@ def test_dry_run_is_bookkeeping():
 def test_a_dry_run_of_a_resume_is_refused_rather_than_resuming(tmp_path):
     with pytest.raises(ConfigError, match="dry_run=True: cannot be combined with resume="):
         train(cfg(tmp_path, "dry", "dry_run=true", f"resume={tmp_path / 'old'}"))
+
+
+def test_under_ddp_a_dry_run_counts_each_processs_steps(tmp_path):
+    dry = train(cfg(tmp_path, "dry", "dry_run=true", "trainer=ddp_cpu", "task.batch_size=24"))
+    # 256 examples: 11 batches of 24; each of 2 processes takes 128 of them: 6 steps (5.33 batches) per epoch
+    assert dry["data"]["processes"] == 2
+    assert dry["data"]["batches_per_epoch"] == 11 and dry["data"]["steps_per_epoch"] == 6

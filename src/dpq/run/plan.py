@@ -24,6 +24,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from dpq.core.distributed import trainer_world_size
 from dpq.run import stage_cache
 
 # Stage parameters worth a glance in the plan, in this order, where a stage kind has them (any kind,
@@ -165,6 +166,7 @@ def plan(cfg: dict[str, Any], stages: list, splits) -> dict[str, Any]:
     """What a dry run reports (and ``train`` returns): the data, and per stage its settings and source."""
     batch = int(cfg["task"]["batch_size"])
     n_train = splits.sizes()["train"]
+    world = trainer_world_size(cfg["trainer"])  # DDP: each process takes its share of the batches
     rows = [
         {"stage": s.name, "kind": s.kind, "length": length(s), "settings": settings(s), "source": src}
         for s, src in zip(stages, sources(cfg, stages, splits), strict=True)
@@ -178,6 +180,9 @@ def plan(cfg: dict[str, Any], stages: list, splits) -> dict[str, Any]:
             "source": splits.source,
             "sizes": splits.sizes(),
             "batches_per_epoch": math.ceil(n_train / batch),
+            "processes": world,
+            # Lightning's DistributedSampler pads the split to a multiple of the processes
+            "steps_per_epoch": math.ceil(math.ceil(n_train / world) / batch),
         },
         "stages": rows,
     }
@@ -224,8 +229,13 @@ def print_plan(result: dict[str, Any], title: str) -> None:
     table = Table(
         title=title,
         caption=(
-            f"data {data['source']}: {data['sizes']}, {data['batches_per_epoch']} training batches per epoch; "
-            "dry run: nothing trained or written"
+            f"data {data['source']}: {data['sizes']}, {data['batches_per_epoch']} training batches per epoch"
+            + (
+                f" ({data['steps_per_epoch']} steps in each of {data['processes']} processes)"
+                if data["processes"] > 1
+                else ""
+            )
+            + "; dry run: nothing trained or written"
         ),
     )
     for header in ("stage", "kind", "length", "settings", "state from"):
