@@ -1193,3 +1193,27 @@ def test_seeds_run_with_other_bookkeeping_are_one_configuration(tmp_path, caplog
     write_runs(tmp_path / "same", runs)
     merged = merge_seeds(gather([str(tmp_path / "same")], references=False, progress=False))
     assert merged.set_index(["pipeline", "seeds"]).loc[("dq", "1,2,3"), "objective"] == pytest.approx(2.0)
+
+
+def test_a_missing_objective_is_counted_apart_for_final_points_and_references(tmp_path, caplog):
+    """The teacher and dense-student references are never exported to ONNX Runtime: they were counted with
+    the final points as if the runs predated the measurement."""
+    runs = {f"dpq_s{s}": fake_results("dpq", s, 0.85, 0.1, sparsity=0.8) for s in (1, 2)}
+    for res in runs.values():
+        res["final"]["onnx_latency_ms_median"] = 1.0
+    del runs["dpq_s2"]["final"]["onnx_latency_ms_median"]  # an older run
+    write_runs(tmp_path / "runs", runs)
+    with caplog.at_level("WARNING", logger="dpq.pareto"):
+        args = [
+            str(tmp_path / "runs"),
+            "-O",
+            "accuracy,onnx_latency_ms",
+            "--no-progress",
+            "-o",
+            str(tmp_path / "o"),
+        ]
+        assert cli_main(args) == 0
+    assert (
+        "no onnx_latency_ms (metric 'onnx_latency_ms_median') for 1 of 2 final points (runs made before it was "
+        "measured?); 4 of 4 reference and stage points (only a run's final model is exported to ONNX Runtime)"
+    ) in caplog.text

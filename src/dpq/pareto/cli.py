@@ -183,17 +183,27 @@ def build_report(
             [primary + o[len("primary") :] if o.split(":")[0] == "primary" else o for o in objectives]
         )
     runs = add_objectives(runs, objectives)
+    final = runs["kind"] == "final"
     for o in objectives:
-        missing = int(runs[o.name].isna().sum())
-        if missing:
-            log.warning(
-                "%d of %d points have no %s (metric %r; runs made before it was measured?): "
-                "they cannot be on the front",
-                missing,
-                len(runs),
-                o.name,
-                o.metric,
+        missing = runs[o.name].isna()
+        if not missing.any():
+            continue
+        # counted apart: a teacher or dense-student reference lacks what only a final model gets (the ONNX export)
+        said = []
+        if n := int((missing & final).sum()):
+            said.append(f"{n} of {int(final.sum())} final points (runs made before it was measured?)")
+        if n := int((missing & ~final).sum()):
+            said.append(
+                f"{n} of {int((~final).sum())} reference and stage points"
+                + (
+                    " (only a run's final model is exported to ONNX Runtime)"
+                    if o.metric.startswith("onnx_")
+                    else ""
+                )
             )
+        log.warning(
+            "no %s (metric %r) for %s: they cannot be on the front", o.name, o.metric, "; ".join(said)
+        )
     points = front_table(merge_seeds(runs), objectives)
     keys = points.set_index(["kind", "config_key"])["pareto"]
     runs["pareto"] = [bool(keys.get((k, c), False)) for k, c in zip(runs["kind"], runs["config_key"])]
