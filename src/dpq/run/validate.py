@@ -103,7 +103,8 @@ SHAPE_EXAMPLES = {
 
 def check_shapes(cfg: dict[str, Any]) -> None:
     """Every block a mapping and every list a list (or null where that means the defaults); each stage
-    under ``pipeline.stages`` a mapping of its settings (null: its kind's defaults)."""
+    under ``pipeline.stages`` a mapping of its settings (null, its kind's defaults, only for a stage outside
+    ``pipeline.order``: in the order, null reads as "no such stage" and would run the kind's defaults)."""
     stages = cfg.get("pipeline", {}).get("stages") if isinstance(cfg.get("pipeline"), dict) else None
     names = list(stages) if isinstance(stages, dict) else []
     order = cfg["pipeline"].get("order") if isinstance(cfg.get("pipeline"), dict) else None
@@ -372,10 +373,8 @@ def check_run_keys(cfg: dict[str, Any]) -> None:
         raise ConfigError(
             "run_name", cfg.get("run_name"), "must be a non-empty string (it names the run folder)"
         )
-    name = cfg["pipeline"].get("name")
-    if (
-        not isinstance(name, str) or not name.strip()
-    ):  # null became the string 'None' in run names and reports
+    name = cfg["pipeline"].get("name")  # null became the string 'None' in run names and reports
+    if not isinstance(name, str) or not name.strip():
         raise ConfigError(
             "pipeline.name",
             name,

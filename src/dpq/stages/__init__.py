@@ -56,15 +56,7 @@ def build_stages(pipeline: dict[str, Any]) -> list[Stage]:
                 f"is not a stage of this pipeline; defined stages: {', '.join(defined)}",
                 f"stage kinds: {', '.join(kinds)}",
             )
-        if defined[name] is None:  # `pipeline.stages.prune=null` reads as "no prune" ...
-            raise ConfigError(  # ... but a stage in the order would run with its kind's dataclass defaults
-                f"pipeline.stages.{name}",
-                None,
-                f"stage '{name}' is in pipeline.order {list(order)}, and a null stage would run with its kind's "
-                "built-in defaults, not the preset's; to drop it, leave it out of pipeline.order; to change it, "
-                "set its keys",
-            )
-        raw = dict(defined[name])
+        raw = dict(defined[name] or {})  # null: validate.check_shapes allows it only outside pipeline.order
         kind = raw.get("kind", name)
         if kind not in kinds:
             raise ConfigError(
