@@ -33,7 +33,7 @@ def test_a_dry_run_trains_and_writes_nothing_and_says_what_the_caches_would_serv
     assert "overrides" not in prune["settings"] and "flops_target" not in prune["settings"]  # off: not shown
     assert dry["data"]["sizes"] == {"train": 256, "validation": 64, "test": 64}
     assert dry["data"]["batches_per_epoch"] == 8  # 256 examples, task.batch_size 32
-    assert dry["data"]["processes"] == 1 and dry["data"]["steps_per_epoch"] == 8
+    assert dry["data"]["processes"] == 1 and dry["data"]["steps_per_epoch"] == 4  # trainer=debug: 4 batches
     assert count_fits == []
     assert (
         not (tmp_path / "dry" / "results.json").exists() and not (tmp_path / "dry" / "checkpoints").exists()
@@ -117,3 +117,13 @@ def test_under_ddp_a_dry_run_counts_each_processs_steps(tmp_path):
     # 256 examples: 11 batches of 24; each of 2 processes takes 128 of them: 6 steps (5.33 batches) per epoch
     assert dry["data"]["processes"] == 2
     assert dry["data"]["batches_per_epoch"] == 11 and dry["data"]["steps_per_epoch"] == 6
+
+
+def test_the_steps_per_epoch_follow_the_trainers_limits_as_lightning_counts_them():
+    from dpq.run.plan import steps_per_epoch
+
+    assert steps_per_epoch(256, 32, 1, {}) == 8
+    assert steps_per_epoch(256, 32, 1, {"limit_train_batches": 4}) == 4
+    assert steps_per_epoch(256, 32, 1, {"limit_train_batches": 0.3}) == 2  # int(8 * 0.3)
+    assert steps_per_epoch(256, 32, 1, {"limit_train_batches": 1.0, "accumulate_grad_batches": 3}) == 3
+    assert steps_per_epoch(256, 24, 2, {}) == 6  # 128 examples per process

@@ -181,11 +181,23 @@ def plan(cfg: dict[str, Any], stages: list, splits) -> dict[str, Any]:
             "sizes": splits.sizes(),
             "batches_per_epoch": math.ceil(n_train / batch),
             "processes": world,
-            # Lightning's DistributedSampler pads the split to a multiple of the processes
-            "steps_per_epoch": math.ceil(math.ceil(n_train / world) / batch),
+            "steps_per_epoch": steps_per_epoch(n_train, batch, world, cfg["trainer"]),
         },
         "stages": rows,
     }
+
+
+def steps_per_epoch(n_train: int, batch: int, world: int, trainer: dict[str, Any]) -> int:
+    """Optimizer steps per epoch in each process, as Lightning counts them: the process's batches (its
+    DistributedSampler pads the split to a multiple of the processes), cut by ``limit_train_batches`` (an int:
+    at most that many; a float: that fraction, rounded down), over ``accumulate_grad_batches``."""
+    batches = math.ceil(math.ceil(n_train / world) / batch)
+    limit = trainer.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = int(batches * limit)
+    return math.ceil(batches / int(trainer.get("accumulate_grad_batches") or 1))
 
 
 def tally(rows: list[dict[str, Any]]) -> None:
@@ -229,12 +241,9 @@ def print_plan(result: dict[str, Any], title: str) -> None:
     table = Table(
         title=title,
         caption=(
-            f"data {data['source']}: {data['sizes']}, {data['batches_per_epoch']} training batches per epoch"
-            + (
-                f" ({data['steps_per_epoch']} steps in each of {data['processes']} processes)"
-                if data["processes"] > 1
-                else ""
-            )
+            f"data {data['source']}: {data['sizes']}, {data['batches_per_epoch']} training batches per epoch; "
+            f"{data['steps_per_epoch']} optimizer steps per epoch"
+            + (f" in each of {data['processes']} processes" if data["processes"] > 1 else "")
             + "; dry run: nothing trained or written"
         ),
     )
