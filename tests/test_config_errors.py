@@ -593,6 +593,13 @@ def test_the_command_line_check_passes_what_hydra_composes_and_leaves_flags_to_h
         check_command_line(argv)
     with pytest.raises(ConfigError, match="task='tickets': is not a task option"):
         check_command_line(["task=tickets"])  # without the user's folder Hydra cannot find it either
+    # with it, a typo is matched against the user's options too (the list held only dpq's own)
+    with pytest.raises(
+        ConfigError, match=r"task='tickts': is not a task option \(did you mean task=tickets\?\)"
+    ):
+        check_command_line(["--config-dir", str(tmp_path), "task=tickts"])
+    with pytest.raises(ConfigError, match=r"task=null: choose one of the task options: .*sst2, tickets"):
+        check_command_line(["--config-dir", str(tmp_path), "task=null"])
 
 
 def test_overrides_of_stages_not_in_the_order_are_warned_about(caplog):

@@ -42,7 +42,7 @@ def check_command_line(argv: list[str]) -> None:
         return
     extra = [f"hydra.searchpath=[{','.join(_file_url(d) for d in search)}]"] if search else []
     for variant in lists:
-        _check(variant + extra)
+        _check(variant + extra, search)
 
 
 def _value(override: str):
@@ -98,7 +98,17 @@ def _file_url(folder: str) -> str:
     return "file://" + str(Path(folder).expanduser().resolve())
 
 
-def _check_null_groups(overrides: list[str]) -> None:
+def _options(group: str, search: list[str]) -> list[str]:
+    """A config group's options: dpq's and those in the user's ``--config-dir`` folders (Hydra's loader here knows
+    dpq's conf/ only; the folders join its search path at compose time). ``_base`` files are not options."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    found = set(GlobalHydra.instance().config_loader().get_group_options(group))
+    found |= {p.stem for d in search for p in (Path(d).expanduser() / group).glob("*.yaml")}
+    return sorted(o for o in found if not o.startswith("_"))
+
+
+def _check_null_groups(overrides: list[str], search: list[str]) -> None:
     """``model=null``: Hydra refuses a config group set to null with a traceback ("Config group override must
     be a string or a list"), even for ``experiment=null``, the default. Said as a config error instead."""
     from hydra.core.global_hydra import GlobalHydra
@@ -117,7 +127,7 @@ def _check_null_groups(overrides: list[str]) -> None:
             or o.value() is not None
         ):
             continue
-        options = [x for x in loader.get_group_options(group) if not x.startswith("_")]
+        options = _options(group, search)
         defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "train.yaml")).get("defaults") or []
         optional = any(isinstance(d, dict) and group in d and d[group] is None for d in defaults)
         raise ConfigError(
@@ -150,7 +160,7 @@ def variants(overrides: list[str]) -> list[list[str]]:
     return lists
 
 
-def _check(overrides: list[str]) -> None:
+def _check(overrides: list[str], search: list[str] = ()) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -158,7 +168,7 @@ def _check(overrides: list[str]) -> None:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
-            _check_null_groups(overrides)
+            _check_null_groups(overrides, list(search))
             _check_summed_mappings(overrides, compose)
             compose("train", overrides=overrides)
             return
@@ -166,8 +176,7 @@ def _check(overrides: list[str]) -> None:
             if not (m := re.search(r"Could not find '([^']+)/([^'/]+)'", str(e))):
                 return
             group, option = m.groups()
-            loader = GlobalHydra.instance().config_loader()
-            options = [o for o in loader.get_group_options(group) if not o.startswith("_")]
+            options = _options(group, list(search))
             if not options or option in options:
                 return
             near = get_close_matches(option, options, n=1)
