@@ -420,7 +420,7 @@ CASES = [
         [TINY, "model=distilbert", "model.pretrained=dpq-no-such-org/no-such-model"],
         "model.pretrained",
         "'dpq-no-such-org/no-such-model'",
-        "could not be loaded (OSError",
+        "could not be resolved to a commit of dpq-no-such-org/no-such-model: the hub is unreachable",
     ),
 ]
 

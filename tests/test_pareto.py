@@ -893,6 +893,34 @@ def test_runs_on_changed_data_under_one_name_are_flagged_by_their_content_digest
     assert "different examples" not in caplog.text
 
 
+def test_runs_whose_hub_models_moved_between_them_are_flagged(tmp_path, caplog):
+    """Seed 3 loaded the teacher after its hub branch moved (another commit under one name): flagged, and the
+    commits are columns of the points. A run from before dpq recorded commits is no evidence."""
+    runs = {}
+    for s in (1, 2, 3, 4):
+        for pipe, acc, g in (("dq", 0.86, 0.3), ("dpq", 0.85, 0.1)):
+            res = fake_results(pipe, s, acc, g)
+            if s != 4:
+                res["hub_commits"] = {"teacher": "b" * 40 if s == 3 else "a" * 40}
+            runs[f"{pipe}_s{s}"] = res
+    write_runs(tmp_path / "runs", runs)
+    with caplog.at_level("WARNING", logger="dpq.pareto"):
+        assert cli_main([str(tmp_path / "runs"), "--no-progress", "-o", str(tmp_path / "all")]) == 0
+    a, b = f"teacher@{'a' * 40}", f"teacher@{'b' * 40}"
+    assert (
+        f"the runs of big / small loaded their hub models at different commits (4 runs with {a}; 2 runs with {b})"
+        in caplog.text
+    )
+    points = pd.read_csv(tmp_path / "all" / "pareto.csv").query("kind == 'final'")
+    assert (points["hub_commits"] == f"{a} | {b}").all()
+    assert f"{a} | {b}" in (tmp_path / "all" / "pareto.html").read_text()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dpq.pareto"):  # seeds 1, 2 and 4: one commit and one unknown
+        assert compare_cli(tmp_path / "runs", str(tmp_path / "two"), "--seeds", "1,2,4") == 0
+    assert "different commits" not in caplog.text
+    assert json.loads((tmp_path / "two" / "compare.json").read_text())["hub_commits"] == [a]
+
+
 @pytest.mark.parametrize(
     "spec, match",
     [

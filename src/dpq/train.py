@@ -24,7 +24,7 @@ from dpq.core.errors import ConfigError, IntegrityError, TrainingDiverged
 from dpq.core.provenance import capture_git
 from dpq.data import labelled, load_task
 from dpq.loggers import quiet_libraries
-from dpq.models import load_tokenizer
+from dpq.models import load_tokenizer, pin_hub_commits, run_hub_commits
 from dpq.run import RunContext, Runner, plan, records, validate, validate_data
 from dpq.run.overrides import check_command_line, register_help
 from dpq.run.resume import (
@@ -33,6 +33,7 @@ from dpq.run.resume import (
     check_same_data,
     claim_output_dir,
     load_run_config,
+    recorded_hub_commits,
     register_resolvers,
 )
 from dpq.run.validate import check_folders, resolved_config, unused_stage_overrides
@@ -55,8 +56,9 @@ def train(cfg: DictConfig) -> dict:
         raise ConfigError(
             "dry_run", True, f"cannot be combined with resume={resume_from}, which continues that run"
         )
-    if resume_from:  # continue that run: its own resolved config, its own folder
+    if resume_from:  # continue that run: its own resolved config, its own folder, its hub models' commits
         cfg_dict = load_run_config(resume_from)
+        pin_hub_commits(cfg_dict, recorded_hub_commits(resume_from))
     stages = validate(cfg_dict)  # config errors surface here, before anything heavy
     check_folders(cfg_dict)  # the run's folder and the caches can be written
     # Bad data (missing file, empty split, missing column, empty text, unknown label) fails here. The data's
@@ -77,7 +79,8 @@ def train(cfg: DictConfig) -> dict:
     if resume_from:
         check_same_data(output_dir, splits)  # the examples it started on, or a config error
     else:
-        claim_output_dir(output_dir, cfg_dict, splits.identity())  # never write into another run's folder
+        # never write into another run's folder; record what a resume must find again
+        claim_output_dir(output_dir, cfg_dict, splits.identity(), run_hub_commits(cfg_dict))
     ctx = RunContext.open(cfg_dict, splits, tokenizer, output_dir, git)
     log.info("task %s from %s: %s", cfg_dict["task"]["name"], splits.source, splits.sizes())
     log.info("pipeline %s: %s", cfg_dict["pipeline"]["name"], " -> ".join(s.name for s in stages))

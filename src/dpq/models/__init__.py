@@ -4,11 +4,14 @@ from configs (:mod:`.build`), and saving/reloading them in their library's layou
 from dpq.models.build import ARCHES, INITS, build_model, skeleton
 from dpq.models.hf import (
     check_head_labels,
+    hub_commits,
     load_tokenizer,
     local_folder,
     local_folders,
+    pin_hub_commits,
     resolve_layers,
     resolve_pretrained,
+    run_hub_commits,
     student_from_teacher,
 )
 from dpq.models.io import load_model, save_model
@@ -22,13 +25,16 @@ __all__ = [
     "MLPClassifier",
     "build_model",
     "check_head_labels",
+    "hub_commits",
     "load_model",
     "load_tokenizer",
     "local_folder",
     "local_folders",
+    "pin_hub_commits",
     "native_from_config",
     "resolve_layers",
     "resolve_pretrained",
+    "run_hub_commits",
     "save_model",
     "skeleton",
     "student_from_teacher",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from dpq.core.errors import ConfigError
-from dpq.models.hf import build_hf, skeleton_hf
+from dpq.models.hf import build_hf, check_revision, skeleton_hf
 from dpq.models.native import NATIVE_ARCHES, build_native
 
 ARCHES = ("hf", "mlp", "cnn")
@@ -18,6 +18,7 @@ def _check_spec(spec: dict, key: str) -> None:
         raise ConfigError(f"{key}.arch", arch, f"must be one of {', '.join(ARCHES)}")
     if init not in INITS:
         raise ConfigError(f"{key}.init", init, f"must be one of {', '.join(INITS)}")
+    check_revision(spec, key)
     if spec.get("fine_tuned") and (arch != "hf" or init != "pretrained"):
         raise ConfigError(
             f"{key}.fine_tuned",

@@ -11,6 +11,7 @@ and the weightless skeleton the up-front checks inspect are built from it alike.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import logging
 import os
@@ -43,17 +44,31 @@ def _looks_local(path: str) -> bool:
     return str(path).startswith(("/", "./", "../", "~")) or os.path.isdir(os.path.expanduser(str(path)))
 
 
-def resolve_pretrained(spec: dict, key: str | None = None) -> str:
-    """Local path of the embedded copy when its package is installed, else ``pretrained``: a local
-    folder (``save_pretrained`` layout) or a hub id."""
+_SAID_MISSING: set[str] = set()
+
+
+def _embedded_path(spec: Mapping) -> str | None:
+    """The folder of ``spec``'s embedded copy, None when it names none or its package is not installed."""
     embedded = spec.get("embedded")
-    if embedded:
-        try:
-            return importlib.import_module(embedded).get_model_path()
-        except ImportError:
+    if not embedded:
+        return None
+    try:
+        return importlib.import_module(embedded).get_model_path()
+    except ImportError:
+        if embedded not in _SAID_MISSING:
+            _SAID_MISSING.add(embedded)
             log.info(
                 "embedded package %s not installed; loading %s from the hub", embedded, spec.get("pretrained")
             )
+        return None
+
+
+def resolve_pretrained(spec: dict, key: str | None = None) -> str:
+    """Local path of the embedded copy when its package is installed, else ``pretrained``: a local
+    folder (``save_pretrained`` layout) or a hub id."""
+    embedded = _embedded_path(spec)
+    if embedded:
+        return embedded
     key = key or spec.get("_key", "model")
     path = spec.get("pretrained")
     if not path:
@@ -95,13 +110,173 @@ def local_folders(spec: dict) -> dict[str, str]:
     return {k: v for k, v in out.items() if v}
 
 
+# ---- hub revisions -------------------------------------------------------------------------
+# A hub id names a branch ("main" unless `revision` says otherwise), and a branch moves: the same
+# `pretrained: bert-base-uncased` can be other weights next month. Each hub id is resolved once per process
+# to the commit it points to (huggingface_hub.resolve_revision: from the hub, or from the local Hugging Face
+# cache offline); every file of that model loads from that commit, and the cache keys and results.json
+# carry it, so a stage trained on one commit is never served to a run that would load another.
+
+
+def hub_source(spec: Mapping | str | None) -> tuple[str, str | None] | None:
+    """``(hub id, revision)`` that a pretrained Hugging Face ``spec`` (a model/teacher config, a
+    ``{pretrained, embedded, revision}`` block or a bare path/hub id) loads from; None when it loads an
+    installed embedded copy, a local folder or nothing from the hub."""
+    if not spec:
+        return None
+    if not isinstance(spec, Mapping):
+        return None if _looks_local(str(spec)) else (str(spec), None)
+    if spec.get("arch", "hf") != "hf" or spec.get("init", "pretrained") != "pretrained":
+        return None
+    path = spec.get("pretrained")
+    if not path or _looks_local(str(path)) or _embedded_path(spec):
+        return None
+    revision = spec.get("revision")
+    return str(path), None if revision is None else str(revision)
+
+
+def check_revision(spec: Mapping, key: str) -> None:
+    """``<key>.revision`` pins a hub model's branch, tag or commit; it means nothing elsewhere, so it is
+    refused there rather than ignored."""
+    revision = spec.get("revision")
+    if revision is None:
+        return
+    if not isinstance(revision, str):
+        raise ConfigError(
+            f"{key}.revision",
+            revision,
+            "must be a string: a branch, tag or commit hash",
+            f"Hydra read a {type(revision).__name__} (1.10 becomes 1.1); quote the tag as written: "
+            f"{key}.revision='\"<tag>\"'",
+        )
+    if spec.get("arch", "hf") != "hf" or spec.get("init", "pretrained") != "pretrained":
+        raise ConfigError(
+            f"{key}.revision",
+            revision,
+            f"pins a hub model's revision, so it needs arch: hf and init: pretrained "
+            f"(this is arch: {spec.get('arch')}, init: {spec.get('init', 'pretrained')})",
+        )
+    path = spec.get("pretrained")
+    if path and _looks_local(str(path)):
+        raise ConfigError(
+            f"{key}.revision",
+            revision,
+            f"pins a hub model's revision, but {key}.pretrained={path} is a local folder",
+        )
+    embedded = _embedded_path(spec)
+    if embedded:
+        raise ConfigError(
+            f"{key}.revision",
+            revision,
+            f"pins a hub revision of {path}, but {key}.embedded={spec.get('embedded')} is installed and is "
+            f"loaded instead",
+            f"set {key}.embedded=null to load the hub's revision",
+        )
+
+
+# (hub id, revision) -> the commit a resumed run started with (pin_hub_commits), resolved to that, not anew
+_PINNED: dict[tuple[str, str | None], str] = {}
+
+
+def pin_hub_commits(cfg: Mapping, commits: Mapping[str, str]) -> None:
+    """Make this process load the hub models of ``cfg`` at ``commits`` (:func:`run_hub_commits` of the run
+    when it started), whatever their branches point to now: a resumed run continues on the weights,
+    tokenizer and config it started with, offline too, and its results.json names them."""
+    for name, commit in commits.items():
+        role, _, sub = name.partition(".")
+        spec = cfg.get(role) if isinstance(cfg.get(role), Mapping) else {}
+        ref = spec.get(sub) if sub else spec
+        source = hub_source(
+            {"arch": "hf", "init": "pretrained", **ref} if sub and isinstance(ref, Mapping) else ref
+        )
+        if source:
+            _PINNED[source] = str(commit)
+
+
+@functools.cache
+def _resolved(repo_id: str, revision: str | None, cache_dir: str) -> str:
+    import huggingface_hub
+
+    return huggingface_hub.resolve_revision(repo_id, revision=revision, cache_dir=cache_dir).resolved
+
+
+def hub_commit(repo_id: str, revision: str | None, key: str) -> str:
+    """The commit ``revision`` (None: the default branch) of hub model ``repo_id`` points to, resolved once
+    per process and Hugging Face cache; a config error naming ``key`` when it cannot be resolved."""
+    from huggingface_hub import constants, errors
+
+    if (repo_id, revision) in _PINNED:
+        return _PINNED[(repo_id, revision)]
+    try:
+        return _resolved(repo_id, revision, str(constants.HF_HUB_CACHE))
+    except errors.RevisionNotFoundError:
+        raise ConfigError(
+            f"{key}.revision", revision, f"is no branch, tag or commit of {repo_id} on the hub"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise ConfigError(
+            f"{key}.pretrained", repo_id, "is no model on the hub (or a private one this account cannot read)"
+        ) from None
+    except errors.RevisionResolutionError:  # the hub unreachable, and the local cache never saw that revision
+        raise ConfigError(
+            f"{key}.revision" if revision is not None else f"{key}.pretrained",
+            revision if revision is not None else repo_id,
+            f"could not be resolved to a commit of {repo_id}: the hub is unreachable and the local Hugging Face "
+            f"cache ({constants.HF_HUB_CACHE}) has not recorded {'it' if revision is not None else 'its main branch'}",
+            "hub models need network once; the embedded default works offline",
+        ) from None
+    except Exception as e:  # a gated repo, a rate limit, a proxy error, ...
+        raise _hf_load_error(key, repo_id, e) from None
+
+
+def pretrained_revision(spec: Mapping | str | None, key: str) -> str | None:
+    """The commit ``from_pretrained`` should load ``spec`` at (:func:`hub_commit`); None off the hub."""
+    source = hub_source(spec)
+    return hub_commit(*source, key) if source else None
+
+
+def hub_commits(spec: Mapping, key: str) -> dict[str, str]:
+    """The commit of every hub model ``spec`` reads, like :func:`local_folders`: ``pretrained``, a
+    ``tokenizer`` and an ``init: random`` model's ``base_config`` (each a hub id or a {pretrained,
+    embedded, revision} block). Cache keys and results.json carry them."""
+    out = {"pretrained": pretrained_revision(spec, key)}
+    if spec.get("arch", "hf") == "hf":
+        for sub in ("tokenizer", "base_config"):
+            if sub == "base_config" and spec.get("init", "pretrained") != "random":
+                continue
+            ref = spec.get(sub)
+            out[sub] = pretrained_revision(
+                {"arch": "hf", "init": "pretrained", **ref} if isinstance(ref, Mapping) else ref,
+                f"{key}.{sub}",
+            )
+    return {k: v for k, v in out.items() if v}
+
+
+def run_hub_commits(cfg: Mapping) -> dict[str, str]:
+    """:func:`hub_commits` of a run's teacher and model: ``{"teacher": <commit>, "model.tokenizer": ...}``."""
+    return {
+        k if sub == "pretrained" else f"{k}.{sub}": commit
+        for k in ("teacher", "model")
+        if isinstance(cfg.get(k), Mapping)
+        for sub, commit in hub_commits(cfg[k], k).items()
+    }
+
+
 def load_tokenizer(spec: dict, key: str = "teacher"):
     """The tokenizer of ``spec``: its ``tokenizer`` (a path, hub id or {pretrained, embedded}), else the model's own."""
     from transformers import AutoTokenizer
 
-    path = spec.get("tokenizer") or resolve_pretrained(spec, key)
-    if isinstance(path, Mapping):
-        path = resolve_pretrained(path, f"{key}.tokenizer")
+    ref = spec.get("tokenizer")
+    if not ref:  # the model's own, at the model's revision
+        path, revision = resolve_pretrained(spec, key), pretrained_revision(spec, key)
+    elif isinstance(ref, Mapping):
+        sub = {"arch": "hf", "init": "pretrained", **ref}
+        path, revision = (
+            resolve_pretrained(sub, f"{key}.tokenizer"),
+            pretrained_revision(sub, f"{key}.tokenizer"),
+        )
+    else:
+        path, revision = ref, pretrained_revision(ref, f"{key}.tokenizer")
 
     def missing(why: str) -> ConfigError:
         return ConfigError(
@@ -114,7 +289,7 @@ def load_tokenizer(spec: dict, key: str = "teacher"):
     if os.path.isdir(str(path)) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
         raise missing(f"none of {', '.join(TOKENIZER_FILES)} is there")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:
         raise missing(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     if len(tokenizer) <= len(tokenizer.all_special_tokens):  # transformers builds empty ones silently
@@ -203,7 +378,7 @@ def hf_config(spec: dict, task: dict, key: str, teacher_config=None):
     )
     if init == "pretrained":
         path = resolve_pretrained(spec, key)
-        config = AutoConfig.from_pretrained(path, **overrides)
+        config = AutoConfig.from_pretrained(path, revision=pretrained_revision(spec, key), **overrides)
         check_config_overrides(config, overrides, key)
         if has_head(config):
             check_head_labels(
@@ -224,8 +399,12 @@ def hf_config(spec: dict, task: dict, key: str, teacher_config=None):
     if init == "random":
         base = spec.get("base_config")
         if base:
+            sub = {"arch": "hf", "init": "pretrained", **base} if isinstance(base, Mapping) else base
             config = AutoConfig.from_pretrained(
-                resolve_pretrained(base) if isinstance(base, dict) else base, **labels, **overrides
+                resolve_pretrained(sub, f"{key}.base_config") if isinstance(base, Mapping) else base,
+                revision=pretrained_revision(sub, f"{key}.base_config"),
+                **labels,
+                **overrides,
             )
         else:
             config = AutoConfig.for_model(spec.get("model_type", "bert"), **labels, **overrides)
@@ -284,7 +463,9 @@ def build_hf(spec: dict, task: dict, key: str, teacher: nn.Module | None = None)
     if init == "pretrained":
         path = resolve_pretrained(spec, key)
         try:
-            return AutoModelForSequenceClassification.from_pretrained(path, config=hf_config(spec, task, key))
+            return AutoModelForSequenceClassification.from_pretrained(
+                path, config=hf_config(spec, task, key), revision=pretrained_revision(spec, key)
+            )
         except OSError as e:
             raise _hf_load_error(key, path, e) from None
     if init == "random":

@@ -147,6 +147,27 @@ def warn_mixed_data(df: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(finals["data"].dropna()))
 
 
+def warn_mixed_hub_models(df: pd.DataFrame) -> list[str]:
+    """Warn when runs name one teacher and student but loaded their hub models at different commits (the
+    branch moved between runs: other weights under one name), so differences mix the method with the weights.
+    Runs made before dpq recorded the commits are no evidence. Returns the distinct commits of the final runs."""
+    if df.empty or "hub_commits" not in df:
+        return []
+    finals = df[df["kind"] == "final"] if "kind" in df else df
+    names = [c for c in ("teacher", "model") if c in finals]
+    for who, rows in finals.groupby(names or (lambda _: "?"), sort=False, dropna=False):
+        commits = rows["hub_commits"].dropna().value_counts()
+        if len(commits) > 1:
+            log.warning(
+                "the runs of %s loaded their hub models at different commits (%s): the weights changed under "
+                "one name between runs, so differences here mix the method with the models; pin "
+                "teacher.revision / model.revision to one commit",
+                " / ".join(map(str, who if isinstance(who, tuple) else (who,))),
+                "; ".join(f"{n} run{'s' * (n != 1)} with {c}" for c, n in commits.items()),
+            )
+    return list(dict.fromkeys(finals["hub_commits"].dropna()))
+
+
 def warn_mixed_objective(df: pd.DataFrame) -> list[str]:
     """Warn when the seeds of one configuration were run under different ``objective.weights`` (e.g. by two
     sweeps): they are one configuration, since the weights change no number but ``final.objective``, whose
@@ -273,7 +294,7 @@ def merge_seeds(df: pd.DataFrame) -> pd.DataFrame:
     raw = df.groupby(GROUP, sort=False, dropna=False)
     info = raw[info_cols].first()
     # every machine, split and objective weighting a configuration's seeds ran under
-    for col in ("hardware", "data", "data_content", "objective_weights"):
+    for col in ("hardware", "data", "data_content", "hub_commits", "objective_weights"):
         if col in info:
             info[col] = raw[col].agg(lambda s: " | ".join(dict.fromkeys(s.dropna())))
     info["n_runs"] = raw.size()

@@ -26,6 +26,7 @@ from .aggregate import (
     warn_diverging_references,
     warn_mixed_data,
     warn_mixed_hardware,
+    warn_mixed_hub_models,
     warn_mixed_objective,
 )
 from .front import pareto_mask
@@ -174,6 +175,7 @@ def build_report(
     runs = drop_few_seeds(keep_seeds(runs, seeds), min_seeds)
     warn_mixed_hardware(runs)
     warn_mixed_data(runs)
+    warn_mixed_hub_models(runs)
     warn_mixed_objective(runs)
     diverging = warn_diverging_references(runs)
     runs, picked = choose_variants(runs, choose, choose_on)
@@ -466,6 +468,7 @@ def run_compare(args: argparse.Namespace, argv: list[str] | None = None) -> dict
     )
     machines = warn_mixed_hardware(runs)
     splits = warn_mixed_data(runs)
+    hub_models = warn_mixed_hub_models(runs)
     warn_mixed_objective(runs)
     diverging = warn_diverging_references(runs)  # the references are read for this check only
     runs, chosen = choose_variants(runs, parse_keys(args.choose), args.choose_on)
@@ -479,6 +482,7 @@ def run_compare(args: argparse.Namespace, argv: list[str] | None = None) -> dict
         "only_seeds": seeds,
         **({"hardware": machines} if machines else {}),
         **({"data": splits} if splits else {}),
+        **({"hub_commits": hub_models} if hub_models else {}),
         **({"diverging_references": diverging} if diverging else {}),
         **({"chosen": chosen} if chosen else {}),
         "comparisons": results,

@@ -39,11 +39,12 @@ RESULTS = "results.json"
 # Seeds of one recipe run by agents with other cache folders or objective weights are one configuration.
 IGNORED_KEYS = BOOKKEEPING_KEYS | {"seed"}
 # Config keys added after runs had been recorded without them, each with the value under which such a run
-# behaved as it did (task.overlap: every example kept; export.compact: the export did not remove dead units).
+# behaved as it did (task.overlap: every example kept; export.compact: the export did not remove dead units;
+# teacher.revision: the hub branch main, whose commit results.json records as hub_commits).
 # A run recorded before the key existed and a run recording that value are one configuration; without this a
 # study's earlier seeds and the seeds added after an upgrade split into two points. A key added to the config
 # with a default goes here (tests/test_pareto.py compares today's config with a committed run's).
-ADDED_LATER = {"task.overlap": "warn", "export.compact": False}
+ADDED_LATER = {"task.overlap": "warn", "export.compact": False, "teacher.revision": None}
 # Conditions of the measurement, kept as columns but never averaged.
 CONDITION_KEYS = ("device", "threads", "warmup", "repeats", "batch_size", "seq_len", "peak_memory_device")
 CONVENTION_KEYS = ("flops_convention", "bops_convention", "peak_memory_method")
@@ -367,6 +368,8 @@ def points_from_results(
         common["data"] = data
     if isinstance(task, dict) and (content := (results.get("task") or {}).get("content")):
         common["data_content"] = content  # runs since 2026-12-06: tells apart examples the label cannot
+    if commits := results.get("hub_commits"):  # runs since 2026-12-07: the commit of each hub model loaded
+        common["hub_commits"] = ", ".join(f"{k}@{v}" for k, v in sorted(commits.items()))
     if weights := (cfg.get("objective") or {}).get("weights"):
         # final.objective is the weighted sum of the final metrics under these weights; the objective is
         # not part of a configuration's identity, so its seeds' sums are averaged only under one weighting

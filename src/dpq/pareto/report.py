@@ -299,7 +299,7 @@ def runs_table(runs: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
 def conditions(runs: pd.DataFrame) -> dict[str, str]:
     """Measuring conditions as stated by the runs (several values are listed, not hidden)."""
     out = {}
-    for k in ("hardware", "data", *CONDITION_KEYS, *CONVENTION_KEYS):
+    for k in ("hardware", "data", "hub_commits", *CONDITION_KEYS, *CONVENTION_KEYS):
         if k in runs:
             vals = [str(json_safe(v)) for v in dict.fromkeys(runs[k].dropna())]
             if vals:

@@ -9,6 +9,7 @@ from pathlib import Path
 from dpq.core.files import write_json_atomic
 from dpq.core.provenance import GitState, hardware, library_versions
 from dpq.metrics import primary_metric, task_metrics
+from dpq.models import run_hub_commits
 
 PROVENANCE = "provenance"  # <run>/provenance/: git.json (one entry per start) and the uncommitted diff
 
@@ -76,6 +77,8 @@ def results(
         "git": git,
         **extra,
         "versions": library_versions(),
+        # hub models: the commit each branch pointed to when this run loaded it
+        "hub_commits": run_hub_commits(cfg),
         # The processor (and GPUs) the numbers came from: math libraries pick kernels per processor,
         # so the same run on another CPU type ends elsewhere (cached stages share this process's, as
         # it is in their key). dpq.pareto warns when the runs it merges or compares differ here.

@@ -297,9 +297,25 @@ def check_same_data(folder, splits) -> None:
         )
 
 
-def claim_output_dir(output_dir: Path, cfg_dict: dict, data: dict | None = None) -> None:
-    """Start a new run in ``output_dir``: refuse a folder that holds another run, then record the config
-    and the examples it runs on (``data``: :meth:`dpq.data.TaskSplits.identity`)."""
+def recorded_hub_commits(folder) -> dict[str, str]:
+    """The hub models' commits a run started with (run.json; none for runs started before it recorded them)."""
+    try:
+        return (
+            json.loads((checkpoints_dir(Path(str(folder)).expanduser()) / RUN_FILE).read_text()).get(
+                "hub_commits"
+            )
+            or {}
+        )
+    except (OSError, ValueError):
+        return {}
+
+
+def claim_output_dir(
+    output_dir: Path, cfg_dict: dict, data: dict | None = None, hub_commits: dict | None = None
+) -> None:
+    """Start a new run in ``output_dir``: refuse a folder that holds another run, then record the config,
+    the examples it runs on (``data``: :meth:`dpq.data.TaskSplits.identity`) and the commits of the hub
+    models it loads (:func:`dpq.models.run_hub_commits`), which a resume loads again."""
     output_dir = Path(output_dir)
     if not is_global_zero():
         return  # the other ranks of a DDP run share rank 0's folder
@@ -312,7 +328,12 @@ def claim_output_dir(output_dir: Path, cfg_dict: dict, data: dict | None = None)
             "another run's folder: continue that run with resume=<folder>, or choose a new folder",
         )
     write_json_atomic(
-        checkpoints_dir(output_dir) / RUN_FILE, {"config": cfg_dict, **({"data": data} if data else {})}
+        checkpoints_dir(output_dir) / RUN_FILE,
+        {
+            "config": cfg_dict,
+            **({"data": data} if data else {}),
+            **({"hub_commits": hub_commits} if hub_commits else {}),
+        },
     )
 
 

@@ -115,7 +115,7 @@ def key_payload(
     rest = {k: v for k, v in cfg_dict.items() if k not in IGNORED_KEYS and k != "pipeline"}
     if isinstance(rest.get("trainer"), Mapping):
         rest["trainer"] = training_settings(rest["trainer"])
-    from dpq.models import local_folders
+    from dpq.models import local_folders, run_hub_commits
 
     # A model, tokenizer or base config read from a local folder: the folder's files too (it may be
     # overwritten in place). The model's own folder under "teacher"/"model", the others as "teacher.tokenizer".
@@ -126,6 +126,9 @@ def key_payload(
     }
     if local:
         rest["local_models"] = local
+    # A model read from the hub: the commit its branch pointed to (a branch moves; a commit does not).
+    if hub := run_hub_commits(cfg_dict):
+        rest["hub_models"] = hub
     return {
         "format": CACHE_FORMAT,
         "code": code_fingerprint(),  # dpq's source files and the numerics libraries' full versions

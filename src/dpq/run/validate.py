@@ -64,7 +64,8 @@ RUN_KEYS["task"] = (
 RUN_KEYS["task.split"] = ("validation", "test", "seed")
 RUN_KEYS["model"] = RUN_KEYS["teacher"] = (
     "arch", "base_config", "channels", "config", "dropout", "embedded", "fine_tuned", "hidden", "init",
-    "layers", "model_type", "name", "pool", "pretrained", "prune_targets", "quant_targets", "tokenizer",
+    "layers", "model_type", "name", "pool", "pretrained", "prune_targets", "quant_targets", "revision",
+    "tokenizer",
 )  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from dpq.core.errors import ConfigError
 from dpq.core.files import fingerprint_path, write_dir_atomic
 from dpq.core.provenance import code_fingerprint, training_settings
 from dpq.distill.teachers import teacher_signal
-from dpq.models import check_head_labels, local_folder, local_folders, save_model
+from dpq.models import check_head_labels, hub_commits, local_folder, local_folders, save_model
 from dpq.stages.base import ModelCheck, Stage, StageConfig, register
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,11 @@ class TeacherStage(Stage):
             **{
                 "folder" if sub == "pretrained" else f"folder.{sub}": fingerprint_path(f)
                 for sub, f in local_folders(cfg["teacher"]).items()
+            },
+            # hub models: the commit each one's branch points to (the branch can move)
+            **{
+                "hub" if sub == "pretrained" else f"hub.{sub}": commit
+                for sub, commit in hub_commits(cfg["teacher"], "teacher").items()
             },
             "seed": cfg["seed"],
             "stage": {
