@@ -415,6 +415,8 @@ CASES = [
         "${oc.env:DPQ_NO_SUCH_VARIABLE}",
         'cannot be resolved: KeyError raised while resolving interpolation: "Environment variable',
     ),
+    # an empty target list selects nothing (the quantize stage says so too)
+    ([TINY, f"{P}.prune.targets=[]"], f"{P}.prune.targets", "[]", "must name at least one module"),
     # a hub student that cannot be loaded (offline, or no such id): said before the teacher trains
     (
         [TINY, "model=distilbert", "model.pretrained=dpq-no-such-org/no-such-model"],

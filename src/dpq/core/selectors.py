@@ -55,6 +55,10 @@ def check_selector(key: str, selector: Any) -> None:
         raise ConfigError(key, None, "no target modules: set it (a name, 're:<regex>' or a list of those)")
     if not isinstance(selector, (str, list, tuple)):
         raise ConfigError(key, selector, "must be a module name, 're:<regex>' or a list of those")
+    if not selector:
+        raise ConfigError(
+            key, selector, "must name at least one module: a module name, 're:<regex>' or a list of those"
+        )
     for pat in [selector] if isinstance(selector, str) else list(selector):
         if not isinstance(pat, str):
             raise ConfigError(key, selector, "must be a module name, 're:<regex>' or a list of those")
