@@ -305,7 +305,8 @@ def _optuna_params(cfg) -> dict[str, tuple]:
 
     parser = OverridesParser.create()
     out = {}
-    for k, v in cfg.hydra.sweeper.params.items():
+    # the sweeper's params, and the stage settings it samples per trial (dpq.run.search_space)
+    for k, v in [*cfg.hydra.sweeper.params.items(), *(cfg.get("stage_params") or {}).items()]:
         o = parser.parse_override(f"{k}={v}")
         val = o.value()
         if hasattr(val, "list"):
@@ -348,6 +349,93 @@ def test_the_multi_objective_study_maximises_val_accuracy_and_minimises_effectiv
         "pipeline.stages.prune.final_sparsity",
         "pipeline.stages.quantize.bits",
     }
+
+
+@pytest.mark.parametrize("study", ["pareto_bayes", "pareto_multi"])
+def test_an_optuna_trial_samples_a_stage_setting_only_when_its_pipeline_runs_the_stage(study):
+    """bits is sampled for dpq, dq and spiral trials (each quantizes), never for dp's (no quantize stage); a value
+    fixed on the command line is left to the sweeper; the trial's overrides compose the job's pipeline."""
+    import optuna
+
+    from dpq.run.search_space import HOOK, stage_params
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["logger=none", f"hparams_search={study}"], return_hydra_config=True)
+        assert cfg.hydra.sweeper.custom_search_space == HOOK
+        assert "pipeline.stages.quantize.bits" not in cfg.hydra.sweeper.params
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        sampled = {}
+        for name in ("dpq", "dp", "spiral", "dq", "dpq"):
+            study.enqueue_trial({"pipeline": name})
+            trial = study.ask()
+            trial.suggest_categorical("pipeline", ["dpq", "dp", "spiral", "dq"])
+            trial.set_user_attr("hparams_search", cfg.hydra.runtime.choices.hparams_search)
+            stage_params(cfg, trial)  # as the sweeper calls it: composes the trial's job
+            sampled.setdefault(name, []).append(dict(trial.params))
+        fixed = study.ask()
+        fixed.suggest_categorical("pipeline", ["dpq", "dp", "spiral", "dq"])
+        fixed.set_user_attr("pipeline.stages.quantize.bits", "4")  # a plain override on the command line
+        stage_params(cfg, fixed)
+    for name, trials in sampled.items():
+        for params in trials:
+            if name == "dp":
+                assert params == {"pipeline": "dp"}
+            else:
+                assert set(params) == {"pipeline", "pipeline.stages.quantize.bits"}, name
+                assert params["pipeline.stages.quantize.bits"] in (4, 8)
+    assert "pipeline.stages.quantize.bits" not in fixed.params
+
+
+@pytest.mark.parametrize(
+    "overrides, key, says",
+    [
+        (
+            ["hparams_search=pareto_bayes", "stage_params={pipeline.stages.quantize.bits:4}"],
+            "stage_params.pipeline.stages.quantize.bits",
+            "must be a sweep",
+        ),
+        (
+            ["hparams_search=pareto_bayes", "+stage_params.bits='choice(4,8)'"],
+            "stage_params",
+            "keys are stage settings",
+        ),
+        (
+            ["hparams_search=pareto_bayes", "stage_params={pipeline.stages.quantize.bits:'oops(4)'}"],
+            "stage_params.pipeline.stages.quantize.bits",
+            "must be a sweep",
+        ),
+        (
+            ["hparams_search=pareto_bayes", "hydra.sweeper.custom_search_space=null"],
+            "hydra.sweeper.custom_search_space",
+            "would be ignored",
+        ),
+        (
+            ["hparams_search=sparsity_grid", "+stage_params={pipeline.stages.quantize.bits:'choice(4,8)'}"],
+            "stage_params",
+            "Optuna studies only",
+        ),
+    ],
+)
+def test_stage_params_mistakes_are_refused_before_the_first_trial(overrides, key, says):
+    from dpq.run.multirun import check_sweeper
+
+    cfg = compose_hydra(*overrides)
+    with pytest.raises(ConfigError, match=says) as e:
+        check_sweeper(cfg)
+    assert e.value.key == key
+
+
+def test_a_stage_setting_sampled_in_two_places_is_refused():
+    from omegaconf import open_dict
+
+    from dpq.run.multirun import check_sweeper
+
+    cfg = compose_hydra("hparams_search=pareto_bayes")
+    check_sweeper(cfg)  # as shipped
+    with open_dict(cfg):  # one setting sampled in two places
+        cfg.hydra.sweeper.params["pipeline.stages.quantize.bits"] = "choice(2, 4)"
+    with pytest.raises(ConfigError, match="also in hydra.sweeper.params"):
+        check_sweeper(cfg)
 
 
 def test_the_slurm_launcher_config_composes_on_submitit():

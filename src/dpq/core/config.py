@@ -11,7 +11,8 @@ CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 # Top-level keys of a run's config that never change what it computes or measures: where results go
 # and how they are named, tracked and kept (checkpoints only save state; the integrity checks only
 # verify it; a stage-cache hit restores what the same settings computed), and what a sweep optimises
-# (``objective`` weighs the final metrics afterwards). The stage cache keys on everything else, and
+# (``objective`` weighs the final metrics afterwards; ``stage_params`` is what an Optuna study samples from,
+# and each value it samples is an override of its own). The stage cache keys on everything else, and
 # dpq.pareto counts runs that differ only here as seeds of one configuration.
 BOOKKEEPING_KEYS = frozenset(
     {
@@ -27,6 +28,7 @@ BOOKKEEPING_KEYS = frozenset(
         "stage_cache",
         "objective",
         "dry_run",
+        "stage_params",
     }
 )
 # Stage parameters of the same kind: they switch another cache (the teacher's), not the result.

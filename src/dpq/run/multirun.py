@@ -58,6 +58,9 @@ def check_sweeper(config: DictConfig) -> None:
     least one trial. Otherwise the sweeper finds out only from a finished trial's return value (every trial
     trains, then fails in the sweeper: "Return value must be float-castable"), or after no trial at all
     ("No trials are completed yet")."""
+    from dpq.run import search_space
+
+    search_space.check(config)  # stage_params: Optuna's conditional settings
     sweeper = config.hydra.sweeper
     if "direction" not in sweeper:
         return

@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 RUN_KEYS = {
     "": (
         "checkpoint", "cost", "dry_run", "export", "integrity", "integrity_tolerance", "logger", "model",
-        "objective", "paths", "pipeline", "resume", "run_name", "save_model", "seed", "stage_cache", "task",
-        "teacher", "trainer", "hydra",
+        "objective", "paths", "pipeline", "resume", "run_name", "save_model", "seed", "stage_cache",
+        "stage_params", "task", "teacher", "trainer", "hydra",
     ),
     "cost": ("batch_size", "device", "latency_process", "repeats", "seq_len", "warmup"),
     "stage_cache": ("dir", "enabled"),
@@ -81,7 +81,7 @@ SHAPES: dict[str, tuple[type, bool]] = {
     "objective": (dict, False), "objective.weights": (dict, True), "objective.metrics": (list, True),
     "task.split": (dict, True), "task.embedded": (dict, True), "task.files": (dict, True),
     "task.normalize": (dict, True), "task.label_names": (list, True), "task.metrics": (list, True),
-    "model.config": (dict, True), "teacher.config": (dict, True),
+    "model.config": (dict, True), "teacher.config": (dict, True), "stage_params": (dict, True),
 }  # fmt: skip
 # What a block or list holds where "settings" would not say it, and an example.
 SHAPE_EXAMPLES = {
@@ -94,6 +94,10 @@ SHAPE_EXAMPLES = {
     "teacher.config": ("model config fields", "teacher.config.hidden_size=<value>"),
     "task.label_names": ("class names in id order", "task.label_names=[negative,positive]"),
     "task.metrics": ("metric names", "task.metrics=[accuracy,f1]"),
+    "stage_params": (
+        "stage settings and their sweeps",
+        "'+stage_params={pipeline.stages.quantize.bits:\"choice(4,8)\"}'",
+    ),
     "cost": ("cost settings", "cost.repeats=10"),
     "export": ("export settings", "export.onnx=false to skip the export"),
     "checkpoint": ("checkpoint settings", "checkpoint.enabled=false to turn checkpoints off"),
@@ -240,14 +244,12 @@ def resolved_config(cfg: DictConfig) -> dict:
         ) from None
 
 
-def unused_stage_overrides(pipeline: dict[str, Any], overrides: list[str]) -> list[str]:
-    """Command-line overrides of stages that are not in ``pipeline.order``: they change nothing in this run
-    (``pipeline=dq_ptq pipeline.stages.quantize.bits=8`` quantizes with the ptq stage's bits). Logged as a
-    warning, not an error: a multirun over ``pipeline=dq,dpq`` sets the prune stage for both."""
+def settings_read(pipeline: dict[str, Any]) -> tuple[list[str], set[str]]:
+    """``(order, read)`` of an unresolved pipeline config: the stages it runs, and the ``stage.key`` settings of
+    stages outside the order that a stage in the order reads through an interpolation (the spiral's
+    final_sparsity is ``${..prune.final_sparsity}``): setting those has an effect too."""
     order = list(pipeline.get("order") or [])
-    # "stage.key" read by a stage in the order through an interpolation (the spiral's
-    # final_sparsity is ${..prune.final_sparsity}): setting those has an effect.
-    read = set()
+    read: set[str] = set()
 
     def scan(v):
         if isinstance(v, dict):
@@ -262,14 +264,25 @@ def unused_stage_overrides(pipeline: dict[str, Any], overrides: list[str]) -> li
     stages = pipeline.get("stages")
     for name in order:
         scan(stages.get(name) if isinstance(stages, dict) else None)  # not a block: validate says so
+    return order, read
+
+
+def stage_setting_used(order: list[str], read: set[str], setting: str) -> bool:
+    """Whether ``setting`` (``<stage>.<key>...``, the part after ``pipeline.stages.``) changes a run whose
+    pipeline runs ``order`` and reads ``read`` (:func:`settings_read`)."""
+    stage = setting.split(".", 1)[0]
+    return stage in order or any(setting == r or setting.startswith(r + ".") for r in read)
+
+
+def unused_stage_overrides(pipeline: dict[str, Any], overrides: list[str]) -> list[str]:
+    """Command-line overrides of stages that are not in ``pipeline.order``: they change nothing in this run
+    (``pipeline=dq_ptq pipeline.stages.quantize.bits=8`` quantizes with the ptq stage's bits). Logged as a
+    warning, not an error: a multirun over ``pipeline=dq,dpq`` sets the prune stage for both."""
+    order, read = settings_read(pipeline)
     out = []
     for o in overrides:
         m = re.match(r"^[+~]*pipeline\.stages\.(([^.=]+)[^=]*)", o)
-        if (
-            m
-            and m.group(2) not in order
-            and not any(m.group(1) == r or m.group(1).startswith(r + ".") for r in read)
-        ):
+        if m and not stage_setting_used(order, read, m.group(1)):
             out.append(
                 f"{o.lstrip('+~')} has no effect: stage '{m.group(2)}' is not in pipeline.order {order} "
                 f"(pipeline {pipeline.get('name')})"
