@@ -11,6 +11,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.aggregation import MeanMetric
 
 from dpq import metrics as task_metrics
 from dpq.core.errors import TrainingDiverged
@@ -64,6 +65,8 @@ class ClassifierModule(L.LightningModule):
         # The task's metrics (dpq.metrics) on each evaluated split; logged as <stage>/<split>_<name>.
         self.val_metrics = nn.ModuleDict(task_metrics.build(list(metrics), num_labels, positive))
         self.test_metrics = nn.ModuleDict(task_metrics.build(list(metrics), num_labels, positive))
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()  # cross-entropy per split (_eval_step)
+        self._val_position = 0
 
     def on_fit_start(self) -> None:
         # from_pretrained returns models in eval mode and Lightning keeps each module's mode:
@@ -125,14 +128,48 @@ class ClassifierModule(L.LightningModule):
         )
         return loss + f_loss, {**parts, **f_parts}
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_position = 0  # examples of this rank's shard read so far (padding_mask)
+
+    def padding_mask(self, n: int) -> torch.Tensor | None:
+        """Which of the next ``n`` validation examples are the split's own, under DDP during fit: Lightning's
+        DistributedSampler (shuffle off for validation) pads the split to a multiple of the ranks with the first
+        examples again, the last position of some ranks, and the synced metrics would count them (65 examples
+        on 2 ranks scored as 66: the fit-time curve read 25/66 where the evaluation read 25/65). Position j of
+        rank r is example ``r + j * ranks`` of the padded order, a repeat once that reaches the split's length.
+        An unpadded sampler instead would give the ranks unequal batch counts, and DDP's forward (which every
+        validation step runs during fit) syncs buffers: a rank with one batch more would wait forever.
+        None when nothing is padded (one process; ``evaluate``, where every rank reads the whole split)."""
+        from torch.utils.data import DistributedSampler
+
+        sampler = getattr(self.trainer.val_dataloaders, "sampler", None)
+        if not isinstance(sampler, DistributedSampler) or sampler.shuffle or sampler.drop_last:
+            return None
+        total = len(sampler.dataset)
+        if sampler.total_size == total:
+            return None
+        start, self._val_position = self._val_position, self._val_position + n
+        position = sampler.rank + sampler.num_replicas * torch.arange(start, start + n)
+        return position < total
+
     def _eval_step(self, batch: dict, split: str, metrics: nn.ModuleDict) -> None:
-        logits = self(batch).float()
-        loss = F.cross_entropy(logits, batch["labels"])
-        bs = batch["labels"].shape[0]
-        # sync_dist: under DDP the logged loss is the mean over the ranks, not rank 0's alone
-        self.log(f"{self.stage}/{split}_loss", loss, prog_bar=split == "val", batch_size=bs, sync_dist=True)
+        logits, labels = self(batch).float(), batch["labels"]
+        keep = self.padding_mask(labels.shape[0]) if split == "val" else None
+        if keep is not None and not keep.all():
+            keep = keep.to(labels.device)
+            logits, labels = logits[keep], labels[keep]
+            if labels.shape[0] == 0:
+                return  # only repeats: nothing of the split to score
+        loss = F.cross_entropy(logits, labels)
+        bs = labels.shape[0]
+        # A torchmetrics mean, weighted by the batch: under DDP its sums are synced, so the logged loss is the
+        # split's. (Lightning's own sync_dist mean divides by the ranks' mean batch count as an integer: with
+        # 33 and 32 examples it divided by 32, and a loss of 0.6980 was logged as 0.7089.)
+        mean = self.val_loss if split == "val" else self.test_loss
+        mean.update(loss.detach(), weight=bs)
+        self.log(f"{self.stage}/{split}_loss", mean, prog_bar=split == "val", batch_size=bs)
         for name, metric in metrics.items():
-            metric.update(logits, batch["labels"])
+            metric.update(logits, labels)
             self.log(
                 f"{self.stage}/{split}_{log_name(name)}",
                 metric,
