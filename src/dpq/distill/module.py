@@ -164,7 +164,8 @@ class ClassifierModule(L.LightningModule):
         bs = labels.shape[0]
         # A torchmetrics mean, weighted by the batch: under DDP its sums are synced, so the logged loss is the
         # split's. (Lightning's own sync_dist mean divides by the ranks' mean batch count as an integer: with
-        # 33 and 32 examples it divided by 32, and a loss of 0.6980 was logged as 0.7089.)
+        # 33 and 32 examples it divided by 32, and a loss of 0.6980 was logged as 0.7089; Lightning-AI/
+        # pytorch-lightning issue 21859, open in Lightning 2.6.)
         mean = self.val_loss if split == "val" else self.test_loss
         mean.update(loss.detach(), weight=bs)
         self.log(f"{self.stage}/{split}_loss", mean, prog_bar=split == "val", batch_size=bs)

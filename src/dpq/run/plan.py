@@ -25,6 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from dpq.core.distributed import trainer_world_size
+from dpq.models import run_hub_commits
 from dpq.run import stage_cache
 
 # Stage parameters worth a glance in the plan, in this order, where a stage kind has them (any kind,
@@ -184,6 +185,8 @@ def plan(cfg: dict[str, Any], stages: list, splits) -> dict[str, Any]:
             "steps_per_epoch": steps_per_epoch(n_train, batch, world, cfg["trainer"]),
         },
         "stages": rows,
+        # the commit each hub model would load at (resolved now, as the run would: dpq.models.hf)
+        "hub_commits": run_hub_commits(cfg),
     }
 
 
@@ -244,6 +247,7 @@ def print_plan(result: dict[str, Any], title: str) -> None:
             f"data {data['source']}: {data['sizes']}, {data['batches_per_epoch']} training batches per epoch; "
             f"{data['steps_per_epoch']} optimizer steps per epoch"
             + (f" in each of {data['processes']} processes" if data["processes"] > 1 else "")
+            + "".join(f"; {k} from the hub at {c[:12]}" for k, c in result.get("hub_commits", {}).items())
             + "; dry run: nothing trained or written"
         ),
     )
