@@ -92,6 +92,47 @@ def _weight(model, name):
 # ---- fast: the configs ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "n, ranks, batch, want",
+    [
+        (
+            65,
+            2,
+            32,
+            {0: [32, 1], 1: [32, 0]},
+        ),  # rank 1's last position repeats example 0: a batch of repeats only
+        (65, 2, 128, {0: [33], 1: [32]}),
+        (10, 4, 2, {0: [2, 1], 1: [2, 1], 2: [2, 0], 3: [2, 0]}),  # 12 positions, two repeats
+        (64, 2, 32, {0: None, 1: None}),  # nothing padded
+    ],
+)
+def test_the_fit_time_validation_scores_each_example_once(n, ranks, batch, want):
+    """Lightning's DistributedSampler pads validation to a multiple of the ranks with repeats of the first
+    examples; ClassifierModule.padding_mask marks them so the synced metrics leave them out, while every
+    rank keeps its batch count (DDP's forward syncs buffers). The kept positions cover the split once."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from dpq.distill.module import ClassifierModule
+
+    covered = []
+    for rank in range(ranks):
+        sampler = DistributedSampler(list(range(n)), num_replicas=ranks, rank=rank, shuffle=False)
+        loader = DataLoader(list(range(n)), sampler=sampler, batch_size=batch)
+        module = ClassifierModule(torch.nn.Linear(2, 2), 2, "distill")
+        module._trainer = SimpleNamespace(val_dataloaders=loader)
+        module.on_validation_epoch_start()
+        got = []
+        for b in loader:
+            keep = module.padding_mask(len(b))
+            got.append(None if keep is None else int(keep.sum()))
+            covered += b.tolist() if keep is None else b[keep].tolist()
+        assert got == ([None] * len(got) if want[rank] is None else want[rank]), rank
+    assert sorted(covered) == list(range(n))
+
+
 @pytest.mark.parametrize("name, backend, devices", [("ddp_cpu", "gloo", 2), ("ddp", "nccl", "auto")])
 def test_ddp_trainer_configs_build_a_ddp_strategy(make_cfg, name, backend, devices):
     import hydra

@@ -158,19 +158,20 @@ class ClassifierModule(L.LightningModule):
         if keep is not None and not keep.all():
             keep = keep.to(labels.device)
             logits, labels = logits[keep], labels[keep]
-            if labels.shape[0] == 0:
-                return  # only repeats: nothing of the split to score
-        loss = F.cross_entropy(logits, labels)
         bs = labels.shape[0]
         # A torchmetrics mean, weighted by the batch: under DDP its sums are synced, so the logged loss is the
         # split's. (Lightning's own sync_dist mean divides by the ranks' mean batch count as an integer: with
         # 33 and 32 examples it divided by 32, and a loss of 0.6980 was logged as 0.7089; Lightning-AI/
         # pytorch-lightning issue 21859, open in Lightning 2.6.)
+        # A batch of repeats only (a split smaller than the ranks) updates nothing but is still logged: every
+        # rank must reach the epoch-end sync of every logged metric.
         mean = self.val_loss if split == "val" else self.test_loss
-        mean.update(loss.detach(), weight=bs)
-        self.log(f"{self.stage}/{split}_loss", mean, prog_bar=split == "val", batch_size=bs)
+        if bs:
+            mean.update(F.cross_entropy(logits, labels).detach(), weight=bs)
+        self.log(f"{self.stage}/{split}_loss", mean, prog_bar=split == "val", batch_size=max(bs, 1))
         for name, metric in metrics.items():
-            metric.update(logits, labels)
+            if bs:
+                metric.update(logits, labels)
             self.log(
                 f"{self.stage}/{split}_{log_name(name)}",
                 metric,
