@@ -189,3 +189,36 @@ def test_revision_mistakes_fail_before_anything_loads(hub, here, nothing_loads, 
     with pytest.raises(ConfigError, match=says) as e:
         train(compose_cfg(here, overrides))
     assert e.value.key == key
+
+
+@pytest.mark.parametrize(
+    "error, key, says",
+    [
+        ("RevisionNotFoundError", "teacher.revision", "names no branch, tag or commit of dpq-test/tiny-bert"),
+        ("GatedRepoError", "teacher.pretrained", "is a gated model on the hub"),
+        ("RepositoryNotFoundError", "teacher.pretrained", "is no model on the hub"),
+        ("RevisionResolutionError", "teacher.revision", "the hub is unreachable"),
+    ],
+)
+def test_what_the_hub_answers_becomes_one_config_error(monkeypatch, error, key, says):
+    """The hub's own answers (as huggingface_hub raises them) name the key to change."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    from dpq.models import hf
+
+    def answer(*a, **k):
+        cls = getattr(errors, error)
+        if issubclass(cls, errors.HfHubHTTPError):
+            raise cls(
+                "the hub says no", response=httpx2.Response(404, request=httpx2.Request("GET", "https://x"))
+            )
+        raise cls("unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "resolve_revision", answer)
+    hf._resolved.cache_clear()
+    with pytest.raises(ConfigError, match=says) as e:
+        hf.hub_commit(REPO, "v9", "teacher")
+    assert e.value.key == key
+    hf._resolved.cache_clear()

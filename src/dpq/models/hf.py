@@ -211,7 +211,13 @@ def hub_commit(repo_id: str, revision: str | None, key: str) -> str:
         return _resolved(repo_id, revision, str(constants.HF_HUB_CACHE))
     except errors.RevisionNotFoundError:
         raise ConfigError(
-            f"{key}.revision", revision, f"is no branch, tag or commit of {repo_id} on the hub"
+            f"{key}.revision", revision, f"names no branch, tag or commit of {repo_id} on the hub"
+        ) from None
+    except errors.GatedRepoError:
+        raise ConfigError(
+            f"{key}.pretrained",
+            repo_id,
+            "is a gated model on the hub: accept its terms on its hub page, then log in (hf auth login)",
         ) from None
     except errors.RepositoryNotFoundError:
         raise ConfigError(
