@@ -44,6 +44,12 @@ def _looks_local(path: str) -> bool:
     return str(path).startswith(("/", "./", "../", "~")) or os.path.isdir(os.path.expanduser(str(path)))
 
 
+def _as_spec(ref):
+    """A ``tokenizer`` or ``base_config`` reference read as a pretrained Hugging Face spec when it is a
+    ``{pretrained, embedded, revision}`` block; a bare path or hub id is returned as it is."""
+    return {"arch": "hf", "init": "pretrained", **ref} if isinstance(ref, Mapping) else ref
+
+
 _SAID_MISSING: set[str] = set()
 
 
@@ -104,7 +110,7 @@ def local_folders(spec: dict) -> dict[str, str]:
             continue
         ref = spec.get(sub)
         if isinstance(ref, Mapping):
-            out[sub] = local_folder({"arch": "hf", "init": "pretrained", **ref})
+            out[sub] = local_folder(_as_spec(ref))
         elif ref and _looks_local(str(ref)):
             out[sub] = os.path.abspath(os.path.expanduser(str(ref)))
     return {k: v for k, v in out.items() if v}
@@ -186,9 +192,7 @@ def pin_hub_commits(cfg: Mapping, commits: Mapping[str, str]) -> None:
         role, _, sub = name.partition(".")
         spec = cfg.get(role) if isinstance(cfg.get(role), Mapping) else {}
         ref = spec.get(sub) if sub else spec
-        source = hub_source(
-            {"arch": "hf", "init": "pretrained", **ref} if sub and isinstance(ref, Mapping) else ref
-        )
+        source = hub_source(_as_spec(ref) if sub else ref)
         if source:
             _PINNED[source] = str(commit)
 
@@ -231,7 +235,7 @@ def hub_commit(repo_id: str, revision: str | None, key: str) -> str:
             f"cache ({constants.HF_HUB_CACHE}) has not recorded {'it' if revision is not None else 'its main branch'}",
             "hub models need network once; the embedded default works offline",
         ) from None
-    except Exception as e:  # a gated repo, a rate limit, a proxy error, ...
+    except Exception as e:  # a rate limit, a proxy error, the hub down with no cached answer, ...
         raise _hf_load_error(key, repo_id, e) from None
 
 
@@ -251,10 +255,7 @@ def hub_commits(spec: Mapping, key: str) -> dict[str, str]:
             if sub == "base_config" and spec.get("init", "pretrained") != "random":
                 continue
             ref = spec.get(sub)
-            out[sub] = pretrained_revision(
-                {"arch": "hf", "init": "pretrained", **ref} if isinstance(ref, Mapping) else ref,
-                f"{key}.{sub}",
-            )
+            out[sub] = pretrained_revision(_as_spec(ref), f"{key}.{sub}")
     return {k: v for k, v in out.items() if v}
 
 
@@ -276,7 +277,7 @@ def load_tokenizer(spec: dict, key: str = "teacher"):
     if not ref:  # the model's own, at the model's revision
         path, revision = resolve_pretrained(spec, key), pretrained_revision(spec, key)
     elif isinstance(ref, Mapping):
-        sub = {"arch": "hf", "init": "pretrained", **ref}
+        sub = _as_spec(ref)
         path, revision = (
             resolve_pretrained(sub, f"{key}.tokenizer"),
             pretrained_revision(sub, f"{key}.tokenizer"),
@@ -405,7 +406,7 @@ def hf_config(spec: dict, task: dict, key: str, teacher_config=None):
     if init == "random":
         base = spec.get("base_config")
         if base:
-            sub = {"arch": "hf", "init": "pretrained", **base} if isinstance(base, Mapping) else base
+            sub = _as_spec(base)
             config = AutoConfig.from_pretrained(
                 resolve_pretrained(sub, f"{key}.base_config") if isinstance(base, Mapping) else base,
                 revision=pretrained_revision(sub, f"{key}.base_config"),
