@@ -40,11 +40,17 @@ RESULTS = "results.json"
 IGNORED_KEYS = BOOKKEEPING_KEYS | {"seed"}
 # Config keys added after runs had been recorded without them, each with the value under which such a run
 # behaved as it did (task.overlap: every example kept; export.compact: the export did not remove dead units;
-# teacher.revision: the hub branch main, whose commit results.json records as hub_commits).
+# teacher.revision and model.revision: the hub branch main, whose commit results.json records as hub_commits;
+# only hub-loaded models carry model.revision).
 # A run recorded before the key existed and a run recording that value are one configuration; without this a
 # study's earlier seeds and the seeds added after an upgrade split into two points. A key added to the config
 # with a default goes here (tests/test_pareto.py compares today's config with a committed run's).
-ADDED_LATER = {"task.overlap": "warn", "export.compact": False, "teacher.revision": None}
+ADDED_LATER = {
+    "task.overlap": "warn",
+    "export.compact": False,
+    "teacher.revision": None,
+    "model.revision": None,
+}
 # Conditions of the measurement, kept as columns but never averaged.
 CONDITION_KEYS = ("device", "threads", "warmup", "repeats", "batch_size", "seq_len", "peak_memory_device")
 CONVENTION_KEYS = ("flops_convention", "bops_convention", "peak_memory_method")
