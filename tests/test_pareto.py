@@ -1263,3 +1263,31 @@ def test_a_run_recorded_before_the_revision_keys_is_the_configuration_of_one_on_
     new = {"model": {**old["model"], "revision": None}, "teacher": {"name": "bert", "revision": None}}
     pinned = {**new, "model": {**old["model"], "revision": "v1"}}
     assert config_key(identity(old)) == config_key(identity(new)) != config_key(identity(pinned))
+
+
+def test_runs_that_started_and_never_finished_are_named_not_silently_left_out(tmp_path, caplog):
+    """A job that crashed or was killed has checkpoints/run.json (written as it starts) and no results.json:
+    the report on the rest names it, with how to continue it. A dry run or a config error (Hydra's .hydra/
+    and log only) is no run. A folder holding only unfinished runs is an error that says so."""
+    from dpq.run.resume import CHECKPOINTS, RUN_FILE
+
+    runs = tmp_path / "multirun"
+    write_runs(runs, {"0_dq": fake_results("dq", 1, 0.85, 0.1), "1_dpq": fake_results("dpq", 1, 0.86, 0.05)})
+    crashed = runs / "2_dpq"
+    (crashed / CHECKPOINTS).mkdir(parents=True)
+    (crashed / CHECKPOINTS / RUN_FILE).write_text("{}")
+    (runs / "3_dry" / ".hydra").mkdir(parents=True)
+    (runs / "3_dry" / ".hydra" / "config.yaml").write_text("dry_run: true\n")
+    with caplog.at_level("WARNING", logger="dpq.pareto"):
+        assert len(find_results([str(runs)])) == 2
+    said = [
+        r.getMessage() for r in caplog.records if "never" in r.getMessage() or "started" in r.getMessage()
+    ]
+    assert len(said) == 1 and "1 run(s) started" in said[0] and str(crashed) in said[0]
+    assert "3_dry" not in said[0] and "resume=" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dpq.pareto"):
+        find_results([str(runs / "0_dq")])
+    assert not caplog.records
+    with pytest.raises(ConfigError, match=r"1 run\(s\) started there but never finished .*2_dpq.*resume="):
+        find_results([str(crashed)])

@@ -34,6 +34,7 @@ from dpq.core.errors import ConfigError
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
+STARTED = Path("checkpoints") / "run.json"  # written as a run starts (dpq.run.resume.RUN_FILE in CHECKPOINTS)
 # Not part of what a configuration *is*: the seed, and the bookkeeping that never changes a number
 # (where a run wrote, its checkpoints, integrity checks, stage-cache folder, the sweep's objective).
 # Seeds of one recipe run by agents with other cache folders or objective weights are one configuration.
@@ -75,9 +76,37 @@ def _results_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob(RESULTS) if "wandb" not in p.relative_to(folder).parts[:-1])
 
 
+def unfinished_under(folder: Path) -> list[Path]:
+    """Run folders under ``folder`` (itself included) that started but wrote no results.json: a run writes
+    ``checkpoints/run.json`` as it starts (:func:`dpq.run.resume.claim_output_dir`) and results.json as it
+    ends, also when it diverges. Crashed, killed or still running; a dry run or a config error writes neither."""
+    return sorted(
+        run
+        for p in folder.rglob(STARTED.name)
+        if p.parent.name == STARTED.parent.name
+        and "wandb" not in p.relative_to(folder).parts[:-1]
+        and not ((run := p.parent.parent) / RESULTS).exists()
+    )
+
+
+def warn_unfinished(folders: list[Path]) -> None:
+    """A study whose jobs crashed must not read as the whole study: the report is on the runs that finished."""
+    if not folders:
+        return
+    shown = ", ".join(map(str, folders[:5])) + (f" and {len(folders) - 5} more" if len(folders) > 5 else "")
+    log.warning(
+        "%d run(s) started but wrote no %s (crashed, killed or still running) and are not in this report: %s; "
+        "`python -m dpq.train resume=<folder>` continues one from its last checkpoint",
+        len(folders),
+        RESULTS,
+        shown,
+    )
+
+
 def find_results(inputs: Iterable[str]) -> list[Path]:
     """results.json files named by ``inputs`` (folders are searched recursively), each once, in order."""
     found: list[Path] = []
+    unfinished: list[Path] = []
     for spec in inputs:
         spec = str(spec)
         matches = (
@@ -86,9 +115,11 @@ def find_results(inputs: Iterable[str]) -> list[Path]:
             else [Path(spec)]
         )
         hits: list[Path] = []
+        started: list[Path] = []
         for m in matches:
             if m.is_dir():
                 hits += _results_under(m)
+                started += unfinished_under(m)
             elif m.is_file():
                 hits.append(m)
         if not hits:
@@ -97,8 +128,14 @@ def find_results(inputs: Iterable[str]) -> list[Path]:
                 if not matches or not any(m.exists() for m in matches)
                 else f"no {RESULTS} in it"
             )
+            if started:
+                what += (
+                    f": {len(started)} run(s) started there but never finished ({', '.join(map(str, started[:3]))}"
+                    f"{', ...' if len(started) > 3 else ''}); `python -m dpq.train resume=<folder>` continues one"
+                )
             raise ConfigError("inputs", spec, f"{what}; pass {INPUTS_HELP}")
         found += hits
+        unfinished += started
     seen: set[Path] = set()
     unique = []
     for p in found:
@@ -106,6 +143,7 @@ def find_results(inputs: Iterable[str]) -> list[Path]:
         if r not in seen:
             seen.add(r)
             unique.append(p)
+    warn_unfinished(list(dict.fromkeys(unfinished)))
     return unique
 
 
