@@ -1,5 +1,6 @@
 """``dry_run=true``: every check a run makes before its first stage, then each stage's settings and where its
-state would come from (stage cache, teacher cache, training); nothing is trained, loaded or written."""
+state would come from (stage cache, teacher cache, training); nothing is trained or loaded, and nothing
+written but Hydra's .hydra/ and log."""
 
 from __future__ import annotations
 

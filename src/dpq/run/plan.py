@@ -248,7 +248,7 @@ def print_plan(result: dict[str, Any], title: str) -> None:
             f"{data['steps_per_epoch']} optimizer steps per epoch"
             + (f" in each of {data['processes']} processes" if data["processes"] > 1 else "")
             + "".join(f"; {k} from the hub at {c[:12]}" for k, c in result.get("hub_commits", {}).items())
-            + "; dry run: nothing trained or written"
+            + "; dry run: nothing trained, nothing written but Hydra's .hydra/ and log"
         ),
     )
     for header in ("stage", "kind", "length", "settings", "state from"):
