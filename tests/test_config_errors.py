@@ -417,6 +417,17 @@ CASES = [
     ),
     # an empty target list selects nothing (the quantize stage says so too)
     ([TINY, f"{P}.prune.targets=[]"], f"{P}.prune.targets", "[]", "must name at least one module"),
+    # a second prune stage whose target the first already reached: it would prune nothing (masks stay frozen)
+    (
+        [
+            TINY,
+            "pipeline.order=[teacher,distill,prune,recover,prune2,quantize]",
+            f"+{P}.prune2={{kind:prune,final_sparsity:0.3}}",
+        ],
+        f"{P}.prune2.final_sparsity",
+        "0.3",
+        "prunes nothing: stage 'prune' before it already leaves 0.5 of the same targets pruned",
+    ),
     # a hub student that cannot be loaded (offline, or no such id): said before the teacher trains
     (
         [TINY, "model=distilbert", "model.pretrained=dpq-no-such-org/no-such-model"],
@@ -864,3 +875,37 @@ def test_a_roberta_style_position_table_holds_two_rows_fewer_inputs():
         ConfigError, match=r"cost.seq_len=65: is longer than the 64 positions of the teacher \(r: "
     ):
         check_positions(cfg, {"teacher": model})
+
+
+@pytest.mark.parametrize(
+    "second, refused, warned",
+    [
+        ({"final_sparsity": 0.5}, True, False),  # the same target: nothing left to prune
+        ({"final_sparsity": 0.8}, False, True),  # further, but the ramp starts at 0: idle until it passes 0.5
+        ({"final_sparsity": 0.8, "initial_sparsity": 0.5}, False, False),
+        ({"final_sparsity": 0.3, "scope": "global"}, False, False),  # another measure: layers below 0.3 exist
+        ({"final_sparsity": 0.3, "targets": "re:.*intermediate.*"}, False, False),  # other modules
+        ({"final_sparsity": 0.3, "granularity": "heads"}, False, False),  # groups, not weights
+    ],
+)
+def test_a_second_prune_stage_continues_from_the_sparsity_the_first_leaves(second, refused, warned, caplog):
+    """The first stage's masks stay frozen in the second, so on the same targets, scope and granularity the
+    second's final_sparsity must exceed the first's, and a ramp starting below it idles until it passes it."""
+    from dpq.stages import build_stages
+    from dpq.stages.prune import warn_idle_ramps
+
+    pipeline = {
+        "order": ["prune", "prune2"],
+        "stages": {
+            "prune": {"kind": "prune", "final_sparsity": 0.5, "alpha": 0.0},
+            "prune2": {"kind": "prune", "alpha": 0.0, **second},
+        },
+    }
+    with caplog.at_level("WARNING", logger="dpq.stages.prune"):
+        if refused:
+            with pytest.raises(ConfigError, match="prunes nothing") as err:
+                build_stages(pipeline)
+            assert err.value.key == "pipeline.stages.prune2.final_sparsity"
+        else:
+            warn_idle_ramps(build_stages(pipeline))
+    assert ("the ramp prunes nothing until its target passes 0.5" in caplog.text) == warned, caplog.text

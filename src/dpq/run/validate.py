@@ -29,6 +29,7 @@ from dpq.data.overlap import POLICIES as OVERLAP_POLICIES
 from dpq.data.sources import check_hub
 from dpq.models import skeleton
 from dpq.stages import ModelCheck, Stage, build_stages
+from dpq.stages.prune import warn_idle_ramps
 
 TASK_KINDS = ("text", "features", "image")
 # Which model architectures can read each task kind's inputs.
@@ -176,6 +177,7 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
     check_export(cfg, stages)
     warn_unused_flops_target(cfg, stages)
     warn_obs_checkpoints(cfg, stages)
+    warn_idle_ramps(stages)
     if task.get("num_labels") is not None:  # else the data says how many (dpq.data.labelled)
         check_labels(cfg, stages)
     return stages

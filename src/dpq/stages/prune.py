@@ -306,11 +306,67 @@ class PruneConfig(KDStageConfig):
         return finals
 
 
+def _continues(earlier: PruneConfig, later: PruneConfig) -> bool:
+    """Whether ``later`` prunes exactly what ``earlier`` pruned, measured the same way: unstructured, the same
+    targets and scope, one sparsity for every layer (no overrides, no FLOPs target, no layers dropped), so
+    the earlier final_sparsity is where the later ramp starts to remove anything."""
+    return all(
+        c.granularity == "unstructured" and not c.overrides and not c.flops_target and c.drop_layers is None
+        for c in (earlier, later)
+    ) and (earlier.targets, earlier.scope) == (later.targets, later.scope)
+
+
+def warn_idle_ramps(stages: list[Stage]) -> None:
+    """A prune stage that continues an earlier one (:func:`_continues`) from initial_sparsity below what that
+    one left removes nothing until its target passes it: part of its ramp is spent at the earlier sparsity."""
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, PruneStage):
+            continue
+        cfg: PruneConfig = stage.cfg
+        for s in stages[:i]:
+            if (
+                isinstance(s, PruneStage)
+                and _continues(s.cfg, cfg)
+                and cfg.initial_sparsity < s.cfg.final_sparsity
+            ):
+                left = s.cfg.final_sparsity
+                log.warning(
+                    "%s.initial_sparsity=%g: stage '%s' before it leaves %g pruned, so the ramp prunes nothing "
+                    "until its target passes %g; initial_sparsity=%g starts the ramp there",
+                    stage.key,
+                    cfg.initial_sparsity,
+                    s.name,
+                    left,
+                    left,
+                    left,
+                )
+
+
 @register
 class PruneStage(QuantAwareTraining, Stage):
     kind = "prune"
     Config = PruneConfig
     prunes = True
+
+    def check_order(self, before: list[Stage]) -> None:
+        """A second unstructured prune stage on the same targets and scope continues from the sparsity the
+        earlier one leaves: that stage's masks stay frozen (masks only grow sparser), so a target at or below
+        it prunes nothing and the stage would silently be a recovery (:func:`warn_idle_ramps`: a ramp that
+        starts below it)."""
+        super().check_order(before)
+        cfg: PruneConfig = self.cfg
+        for s in before:
+            if not isinstance(s, PruneStage) or not _continues(s.cfg, cfg):
+                continue
+            left = s.cfg.final_sparsity
+            if cfg.final_sparsity <= left:
+                raise ConfigError(
+                    f"{self.key}.final_sparsity",
+                    cfg.final_sparsity,
+                    f"prunes nothing: stage '{s.name}' before it already leaves {left:g} of the same targets "
+                    f"pruned ({cfg.scope} scope), and its masks stay frozen; set it above {left:g} to prune "
+                    "further, or fine-tune at this sparsity with a recover stage",
+                )
 
     def targets_of(self, model: nn.Module, model_spec: dict) -> list[str]:
         """The modules this stage prunes (its ``targets``, else ``model.prune_targets``), each fit for its
