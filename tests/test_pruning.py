@@ -181,3 +181,38 @@ def test_global_allocation_reaches_the_overall_target_exactly(sparsity):
     if sparsity >= 0.5:
         per_layer = {k: float((~m).float().mean()) for k, m in masks.items()}
         assert per_layer["a"] > per_layer["b"] + 0.2  # allocation is not uniform
+
+
+@pytest.mark.parametrize(
+    "update_every, ramp_end, schedule, said",
+    [
+        (25, 0.75, "polynomial", "one jump at step 20, its last, with no training after; update_every=3"),
+        (5, 0.25, "polynomial", "one jump at step 5; update_every=1 would update them 5 times"),
+        (5, 0.25, "iterative", "one jump at step 5;"),  # its 3 jumps coalesce into one
+        (3, 0.75, "polynomial", None),  # updates at 3, 6, ..., 15: gradual
+        (25, 0.75, "one_shot", None),  # one jump at step 0 is the schedule
+    ],
+)
+def test_a_ramp_its_update_every_turns_into_one_jump_is_warned_about(
+    update_every, ramp_end, schedule, said, caplog
+):
+    """update_every at or past the ramp's end leaves one mask update on the ramp: nothing fails and the
+    run reads as gradual pruning, so the stage says so as it starts (20 optimizer steps here)."""
+    from dpq.prune.schedules import make_schedule
+
+    ramp = SparsityRamp(
+        "prune",
+        TARGETS,
+        0.0,
+        0.5,
+        update_every=update_every,
+        ramp_end=ramp_end,
+        schedule=make_schedule(schedule),
+    )
+    with caplog.at_level("WARNING", logger="dpq.prune.callbacks"):
+        fit(Module(), [ramp])
+    assert ramp.total_steps == 20
+    text = " ".join(r.getMessage() for r in caplog.records if "update_every" in r.getMessage())
+    assert (said in text) if said else not text, text
+    if said and schedule == "polynomial":
+        assert [t for _, t in ramp.history][:2] == [0.0, 0.5]  # from nothing to the target in one update

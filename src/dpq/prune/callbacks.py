@@ -30,7 +30,7 @@ from torch import nn
 from dpq.prune import structured
 from dpq.prune.masks import CRITERIA, Masks, apply_masks, intersect, mask_sparsity, score_masks, weight_of
 from dpq.prune.obs import BlockFisherInverse, ObsOptions, obs_saliency, obs_update, suggest_damp
-from dpq.prune.schedules import Schedule, polynomial_sparsity, ramp_progress
+from dpq.prune.schedules import Schedule, one_shot_sparsity, polynomial_sparsity, ramp_progress
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +324,38 @@ class SparsityRamp(_MaskCallback):
             # from the uninterrupted run, whose next update comes at its scheduled step.
             apply_masks(self._model(pl_module), self.masks)
             return
+        self._warn_one_jump()
         self._update(pl_module, trainer.global_step, trainer)
+
+    def _warn_one_jump(self) -> None:
+        """A gradual ramp whose first mask update after the start comes at or after the ramp's end prunes in
+        one jump -- at the stage's last step, with no training after, when update_every >= the stage's steps.
+        Nothing fails, so without this the run reads as gradual pruning."""
+        end = max(1.0, self.ramp_end * self.total_steps)  # the step the target is reached (ramp_progress)
+        if self.schedule is one_shot_sparsity:  # one jump at step 0 is what it asks for
+            return
+        if (
+            (self.final <= self.initial and not self.finals)
+            or self.update_every < end
+            or self.total_steps < 2
+        ):
+            return
+        first = min(self.update_every, self.total_steps)
+        every = max(1, int(end) // 4)
+        log.warning(
+            "%s: masks are recomputed every update_every=%d optimizer steps, but the ramp lasts %d of the "
+            "stage's %d steps (ramp_end=%g): it prunes in one jump at step %d%s; update_every=%d would update "
+            "them %d times along it",
+            self.name,
+            self.update_every,
+            math.ceil(end),
+            self.total_steps,
+            self.ramp_end,
+            first,
+            ", its last, with no training after" if first >= self.total_steps else "",
+            every,
+            int(end) // every,
+        )
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self._step = trainer.global_step
