@@ -909,3 +909,29 @@ def test_a_second_prune_stage_continues_from_the_sparsity_the_first_leaves(secon
         else:
             warn_idle_ramps(build_stages(pipeline))
     assert ("the ramp prunes nothing until its target passes 0.5" in caplog.text) == warned, caplog.text
+
+
+@pytest.mark.parametrize(
+    "order, spiral, key",
+    [
+        (["prune", "spiral"], {}, "pipeline.stages.spiral.initial_sparsity"),  # round 0 to 0.167 under 0.5
+        (["spiral", "prune"], {"final_sparsity": 0.5}, "pipeline.stages.prune.final_sparsity"),
+        (["prune", "spiral"], {"initial_sparsity": 0.5, "final_sparsity": 0.8}, None),  # continues from 0.5
+        (["spiral", "prune"], {"final_sparsity": 0.3}, None),  # the prune stage goes on to 0.5
+    ],
+)
+def test_a_spiral_and_a_prune_stage_continue_from_each_others_sparsity(order, spiral, key):
+    """The masks a spiral's last round leaves, and those it finds, stay frozen like a prune stage's."""
+    from dpq.stages import build_stages
+
+    stages = {
+        "prune": {"kind": "prune", "final_sparsity": 0.5, "alpha": 0.0},
+        "spiral": {"kind": "spiral", "rounds": 3, "prune": {"alpha": 0.0}, **spiral},
+    }
+    pipeline = {"order": order, "stages": stages}
+    if key is None:
+        build_stages(pipeline)
+        return
+    with pytest.raises(ConfigError, match="stay frozen") as err:
+        build_stages(pipeline)
+    assert err.value.key == key, str(err.value)

@@ -31,6 +31,7 @@ from dpq.core.errors import ConfigError
 if TYPE_CHECKING:
     from dpq.run.context import RunContext
     from dpq.run.state import State
+    from dpq.stages.prune import PruneConfig
 
 STAGES: dict[str, type[Stage]] = {}
 
@@ -192,6 +193,11 @@ class Stage:
                 f"the {self.kind} stage distils from a teacher (alpha or hidden/attention/relation > 0), "
                 "but no teacher stage comes before it in pipeline.order; add 'teacher' first or set alpha=0",
             )
+
+    def final_prune(self) -> PruneConfig | None:
+        """The prune settings whose masks this stage leaves on the model (a later prune stage keeps them
+        frozen and continues from their sparsity); None for a stage that prunes nothing."""
+        return None
 
     def check_after(self, after: list[Stage]) -> None:
         """Raise :class:`ConfigError` if the stages that follow in ``pipeline.order`` do not fit this one

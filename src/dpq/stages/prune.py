@@ -324,12 +324,13 @@ def warn_idle_ramps(stages: list[Stage]) -> None:
             continue
         cfg: PruneConfig = stage.cfg
         for s in stages[:i]:
+            earlier = s.final_prune()
             if (
-                isinstance(s, PruneStage)
-                and _continues(s.cfg, cfg)
-                and cfg.initial_sparsity < s.cfg.final_sparsity
+                earlier is not None
+                and _continues(earlier, cfg)
+                and cfg.initial_sparsity < earlier.final_sparsity
             ):
-                left = s.cfg.final_sparsity
+                left = earlier.final_sparsity
                 log.warning(
                     "%s.initial_sparsity=%g: stage '%s' before it leaves %g pruned, so the ramp prunes nothing "
                     "until its target passes %g; initial_sparsity=%g starts the ramp there",
@@ -356,9 +357,10 @@ class PruneStage(QuantAwareTraining, Stage):
         super().check_order(before)
         cfg: PruneConfig = self.cfg
         for s in before:
-            if not isinstance(s, PruneStage) or not _continues(s.cfg, cfg):
+            earlier = s.final_prune()
+            if earlier is None or not _continues(earlier, cfg):
                 continue
-            left = s.cfg.final_sparsity
+            left = earlier.final_sparsity
             if cfg.final_sparsity <= left:
                 raise ConfigError(
                     f"{self.key}.final_sparsity",
@@ -367,6 +369,9 @@ class PruneStage(QuantAwareTraining, Stage):
                     f"pruned ({cfg.scope} scope), and its masks stay frozen; set it above {left:g} to prune "
                     "further, or fine-tune at this sparsity with a recover stage",
                 )
+
+    def final_prune(self) -> PruneConfig:
+        return self.cfg
 
     def targets_of(self, model: nn.Module, model_spec: dict) -> list[str]:
         """The modules this stage prunes (its ``targets``, else ``model.prune_targets``), each fit for its
