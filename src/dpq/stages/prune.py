@@ -306,41 +306,54 @@ class PruneConfig(KDStageConfig):
         return finals
 
 
-def _continues(earlier: PruneConfig, later: PruneConfig) -> bool:
-    """Whether ``later`` prunes exactly what ``earlier`` pruned, measured the same way: unstructured, the same
-    targets and scope, one sparsity for every layer (no overrides, no FLOPs target, no layers dropped), so
-    the earlier final_sparsity is where the later ramp starts to remove anything."""
-    return all(
-        c.granularity == "unstructured" and not c.overrides and not c.flops_target and c.drop_layers is None
-        for c in (earlier, later)
-    ) and (earlier.targets, earlier.scope) == (later.targets, later.scope)
+def frozen_sparsity(before: list[Stage], cfg: PruneConfig) -> tuple[str, float] | None:
+    """(stage, sparsity): the most pruned of the ``before`` stages whose masks, frozen from then on, cover
+    exactly what ``cfg`` prunes -- unstructured, the same targets and scope, one sparsity for every layer (no
+    overrides, no FLOPs target, no layers dropped) -- so ``cfg``'s ramp removes nothing below that sparsity.
+    None where no stage before prunes that way."""
+
+    def plain(c: PruneConfig) -> bool:
+        return (
+            c.granularity == "unstructured"
+            and not c.overrides
+            and not c.flops_target
+            and c.drop_layers is None
+        )
+
+    found = None
+    for s in before:
+        earlier = s.final_prune()
+        if (
+            earlier is not None
+            and plain(earlier)
+            and plain(cfg)
+            and (earlier.targets, earlier.scope) == (cfg.targets, cfg.scope)
+            and (found is None or earlier.final_sparsity >= found[1])
+        ):
+            found = (s.name, earlier.final_sparsity)
+    return found
 
 
 def warn_idle_ramps(stages: list[Stage]) -> None:
-    """A prune stage that continues an earlier one (:func:`_continues`) from initial_sparsity below what that
-    one left removes nothing until its target passes it: part of its ramp is spent at the earlier sparsity."""
+    """A prune stage that continues an earlier one (:func:`frozen_sparsity`) from an initial_sparsity below what
+    that one left removes nothing until its target passes it: part of its ramp is spent at the earlier sparsity."""
     for i, stage in enumerate(stages):
         if not isinstance(stage, PruneStage):
             continue
         cfg: PruneConfig = stage.cfg
-        for s in stages[:i]:
-            earlier = s.final_prune()
-            if (
-                earlier is not None
-                and _continues(earlier, cfg)
-                and cfg.initial_sparsity < earlier.final_sparsity
-            ):
-                left = earlier.final_sparsity
-                log.warning(
-                    "%s.initial_sparsity=%g: stage '%s' before it leaves %g pruned, so the ramp prunes nothing "
-                    "until its target passes %g; initial_sparsity=%g starts the ramp there",
-                    stage.key,
-                    cfg.initial_sparsity,
-                    s.name,
-                    left,
-                    left,
-                    left,
-                )
+        found = frozen_sparsity(stages[:i], cfg)
+        if found and cfg.initial_sparsity < found[1]:
+            name, left = found
+            log.warning(
+                "%s.initial_sparsity=%g: stage '%s' before it leaves %g pruned, so the ramp prunes nothing until "
+                "its target passes %g; initial_sparsity=%g starts the ramp there",
+                stage.key,
+                cfg.initial_sparsity,
+                name,
+                left,
+                left,
+                left,
+            )
 
 
 @register
@@ -356,19 +369,16 @@ class PruneStage(QuantAwareTraining, Stage):
         starts below it)."""
         super().check_order(before)
         cfg: PruneConfig = self.cfg
-        for s in before:
-            earlier = s.final_prune()
-            if earlier is None or not _continues(earlier, cfg):
-                continue
-            left = earlier.final_sparsity
-            if cfg.final_sparsity <= left:
-                raise ConfigError(
-                    f"{self.key}.final_sparsity",
-                    cfg.final_sparsity,
-                    f"prunes nothing: stage '{s.name}' before it already leaves {left:g} of the same targets "
-                    f"pruned ({cfg.scope} scope), and its masks stay frozen; set it above {left:g} to prune "
-                    "further, or fine-tune at this sparsity with a recover stage",
-                )
+        found = frozen_sparsity(before, cfg)
+        if found and cfg.final_sparsity <= found[1]:
+            name, left = found
+            raise ConfigError(
+                f"{self.key}.final_sparsity",
+                cfg.final_sparsity,
+                f"prunes nothing: stage '{name}' before it already leaves {left:g} of the same targets pruned "
+                f"({cfg.scope} scope), and its masks stay frozen; set it above {left:g} to prune further, or "
+                "fine-tune at this sparsity with a recover stage",
+            )
 
     def final_prune(self) -> PruneConfig:
         return self.cfg

@@ -18,7 +18,7 @@ from dpq.core.errors import ConfigError
 from dpq.distill.teachers import EnsembleTeacher, TeacherLogits, TeacherSignal
 from dpq.stages.base import ModelCheck, Stage, register
 from dpq.stages.distill import DistillConfig, DistillStage
-from dpq.stages.prune import PruneConfig, PruneStage, _continues
+from dpq.stages.prune import PruneConfig, PruneStage, frozen_sparsity
 
 TEACHER_MODES = ("previous", "original", "both")
 # The round settings that follow the prune stage in conf/pipeline/spiral.yaml.
@@ -122,21 +122,16 @@ class SpiralStage(Stage):
                 "needs a teacher stage before the spiral (or use teacher_mode=previous)",
             )
         first = self.round_stages(0, self.cfg.initial_sparsity, self.cfg.targets()[0])[0].cfg
-        for s in before:  # an earlier stage's masks stay frozen: a round at or below them prunes nothing
-            earlier = s.final_prune()
-            if (
-                earlier is not None
-                and _continues(earlier, first)
-                and first.final_sparsity <= earlier.final_sparsity
-            ):
-                left = earlier.final_sparsity
-                raise ConfigError(
-                    f"{self.key}.initial_sparsity",
-                    self.cfg.initial_sparsity,
-                    f"round 0 prunes to {first.final_sparsity:g}, but stage '{s.name}' before the spiral already "
-                    f"leaves {left:g} of the same targets pruned and its masks stay frozen; set initial_sparsity="
-                    f"{left:g} (and final_sparsity above it) so the rounds continue from there",
-                )
+        found = frozen_sparsity(before, first)  # masks of an earlier stage stay frozen
+        if found and first.final_sparsity <= found[1]:
+            name, left = found
+            raise ConfigError(
+                f"{self.key}.initial_sparsity",
+                self.cfg.initial_sparsity,
+                f"round 0 prunes to {first.final_sparsity:g}, but stage '{name}' before the spiral already leaves "
+                f"{left:g} of the same targets pruned and its masks stay frozen; set initial_sparsity={left:g} "
+                "(and final_sparsity above it) so the rounds continue from there",
+            )
 
     def final_prune(self) -> PruneConfig:
         """The last round's prune settings: the masks the spiral leaves."""
