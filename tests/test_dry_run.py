@@ -35,6 +35,7 @@ def test_a_dry_run_trains_and_writes_nothing_and_says_what_the_caches_would_serv
     assert dry["data"]["sizes"] == {"train": 256, "validation": 64, "test": 64}
     assert dry["data"]["batches_per_epoch"] == 8  # 256 examples, task.batch_size 32
     assert dry["data"]["processes"] == 1 and dry["data"]["steps_per_epoch"] == 4  # trainer=debug: 4 batches
+    assert dry["data"]["batches_used"] == 4  # the caption says "8 training batches per epoch (4 used: ...)"
     assert count_fits == []
     assert (
         not (tmp_path / "dry" / "results.json").exists() and not (tmp_path / "dry" / "checkpoints").exists()
@@ -128,3 +129,6 @@ def test_the_steps_per_epoch_follow_the_trainers_limits_as_lightning_counts_them
     assert steps_per_epoch(256, 32, 1, {"limit_train_batches": 0.3}) == 2  # int(8 * 0.3)
     assert steps_per_epoch(256, 32, 1, {"limit_train_batches": 1.0, "accumulate_grad_batches": 3}) == 3
     assert steps_per_epoch(256, 24, 2, {}) == 6  # 128 examples per process
+    from dpq.run.plan import used_batches
+
+    assert used_batches(256, 32, 1, {"limit_train_batches": 0.3, "accumulate_grad_batches": 2}) == 2

@@ -183,6 +183,7 @@ def plan(cfg: dict[str, Any], stages: list, splits) -> dict[str, Any]:
             "batches_per_epoch": math.ceil(n_train / batch),
             "processes": world,
             "steps_per_epoch": steps_per_epoch(n_train, batch, world, cfg["trainer"]),
+            "batches_used": used_batches(n_train, batch, world, cfg["trainer"]),
         },
         "stages": rows,
         # the commit each hub model would load at (resolved now, as the run would: dpq.models.hf)
@@ -190,17 +191,24 @@ def plan(cfg: dict[str, Any], stages: list, splits) -> dict[str, Any]:
     }
 
 
-def steps_per_epoch(n_train: int, batch: int, world: int, trainer: dict[str, Any]) -> int:
-    """Optimizer steps per epoch in each process, as Lightning counts them: the process's batches (its
+def used_batches(n_train: int, batch: int, world: int, trainer: dict[str, Any]) -> int:
+    """Training batches per epoch in each process, as Lightning counts them: the process's batches (its
     DistributedSampler pads the split to a multiple of the processes), cut by ``limit_train_batches`` (an int:
-    at most that many; a float: that fraction, rounded down), over ``accumulate_grad_batches``."""
+    at most that many; a float: that fraction, rounded down)."""
     batches = math.ceil(math.ceil(n_train / world) / batch)
     limit = trainer.get("limit_train_batches")
     if isinstance(limit, int) and not isinstance(limit, bool):
         batches = min(batches, limit)
     elif isinstance(limit, float):
         batches = int(batches * limit)
-    return math.ceil(batches / int(trainer.get("accumulate_grad_batches") or 1))
+    return batches
+
+
+def steps_per_epoch(n_train: int, batch: int, world: int, trainer: dict[str, Any]) -> int:
+    """Optimizer steps per epoch in each process: :func:`used_batches` over ``accumulate_grad_batches``."""
+    return math.ceil(
+        used_batches(n_train, batch, world, trainer) / int(trainer.get("accumulate_grad_batches") or 1)
+    )
 
 
 def tally(rows: list[dict[str, Any]]) -> None:
@@ -244,8 +252,14 @@ def print_plan(result: dict[str, Any], title: str) -> None:
     table = Table(
         title=title,
         caption=(
-            f"data {data['source']}: {data['sizes']}, {data['batches_per_epoch']} training batches per epoch; "
-            f"{data['steps_per_epoch']} optimizer steps per epoch"
+            f"data {data['source']}: {data['sizes']}, {data['batches_per_epoch']} training batches per epoch"
+            + (
+                f" ({data['batches_used']} used: trainer.limit_train_batches)"
+                if data.get("batches_used", data["batches_per_epoch"]) * data["processes"]
+                < data["batches_per_epoch"]
+                else ""
+            )
+            + f"; {data['steps_per_epoch']} optimizer steps per epoch"
             + (f" in each of {data['processes']} processes" if data["processes"] > 1 else "")
             + "".join(f"; {k} from the hub at {c[:12]}" for k, c in result.get("hub_commits", {}).items())
             + "; dry run: nothing trained, nothing written but Hydra's .hydra/ and log"
