@@ -132,3 +132,24 @@ def test_the_steps_per_epoch_follow_the_trainers_limits_as_lightning_counts_them
     from dpq.run.plan import used_batches
 
     assert used_batches(256, 32, 1, {"limit_train_batches": 0.3, "accumulate_grad_batches": 2}) == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, said",
+    [
+        (["pipeline.stages.prune.update_every=10"], "pipeline.stages.prune: masks are recomputed every"),
+        (
+            ["pipeline=spiral", "pipeline.stages.spiral.prune.update_every=4"],
+            "pipeline.stages.spiral.prune (every round): masks",
+        ),
+        (["pipeline.stages.prune.update_every=10", "pipeline.stages.prune.schedule=one_shot"], None),
+        ([], None),  # experiment=tiny's update_every=2: updates at 2, 4, 6 of 8 steps
+    ],
+)
+def test_a_dry_run_says_which_prune_ramps_update_every_turns_into_one_jump(tmp_path, caplog, overrides, said):
+    """Said before anything trains, from the plan's steps per epoch (tiny: 4 per epoch, 8 per prune stage,
+    4 per spiral round), as the stage would say it when it starts."""
+    with caplog.at_level("WARNING", logger="dpq.run.plan"):
+        train(cfg(tmp_path, "dry", "dry_run=true", *overrides))
+    text = " ".join(r.getMessage() for r in caplog.records if "update_every" in r.getMessage())
+    assert (said in text and "one jump" in text) if said else not text, text

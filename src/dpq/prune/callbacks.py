@@ -77,6 +77,22 @@ class MaskFreeze(_MaskCallback):
         apply_masks(self._model(pl_module), self.masks)
 
 
+def one_jump(total_steps: int, update_every: int, ramp_end: float) -> str | None:
+    """What a gradual ramp becomes when its first mask update after the start comes at or after the ramp's
+    end (``ramp_end`` of ``total_steps``): one jump, at the stage's last step with no training after when
+    ``update_every`` >= ``total_steps``. None when the ramp has two updates or more."""
+    end = max(1.0, ramp_end * total_steps)  # the step the target is reached (ramp_progress)
+    if update_every < end or total_steps < 2:
+        return None
+    first, every = min(update_every, total_steps), max(1, int(end) // 4)
+    last = ", its last, with no training after" if first >= total_steps else ""
+    return (
+        f"masks are recomputed every update_every={update_every} optimizer steps, but the ramp lasts "
+        f"{math.ceil(end)} of the stage's {total_steps} steps (ramp_end={ramp_end:g}): it prunes in one jump at "
+        f"step {first}{last}; update_every={every} would update them {int(end) // every} times along it"
+    )
+
+
 class SparsityRamp(_MaskCallback):
     """Gradual pruning: sparsity follows a schedule (default :func:`polynomial_sparsity`) over the stage.
 
@@ -328,34 +344,13 @@ class SparsityRamp(_MaskCallback):
         self._update(pl_module, trainer.global_step, trainer)
 
     def _warn_one_jump(self) -> None:
-        """A gradual ramp whose first mask update after the start comes at or after the ramp's end prunes in
-        one jump -- at the stage's last step, with no training after, when update_every >= the stage's steps.
-        Nothing fails, so without this the run reads as gradual pruning."""
-        end = max(1.0, self.ramp_end * self.total_steps)  # the step the target is reached (ramp_progress)
-        if self.schedule is one_shot_sparsity:  # one jump at step 0 is what it asks for
-            return
-        if (
-            (self.final <= self.initial and not self.finals)
-            or self.update_every < end
-            or self.total_steps < 2
-        ):
-            return
-        first = min(self.update_every, self.total_steps)
-        every = max(1, int(end) // 4)
-        log.warning(
-            "%s: masks are recomputed every update_every=%d optimizer steps, but the ramp lasts %d of the "
-            "stage's %d steps (ramp_end=%g): it prunes in one jump at step %d%s; update_every=%d would update "
-            "them %d times along it",
-            self.name,
-            self.update_every,
-            math.ceil(end),
-            self.total_steps,
-            self.ramp_end,
-            first,
-            ", its last, with no training after" if first >= self.total_steps else "",
-            every,
-            int(end) // every,
-        )
+        """Nothing fails when update_every turns the ramp into one jump, so the run would read as gradual
+        pruning: say so as the stage starts (:func:`one_jump`; a dry run says it before anything trains)."""
+        if self.schedule is one_shot_sparsity or (self.final <= self.initial and not self.finals):
+            return  # one jump at step 0 is what one_shot asks for; no ramp, no jump
+        said = one_jump(self.total_steps, self.update_every, self.ramp_end)
+        if said:
+            log.warning("%s: %s", self.name, said)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self._step = trainer.global_step

@@ -16,6 +16,7 @@ says what the stage cache will reuse, hence this module.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections import Counter
 from pathlib import Path
@@ -27,6 +28,8 @@ from omegaconf import DictConfig
 from dpq.core.distributed import trainer_world_size
 from dpq.models import run_hub_commits
 from dpq.run import stage_cache
+
+log = logging.getLogger(__name__)
 
 # Stage parameters worth a glance in the plan, in this order, where a stage kind has them (any kind,
 # including one added later: the plan reads its config, it does not switch on kind names).
@@ -163,11 +166,40 @@ def teacher_source(cfg: dict[str, Any], stage, splits) -> str:
     return "train"
 
 
+def stage_steps(stage_cfg, steps: int) -> int:
+    """Optimizer steps a stage trains with ``steps`` per epoch, as Lightning's ``estimated_stepping_batches``
+    counts them: ``epochs`` of them, capped by ``max_steps`` where set."""
+    by_epochs = int(stage_cfg.epochs) * steps
+    cap = int(getattr(stage_cfg, "max_steps", -1))
+    return by_epochs if cap <= 0 else (min(cap, by_epochs) if stage_cfg.epochs >= 1 else cap)
+
+
+def warn_one_jump_ramps(stages: list, steps: int) -> None:
+    """The prune ramps (a spiral's rounds too) whose ``update_every`` leaves one mask update on them, said
+    before anything trains, in the words the stage itself would use (:func:`dpq.prune.callbacks.one_jump`)."""
+    from dpq.prune.callbacks import one_jump
+    from dpq.stages.prune import PruneStage
+
+    for s in stages:
+        if isinstance(s, PruneStage):
+            c, key = s.cfg, s.key
+        elif hasattr(s, "round_stages"):  # a spiral: every round prunes as its first does
+            c, key = s.round_stages(0, s.cfg.initial_sparsity, s.cfg.targets()[0])[0].cfg, f"{s.key}.prune"
+        else:
+            continue
+        if c.schedule == "one_shot" or (c.final_sparsity <= c.initial_sparsity and not c.overrides):
+            continue
+        said = one_jump(stage_steps(c, steps), int(c.update_every), float(c.ramp_end))
+        if said:
+            log.warning("%s%s: %s", key, " (every round)" if key != s.key else "", said)
+
+
 def plan(cfg: dict[str, Any], stages: list, splits) -> dict[str, Any]:
     """What a dry run reports (and ``train`` returns): the data, and per stage its settings and source."""
     batch = int(cfg["task"]["batch_size"])
     n_train = splits.sizes()["train"]
     world = trainer_world_size(cfg["trainer"])  # DDP: each process takes its share of the batches
+    warn_one_jump_ramps(stages, steps_per_epoch(n_train, batch, world, cfg["trainer"]))
     rows = [
         {"stage": s.name, "kind": s.kind, "length": length(s), "settings": settings(s), "source": src}
         for s, src in zip(stages, sources(cfg, stages, splits), strict=True)
