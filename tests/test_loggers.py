@@ -65,3 +65,35 @@ def test_a_run_prints_no_library_lines_a_user_cannot_act_on(tmp_path, capfd):
             assert not logging.getLogger("torchao.kernel.intmm").isEnabledFor(logging.WARNING)
     finally:
         (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+
+
+def test_every_training_stage_logs_the_learning_rate_it_trained_with(make_cfg, tmp_path):
+    """Lightning's LearningRateMonitor beside each stage's losses: <stage>/lr/<param group>, starting at the
+    stage's lr (no warmup here) and decaying linearly, so a dashboard shows recover's lower rate."""
+    import csv
+
+    from dpq.train import train
+
+    stages = ("teacher", "distill", "prune", "recover", "quantize")
+    cfg = make_cfg(
+        "experiment=digits",
+        "trainer=debug",
+        "logger=csv",
+        "cost.repeats=1",
+        "cost.warmup=0",
+        "pipeline.stages.recover.lr=1e-4",
+        *[f"pipeline.stages.{s}.epochs=1" for s in stages],
+    )
+    train(cfg)
+    series: dict[str, list[float]] = {}
+    for path in (tmp_path / "run").rglob("metrics.csv"):
+        for row in csv.DictReader(path.open()):
+            for k, v in row.items():
+                if "/lr/" in k and v:
+                    series.setdefault(k, []).append(float(v))
+    for s in stages:
+        lrs = series[f"{s}/lr/decay"]
+        assert lrs == series[f"{s}/lr/no_decay"]  # one rate for both parameter groups
+        assert lrs[0] == pytest.approx(float(cfg.pipeline.stages[s].lr))
+        assert len(lrs) > 1 and all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert series["recover/lr/decay"][0] == pytest.approx(1e-4)

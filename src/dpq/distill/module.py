@@ -190,7 +190,11 @@ class ClassifierModule(L.LightningModule):
             if p.requires_grad:
                 (no_decay if p.ndim < 2 else decay).append(p)
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                # named: LearningRateMonitor logs <stage>/lr/decay and <stage>/lr/no_decay
+                {"params": decay, "weight_decay": self.weight_decay, "name": "decay"},
+                {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+            ],
             lr=self.lr,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -204,4 +208,7 @@ class ClassifierModule(L.LightningModule):
             return max(0.0, (total - step) / max(1, total - warmup))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": sched, "interval": "step", "name": f"{self.stage}/lr"},
+        }

@@ -19,6 +19,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -187,6 +188,8 @@ class RunContext:
     ) -> L.Trainer:
         """Train ``model`` for ``stage`` (its epochs, lr, KD weight); masks held fixed unless ``freeze_masks=False``."""
         callbacks = list(callbacks)
+        if self.tracker:  # the schedule each stage trained with, beside its losses (Lightning needs a logger)
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
         if freeze_masks and state.masks:
             callbacks.append(MaskFreeze(f"{stage.name}.masks", state.masks))
         if stage.uses_teacher and state.teacher_logits is None:
