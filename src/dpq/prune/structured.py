@@ -514,7 +514,7 @@ def shrink_(
             idx = (groups[:, None] * s.size + torch.arange(s.size)[None, :]).flatten()
             mod = model.get_submodule(s.module)
             select = getattr(mod, "select_", None)
-            if callable(select):  # a quantized layer cuts its own codes, scales and bias (dpq.compact)
+            if callable(select):  # a quantized layer cuts its own codes, scales and bias (dpq.prune.compact)
                 select(s.dim, idx)
             else:
                 for p in s.params:

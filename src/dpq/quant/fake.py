@@ -225,7 +225,8 @@ def prepare_qat_(model: nn.Module, cfg: QuantConfig, names: list[str] | None = N
 
 def prepare_ptq_(model: nn.Module, cfg: QuantConfig, names: list[str] | None = None) -> list[str]:
     """Fake-quantize for post-training quantization: weight ranges fixed now (min-max or
-    percentile), activation observers (``act_bits``) in calibration mode; see ``dpq.quant.ptq``."""
+    percentile), activation observers (``act_bits``) in calibration mode; see ``dpq.stages.ptq`` and
+    ``dpq.quant.calibrate``."""
     return _prepare(model, cfg, names, static=True)
 
 

@@ -131,7 +131,7 @@ class TeacherStage(Stage):
 
     def cache_key(self, cfg: dict, splits) -> str:
         """Hash of everything that determines the fine-tuned teacher: its model and task config, the
-        examples (``splits``, the loaded :class:`~dpq.data.tasks.Splits`), the seed, this stage's training
+        examples (``splits``, the loaded :class:`~dpq.data.tasks.TaskSplits`), the seed, this stage's training
         parameters, every trainer setting that changes training, dpq's source files and the numerics
         libraries' versions (:func:`~dpq.core.provenance.code_fingerprint`)."""
         payload = {
