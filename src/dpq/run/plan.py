@@ -199,7 +199,8 @@ def plan(cfg: dict[str, Any], stages: list, splits) -> dict[str, Any]:
     batch = int(cfg["task"]["batch_size"])
     n_train = splits.sizes()["train"]
     world = trainer_world_size(cfg["trainer"])  # DDP: each process takes its share of the batches
-    warn_one_jump_ramps(stages, steps_per_epoch(n_train, batch, world, cfg["trainer"]))
+    steps = steps_per_epoch(n_train, batch, world, cfg["trainer"])
+    warn_one_jump_ramps(stages, steps)
     rows = [
         {"stage": s.name, "kind": s.kind, "length": length(s), "settings": settings(s), "source": src}
         for s, src in zip(stages, sources(cfg, stages, splits), strict=True)
@@ -214,7 +215,7 @@ def plan(cfg: dict[str, Any], stages: list, splits) -> dict[str, Any]:
             "sizes": splits.sizes(),
             "batches_per_epoch": math.ceil(n_train / batch),
             "processes": world,
-            "steps_per_epoch": steps_per_epoch(n_train, batch, world, cfg["trainer"]),
+            "steps_per_epoch": steps,
             "batches_used": used_batches(n_train, batch, world, cfg["trainer"]),
         },
         "stages": rows,
