@@ -340,7 +340,8 @@ class SparsityRamp(_MaskCallback):
             # from the uninterrupted run, whose next update comes at its scheduled step.
             apply_masks(self._model(pl_module), self.masks)
             return
-        self._warn_one_jump()
+        if trainer.is_global_zero:  # once for a DDP run, not once per process
+            self._warn_one_jump()
         self._update(pl_module, trainer.global_step, trainer)
 
     def _warn_one_jump(self) -> None:
