@@ -274,14 +274,11 @@ def load_tokenizer(spec: dict, key: str = "teacher"):
     from transformers import AutoTokenizer
 
     ref = spec.get("tokenizer")
-    if not ref:  # the model's own, at the model's revision
-        path, revision = resolve_pretrained(spec, key), pretrained_revision(spec, key)
-    elif isinstance(ref, Mapping):
-        sub = _as_spec(ref)
-        path, revision = (
-            resolve_pretrained(sub, f"{key}.tokenizer"),
-            pretrained_revision(sub, f"{key}.tokenizer"),
-        )
+    if not ref or isinstance(
+        ref, Mapping
+    ):  # the model's own (at the model's revision), or a block of its own
+        own, where = (spec, key) if not ref else (_as_spec(ref), f"{key}.tokenizer")
+        path, revision = resolve_pretrained(own, where), pretrained_revision(own, where)
     else:
         path, revision = ref, pretrained_revision(ref, f"{key}.tokenizer")
 

@@ -283,11 +283,8 @@ def check_same_data(folder, splits) -> None:
     between the kill and the resume would train and measure its later stages (and look up the teacher's
     cached logits by example index) on other examples, and results.json would not say so. Runs started
     before run.json recorded the data are not checked."""
-    try:
-        was = json.loads((checkpoints_dir(Path(folder)) / RUN_FILE).read_text()).get("data")
-    except (OSError, ValueError):
-        return  # load_run_config read it a moment ago; a file going away now is not this check's business
-    if differs := splits.changed_since(was):
+    # load_run_config read run.json a moment ago; a file going away now is not this check's business
+    if differs := splits.changed_since(run_record(folder).get("data")):
         raise ConfigError(
             "resume",
             str(folder),
@@ -297,17 +294,18 @@ def check_same_data(folder, splits) -> None:
         )
 
 
-def recorded_hub_commits(folder) -> dict[str, str]:
-    """The hub models' commits a run started with (run.json; none for runs started before it recorded them)."""
+def run_record(folder) -> dict:
+    """What ``checkpoints/run.json`` recorded as the run started (config, data, hub commits); {} when it
+    cannot be read (:func:`load_run_config` is the check that says so)."""
     try:
-        return (
-            json.loads((checkpoints_dir(Path(str(folder)).expanduser()) / RUN_FILE).read_text()).get(
-                "hub_commits"
-            )
-            or {}
-        )
+        return json.loads((checkpoints_dir(Path(str(folder)).expanduser()) / RUN_FILE).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def recorded_hub_commits(folder) -> dict[str, str]:
+    """The hub models' commits a run started with (run.json; none for runs started before it recorded them)."""
+    return run_record(folder).get("hub_commits") or {}
 
 
 def claim_output_dir(
