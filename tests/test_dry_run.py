@@ -4,6 +4,8 @@ written but Hydra's .hydra/ and log."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import compose_cfg
 from omegaconf import open_dict
@@ -132,6 +134,34 @@ def test_the_steps_per_epoch_follow_the_trainers_limits_as_lightning_counts_them
     from dpq.run.plan import used_batches
 
     assert used_batches(256, 32, 1, {"limit_train_batches": 0.3, "accumulate_grad_batches": 2}) == 2
+
+
+@pytest.mark.parametrize(
+    "override, said",
+    [
+        ("trainer.limit_train_batches=0", "no training batch (the split has 8 per epoch: 256 examples, "),
+        ("trainer.limit_train_batches=0.1", "use at least 0.125, or 1.0 for all"),  # int(8 * 0.1) = 0
+        ("trainer.limit_val_batches=0", "no validation batch (the split has 1 per epoch: 64 examples, "),
+        ("trainer.limit_test_batches=0.5", "trainer.limit_test_batches=0.5: leaves no test batch"),
+        ("trainer.limit_test_batches=1", None),
+        ("trainer.limit_train_batches=0.125", None),  # one batch of 8
+    ],
+)
+def test_a_batch_limit_that_leaves_a_split_no_batch_is_a_config_error_before_anything_loads(
+    tmp_path, nothing_loads, override, said
+):
+    """Lightning takes 0 batches as "skip": with no training batch a run finished with every stage untrained
+    (its prune stage at sparsity 0), and with no validation or test batch it failed after the teacher's
+    training (an IndexError). Each is now a config error naming the key, the split's batches and the least
+    value that leaves one."""
+    c = cfg(tmp_path, "dry", "dry_run=true", override)
+    if said is None:
+        assert train(c)["dry_run"]
+        return
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        train(c)
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        train(cfg(tmp_path, "real", override))  # a real run stops at the same check
 
 
 @pytest.mark.parametrize(

@@ -225,11 +225,15 @@ def plan(cfg: dict[str, Any], stages: list, splits) -> dict[str, Any]:
 
 
 def used_batches(n_train: int, batch: int, world: int, trainer: dict[str, Any]) -> int:
-    """Training batches per epoch in each process, as Lightning counts them: the process's batches (its
-    DistributedSampler pads the split to a multiple of the processes), cut by ``limit_train_batches`` (an int:
-    at most that many; a float: that fraction, rounded down)."""
-    batches = math.ceil(math.ceil(n_train / world) / batch)
-    limit = trainer.get("limit_train_batches")
+    """Training batches per epoch in each process, as Lightning counts them (:func:`limited_batches`)."""
+    return limited_batches(n_train, batch, world, trainer.get("limit_train_batches"))
+
+
+def limited_batches(n: int, batch: int, world: int, limit: Any) -> int:
+    """Batches per epoch in each process of a split of ``n`` examples, as Lightning counts them: the process's
+    batches (its DistributedSampler pads the split to a multiple of the processes), cut by a
+    ``trainer.limit_*_batches`` (an int: at most that many; a float: that fraction, rounded down)."""
+    batches = math.ceil(math.ceil(n / world) / batch)
     if isinstance(limit, int) and not isinstance(limit, bool):
         batches = min(batches, limit)
     elif isinstance(limit, float):

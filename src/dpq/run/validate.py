@@ -14,6 +14,7 @@ when the config states ``task.num_labels``, and again with the data's count and 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -24,10 +25,12 @@ from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError
 
 from dpq import metrics as task_metrics
 from dpq.core import devices
+from dpq.core.distributed import trainer_world_size
 from dpq.core.errors import ConfigError
 from dpq.data.overlap import POLICIES as OVERLAP_POLICIES
 from dpq.data.sources import check_hub
 from dpq.models import skeleton
+from dpq.run.plan import limited_batches
 from dpq.stages import ModelCheck, Stage, build_stages
 from dpq.stages.prune import warn_idle_ramps
 
@@ -837,9 +840,49 @@ def validate_data(cfg: dict[str, Any], splits, stages: list[Stage] | None = None
             raise ConfigError(
                 "task.num_features", task.get("num_features"), f"the data has {width} features per example"
             )
+    check_batch_limits(cfg, splits)
     if stages is not None:
         check_labels(cfg, stages)
         warn_one_label_splits(task, splits)
+
+
+# Every stage trains on the training split and is measured on validation and test (results.json's rows).
+LIMITED_SPLITS = (
+    (
+        "limit_train_batches",
+        "training",
+        "batch_size",
+        "every stage trains on it (with none, each would end untrained)",
+    ),
+    ("limit_val_batches", "validation", "eval_batch_size", "every stage is measured on it"),
+    ("limit_test_batches", "test", "eval_batch_size", "every stage is measured on it"),
+)
+
+
+def check_batch_limits(cfg: dict[str, Any], splits) -> None:
+    """A ``trainer.limit_*_batches`` that leaves no batch of its split fails now, naming the key. Lightning
+    took 0 as "skip": with no training batch the run finished with every stage untrained and its prune
+    ramps never stepped (sparsity 0), and with no validation or test batch it failed with an IndexError
+    after the first stage's training. A fraction under one batch failed there too, in Lightning's words."""
+    trainer = cfg["trainer"]
+    world = trainer_world_size(trainer)
+    for key, split, size_key, why in LIMITED_SPLITS:
+        limit, n = trainer.get(key), len(getattr(splits, "train" if split == "training" else split))
+        if limit is None or isinstance(limit, bool) or not n:  # an empty split is the data checks' error
+            continue
+        batch = int(cfg["task"][size_key])
+        full = limited_batches(n, batch, world, None)
+        if limited_batches(n, batch, world, limit) == 0:
+            least = (
+                1 if isinstance(limit, int) else math.ceil(1e4 / full) / 1e4
+            )  # a fraction giving one batch
+            per = " in each of its processes" if world > 1 else ""
+            raise ConfigError(
+                f"trainer.{key}",
+                limit,
+                f"leaves no {split} batch (the split has {full} per epoch{per}: {n} examples, "
+                f"task.{size_key}={batch}); {why}: use at least {least}, or 1.0 for all",
+            )
 
 
 def check_folders(cfg: dict[str, Any]) -> None:
