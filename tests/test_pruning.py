@@ -216,3 +216,13 @@ def test_a_ramp_its_update_every_turns_into_one_jump_is_warned_about(
     assert (said in text) if said else not text, text
     if said and schedule == "polynomial":
         assert [t for _, t in ramp.history][:2] == [0.0, 0.5]  # from nothing to the target in one update
+
+
+def test_a_ramp_too_short_for_two_updates_is_told_to_lengthen_the_stage_not_to_update_once():
+    """A 2-step stage (ramp_end 0.75: 1.5 steps) cannot ramp gradually at any update_every; the warning said
+    "update_every=1 would update them 1 times" -- a fix that fixes nothing."""
+    from dpq.prune.callbacks import one_jump
+
+    said = one_jump(2, 2, 0.75)
+    assert "one jump at step 2, its last" in said and "lengthen the stage" in said and "1 times" not in said
+    assert "update_every=1 would update them 3 times" in one_jump(4, 4, 0.75)  # ramp of 3 steps

@@ -86,10 +86,16 @@ def one_jump(total_steps: int, update_every: int, ramp_end: float) -> str | None
         return None
     first, every = min(update_every, total_steps), max(1, int(end) // 4)
     last = ", its last, with no training after" if first >= total_steps else ""
+    n = int(end) // every
+    fix = (
+        f"update_every={every} would update them {n} times along it"
+        if n >= 2
+        else "a gradual ramp needs more steps: lengthen the stage (epochs, max_steps) or its ramp_end"
+    )
     return (
         f"masks are recomputed every update_every={update_every} optimizer steps, but the ramp lasts "
         f"{math.ceil(end)} of the stage's {total_steps} steps (ramp_end={ramp_end:g}): it prunes in one jump at "
-        f"step {first}{last}; update_every={every} would update them {int(end) // every} times along it"
+        f"step {first}{last}; {fix}"
     )
 
 
