@@ -566,6 +566,7 @@ def check_trainer(trainer: dict[str, Any]) -> None:
                 "training length is set per stage (pipeline.stages.<name>.epochs, "
                 "pipeline.stages.<name>.max_steps); each stage's Trainer would override this",
             )
+    check_trainer_numbers(trainer)
     if trainer.get("strategy") is not None or "_target_" not in trainer:
         check_trainer_arguments(trainer)
         return  # distributed launchers set up process groups when built: leave them to the first fit
@@ -599,6 +600,26 @@ def check_trainer(trainer: dict[str, Any]) -> None:
     if not isinstance(built, L.Trainer):
         raise ConfigError("trainer._target_", trainer.get("_target_"), "must build a lightning Trainer")
     check_precision(trainer.get("precision"), built)
+
+
+def check_trainer_numbers(trainer: dict[str, Any]) -> None:
+    """Values a Lightning Trainer accepts when built and mishandles later: ``accumulate_grad_batches=0``
+    failed at the first step (ZeroDivisionError); a negative ``gradient_clip_val`` clipped nothing, silently
+    (Lightning skips clipping at values <= 0)."""
+    acc = trainer.get("accumulate_grad_batches")
+    if acc is not None and (isinstance(acc, bool) or not isinstance(acc, int) or acc < 1):
+        raise ConfigError(
+            "trainer.accumulate_grad_batches",
+            acc,
+            "must be an integer >= 1 (one optimizer step per that many batches)",
+        )
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+        raise ConfigError(
+            "trainer.gradient_clip_val",
+            clip,
+            "must be a number >= 0 (0 or null: no clipping; a negative one clips nothing)",
+        )
 
 
 def check_precision(asked: Any, built) -> None:
