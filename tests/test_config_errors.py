@@ -212,7 +212,12 @@ CASES = [
     ([TINY, "+trainer.warp_speed=9"], "trainer.warp_speed", "9", "is not a lightning.Trainer argument"),
     # Lightning builds a Trainer with these, then fails at the first step / clips nothing, silently
     ([TINY, "+trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches", "0", "integer >= 1"),
-    ([TINY, "trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val", "-1", "a negative one clips nothing"),
+    (
+        [TINY, "trainer.gradient_clip_val=-1"],
+        "trainer.gradient_clip_val",
+        "-1",
+        "a negative one clips nothing",
+    ),
     ([TINY, "cost.device=tpu"], "cost.device", "'tpu'", "must be one of cpu, cuda, auto"),
     (
         [TINY, "cost.latency_process=elsewhere"],
