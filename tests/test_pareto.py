@@ -524,6 +524,16 @@ def test_cli_sweep_id_offline_says_why(tmp_path):
     )
     assert proc.returncode == 2
     assert "needs W&B online" in proc.stderr and "Traceback" not in proc.stderr
+    assert "no such folder; as a W&B sweep" in proc.stderr  # a mistyped a/b/c folder reads as a sweep id
+
+
+def test_an_explicit_wandb_sweep_offline_is_not_called_a_missing_folder(monkeypatch):
+    from dpq.pareto.gather import load_sweep
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(ConfigError, match="needs W&B online") as e:
+        load_sweep("wandb:someone/dpq/abc123")
+    assert "no such folder" not in str(e.value)
 
 
 def test_cli_refuses_a_named_baseline_no_run_has_and_an_output_folder_it_cannot_make(tmp_path, capsys):

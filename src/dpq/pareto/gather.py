@@ -185,10 +185,14 @@ def load_sweep(spec: str, progress: bool = True) -> list[tuple[dict, str]]:
     if not m:
         raise ConfigError("inputs", spec, "a W&B sweep id looks like entity/project/sweep_id")
     if not wandb_online():
+        # a mistyped folder looks like a sweep id too (a/b/c): say both readings
+        folder = (
+            "" if spec.startswith("wandb:") else "no such folder; as a W&B sweep (entity/project/sweep_id), "
+        )
         raise ConfigError(
             "inputs",
             spec,
-            "reading a W&B sweep needs W&B online (WANDB_API_KEY or `wandb login`, "
+            f"{folder}reading a W&B sweep needs W&B online (WANDB_API_KEY or `wandb login`, "
             "WANDB_MODE not offline); offline, pass the sweep's run folders instead",
         )
     import tempfile
