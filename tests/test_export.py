@@ -534,3 +534,18 @@ def test_export_threads_auto_is_pytorchs_thread_count():
     for bad in (0, -3, "two", True):
         with pytest.raises(ConfigError, match="export.threads"):
             session_threads(bad)
+
+
+def test_a_folder_of_runs_given_as_a_run_says_to_pass_its_runs(tmp_path):
+    """``python -m dpq.export <study folder>`` named only the missing results.json; the runs are one level down."""
+    from dpq.export.finished import read_results
+
+    for name in ("dq-s42", "dpq-s42"):
+        (tmp_path / "study" / name).mkdir(parents=True)
+        (tmp_path / "study" / name / "results.json").write_text(json.dumps({"status": "completed"}))
+    with pytest.raises(ConfigError, match=r"holds 2 run folder\(s\), e\.g\. .*dpq-s42: pass those") as e:
+        read_results(tmp_path / "study")
+    assert str(tmp_path / "study") + "/*/" in str(e.value)
+    with pytest.raises(ConfigError, match="holds no readable results.json") as e:
+        read_results(tmp_path / "nothing")
+    assert "run folder" not in str(e.value)

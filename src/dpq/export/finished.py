@@ -28,7 +28,13 @@ def read_results(run_dir: Path) -> dict:
     try:
         results = json.loads((run_dir / "results.json").read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError("RUN_DIR", str(run_dir), f"holds no readable results.json ({e})") from None
+        runs = sorted(run_dir.glob("*/results.json")) if run_dir.is_dir() else []
+        hint = (  # a study's or multirun's folder: its runs are one level down
+            f"; it holds {len(runs)} run folder(s), e.g. {runs[0].parent}: pass those ({run_dir}/*/)"
+            if runs
+            else ""
+        )
+        raise ConfigError("RUN_DIR", str(run_dir), f"holds no readable results.json ({e}){hint}") from None
     if results.get("status") != "completed" or not results.get("model_dir"):
         raise ConfigError(
             "RUN_DIR",
