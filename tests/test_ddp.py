@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -145,6 +146,35 @@ def test_ddp_trainer_configs_build_a_ddp_strategy(make_cfg, name, backend, devic
     if name == "ddp_cpu":  # builds (does not launch: launching happens at fit)
         trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=1, logger=False)
         assert trainer.world_size == 2 and isinstance(trainer.strategy, DDPStrategy)
+
+
+@pytest.mark.parametrize("rank, said", [(None, True), ("0", True), ("1", False)])
+def test_the_config_checks_warnings_are_said_by_rank_zero_only(tmp_path, monkeypatch, caplog, rank, said):
+    """Lightning's launcher starts rank 1 with the run's own command: it makes every config and data check
+    again, and said each warning a second time. Rank 1 still fails on an error (below)."""
+    sys.path.insert(0, str(HERE))
+    from conftest import compose_cfg
+    from omegaconf import open_dict
+
+    from dpq.core.errors import ConfigError
+    from dpq.train import train
+
+    for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    if rank is not None:
+        monkeypatch.setenv("LOCAL_RANK", rank)
+    warns = ["pipeline=dq", "pipeline.stages.quantize.bits=8"]  # validate: 8-bit weight-only export warning
+    c = compose_cfg(tmp_path, ["experiment=tiny", *warns, "dry_run=true"])
+    with open_dict(c):
+        c.paths.output_dir = str(tmp_path / "dry")
+    with caplog.at_level("INFO"):
+        train(c)
+    assert any("weight-only codes export" in r.getMessage() for r in caplog.records) == said
+    assert logging.getLogger("dpq").level == logging.NOTSET  # restored after the checks
+    with pytest.raises(ConfigError, match="trainer.limit_val_batches=0"):
+        train(
+            compose_cfg(tmp_path, ["experiment=tiny", *warns, "dry_run=true", "trainer.limit_val_batches=0"])
+        )
 
 
 # ---- slow: a real 2-process run ---------------------------------------------------------------

@@ -20,6 +20,7 @@ import lightning as L
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dpq.core.distributed import warnings_on_rank_zero
 from dpq.core.errors import ConfigError, IntegrityError, TrainingDiverged
 from dpq.core.provenance import capture_git
 from dpq.data import labelled, load_task
@@ -59,13 +60,14 @@ def train(cfg: DictConfig) -> dict:
     if resume_from:  # continue that run: its own resolved config, its own folder, its hub models' commits
         cfg_dict = load_run_config(resume_from)
         pin_hub_commits(cfg_dict, recorded_hub_commits(resume_from))
-    stages = validate(cfg_dict)  # config errors surface here, before anything heavy
-    check_folders(cfg_dict)  # the run's folder and the caches can be written
-    # Bad data (missing file, empty split, missing column, empty text, unknown label) fails here. The data's
-    # labels (count, names) complete the task config that the label checks and the models use.
-    splits = load_task(cfg_dict["task"])
-    cfg_dict["task"] = labelled(cfg_dict["task"], splits)
-    validate_data(cfg_dict, splits, stages)
+    with warnings_on_rank_zero():  # each DDP rank makes these checks again
+        stages = validate(cfg_dict)  # config errors surface here, before anything heavy
+        check_folders(cfg_dict)  # the run's folder and the caches can be written
+        # Bad data (missing file, empty split, missing column, empty text, unknown label) fails here. The data's
+        # labels (count, names) complete the task config that the label checks and the models use.
+        splits = load_task(cfg_dict["task"])
+        cfg_dict["task"] = labelled(cfg_dict["task"], splits)
+        validate_data(cfg_dict, splits, stages)
     if cfg_dict.get("dry_run"):  # every check above passed: say what would run, train nothing
         result = plan.plan(cfg_dict, stages, splits)
         plan.print_plan(result, f"dry run of {cfg_dict['run_name']} ({cfg_dict['pipeline']['name']})")

@@ -6,12 +6,13 @@ stage loop can plan (which cached stages to skip) identically on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,6 +75,23 @@ def process_rank() -> tuple[int, int]:
         if os.environ.get(var) not in (None, ""):
             return int(os.environ[var]), world
     return int(os.environ.get("LOCAL_RANK") or 0) + int(os.environ.get("NODE_RANK") or 0), world
+
+
+@contextlib.contextmanager
+def warnings_on_rank_zero(logger: str = "dpq") -> Iterator[None]:
+    """Within: ``logger``'s warnings are said by rank 0 only (errors by every rank). Lightning's DDP launcher
+    starts each other rank with the run's own command, so every rank makes the config and data checks again,
+    and each said their warnings (one line per process for one config)."""
+    if process_rank()[0] == 0:
+        yield
+        return
+    lg = logging.getLogger(logger)
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
 
 
 def _launch_id() -> str | None:
