@@ -186,6 +186,23 @@ def test_a_resume_folder_that_does_not_exist_is_refused_from_the_command_line(tm
         assert err.value.key == "resume" and err.value.value == str(tmp_path / "rnu")
 
 
+def test_resuming_a_multirun_folder_or_a_finished_run_without_checkpoints_says_what_it_is(tmp_path):
+    """Both held no checkpoints/run.json and got only "only a run started with checkpoint.enabled=true can be
+    resumed": the multirun's runs are one level down; a finished run (checkpoints removed) has nothing left."""
+    for job in ("0", "1"):
+        (tmp_path / "multi" / job / "checkpoints").mkdir(parents=True)
+        (tmp_path / "multi" / job / "checkpoints" / "run.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"holds 2 run folder\(s\) that can be, e.g. .*multi/0: pass one"):
+        resume.load_run_config(tmp_path / "multi")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "results.json").write_text('{"status": "completed"}')
+    with pytest.raises(ConfigError, match="the run finished, nothing is left to resume"):
+        resume.load_run_config(tmp_path / "done")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ConfigError, match=r"checkpoint.enabled=true can be resumed$"):
+        resume.load_run_config(tmp_path / "other")
+
+
 def test_resume_refuses_overrides_that_would_change_the_run():
     resume.check_resume_overrides("out/run", ["resume=out/run", "hydra.verbose=true"])
     with pytest.raises(ConfigError) as err:

@@ -361,11 +361,20 @@ def load_run_config(folder) -> dict:
         )
     run_file = checkpoints_dir(path) / RUN_FILE
     if not run_file.exists():
+        runs = sorted(p.parent.parent for p in path.glob(f"*/{CHECKPOINTS}/{RUN_FILE}"))
+        if runs:  # a multirun's or study's folder: its runs are one level down
+            hint = f"; it holds {len(runs)} run folder(s) that can be, e.g. {runs[0]}: pass one of those"
+        elif (
+            path / "results.json"
+        ).exists():  # a finished run whose checkpoints were removed (committed runs)
+            hint = "; its results.json is there: the run finished, nothing is left to resume"
+        else:
+            hint = ""
         raise ConfigError(
             "resume",
             str(folder),
             f"holds no dpq checkpoints ({CHECKPOINTS}/{RUN_FILE} is missing); only a run "
-            "started with checkpoint.enabled=true can be resumed",
+            f"started with checkpoint.enabled=true can be resumed{hint}",
         )
     try:
         cfg = json.loads(run_file.read_text())["config"]
