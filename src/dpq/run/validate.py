@@ -867,17 +867,12 @@ def validate_data(cfg: dict[str, Any], splits, stages: list[Stage] | None = None
         warn_one_label_splits(task, splits)
 
 
-# Every stage trains on the training split and is measured on validation and test (results.json's rows).
-LIMITED_SPLITS = (
-    (
-        "limit_train_batches",
-        "training",
-        "batch_size",
-        "every stage trains on it (with none, each would end untrained)",
-    ),
-    ("limit_val_batches", "validation", "eval_batch_size", "every stage is measured on it"),
-    ("limit_test_batches", "test", "eval_batch_size", "every stage is measured on it"),
-)
+# trainer key -> the split it limits and the task's batch size for it
+LIMITED_SPLITS = {
+    "limit_train_batches": ("train", "batch_size"),
+    "limit_val_batches": ("validation", "eval_batch_size"),
+    "limit_test_batches": ("test", "eval_batch_size"),
+}
 
 
 def check_batch_limits(cfg: dict[str, Any], splits) -> None:
@@ -887,23 +882,27 @@ def check_batch_limits(cfg: dict[str, Any], splits) -> None:
     after the first stage's training. A fraction under one batch failed there too, in Lightning's words."""
     trainer = cfg["trainer"]
     world = trainer_world_size(trainer)
-    for key, split, size_key, why in LIMITED_SPLITS:
-        limit, n = trainer.get(key), len(getattr(splits, "train" if split == "training" else split))
+    for key, (split, size_key) in LIMITED_SPLITS.items():
+        limit, n = trainer.get(key), len(getattr(splits, split))
         if limit is None or isinstance(limit, bool) or not n:  # an empty split is the data checks' error
             continue
         batch = int(cfg["task"][size_key])
         full = limited_batches(n, batch, world, None)
-        if limited_batches(n, batch, world, limit) == 0:
-            least = (
-                1 if isinstance(limit, int) else math.ceil(1e4 / full) / 1e4
-            )  # a fraction giving one batch
-            per = " in each of its processes" if world > 1 else ""
-            raise ConfigError(
-                f"trainer.{key}",
-                limit,
-                f"leaves no {split} batch (the split has {full} per epoch{per}: {n} examples, "
-                f"task.{size_key}={batch}); {why}: use at least {least}, or 1.0 for all",
-            )
+        if limited_batches(n, batch, world, limit) > 0:
+            continue
+        least = 1 if isinstance(limit, int) else math.ceil(1e4 / full) / 1e4  # the fraction that keeps one
+        why = (
+            "every stage trains on it (with none, each would end untrained)"
+            if split == "train"
+            else "every stage is measured on it"
+        )
+        raise ConfigError(
+            f"trainer.{key}",
+            limit,
+            f"leaves no {'training' if split == 'train' else split} batch (the split has {full} per epoch"
+            f"{' in each of its processes' if world > 1 else ''}: {n} examples, task.{size_key}={batch}); "
+            f"{why}: use at least {least}, or 1.0 for all",
+        )
 
 
 def check_folders(cfg: dict[str, Any]) -> None:
