@@ -164,6 +164,25 @@ def test_a_resumed_run_loads_the_commits_it_started_with(hub, here):
     assert resumed["hub_commits"] == {"teacher": A}
 
 
+def test_a_ddp_rank_started_after_rank_zero_loads_the_commits_rank_zero_recorded(hub, here, monkeypatch):
+    """Lightning's launcher starts rank 1 during rank 0's first stage, with the run's own command: it resolved
+    the branch again, and a branch moved in between gave the ranks different teachers and tokenizers."""
+    from pathlib import Path
+
+    from dpq.run.resume import claim_output_dir
+
+    cfg = compose_cfg(here, [*HUB_TEACHER, "dry_run=true"])
+    claim_output_dir(Path(cfg.paths.output_dir), {}, None, {"teacher": A})  # rank 0's record, main at A
+    hub(B)  # main moved before rank 1 started
+    for k in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert train(cfg)["hub_commits"] == {"teacher": A}
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    hub(B)  # a fresh process
+    assert train(cfg)["hub_commits"] == {"teacher": B}  # rank 0 (or one process) resolves the branch
+
+
 @pytest.mark.parametrize(
     "overrides, key, says",
     [

@@ -20,7 +20,7 @@ import lightning as L
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dpq.core.distributed import warnings_on_rank_zero
+from dpq.core.distributed import process_rank, warnings_on_rank_zero
 from dpq.core.errors import ConfigError, IntegrityError, TrainingDiverged
 from dpq.core.provenance import capture_git
 from dpq.data import labelled, load_task
@@ -60,6 +60,11 @@ def train(cfg: DictConfig) -> dict:
     if resume_from:  # continue that run: its own resolved config, its own folder, its hub models' commits
         cfg_dict = load_run_config(resume_from)
         pin_hub_commits(cfg_dict, recorded_hub_commits(resume_from))
+    elif process_rank()[0] != 0:
+        # A DDP rank that Lightning's launcher started during rank 0's first stage, after rank 0 recorded its
+        # hub models' commits in the folder they share: the same commits, wherever a branch points by now
+        # (under launchers that start every rank at once there is no record yet: each rank resolves its own).
+        pin_hub_commits(cfg_dict, recorded_hub_commits(cfg_dict["paths"]["output_dir"]))
     with warnings_on_rank_zero():  # each DDP rank makes these checks again
         stages = validate(cfg_dict)  # config errors surface here, before anything heavy
         check_folders(cfg_dict)  # the run's folder and the caches can be written
