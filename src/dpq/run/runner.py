@@ -311,6 +311,7 @@ class Runner:
             state.records,
             title=f"dpq {cfg['run_name']} -> {ctx.output_dir / 'results.json'}",
             primary=primary_metric(cfg["task"]),
+            caption=records.deployed_caption(results["final"]),
         )
         if (
             ctx.tracker is not None
