@@ -106,6 +106,24 @@ def test_text_batches_are_padded_and_carry_labels_and_index(make_cfg):
     assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 16
 
 
+@pytest.mark.parametrize("max_length, level", [(16, "WARNING"), (128, "INFO")])
+def test_how_many_training_texts_max_length_cuts_is_said(make_cfg, caplog, max_length, level):
+    """The tokenizer truncates silently; a run says how many training examples fill max_length, as a
+    warning from 10% (rotten_tomatoes: 84% at 16 tokens, none at 128)."""
+    cfg = make_cfg()
+    splits = load_task(task(make_cfg))
+    dm = ClassificationDataModule(splits, load_tokenizer(dict(cfg.teacher)), max_length=max_length)
+    cut, n = dm.cut_by_max_length()
+    lengths = [len(x) for x in dm._encoded["train"].with_format(None)["input_ids"]]
+    assert n == len(splits.train) and cut == sum(t == max_length for t in lengths)
+    assert max(lengths) <= max_length
+    with caplog.at_level("INFO", logger="dpq.data.datamodule"):
+        dm.say_cut()
+    (rec,) = [r for r in caplog.records if "task.max_length=" in r.getMessage()]
+    assert rec.levelname == level and f"{cut} of {n} training examples" in rec.getMessage()
+    assert (cut / n > 0.5) if level == "WARNING" else cut == 0
+
+
 def test_digits(make_cfg):
     splits = load_task(task(make_cfg, "experiment=digits"))
     assert sum(splits.sizes().values()) == 1797 and splits.num_labels == 10

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from dpq.data.tasks import TaskSplits
+
+log = logging.getLogger(__name__)
+CUT_WARN = 0.10  # of the training examples: max_length cutting more than this is said as a warning
 
 
 def image_batch(rows: list[dict], mean, std) -> dict:
@@ -93,6 +98,32 @@ class ClassificationDataModule(L.LightningDataModule):
             else:
                 ds = ds.with_format("torch")
             self._encoded[split] = ds
+
+    def cut_by_max_length(self) -> tuple[int, int]:
+        """``(cut, n)``: training examples whose tokens fill ``max_length`` (cut there, or exactly that
+        long), of ``n``. (0, 0) for tasks without text."""
+        if self.splits.kind != "text":
+            return 0, 0
+        self.setup()
+        lengths = [len(ids) for ids in self._encoded["train"].with_format(None)["input_ids"]]
+        return sum(n >= self.max_length for n in lengths), len(lengths)
+
+    def say_cut(self) -> None:
+        """How many training texts ``task.max_length`` cuts, said once as a run starts: the tokenizer
+        truncates without a word, and a short max_length (chosen for speed) trains and measures on the
+        first words only (rotten_tomatoes: 0.1% at 64 tokens, 33% at 32, 84% at 16)."""
+        cut, n = self.cut_by_max_length()
+        if not n:
+            return
+        share = cut / n
+        said = (
+            f"task.max_length={self.max_length}: {cut} of {n} training examples ({share:.1%}) fill it "
+            "(cut there, or exactly that long)"
+        )
+        if share >= CUT_WARN:
+            log.warning("%s; a larger max_length keeps the rest of their words", said)
+        else:
+            log.info("%s", said)
 
     def _collate(self, rows: list[dict]) -> dict:
         if self.splits.kind == "image":

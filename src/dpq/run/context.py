@@ -81,6 +81,8 @@ class RunContext:
         under ``<run>/provenance/`` before any training, and reported in results.json."""
         task = cfg["task"]
         data = ClassificationDataModule.for_task(splits, tokenizer, task)
+        if is_global_zero():
+            data.say_cut()
         output_dir.mkdir(parents=True, exist_ok=True)
         git = git if git is not None else capture_git()
         earlier = records.git_starts(output_dir)
