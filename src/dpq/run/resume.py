@@ -361,12 +361,12 @@ def load_run_config(folder) -> dict:
         )
     run_file = checkpoints_dir(path) / RUN_FILE
     if not run_file.exists():
+        # A multirun's or study's folder holds its runs one level down; a finished run whose checkpoints
+        # were removed (the committed study runs) still has its results.json.
         runs = sorted(p.parent.parent for p in path.glob(f"*/{CHECKPOINTS}/{RUN_FILE}"))
-        if runs:  # a multirun's or study's folder: its runs are one level down
+        if runs:
             hint = f"; it holds {len(runs)} run folder(s) that can be, e.g. {runs[0]}: pass one of those"
-        elif (
-            path / "results.json"
-        ).exists():  # a finished run whose checkpoints were removed (committed runs)
+        elif (path / "results.json").exists():
             hint = "; its results.json is there: the run finished, nothing is left to resume"
         else:
             hint = ""
