@@ -47,6 +47,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.max_length, self.batch_size, self.eval_batch_size = max_length, batch_size, eval_batch_size
         self.num_workers, self.group_by_length = num_workers, group_by_length
         self._encoded: dict = {}
+        self._train_lengths: list[int] | None = None
 
     @classmethod
     def for_task(
@@ -104,9 +105,15 @@ class ClassificationDataModule(L.LightningDataModule):
         long), of ``n``. (0, 0) for tasks without text."""
         if self.splits.kind != "text":
             return 0, 0
-        self.setup()
-        lengths = [len(ids) for ids in self._encoded["train"].with_format(None)["input_ids"]]
+        lengths = self.train_lengths()
         return sum(n >= self.max_length for n in lengths), len(lengths)
+
+    def train_lengths(self) -> list[int]:
+        """Tokens per training example after the cut (for length grouping and :meth:`cut_by_max_length`)."""
+        self.setup()
+        if self._train_lengths is None:
+            self._train_lengths = [len(ids) for ids in self._encoded["train"].with_format(None)["input_ids"]]
+        return self._train_lengths
 
     def say_cut(self) -> None:
         """How many training texts ``task.max_length`` cuts, said once as a run starts: the tokenizer
@@ -152,8 +159,7 @@ class ClassificationDataModule(L.LightningDataModule):
             # similar lengths pad less, which roughly halves a CPU step on short sentences.
             from transformers.trainer_pt_utils import LengthGroupedSampler
 
-            self.setup()
-            lengths = [len(ids) for ids in self._encoded["train"].with_format(None)["input_ids"]]
+            lengths = self.train_lengths()
             gen = torch.Generator().manual_seed(
                 int(torch.randint(0, 2**31 - 1, (1,)))
             )  # follows the stage's seed
