@@ -274,9 +274,8 @@ def load_tokenizer(spec: dict, key: str = "teacher"):
     from transformers import AutoTokenizer
 
     ref = spec.get("tokenizer")
-    if not ref or isinstance(
-        ref, Mapping
-    ):  # the model's own (at the model's revision), or a block of its own
+    # The model's own tokenizer (at the model's revision), or a block of its own; else a path or hub id.
+    if not ref or isinstance(ref, Mapping):
         own, where = (spec, key) if not ref else (_as_spec(ref), f"{key}.tokenizer")
         path, revision = resolve_pretrained(own, where), pretrained_revision(own, where)
     else:
