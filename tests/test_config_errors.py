@@ -44,6 +44,7 @@ CASES = [
         "'onlin'",
         "must be one of auto, online, offline",
     ),
+    ([TINY, "task.integer_labels=ratings"], "task.integer_labels", "'ratings'", "must be one of ids, names"),
     # a position table shorter than the run's inputs: the export would fail after training
     ([TINY, "export.max_positions=10"], "export.max_positions", "10", "must be at least"),
     # stage order and stage names

@@ -395,7 +395,7 @@ def test_text_files_tsv_globs_saved_and_data_folders_are_read_and_nothing_else(h
     assert splits.source == "files:folder" and splits.sizes() == {"train": 27, "validation": 3, "test": 30}
 
 
-def test_label_order_and_count_are_as_stated_or_as_the_data_says(here):
+def test_label_order_and_count_are_as_stated_or_as_the_data_says(here, caplog):
     rows = tickets(40, 0)
     write(here / "data" / "names.csv", rows)
     write(here / "data" / "ids.csv", [{**r, "priority": 2 + (r["priority"] == "urgent")} for r in rows])
@@ -404,10 +404,35 @@ def test_label_order_and_count_are_as_stated_or_as_the_data_says(here):
     assert load_task(task_of(here, "task=names")).label_names == ["routine", "urgent"]  # sorted
     with pytest.raises(ConfigError, match=r"task.num_labels=3: the data has 2 labels \(routine, urgent\)"):
         load_task(task_of(here, "task=names", "task.num_labels=3"))
-    # Class ids: the count is max + 1 unless stated; label_names names them.
+    # Class ids: the count is max + 1 unless stated (ids 0 and 1 that no example has are warned about, once);
+    # label_names names them.
     conf_file(here, "task", "ids", task_yaml("ids", "  data_files: {train: data/ids.csv}", COLUMNS))
-    splits = load_task(task_of(here, "task=ids"))
-    assert splits.num_labels == 4 and splits.label_names == ["0", "1", "2", "3"]
+    with caplog.at_level("WARNING", logger="dpq.data.labels"):
+        splits = load_task(task_of(here, "task=ids"))
+        assert splits.num_labels == 4 and splits.label_names == ["0", "1", "2", "3"]
+        said = [r.getMessage() for r in caplog.records if r.name == "dpq.data.labels"]
+        assert len(said) == 1 and "class ids run 2..3 and 0, 1 never occur in it" in said[0], said
+        assert "4 outputs for 2 classes with examples" in said[0] and "task.integer_labels=names" in said[0]
+        caplog.clear()
+        assert load_task(task_of(here, "task=ids", "task.num_labels=4")).num_labels == 4  # stated: unwarned
+        assert not [r for r in caplog.records if r.name == "dpq.data.labels"]
+    # Integers that are values, not ids: names in numeric order (10 after 2), ids 0..k-1; -1 is a name too.
+    splits = load_task(task_of(here, "task=ids", "task.integer_labels=names"))
+    assert splits.num_labels == 2 and splits.label_names == ["2", "3"]
+    urgent = {r["message"] for r in rows if r["priority"] == "urgent"}
+    assert [splits.label_names[y] for y in splits.train["label"]] == [
+        "3" if m in urgent else "2" for m in splits.train["text"]
+    ]
+    polar = [{**r, "priority": [-1, 2, 10][i % 3]} for i, r in enumerate(rows)]
+    write(here / "data" / "polar.csv", polar)
+    conf_file(here, "task", "polar", task_yaml("polar", "  data_files: {train: data/polar.csv}", COLUMNS))
+    with pytest.raises(ConfigError, match="has label -1; class ids start at 0 .task.integer_labels=names"):
+        load_task(task_of(here, "task=polar"))
+    assert load_task(task_of(here, "task=polar", "task.integer_labels=names")).label_names == [
+        "-1",
+        "2",
+        "10",
+    ]
     splits = load_task(task_of(here, "task=ids", "task.label_names=[a,b,routine,urgent]"))
     assert splits.label_names == ["a", "b", "routine", "urgent"]
     assert {splits.label_names[y] for y in splits.train["label"]} == {"routine", "urgent"}

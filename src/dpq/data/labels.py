@@ -2,7 +2,8 @@
 
 The order of the classes (class id i is ``label_names[i]``) is ``task.label_names`` when given,
 else the data's own ``ClassLabel`` names (hub datasets), else the sorted string labels of the
-train split, else the ids 0..max. ``task.num_labels`` may be left out: the data says it. A
+train split, else the ids 0..max (``task.integer_labels=names``: integers such as ratings 1..5 are
+names, in numeric order). ``task.num_labels`` may be left out: the data says it. A
 label the order does not know -- outside ``label_names``, an id outside ``num_labels``, or (when
 the label set is inferred from train) a validation/test label that train lacks -- is a
 :class:`ConfigError` naming the label, its row and its file. Checks run on Arrow arrays, so a
@@ -11,12 +12,18 @@ large split costs no per-row Python loop.
 
 from __future__ import annotations
 
+import logging
+
 import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from dpq.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+# What integer labels are: class ids (0..n-1) or names (values such as ratings 1..5, classes in numeric order)
+INTEGER_LABELS = ("ids", "names")
 
 
 def _values(ds: datasets.Dataset) -> pa.ChunkedArray:
@@ -81,13 +88,18 @@ def encode(parts: dict, task: dict, class_label: bool) -> tuple[dict, list[str]]
     own = {
         tuple(p.data.features["label"].names) for s, p in parts.items() if kinds[s] == "classlabel"
     }  # the data's own ClassLabel names
+    integer = task.get("integer_labels") or "ids"
+    if integer not in INTEGER_LABELS:
+        raise ConfigError("task.integer_labels", integer, f"must be one of {', '.join(INTEGER_LABELS)}")
+    numeric = integer == "names" and set(kinds.values()) == {"ids"}
     if (
         "names" in kinds.values()
+        or numeric
         or len(own) > 1
         or (own and stated is not None and list(own)[0] != tuple(stated))
     ):
         parts = {s: _as_names(p, kinds[s]) for s, p in parts.items()}
-        return _encode_names(parts, stated, column)
+        return _encode_names(parts, stated, column, numeric)
     if own:
         names = list(own.pop())
         _check_ids(parts, len(names), "task.label_column", column)
@@ -95,9 +107,13 @@ def encode(parts: dict, task: dict, class_label: bool) -> tuple[dict, list[str]]
     return _encode_ids(parts, task, stated, column, class_label)
 
 
-def _encode_names(parts: dict, stated: list[str] | None, column: str) -> tuple[dict, list[str]]:
+def _encode_names(
+    parts: dict, stated: list[str] | None, column: str, numeric: bool = False
+) -> tuple[dict, list[str]]:
     train = parts["train"]
-    names = stated or sorted(str(v) for v in pc.unique(_values(train.data)).to_pylist())
+    names = stated or sorted(
+        (str(v) for v in pc.unique(_values(train.data)).to_pylist()), key=int if numeric else None
+    )
     allowed = pa.array(names, type=pa.string())
     for split, part in parts.items():
         values = _values(part.data)
@@ -133,10 +149,30 @@ def _encode_ids(
             raise ConfigError(
                 "task.label_column",
                 column,
-                f"row {i + 1} of {parts['train'].where} has label {low}; class ids start at 0",
+                f"row {i + 1} of {parts['train'].where} has label {low}; class ids start at 0 "
+                "(task.integer_labels=names reads integers such as -1/1 as names)",
             )
         n = int(pc.max(train).as_py()) + 1
         seen = pc.unique(train)
+        if len(seen) < n:  # a class no training example has: its output is never trained towards
+            unseen = sorted(set(range(n)) - set(seen.to_pylist()))
+            listed = ", ".join(map(str, unseen[:12])) + (", ..." if len(unseen) > 12 else "")
+            log.warning(
+                "task.label_column=%s: the train split's class ids run %d..%d and %s never %s in it (%s), so "
+                "the model gets %d outputs for %d classes with examples. Integers that are not ids counted "
+                "from 0 (ratings 1..5, polarity 1/2) are names: task.integer_labels=names makes them classes "
+                "0..%d in numeric order; task.num_labels=%d keeps the classes without examples, unwarned",
+                column,
+                low,
+                n - 1,
+                listed,
+                "occurs" if len(unseen) == 1 else "occur",
+                parts["train"].where,
+                n,
+                len(seen),
+                len(seen) - 1,
+                n,
+            )
         for split, part in parts.items():
             values = _values(part.data)
             i = _first(pc.invert(pc.is_in(values, value_set=seen)))

@@ -48,6 +48,7 @@ IGNORED_KEYS = BOOKKEEPING_KEYS | {"seed"}
 # with a default goes here (tests/test_pareto.py compares today's config with a committed run's).
 ADDED_LATER = {
     "task.overlap": "warn",
+    "task.integer_labels": "ids",
     "export.compact": False,
     "teacher.revision": None,
     "model.revision": None,

@@ -27,6 +27,7 @@ from dpq import metrics as task_metrics
 from dpq.core import devices
 from dpq.core.distributed import trainer_world_size
 from dpq.core.errors import ConfigError
+from dpq.data.labels import INTEGER_LABELS
 from dpq.data.overlap import POLICIES as OVERLAP_POLICIES
 from dpq.data.sources import check_hub
 from dpq.models import skeleton
@@ -61,7 +62,8 @@ RUN_KEYS = {
 # dpq.models reads of a model or teacher: a misspelt `+task.max_lenght=32` would otherwise run at 64.
 RUN_KEYS["task"] = (
     "batch_size", "embedded", "eval_batch_size", "features_column", "files", "group_by_length", "hub",
-    "image_column", "image_shape", "kind", "label_column", "label_names", "max_length", "metrics", "name",
+    "image_column", "image_shape", "integer_labels", "kind", "label_column", "label_names", "max_length", "metrics",
+    "name",
     "normalize", "num_features", "num_labels", "offline", "online", "overlap", "positive_label",
     "primary_metric", "source", "split", "subsample", "text_column", "text_pair_column",
 )  # fmt: skip
@@ -407,6 +409,12 @@ def check_run_keys(cfg: dict[str, Any]) -> None:
     check_hub(task.get("hub"))  # read only when the hub is used: checked here, before any network
     if task.get("overlap", "warn") not in OVERLAP_POLICIES:  # dpq.data.overlap says it again with the data
         raise ConfigError("task.overlap", task["overlap"], f"must be one of {', '.join(OVERLAP_POLICIES)}")
+    if (
+        task.get("integer_labels") or "ids"
+    ) not in INTEGER_LABELS:  # dpq.data.labels says it again with the data
+        raise ConfigError(
+            "task.integer_labels", task["integer_labels"], f"must be one of {', '.join(INTEGER_LABELS)}"
+        )
     if task.get("kind") == "text" and task.get("max_length") is not None:
         _int("task.max_length", task["max_length"], 1, " (tokens per example) or null")
     c = cfg.get("cost") or {}
