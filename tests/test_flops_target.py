@@ -186,3 +186,70 @@ def test_heads_and_neurons_compete_on_importance_per_element_not_on_group_size(n
     heads_gone = sum(int((~kept[s.name]).sum()) for s in sets if s.kind == "heads")
     neurons_gone = sum(int((~kept[s.name]).sum()) for s in sets if s.kind == "neurons")
     assert heads_gone == 0 and neurons_gone > 0
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.05])
+def test_a_flops_target_min_keep_puts_out_of_reach_raises_instead_of_stopping_above_it(keep):
+    """Every group but min_keep=1 per layer gone still leaves ~0.11 of the tiny BERT's FLOPs (embeddings,
+    pooler, one head and one neuron per layer): the selection stopped there and returned a model above the
+    target with no word."""
+    m, targets, sets, total, costs = _setup(keep)
+    smallest = structured.min_flops_fraction(sets, costs, total, 1)
+    assert keep < smallest < 0.2
+    scores = {n: torch.rand(m.get_submodule(n).weight.shape) for n in targets}
+    with pytest.raises(ValueError, match=rf"min_keep=1.*keeps at least {smallest:.4f}"):
+        structured.select_groups(sets, scores, 1 - keep, scope="flops", costs=costs, flops_total=total)
+    kept = structured.select_groups(  # the smallest reachable target itself is met: every group but one
+        sets, scores, 1 - smallest, scope="flops", costs=costs, flops_total=total
+    )
+    assert all(int(k.sum()) == 1 for k in kept.values())
+
+
+def _stage(flops_target: float, min_keep: int = 1):
+    from dpq.stages.prune import PruneConfig, PruneStage
+
+    cfg = PruneConfig(granularity="heads+neurons", flops_target=flops_target, min_keep=min_keep)
+    cfg.check("pipeline.stages.prune")
+    return PruneStage("prune", cfg)
+
+
+def test_an_unreachable_flops_target_is_a_config_error_naming_the_key_and_the_smallest_target():
+    from dpq.core.errors import ConfigError
+
+    _, _, sets, total, costs = _setup(0.1)
+    budget = {"costs": costs, "flops_total": total}
+    smallest = structured.min_flops_fraction(sets, costs, total, 1)
+    with pytest.raises(
+        ConfigError, match=rf"pipeline\.stages\.prune\.flops_target=0\.1: .*{smallest:.4f}"
+    ) as e:
+        _stage(0.1).check_flops_reachable(sets, budget)
+    assert "min_keep=1" in str(e.value) and "lower min_keep" not in str(e.value)  # it cannot go below 1
+    suggested = float(str(e.value).split("flops_target >= ")[1].split()[0])
+    assert smallest <= suggested < smallest + 1e-4  # rounded up: the value it suggests is reachable
+    _stage(suggested).check_flops_reachable(sets, budget)
+    _stage(0.2).check_flops_reachable(sets, budget)  # reachable: no error
+    with pytest.raises(ConfigError, match="lower min_keep"):  # two heads and neurons per layer: ~0.21 left
+        _stage(0.2, min_keep=2).check_flops_reachable(sets, budget)
+    # after drop_layers the target is a fraction of the FLOPs before the drop: 0.1 of twice these is reachable
+    _stage(0.1).check_flops_reachable(sets, budget, flops_first=2 * total)
+
+
+def test_a_prune_stage_with_an_unreachable_flops_target_stops_before_it_trains():
+    from types import SimpleNamespace
+
+    from dpq.core.errors import ConfigError
+
+    def fit(*args, **kwargs):
+        raise AssertionError("the ramp trained before the target was checked")
+
+    ctx = SimpleNamespace(
+        ensure_student=lambda state: bert(),
+        model_spec={
+            "prune_targets": r"re:.*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|"
+            r"attention\.output\.dense|intermediate\.dense|output\.dense)"
+        },
+        example_inputs=lambda: INPUTS,
+        fit=fit,
+    )
+    with pytest.raises(ConfigError, match=r"pipeline\.stages\.prune\.flops_target=0\.05"):
+        _stage(0.05).run(SimpleNamespace(masks=None), ctx)

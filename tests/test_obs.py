@@ -577,3 +577,17 @@ def test_a_layer_with_a_negligible_gradient_gets_the_overall_damp_not_an_overflo
     finv = BlockFisherInverse({"b": (4, 4)}, 1, 4, {"b": damp["b"]})
     finv.add_gradient({"b": g["b"]})
     assert torch.isfinite(finv.finv["b"]).all()
+
+
+def test_damp_ratio_is_relative_to_the_mean_g2_over_all_weights_pruned_zeros_included():
+    """The documented meaning (ObsOptions, suggest_damp): masked weights' gradients count as zeros in the mean,
+    so damping_ratio() stays the ratio asked, and against the kept weights alone it is ratio * kept/numel."""
+    g = {"a": torch.arange(1.0, 17.0, dtype=D64).view(4, 4)}
+    mask = {"a": torch.arange(16).view(4, 4) % 4 != 0}  # 12 of 16 kept
+    damp = suggest_damp(g, 1e-2, masks=mask, per_layer=True)["a"]
+    kept_sq = float((g["a"][mask["a"]] ** 2).sum())
+    assert damp == pytest.approx(1e-2 * kept_sq / 16)  # over all 16 weights, not the 12 kept
+    assert damp == pytest.approx(1e-2 * (12 / 16) * kept_sq / 12)
+    finv = BlockFisherInverse({"a": (4, 4)}, 1, 4, damp, dtype=D64)
+    finv.add_gradient(g, masks=mask)
+    assert finv.damping_ratio("a") == pytest.approx(1e-2)

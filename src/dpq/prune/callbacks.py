@@ -195,6 +195,9 @@ class SparsityRamp(_MaskCallback):
         self.scores: Masks = {}  # name -> accumulated float importance since the last mask update
         self.score_steps = 0  # optimizer steps accumulated into ``scores``
         self._resumed = False  # set when Lightning restores this callback from a checkpoint
+        # fp16 steps whose gradients were not finite (the GradScaler skips them): in all, and since the last update
+        self.skipped_steps = 0
+        self._skipped = 0
 
     def target_at(self, step: int, name: str | None = None) -> float:
         final = self.finals.get(name, self.final) if name is not None else self.final
@@ -210,6 +213,22 @@ class SparsityRamp(_MaskCallback):
     def _next_update(self, step: int) -> int:
         return min(self.total_steps, (step // self.update_every + 1) * self.update_every)
 
+    def _skip_non_finite(self, grads: list[torch.Tensor]) -> bool:
+        """True (and counted) when any of this step's gradients holds inf/NaN: with fp16 mixed precision
+        Lightning calls ``on_before_optimizer_step`` after unscaling but before the GradScaler skips such a
+        step, so its gradients must not reach the scores (a NaN score is never pruned) or the Fisher."""
+        dev = grads[0].device if grads else None
+        if not grads or bool(torch.stack([torch.isfinite(g).all().to(dev) for g in grads]).all()):  # one sync
+            return False
+        self.skipped_steps += 1
+        self._skipped += 1
+        log.debug(
+            "%s: step %d has non-finite gradients (a skipped fp16 step): not accumulated",
+            self.name,
+            self._step,
+        )
+        return True
+
     @torch.no_grad()
     def _add_to_fisher(self, model: nn.Module) -> None:
         """obs: the last ``num_grads`` raw gradients before the next update go into the block inverse."""
@@ -220,6 +239,8 @@ class SparsityRamp(_MaskCallback):
             return
         grads = {n: weight_of(model, n).grad for n in self.targets}
         if any(g is None for g in grads.values()):
+            return
+        if self._skip_non_finite(list(grads.values())):
             return
         grads = {n: g.detach().float() for n, g in grads.items()}
         if self._fisher is None:
@@ -245,6 +266,9 @@ class SparsityRamp(_MaskCallback):
         if self.criterion == "obs":
             self._add_to_fisher(model)
             return
+        grads = [g for g in (weight_of(model, n).grad for n in self.score_names) if g is not None]
+        if self._skip_non_finite(grads):  # the whole step, all targets: scores stay sums over the same steps
+            return
         for n in self.score_names:
             w = weight_of(model, n)
             if w.grad is None:
@@ -265,6 +289,25 @@ class SparsityRamp(_MaskCallback):
         }
 
     def _recompute(self, model: nn.Module, step: int) -> None:
+        if self._skipped:
+            if self.criterion != "magnitude" and self.score_steps == 0:
+                log.warning(
+                    "%s: all %d steps accumulated for the mask update at step %d had non-finite gradients "
+                    "(skipped fp16 steps); it ranks by magnitude instead of %s",
+                    self.name,
+                    self._skipped,
+                    step,
+                    self.criterion,
+                )
+            else:
+                log.info(
+                    "%s: %d step(s) with non-finite gradients (skipped fp16 steps) left out of the mask update at "
+                    "step %d",
+                    self.name,
+                    self._skipped,
+                    step,
+                )
+            self._skipped = 0
         scores = self.current_scores(model)
         if self.groups:
             signed = self.criterion == "movement" and self.score_steps > 0
@@ -335,11 +378,13 @@ class SparsityRamp(_MaskCallback):
             lg.log_metrics(metrics, step=step)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.total_steps = int(trainer.estimated_stepping_batches)
-        if not math.isfinite(self.total_steps) or self.total_steps <= 0:
+        # float inf with max_epochs=-1 and no max_steps: check before int(), which would raise OverflowError
+        steps = trainer.estimated_stepping_batches
+        if not math.isfinite(steps) or steps <= 0:
             raise ValueError(
                 "the prune stage needs a finite number of training steps (set epochs or max_steps)"
             )
+        self.total_steps = int(steps)
         if self._resumed:
             # Restored from a checkpoint (at or between mask updates): the restored masks and
             # the scores accumulated since are the state; an extra update here would diverge
@@ -373,7 +418,11 @@ class SparsityRamp(_MaskCallback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         # The stage ends at the final target exactly, even if the last step was not an update step.
-        if self.history and self.history[-1] == (trainer.global_step, self.final):
+        if (
+            self.history
+            and self.history[-1][0] == trainer.global_step
+            and math.isclose(self.history[-1][1], self.final, rel_tol=0.0, abs_tol=1e-12)
+        ):
             return
         self._recompute(self._model(pl_module), self.total_steps)
         self.history.append((trainer.global_step, self.target_at(self.total_steps)))

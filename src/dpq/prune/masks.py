@@ -154,9 +154,11 @@ def mask_sparsity(masks: Masks) -> float:
 
 
 def intersect(a: Masks | None, b: Masks) -> Masks:
+    """Masks kept by both ``a`` and ``b``; a shared name lands on ``b``'s device (masks restored from a
+    snapshot are on the CPU, a ramp's on its weights' device)."""
     if not a:
         return dict(b)
     out = dict(a)
     for n, m in b.items():
-        out[n] = out[n] & m if n in out else m
+        out[n] = out[n].to(m.device) & m if n in out else m
     return out

@@ -52,6 +52,9 @@ class ObsOptions:
     the damping relative to the mean squared gradient of each layer (only that ratio matters;
     the paper's absolute 1e-7 is ~36x the mean g^2 of dpq's MiniLM, which turns the criterion
     into magnitude pruning); ``update`` is the weight compensation (obs | independent | none).
+    The mean runs over all the layer's weights, the pruned ones' zeroed gradients included
+    (:func:`suggest_damp`), so at sparsity s the damping is ``damp_ratio * (1 - s)`` of the kept
+    weights' mean g^2: it weakens along the ramp as fewer weights carry the curvature.
     """
 
     block_size: int = 32
@@ -227,7 +230,13 @@ def suggest_damp(
     :meth:`BlockFisherInverse.damping_ratio` is about ``ratio`` (one sample's mean g^2 is a rough
     estimate of the average over m; use the mean over a few samples if they are at hand).
     ``per_layer=True``: name -> ``ratio * mean(g_name^2)`` (gradient scales differ by >100x
-    between layers of a transformer), for ``BlockFisherInverse(damp=...)``."""
+    between layers of a transformer), for ``BlockFisherInverse(damp=...)``.
+
+    With ``masks`` the pruned weights' gradients count as zeros in the mean (the sum over kept
+    weights divided by all weights), the same mean :meth:`BlockFisherInverse.damping_ratio`
+    divides by, so that ratio stays ``ratio``; relative to the kept weights alone the damping is
+    ``ratio * kept/numel``. Kept so deliberately: dividing by the kept count instead would change
+    every masked OBS update (all but a ramp's first) of existing runs."""
     sq: dict[str, float] = {}
     cnt: dict[str, int] = {}
     for name, g in grads.items():

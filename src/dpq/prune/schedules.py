@@ -45,6 +45,8 @@ def iterative_sparsity(progress: float, initial: float, final: float, iterations
     """
     k = max(1, int(iterations))
     jumps = min(k, math.floor(_clip(progress) * k + 1e-9))  # tolerance: step/end may land a hair below j/k
+    if jumps == k:  # exactly final: (final - initial) * k / k can round a hair above it (0.8 * 3 / 3)
+        return float(final)
     return initial + (final - initial) * jumps / k
 
 

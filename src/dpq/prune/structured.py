@@ -342,7 +342,8 @@ def select_groups(
     and neurons of different sizes compare), never leaving a set with fewer than ``min_keep``.
     ``"flops"`` removes groups, lowest score per FLOP first (``costs``: FLOPs one group of each
     set costs, :func:`group_costs`), until the removed groups cost ``sparsity * flops_total``:
-    the target is met within one group.
+    the target is met within one group, or ValueError when ``min_keep`` leaves it out of reach
+    (:func:`min_flops_fraction`).
     Ties break by index (stable sort), so a run is reproducible.
     """
     if scope == "flops":
@@ -428,7 +429,29 @@ def _select_by_flops(sets, scores, fraction, previous, norm, signed, min_keep, c
             keep[gs.name][i] = False
             left[gs.name] -= 1
             removed += costs[gs.name]
+    if removed < need * (1 - 1e-9):  # min_keep stopped it: a model above the budget would pass unnoticed
+        raise ValueError(
+            f"removing all the {_kinds(sets)} but min_keep={min_keep} per layer removes {removed:.4g} of the "
+            f"{float(flops_total):.4g} FLOPs, not the {need:.4g} asked: the model keeps at least "
+            f"{min_flops_fraction(sets, costs, flops_total, min_keep):.4f} of them"
+        )
     return keep
+
+
+def removable_flops(sets: list[GroupSet], costs: Mapping[str, float], min_keep: int = 1) -> float:
+    """The most FLOPs ``scope="flops"`` can remove: every group of every set but ``min_keep``."""
+    return sum(costs[gs.name] * max(0, gs.count - int(min_keep)) for gs in sets)
+
+
+def min_flops_fraction(
+    sets: list[GroupSet], costs: Mapping[str, float], flops_total: float, min_keep: int = 1
+) -> float:
+    """The smallest fraction of ``flops_total`` a FLOPs budget can reach (:func:`removable_flops`)."""
+    return 1.0 - removable_flops(sets, costs, min_keep) / float(flops_total)
+
+
+def _kinds(sets: list[GroupSet]) -> str:
+    return " and ".join(sorted({gs.kind for gs in sets}))
 
 
 def _other_elems(t: torch.Tensor, dim: int) -> int:

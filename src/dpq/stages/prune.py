@@ -493,6 +493,8 @@ class PruneStage(QuantAwareTraining, Stage):
             finals, fill_record = self.fill_finals(student, groups, budget, remove)
             fill_record["flops_before"] = flops_first or budget["flops_total"]
             budget = {}
+        if budget:
+            self.check_flops_reachable(groups, budget, flops_first)
         ramp = SparsityRamp(
             self.name,
             targets,
@@ -585,6 +587,25 @@ class PruneStage(QuantAwareTraining, Stage):
             "fill_fraction": fraction,
         }
         return finals, record
+
+    def check_flops_reachable(self, groups, budget: dict, flops_first: float | None = None) -> None:
+        """``flops_target`` below what removing every group but ``min_keep`` per layer leaves is a ConfigError
+        before the ramp trains (the ramp's last update would otherwise stop above it); ``flops_first``: the
+        FLOPs before ``drop_layers``, which the target is a fraction of."""
+        cfg: PruneConfig = self.cfg
+        total = budget["flops_total"]
+        left = total - structured.removable_flops(groups, budget["costs"], int(cfg.min_keep))
+        smallest = left / (flops_first or total)
+        if cfg.flops_target < smallest * (1 - 1e-9):
+            kinds = " and ".join(sorted({g.kind for g in groups}))
+            raise ConfigError(
+                f"{self.key}.flops_target",
+                cfg.flops_target,
+                f"removing all the {kinds} but min_keep={cfg.min_keep} per layer still leaves {smallest:.4f} of "
+                f"the dense GFLOPs (the rest is outside the groups): the smallest reachable target is "
+                f"{smallest:.4f}; set flops_target >= {math.ceil(smallest * 1e4) / 1e4:.4f}"
+                + (" or lower min_keep" if cfg.min_keep > 1 else ""),
+            )
 
     @staticmethod
     def flops_budget(model, groups: list[structured.GroupSet], inputs: dict) -> dict:
