@@ -23,12 +23,15 @@ GROUP = ["kind", "config_key"]
 
 
 def add_objectives(df: pd.DataFrame, objectives: list[Objective]) -> pd.DataFrame:
-    """Columns named after each objective (and ``<name>_std``), in its unit (metric x scale); NaN where missing."""
+    """Columns named after each objective (and ``<name>_std``, ``<name>_n``), in its unit (metric x scale);
+    NaN where missing."""
     df = df.copy()
     for o in objectives:
         df[o.name] = df[o.metric] * o.scale if o.metric in df else float("nan")
         if f"{o.metric}_std" in df:
             df[f"{o.name}_std"] = df[f"{o.metric}_std"] * o.scale
+        if f"{o.metric}_n" in df:
+            df[f"{o.name}_n"] = df[f"{o.metric}_n"]
     return df
 
 
@@ -271,8 +274,86 @@ def drop_few_seeds(df: pd.DataFrame, min_seeds: int) -> pd.DataFrame:
     return relabel(df[keep].reset_index(drop=True))
 
 
+def _seeds_of(df: pd.DataFrame, rows: pd.Series | None = None) -> pd.Series:
+    """Per row: the distinct seeds of its configuration (among ``rows`` only, e.g. those that measured a metric)."""
+    seed = df["seed"] if rows is None else df["seed"].where(rows)
+    keys = [df[c] for c in GROUP]
+    return seed.groupby(keys, sort=False, dropna=False).transform(lambda s: s.dropna().nunique())
+
+
+def _seed_list(s: pd.Series) -> str:
+    return ",".join(str(int(v)) for v in sorted(s.dropna().unique())) or "none"
+
+
+def check_objective_seeds(df: pd.DataFrame, objectives: list[Objective], min_seeds: int = 1) -> pd.DataFrame:
+    """The runs of configurations whose every objective was measured on at least ``min_seeds`` seeds.
+
+    :func:`drop_few_seeds` counts a configuration's runs; a metric missing on some of them (an ONNX export
+    that failed on one seed, a run made before the metric was recorded) makes the configuration's mean of
+    that objective one over fewer seeds, beside means over all of them. ``--min-seeds`` applies to that
+    count too; a configuration that never measured an objective stays (it cannot be on the front, and the
+    report says so). The configurations left whose objective still covers fewer seeds than their runs are
+    named in a warning: their means and spreads are over those seeds only (``<objective>_n`` in the tables).
+    ``df`` has the objective columns (:func:`add_objectives`)."""
+    if df.empty:
+        return df
+    df = df.reset_index(drop=True)
+    have = _seeds_of(df)
+    covered = {o.name: _seeds_of(df, df[o.name].notna()) for o in objectives if o.name in df}
+    few = pd.Series(False, index=df.index)
+    if min_seeds > 1 and covered:
+        few = pd.concat([(c > 0) & (c < min_seeds) for c in covered.values()], axis=1).any(axis=1)
+        if few.all():
+            most = pd.concat(covered.values(), axis=1).min(axis=1).max()
+            raise ConfigError(
+                "--min-seeds",
+                min_seeds,
+                f"no configuration has its objectives measured on that many seeds (the most is {int(most)})",
+            )
+        dropped = df[few & (df["kind"] == "final")]
+        if not dropped.empty:
+            names = [
+                f"{rows['label'].iloc[0]} ("
+                + ", ".join(
+                    f"{name} on seeds {_seed_list(rows['seed'].where(rows[name].notna()))}"
+                    for name in covered
+                    if 0 < covered[name][rows.index[0]] < min_seeds
+                )
+                + ")"
+                for _, rows in dropped.groupby(GROUP, sort=False, dropna=False)
+            ]
+            log.info(
+                "--min-seeds %d leaves out %d configuration(s) whose objectives were measured on fewer seeds: %s",
+                min_seeds,
+                len(names),
+                "; ".join(names),
+            )
+        df, have = df[~few], have[~few]
+        covered = {k: c[~few] for k, c in covered.items()}
+    for name, c in covered.items():
+        short = df[(c > 0) & (c < have)]
+        if short.empty:
+            continue
+        log.warning(
+            "%s was measured on fewer seeds than %d configuration(s) ran: %s; their %s means and spreads are over "
+            "those seeds only (%s_n in the tables)",
+            name,
+            short.groupby(GROUP, sort=False, dropna=False).ngroups,
+            "; ".join(
+                f"{rows['label'].iloc[0]} (seeds {_seed_list(rows['seed'].where(rows[name].notna()))} "
+                f"of {_seed_list(rows['seed'])})"
+                for _, rows in short.groupby(GROUP, sort=False, dropna=False)
+            ),
+            name,
+            name,
+        )
+    return relabel(df.reset_index(drop=True)) if few.any() else df
+
+
 def merge_seeds(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration: ``<metric>`` means, ``<metric>_std``, ``n_seeds``, ``seeds``, ``runs``."""
+    """One row per configuration: ``<metric>`` means, ``<metric>_std``, ``n_seeds``, ``seeds``, ``runs``;
+    ``<metric>_n`` for a metric some configuration measured on fewer of its seeds than it ran (the mean
+    and std are over those only, e.g. an ONNX export that failed on one seed): its seeds that have it."""
     if df.empty:
         return df
     metrics = metric_columns(df)
@@ -284,6 +365,12 @@ def merge_seeds(df: pd.DataFrame) -> pd.DataFrame:
     std = grouped[metrics].std(ddof=1).fillna(0.0)
     out = out.join(std.add_suffix("_std"))
     out["n_seeds"] = grouped.size()
+    # Only where some mean covers fewer seeds than its configuration has, so the tables stay as they were
+    # wherever every seed measured everything; a metric a configuration never measured is NaN, not short.
+    counts = grouped[metrics].count()
+    short = [m for m in metrics if ((counts[m] > 0) & (counts[m] < out["n_seeds"])).any()]
+    if short:
+        out = out.join(counts[short].add_suffix("_n"))
     if "objective" in metrics and "objective_weights" in df:
         # final.objective under other weights is another quantity: no mean across them (warn_mixed_objective)
         mixed = df.groupby(GROUP, sort=False, dropna=False)["objective_weights"].nunique() > 1

@@ -18,6 +18,7 @@ from dpq.core.errors import ConfigError
 
 from .aggregate import (
     add_objectives,
+    check_objective_seeds,
     drop_few_seeds,
     keep_seeds,
     merge_seeds,
@@ -29,6 +30,7 @@ from .aggregate import (
     warn_mixed_hub_models,
     warn_mixed_objective,
 )
+from .compare import CONTEXT
 from .front import pareto_mask
 from .gather import INPUTS_HELP, SWEEP_ID, gather, is_sweep_id, prefix_orderings
 from .objectives import ALIASES, OBJECTIVES, Objective, parse_objectives
@@ -82,11 +84,19 @@ def built_by_markdown(b: dict | None) -> str:
 
 
 def front_table(points: pd.DataFrame, objectives: list[Objective]) -> pd.DataFrame:
-    """Objective columns plus ``pareto`` (non-dominated among all points, references included)."""
+    """Objective columns plus ``pareto``: non-dominated among the points of the same task/model/teacher
+    (references included). One front over every point would let an easy task's accuracies knock a hard
+    task's points off it; the ownership (:mod:`dpq.pareto.ownership`) groups the same way."""
     points = add_objectives(points, objectives)
-    points["pareto"] = pareto_mask(
-        points[[o.name for o in objectives]].to_numpy(), [o.sense for o in objectives]
-    )
+    cols = [o.name for o in objectives]
+    senses = [o.sense for o in objectives]
+    points["pareto"] = False
+    ctx = [c for c in CONTEXT if c in points]
+    groups = points.groupby(ctx, sort=False, dropna=False).indices.values() if ctx else [range(len(points))]
+    for rows in groups:
+        idx = points.index[list(rows)]
+        points.loc[idx, "pareto"] = pareto_mask(points.loc[idx, cols].to_numpy(dtype=float), senses)
+    points["pareto"] = points["pareto"].astype(bool)
     return points
 
 
@@ -157,8 +167,9 @@ def build_report(
 ) -> dict:
     """Gather, merge seeds, mark the front, write CSV/Parquet/PNG/HTML into ``out``; return the paths and counts.
 
-    ``min_seeds``: configurations with fewer distinct seeds are left out of everything (see
-    :func:`dpq.pareto.aggregate.drop_few_seeds`); ``seeds``: only the runs of these seeds (applied
+    ``min_seeds``: configurations with fewer distinct seeds, or with an objective measured on fewer, are
+    left out of everything (see :func:`dpq.pareto.aggregate.drop_few_seeds` and
+    :func:`~dpq.pareto.aggregate.check_objective_seeds`); ``seeds``: only the runs of these seeds (applied
     first; see :func:`dpq.pareto.aggregate.keep_seeds`); ``choose``: settings whose variants are
     reduced to the one with the best mean ``choose_on`` (a validation objective; default
     ``val_<primary metric>``), see :mod:`dpq.pareto.selection`; ``prefix_points``: pipeline presets whose
@@ -184,7 +195,8 @@ def build_report(
         objectives = parse_objectives(
             [primary + o[len("primary") :] if o.split(":")[0] == "primary" else o for o in objectives]
         )
-    runs = add_objectives(runs, objectives)
+    # --min-seeds again on the seeds each objective was measured on (a metric a seed lacks is averaged without it)
+    runs = check_objective_seeds(add_objectives(runs, objectives), objectives, min_seeds)
     final = runs["kind"] == "final"
     for o in objectives:
         missing = runs[o.name].isna()
@@ -294,7 +306,7 @@ def print_front(points: pd.DataFrame, objectives: list[Objective], summary: dict
     from rich.table import Table
 
     from .ownership import absent_note, checked
-    from .report import _pm
+    from .report import _objective
 
     table = Table(
         title=f"Pareto front ({summary['front']} of {summary['points']} points, {summary['runs']} "
@@ -307,7 +319,7 @@ def print_front(points: pd.DataFrame, objectives: list[Objective], summary: dict
             str(r["label"]),
             str(r["order"]),
             f"{r['seeds']} (n={r['n_seeds']})",
-            *(_pm(r[o.name], r.get(o.name + "_std")) for o in objectives),
+            *(_objective(r, o) for o in objectives),
         )
     console = Console()
     if not console.is_terminal:
@@ -418,8 +430,9 @@ def front_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="leave out configurations measured on fewer than N distinct seeds (default 1: keep all), "
-        "so one-seed variants do not sit on the front beside means over every seed",
+        help="leave out configurations measured on fewer than N distinct seeds, counted for each objective "
+        "(a seed that lacks the metric does not count; default 1: keep all), so one-seed variants do not "
+        "sit on the front beside means over every seed",
     )
     p.add_argument("--seeds", metavar="S", help=SEEDS_HELP)
     add_choose_args(p)

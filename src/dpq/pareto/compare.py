@@ -123,12 +123,17 @@ def compare_pair(base: pd.DataFrame, cand: pd.DataFrame) -> dict:
                 (c.loc[common, m] - b.loc[common, m])
                 if m in DELTAS
                 else (c.loc[common, m] / b.loc[common, m])
-            )
+            ).dropna()
             stat = _stat(list(diff))
+            # A seed on which either side lacks the metric is no pair: said where that leaves out some seeds
+            # (none left: n is 0 and the mean None, as for a metric neither side measured).
+            if 0 < len(diff) < len(common):
+                stat["seeds"] = [int(s) for s in diff.index]
         else:
             mb, mc = b[m].mean(), c[m].mean()
-            sb = b[m].std(ddof=1) if len(b) > 1 else 0.0
-            sc = c[m].std(ddof=1) if len(c) > 1 else 0.0
+            # a seed without the metric is no value: the spread and n are over the seeds that have it
+            sb = b[m].std(ddof=1) if b[m].count() > 1 else 0.0
+            sc = c[m].std(ddof=1) if c[m].count() > 1 else 0.0
             if m in DELTAS:
                 stat = _json(difference_interval(list(b[m].dropna()), list(c[m].dropna())))
             else:
@@ -136,7 +141,7 @@ def compare_pair(base: pd.DataFrame, cand: pd.DataFrame) -> dict:
                 stat = {
                     "mean": json_safe(r),
                     "std": json_safe(abs(r) * math.hypot(sb / mb, sc / mc)),
-                    "n": int(min(len(b), len(c))),
+                    "n": int(min(b[m].count(), c[m].count())),
                     "ci_low": None,
                     "ci_high": None,
                 }
@@ -155,7 +160,10 @@ def compare_pair(base: pd.DataFrame, cand: pd.DataFrame) -> dict:
 
 def _side(sel: pd.DataFrame) -> dict:
     r = sel.iloc[0]
-    acc = _stat(list(_per_seed(sel, ["accuracy"])["accuracy"]))
+    per_seed = _per_seed(sel, ["accuracy"])["accuracy"]
+    acc = _stat(list(per_seed))
+    if 0 < per_seed.count() < len(per_seed):  # over the seeds that measured it, not every seed listed
+        acc["seeds"] = [int(s) for s in per_seed.dropna().index if s != -1]
     return {
         "label": r["label"],
         "pipeline": r["pipeline"],

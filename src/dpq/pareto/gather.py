@@ -162,10 +162,20 @@ def load_results(paths: list[Path], progress: bool = True) -> list[tuple[dict, s
             log.warning("skipping %s: %s", p, e)
             continue
         if res.get("status", "completed") != "completed" or "final" not in res:
-            log.warning("skipping %s: run status %r (no final model)", p, res.get("status"))
+            log.warning("skipping %s: run status %r (no final model)%s", p, res.get("status"), resume_hint(p))
             continue
         out.append((res, str(Path(p).parent)))
     return out
+
+
+def resume_hint(results: Path) -> str:
+    """How to continue the run of a results.json that has no final model: a diverged or failed run kept
+    its stage snapshots, and ``resume=`` continues from the newest one (the last good state) with the
+    config the run started with; a run started without checkpoints has nothing to continue from."""
+    folder = Path(results).parent
+    if (folder / STARTED).exists():
+        return f"; `python -m dpq.train resume={folder}` continues it from its newest snapshot"
+    return f"; it kept no checkpoints ({STARTED} is missing), so it can only be started again"
 
 
 # --------------------------------------------------------------------------- W&B
@@ -211,8 +221,9 @@ def load_sweep(spec: str, progress: bool = True) -> list[tuple[dict, str]]:
         for run in track(
             runs, description="reading W&B runs", disable=not progress or len(runs) < 10, transient=True
         ):
+            where = "/".join(run.path)
             if run.state != "finished":
-                log.warning("skipping W&B run %s: state %s", run.path, run.state)
+                log.warning("skipping W&B run %s: state %s", where, run.state)
                 continue
             res = None
             try:
@@ -220,15 +231,28 @@ def load_sweep(spec: str, progress: bool = True) -> list[tuple[dict, str]]:
                     res = json.loads(Path(f.name).read_text())
             except Exception:  # not uploaded (older run): rebuild the final point from the summary
                 res = results_from_summary(dict(run.config), dict(run.summary), run.name)
-            out.append((res, "/".join(run.path)))
+                # A trial that diverged or failed an integrity check still finishes its W&B run (the sweep
+                # goes on) but logs no final/* metric: it has no final model, not a point without numbers.
+                if res is None:
+                    log.warning(
+                        "skipping W&B run %s: no final/* metric in its summary (no final model)", where
+                    )
+                    continue
+            if res.get("status", "completed") != "completed" or "final" not in res:
+                log.warning("skipping W&B run %s: run status %r (no final model)", where, res.get("status"))
+                continue
+            out.append((res, where))
     if not out:
         raise ConfigError("inputs", spec, "the W&B sweep has no finished runs")
     return out
 
 
-def results_from_summary(config: dict, summary: dict, name: str) -> dict:
-    """A results.json-shaped dict from a W&B run's config and ``final/*`` summary (final point only)."""
+def results_from_summary(config: dict, summary: dict, name: str) -> dict | None:
+    """A results.json-shaped dict from a W&B run's config and ``final/*`` summary (final point only);
+    ``None`` when the summary has no ``final/*`` metric (the run ended without a final model)."""
     final = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith("final/")}
+    if not final:
+        return None
     pipe = config.get("pipeline") or {}
     return {
         "status": "completed",

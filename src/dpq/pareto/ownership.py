@@ -98,12 +98,15 @@ def paired_delta(base: pd.DataFrame, cand: pd.DataFrame, metric: str) -> dict:
     if metric not in b or metric not in c:
         return {"mean": None, "std": None, "n": 0, "ci_low": None, "ci_high": None, "seeds": []}
     common = sorted(set(b.index) & set(c.index) - {-1})
-    diff = [float(c.loc[s, metric] - b.loc[s, metric]) for s in common]
-    diff = [d for d in diff if not math.isnan(d)]
-    if not diff:
+    # a seed on which either side lacks the metric is no pair: ``seeds`` lists the ones the interval is over
+    pairs = {s: float(c.loc[s, metric] - b.loc[s, metric]) for s in common}
+    pairs = {s: d for s, d in pairs.items() if not math.isnan(d)}
+    if not pairs:
         return {"mean": None, "std": None, "n": 0, "ci_low": None, "ci_high": None, "seeds": []}
-    stat = {k: json_safe(v) if isinstance(v, float) else v for k, v in mean_interval(diff).items()}
-    return {**stat, "seeds": [int(s) for s in common]}
+    stat = {
+        k: json_safe(v) if isinstance(v, float) else v for k, v in mean_interval(list(pairs.values())).items()
+    }
+    return {**stat, "seeds": [int(s) for s in pairs]}
 
 
 def _segments(front: pd.DataFrame, cost: Objective, primary: Objective) -> list[dict]:
@@ -246,6 +249,9 @@ def front_ownership(
                     cost.name: json_safe(float(r[cost.name])),
                     primary.name: json_safe(float(r[primary.name])),
                 }
+                for o in (cost, primary):  # a mean over fewer seeds than the point's (merge_seeds)
+                    if f"{o.name}_n" in r and pd.notna(r[f"{o.name}_n"]) and r[f"{o.name}_n"] < r["n_seeds"]:
+                        entry[f"{o.name}_n"] = int(r[f"{o.name}_n"])
                 if baseline:
                     base, why = _baseline_rows(sub, baseline, r)
                     cand = sub[sub["config_key"] == r["config_key"]]
@@ -285,6 +291,12 @@ def _fmt_delta(d: dict | None) -> str:
     if d.get("ci_low") is None:
         return f"{d['mean']:+.4f} (n={d['n']}){vs}"
     return f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] (n={d['n']}){vs}"
+
+
+def _fmt_value(entry: dict, name: str, spec: str) -> str:
+    """A front point's mean, with the seeds it covers where fewer than the point's (``<name>_n``)."""
+    n = entry.get(f"{name}_n")
+    return format(entry[name], spec) + (f" ({n} of its seeds)" if n is not None else "")
 
 
 def _fmt_num(v, spec: str) -> str:
@@ -341,8 +353,8 @@ def markdown(own: dict) -> str:
             ]
             for e in f["front"]:
                 lines.append(
-                    f"| {e[f['cost']]:.4g} | {e['ordering']} | {e['point']} | {e[p]:.4f} | "
-                    f"{_fmt_delta(e.get('vs_baseline'))} |"
+                    f"| {_fmt_value(e, f['cost'], '.4g')} | {e['ordering']} | {e['point']} | "
+                    f"{_fmt_value(e, p, '.4f')} | {_fmt_delta(e.get('vs_baseline'))} |"
                 )
             lines.append("")
         dom = ctx.get("domination")
@@ -403,8 +415,9 @@ def html_section(own: dict) -> str:
                 f"<h4>{esc(p)} vs {esc(f['cost'])} [{esc(f['unit'])}]: owned by {esc(', '.join(f['owners']))}</h4>"
             )
             rows = "".join(
-                f"<tr><td>{e[f['cost']]:.4g}</td><td>{esc(e['ordering'])}</td><td>{esc(e['point'])}</td>"
-                f"<td>{e[p]:.4f}</td><td>{esc(_fmt_delta(e.get('vs_baseline')))}</td></tr>"
+                f"<tr><td>{esc(_fmt_value(e, f['cost'], '.4g'))}</td><td>{esc(e['ordering'])}</td>"
+                f"<td>{esc(e['point'])}</td><td>{esc(_fmt_value(e, p, '.4f'))}</td>"
+                f"<td>{esc(_fmt_delta(e.get('vs_baseline')))}</td></tr>"
                 for e in f["front"]
             )
             out.append(

@@ -1,5 +1,6 @@
 """The Pareto scatter as a PNG (matplotlib, Agg): one colour per pipeline ordering, the front
-as a step line, error bars for seed spread, teacher / dense / baseline points marked."""
+as a step line (one per task/model/teacher), error bars for seed spread, teacher / dense / baseline
+points marked."""
 
 from __future__ import annotations
 
@@ -42,6 +43,28 @@ def drawn_as_reference(runs: pd.DataFrame, points: pd.DataFrame, objectives: lis
     cols = ["order", *(o.name for o in objectives)]
     same = runs[cols].apply(tuple, axis=1).isin(set(refs[cols].apply(tuple, axis=1)))
     return runs[~same]
+
+
+# One front per task/model/teacher (cli.front_table): each its own dash pattern, in the order they appear.
+FRONT_DASHES = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]
+
+
+def front_lines(front: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The front members of each task/model/teacher, with the legend name of its line: a staircase
+    through the fronts of two tasks would join points that never competed. The name says the
+    context only where the points span several, and then only the columns that tell them apart."""
+    from .compare import CONTEXT
+
+    cols = [c for c in CONTEXT if c in front]
+    if not cols:
+        return [("Pareto front", front)]
+    groups = [
+        (k if isinstance(k, tuple) else (k,), g) for k, g in front.groupby(cols, sort=False, dropna=False)
+    ]
+    if len(groups) == 1:
+        return [("Pareto front", front)]
+    differ = [i for i, _ in enumerate(cols) if len({str(k[i]) for k, _ in groups}) > 1]
+    return [("Pareto front (" + ", ".join(f"{cols[i]}={k[i]}" for i in differ) + ")", g) for k, g in groups]
 
 
 def colours(groups: list[str]) -> dict[str, tuple]:
@@ -102,18 +125,19 @@ def figure(
                 )
         front = points[points["pareto"]]
         if len(objectives) == 2 and len(front):
-            order, where = step_order(front[x_obj.name], x_obj.sense)
-            f = front.iloc[order]
-            ax.step(
-                f[x_obj.name],
-                f[y_obj.name],
-                where=where,
-                color="black",
-                ls="--",
-                lw=1.2,
-                zorder=2,
-                label="Pareto front",
-            )
+            for i, (name, f) in enumerate(front_lines(front)):
+                order, where = step_order(f[x_obj.name], x_obj.sense)
+                f = f.iloc[order]
+                ax.step(
+                    f[x_obj.name],
+                    f[y_obj.name],
+                    where=where,
+                    color="black",
+                    ls=FRONT_DASHES[i % len(FRONT_DASHES)],
+                    lw=1.2,
+                    zorder=2,
+                    label=name,
+                )
         elif len(front):
             ax.scatter(
                 front[x_obj.name],

@@ -19,9 +19,11 @@ from dpq.metrics import METRICS
 from .front import step_order
 from .gather import CONDITION_KEYS, CONVENTION_KEYS, json_safe
 from .objectives import Objective
-from .plots import REFERENCE_LABEL, colours, ordering, use_log
+from .plots import REFERENCE_LABEL, colours, front_lines, ordering, use_log
 
 PLOT_ID = "pareto-plot"
+# plotly's names for the dash patterns of plots.FRONT_DASHES, one per task/model/teacher front
+FRONT_DASHES = ["dash", "dot", "dashdot", "longdashdot"]
 REFERENCE_SYMBOL = {"teacher": ("star", 16, "black"), "dense": ("diamond", 11, "dimgray")}
 # Shown in the tables next to the chosen objectives (when measured): accuracy, the other task metrics, costs.
 TABLE_METRICS = [
@@ -77,6 +79,13 @@ def _pm(mean, std, fmt: str = "{:.4g}") -> str:
         return "–"
     s = fmt.format(mean)
     return s + (f" ± {fmt.format(std)}" if std is not None and not pd.isna(std) and std > 0 else "")
+
+
+def _objective(row: pd.Series, o: Objective) -> str:
+    """``mean ± std`` of an objective, with its seed count where fewer seeds measured it than the point has."""
+    n = row.get(f"{o.name}_n")
+    short = n is not None and pd.notna(n) and n < row.get("n_seeds", n)
+    return _pm(row.get(o.name), row.get(o.name + "_std")) + (f" (n={int(n)})" if short else "")
 
 
 def _hover(row: pd.Series, objectives: list[Objective], diff: dict) -> str:
@@ -194,22 +203,28 @@ def plotly_figure(
             )
         front = points[points["pareto"]]
         if len(front) and len(objectives) == 2:
-            order, where = step_order(front[x_obj.name], x_obj.sense)
-            f = front.iloc[order]
-            fig.add_trace(
-                go.Scatter(
-                    x=vals(f, x_obj.name),
-                    y=vals(f, y_obj.name),
-                    mode="lines",
-                    name="Pareto front",
-                    legendgroup="front",
-                    showlegend=first,
-                    hoverinfo="skip",
-                    line=dict(color="black", dash="dash", width=1.5, shape="hv" if where == "post" else "vh"),
-                ),
-                row=1,
-                col=col,
-            )
+            for i, (name, f) in enumerate(front_lines(front)):  # one per task/model/teacher
+                order, where = step_order(f[x_obj.name], x_obj.sense)
+                f = f.iloc[order]
+                fig.add_trace(
+                    go.Scatter(
+                        x=vals(f, x_obj.name),
+                        y=vals(f, y_obj.name),
+                        mode="lines",
+                        name=name,
+                        legendgroup=f"front{i or ''}",
+                        showlegend=first,
+                        hoverinfo="skip",
+                        line=dict(
+                            color="black",
+                            dash=FRONT_DASHES[i % len(FRONT_DASHES)],
+                            width=1.5,
+                            shape="hv" if where == "post" else "vh",
+                        ),
+                    ),
+                    row=1,
+                    col=col,
+                )
         elif len(front):
             fig.add_trace(
                 go.Scatter(
@@ -260,7 +275,7 @@ def points_table(points: pd.DataFrame, objectives: list[Objective]) -> pd.DataFr
             "seeds": f"{r.get('seeds', '')} (n={r.get('n_seeds', 1)})",
         }
         for o in objectives:
-            row[f"{o.name} [{o.unit}]"] = _pm(r.get(o.name), r.get(o.name + "_std"))
+            row[f"{o.name} [{o.unit}]"] = _objective(r, o)
         for head, metric, scale, fmt in TABLE_METRICS:
             if metric in r and not any(o.metric == metric for o in objectives):
                 std = r.get(metric + "_std")
