@@ -95,6 +95,20 @@ def test_a_dq_point_beaten_on_every_seed_is_reported_dominated(tmp_path):
     assert dom["all_dominated"] and {c["dominated_by"] for c in dom["checks"]} == {"dpq 0.2 sparse 4-bit"}
 
 
+def test_a_dense_student_does_not_count_as_beating_dq(tmp_path):
+    """A float student has dq's effective GFLOPs (they do not see bits) and more accuracy: it compresses
+    less, so it answers nothing about whether the pruning orderings own the front."""
+    runs = {
+        "dq1": fake_results("dq", 1, 0.90, 0.68),
+        "d1": renamed(fake_results("dq", 1, 0.91, 0.68), "dense"),
+        "p1": fake_results("dpq", 1, 0.89, 0.40, sparsity=0.5),
+    }
+    runs = gather([str(write_runs(tmp_path, runs))], references=False, progress=False)
+    own = front_ownership(runs, OBJECTIVES["accuracy"], [OBJECTIVES["effective_gflops"]])
+    (check,) = own["contexts"][0]["domination"]["checks"]
+    assert check["dominated_by"] is None and check["closest"]["point"] == "dpq 0.5 sparse 4-bit"
+
+
 def test_an_ambiguous_baseline_is_said_not_guessed(tmp_path):
     runs = study(tmp_path, dq_beaten=False)
     own = front_ownership(runs, OBJECTIVES["accuracy"], [OBJECTIVES["effective_gflops"]], baseline="dpq_qat")

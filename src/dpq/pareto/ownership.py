@@ -37,6 +37,10 @@ from .stats import mean_interval
 # The costs a front is owned along, when the runs measured them (deployment figures last).
 COSTS = ("effective_gflops", "gbops", "latency_ms", "size_mb", "onnx_latency_ms", "onnx_size_mb")
 DOMINATED = ("dq", "dp")
+# Orderings that compress less than dq and dp do, never counted as beating them: the question (issue 21) is
+# whether the orderings that prune and quantize own the front, and a float dense student beats dq on
+# accuracy at the same effective GFLOPs (effective GFLOPs do not see bits).
+NOT_COMPETING = ("dense", "dq_ptq")
 
 
 def _finals(runs: pd.DataFrame) -> pd.DataFrame:
@@ -166,7 +170,8 @@ def seedwise_domination(
     finals: pd.DataFrame, primary: Objective, cost: Objective, dominated: tuple[str, ...] = DOMINATED
 ) -> dict:
     """Per seed: each point of the ``dominated`` orderings, a point of another ordering that beats it,
-    and the best point of another ordering at no higher cost (``closest``, with its margin)."""
+    and the best point of another ordering at no higher cost (``closest``, with its margin); the
+    other orderings are those that prune (not ``dense`` or ``dq_ptq``: :data:`NOT_COMPETING`)."""
     out = []
     pairs = Predictions()
     for seed, runs in finals.dropna(subset=["seed"]).groupby("seed"):
@@ -176,7 +181,7 @@ def seedwise_domination(
         # One check per point: runs that restored the same prefix from the stage cache repeat its point
         # exactly (e.g. the dp point of a dpq run with min-max and one with LSQ steps).
         targets = ok[ok["pipeline"].isin(dominated)].drop_duplicates(["config_key", primary.name, cost.name])
-        others = ok[~ok["pipeline"].isin(dominated)]
+        others = ok[~ok["pipeline"].isin((*dominated, *NOT_COMPETING))]
         for _, t in targets.iterrows():
             by = None
             for _, o in others.iterrows():
