@@ -175,3 +175,21 @@ def test_two_dq_quantizers_each_point_is_paired_with_the_dq_of_its_own_quantizer
     assert (
         "2 dq configurations fit this point (they differ in quantize.observer" in x["vs_baseline"]["missing"]
     )
+
+
+def test_the_objectives_order_does_not_turn_a_cost_into_the_quality_the_front_is_owned_by(tmp_path):
+    """-O effective_gflops,accuracy asks what -O accuracy,effective_gflops does: the ownership is by
+    accuracy (it was by effective GFLOPs, checking 'dominated on (effective_gflops, effective_gflops)');
+    with costs alone it is by the runs' primary metric."""
+    study(tmp_path / "runs", dq_beaten=True)
+    owned = {}
+    for objectives in ("accuracy,effective_gflops", "effective_gflops,accuracy", "effective_gflops,gbops"):
+        out = tmp_path / objectives.replace(",", "_")
+        argv = [str(tmp_path / "runs"), "-o", str(out), "--no-progress", "--no-references", "-O", objectives]
+        assert cli_main(argv) == 0
+        own = json.loads((out / "ownership.json").read_text())
+        own.pop("built_by", None)
+        owned[objectives] = own
+        assert own["contexts"][0]["domination"]["objectives"] == ["accuracy", "effective_gflops"]
+    assert owned["accuracy,effective_gflops"] == owned["effective_gflops,accuracy"]
+    assert owned["accuracy,effective_gflops"] == owned["effective_gflops,gbops"]

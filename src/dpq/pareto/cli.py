@@ -240,10 +240,15 @@ def build_report(
         "ownership_json": out / "ownership.json",
         "ownership_md": out / "ownership.md",
     }
-    # Who owns the front along each cost (the chosen ones first), with paired intervals against the baseline.
-    chosen = [o for o in objectives[1:] if o.sense == "min"]
+    # Who owns the front along each cost (the chosen ones first), with paired intervals against the baseline,
+    # by the first objective that is not a cost (-O effective_gflops,accuracy asks the same question as
+    # -O accuracy,effective_gflops), else by the runs' primary metric.
+    quality = next((o for o in objectives if not o.is_cost), None)
+    if quality is None:
+        quality = OBJECTIVES.get(primary_objective(runs), OBJECTIVES["accuracy"])
+    chosen = [o for o in objectives if o.is_cost]
     costs = chosen + [OBJECTIVES[c] for c in COSTS if c not in {o.name for o in chosen}]
-    own = front_ownership(runs, objectives[0], costs, baseline=baseline)
+    own = front_ownership(runs, quality, costs, baseline=baseline)
     if picked:
         own["chosen"] = picked
     if argv is not None:

@@ -34,9 +34,17 @@ class Objective:
         better = "higher" if self.sense == "max" else "lower"
         return f"{self.label or self.name} [{self.unit}, {better} is better]"
 
+    @property
+    def is_cost(self) -> bool:
+        """What a model costs (compute, time, memory, size), not how well it does: the axes a front is owned
+        along, never the quality it is owned by."""
+        return self.unit in COST_UNITS
+
     def with_sense(self, sense: str) -> Objective:
         return Objective(self.name, self.metric, sense, self.unit, self.scale, self.label)
 
+
+COST_UNITS = frozenset({"GFLOPs", "GBOPs", "ms", "MB", "parameters"})
 
 OBJECTIVES: dict[str, Objective] = {
     o.name: o
