@@ -530,3 +530,40 @@ def test_interleaved_latency_cycles_through_the_models_each_round():
     assert all(
         v > 0 for vs in t.values() for v in vs
     )  # (which is faster is a benchmark's question, not a test's)
+
+
+def test_interleaved_latency_times_models_in_eval_mode_and_restores_their_flags():
+    """A model left in training mode would time its dropout (and differ from the model deployed)."""
+    modes = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop = nn.Linear(8, 8), nn.Dropout(0.5)
+
+        def forward(self, features):
+            modes.append((self.training, self.drop.training))
+            return self.drop(self.lin(features))
+
+    trained, frozen = Spy().train(), Spy().train()
+    frozen.lin.eval()  # a mixed state, to be given back as it was
+    cost.interleaved_latency({"a": trained, "b": frozen}, {"features": torch.randn(4, 8)}, 2, 1, 1)
+    assert modes and all(m == (False, False) for m in modes)
+    assert trained.training and trained.drop.training and trained.lin.training
+    assert frozen.training and not frozen.lin.training
+
+
+def test_norms_are_counted_as_fvcore_estimates_them_and_stay_dense_in_effective_flops():
+    """Not multiply-adds: fvcore counts LayerNorm at 5 flops per element, BatchNorm in eval at 2; the
+    units say so, and zeroed weights leave them whole."""
+    model = FeatureModel(
+        nn.Sequential(
+            nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 24), nn.BatchNorm1d(24), nn.Linear(24, 3)
+        )
+    )
+    _zero_half(model.body[0])
+    out = cost.flops(model, {"features": torch.randn(4, 16)})
+    norms = 4 * 32 * 5 + 4 * 24 * 2
+    assert out["dense_gflops"] * 1e9 == pytest.approx(4 * (16 * 32 + 32 * 24 + 24 * 3) + norms)
+    assert (out["effective_gflops"] - out["linear_effective_gflops"]) * 1e9 == pytest.approx(norms)
+    assert "LayerNorm 5" in cost.UNITS["dense_gflops"] and "BatchNorm 2" in cost.UNITS["dense_gflops"]

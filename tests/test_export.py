@@ -522,6 +522,34 @@ def test_position_table_trimmed_to_the_longest_input_keeps_the_logits_and_refuse
         max_positions(0, text, {}, key="--max-positions")
 
 
+def test_onnx_params_count_the_graph_exported_with_its_trimmed_position_table(tmp_path):
+    """compact_ counted the model before export_onnx trimmed its position table: onnx_params held 48 rows
+    of 64 the graph does not have."""
+    from dpq.cost import parameter_counts
+    from dpq.export.evaluate import deploy
+    from dpq.export.onnx import _trim_positions
+    from dpq.prune.compact import compact_
+
+    model = bert()
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.weight[:, :32] = 0  # 32 FFN neurons without effect
+    batches = [{**text_inputs(), "labels": torch.tensor([0, 1, 2, 0])}]
+    expected = copy.deepcopy(model)
+    assert compact_(expected, text_inputs()).removed == 32 and _trim_positions(expected, 16) == 16
+    metrics, report = deploy(
+        model,
+        tmp_path / "m.onnx",
+        batches,
+        batches,
+        text_inputs(),
+        {"warmup": 0, "repeats": 2, "latency_process": "same"},
+        OnnxOptions(max_positions=16),
+    )
+    assert metrics["onnx_compacted_units"] == 32 and report["max_positions"] == 16
+    assert metrics["onnx_params"] == report["params_total"] == parameter_counts(expected)["params_total"]
+    assert report["compact"]["params_after"] - metrics["onnx_params"] == (64 - 16) * 64
+
+
 def test_export_threads_auto_is_pytorchs_thread_count():
     """A run's ONNX Runtime latency is timed with the threads its PyTorch latency is (cost.py records
     torch.get_num_threads()), so the two can be read side by side on any machine; an int is kept."""

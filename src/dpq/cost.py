@@ -66,6 +66,10 @@ __all__ = [
     "measure",
 ]
 
+# Recorded in every results.json and listed by dpq.pareto's report conditions (gather.CONVENTION_KEYS):
+# kept word for word so that runs counted the same way show one convention. What it leaves out: fvcore
+# counts norms as it estimates them, not as multiply-adds: LayerNorm / GroupNorm 5 flops per element
+# (4 without affine), BatchNorm in eval 2 (1 without affine); they are dense in effective FLOPs. See UNITS.
 FLOPS_CONVENTION = "fvcore: one multiply-add counted as one flop"
 BOPS_CONVENTION = (
     "Linear/Conv MACs with a non-zero weight x weight bits x activation bits; "
@@ -85,8 +89,10 @@ UNITS = {
     "params_total": "count",
     "params_nonzero": "count",
     "sparsity": "fraction of exactly-zero weights in the pruned layers",
-    "dense_gflops": "GFLOPs per forward (1 multiply-add = 1 flop)",
-    "effective_gflops": "GFLOPs per forward, zero weights skipped (1 multiply-add = 1 flop)",
+    "dense_gflops": "GFLOPs per forward (1 multiply-add = 1 flop; norms as fvcore counts them: "
+    "LayerNorm 5, eval BatchNorm 2 flops per element)",
+    "effective_gflops": "GFLOPs per forward, zero weights skipped (1 multiply-add = 1 flop; norms "
+    "as fvcore counts them, dense)",
     "linear_dense_gflops": "GFLOPs per forward (1 multiply-add = 1 flop)",
     "linear_effective_gflops": "GFLOPs per forward (1 multiply-add = 1 flop)",
     "bops": "bit operations per forward (non-zero weights only)",
@@ -157,7 +163,13 @@ def _tensor_key(t: Tensor) -> Any:
 
 
 def _bias_tensor(module: nn.Module) -> Tensor | None:
-    b = getattr(module, "bias", None)
+    """A quantized layer's bias: its ``bias``, else its ``float_bias()`` (a wrapper such as ``BnbLinear``
+    may keep it in an inner module, whose parameters the parameter walk skips as owned by the layer)."""
+    if hasattr(module, "bias"):
+        b = module.bias
+    else:
+        fb = getattr(module, "float_bias", None)
+        b = fb() if callable(fb) else None
     return b if isinstance(b, Tensor) else None
 
 
@@ -672,13 +684,16 @@ def interleaved_latency(
     Each round times every model ``per_round`` times in turn, so machine noise (a neighbour
     process, frequency changes) hits all alike; :func:`latency` one model at a time cannot
     promise that for models measured minutes apart. Compare medians. Models and inputs must
-    be on one device; on CUDA each call is synchronized before the clock stops.
+    be on one device; on CUDA each call is synchronized before the clock stops. Every model runs in
+    eval mode (a model left training would time its dropout), its training flags restored after.
     """
     first = next((v for v in example_inputs.values() if isinstance(v, Tensor)), None)
     cuda = first is not None and first.device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(first.device)) if cuda else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.inference_mode():
+    with contextlib.ExitStack() as modes, torch.inference_mode():
+        for m in models.values():
+            modes.enter_context(_eval_mode(m))
         for m in models.values():
             for _ in range(max(0, warmup)):
                 m(**example_inputs)

@@ -143,7 +143,8 @@ def deploy(
             from dpq.cost import flops
 
             dense = flops(exported, {k: v.cpu() for k, v in cost_inputs.items()})
-            out.update(onnx_dense_gflops=dense["dense_gflops"], onnx_params=compacted.params_after)
+            # onnx_params from the export, not compact_: export_onnx trims the position table after it
+            out.update(onnx_dense_gflops=dense["dense_gflops"], onnx_params=report["params_total"])
             log.info(
                 "onnx: removed %d heads/neurons without effect before export (%s left), %.4g dense GFLOPs",
                 compacted.removed,

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from dpq.core.errors import ConfigError
+from dpq.cost import parameter_counts
 from dpq.quant.packed import PackedLinear, QuantizedLinear, dequantize_, quantized_modules
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,8 @@ class ExportReport:
     fused: dict[str, int] = field(default_factory=dict)
     max_abs_logit_diff: float = 0.0  # ONNX Runtime vs PyTorch on the example inputs
     max_positions: int | None = None  # the position table's rows when trimmed (longest input accepted)
+    # Parameters of the model exported (position table trimmed, compacted if it was): dpq.cost's count
+    params_total: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -697,7 +700,9 @@ def export_onnx(
         if options.fuse and _is_bert_like(model):
             packed_qkv = _qkv_fusable(model, dynamic_int8=options.nbits_compute == "int8_matmul")
             fused = _fuse(raw, options.fuse_attention, separate_qkv=not packed_qkv)
-        report = ExportReport(str(path), 0, {}, fused=fused, max_positions=trimmed)
+        # Counted after the trim: the graph no longer holds the table rows cut from it.
+        params = parameter_counts(model)["params_total"]
+        report = ExportReport(str(path), 0, {}, fused=fused, max_positions=trimmed, params_total=params)
         _replace_weights(raw, model, report, options.nbits_compute)
         proto = onnx.load(str(raw))
         onnx.save(proto, str(path))

@@ -59,6 +59,11 @@ class BnbLinear(QuantizedLinear):
         )  # LLM.int8 (threshold 0) quantizes inputs row-wise
         self.inner, self.scheme, self.blocksize = inner, scheme, blocksize
 
+    @property
+    def bias(self) -> Tensor | None:
+        """The inner layer's bias, where generic code (``dpq.cost.parameter_counts``) looks for it."""
+        return self.inner.bias
+
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_tracing():  # FLOP counters trace: the same multiply-adds as a float linear
             b = self.float_bias()

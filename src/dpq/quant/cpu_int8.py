@@ -136,6 +136,9 @@ _WARNED = False
 @register_module_type
 class Int8Linear(PackedLinear):
     backend = "cpu_int8"
+    # Only traced calls (FLOP counting) take the float path: a kept float copy of the weight would be
+    # memory the int8 kernel never uses, yet cost.peak_memory counts it (inference_caches).
+    caches_float_weight = False
 
     def __init__(
         self,
@@ -179,7 +182,8 @@ class Int8Linear(PackedLinear):
         return self._w_float_t
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_tracing():  # FLOP counters trace: the same multiply-adds as a float linear
+        # FLOP counters trace: the same multiply-adds as a float linear (its weight not kept)
+        if torch.jit.is_tracing():
             return super().forward(x)
         shape = x.shape
         y = int8_matmul(
@@ -208,6 +212,9 @@ class Int8Conv2d(PackedConv2d):
     """
 
     backend = "cpu_int8"
+    # Only traced calls (FLOP counting) take the float path: a kept float copy of the weight would be
+    # memory the int8 kernel never uses, yet cost.peak_memory counts it (inference_caches).
+    caches_float_weight = False
 
     def __init__(self, *args, granularity: str = "per_channel", act_bits: int | None = None, **kwargs):
         if granularity not in GRANULARITIES:
@@ -240,7 +247,8 @@ class Int8Conv2d(PackedConv2d):
         return t.reshape(-1)[i * n : (i + 1) * n]
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_tracing():  # FLOP counters trace: the same multiply-adds as a float conv
+        # FLOP counters trace: the same multiply-adds as a float conv (its weight not kept)
+        if torch.jit.is_tracing():
             return super().forward(x)
         x = F.pad(
             x,

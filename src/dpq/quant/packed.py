@@ -206,6 +206,9 @@ class PackedLinear(QuantizedLinear):
     """
 
     backend = "packed"
+    # Whether float_weight keeps its dequantized copy: off for layers whose own kernel never reads a
+    # float weight (``cpu_int8``), where only traced calls (FLOP counting, export) dequantize.
+    caches_float_weight: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -329,8 +332,11 @@ class PackedLinear(QuantizedLinear):
         ``packed`` computes in float: dequantizing on every call made it slower than the float
         model it came from (26.9 vs 13.1 ms at batch 1 on the default task). The cache holds one
         float copy of the weight (the float model's memory again); it is rebuilt whenever a
-        buffer is replaced or modified in place (tensor versions), moved or cast.
+        buffer is replaced or modified in place (tensor versions), moved or cast. Subclasses with
+        ``caches_float_weight = False`` get a fresh copy per call and keep nothing.
         """
+        if not self.caches_float_weight:
+            return self.dequantize().to(dtype)
         tensors = [t for t in (self.qweight, self.scale, self.zero_point) if t is not None]
         key = (dtype, self.qweight.device, *((t.data_ptr(), t._version) for t in tensors))
         cached = getattr(self, "_float_cache", None)
