@@ -299,3 +299,41 @@ def test_feature_kd_config():
         FeatureKDConfig(hidden_kind="l1")
     with pytest.raises(ValueError, match="layer_map"):
         FeatureKDConfig(layer_map=[0, 2])
+
+
+def test_attention_transfer_compares_the_students_maps_before_dropout(batch):
+    """Eager attention returns the maps after the attention-probability dropout: a training student equal
+    to its teacher had an attention KL far from 0 (rows not summing to 1). The stage switches that dropout
+    off while it transfers attention, and gives it back when the fit ends."""
+    import copy
+
+    from dpq.distill.features import attention_dropouts
+    from dpq.distill.module import ClassifierModule
+    from dpq.distill.teachers import TeacherLogits
+
+    teacher = tiny_bert(0)
+    for m in teacher.modules():  # no dropout but on the attention probabilities, so the copy equals it
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for d in attention_dropouts(teacher):
+        d.p = 0.3
+    student = copy.deepcopy(teacher)
+    assert len(attention_dropouts(student)) == 2  # one per layer, not the hidden-state dropouts
+    module = ClassifierModule(
+        student,
+        3,
+        "distill",
+        teacher=TeacherLogits(teacher, 4, 3),
+        features=FeatureKDConfig(attention=1.0),
+    )
+    student.train()
+    torch.manual_seed(0)
+    dropped = run(student, batch).attentions[0]
+    assert not torch.allclose(dropped.sum(-1), torch.ones(()))  # what the loss used to compare
+    module.on_fit_start()
+    batch_ = {**batch, "labels": torch.zeros(4, dtype=torch.long), "idx": torch.arange(4)}
+    _, parts = module._feature_step(batch_)
+    assert float(parts["attention"]) == pytest.approx(0.0, abs=1e-6)
+    assert all(d.p == 0.0 for d in attention_dropouts(student))
+    module.on_fit_end()
+    assert all(d.p == 0.3 for d in attention_dropouts(student))

@@ -181,6 +181,19 @@ def hidden_state_loss(
 # Attention
 
 
+def attention_dropouts(model: nn.Module) -> list[nn.Dropout]:
+    """The dropout layers on a transformer's attention probabilities (``BertSelfAttention.dropout``,
+    DistilBERT's ``MultiHeadSelfAttention.dropout``, ...). Eager attention returns the maps AFTER this
+    dropout: in training, a student's rows then do not sum to 1 (dropped entries 0, the rest scaled by
+    1/(1-p)) and the attention KL stays far from 0 even for a student equal to its teacher; the stage
+    sets their ``p`` to 0 while it transfers attention (:class:`dpq.distill.module.DistillModule`)."""
+    return [
+        m.dropout
+        for m in model.modules()
+        if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "dropout", None), nn.Dropout)
+    ]
+
+
 def attention_loss(
     student_attn: Sequence[torch.Tensor],
     teacher_attn: Sequence[torch.Tensor],

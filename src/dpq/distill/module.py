@@ -7,6 +7,8 @@ pipeline can reorder stages freely.
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -16,9 +18,17 @@ from torchmetrics.aggregation import MeanMetric
 from dpq import metrics as task_metrics
 from dpq.core.errors import TrainingDiverged
 from dpq.core.nn import logits_of, model_inputs
-from dpq.distill.features import FeatureKDConfig, HiddenProjection, feature_kd_loss, resolve_layer_map
+from dpq.distill.features import (
+    FeatureKDConfig,
+    HiddenProjection,
+    attention_dropouts,
+    feature_kd_loss,
+    resolve_layer_map,
+)
 from dpq.distill.losses import KDConfig, kd_loss
 from dpq.distill.teachers import TeacherSignal
+
+log = logging.getLogger(__name__)
 
 
 def log_name(metric: str) -> str:
@@ -49,6 +59,7 @@ class ClassifierModule(L.LightningModule):
         self.features = features if features is not None and features.active else None
         self.kd_projection: HiddenProjection | None = None
         self._attn_impl: dict = {}
+        self._attn_dropout: dict = {}  # attention-probability dropouts switched off (attention transfer) -> p
         if self.features is not None:
             # Intermediate terms need the teacher's hidden states, so it runs every step (no logit cache).
             tmodel = getattr(teacher, "teacher", None)
@@ -79,11 +90,27 @@ class ClassifierModule(L.LightningModule):
             for m in (self.model, self.teacher.teacher):
                 self._attn_impl[m] = m.config._attn_implementation
                 m.set_attn_implementation("eager")
+            # ... and returns them after the attention-probability dropout: the student's maps would be
+            # compared with dropped entries and rescaled rows. Off while this stage trains, restored after.
+            for d in attention_dropouts(self.model):
+                if d.p > 0:
+                    self._attn_dropout[d] = d.p
+                    d.p = 0.0
+            if self._attn_dropout:
+                log.info(
+                    "%s: attention transfer: the student's attention-probability dropout (p=%s) is off "
+                    "during this stage (eager attention returns the maps after it)",
+                    self.stage,
+                    ", ".join(sorted({f"{p:g}" for p in self._attn_dropout.values()})),
+                )
 
     def on_fit_end(self) -> None:
         for m, impl in self._attn_impl.items():
             m.set_attn_implementation(impl)
         self._attn_impl.clear()
+        for d, p in self._attn_dropout.items():
+            d.p = p
+        self._attn_dropout.clear()
 
     def forward(self, batch: dict) -> torch.Tensor:
         return logits_of(self.model, batch)
