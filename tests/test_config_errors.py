@@ -189,6 +189,13 @@ CASES = [
         "200",
         "is longer than the 128 positions of the teacher",
     ),
+    # dpq's MLP/CNN have no pretrained weights or teacher layers to start from: init was ignored
+    (
+        [DIGITS, "model.init=from_teacher"],
+        "model.init",
+        "'from_teacher'",
+        "arch=mlp models start from random",
+    ),
     (
         [TINY, "model.init=from_teacher", "+model.layers=[0,9]"],
         "model.layers",

@@ -18,6 +18,14 @@ def _check_spec(spec: dict, key: str) -> None:
         raise ConfigError(f"{key}.arch", arch, f"must be one of {', '.join(ARCHES)}")
     if init not in INITS:
         raise ConfigError(f"{key}.init", init, f"must be one of {', '.join(INITS)}")
+    if arch in NATIVE_ARCHES and spec.get("init") not in (None, "random"):
+        # dpq's own MLP/CNN start from random weights: anything else was ignored, training from scratch
+        raise ConfigError(
+            f"{key}.init",
+            spec["init"],
+            f"arch={arch} models start from random weights (init: random); "
+            "pretrained and from_teacher are for arch=hf",
+        )
     check_revision(spec, key)
     if spec.get("fine_tuned") and (arch != "hf" or init != "pretrained"):
         raise ConfigError(
