@@ -93,6 +93,16 @@ def test_f1_and_mcc_on_a_hand_checked_binary_set():
     assert got["t/test_mcc"] == pytest.approx(10 / np.sqrt(600), abs=1e-6)
 
 
+def test_balanced_accuracy_averages_only_the_classes_the_targets_hold():
+    """A class only predicted (2 here) is no class of the split: scikit-learn leaves it out (2/3, not 4/9)."""
+    y = torch.tensor([0, 0, 1, 1, 0, 1])
+    pred = torch.tensor([0, 2, 1, 1, 0, 0])
+    logits = torch.nn.functional.one_hot(pred, 3).float() * 4
+    got = evaluate(logits, y, ["balanced_accuracy"])
+    assert got["t/test_balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred), abs=1e-6)
+    assert got["t/test_balanced_accuracy"] == pytest.approx(2 / 3, abs=1e-6)
+
+
 def test_metric_names_and_the_positive_label_are_checked():
     assert metrics.task_metrics({"metrics": ["f1", "mcc"], "primary_metric": "f1"}) == [
         "accuracy",
@@ -179,3 +189,11 @@ def test_sweep_objectives_follow_the_primary_metric(make_cfg):
     cfg["objective"]["metrics"] = ["onnx_accuracy"]
     with pytest.raises(ConfigError, match="'onnx_val_accuracy'"):
         check_objective(cfg)
+
+
+def test_balanced_accuracy_pickles():
+    import pickle
+
+    m = metrics.METRICS["balanced_accuracy"].build(3, 1)
+    m.update(torch.eye(3), torch.tensor([0, 1, 1]))
+    assert float(pickle.loads(pickle.dumps(m)).compute()) == pytest.approx(0.75)

@@ -63,6 +63,14 @@ def _multiclass(metric_cls: str, **kw) -> Callable[[int, int], Any]:
     return build
 
 
+def _balanced_accuracy(num_labels: int, positive: int):
+    from dpq.core.balanced_accuracy import (
+        BalancedAccuracy,
+    )  # scikit-learn's, not torchmetrics' macro accuracy
+
+    return BalancedAccuracy(num_classes=num_labels)
+
+
 def _auroc(num_labels: int, positive: int):
     if num_labels == 2:
         return _of_positive("BinaryAUROC")(num_labels, positive)
@@ -77,7 +85,7 @@ METRICS: dict[str, MetricSpec] = {
             "balanced_accuracy",
             "balanced accuracy",
             "fraction",
-            _multiclass("MulticlassAccuracy", average="macro"),
+            _balanced_accuracy,
         ),
         MetricSpec(
             "f1", "F1 of the positive label", "fraction", _of_positive("BinaryF1Score"), positive=True
