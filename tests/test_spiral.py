@@ -130,3 +130,35 @@ def test_a_flops_target_no_stage_uses_is_said_before_training(tmp_path, caplog, 
     if warned:
         assert "pipeline.stages.prune.flops_target=0.33" in said[0]
         assert "pipeline.stages.spiral.final_sparsity=0.67" in said[0]
+
+
+def test_both_with_an_ensemble_teacher_averages_its_members_and_the_previous_round():
+    """teacher_mode=both when the pipeline's teacher is an ensemble: the round's teacher is one flat
+    ensemble (an ensemble of ensembles failed to call its member, after teacher and distill had trained):
+    the ensemble's members share half by their weights, the previous round the other half."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from dpq.distill.features import combine_teachers
+    from dpq.distill.teachers import EnsembleTeacher, TeacherLogits
+    from dpq.stages.spiral import SpiralStage
+
+    class Table(nn.Module):  # a model whose logits are a fixed row per input id
+        def __init__(self, seed):
+            super().__init__()
+            self.register_buffer("rows", torch.randn(4, 3, generator=torch.Generator().manual_seed(seed)))
+
+        def forward(self, ids):
+            return self.rows[ids]
+
+    original = EnsembleTeacher([TeacherLogits(Table(0), 4, 3), TeacherLogits(Table(1), 4, 3)], [3.0, 1.0])
+    stage = SimpleNamespace(cfg=SimpleNamespace(teacher_mode="both"))
+    ctx = SimpleNamespace(data=SimpleNamespace(num_train=4), num_labels=3)
+    student = Table(2)
+    both = SpiralStage._round_teacher(stage, ctx, student, original)
+    ids = torch.arange(4)
+    got = both.log_probs({"ids": ids}, ids, 2.0)
+    rows = [Table(s).rows for s in (0, 1, 2)]
+    assert torch.allclose(got, combine_teachers(rows, [0.375, 0.125, 0.5], 2.0), atol=1e-6)

@@ -188,4 +188,10 @@ class SpiralStage(Stage):
         previous = TeacherLogits(snapshot, ctx.data.num_train, ctx.num_labels)
         if self.cfg.teacher_mode == "previous":
             return previous
+        if isinstance(original, EnsembleTeacher):
+            # The pipeline's teacher is itself an ensemble: its members keep their weights within its
+            # half (an ensemble of ensembles has no member to call), and the previous round has the other.
+            w = original.weights or [1.0] * len(original.teachers)
+            half = [0.5 * x / sum(w) for x in w]
+            return EnsembleTeacher([*original.teachers, previous], [*half, 0.5])
         return EnsembleTeacher([original, previous])
