@@ -372,3 +372,33 @@ def test_lightning_resume_restores_lsq_steps_and_activation_ranges(tmp_path):
     )
     assert torch.equal(peek.start[0], trained.weight_fake_quantizer.step.detach())
     assert torch.equal(peek.start[1], trained.activation_fake_quantizer.amax)
+
+
+def test_the_output_projection_of_multihead_attention_is_left_out_with_a_warning(caplog):
+    """nn.MultiheadAttention reads out_proj.weight without calling out_proj: a fake quantizer there
+    trained nothing (2-bit 'quantization' changed no logit) and the packed layer broke the forward."""
+    from torch import nn
+
+    from dpq.quant import QuantConfig, convert_, prepare_qat_
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.ffn = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.ffn(self.self_attn(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    enc = Block().eval()
+    x = torch.randn(2, 5, 16)
+    with caplog.at_level("WARNING", logger="dpq.quant.fake"):
+        names = prepare_qat_(enc, QuantConfig(bits=4, targets="re:.*", quantize_head=True))
+    assert names == ["ffn"]
+    assert any("self_attn.out_proj" in r.getMessage() for r in caplog.records)
+    with torch.no_grad():
+        fake = enc(x)
+    convert_(enc)
+    with torch.no_grad():
+        assert torch.allclose(enc(x), fake, atol=1e-5)

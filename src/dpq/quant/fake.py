@@ -20,6 +20,7 @@ and conversion. Every quantizer maps 0.0 to exactly 0.0, so pruned weights stay 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ from .lsq import LSQWeightQuantizer
 from .observers import ActivationFakeQuant
 
 Targets = str | Sequence[str]
+
+log = logging.getLogger(__name__)
 
 # Module types the quantizers handle (subclasses included).
 QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
@@ -118,9 +121,20 @@ def _as_list(targets: Targets) -> list[str]:
 
 
 def select_modules(model: nn.Module, targets: Targets) -> list[str]:
-    """Qualified names of ``nn.Linear`` and ``nn.Conv2d`` modules (incl. subclasses) matching ``targets``."""
+    """Qualified names of ``nn.Linear`` and ``nn.Conv2d`` modules (incl. subclasses) matching ``targets``,
+    but not the ``out_proj`` of an ``nn.MultiheadAttention`` (``NonDynamicallyQuantizableLinear``): the
+    attention reads its ``weight`` directly and never calls it, so a fake quantizer there would train
+    nothing and a packed layer (no ``weight``) would break the model. Skipped with a warning."""
     sel = _as_list(targets)
-    return [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE) and matches(n, sel)]
+    picked = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE) and matches(n, sel)]
+    skipped = [n for n, m in picked if isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)]
+    if skipped:
+        log.warning(
+            "not quantized: %s (the output projection of nn.MultiheadAttention, which reads its weight "
+            "without calling it)",
+            ", ".join(skipped),
+        )
+    return [n for n, m in picked if n not in skipped]
 
 
 def conv_names(model: nn.Module, names: Sequence[str]) -> list[str]:
