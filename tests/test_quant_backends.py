@@ -322,3 +322,24 @@ def test_cpu_int8_keeps_its_float_codes_once_and_peak_memory_counts_them(monkeyp
         y2 = model(**x)
     assert m[0]._w_float_t is cache and torch.equal(y1, y2)
     assert cost._resident_bytes(model, x) - before == 64 * 32 * 4
+
+
+def test_layouts_the_conversion_would_refuse_after_qat_are_refused_before_it():
+    """Dynamic activation ranges on a conv (packed keeps them on Linear layers only) and torchao per-group
+    on a width the group does not divide (a shrunk FFN: 45 inputs) failed at conversion, after QAT."""
+    from torch import nn
+
+    from dpq.core.errors import ConfigError
+    from dpq.quant import QuantConfig
+    from dpq.quant.backends import check_layouts
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(45, 8), nn.Linear(64, 2))
+    dyn = QuantConfig(bits=4, act_bits=8, act_range="dynamic")
+    with pytest.raises(ConfigError, match=r"q.act_range='dynamic': .* select 1 nn.Conv2d module\(s\) \(0\)"):
+        check_layouts("packed", dyn, model, ["0", "2"], "q")
+    check_layouts("packed", dyn, model, ["2"], "q")  # linears only: fine
+    group = QuantConfig(bits=8, granularity="per_group", group_size=16)
+    with pytest.raises(ConfigError, match=r"q.group_size=16: .* 1 target\(s\) have other widths: 2 \(45\)"):
+        check_layouts("torchao", group, model, ["2", "3"], "q")
+    check_layouts("torchao", group, model, ["3"], "q")
+    check_layouts("packed", group, model, ["2", "3"], "q")  # packed pads the last group

@@ -251,6 +251,38 @@ def check_module_kinds(
         )
 
 
+def check_layouts(backend: str, qcfg: QuantConfig, model: nn.Module, names: list[str], key: str) -> None:
+    """Settings the conversion would refuse only after QAT has trained, refused before it: dynamic
+    activation ranges on conv targets (the packed format keeps them on Linear layers only), and
+    torchao's per-group schemes on a layer whose input width the group does not divide (dpq's own QAT
+    pads the last group; torchao asserts; structured pruning easily leaves such widths)."""
+    convs = conv_names(model, names)
+    if qcfg.act_bits and qcfg.act_range == "dynamic" and convs:
+        shown = ", ".join(convs[:6]) + (", ..." if len(convs) > 6 else "")
+        raise ConfigError(
+            f"{key}.act_range",
+            qcfg.act_range,
+            f"dynamic activation ranges are kept by the packed format's Linear layers only, but the targets "
+            f"select {len(convs)} nn.Conv2d module(s) ({shown}); use act_range=observed, or targets without convs",
+        )
+    if backend == "torchao" and qcfg.granularity == "per_group":
+        g = int(qcfg.group_size)
+        odd = [
+            (n, m.in_features)
+            for n in names
+            if isinstance(m := model.get_submodule(n), nn.Linear) and m.in_features % g
+        ]
+        if odd:
+            shown = ", ".join(f"{n} ({w})" for n, w in odd[:4]) + (", ..." if len(odd) > 4 else "")
+            raise ConfigError(
+                f"{key}.group_size",
+                g,
+                f"torchao's per-group schemes need input widths the group divides; {len(odd)} target(s) "
+                f"have other widths: {shown}; choose a group size that divides them, granularity=per_channel, "
+                "or backend=packed (which pads the last group)",
+            )
+
+
 def _to_codes_module(backend: str, module: nn.Module):
     qp = weight_qparams_of(module)
     cfg: QuantConfig = module.quant_config

@@ -33,7 +33,7 @@ from dpq.quant import (
     save_quantized,
     zero_positions,
 )
-from dpq.quant.backends import check_device, check_keeps_zeros, check_module_kinds
+from dpq.quant.backends import check_device, check_keeps_zeros, check_layouts, check_module_kinds
 from dpq.quant.embedding import EMBEDDING_BITS, convert_embedding_, embedding_config, word_embedding_name
 from dpq.quant.fake import QUANTIZABLE, head_names, no_match_error
 from dpq.quant.zeros import summarize
@@ -334,6 +334,7 @@ class QuantStageMixin:
                     f"{self.key}.targets", sel, str(no_match_error(model, sel, head_excluded=True))
                 )
         check_module_kinds(cfg.backend, model, names, self.key, key, sel)  # torchao / bnb: no conv
+        check_layouts(cfg.backend, qcfg, model, names, self.key)
         return qcfg, names
 
 
