@@ -1,8 +1,8 @@
 """Learned step size quantization (LSQ, Esser et al., ICLR 2020) for weights.
 
 Why hand-written: torchao's ``range_learning`` makes the scale a parameter but has neither
-LSQ's gradient scale ``g = 1/sqrt(N_w * Q_P)`` (without it the step's gradient is far too
-large relative to the weights' and training is unstable) nor per-tensor steps, and in the
+LSQ's gradient scale ``g = 1/sqrt(N_w * Q_P)`` (under SGD, without it the step's gradient is far
+too large relative to the weights' and training is unstable; see below for AdamW) nor per-tensor steps, and in the
 asymmetric case it also learns a float zero point, which would move 0.0 off the grid and
 revive pruned weights. The grid is symmetric (zero point 0), so an exactly-zero weight is
 quantized to code 0 and stays exactly zero whatever the step.
@@ -14,6 +14,12 @@ Forward, per block of weights sharing one step ``s`` (``Q_N = 2^(b-1)``, ``Q_P =
 with the straight-through estimator for ``round`` and the step's gradient multiplied by
 ``g`` (paper eq. 3-5). Steps are stored flat (1-D) so the optimizer's no-weight-decay group
 (``ndim < 2``) picks them up.
+
+The paper trains with SGD, where ``g`` sets the step's learning rate. dpq's stages train with AdamW,
+whose update divides each gradient by its own running RMS: a constant ``g`` cancels (50 steps with and
+without it differ by < 3e-4 relative), so under AdamW each step moves about ``lr`` per update in its
+own units, like every weight, and ``g`` matters only against Adam's epsilon. It is kept for SGD and
+as the paper states it; a step's pace under AdamW is the stage's ``lr``.
 
 Initial step: the paper's ``2 * mean(|w|) / sqrt(Q_P)`` suits training from scratch; on an
 already trained (and pruned) model a short QAT barely moves the step, and that rule is 11x
