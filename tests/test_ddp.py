@@ -296,3 +296,44 @@ def test_under_ddp_the_recorded_accuracy_is_the_whole_splits(tmp_path):
 
 if __name__ == "__main__":
     _rank_main(Path(sys.argv[1]), sys.argv[2:])
+
+
+def test_the_threads_a_ddp_run_keys_its_stages_with_are_the_threads_it_trains_with(monkeypatch):
+    """Lightning's DDP launcher sets cpu_count // processes threads when it starts the ranks, after the
+    stage-cache keys were computed with the process's threads: every entry carried the wrong count and the
+    next run refused it (stage cache never reused under DDP). settle_threads sets them first."""
+    import torch
+    from lightning.fabric.utilities.distributed import _suggested_max_num_threads
+
+    from dpq.core.distributed import settle_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        settle_threads({"accelerator": "cpu", "devices": 1})  # one process: nothing to settle
+        assert torch.get_num_threads() == before and "OMP_NUM_THREADS" not in os.environ
+        settle_threads({"accelerator": "cpu", "devices": 2, "strategy": "ddp"})
+        assert torch.get_num_threads() == _suggested_max_num_threads(2)
+        assert os.environ["OMP_NUM_THREADS"] == str(_suggested_max_num_threads(2))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_a_second_ddp_run_is_served_its_stages_from_the_cache(tmp_path):
+    """Two DDP runs of one configuration: the second restores both stages the first published."""
+    runs = []
+    for name in ("a", "b"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "dpq.train", *DDP_RUN[:2], "pipeline=dense", *DDP_RUN[4:]]
+            + [f"hydra.run.dir={tmp_path / name}", f"paths.cache_dir={tmp_path / 'cache'}"],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs.append(json.loads((tmp_path / name / "results.json").read_text()))
+    assert [bool(s.get("cached")) for s in runs[0]["stages"]] == [False, False]
+    assert [bool(s.get("cached")) for s in runs[1]["stages"]] == [True, True], proc.stderr[-3000:]

@@ -57,6 +57,19 @@ def trainer_world_size(trainer: Mapping[str, Any]) -> int:
     return max(1, n) * nodes
 
 
+def settle_threads(trainer: Mapping[str, Any]) -> None:
+    """Set now the CPU threads Lightning's DDP launcher will set when it starts the other ranks
+    (``cpu_count // processes per node``, unless ``OMP_NUM_THREADS`` is set): the stage-cache keys, which
+    cover the thread count (it changes float sums), are computed before that launch, and keyed with the
+    threads of a process that then trained with fewer, every entry was refused by the next run."""
+    world = trainer_world_size(trainer)
+    if world > 1:
+        # Lightning's own (private) policy, so the numbers are exactly the launcher's
+        from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+
+        _set_num_threads_if_needed(num_processes=world // max(1, int(trainer.get("num_nodes", 1) or 1)))
+
+
 T = TypeVar("T")
 PLAN_ENV = "DPQ_STAGE_CACHE_PLAN"
 _IMPORTED_AT = time.time()  # ~ this process's start: a plan file older than that is from an earlier launch

@@ -22,7 +22,13 @@ from pathlib import Path
 import lightning as L
 from torch import nn
 
-from dpq.core.distributed import barrier, is_global_zero, rank_zero_decides, trainer_world_size
+from dpq.core.distributed import (
+    barrier,
+    is_global_zero,
+    rank_zero_decides,
+    settle_threads,
+    trainer_world_size,
+)
 from dpq.core.errors import IntegrityError, TrainingDiverged
 from dpq.core.files import link_file, write_dir_atomic, write_json_atomic
 from dpq.metrics import primary_metric
@@ -79,6 +85,9 @@ class Runner:
         splits = self.ctx.data.splits
         # the examples themselves: a file edited in place or a hub dataset's new revision is another key
         data = {"data_source": splits.source, "data_sizes": splits.sizes(), "data_content": splits.content}
+        settle_threads(
+            self.ctx.cfg["trainer"]
+        )  # before the keys: they hold the threads the stages train with
         keys = stage_cache.pipeline_keys(self.ctx.cfg, data)
         distributed = trainer_world_size(self.ctx.cfg["trainer"]) > 1
         if is_global_zero() and cache.root.is_dir() and (line := cache.stale_summary()):
