@@ -171,7 +171,8 @@ def test_snapshot_round_trip_and_every_kind_of_damage_is_detected(tmp_path):
 
 def test_a_new_run_never_writes_into_another_runs_folder(tmp_path):
     resume.claim_output_dir(tmp_path / "run", {"seed": 1})
-    assert json.loads((tmp_path / "run" / "checkpoints" / "run.json").read_text()) == {"config": {"seed": 1}}
+    record = json.loads((tmp_path / "run" / "checkpoints" / "run.json").read_text())
+    assert record["config"] == {"seed": 1} and set(record) == {"config", "code"}
     with pytest.raises(ConfigError, match="already holds another run"):
         resume.claim_output_dir(tmp_path / "run", {"seed": 2})
 
@@ -438,3 +439,31 @@ def test_sigkill_during_prune_and_during_quantize_then_resume_gives_the_uninterr
     ) >= 1
     assert json.loads((run_dir / "results.json").read_text())["resumed_after"] == "recover"
     assert_same_run(tmp_path / "ref" / "run", run_dir)
+
+
+@pytest.mark.parametrize("elsewhere", [False, True])
+def test_a_run_resumed_under_other_threads_publishes_nothing_to_the_stage_cache(
+    tmp_path, monkeypatch, caplog, elsewhere
+):
+    """Killed in its first stage (no snapshot yet), a resumed run takes the cached path and publishes its
+    stages. Started under other code, libraries, hardware or threads (run.json's ``code``), its first stage
+    would be a mix of both processes keyed as this one's: then it publishes nothing."""
+    from dpq.run.stage_cache import StageCache
+
+    crash_in(monkeypatch, "teacher", 5)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(compose_cfg(tmp_path, [*FAST, "pipeline=dense"]))
+    monkeypatch.undo()
+    run_json = tmp_path / "run" / "checkpoints" / "run.json"
+    record = json.loads(run_json.read_text())
+    assert record["code"]["compute"]["torch_threads"] == str(torch.get_num_threads())
+    if elsewhere:
+        record["code"]["compute"]["torch_threads"] = "99"
+        run_json.write_text(json.dumps(record))
+    with caplog.at_level("INFO"):
+        results = train(compose_cfg(tmp_path, ["resume=" + str(tmp_path / "run")]))
+    assert results["status"] == "completed"
+    published = StageCache(tmp_path / "cache" / "stages").entries()
+    said = "stage cache: not used by this resumed run: it started under other compute than this process has"
+    assert (said in caplog.text) == elsewhere
+    assert len(published) == (0 if elsewhere else 2)

@@ -20,7 +20,7 @@ import lightning as L
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dpq.core.distributed import process_rank, warnings_on_rank_zero
+from dpq.core.distributed import process_rank, settle_threads, warnings_on_rank_zero
 from dpq.core.errors import ConfigError, IntegrityError, TrainingDiverged
 from dpq.core.provenance import capture_git
 from dpq.data import labelled, load_task
@@ -77,6 +77,9 @@ def train(cfg: DictConfig) -> dict:
         result = plan.plan(cfg_dict, stages, splits)
         plan.print_plan(result, f"dry run of {cfg_dict['run_name']} ({cfg_dict['pipeline']['name']})")
         return result
+    # The threads Lightning's DDP launcher would set when it starts the other ranks, set now: run.json and
+    # the stage-cache keys record the threads the stages train with.
+    settle_threads(cfg_dict["trainer"])
     tokenizer = load_tokenizer(cfg_dict["teacher"]) if splits.kind == "text" else None
     L.seed_everything(int(cfg_dict["seed"]), workers=True, verbose=False)
     output_dir = Path(cfg_dict["paths"]["output_dir"])

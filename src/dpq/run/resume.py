@@ -41,6 +41,7 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 from dpq.core.distributed import is_global_zero
 from dpq.core.errors import ConfigError
 from dpq.core.files import write_file_atomic, write_json_atomic
+from dpq.core.provenance import code_fingerprint
 from dpq.data import recorded_task
 from dpq.distill.teachers import cache_state, load_cache_state, teacher_caches
 from dpq.run.snapshot import safe_name
@@ -312,8 +313,9 @@ def claim_output_dir(
     output_dir: Path, cfg_dict: dict, data: dict | None = None, hub_commits: dict | None = None
 ) -> None:
     """Start a new run in ``output_dir``: refuse a folder that holds another run, then record the config,
-    the examples it runs on (``data``: :meth:`dpq.data.TaskSplits.identity`) and the commits of the hub
-    models it loads (:func:`dpq.models.run_hub_commits`), which a resume loads again."""
+    the examples it runs on (``data``: :meth:`dpq.data.TaskSplits.identity`), the commits of the hub
+    models it loads (:func:`dpq.models.run_hub_commits`), which a resume loads again, and what it computes
+    with (``code``: :func:`dpq.core.provenance.code_fingerprint`), which a resume's stage-cache use checks."""
     output_dir = Path(output_dir)
     if not is_global_zero():
         return  # the other ranks of a DDP run share rank 0's folder
@@ -331,8 +333,23 @@ def claim_output_dir(
             "config": cfg_dict,
             **({"data": data} if data else {}),
             **({"hub_commits": hub_commits} if hub_commits else {}),
+            "code": code_fingerprint(),
         },
     )
+
+
+def started_elsewhere(folder) -> str | None:
+    """Why a resumed run's stages may not be published to the stage cache: it started under other dpq
+    source, libraries, hardware or threads (a stage resumed mid-fit would be a mix of both, keyed as
+    this process's), or its run.json predates that record; None when they are this process's."""
+    started = run_record(folder).get("code")
+    if started is None:
+        return "its run.json does not record what it started with (a run from before dpq recorded it)"
+    now = json.loads(json.dumps(code_fingerprint(), default=str))
+    differ = [k for k in now if started.get(k) != now[k]]
+    if differ:
+        return f"it started under other {', '.join(differ)} than this process has"
+    return None
 
 
 def check_resume_argument(argv: list[str]) -> None:

@@ -26,7 +26,6 @@ from dpq.core.distributed import (
     barrier,
     is_global_zero,
     rank_zero_decides,
-    settle_threads,
     trainer_world_size,
 )
 from dpq.core.errors import IntegrityError, TrainingDiverged
@@ -57,6 +56,7 @@ class Runner:
             None  # a snapshot holding this teacher
         )
         self._kind: str | None = None  # kind of the current stage (for snapshot manifests)
+        self._unpublishable: str | None = None  # why a resumed run must not publish to the stage cache
 
     # ---- the stage loop ---------------------------------------------------------------------
     def run(self, stages: list[Stage]) -> None:
@@ -72,7 +72,19 @@ class Runner:
         self.order = [s.name for s in stages]
         sc = cfg.get("stage_cache") or {}
         try:
-            if not sc.get("enabled") or self.next_stage > 0 or self.last_snapshot is not None:
+            if (
+                sc.get("enabled")
+                and self._unpublishable
+                and self.next_stage == 0
+                and self.last_snapshot is None
+            ):
+                log.info("stage cache: not used by this resumed run: %s", self._unpublishable)
+            if (
+                not sc.get("enabled")
+                or self.next_stage > 0
+                or self.last_snapshot is not None
+                or self._unpublishable
+            ):
                 for i, stage in enumerate(stages):
                     if i >= self.next_stage:
                         self._run_stage(i, stage, seed)
@@ -85,9 +97,6 @@ class Runner:
         splits = self.ctx.data.splits
         # the examples themselves: a file edited in place or a hub dataset's new revision is another key
         data = {"data_source": splits.source, "data_sizes": splits.sizes(), "data_content": splits.content}
-        settle_threads(
-            self.ctx.cfg["trainer"]
-        )  # before the keys: they hold the threads the stages train with
         keys = stage_cache.pipeline_keys(self.ctx.cfg, data)
         distributed = trainer_world_size(self.ctx.cfg["trainer"]) > 1
         if is_global_zero() and cache.root.is_dir() and (line := cache.stale_summary()):
@@ -221,6 +230,7 @@ class Runner:
 
     def resume(self, stages: list[Stage]) -> str | None:
         """Continue after the newest intact snapshot of this run, if any; the name of its stage."""
+        self._unpublishable = resume.started_elsewhere(self.ctx.output_dir)
         snap = snapshot.latest(self.checkpoints, [s.name for s in stages])
         if snap is None:
             return None
