@@ -246,11 +246,11 @@ def test_two_process_ddp_on_cpu_ends_with_identical_masks_and_quantized_weights(
     assert r0["final_sparsity"] >= 0.5 - 1e-3  # 4-bit rounding may add zeros, never remove pruned ones
 
 
-def _train_cli(tmp_path: Path, *overrides: str) -> dict:
-    """``python -m dpq.train <overrides>`` into ``tmp_path/run`` (caches beside it); its results.json."""
+def _train_cli(tmp_path: Path, *overrides: str, run: str = "run") -> dict:
+    """``python -m dpq.train <overrides>`` into ``tmp_path/<run>`` (caches beside it); its results.json."""
     proc = subprocess.run(
         [sys.executable, "-m", "dpq.train", *overrides]
-        + [f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"],
+        + [f"hydra.run.dir={tmp_path / run}", f"paths.cache_dir={tmp_path / 'cache'}"],
         cwd=ROOT,
         env=_env(),
         capture_output=True,
@@ -258,7 +258,7 @@ def _train_cli(tmp_path: Path, *overrides: str) -> dict:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((tmp_path / "run" / "results.json").read_text())
+    return json.loads((tmp_path / run / "results.json").read_text())
 
 
 @pytest.mark.slow
@@ -322,18 +322,6 @@ def test_the_threads_a_ddp_run_keys_its_stages_with_are_the_threads_it_trains_wi
 @pytest.mark.slow
 def test_a_second_ddp_run_is_served_its_stages_from_the_cache(tmp_path):
     """Two DDP runs of one configuration: the second restores both stages the first published."""
-    runs = []
-    for name in ("a", "b"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "dpq.train", *DDP_RUN[:2], "pipeline=dense", *DDP_RUN[4:]]
-            + [f"hydra.run.dir={tmp_path / name}", f"paths.cache_dir={tmp_path / 'cache'}"],
-            cwd=ROOT,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        runs.append(json.loads((tmp_path / name / "results.json").read_text()))
+    runs = [_train_cli(tmp_path, *DDP_RUN[:2], "pipeline=dense", *DDP_RUN[4:], run=r) for r in ("a", "b")]
     assert [bool(s.get("cached")) for s in runs[0]["stages"]] == [False, False]
-    assert [bool(s.get("cached")) for s in runs[1]["stages"]] == [True, True], proc.stderr[-3000:]
+    assert [bool(s.get("cached")) for s in runs[1]["stages"]] == [True, True]

@@ -569,41 +569,39 @@ def test_cli_writes_tables_that_flag_the_front(tmp_path):
     assert len(pd.read_csv(out / "runs.csv").query("kind == 'final'")) == 5
 
 
-def test_sweep_runs_are_read_through_the_wandb_api(tmp_path, monkeypatch):
-    """No network here: a stand-in for wandb.Api with one run that uploaded results.json and one that did not."""
+class FakeFile:
+    """A W&B run's uploaded file (``payload`` None: never uploaded)."""
+
+    def __init__(self, payload):
+        self.payload = payload
+
+    def download(self, root, replace):
+        if self.payload is None:
+            raise ValueError("file not found")
+        path = Path(root) / "results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.payload))
+        return open(path)
+
+
+class FakeRun:
+    """A W&B sweep run: its state, uploaded results.json (or None), config and summary."""
+
+    def __init__(self, rid, state, payload, config, summary):
+        self.id, self.state, self.path, self.name = rid, state, ["me", "dpq", rid], rid
+        self.payload, self.config, self.summary = payload, config, summary
+
+    def file(self, name):
+        assert name == "results.json"
+        return FakeFile(self.payload)
+
+
+def fake_wandb_sweep(monkeypatch, runs: list[FakeRun]) -> list[str]:
+    """wandb.Api stood in for (no network here): its sweep holds ``runs``; returns the sweep paths asked."""
     import wandb
 
     from dpq.pareto import gather as gather_mod
 
-    full = fake_results("dpq", 1, 0.88, 0.55, sparsity=0.2)
-    old = fake_results("dq", 1, 0.90, 0.68)
-
-    class File:
-        def __init__(self, payload):
-            self.payload = payload
-
-        def download(self, root, replace):
-            if self.payload is None:
-                raise ValueError("file not found")
-            path = Path(root) / "results.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.payload))
-            return open(path)
-
-    class Run:
-        def __init__(self, rid, state, payload, config, summary):
-            self.id, self.state, self.path, self.name = rid, state, ["me", "dpq", rid], rid
-            self.payload, self.config, self.summary = payload, config, summary
-
-        def file(self, name):
-            assert name == "results.json"
-            return File(self.payload)
-
-    runs = [
-        Run("r1", "finished", full, {}, {}),
-        Run("r2", "finished", None, old["config"], {"final/accuracy": 0.9, "final/effective_gflops": 0.68}),
-        Run("r3", "crashed", None, {}, {}),
-    ]
     asked = []
 
     class Api:
@@ -616,6 +614,23 @@ def test_sweep_runs_are_read_through_the_wandb_api(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gather_mod, "wandb_online", lambda: True)
     monkeypatch.setattr(wandb, "Api", Api)
+    return asked
+
+
+def test_sweep_runs_are_read_through_the_wandb_api(tmp_path, monkeypatch):
+    """No network here: a stand-in for wandb.Api with one run that uploaded results.json and one that did not."""
+    full = fake_results("dpq", 1, 0.88, 0.55, sparsity=0.2)
+    old = fake_results("dq", 1, 0.90, 0.68)
+    asked = fake_wandb_sweep(
+        monkeypatch,
+        [
+            FakeRun("r1", "finished", full, {}, {}),
+            FakeRun(
+                "r2", "finished", None, old["config"], {"final/accuracy": 0.9, "final/effective_gflops": 0.68}
+            ),
+            FakeRun("r3", "crashed", None, {}, {}),
+        ],
+    )
     pts = gather(["me/dpq/abc123"], progress=False)
     assert asked == ["me/dpq/abc123"]
     finals = pts[pts["kind"] == "final"].set_index("run")

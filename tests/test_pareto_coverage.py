@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_pareto import fake_results, write_runs
+from test_pareto import FakeRun, fake_results, fake_wandb_sweep, write_runs
 
 from dpq.core.errors import ConfigError
 from dpq.pareto import OBJECTIVES
@@ -182,49 +182,18 @@ def test_paired_differences_list_the_seeds_they_are_over(tmp_path):
 def test_a_sweep_run_without_a_final_model_is_skipped_and_named(tmp_path, monkeypatch, caplog):
     """A trial that diverged still finishes its W&B run (the sweep goes on), with no final/* metric; one that
     uploaded results.json says its status there. Neither is a point."""
-    import wandb
-
-    from dpq.pareto import gather as gather_mod
-
     ok = fake_results("dpq", 1, 0.88, 0.55)
     cfg = fake_results("dpq", 2, 0.88, 0.55)["config"]
     diverged = {"status": "diverged", "error": "NaN", "stages": [], "config": cfg}
-
-    class File:
-        def __init__(self, payload):
-            self.payload = payload
-
-        def download(self, root, replace):
-            if self.payload is None:
-                raise ValueError("file not found")
-            path = Path(root) / "results.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.payload))
-            return open(path)
-
-    class Run:
-        def __init__(self, rid, payload, config, summary):
-            self.id, self.state, self.path, self.name = rid, "finished", ["me", "dpq", rid], rid
-            self.payload, self.config, self.summary = payload, config, summary
-
-        def file(self, name):
-            return File(self.payload)
-
-    runs = [
-        Run("r1", ok, {}, {}),
-        Run("r2", None, cfg, {"teacher/val_accuracy": 0.9}),  # diverged before results.json was uploaded
-        Run("r3", diverged, cfg, {}),
-    ]
-
-    class Api:
-        def __init__(self, timeout=None):
-            pass
-
-        def sweep(self, path):
-            return type("Sweep", (), {"runs": runs})()
-
-    monkeypatch.setattr(gather_mod, "wandb_online", lambda: True)
-    monkeypatch.setattr(wandb, "Api", Api)
+    fake_wandb_sweep(
+        monkeypatch,
+        [
+            FakeRun("r1", "finished", ok, {}, {}),
+            # diverged before results.json was uploaded
+            FakeRun("r2", "finished", None, cfg, {"teacher/val_accuracy": 0.9}),
+            FakeRun("r3", "finished", diverged, cfg, {}),
+        ],
+    )
     with caplog.at_level("WARNING", logger="dpq.pareto"):
         pts = gather(["me/dpq/abc123"], progress=False)
     assert list(pts.loc[pts["kind"] == "final", "run"]) == ["me/dpq/r1"]
