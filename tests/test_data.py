@@ -145,3 +145,22 @@ def test_an_older_runs_task_keys_are_read_in_todays_names():
     assert (new["text_column"], new["label_column"]) == ("sentence", "y")
     assert "offline" not in new and "online" not in new and old["source"] == "offline"  # a copy
     assert recorded_task(new) == new  # today's keys pass unchanged
+
+
+def test_a_row_count_for_validation_or_test_on_one_embedded_table_is_that_many_rows(make_cfg):
+    """digits is one table carved into three: validation=300 gave 352 rows (divided by 1 - test as if a
+    fraction), and test=300 made that divisor negative."""
+    sizes = load_task(
+        task(make_cfg, "task=digits", "task.split.validation=300", "task.split.test=0.15")
+    ).sizes()
+    assert sizes["validation"] == 300 and sizes["test"] == 270
+    sizes = load_task(
+        task(make_cfg, "task=digits", "task.split.validation=0.15", "task.split.test=300")
+    ).sizes()
+    assert sizes["test"] == 300 and sizes["validation"] == 270  # a fraction of the whole table, as before
+    sizes = load_task(
+        task(make_cfg, "task=digits", "task.split.validation=200", "task.split.test=300")
+    ).sizes()
+    assert sizes == {"train": 1297, "validation": 200, "test": 300}
+    # fractions: the split the committed digits results ran on, unchanged
+    assert load_task(task(make_cfg, "task=digits")).sizes() == {"train": 1257, "validation": 270, "test": 270}

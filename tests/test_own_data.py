@@ -713,3 +713,49 @@ def test_an_edited_data_file_or_model_folder_changes_the_cache_keys(here):
     assert first["path"] == str(here / "models" / "my-bert")
     save_tiny_bert(here / "models" / "my-bert", labels=["routine", "urgent"])  # overwritten in place
     assert key_payload(cfg, ["teacher"])["config"]["local_models"]["teacher"] != first
+
+
+def test_a_subsample_of_files_in_label_order_holds_every_label(here):
+    """Text files one per label are read one label after the other: the first N rows were one class."""
+    (here / "text").mkdir()
+    for split in ("train", "test"):
+        for label in ("neg", "pos"):
+            lines = [f"{split} {label} sentence number {i}" for i in range(200)]
+            (here / "text" / f"{split}_{label}.txt").write_text("\n".join(lines) + "\n")
+    files = (
+        "  data_files:\n    train: {neg: text/train_neg.txt, pos: text/train_pos.txt}\n"
+        "    test: {neg: text/test_neg.txt, pos: text/test_pos.txt}"
+    )
+    conf_file(here, "task", "ordered", task_yaml("ordered", files, "subsample: 40\n"))
+    splits = load_task(task_of(here, "task=ordered"))
+    assert splits.sizes() == {"train": 40, "validation": 32, "test": 32}
+    for split in ("train", "test"):
+        labels = getattr(splits, split)["label"]
+        assert 0.25 < sum(labels) / len(labels) < 0.75, (split, labels)
+    again = load_task(task_of(here, "task=ordered"))
+    assert again.train["text"] == splits.train["text"]  # seeded (task.split.seed)
+    other = load_task(task_of(here, "task=ordered", "task.split.seed=1"))
+    assert other.train["text"] != splits.train["text"]
+
+
+def test_a_hidden_label_is_refused_when_the_labels_are_reordered(here):
+    """-1 (a test split without labels, as GLUE's) indexed names[-1] when label_names reordered a ClassLabel."""
+    labels = datasets.ClassLabel(names=["negative", "positive"])
+    feats = datasets.Features({"text": datasets.Value("string"), "label": labels})
+    raw = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(
+                {"text": [f"example {i}" for i in range(40)], "label": [i % 2 for i in range(40)]},
+                features=feats,
+            ),
+            "test": datasets.Dataset.from_dict(
+                {"text": [f"test {i}" for i in range(10)], "label": [-1] * 10}, features=feats
+            ),
+        }
+    )
+    raw.save_to_disk(str(here / "hidden"))
+    conf_file(
+        here, "task", "hidden", task_yaml("hidden", "  path: hidden", "label_names: [positive, negative]\n")
+    )
+    with pytest.raises(ConfigError, match=r"task.label_column='label': labels in the data range over -1..-1"):
+        load_task(task_of(here, "task=hidden"))

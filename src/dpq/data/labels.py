@@ -58,11 +58,13 @@ def _check_present(part, column: str) -> None:
         raise ConfigError("task.label_column", column, f"row {i + 1} of {part.where} has no label")
 
 
-def _as_names(part, kind: str):
+def _as_names(part, kind: str, column: str):
     """The split's labels as strings (class names; ids become "0", "1", ...)."""
     ds = part.data
     if kind == "classlabel":
         names, features = ds.features["label"].names, ds.features.copy()
+        # -1 (a hidden label, as GLUE test splits have) would index names[-1]: the last class, silently
+        _check_ids({"": part}, len(names), "task.label_column", column)
         features["label"] = datasets.Value("string")
         ds = ds.map(
             lambda b: {"label": [names[i] for i in b["label"]]},
@@ -98,7 +100,7 @@ def encode(parts: dict, task: dict, class_label: bool) -> tuple[dict, list[str]]
         or len(own) > 1
         or (own and stated is not None and list(own)[0] != tuple(stated))
     ):
-        parts = {s: _as_names(p, kinds[s]) for s, p in parts.items()}
+        parts = {s: _as_names(p, kinds[s], column) for s, p in parts.items()}
         return _encode_names(parts, stated, column, numeric)
     if own:
         names = list(own.pop())

@@ -76,6 +76,18 @@ class TaskSplits:
         )
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _at_random(ds: datasets.Dataset, k: int, seed: int) -> datasets.Dataset:
+    """``k`` rows drawn at random (seeded), in their order in ``ds``; all of them when it has no more."""
+    if len(ds) <= k:
+        return ds
+    rows = np.sort(np.random.default_rng(seed).choice(len(ds), size=k, replace=False))
+    return ds.select(rows.tolist())
+
+
 def _carve(
     ds: datasets.Dataset, size: float, seed: int, stratify: bool
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -304,20 +316,30 @@ def load_task(task: dict) -> TaskSplits:
         # One embedded table: carve test, then validation, from it with a fixed seed.
         ds = data["train"]
         strat = _stratifiable(ds)
-        rest, test = _carve(ds, float(split_cfg.get("test", 0.1)), seed, strat)
-        val_frac = float(split_cfg.get("validation", 0.1)) / (1.0 - float(split_cfg.get("test", 0.1)))
-        train, val = _carve(rest, val_frac, seed, strat)
+        test_size, val_size = split_cfg.get("test", 0.1), split_cfg.get("validation", 0.1)
+        rest, test = _carve(ds, test_size, seed, strat)
+        # validation as the user meant it, of the whole table: a row count stays a count (it was divided
+        # by 1 - test as if a fraction, and a test row count made that divisor negative)
+        if _is_count(val_size):
+            val_size = int(val_size)
+        elif _is_count(test_size):
+            val_size = math.ceil(float(val_size) * len(ds))
+        else:
+            val_size = float(val_size) / (1.0 - float(test_size))
+        train, val = _carve(rest, val_size, seed, strat)
         data = {"train": train, "validation": val, "test": test}
     else:
         data = _carve_missing(data, split_cfg, seed)
 
     subsample = task.get("subsample")
     if subsample:
+        # Drawn at random (split.seed), not the first rows: files sorted by label, or written one per label,
+        # gave a subsample of one class
         n = int(subsample)
-        data["train"] = data["train"].select(range(min(n, len(data["train"]))))
+        data["train"] = _at_random(data["train"], n, seed)
         cap = max(n // 4, 32)
         for split in ("validation", "test"):
-            data[split] = data[split].select(range(min(cap, len(data[split]))))
+            data[split] = _at_random(data[split], cap, seed)
     data = {s: _flatten(data[s]) for s in SPLITS}  # Arrow reads the inputs' columns in a few chunks
     data, shared = overlap.apply(data, kind, task.get("overlap", "warn"), task["name"])
     for split in SPLITS:  # a stable example index, used to cache the teacher's logits per example
