@@ -552,6 +552,15 @@ def test_interleaved_latency_times_models_in_eval_mode_and_restores_their_flags(
     assert trained.training and trained.drop.training and trained.lin.training
     assert frozen.training and not frozen.lin.training
 
+    class Session:  # a model that is no nn.Module, as dpq.export's OrtModel (an ONNX Runtime session)
+        def __call__(self, features):
+            modes.append("session")
+            return features
+
+    modes.clear()
+    cost.interleaved_latency({"ort": Session(), "a": trained}, {"features": torch.randn(4, 8)}, 2, 1, 1)
+    assert modes.count("session") == 3 and (False, False) in modes
+
 
 def test_norms_are_counted_as_fvcore_estimates_them_and_stay_dense_in_effective_flops():
     """Not multiply-adds: fvcore counts LayerNorm at 5 flops per element, BatchNorm in eval at 2; the

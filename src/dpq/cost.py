@@ -693,7 +693,8 @@ def interleaved_latency(
     times: dict[str, list[float]] = {k: [] for k in models}
     with contextlib.ExitStack() as modes, torch.inference_mode():
         for m in models.values():
-            modes.enter_context(_eval_mode(m))
+            if isinstance(m, nn.Module):  # an ONNX Runtime session (OrtModel) has no training mode
+                modes.enter_context(_eval_mode(m))
         for m in models.values():
             for _ in range(max(0, warmup)):
                 m(**example_inputs)
