@@ -45,6 +45,25 @@ CASES = [
         "must be one of auto, online, offline",
     ),
     ([TINY, "task.integer_labels=ratings"], "task.integer_labels", "'ratings'", "must be one of ids, names"),
+    # objectives a finished run would not have: the weighted sum of no weights, an ONNX figure without export
+    (
+        [TINY, "objective.metrics=[objective]", "~objective.weights"],
+        "objective.metrics",
+        "'objective'",
+        "the weighted sum of objective.weights, which names no metric",
+    ),
+    (
+        [TINY, "objective.metrics=[onnx_val_accuracy]", "export.onnx=false"],
+        "objective.metrics",
+        "'onnx_val_accuracy'",
+        "needs export.onnx=true",
+    ),
+    (
+        [TINY, "+objective.weights.onnx_size_bytes=-1e-8", "export.onnx=false"],
+        "objective.weights.onnx_size_bytes",
+        "-1e-08",
+        "needs export.onnx=true",
+    ),
     # a position table shorter than the run's inputs: the export would fail after training
     ([TINY, "export.max_positions=10"], "export.max_positions", "10", "must be at least"),
     # stage order and stage names
@@ -951,3 +970,30 @@ def test_a_spiral_and_a_prune_stage_continue_from_each_others_sparsity(order, sp
     with pytest.raises(ConfigError, match="stay frozen") as err:
         build_stages(pipeline)
     assert err.value.key == key, str(err.value)
+
+
+def test_an_objective_on_a_figure_the_final_record_lacks_is_the_worst_value_said_in_the_log(caplog):
+    """An ONNX Runtime figure is missing from the final record when the export failed: the trial returns the
+    worst values (a KeyError ended the multirun), and final.objective is left out with an error."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from dpq.run.runner import Runner
+    from dpq.train import objective_values
+
+    cfg = OmegaConf.create({"objective": {"metrics": ["val_accuracy", "onnx_latency_ms_median"]}})
+    final = {"val_accuracy": 0.8, "effective_gflops": 0.5}
+    with caplog.at_level("ERROR"):
+        got = objective_values(cfg, {"final": final}, OmegaConf.create(["maximize", "minimize"]))
+    assert got == [float("-inf"), float("inf")] and "the ONNX export failed" in caplog.text
+    assert objective_values(cfg, {"final": {**final, "onnx_latency_ms_median": 2.0}}) == [0.8, 2.0]
+    runner = SimpleNamespace(ctx=SimpleNamespace(cfg={"objective": {"weights": {"val_accuracy": 1.0}}}))
+    Runner._objective(runner, final)
+    assert final["objective"] == 0.8
+    runner.ctx.cfg["objective"]["weights"]["onnx_size_bytes"] = -1e-8
+    del final["objective"]
+    caplog.clear()
+    with caplog.at_level("ERROR"):
+        Runner._objective(runner, final)
+    assert "objective" not in final and "final.objective not computed" in caplog.text

@@ -141,7 +141,7 @@ def hydra_main(cfg: DictConfig) -> float | list[float] | None:
             log.error("%s; this trial returns %s to the sweeper (its results.json says why)", what, worst)
             return worst
         sys.exit(3 if isinstance(e, TrainingDiverged) else 4)
-    return objective_values(cfg, results)
+    return objective_values(cfg, results, hc.sweeper.get("direction"))
 
 
 def worst_values(cfg, direction) -> float | list[float]:
@@ -154,12 +154,25 @@ def worst_values(cfg, direction) -> float | list[float]:
     return vals[0] if len(vals) == 1 else vals
 
 
-def objective_values(cfg, results: dict) -> float | list[float]:
+def objective_values(cfg, results: dict, direction=None) -> float | list[float]:
     """What a Hydra sweeper optimises (``objective.metrics`` of the final record): one value, or several
-    for a multi-objective Optuna study."""
-    vals = [
-        float(results["final"][m]) for m in (cfg.get("objective") or {}).get("metrics") or ["val_accuracy"]
-    ]
+    for a multi-objective Optuna study. A metric the final record lacks (an ONNX Runtime figure when the
+    export failed) makes the trial's values the worst (:func:`worst_values`), said in the log."""
+    names = (cfg.get("objective") or {}).get("metrics") or ["val_accuracy"]
+    final = results["final"]
+    missing = [m for m in names if final.get(m) is None]
+    if missing:
+        worst = worst_values(cfg, direction)
+        log.error(
+            "the final record lacks %s%s; this trial returns %s to the sweeper",
+            ", ".join(missing),
+            " (the ONNX export failed: results.json's onnx_export.error)"
+            if any(m.startswith("onnx_") for m in missing)
+            else "",
+            worst,
+        )
+        return worst
+    vals = [float(final[m]) for m in names]
     return vals[0] if len(vals) == 1 else vals
 
 

@@ -275,9 +275,6 @@ class Runner:
         ctx, state, cfg = self.ctx, self.state, self.ctx.cfg
         model, role = state.final_model
         final = dict(state.records[-1]["metrics"])
-        weights = (cfg.get("objective") or {}).get("weights") or {}
-        if weights:  # the scalarised objective a Bayesian sweep optimises (sweeps/pareto_bayes.yaml)
-            final["objective"] = float(sum(float(w) * float(final[k]) for k, w in weights.items()))
         writer = is_global_zero()  # DDP: every rank holds the same model; rank 0 writes the run folder
         model_dir = None
         if cfg.get("save_model", True):
@@ -303,6 +300,7 @@ class Runner:
             and (cfg.get("export") or {}).get("onnx")
         ):
             onnx_report = self._export_onnx(model, model_dir / "model.onnx", final, preds)
+        self._objective(final)  # after the export: a weight may be on an ONNX Runtime figure
         results = records.results(
             cfg,
             state,
@@ -341,6 +339,24 @@ class Runner:
                 "W&B Pareto logging", log_run, ctx.logger, results, ctx.output_dir / "results.json"
             )
         return results
+
+    def _objective(self, final: dict) -> None:
+        """``final["objective"]``, the scalarised objective a Bayesian sweep optimises (``objective.weights``,
+        sweeps/pareto_bayes.yaml); left out, with an error in the log, when a weighted metric is missing."""
+        weights = (self.ctx.cfg.get("objective") or {}).get("weights") or {}
+        missing = [k for k in weights if final.get(k) is None]
+        if missing:  # (only rank 0 exports: the other DDP ranks leave it out unsaid)
+            if not is_global_zero():
+                return
+            log.error(
+                "final.objective not computed: the final record lacks %s%s",
+                ", ".join(missing),
+                " (the ONNX export failed: results.json's onnx_export.error)"
+                if any(k.startswith("onnx_") for k in missing)
+                else "",
+            )
+        elif weights:
+            final["objective"] = float(sum(float(w) * float(final[k]) for k, w in weights.items()))
 
     def _export_onnx(self, model: nn.Module, path: Path, final: dict, preds: dict | None = None) -> dict:
         """``model/model.onnx``, measured with ONNX Runtime; its figures join ``final`` (``onnx_*``).

@@ -824,14 +824,31 @@ def check_objective(cfg: dict[str, Any]) -> None:
     results.json's ``final``: a test metric would tune on the test split, and a typo would fail
     only after training."""
     obj = cfg.get("objective") or {}
+    weights = obj.get("weights") or {}
+    exported = bool((cfg.get("export") or {}).get("onnx")) and bool(cfg.get("save_model", True))
     for m in obj.get("metrics") or []:
         if m == "objective":  # the weighted sum, checked through its weights below
+            if not weights:
+                raise ConfigError(
+                    "objective.metrics",
+                    m,
+                    "is the weighted sum of objective.weights, which names no metric: set "
+                    "objective.weights.<metric>=<weight> or return a metric itself",
+                )
             continue
         if (why := objective_problem(m, task=cfg["task"])) is not None:
             raise ConfigError("objective.metrics", m, why)
-    for k, w in (obj.get("weights") or {}).items():
+        if m.startswith("onnx_") and not exported:
+            raise ConfigError(
+                "objective.metrics", m, "is measured on the ONNX export: needs export.onnx=true"
+            )
+    for k, w in weights.items():
         if (why := objective_problem(k, task=cfg["task"])) is not None:
             raise ConfigError(f"objective.weights.{k}", w, f"{k!r} {why}")
+        if k.startswith("onnx_") and not exported:
+            raise ConfigError(
+                f"objective.weights.{k}", w, f"{k!r} is measured on the ONNX export: needs export.onnx=true"
+            )
 
 
 def check_wandb_sweep(sweep: dict[str, Any], source: str) -> None:
