@@ -30,8 +30,7 @@ from .aggregate import (
     warn_mixed_hub_models,
     warn_mixed_objective,
 )
-from .compare import CONTEXT
-from .front import pareto_mask
+from .front import CONTEXT, pareto_mask
 from .gather import INPUTS_HELP, SWEEP_ID, gather, is_sweep_id, prefix_orderings
 from .objectives import ALIASES, OBJECTIVES, Objective, parse_objectives
 from .selection import parse_keys, validation_objective

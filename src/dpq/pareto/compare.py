@@ -18,6 +18,7 @@ import pandas as pd
 from dpq.core.errors import ConfigError
 from dpq.metrics import METRICS
 
+from .front import CONTEXT
 from .gather import json_safe
 from .paired import SPLIT_OF, Predictions
 from .stats import difference_interval, mean_interval
@@ -37,7 +38,6 @@ RATIOS = (
     "onnx_latency_ms_median",
     "onnx_size_bytes",
 )
-CONTEXT = ("task", "model", "teacher")
 SELECTOR_HELP = "a pipeline name, optionally with column=value filters: 'dpq,final_sparsity=0.2,bits=4'"
 
 

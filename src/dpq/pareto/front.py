@@ -14,6 +14,9 @@ import numpy as np
 
 from .objectives import SENSES
 
+# What a front is one of: points of another task, student or teacher are never compared with each other.
+CONTEXT = ("task", "model", "teacher")
+
 _CHUNK = 1024
 
 

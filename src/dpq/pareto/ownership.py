@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from .aggregate import add_objectives, merge_seeds
-from .compare import CONTEXT, _per_seed
-from .front import pareto_mask
+from .compare import _per_seed
+from .front import CONTEXT, pareto_mask
 from .gather import _show, flat_config, json_safe, shown_settings
 from .objectives import OBJECTIVES, Objective
 from .paired import Predictions

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .front import step_order
+from .front import CONTEXT, step_order
 from .objectives import Objective
 
 REFERENCE_STYLE = {
@@ -53,8 +53,6 @@ def front_lines(front: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """The front members of each task/model/teacher, with the legend name of its line: a staircase
     through the fronts of two tasks would join points that never competed. The name says the
     context only where the points span several, and then only the columns that tell them apart."""
-    from .compare import CONTEXT
-
     cols = [c for c in CONTEXT if c in front]
     if not cols:
         return [("Pareto front", front)]
