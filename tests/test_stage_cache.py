@@ -648,3 +648,25 @@ def test_the_command_defaults_to_the_configs_stage_cache_dir(tmp_path, monkeypat
     assert (
         stage_cache.default_dir() == tmp_path / "stages"
     )  # conf/train.yaml's stage_cache.dir, not a copy of it
+
+
+def test_stages_served_from_the_cache_reach_the_trackers_history(tmp_path):
+    """A run whose teacher and distill stages came from the cache logged result/* for its later stages only:
+    the history of a sweep's trials depended on which were cache hits. Restored records are logged at their
+    stage's step, marked result/cached."""
+    import csv
+
+    from dpq.train import train
+
+    overrides = ["experiment=digits", "pipeline=dense", "trainer=debug", "logger=csv", "cost.repeats=1"]
+    logged = {}
+    for name in ("a", "b"):
+        cfg = compose_cfg(tmp_path / name, overrides)
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+        train(cfg)
+        rows = [r for p in (tmp_path / name / "run").rglob("metrics.csv") for r in csv.DictReader(p.open())]
+        logged[name] = {int(r["step"]): r for r in rows if r.get("result/accuracy")}
+    assert sorted(logged["a"]) == sorted(logged["b"]) == [0, 1]
+    assert [logged["b"][i]["result/cached"] for i in (0, 1)] == ["1", "1"]
+    assert [logged["a"][i]["result/cached"] for i in (0, 1)] == ["0", "0"]
+    assert logged["b"][1]["result/accuracy"] == logged["a"][1]["result/accuracy"]

@@ -337,13 +337,7 @@ class RunContext:
             **(extra or {}),
         }
         state.records.append(rec)
-        index = len(state.records) - 1
-        scalar = {
-            k: v
-            for k, v in {**metrics, **(state.round or {})}.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        self.log_metrics({**scalar, "stage_index": index}, step=index)
+        self.log_record(rec, len(state.records) - 1)
         primary = task_metrics.primary_metric(self.task)
         log.info(
             "after %s: accuracy %.4f%s, sparsity %.3f, effective GFLOPs %.4f",
@@ -354,6 +348,18 @@ class RunContext:
             metrics["effective_gflops"],
         )
         return rec
+
+    def log_record(self, rec: dict, index: int) -> None:
+        """A stage record's numbers to the tracker as ``result/*`` at step ``index`` (the stage's position):
+        for a stage that trained here, and for one restored from the stage cache, so every run's history
+        has every stage whichever of them the cache served."""
+        round_keys = ("round", "round_target")
+        scalar = {
+            k: v
+            for k, v in {**rec["metrics"], **{k: rec[k] for k in round_keys if k in rec}}.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        self.log_metrics({**scalar, "stage_index": index, "cached": int(bool(rec.get("cached")))}, step=index)
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         """``result/<name>`` values to the tracker (a failing tracker is dropped, never fatal)."""

@@ -185,9 +185,10 @@ class Runner:
         except snapshot.SnapshotError as e:
             cache.discard(key, str(e))
             return False
-        for r in self.state.records:
+        for i, r in enumerate(self.state.records):
             r["cached"] = True
             r.setdefault("cached_from", str(cache.path(key)))
+            self.ctx.log_record(r, i)  # the tracker's history has the stages the cache served too
         stage = stages[snap.stage_index]
         self.state.stage_index, self.state.stage_name, self._kind = snap.stage_index, stage.name, stage.kind
         log.info(
