@@ -1,7 +1,10 @@
 """Experiment loggers chosen by ``logger=``: wandb (default), csv, tensorboard, none.
 
 W&B runs online only when credentials are present; otherwise, or when the service cannot
-be reached, it logs offline into the run folder (``wandb sync`` uploads it later). A
+be reached, it logs offline into the run folder (``wandb sync`` uploads it later);
+``WANDB_MODE=offline`` (or ``dryrun``) forces offline and ``WANDB_MODE=disabled`` means no
+tracker at all (with ``logger.mode=auto``). Under a W&B sweep the run's config is logged as
+dotted keys (:func:`wandb_config`). A
 tracker failure never fails training: every call a run makes to its tracker goes through
 :func:`tolerant` (one warning, then the tracker is left alone), and results.json is written
 locally regardless.
@@ -69,13 +72,74 @@ def build_logger(cfg: dict, save_dir: str | Path, run_name: str, config: dict | 
     raise ValueError(f"logger.kind={kind!r}")
 
 
+def env_wandb_mode() -> str | None:
+    """``WANDB_MODE`` as W&B reads it: ``online`` (``run``), ``offline`` (``dryrun``, its older name, which
+    Lightning's WandbLogger sets in-process for an offline run), ``disabled``; None when unset or unknown."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    modes = {
+        "online": "online",
+        "run": "online",
+        "offline": "offline",
+        "dryrun": "offline",
+        "disabled": "disabled",
+    }
+    return modes.get(env)
+
+
+def under_wandb_sweep() -> bool:
+    """A ``wandb agent`` started this process (it sets the sweep's id and parameter file in the environment)."""
+    return bool(os.environ.get("WANDB_SWEEP_ID") or os.environ.get("WANDB_SWEEP_PARAM_PATH"))
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """``config`` with its nested mappings as dotted keys (``pipeline.stages.prune.final_sparsity``).
+
+    A mapping whose own keys contain a dot (a layer selector under ``overrides``) or that is empty stays one
+    value, so that every dotted key splits back into the path it came from and no setting disappears."""
+    out: dict = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and all(isinstance(c, str) and "." not in c for c in v):
+            out.update(flat_config(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def wandb_config(config: dict | None) -> dict | None:
+    """What ``wandb.init`` gets as the run's config: ``config`` (the resolved run config) as it is, nested,
+    except under a W&B sweep, where it is flattened to dotted keys.
+
+    W&B merges a sweep's parameters into the config shallowly, top-level key by key, and locks them: a swept
+    ``pipeline: dp`` (a preset name) would replace the whole resolved ``pipeline`` block (every stage's
+    settings, the bit widths) and a swept ``pipeline.stages.prune.final_sparsity`` would sit beside the
+    nested block as a duplicate. Flattened, the resolved config collides with nothing it should not: a swept
+    dotted key is the very key the resolved config logs (same value), and the preset name ``pipeline`` sits
+    beside ``pipeline.name``, ``pipeline.order``, ``pipeline.stages.*``. W&B's dashboards show a nested
+    config as dotted columns anyway, so a sweep's runs filter and group by the same column names
+    (``pipeline.stages.prune.final_sparsity``) as the nested config of a run outside a sweep, whose config
+    stays as it was. (Moving a colliding block under another key instead would give sweep runs columns of
+    their own, ``resolved.pipeline...``, that no other run has.) ``dpq.pareto`` reads all three forms.
+    """
+    if config is None or not under_wandb_sweep():
+        return config
+    return flat_config(config)
+
+
 def _wandb_logger(cfg: dict, save_dir: str, run_name: str, config: dict | None):
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     mode = cfg.get("mode", "auto")
     if mode == "auto":
-        mode = "online" if wandb_credentials() and os.environ.get("WANDB_MODE") != "offline" else "offline"
+        # An explicit mode is passed to wandb.init, where it overrides WANDB_MODE: so auto reads it here.
+        # disabled: no tracker at all (as logger=none) rather than W&B's disabled mode, whose stand-in run
+        # would still be handed tables, plots and results.json uploads that go nowhere.
+        env = env_wandb_mode()
+        if env == "disabled":
+            log.info("wandb: WANDB_MODE=disabled; running without a tracker")
+            return None
+        mode = "online" if wandb_credentials() and env != "offline" else "offline"
     kwargs = dict(
         project=cfg.get("project", "dpq"),
         entity=cfg.get("entity"),
@@ -83,7 +147,7 @@ def _wandb_logger(cfg: dict, save_dir: str, run_name: str, config: dict | None):
         save_dir=save_dir,
         tags=list(cfg.get("tags") or []),
         group=cfg.get("group"),
-        config=config,
+        config=wandb_config(config),
     )
     settings = wandb.Settings(init_timeout=float(cfg.get("init_timeout", 60)), silent=True)
     try:

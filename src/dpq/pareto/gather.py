@@ -16,6 +16,7 @@ whole grid counts once.
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import json
@@ -229,8 +230,22 @@ def load_sweep(spec: str, progress: bool = True) -> list[tuple[dict, str]]:
             try:
                 with run.file(RESULTS).download(root=os.path.join(tmp, run.id), replace=True) as f:
                     res = json.loads(Path(f.name).read_text())
-            except Exception:  # not uploaded (older run): rebuild the final point from the summary
-                res = results_from_summary(dict(run.config), dict(run.summary), run.name)
+            except Exception:  # not uploaded (older run): rebuilt from the summary below
+                res = None
+            if not isinstance(res, dict):
+                # One run whose config or summary cannot be read is skipped; the rest of the report stands.
+                try:
+                    res = results_from_summary(dict(run.config), dict(run.summary), run.name)
+                    if res is not None:
+                        points_from_results(res, where)  # its point can be built: fails here, not mid-report
+                except Exception as e:
+                    log.warning(
+                        "skipping W&B run %s: its config and summary could not be read (%s: %s)",
+                        where,
+                        type(e).__name__,
+                        e,
+                    )
+                    continue
                 # A trial that diverged or failed an integrity check still finishes its W&B run (the sweep
                 # goes on) but logs no final/* metric: it has no final model, not a point without numbers.
                 if res is None:
@@ -249,21 +264,72 @@ def load_sweep(spec: str, progress: bool = True) -> list[tuple[dict, str]]:
 
 def results_from_summary(config: dict, summary: dict, name: str) -> dict | None:
     """A results.json-shaped dict from a W&B run's config and ``final/*`` summary (final point only);
-    ``None`` when the summary has no ``final/*`` metric (the run ended without a final model)."""
+    ``None`` when the summary has no ``final/*`` metric (the run ended without a final model).
+    The config is read in any form a run logged it in (:func:`nested_config`)."""
     final = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith("final/")}
     if not final:
         return None
-    pipe = config.get("pipeline") or {}
+    config = nested_config(config, name)
+    pipe = config.get("pipeline") if isinstance(config.get("pipeline"), dict) else {}
+    order = pipe.get("order")
+    order = [str(s) for s in order] if isinstance(order, list) else []
     return {
         "status": "completed",
         "run_name": config.get("run_name", name),
         "pipeline": pipe.get("name"),
-        "order": list(pipe.get("order") or []),
+        "order": order,
         "seed": config.get("seed"),
         "config": config,
-        "final": {"stage": (pipe.get("order") or ["?"])[-1], "model": "student", **final},
+        "final": {"stage": (order or ["?"])[-1], "model": "student", **final},
         "stages": [],
     }
+
+
+def _merge(into: dict, more: dict) -> dict:
+    """``into`` with ``more`` merged in, mapping by mapping (``more`` wins); neither is changed."""
+    out = dict(into)
+    for k, v in more.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def nested_config(config: dict, name: str = "?") -> dict:
+    """A W&B run's config as a nested run config, whichever form it was logged in.
+
+    - nested (a run outside a sweep): as it is;
+    - dotted keys (``pipeline.stages.prune.final_sparsity``: a sweep's run, whose resolved config
+      :func:`dpq.loggers.wandb_config` logs flattened, and the sweep's own dotted parameters): nested back;
+    - a plain value where a block belongs (a swept ``pipeline: dp``, the preset's name): the block's
+      ``name``. A sweep run logged before dpq kept the resolved config has only that name and the swept
+      keys; its pipeline is rebuilt from today's preset in ``conf/pipeline`` with the swept keys on top
+      (a warning names the run).
+    """
+    out = {k: copy.deepcopy(v) for k, v in config.items() if "." not in str(k)}  # the caller's stays as it is
+    # the shallower dotted keys first, so that a deeper swept one refines a block and is never replaced by it
+    for k in sorted((k for k in config if "." in str(k)), key=lambda k: str(k).count(".")):
+        *path, leaf = str(k).split(".")
+        node = out
+        for p in path:
+            if not isinstance(node.get(p), dict):
+                node[p] = {} if node.get(p) is None else {"name": node[p]}
+            node = node[p]
+        v = config[k]
+        node[leaf] = _merge(node[leaf], v) if isinstance(v, dict) and isinstance(node.get(leaf), dict) else v
+    pipe = out.get("pipeline")
+    if pipe is not None and not isinstance(pipe, dict):
+        pipe = out["pipeline"] = {"name": pipe}
+    if isinstance(pipe, dict) and "order" not in pipe and str(pipe.get("name")) in list_options("pipeline"):
+        preset = load_option("pipeline", str(pipe["name"]))
+        preset.pop("defaults", None)
+        out["pipeline"] = _merge(_merge(load_option("pipeline", "_base"), preset), pipe)
+        log.warning(
+            "W&B run %s logged only its pipeline's name (%s) and swept settings, not the resolved pipeline "
+            "(a sweep run from before dpq kept it): rebuilt from conf/pipeline/%s.yaml as it is today",
+            name,
+            pipe["name"],
+            pipe["name"],
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- points
