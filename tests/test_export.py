@@ -73,7 +73,14 @@ def check(model, inputs, tmp_path, name, atol):
 
 
 def quantized(
-    model, bits, granularity="per_channel", group=32, embedding=None, act_bits=None, act_range="observed"
+    model,
+    bits,
+    granularity="per_channel",
+    group=32,
+    embedding=None,
+    act_bits=None,
+    act_range="observed",
+    targets=TARGETS,
 ):
     m = copy.deepcopy(model)
     names = prepare_qat_(
@@ -82,7 +89,7 @@ def quantized(
             bits=bits,
             granularity=granularity,
             group_size=group,
-            targets=TARGETS,
+            targets=targets,
             act_bits=act_bits,
             act_range=act_range,
         ),
@@ -109,6 +116,91 @@ def test_dense_bert_is_fused_and_matches(tmp_path, caplog):
     # and logging is as it was afterwards
     assert [r.name for r in caplog.records if not r.name.startswith("dpq")] == []
     assert logging.root.manager.disable == 0
+
+
+DISTILBERT_TARGETS = (
+    r"re:.*transformer\.layer\.\d+\.(attention\.(q_lin|k_lin|v_lin|out_lin)|ffn\.lin1|ffn\.lin2)"
+)
+
+
+def distilbert(seed=0):
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = DistilBertConfig(
+        vocab_size=300,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=128,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    m = DistilBertForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        m.classifier.weight.normal_(0, 64**-0.5)
+    return m
+
+
+def roberta(seed=0):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=66,  # as RoBERTa's own 514: 64 positions from padding_idx + 1 = 2
+        num_labels=3,
+        pad_token_id=1,
+    )
+    m = RobertaForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        m.classifier.out_proj.weight.normal_(0, 64**-0.5)
+    return m
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize("arch", ["distilbert", "roberta"])
+def test_distilbert_and_roberta_attention_is_fused_with_their_own_query_key_value(tmp_path, arch, bits):
+    """The fused attention's weight was looked up as ``bert.encoder.layer.N.attention.self.query``: every
+    other encoder the optimizer fuses (DistilBERT's ``attention.q_lin``, RoBERTa's ``roberta.encoder...``)
+    failed with a KeyError, and DistilBERT's weight-only 4-bit Q/K/V would have been one QAttention."""
+    model = distilbert() if arch == "distilbert" else roberta()
+    inputs = text_inputs()
+    if arch == "distilbert":
+        del inputs["token_type_ids"]
+    targets = DISTILBERT_TARGETS if arch == "distilbert" else TARGETS
+    m = model if bits is None else quantized(model, bits, targets=targets)
+    with torch.no_grad():
+        scale = float(m(**inputs).logits.abs().max())
+    r = check(m, inputs, tmp_path, f"{arch}-{bits}", 0.05 * scale if bits == 8 else 1e-4)
+    assert r.weights_checked == 14 and r.fused.get("LayerNormalization")
+    if bits is None:
+        assert r.ops.get("Attention") == 2 and not r.int8_layers and not r.nbits_layers
+    elif bits == 8:  # one QAttention per layer over the layer's own query/key/value codes
+        assert r.ops.get("QAttention") == 2 and r.ops.get("DynamicQuantizeMatMul") == 6
+        assert len(r.int8_layers) == 12
+    else:  # weight-only 4-bit: three exact MatMulNBits feeding MultiHeadAttention, float activations
+        assert r.ops.get("MatMulNBits") == 12 and r.ops.get("MultiHeadAttention") == 2
+        assert "QAttention" not in r.ops and "DynamicQuantizeLinear" not in r.ops
+
+
+def test_roberta_position_table_trim_keeps_the_rows_after_padding_idx(tmp_path):
+    """RoBERTa's position i reads row padding_idx + 1 + i: max_positions=16 keeps 18 rows (16 kept
+    failed on 15 tokens or more: index 16 is out of bounds)."""
+    model = roberta()
+    inputs = text_inputs(seq=16)  # exactly as many tokens as positions kept
+    inputs["input_ids"][inputs["input_ids"] == 1] = 2  # no padding token: position ids run to 17
+    report = export_onnx(model, inputs, tmp_path / "trimmed.onnx", OnnxOptions(max_positions=16))
+    assert report.max_positions == 16 and report.fused.get("Attention") == 2
+    with torch.no_grad():
+        torch.testing.assert_close(ort_logits(report.path, inputs), model(**inputs).logits, atol=1e-4, rtol=0)
+    whole = sum(p.numel() for p in model.parameters())
+    assert whole - report.params_total == (66 - 18) * 64
+    assert model.roberta.embeddings.position_embeddings.num_embeddings == 66  # the caller's model untouched
 
 
 def test_unstructured_zeros_stay_exactly_zero(tmp_path):

@@ -246,6 +246,24 @@ def _is_bert_like(model: nn.Module) -> bool:
     return getattr(config, "model_type", None) in ("bert", "roberta", "distilbert", "xlm-roberta", "electra")
 
 
+# An attention block's query, key and value projections, by the attribute names the Hugging Face encoders
+# give them: BERT, RoBERTa, XLM-RoBERTa, ELECTRA (``attention.self``) and DistilBERT (``attention``).
+_QKV_ATTRIBUTES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))
+
+
+def _qkv_names(model: nn.Module) -> list[tuple[str, str, str]]:
+    """Each attention block's query, key and value module names, one triple per layer in model order:
+    ``bert.encoder.layer.0.attention.self.query``, ``distilbert.transformer.layer.0.attention.q_lin``, ...
+    (what the optimizer's fused ``Attention`` nodes hold, in the same order)."""
+    out = []
+    for name, module in model.named_modules():
+        for attributes in _QKV_ATTRIBUTES:
+            if all(isinstance(getattr(module, a, None), nn.Module) for a in attributes):
+                out.append(tuple(f"{name}.{a}" if name else a for a in attributes))
+                break
+    return out
+
+
 class _Positional(nn.Module):
     """``forward(*tensors)`` in a fixed input order, returning the logits tensor."""
 
@@ -530,6 +548,7 @@ def _replace_weights(
         report.int8_layers.append(name)
         return True
 
+    qkv_layers = _qkv_names(model)
     attention = 0
     for node in g.node:
         if id(node) in folded:
@@ -561,9 +580,15 @@ def _replace_weights(
                             nodes.append(helper.make_node("Add", [y, node.input[2]], [node.output[0]]))
                         continue
         if node.op_type == "Attention":
-            prefix = f"bert.encoder.layer.{attention}.attention.self."
+            if attention >= len(qkv_layers):
+                raise ExportError(
+                    f"the fused graph has more attention nodes than the model has query/key/value layers "
+                    f"({len(qkv_layers)})"
+                )
+            qkv = list(qkv_layers[attention])
+            # the attention block, e.g. bert.encoder.layer.0.attention.self.
+            prefix = qkv[0].rsplit(".", 1)[0] + "."
             attention += 1
-            qkv = [prefix + t for t in ("query", "key", "value")]
             w = numpy_helper.to_array(inits[node.input[1]])
             want = np.concatenate([weight_of(n).T for n in qkv], 1)
             if not np.array_equal(w, want):
@@ -666,8 +691,9 @@ def _qkv_fusable(model: nn.Module, dynamic_int8: bool = False) -> bool:
     feeding a fused ``MultiHeadAttention``. Int8 Q/K/V (exported as dynamic int8 anyway), Q/K/V
     trained with int8 activations (``act_bits=8``) and float Q/K/V are packed, and so are 4-bit Q/K/V
     when ``dynamic_int8`` (``nbits_compute=int8_matmul``: the user asked for dynamic int8 activations)."""
+    qkv = {n for layer in _qkv_names(model) for n in layer}
     for n, m in quantized_modules(model):
-        if ".attention.self." not in n:
+        if n not in qkv:
             continue
         if getattr(m, "granularity", "") == "per_group" or (
             m.bits <= 4 and not m.act_bits and not dynamic_int8
@@ -742,27 +768,38 @@ def max_positions(value: Any, task: dict, cost: dict, key: str = "export.max_pos
 
 
 def _trim_positions(model: nn.Module, keep: int) -> int | None:
-    """Keep the first ``keep`` rows of every learned position table (and its id buffers); returns
-    ``keep`` if a table was trimmed. Exact: the logits of inputs up to ``keep`` tokens are unchanged
-    (position i reads row i). Hand-written because no exporter drops rows a model never reads."""
+    """Keep the rows of every learned position table (and its id buffers) that inputs of up to ``keep``
+    tokens read; returns ``keep`` if a table was trimmed. Exact: the logits of inputs up to ``keep``
+    tokens are unchanged. Position i reads row i (BERT, DistilBERT, ELECTRA: ``keep`` rows), or row
+    ``padding_idx + 1 + i`` in RoBERTa-style embeddings (RoBERTa, XLM-RoBERTa: the position ids come from
+    ``create_position_ids_from_input_ids``, padding reads row ``padding_idx``), which keep
+    ``keep + padding_idx + 1`` rows. Hand-written because no exporter drops rows a model never reads."""
     if keep < 1:
         raise ValueError(f"max_positions must be >= 1, got {keep}")
-    done = None
+    done, rows_kept = None, 0
     for module in model.modules():
         table = getattr(module, "position_embeddings", None)
-        if not isinstance(table, nn.Embedding) or table.num_embeddings <= keep:
+        if not isinstance(table, nn.Embedding):
             continue
-        small = nn.Embedding(keep, table.embedding_dim, padding_idx=table.padding_idx)
-        small.weight = nn.Parameter(table.weight.detach()[:keep].clone(), requires_grad=False)
+        rows = keep
+        if callable(getattr(module, "create_position_ids_from_input_ids", None)):
+            padding_idx = getattr(module, "padding_idx", None)
+            if not isinstance(padding_idx, int):
+                continue  # positions offset by an unknown amount: the table stays whole
+            rows = keep + padding_idx + 1
+        if table.num_embeddings <= rows:
+            continue
+        small = nn.Embedding(rows, table.embedding_dim, padding_idx=table.padding_idx)
+        small.weight = nn.Parameter(table.weight.detach()[:rows].clone(), requires_grad=False)
         module.position_embeddings = small
-        for name in ("position_ids", "token_type_ids"):
+        for name in ("position_ids", "token_type_ids"):  # RoBERTa gathers token_type_ids at the position ids
             buf = getattr(module, name, None)
-            if isinstance(buf, torch.Tensor) and buf.dim() == 2 and buf.shape[1] > keep:
-                module.register_buffer(name, buf[:, :keep].clone(), persistent=False)
-        done = keep
+            if isinstance(buf, torch.Tensor) and buf.dim() == 2 and buf.shape[1] > rows:
+                module.register_buffer(name, buf[:, :rows].clone(), persistent=False)
+        done, rows_kept = keep, max(rows_kept, rows)
     config = getattr(model, "config", None)
-    if done and config is not None and getattr(config, "max_position_embeddings", 0) > keep:
-        config.max_position_embeddings = keep
+    if done and config is not None and getattr(config, "max_position_embeddings", 0) > rows_kept:
+        config.max_position_embeddings = rows_kept
     return done
 
 
