@@ -402,3 +402,22 @@ def test_the_output_projection_of_multihead_attention_is_left_out_with_a_warning
     convert_(enc)
     with torch.no_grad():
         assert torch.allclose(enc(x), fake, atol=1e-5)
+
+
+def test_the_classifier_head_is_the_layer_that_gives_the_logits_wherever_it_is_registered():
+    """XLM-RoBERTa registers its classifier before its encoder: the last nn.Linear in module order was an
+    encoder layer's output.dense, left unquantized as "the head" while the real head was quantized."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        XLMRobertaConfig,
+        XLMRobertaForSequenceClassification,
+    )
+
+    from dpq.quant.fake import head_names
+
+    kw = dict(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    xlmr = XLMRobertaForSequenceClassification(XLMRobertaConfig(**kw, num_labels=3))
+    assert head_names(xlmr) == ["classifier.out_proj"]
+    assert head_names(BertForSequenceClassification(BertConfig(**kw, num_labels=2))) == ["classifier"]
+    assert head_names(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))) == ["1"]  # no config: the last

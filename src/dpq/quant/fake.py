@@ -111,9 +111,16 @@ def activation_scale_of(module: nn.Module) -> Tensor | None:
 
 
 def head_names(model: nn.Module) -> list[str]:
-    """The classifier head: the model's last ``nn.Linear`` (it produces the logits)."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return linears[-1:]
+    """The classifier head: the ``nn.Linear`` that produces the logits -- the last one with the model's
+    ``config.num_labels`` outputs (XLM-RoBERTa registers its ``classifier`` before its encoder, so the last
+    ``nn.Linear`` in module order is an encoder layer's), else the last ``nn.Linear``."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if isinstance(labels, int) and not isinstance(labels, bool):
+        heads = [n for n, m in linears if m.out_features == labels]
+        if heads:
+            return heads[-1:]
+    return [n for n, _ in linears][-1:]
 
 
 def _as_list(targets: Targets) -> list[str]:
