@@ -143,13 +143,8 @@ class RunContext:
 
     # ---- training -----------------------------------------------------------------------
     def make_trainer(self, callbacks=(), **overrides) -> L.Trainer:
-        return hydra.utils.instantiate(
-            self.trainer_cfg,
-            callbacks=list(callbacks),
-            logger=self.tracker or False,
-            default_root_dir=str(self.output_dir),
-            **overrides,
-        )
+        kwargs = dict(logger=self.tracker or False, default_root_dir=str(self.output_dir))
+        return hydra.utils.instantiate(self.trainer_cfg, callbacks=list(callbacks), **{**kwargs, **overrides})
 
     def module_for(
         self, state: State | None, model: nn.Module, stage_name: str, stage_cfg=None, kd_alpha: float = 0.0
@@ -253,7 +248,9 @@ class RunContext:
         # Every rank evaluates the whole split: a DistributedSampler would pad the shards with repeated
         # examples (64 test examples on 3 ranks were scored as 66), so under DDP the recorded accuracy
         # would not be the split's. The synced metrics and losses of identical ranks are the split's own.
-        trainer = self.make_trainer(enable_progress_bar=False, use_distributed_sampler=False)
+        # Not logged: a fresh trainer logs at step 0, so each stage's final scores landed at the start of its
+        # curves (TensorBoard, W&B); the tracker gets them as result/* at the stage's step (log_record).
+        trainer = self.make_trainer(enable_progress_bar=False, use_distributed_sampler=False, logger=False)
         test = trainer.test(module, dataloaders=self.data.test_dataloader(), verbose=False)[0]
         val = trainer.validate(module, dataloaders=self.data.val_dataloader(), verbose=False)[0]
         out = {
