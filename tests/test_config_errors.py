@@ -849,6 +849,15 @@ def test_a_grid_multirun_lists_every_job_as_the_basic_sweeper_will_run_them(tmp_
         ),
         (["hparams_search=pareto_bayes", "hydra.sweeper.n_trials=0"], "n_trials=0: must be an integer >= 1"),
         (["hparams_search=pareto_bayes", "dry_run=true"], "dry_run=True: trains nothing, so an Optuna study"),
+        # a direction against the metric's sense: the study would search for the worst model
+        (
+            ["hparams_search=pareto_multi", "objective.metrics=[effective_gflops,val_accuracy]"],
+            "direction[0]='maximize': objective.metrics[0]='effective_gflops' is better lower: minimize it",
+        ),
+        (
+            ["hparams_search=pareto_bayes", "objective.metrics=[val_loss]"],
+            "direction[0]='maximize': objective.metrics[0]='val_loss' is better lower",
+        ),
     ],
 )
 def test_an_optuna_study_whose_trials_could_only_fail_is_refused_before_the_first(overrides, said):

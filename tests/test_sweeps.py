@@ -243,8 +243,16 @@ def test_a_wandb_sweep_on_a_test_metric_is_a_config_error(metric, weight):
 
 def test_wandb_sweeps_may_optimise_validation_and_cost_metrics_only():
     sweep = load(ROOT / "sweeps" / "sparsity_grid.yaml")
-    for name in ("final/val_accuracy", "final/val_loss", "final/effective_gflops", "final/latency_ms_median"):
-        check_wandb_sweep({**sweep, "metric": {"name": name, "goal": "maximize"}}, "s.yaml")
+    for name, goal in (
+        ("final/val_accuracy", "maximize"),
+        ("final/val_loss", "minimize"),
+        ("final/effective_gflops", "minimize"),
+        ("final/latency_ms_median", "minimize"),
+    ):
+        check_wandb_sweep({**sweep, "metric": {"name": name, "goal": goal}}, "s.yaml")
+        wrong = "maximize" if goal == "minimize" else "minimize"
+        with pytest.raises(ConfigError, match=f"metric.goal='{wrong}': {name} is better"):  # the worst model
+            check_wandb_sweep({**sweep, "metric": {"name": name, "goal": wrong}}, "s.yaml")
     for bad, why in (("final/acc", "must be a validation or cost metric"), ("val_accuracy", "final/<metric")):
         with pytest.raises(ConfigError, match=why):
             check_wandb_sweep({**sweep, "metric": {"name": bad, "goal": "maximize"}}, "s.yaml")

@@ -87,6 +87,16 @@ def check_sweeper(config: DictConfig) -> None:
             f"needs one direction per objective.metrics entry ({metrics}: {len(metrics)}); dpq.train returns "
             "one value per metric, in order",
         )
+    from dpq.run.validate import objective_sense
+
+    for i, (m, d) in enumerate(zip(metrics, dirs, strict=True)):
+        if (sense := objective_sense(str(m))) is not None and d.lower() != sense:
+            raise ConfigError(
+                f"hydra.sweeper.direction[{i}]",
+                d,
+                f"objective.metrics[{i}]={m!r} is better {'higher' if sense == 'maximize' else 'lower'}: "
+                f"{sense} it (the study would search for the worst {m})",
+            )
     n = sweeper.get("n_trials")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ConfigError("hydra.sweeper.n_trials", n, "must be an integer >= 1")

@@ -806,6 +806,24 @@ def _val(name: str) -> str:
     return f"onnx_val_{name[5:]}" if name.startswith("onnx_") else f"val_{name}"
 
 
+def objective_sense(name: str) -> str | None:
+    """Which way a sweep objective is better: ``maximize`` (validation quality, the weighted ``objective``)
+    or ``minimize`` (losses, costs); None where either can be meant (``sparsity``) or the name is unknown."""
+    if name == "objective":
+        return "maximize"
+    if name == "sparsity":
+        return None
+    if name in cost_metrics():
+        return "minimize"
+    base = name.removeprefix("onnx_val_").removeprefix("val_")
+    if base == "loss":
+        return "minimize"
+    if base in ("accuracy", "agreement"):
+        return "maximize"
+    metric = task_metrics.METRICS.get(base)
+    return None if metric is None else ("maximize" if metric.sense == "max" else "minimize")
+
+
 def objective_problem(name: str, spelled: str = "{}", task: dict[str, Any] | None = None) -> str | None:
     """Why ``name`` cannot be a sweep objective (a test-split metric, or not a final metric), else
     None. ``spelled`` formats the names suggested instead (``"final/{}"`` for a W&B sweep)."""
@@ -861,6 +879,13 @@ def check_wandb_sweep(sweep: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: metric.name", name, "must be final/<metric of results.json's final>")
     if metric != "objective" and (why := objective_problem(metric, "final/{}")):
         raise ConfigError(f"{source}: metric.name", name, why)
+    goal, sense = (sweep.get("metric") or {}).get("goal"), objective_sense(metric)
+    if goal is not None and sense is not None and str(goal).lower() != sense:
+        raise ConfigError(
+            f"{source}: metric.goal",
+            goal,
+            f"{name} is better {'higher' if sense == 'maximize' else 'lower'}: {sense} it",
+        )
     for key, spec in (sweep.get("parameters") or {}).items():
         if key.startswith("objective.weights.") and (why := objective_problem(key.split(".", 2)[2])):
             raise ConfigError(f"{source}: parameters.{key}", spec, f"{key.split('.', 2)[2]!r} {why}")
