@@ -189,3 +189,25 @@ def test_pareto_reads_a_sweep_run_config_in_every_form_and_skips_an_unreadable_r
     assert finals.loc["me/dpq/old", "label"] == "dp 0.3 sparse"  # rebuilt from conf/pipeline/dp.yaml
     assert "me/dpq/broken" in caplog.text and "skipping" in caplog.text
     assert "old" in caplog.text and "conf/pipeline/dp.yaml" in caplog.text
+
+
+def test_a_wandb_group_holds_one_configurations_seeds(tmp_path):
+    """Run names repeat across a grid's sparsities (dp-rotten_tomatoes-minilm_l3-s42 for each): the default
+    W&B group is the configuration without its seed, the key dpq.pareto merges seeds by."""
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    from dpq.pareto.gather import config_key, identity
+    from dpq.run.context import tracker_settings
+
+    def group(*overrides):
+        cfg = OmegaConf.to_container(compose_cfg(tmp_path, ["logger=wandb", *overrides]), resolve=True)
+        return tracker_settings(cfg)["group"], cfg
+
+    g42, cfg = group("pipeline=dp", "seed=42")
+    assert g42 == group("pipeline=dp", "seed=43")[0]
+    assert g42.startswith("dp-rotten_tomatoes-minilm_l3-") and g42.endswith(config_key(identity(cfg)))
+    assert g42 != group("pipeline=dp", "pipeline.stages.prune.final_sparsity=0.7")[0]
+    assert group("pipeline=dp", "logger.group=mine")[0] == "mine"
+    plain = OmegaConf.to_container(compose_cfg(tmp_path, ["logger=csv"]), resolve=True)
+    assert "group" not in tracker_settings(plain)

@@ -43,6 +43,20 @@ from dpq.stages import KDStageConfig, Stage
 log = logging.getLogger(__name__)
 
 
+def tracker_settings(cfg: dict) -> dict:
+    """``cfg["logger"]`` with W&B's ``group`` defaulted to the run's configuration, seeds aside: the
+    pipeline, task and model names and the key ``dpq.pareto`` merges seeds by (a point of the front), so a
+    dashboard groups a configuration's seeds and an ablation's points never share a group. Run names alone
+    cannot: a grid's sparsities, or two experiments of one pipeline, give the same name."""
+    logger = dict(cfg.get("logger") or {})
+    if logger.get("kind") == "wandb" and not logger.get("group"):
+        from dpq.pareto.gather import config_key, identity
+
+        names = [str((cfg.get(k) or {}).get("name", "?")) for k in ("pipeline", "task", "model")]
+        logger["group"] = "-".join([*names, config_key(identity(cfg))])
+    return logger
+
+
 class RunContext:
     def __init__(
         self,
@@ -87,7 +101,7 @@ class RunContext:
         git = git if git is not None else capture_git()
         earlier = records.git_starts(output_dir)
         started = records.save_provenance(output_dir, git) if is_global_zero() else dict(git.info)
-        logger = build_logger(cfg["logger"], output_dir, cfg["run_name"], cfg)
+        logger = build_logger(tracker_settings(cfg), output_dir, cfg["run_name"], cfg)
         ctx = cls(cfg, OmegaConf.create(cfg["trainer"]), data, tokenizer, logger, output_dir)
         ctx.git, ctx.git_earlier_starts = started, earlier
         return ctx
