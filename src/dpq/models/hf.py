@@ -280,6 +280,8 @@ def load_tokenizer(spec: dict, key: str = "teacher"):
         path, revision = resolve_pretrained(own, where), pretrained_revision(own, where)
     else:
         path, revision = ref, pretrained_revision(ref, f"{key}.tokenizer")
+        if _looks_local(str(path)):  # ~/tok as pretrained: is (resolve_pretrained); as a bare tokenizer too
+            path = os.path.abspath(os.path.expanduser(str(path)))
 
     def missing(why: str) -> ConfigError:
         return ConfigError(
@@ -460,14 +462,21 @@ def build_hf(spec: dict, task: dict, key: str, teacher: nn.Module | None = None)
             "hf",
             f"a Hugging Face text model needs a text task; task '{task['name']}' is {task['kind']}",
         )
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     init = spec.get("init", "pretrained")
     if init == "pretrained":
         path = resolve_pretrained(spec, key)
         try:
+            # float32 whatever the checkpoint is stored in: transformers 5 loads dtype="auto", and a bf16 or
+            # fp16 checkpoint fine-tuned in its own precision loses most small AdamW updates to rounding
+            # (one step at lr 2e-5 changed 11% of a bf16 model's weights); mixed precision is trainer.precision's
             return AutoModelForSequenceClassification.from_pretrained(
-                path, config=hf_config(spec, task, key), revision=pretrained_revision(spec, key)
+                path,
+                config=hf_config(spec, task, key),
+                revision=pretrained_revision(spec, key),
+                dtype=torch.float32,
             )
         except OSError as e:
             raise _hf_load_error(key, path, e) from None
