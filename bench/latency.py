@@ -23,7 +23,8 @@ it -- with their test accuracy and file size. ONNX Runtime's idle threads sleep
 (``allow_spinning=0``) and so do PyTorch's (``OMP_WAIT_POLICY=PASSIVE``): spinning pools of one
 runtime otherwise steal the cores the other is being timed on.
 
-Writes ``bench/results/latency.json`` (or ``--out``) and prints one table per batch size.
+Writes ``bench/results/latency.json`` when timing ``bench/results/study`` (else ``--out`` is needed) and
+prints one table per batch size.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+STUDY_LATENCY = ROOT / "bench" / "results" / "latency.json"  # bench/study.py reads it into README
 RUN_DIR = re.compile(r"^(?P<config>.+)-s(?P<seed>\d+)$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -326,8 +328,22 @@ def main(argv=None) -> dict:
         help="add every run's model.onnx and the free ONNX Runtime "
         "baselines of the dense student (see above)",
     )
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latency.json")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"where the JSON goes (default {STUDY_LATENCY.relative_to(ROOT)}, the study's, only when timing "
+        "bench/results/study: any other set of runs names its own file)",
+    )
     args = ap.parse_args(argv)
+    if args.out is None:
+        # the study's committed file feeds README's measured table (bench/study.py): other runs must not
+        # overwrite it
+        if any(p.resolve() != (ROOT / "bench" / "results" / "study").resolve() for p in args.paths):
+            ap.error(
+                f"--out is needed: the default {STUDY_LATENCY.relative_to(ROOT)} is bench/results/study's"
+            )
+        args.out = STUDY_LATENCY
     from dpq import cost
 
     runs = pick_runs(args.paths)

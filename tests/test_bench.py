@@ -203,3 +203,10 @@ def test_weight_only_export_times_integer_kernels_against_exact_matmulnbits(tiny
     }
     assert r["dense ORT fp32"]["paired_speedup_vs_dense ORT fp32"]["geomean"] == 1.0
     assert json.loads((tmp_path / "w.json").read_text())["models"].keys() == m.keys()
+
+
+def test_latency_of_other_runs_never_overwrites_the_studys_file(tmp_path, capsys):
+    """bench/results/latency.json feeds README's measured table: timing other runs without --out replaced it."""
+    with pytest.raises(SystemExit) as e:
+        load("latency").main([str(tmp_path)])
+    assert e.value.code == 2 and "--out is needed" in capsys.readouterr().err
