@@ -64,6 +64,7 @@ CASES = [
         "-1e-08",
         "needs export.onnx=true",
     ),
+    ([TINY, "task.max_length=null"], "task.max_length", "null", "a text task cuts its examples at a number"),
     # a position table shorter than the run's inputs: the export would fail after training
     ([TINY, "export.max_positions=10"], "export.max_positions", "10", "must be at least"),
     # stage order and stage names

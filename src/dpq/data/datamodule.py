@@ -58,7 +58,7 @@ class ClassificationDataModule(L.LightningDataModule):
         return cls(
             splits,
             tokenizer,
-            max_length=int(task.get("max_length") or 128),
+            max_length=int(task.get("max_length") or 64),  # text tasks state it (dpq.run.validate)
             batch_size=int(task["batch_size"]),
             eval_batch_size=int(task["eval_batch_size"]),
             group_by_length=bool(task.get("group_by_length", True))

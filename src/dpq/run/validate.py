@@ -415,8 +415,15 @@ def check_run_keys(cfg: dict[str, Any]) -> None:
         raise ConfigError(
             "task.integer_labels", task["integer_labels"], f"must be one of {', '.join(INTEGER_LABELS)}"
         )
-    if task.get("kind") == "text" and task.get("max_length") is not None:
-        _int("task.max_length", task["max_length"], 1, " (tokens per example) or null")
+    if task.get("kind") == "text":  # null ran at 128 tokens unsaid, unchecked against the position tables
+        if task.get("max_length") is None:
+            raise ConfigError(
+                "task.max_length",
+                None,
+                "a text task cuts its examples at a number of tokens: set one (the default is 64; a run says "
+                "how many training texts fill it)",
+            )
+        _int("task.max_length", task["max_length"], 1, " (tokens per example)")
     c = cfg.get("cost") or {}
     for k, low in (("batch_size", 1), ("seq_len", 1), ("warmup", 0), ("repeats", 1)):
         if k in c:
