@@ -37,6 +37,7 @@ from dpq.run.resume import (
     recorded_hub_commits,
     register_resolvers,
 )
+from dpq.run.runner import lacking
 from dpq.run.validate import check_folders, resolved_config, unused_stage_overrides
 
 register_resolvers()  # conf/hydra/default.yaml: a resumed run keeps its own folder
@@ -163,14 +164,7 @@ def objective_values(cfg, results: dict, direction=None) -> float | list[float]:
     missing = [m for m in names if final.get(m) is None]
     if missing:
         worst = worst_values(cfg, direction)
-        log.error(
-            "the final record lacks %s%s; this trial returns %s to the sweeper",
-            ", ".join(missing),
-            " (the ONNX export failed: results.json's onnx_export.error)"
-            if any(m.startswith("onnx_") for m in missing)
-            else "",
-            worst,
-        )
+        log.error("%s; this trial returns %s to the sweeper", lacking(missing), worst)
         return worst
     vals = [float(final[m]) for m in names]
     return vals[0] if len(vals) == 1 else vals

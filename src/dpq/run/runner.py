@@ -40,6 +40,14 @@ from dpq.stages import Stage
 log = logging.getLogger(__name__)
 
 
+def lacking(missing: list[str]) -> str:
+    """What a final record lacks, and why when it is an ONNX Runtime figure (the export failed)."""
+    onnx = any(m.startswith("onnx_") for m in missing)
+    return f"the final record lacks {', '.join(missing)}" + (
+        " (the ONNX export failed: results.json's onnx_export.error)" if onnx else ""
+    )
+
+
 class Runner:
     def __init__(self, ctx: RunContext, state: State | None = None):
         self.ctx, self.state = ctx, state or State()
@@ -349,13 +357,7 @@ class Runner:
         if missing:  # (only rank 0 exports: the other DDP ranks leave it out unsaid)
             if not is_global_zero():
                 return
-            log.error(
-                "final.objective not computed: the final record lacks %s%s",
-                ", ".join(missing),
-                " (the ONNX export failed: results.json's onnx_export.error)"
-                if any(k.startswith("onnx_") for k in missing)
-                else "",
-            )
+            log.error("final.objective not computed: %s", lacking(missing))
         elif weights:
             final["objective"] = float(sum(float(w) * float(final[k]) for k, w in weights.items()))
 
