@@ -516,6 +516,17 @@ def test_a_run_writes_model_onnx_and_measures_it_and_the_cli_redoes_it(make_cfg,
     assert 0.9 <= final["onnx_agreement"] <= 1.0 and final["onnx_latency_ms_median"] > 0
     assert final["onnx_accuracy"] == pytest.approx(final["accuracy"] + final["onnx_accuracy_delta"])
     assert results["onnx_export"]["embedding"] == "GatherBlockQuantized 8-bit"
+    # The saved tokenizer cuts where the run did, so its longest input fits the trimmed position table
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
+    assert tok.model_max_length == results["config"]["task"]["max_length"]
+    long = tok("word " * 1000, truncation=True, return_tensors="np")
+    assert long["input_ids"].shape[1] == tok.model_max_length <= results["onnx_export"]["max_positions"]
+    from dpq.export import feed, ort_session
+
+    session = ort_session(tmp_path / "run" / "model" / "model.onnx")
+    assert session.run(["logits"], feed(session, dict(long)))[0].shape[0] == 1
     from transformers.utils import logging as hf_logging
 
     hf_logging.enable_progress_bar()  # as in a fresh process: the CLI turns transformers' load bars off

@@ -28,7 +28,12 @@ def _has_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
-def save_model(model: nn.Module, directory: Path, tokenizer=None) -> Path:
+def save_model(model: nn.Module, directory: Path, tokenizer=None, max_length: int | None = None) -> Path:
+    """Write ``model`` (and ``tokenizer``) to ``directory``. ``max_length``: the tokens per input the run
+    trained and measured at (``task.max_length``), saved as the tokenizer's ``model_max_length`` so that
+    ``tokenizer(text, truncation=True)`` and a ``transformers`` pipeline cut where the run did, and stay
+    within the position rows an ONNX export keeps (``export.max_positions: auto``). Left at the base
+    tokenizer's value (often 512) they fed the exported graph inputs it refuses."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     quantized = _has_quantized(model)
@@ -48,6 +53,11 @@ def save_model(model: nn.Module, directory: Path, tokenizer=None) -> Path:
         float_model.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+        if max_length is not None:  # patched in the file: the tokenizer object is shared by the run
+            path = directory / "tokenizer_config.json"
+            saved = json.loads(path.read_text()) if path.exists() else {}
+            saved["model_max_length"] = int(max_length)
+            path.write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n")
     return directory
 
 

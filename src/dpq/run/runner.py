@@ -289,7 +289,8 @@ class Runner:
         if cfg.get("save_model", True):
             model_dir = ctx.output_dir / "model"
             if writer:
-                write_dir_atomic(model_dir, lambda d: save_model(model, d, ctx.tokenizer))
+                length = ctx.task.get("max_length") if ctx.tokenizer is not None else None
+                write_dir_atomic(model_dir, lambda d: save_model(model, d, ctx.tokenizer, length))
             barrier()  # DDP: the other ranks reload what rank 0 wrote
         integrity_error = None
         if model_dir is not None and cfg.get(
