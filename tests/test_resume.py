@@ -8,6 +8,7 @@ quantize, each resumed with ``python -m dpq.train resume=<run folder>``.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,6 +168,43 @@ def test_snapshot_round_trip_and_every_kind_of_damage_is_detected(tmp_path):
     mf.unlink()
     with pytest.raises(snapshot.SnapshotError, match="incomplete"):
         snapshot.read(snap.directory)
+
+
+def test_a_teacher_linked_from_an_entry_evicted_meanwhile_is_saved_whole(tmp_path, monkeypatch):
+    from dpq.checkpoints import load_model
+
+    snap, _, _, _ = _tiny_snapshot(tmp_path)
+    teacher = load_model({"arch": "mlp"}, {}, snap.path(snapshot.TEACHER))
+    manifest = {k: snap.manifest[k] for k in ("stage_index", "stage", "kind", "order", "records")}
+    linked = snapshot.write(tmp_path / "linked", manifest, teacher=teacher, teacher_from=snap)
+    assert (linked.path(snapshot.TEACHER) / "model.safetensors").stat().st_ino == (
+        snap.path(snapshot.TEACHER) / "model.safetensors"
+    ).stat().st_ino  # linked, not saved again
+
+    # `python -m dpq.stage_cache prune` removes the source after the existence check, before the links
+    real_link_tree = snapshot.link_tree
+
+    def evicted_first(src, dst):
+        shutil.rmtree(src)
+        real_link_tree(src, dst)
+
+    monkeypatch.setattr(snapshot, "link_tree", evicted_first)
+    again = snapshot.read(tmp_path / "linked")
+    saved = snapshot.write(tmp_path / "after", manifest, teacher=teacher, teacher_from=again)
+    back = snapshot.read(saved.directory)
+    assert any(k.startswith("teacher/") for k in back.manifest["files"])
+    reloaded = load_model({"arch": "mlp"}, {}, back.path(snapshot.TEACHER))
+    assert all(
+        torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), teacher.state_dict().values())
+    )
+
+    # an entry written before this check, its teacher/ empty, is refused as a snapshot (and discarded)
+    mf = saved.directory / snapshot.MANIFEST
+    data = json.loads(mf.read_text())
+    data["files"] = {k: v for k, v in data["files"].items() if not k.startswith("teacher/")}
+    mf.write_text(json.dumps(data))
+    with pytest.raises(snapshot.SnapshotError, match="teacher holds no file"):
+        snapshot.read(saved.directory)
 
 
 def test_a_new_run_never_writes_into_another_runs_folder(tmp_path):

@@ -190,7 +190,7 @@ class Runner:
                     )
                     return False
                 snap = self.load_snapshot(entry)
-        except snapshot.SnapshotError as e:
+        except (snapshot.SnapshotError, FileNotFoundError) as e:  # a file gone since the manifest check
             cache.discard(key, str(e))
             return False
         for i, r in enumerate(self.state.records):

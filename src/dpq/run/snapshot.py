@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -128,8 +129,27 @@ def write(
             and teacher_from.path(TEACHER).is_dir()
             and teacher_from.directory.resolve() != directory.resolve()
         ):
-            write_dir_atomic(directory / TEACHER, lambda d: link_tree(teacher_from.path(TEACHER), d))
             known = {k: v for k, v in teacher_from.manifest["files"].items() if k.startswith(f"{TEACHER}/")}
+            linked = []
+
+            def link_or_save(d: Path) -> None:
+                # The source entry may be evicted (``python -m dpq.stage_cache prune``) while this links
+                # from it: then the links are fewer than its manifest lists, and the teacher is saved anew
+                # (an empty teacher/ passed the manifest check and crashed every run that read it).
+                try:
+                    link_tree(teacher_from.path(TEACHER), d)
+                    got = {f"{TEACHER}/{f.relative_to(d).as_posix()}" for f in d.rglob("*") if f.is_file()}
+                    linked.append(got == set(known))
+                except OSError:
+                    linked.append(False)
+                if not linked[0]:
+                    shutil.rmtree(d)
+                    d.mkdir()
+                    save_model(teacher, d)
+
+            write_dir_atomic(directory / TEACHER, link_or_save)
+            if not linked[0]:
+                known = {}
         elif not (teacher_from is not None and teacher_from.directory.resolve() == directory.resolve()):
             write_dir_atomic(directory / TEACHER, lambda d: save_model(teacher, d))
         parts.append(TEACHER)
@@ -175,7 +195,11 @@ def read(directory: Path, verify: bool = True) -> Snapshot:
             f"{directory}: snapshot format {manifest.get('format')!r}, this dpq reads format {FORMAT}; "
             "ignored (written by another dpq version)"
         )
-    for rel, info in manifest.get("files", {}).items():
+    files = manifest.get("files", {})
+    for part in manifest.get("parts", []):  # a part with no file listed (e.g. a teacher linked from an
+        if not any(rel == part or rel.startswith(f"{part}/") for rel in files):  # evicted entry) is not there
+            raise SnapshotError(f"{directory}: its {part} holds no file")
+    for rel, info in files.items():
         p = directory / rel
         if not p.is_file():
             raise SnapshotError(f"{directory}: {rel} is missing")
