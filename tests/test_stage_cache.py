@@ -138,10 +138,22 @@ def test_threads_visible_gpus_and_local_tokenizer_folders_are_in_the_key(tmp_pat
     finally:
         torch.set_num_threads(threads)
     assert prefix_key(base, ["teacher"]) == key
+    monkeypatch.setattr(provenance, "_host_gpu_models", lambda: ("NVIDIA H100", "NVIDIA H100"))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    two = prefix_key(base, ["teacher"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     k0 = prefix_key(base, ["teacher"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the other GPU of the same model: the same key
+    assert prefix_key(base, ["teacher"]) == k0
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    assert len({key, k0, prefix_key(base, ["teacher"])}) == 3
+    assert prefix_key(base, ["teacher"]) == two != k0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # none visible: a CPU run
+    assert len({two, k0, prefix_key(base, ["teacher"])}) == 3
+    assert provenance.visible_gpus(()) == "none"  # a host without GPUs, whatever the variable says
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,7,1")  # CUDA stops at the first device that is not there
+    assert provenance.visible_gpus() == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # two models: which device is which matters
+    assert provenance.visible_gpus(("NVIDIA H100", "NVIDIA A100")) == "CUDA_VISIBLE_DEVICES=1"
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     tok = tmp_path / "tok"
     tok.mkdir()
@@ -160,9 +172,14 @@ def test_threads_visible_gpus_and_local_tokenizer_folders_are_in_the_key(tmp_pat
 @pytest.fixture
 def fresh_hardware():
     """provenance.hardware() is read once per process: clear it around a test that patches what it reads."""
-    provenance.hardware.cache_clear()
-    yield provenance.hardware.cache_clear
-    provenance.hardware.cache_clear()
+
+    def clear():
+        provenance.hardware.cache_clear()
+        provenance._host_gpu_models.cache_clear()
+
+    clear()
+    yield clear
+    clear()
 
 
 def test_the_gpu_model_and_cuda_build_are_in_the_key(tmp_path, monkeypatch, fresh_hardware):

@@ -103,15 +103,39 @@ def compute_settings() -> dict[str, str]:
     """What the process computes with beyond the processor model, read when a key is made (not cached:
     a process may change them): torch's intra-op thread count, which changes how reductions split
     (measured 2026-12-06 on a 2-core EPYC: LayerNorm's weight and bias gradients over a 4096 x 384
-    batch differ by up to 3.9e-4 between 1 and 2 threads), and ``CUDA_VISIBLE_DEVICES``, which decides what
-    ``accelerator=auto``/``devices=auto`` resolve to (read from the environment, never through
-    ``torch.cuda``: see :func:`_gpu_models`)."""
+    batch differ by up to 3.9e-4 between 1 and 2 threads), and the GPUs ``CUDA_VISIBLE_DEVICES`` leaves
+    visible, which decide what ``accelerator=auto``/``devices=auto`` resolve to (:func:`visible_gpus`)."""
     import torch
 
-    return {
-        "torch_threads": str(torch.get_num_threads()),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
-    }
+    return {"torch_threads": str(torch.get_num_threads()), "visible_gpus": visible_gpus()}
+
+
+def visible_gpus(models: tuple[str, ...] | None = None) -> str:
+    """The GPUs a process sees, as far as results depend on them: how many, when the host's GPUs are all
+    one model (sweep agents pinned with ``CUDA_VISIBLE_DEVICES=0`` and ``=1`` share cache entries), the
+    variable itself when they differ (which device is which model is not known without CUDA), and
+    ``"none"`` on a host without GPUs, whatever the variable says. Read from the environment, never through
+    ``torch.cuda``: see :func:`_gpu_models`."""
+    models = _host_gpu_models() if models is None else models
+    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not models:
+        return "none"
+    if len(set(models)) > 1:
+        return f"CUDA_VISIBLE_DEVICES={raw}" if raw is not None else f"all {len(models)}"
+    if raw is None:
+        return str(len(models))
+    seen = 0
+    for entry in raw.split(","):  # CUDA stops at the first entry that names no device
+        entry = entry.strip()
+        if not entry or (entry.lstrip("-").isdigit() and not 0 <= int(entry) < len(models)):
+            break
+        seen += 1
+    return str(min(seen, len(models)))
+
+
+@functools.cache
+def _host_gpu_models() -> tuple[str, ...]:
+    return _gpu_models()
 
 
 @functools.cache
@@ -157,7 +181,7 @@ def hardware() -> dict[str, str]:
         "cpu": _cpu_model(),
         "machine": platform.machine(),
         "torch_cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
-        "gpus": ", ".join(_gpu_models()) or "none",
+        "gpus": ", ".join(_host_gpu_models()) or "none",
         "torch_cuda": str(torch.version.cuda),
     }
 
