@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from conftest import compose_cfg
@@ -91,6 +92,55 @@ def test_atomic_checkpoint_write_leaves_the_old_file_or_the_new_one(tmp_path, mo
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.equal(torch.load(path)["x"], torch.ones(3))  # the previous checkpoint, intact
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary debris
+
+
+def test_atomic_files_get_the_umask_mode_folders_are_synced_whole_and_a_failed_swap_keeps_the_old(
+    tmp_path, monkeypatch
+):
+    from dpq import predictions
+    from dpq.core import files
+
+    old_mask = os.umask(0o022)
+    try:
+        files.write_json_atomic(tmp_path / "results.json", {"a": 1})
+        predictions.save(tmp_path, {"test_pred": np.zeros(3, dtype=np.int64)})
+    finally:
+        os.umask(old_mask)
+    for name in ("results.json", "predictions.npz"):  # mkstemp's 0600 kept a shared folder's files private
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+    assert predictions.load(tmp_path)["test_pred"].tolist() == [0, 0, 0]
+
+    synced = []
+    real_fsync = os.fsync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", record)
+    target = tmp_path / "entry"
+
+    def fill(d):
+        (d / "sub").mkdir()
+        (d / "sub" / "weights.bin").write_bytes(b"w" * 10)
+        (d / "COMPLETE").write_text("")
+
+    assert files.write_dir_atomic(target, fill)
+    names = {Path(p).name for p in synced}
+    assert {"weights.bin", "COMPLETE", "sub"} <= names  # each file synced before the folder is renamed in
+
+    real_rename = os.rename
+
+    def fails_into_place(src, dst):
+        if Path(dst) == target and ".tmp-" in Path(src).name:  # the new folder cannot go in
+            raise OSError("no space left")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(files.os, "rename", fails_into_place)
+    with pytest.raises(OSError, match="no space"):
+        files.write_dir_atomic(target, lambda d: (d / "COMPLETE").write_text("new"))
+    assert (target / "sub" / "weights.bin").read_bytes() == b"w" * 10  # the old complete folder, back
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".entry")) == []
 
 
 def test_newest_readable_checkpoint_wins_and_a_truncated_one_is_set_aside(tmp_path, caplog):

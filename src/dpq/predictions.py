@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from dpq.core.errors import ConfigError
+from dpq.core.files import write_file_atomic
 
 FILE = "predictions.npz"
 # split prefix in the file -> the results.json ``final`` key of its accuracy
@@ -93,17 +92,14 @@ def summary(preds: dict[str, np.ndarray], final: dict) -> dict:
 
 def save(run_dir: Path, preds: dict[str, np.ndarray]) -> Path:
     """Write ``run_dir/predictions.npz`` atomically (a reader never sees half a file)."""
-    run_dir = Path(run_dir)
-    fd, tmp = tempfile.mkstemp(prefix=".predictions-", suffix=".npz", dir=run_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    path = Path(run_dir) / FILE
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: given a path, numpy would append ".npz" to it
             np.savez_compressed(f, **preds)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared results folder's file from others
-        os.replace(tmp, run_dir / FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return run_dir / FILE
+
+    write_file_atomic(path, write)
+    return path
 
 
 def load(run_dir: Path | str) -> dict[str, np.ndarray] | None:

@@ -27,12 +27,34 @@ def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep a shared results folder from others
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, so set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and folder under ``root`` on disk, before ``root`` is renamed into place: a folder
+    trusted for its name (the teacher cache's ``COMPLETE``) must not hold empty files after a power loss."""
+    for path in sorted(root.rglob("*"), reverse=True):  # files before the folders holding them
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            fsync_dir(path)
+            continue
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    fsync_dir(root)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -57,6 +79,7 @@ def write_dir_atomic(
     try:
         tmp.mkdir()
         fill(tmp)
+        _fsync_tree(tmp)
         old = None
         if target.exists():
             if not replace:
@@ -66,6 +89,8 @@ def write_dir_atomic(
         try:
             os.rename(tmp, target)
         except OSError:
+            if old is not None and not target.exists():
+                os.rename(old, target)  # the old complete folder goes back
             if replace or not target.exists():
                 raise
             return False  # lost a race to another publisher: theirs stays
