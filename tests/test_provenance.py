@@ -144,3 +144,28 @@ def test_results_json_of_a_dirty_tree_carries_the_diff_hash_captured_at_the_star
         and starts[0]["sha"] == head
         and starts[0]["diff_sha256"] == results["git"]["diff_sha256"]
     )
+
+
+def test_a_diff_that_is_not_utf8_is_recorded_byte_for_byte_and_a_dangling_py_link_is_skipped(tmp_path):
+    repo = tmp_path / "repo"
+    pkg = make_repo(repo)
+    (pkg / "latin.py").write_bytes("s = 'caf\xe9'\n".encode("latin-1"))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "latin-1")
+    (pkg / "latin.py").write_bytes("s = 'r\xe9sum\xe9'\n".encode("latin-1"))  # a run used to stop here
+    (pkg / "new.py").write_bytes(b"b = '\xff'\n")
+    state = capture_git(pkg)
+    assert state.info["dirty"] is True and state.info["untracked"] == ["src/dpq/new.py"]
+    raw = subprocess.run(["git", "-C", str(repo), "diff", "HEAD", "--binary"], capture_output=True).stdout
+    assert state.info["diff_sha256"] == hashlib.sha256(raw).hexdigest()
+    saved = state.save(tmp_path / "prov")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    git(clone, "apply", str(saved))
+    assert (clone / "src/dpq/latin.py").read_bytes() == (pkg / "latin.py").read_bytes()
+    assert (clone / "src/dpq/new.py").read_bytes() == b"b = '\xff'\n"
+
+    before = provenance._tree_hash(pkg)
+    (pkg / ".#latin.py").symlink_to("user@host.1234:1700000000")  # an editor's lock while a file is edited
+    provenance._tree_hash.cache_clear()
+    assert provenance._tree_hash(pkg) == before

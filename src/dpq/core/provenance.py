@@ -142,7 +142,7 @@ def _host_gpu_models() -> tuple[str, ...]:
 def _tree_hash(root: Path) -> str:
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
-        if "__pycache__" in path.parts:
+        if "__pycache__" in path.parts or not path.is_file():  # e.g. an editor's dangling lock link .#x.py
             continue
         h.update(path.relative_to(root).as_posix().encode() + b"\0")
         h.update(hashlib.sha256(path.read_bytes()).digest())
@@ -268,20 +268,21 @@ class GitState:
             return None
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / name
-        path.write_text(self.patch)
+        path.write_bytes(self.patch.encode("utf-8", "surrogateescape"))  # the diff's bytes, as git gave them
         return path
 
 
 def _git(repo: Path, *args: str, ok_codes: tuple[int, ...] = (0,)) -> str | None:
     try:
-        proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
-    return proc.stdout if proc.returncode in ok_codes else None
+    # Bytes kept as they are: a diff of a Latin-1 file is not UTF-8, and strict decoding stopped every run
+    return proc.stdout.decode("utf-8", "surrogateescape") if proc.returncode in ok_codes else None
 
 
 def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def capture_git(path: Path | None = None) -> GitState:
@@ -308,7 +309,7 @@ def capture_git(path: Path | None = None) -> GitState:
         f = repo / rel
         if not f.is_file():
             continue
-        h.update(rel.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+        h.update(rel.encode("utf-8", "surrogateescape") + b"\0" + hashlib.sha256(f.read_bytes()).digest())
         # exit status 1 means "differs", which a new file always does
         new_files.append(
             _git(repo, "diff", "--no-index", "--binary", "--", "/dev/null", rel, ok_codes=(0, 1))
