@@ -660,6 +660,32 @@ def test_a_plan_file_from_an_earlier_launch_is_not_followed(tmp_path):
     assert json.loads((tmp_path / "r1.json").read_text()) == 7  # waited, found no fresh plan, decided itself
 
 
+def test_ranks_and_launches_are_told_apart_under_interactive_slurm_and_plain_torchrun(monkeypatch):
+    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")  # Lightning starts the ranks of an interactive allocation
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed.process_rank() == (0, 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # ...and the second inherits SLURM_PROCID=0: not rank 0
+    assert distributed.process_rank() == (1, 2)
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("SLURM_PROCID", "3")  # srun started it: its own rank
+    assert distributed.process_rank() == (3, 2)
+    # plain one-node torchrun names its run "none": the launch is its agent, not the address and port
+    # that the next launch of the same command shares
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert distributed._launch_id() == f"torchrun-agent-{os.getppid()}-0"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # several nodes: their agents differ
+    assert distributed._launch_id() == "addr-127.0.0.1-29500"
+    # Lightning's device strings
+    assert distributed.trainer_world_size({"devices": "0,1", "accelerator": "gpu"}) == 2
+    assert distributed.trainer_world_size({"devices": "1,", "accelerator": "gpu", "num_nodes": 2}) == 2
+
+
 def test_the_command_defaults_to_the_configs_stage_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("DPQ_CACHE_DIR", str(tmp_path))
     assert (

@@ -52,6 +52,8 @@ def trainer_world_size(trainer: Mapping[str, Any]) -> int:
             import torch
 
             n = max(1, torch.cuda.device_count())
+    elif isinstance(devices, str) and "," in devices:  # Lightning's "0,1" / "1,": these device indices
+        n = len([d for d in devices.split(",") if d.strip()])
     else:
         n = int(devices)
     return max(1, n) * nodes
@@ -84,10 +86,18 @@ def process_rank() -> tuple[int, int]:
     node 0 (other values only say "not rank 0").
     """
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var) not in (None, ""):
-            return int(os.environ[var]), world
-    return int(os.environ.get("LOCAL_RANK") or 0) + int(os.environ.get("NODE_RANK") or 0), world
+    env = os.environ
+    if env.get("RANK") not in (None, ""):
+        return int(env["RANK"]), world
+    # Lightning's launcher sets LOCAL_RANK and NODE_RANK for the ranks it starts; inside an interactive
+    # SLURM allocation it starts them itself and they inherit SLURM_PROCID=0 from the first, so a
+    # process is rank 0 only where both say 0 (else each such rank took itself for rank 0).
+    local = None
+    if env.get("LOCAL_RANK") not in (None, ""):
+        local = int(env["LOCAL_RANK"]) + int(env.get("NODE_RANK") or 0)
+    if env.get("SLURM_PROCID") not in (None, "") and not local:
+        return int(env["SLURM_PROCID"]), world
+    return local or 0, world
 
 
 @contextlib.contextmanager
@@ -112,6 +122,11 @@ def _launch_id() -> str | None:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id and run_id != "none":
         return f"torchrun-{run_id}"
+    if run_id == "none" and os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE"):
+        # Plain one-node torchrun names no run: its ranks share their parent, the agent, which a relaunch
+        # of the same command does not (the address and port alone let a rank follow the plan of the
+        # launch before, written within the clock slack).
+        return f"torchrun-agent-{os.getppid()}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     if os.environ.get("SLURM_JOB_ID"):
         return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '0')}"
     if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
