@@ -839,6 +839,29 @@ def test_a_grid_multirun_lists_every_job_as_the_basic_sweeper_will_run_them(tmp_
         assert sweep_jobs(optuna) is None  # sampled as it goes: each trial checks itself
 
 
+def test_a_glob_multirun_is_checked_job_by_job_before_any_trains(tmp_path):
+    """glob() needs Hydra's config loader to list a group's options; parsed without it the check raised,
+    Hydra turned that into a warning, and job #0 trained before job #1 failed on its config."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpq.train",
+        "-m",
+        "pipeline=glob(dp)",
+        "experiment=tiny",
+        "logger=none",
+        "dry_run=true",
+        f"{P}.prune.final_sparsity=0.3,1.5",
+        f"hydra.sweep.dir={tmp_path / 'multi'}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        "config error in multirun job #1" in proc.stderr and "final_sparsity=1.5: must be in" in proc.stderr
+    )
+    assert "none of the 2 jobs was started" in proc.stderr and "ConfigLoader is not set" not in proc.stderr
+
+
 @pytest.mark.parametrize(
     "overrides, said",
     [

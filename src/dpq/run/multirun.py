@@ -35,7 +35,11 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]  # as BasicSweeper._parse_config
     # as typed: iterating the ListConfig would resolve an interpolation inside an override (run_name=${x})
     task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
-    overrides = OverridesParser.create().parse_overrides([*params, *task])
+    from hydra.core.global_hydra import GlobalHydra
+
+    # with the config loader, as BasicSweeper parses them: glob() needs it to list a group's options
+    loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+    overrides = OverridesParser.create(config_loader=loader).parse_overrides([*params, *task])
     return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
@@ -113,7 +117,17 @@ class ValidateJobsFirst(Callback):
             print(f"dpq: config error: {e}", file=sys.stderr)
             print("dpq: no trial was started", file=sys.stderr)
             sys.exit(2)
-        jobs = sweep_jobs(config)
+        # Any exception is said and stops the multirun here: Hydra turns a callback's exception into a
+        # warning and launches the jobs anyway (a glob() sweep once went unchecked that way).
+        try:
+            jobs = sweep_jobs(config)
+        except Exception as e:  # noqa: BLE001 - a sweep Hydra's parser refuses: said before any job
+            print(
+                f"dpq: the multirun's overrides could not be expanded: {type(e).__name__}: {e}",
+                file=sys.stderr,
+            )
+            print("dpq: no job was started", file=sys.stderr)
+            sys.exit(2)
         if not jobs or len(jobs) < 2:  # one job checks itself as it starts
             return
         from dpq.loggers import quiet_libraries
@@ -123,8 +137,9 @@ class ValidateJobsFirst(Callback):
         for i, job in enumerate(jobs):
             try:
                 check_job(name, job)
-            except ConfigError as e:
-                print(f"dpq: config error in multirun job #{i} ({' '.join(job)}): {e}", file=sys.stderr)
+            except Exception as e:  # noqa: BLE001 - a ConfigError, or a job Hydra cannot compose
+                said = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+                print(f"dpq: config error in multirun job #{i} ({' '.join(job)}): {said}", file=sys.stderr)
                 print(f"dpq: none of the {len(jobs)} jobs was started", file=sys.stderr)
                 sys.exit(2)
         log.info("checked the configs of all %d jobs", len(jobs))
