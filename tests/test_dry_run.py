@@ -183,3 +183,28 @@ def test_a_dry_run_says_which_prune_ramps_update_every_turns_into_one_jump(tmp_p
         train(cfg(tmp_path, "dry", "dry_run=true", *overrides))
     text = " ".join(r.getMessage() for r in caplog.records if "update_every" in r.getMessage())
     assert (said in text and "one jump" in text) if said else not text, text
+
+
+def test_epochs_0_with_max_steps_trains_max_steps_and_the_plan_says_which_ends_a_stage(tmp_path, monkeypatch):
+    """``epochs: 0`` with ``max_steps > 0`` is accepted as "train max_steps" (StageConfig.check), yet
+    Lightning's max_epochs=0 stopped the fit before its first step; and the plan printed max_steps where
+    the epochs end a stage first."""
+    from dpq.run.context import RunContext
+
+    steps = {}
+    real = RunContext.fit
+
+    def recording(self, state, model, stage, *a, **k):
+        out = real(self, state, model, stage, *a, **k)
+        steps[stage.name] = state.fit_steps[stage.name]
+        return out
+
+    monkeypatch.setattr(RunContext, "fit", recording)
+    P = "pipeline.stages"
+    over = ["pipeline=dp", f"{P}.prune.epochs=0", f"+{P}.prune.max_steps=6", f"+{P}.recover.max_steps=100"]
+    dry = train(cfg(tmp_path, "dry", "dry_run=true", *over))
+    lengths = {s["stage"]: s["length"] for s in dry["stages"]}
+    assert lengths["prune"] == "6 steps"
+    assert lengths["recover"] == "4 steps (1 epoch ends before max_steps=100)", lengths
+    train(cfg(tmp_path, "run", *over))
+    assert steps["prune"] == 6 and steps["recover"] == int(lengths["recover"].split()[0])

@@ -218,7 +218,12 @@ class RunContext:
             callbacks.append(resume.StageCheckpoint(fit_dir, self.every_n_steps, self.keep_checkpoints))
             extra = dict(enable_checkpointing=True, plugins=[resume.AtomicCheckpointIO()])
         trainer = self.make_trainer(
-            callbacks, max_epochs=stage.cfg.epochs, max_steps=stage.cfg.max_steps, **extra
+            callbacks,
+            # epochs < 1 with max_steps > 0 trains max_steps (StageConfig.check); Lightning's
+            # max_epochs=0 stopped the fit before its first step
+            max_epochs=stage.cfg.epochs if stage.cfg.epochs >= 1 else -1,
+            max_steps=stage.cfg.max_steps,
+            **extra,
         )
         loader, seed = self.data.train_dataloader(), int(torch.randint(0, 2**31 - 1, (1,)))
         if trainer.world_size == 1:
@@ -228,11 +233,10 @@ class RunContext:
             loader, carry.sampler = resume.resumable_loader(loader, seed)
             carry.batch_size = loader.batch_size or 1
         log.info(
-            "stage %s (%s): %d epoch%s, lr %.2e, kd alpha %.2f%s",
+            "stage %s (%s): %s, lr %.2e, kd alpha %.2f%s",
             stage.name,
             stage.kind,
-            stage.cfg.epochs,
-            "" if stage.cfg.epochs == 1 else "s",
+            trains_for(stage.cfg.epochs, stage.cfg.max_steps),
             stage.cfg.lr,
             kd_alpha,
             f"; resuming from {ckpt_path}" if ckpt_path else "",
@@ -376,3 +380,11 @@ class RunContext:
         """``result/<name>`` values to the tracker (a failing tracker is dropped, never fatal)."""
         if self.tracker is not None:
             self.tracker.log_metrics({f"result/{k}": v for k, v in values.items()}, step=step)
+
+
+def trains_for(epochs: int, max_steps: int) -> str:
+    """A fit's length in the log: its epochs, ``max_steps`` where that caps them (or replaces them)."""
+    if epochs < 1:
+        return f"{max_steps} steps"
+    said = f"{epochs} epoch{'' if epochs == 1 else 's'}"
+    return said + (f", at most {max_steps} steps" if max_steps > 0 else "")

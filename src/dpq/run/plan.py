@@ -60,15 +60,20 @@ SHOWN = (
 )
 
 
-def length(stage) -> str:
-    """How long a stage trains, as its config says (``epochs`` or ``max_steps``; a spiral's rounds)."""
+def length(stage, steps: int | None = None) -> str:
+    """How long a stage trains, as its config says (``epochs`` or ``max_steps``; a spiral's rounds).
+    ``steps``: optimizer steps per epoch, to say which of ``epochs`` and ``max_steps`` ends the stage."""
     cfg = stage.cfg
     rounds = getattr(cfg, "rounds", None)
     if rounds is not None and isinstance(getattr(cfg, "prune", None), dict):
         p, d = cfg.prune.get("epochs", 1), cfg.distill.get("epochs", 1)
         return f"{rounds} x ({p} + {d}) epochs"
-    if getattr(cfg, "max_steps", -1) > 0:
-        return f"{cfg.max_steps} steps"
+    if (cap := getattr(cfg, "max_steps", -1)) > 0:
+        if steps is None or not hasattr(cfg, "epochs"):
+            return f"{cap} steps"
+        n = stage_steps(cfg, steps)
+        ended = f" ({cfg.epochs} epoch{' ends' if cfg.epochs == 1 else 's end'} before max_steps={cap})"
+        return f"{n} steps" + (ended if n < cap else "")
     if hasattr(cfg, "epochs"):
         return f"{cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'}"
     return "no training"
@@ -202,7 +207,7 @@ def plan(cfg: dict[str, Any], stages: list, splits) -> dict[str, Any]:
     steps = steps_per_epoch(n_train, batch, world, cfg["trainer"])
     warn_one_jump_ramps(stages, steps)
     rows = [
-        {"stage": s.name, "kind": s.kind, "length": length(s), "settings": settings(s), "source": src}
+        {"stage": s.name, "kind": s.kind, "length": length(s, steps), "settings": settings(s), "source": src}
         for s, src in zip(stages, sources(cfg, stages, splits), strict=True)
     ]
     if _in_multirun():
