@@ -65,6 +65,24 @@ CASES = [
         "needs export.onnx=true",
     ),
     ([TINY, "task.max_length=null"], "task.max_length", "null", "a text task cuts its examples at a number"),
+    # a weight that is not a number failed in the sum after training, before results.json was written
+    (
+        [TINY, "++objective.weights.val_accuracy=abc"],
+        "objective.weights.val_accuracy",
+        "'abc'",
+        "finite number",
+    ),
+    # null folders made ./None, or failed with a TypeError as the teacher cache was read
+    ([TINY, "stage_cache.dir=null"], "stage_cache.dir", "null", "must be a folder path"),
+    (
+        [TINY, "stage_cache.dir=''"],
+        "stage_cache.dir",
+        "''",
+        "must be a folder path (or stage_cache.enabled=false)",
+    ),
+    ([TINY, "task.split.seed=-3"], "task.split.seed", "-3", "must be an integer >= 0"),
+    # null read as accuracy by the check, as 'val_None' by objective.metrics
+    ([TINY, "task.primary_metric=null"], "task.primary_metric", "null", "must be"),
     # a position table shorter than the run's inputs: the export would fail after training
     ([TINY, "export.max_positions=10"], "export.max_positions", "10", "must be at least"),
     # stage order and stage names
@@ -494,6 +512,14 @@ def test_bad_config_fails_before_training(make_cfg, tmp_path, overrides, key, va
     assert allowed in msg, msg
 
 
+def test_a_null_cache_folder_is_refused_by_name(tmp_path):
+    from dpq.run.validate import check_folders
+
+    with pytest.raises(ConfigError, match=r"paths.cache_dir=null: must be a folder path \(default \$DPQ"):
+        check_folders({"paths": {"output_dir": str(tmp_path / "run"), "cache_dir": None}})
+    check_folders({"paths": {"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "c")}})
+
+
 def test_there_are_at_least_25_distinct_cases():
     assert len(CASES) >= 25 and len({c[1] for c in CASES}) >= 25
 
@@ -599,6 +625,8 @@ def test_cli_prints_one_clear_line_and_exits_2(tmp_path, overrides, line):
         ),
         # a config group set to null: Hydra's ValueError with a traceback (for the optional groups too)
         (["model=null"], "model", "model=null: choose one of the model options: cnn_small,"),
+        # a nested group is named as typed (hydra.sweeper is a config node, not the group)
+        (["hydra/sweeper=optun"], "hydra/sweeper", "is not a hydra/sweeper option"),
         (["-m", "model=tiny_bert,null"], "model", "choose one of the model options"),
         (
             ["experiment=null"],
@@ -673,6 +701,14 @@ def test_overrides_of_stages_not_in_the_order_are_warned_about(caplog):
         "stage 'quantize' is not in pipeline.order ['teacher', 'distill', 'ptq'] (pipeline dq_ptq)" in out[0]
     )
     assert out[0] in caplog.text
+    # the spiral reads ${..prune.final_sparsity}: setting the prune block as a whole has an effect too
+    spiral = {
+        "name": "spiral",
+        "order": ["teacher", "spiral"],
+        "stages": {"spiral": {"final_sparsity": "${..prune.final_sparsity}"}},
+    }
+    assert unused_stage_overrides(spiral, [f"{P}.prune={{final_sparsity:0.3}}"]) == []
+    assert unused_stage_overrides(spiral, [f"{P}.prune.lr=1e-5"]) != []
 
 
 def test_the_known_run_keys_are_the_composed_defaults(tmp_path):

@@ -504,6 +504,14 @@ def test_a_group_that_matmulnbits_cannot_hold_is_a_config_error_before_training(
         "export.onnx=false",
     )
     validate(OmegaConf.to_container(ok, resolve=True))
+    unsaved = make_cfg(  # nothing is exported when the model is not saved (dpq.run.runner)
+        "experiment=tiny",
+        "pipeline=dq",
+        "pipeline.stages.quantize.granularity=per_group",
+        "pipeline.stages.quantize.group_size=48",
+        "save_model=false",
+    )
+    validate(OmegaConf.to_container(unsaved, resolve=True))
 
 
 def test_a_run_writes_model_onnx_and_measures_it_and_the_cli_redoes_it(make_cfg, tmp_path, capsys):

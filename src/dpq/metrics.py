@@ -149,7 +149,8 @@ def check_names(task: dict) -> None:
     for i, name in enumerate(metrics or []):
         if name not in METRICS:
             raise ConfigError(f"task.metrics[{i}]", name, f"must be {allowed()}")
-    if primary_metric(task) not in METRICS:
+    if primary_metric(task) not in METRICS or ("primary_metric" in task and not task["primary_metric"]):
+        # null too: train.yaml's objective.metrics reads it as 'val_${task.primary_metric}' ('val_None')
         raise ConfigError("task.primary_metric", task.get("primary_metric"), f"must be {allowed()}")
 
 

@@ -181,7 +181,7 @@ def _check(overrides: list[str], search: list[str] = ()) -> None:
                 return
             near = get_close_matches(option, options, n=1)
             raise ConfigError(
-                group.replace("/", "."),
+                group,  # as typed (hydra/sweeper=...): the dotted name is a config node, not the group
                 option,
                 f"is not a {group} option"
                 + (f" (did you mean {group}={near[0]}?)" if near else "")

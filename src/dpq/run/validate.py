@@ -278,7 +278,10 @@ def stage_setting_used(order: list[str], read: set[str], setting: str) -> bool:
     """Whether ``setting`` (``<stage>.<key>...``, the part after ``pipeline.stages.``) changes a run whose
     pipeline runs ``order`` and reads ``read`` (:func:`settings_read`)."""
     stage = setting.split(".", 1)[0]
-    return stage in order or any(setting == r or setting.startswith(r + ".") for r in read)
+    return stage in order or any(
+        setting == r or setting.startswith(r + ".") or r.startswith(setting + ".")  # a whole block set
+        for r in read
+    )
 
 
 def unused_stage_overrides(pipeline: dict[str, Any], overrides: list[str]) -> list[str]:
@@ -406,6 +409,8 @@ def check_run_keys(cfg: dict[str, Any]) -> None:
         _int(f"task.{k}", task.get(k), 1)
     if task.get("subsample") is not None:
         _int("task.subsample", task["subsample"], 1, " or null (all examples)")
+    if isinstance(task.get("split"), dict) and "seed" in task["split"]:  # numpy's generators take no None or < 0
+        _int("task.split.seed", task["split"]["seed"], 0)
     check_hub(task.get("hub"))  # read only when the hub is used: checked here, before any network
     if task.get("overlap", "warn") not in OVERLAP_POLICIES:  # dpq.data.overlap says it again with the data
         raise ConfigError("task.overlap", task["overlap"], f"must be one of {', '.join(OVERLAP_POLICIES)}")
@@ -508,7 +513,7 @@ def check_export(cfg: dict[str, Any], stages: list[Stage]) -> None:
             "quantizes activations per block: not exact) or int8_matmul (the codes run by ONNX Runtime's "
             "integer kernels with dynamic uint8 activations: not exact)",
         )
-    if not ex.get("onnx"):
+    if not ex.get("onnx") or not cfg.get("save_model", True):  # the runner exports the saved model only
         return
     for stage in stages:
         opts = stage.cfg
@@ -868,6 +873,8 @@ def check_objective(cfg: dict[str, Any]) -> None:
                 "objective.metrics", m, "is measured on the ONNX export: needs export.onnx=true"
             )
     for k, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ConfigError(f"objective.weights.{k}", w, "must be a finite number (the metric's weight)")
         if (why := objective_problem(k, task=cfg["task"])) is not None:
             raise ConfigError(f"objective.weights.{k}", w, f"{k!r} {why}")
         if k.startswith("onnx_") and not exported:
@@ -969,11 +976,11 @@ def check_folders(cfg: dict[str, Any]) -> None:
     cache = cfg["paths"].get("cache_dir")
     folders.append(("paths.cache_dir", cache, " (default $DPQ_CACHE_DIR, else ~/.cache/dpq)"))
     sc = cfg.get("stage_cache") or {}
-    if sc.get("enabled") and sc.get("dir"):
-        folders.append(("stage_cache.dir", sc["dir"], " (or stage_cache.enabled=false)"))
+    if sc.get("enabled"):
+        folders.append(("stage_cache.dir", sc.get("dir"), " (or stage_cache.enabled=false)"))
     for key, folder, hint in folders:
-        if not folder:
-            continue
+        if not isinstance(folder, str) or not folder.strip():  # null made ./None, "" the working folder
+            raise ConfigError(key, folder, f"must be a folder path{hint}")
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
             if not os.access(folder, os.W_OK | os.X_OK):
