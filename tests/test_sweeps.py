@@ -412,6 +412,17 @@ def test_an_optuna_trial_samples_a_stage_setting_only_when_its_pipeline_runs_the
             "stage_params.pipeline.stages.quantize.bits",
             "must be a sweep",
         ),
+        # a misspelt stage was never sampled, a misspelt setting sampled and refused as each trial composed
+        (
+            ["hparams_search=pareto_bayes", "+stage_params={pipeline.stages.quantise.bits:'choice(2,4)'}"],
+            "stage_params.pipeline.stages.quantise.bits",
+            r"names stage 'quantise', which no pipeline of this study has \(did you mean pipeline.stages.quantize",
+        ),
+        (
+            ["hparams_search=pareto_bayes", "+stage_params={pipeline.stages.quantize.bitz:'choice(2,4)'}"],
+            "stage_params.pipeline.stages.quantize.bitz",
+            r"stage 'quantize' has no setting 'bitz' \(did you mean pipeline.stages.quantize.bits\?\)",
+        ),
         (
             ["hparams_search=pareto_bayes", "hydra.sweeper.custom_search_space=null"],
             "hydra.sweeper.custom_search_space",
@@ -427,10 +438,23 @@ def test_an_optuna_trial_samples_a_stage_setting_only_when_its_pipeline_runs_the
 def test_stage_params_mistakes_are_refused_before_the_first_trial(overrides, key, says):
     from dpq.run.multirun import check_sweeper
 
-    cfg = compose_hydra(*overrides)
-    with pytest.raises(ConfigError, match=says) as e:
-        check_sweeper(cfg)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):  # as in Hydra's callback
+        cfg = compose("train", overrides=["logger=none", *overrides], return_hydra_config=True)
+        with pytest.raises(ConfigError, match=says) as e:
+            check_sweeper(cfg)
     assert e.value.key == key
+
+
+def test_stage_params_of_a_stage_only_some_pipelines_of_the_study_have_are_accepted():
+    from dpq.run.multirun import check_sweeper
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        over = ["logger=none", "hparams_search=pareto_bayes"]
+        spiral = "+stage_params={pipeline.stages.spiral.rounds:'choice(2,3)'}"
+        check_sweeper(compose("train", overrides=[*over, spiral], return_hydra_config=True))
+        no_spiral = "hydra.sweeper.params.pipeline='choice(dpq,dp)'"
+        with pytest.raises(ConfigError, match="names stage 'spiral', which no pipeline of this study has"):
+            check_sweeper(compose("train", overrides=[*over, spiral, no_spiral], return_hydra_config=True))
 
 
 def test_a_stage_setting_sampled_in_two_places_is_refused():

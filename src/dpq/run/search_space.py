@@ -14,6 +14,7 @@ otherwise. dpq.pareto and the trial's folder name then show only settings that t
 from __future__ import annotations
 
 import re
+from difflib import get_close_matches
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -85,6 +86,65 @@ def check(config: DictConfig) -> None:
         )
     for key, spec in wanted.items():
         distribution(key, spec)
+    blocks, complete = _stage_blocks(config)
+    for key in wanted:
+        stage, setting = key.split(".", 3)[2], key.split(".", 3)[3]
+        if stage not in blocks and not complete:
+            continue  # a pipeline of the study could not be composed here: its first trial says what it lacks
+        if stage not in blocks:
+            near = get_close_matches(stage, list(blocks), n=1)
+            raise ConfigError(
+                f"stage_params.{key}",
+                wanted[key],
+                f"names stage {stage!r}, which no pipeline of this study has"
+                + (f" (did you mean pipeline.stages.{near[0]}.{setting}?)" if near else "")
+                + f"; stages: {', '.join(sorted(blocks))} (else it would never be sampled)",
+            )
+        node: Any = blocks[stage]
+        for part in setting.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is _MISSING:
+            have = sorted(k for k in blocks[stage] if k != "kind")
+            near = get_close_matches(setting, have, n=1)
+            raise ConfigError(
+                f"stage_params.{key}",
+                wanted[key],
+                f"stage {stage!r} has no setting {setting!r}"
+                + (f" (did you mean pipeline.stages.{stage}.{near[0]}?)" if near else "")
+                + f"; its settings: {', '.join(have)} (a setting its YAML lacks is added with "
+                f"+pipeline.stages.{stage}.{setting}=<value> on the command line)",
+            )
+
+
+_MISSING = object()
+
+
+def _stage_blocks(config: DictConfig) -> tuple[dict[str, dict], bool]:
+    """Stage name -> its settings (unresolved), over the pipelines the study can run: the config's own and
+    each one ``hydra.sweeper.params.pipeline`` chooses from (composed as a trial would be); and whether every
+    one of those pipelines could be composed."""
+    blocks = dict(OmegaConf.to_container(config.pipeline.stages, resolve=False))
+    spec = (config.hydra.sweeper.get("params") or {}).get("pipeline")
+    if spec is None:
+        return blocks, True
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    complete = True
+    try:
+        sweep = OverridesParser.create().parse_override(f"pipeline={spec}").value()
+        names = [str(v) for v in getattr(sweep, "list", None) or [sweep]]
+    except Exception:  # noqa: BLE001 - a syntax the sweeper itself reports
+        return blocks, False
+    for name in names:
+        try:
+            cfg = compose(config_name=config.hydra.job.config_name, overrides=[f"pipeline={name}"])
+        except Exception:  # noqa: BLE001 - an unknown pipeline, or no Hydra to compose with here
+            complete = False
+            continue
+        for stage, block in OmegaConf.to_container(cfg.pipeline.stages, resolve=False).items():
+            blocks.setdefault(stage, block)
+    return blocks, complete
 
 
 def _trial_pipeline(config: DictConfig, trial) -> dict:

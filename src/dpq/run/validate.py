@@ -409,7 +409,9 @@ def check_run_keys(cfg: dict[str, Any]) -> None:
         _int(f"task.{k}", task.get(k), 1)
     if task.get("subsample") is not None:
         _int("task.subsample", task["subsample"], 1, " or null (all examples)")
-    if isinstance(task.get("split"), dict) and "seed" in task["split"]:  # numpy's generators take no None or < 0
+    if (
+        isinstance(task.get("split"), dict) and "seed" in task["split"]
+    ):  # numpy's generators take no None or < 0
         _int("task.split.seed", task["split"]["seed"], 0)
     check_hub(task.get("hub"))  # read only when the hub is used: checked here, before any network
     if task.get("overlap", "warn") not in OVERLAP_POLICIES:  # dpq.data.overlap says it again with the data
