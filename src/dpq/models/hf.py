@@ -345,7 +345,9 @@ def check_head_labels(own: list[str], task: dict, key: str, value) -> None:
 
 
 def resolve_layers(layers, n_teacher: int) -> list[int]:
-    """Teacher layers a student keeps: an explicit list, or ``every_k`` (0, k, 2k, ... as DistilBERT)."""
+    """Teacher layers a student keeps: an explicit list, or ``every_k`` (0, k, 2k, ...: the last layer only when
+    (n_teacher - 1) % k == 0; DistilBERT's paper says "one layer out of two", its released init copied
+    BERT's [0, 2, 4, 7, 9, 11]: give such a list to keep the last layer)."""
     if isinstance(layers, str):
         if layers.startswith("every_") and layers[6:].isdigit() and int(layers[6:]) >= 1:
             return list(range(0, n_teacher, int(layers[6:])))
