@@ -421,6 +421,10 @@ def main(argv=None) -> dict:
                 f"{cols}"
             )
         print("  (speedups: geometric mean of per-round ratios [95% interval])")
+        if args.dtype != "float32":
+            print(
+                f"  (accuracy: each run's results.json, measured as trained; not re-measured in {args.dtype})"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     return out

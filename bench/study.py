@@ -547,6 +547,10 @@ def main(argv=None) -> dict:
     out = args.out or RESULTS / ("study_tiny" if args.tiny else "study")
     if args.update_docs and not (args.collect and out.resolve() == (RESULTS / "study").resolve()):
         raise SystemExit("[study] --update-docs needs --collect and the default --out (bench/results/study)")
+    if args.update_docs and (args.seeds or args.configs):  # the docs' tables are built from every run
+        raise SystemExit(
+            "[study] --update-docs writes the tables of every run: leave out --seeds and --configs"
+        )
     git = tree_state()
     if not args.collect and git.info["dirty"] and not args.allow_dirty:
         changed = [*git.info["untracked"], *(["tracked files"] if git.info["diff_sha256"] else [])]

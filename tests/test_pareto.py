@@ -492,6 +492,33 @@ def test_compare_selector_errors(tmp_path):
         compare(runs, "dq", "dpq,final_sparsity=0.2,bits=8")
 
 
+def test_compare_filters_match_null_and_true_false_as_typed(tmp_path):
+    runs = {}
+    for name, seed, sparsity, shrink in (("a1", 1, 0.2, True), ("b1", 1, 0.8, False)):
+        res = fake_results("dpq", seed, 0.88, 0.5, sparsity=sparsity)
+        res["config"]["pipeline"]["stages"]["prune"].update(flops_target=None, shrink=shrink)
+        runs[name] = res
+    runs["dq1"] = fake_results("dq", 1, 0.9, 0.68)
+    gathered = gather([str(write_runs(tmp_path, runs))], references=False, progress=False)
+    key = "pipeline.stages.prune"
+    # null in every run is still a key of theirs (it was "neither a column nor a config key")
+    assert len(compare(gathered, "dq", f"dpq,{key}.flops_target=null")) == 2
+    (out,) = compare(gathered, "dq", f"dpq,{key}.shrink=true")  # YAML's spelling matched nothing
+    assert out["candidate"]["label"] == "dpq 0.2 sparse 4-bit"
+    (out,) = compare(gathered, "dq", f"dpq,{key}.shrink=false")
+    assert out["candidate"]["label"] == "dpq 0.8 sparse 4-bit"
+    with pytest.raises(ConfigError, match="nor a config key"):
+        compare(gathered, "dq", f"dpq,{key}.no_such_key=1")
+
+
+def test_sparsity_is_not_the_quality_a_front_is_owned_by():
+    from dpq.pareto.objectives import parse_objectives
+
+    objectives = parse_objectives(["sparsity", "accuracy"])
+    assert [o.name for o in objectives if o.is_quality] == ["accuracy"]
+    assert not any(o.is_cost for o in objectives)
+
+
 # --------------------------------------------------------------------------- CLI errors
 
 
@@ -505,6 +532,9 @@ def test_cli_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # no inputs at all: argparse usage error
         cli_main([])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:  # a W&B project without --wandb logged nothing, unsaid
+        cli_main([str(tmp_path), "--wandb-project", "mine"])
+    assert e.value.code == 2 and "need --wandb" in capsys.readouterr().err
 
 
 def test_cli_sweep_id_offline_says_why(tmp_path):
@@ -952,6 +982,7 @@ def test_runs_whose_hub_models_moved_between_them_are_flagged(tmp_path, caplog):
         ("1,5", "no run has seed 5; the runs have seeds 1, 2"),
         ("1,x", "comma-separated integer seeds"),
         (",", "comma-separated"),
+        ("2-1,1", "a range runs low-high: 1-2"),  # the reversed range dropped its seeds unsaid
     ],
 )
 def test_seeds_that_no_run_has_or_that_are_not_numbers_are_config_errors(tmp_path, capsys, spec, match):

@@ -54,9 +54,12 @@ def parse_seeds(spec: str | None) -> list[int] | None:
     for part in (p.strip() for p in str(spec).split(",")):
         lo, dash, hi = part.partition("-")
         try:
-            seeds |= set(range(int(lo), int(hi) + 1)) if dash and lo else {int(part)}
+            first, last = (int(lo), int(hi)) if dash and lo else (int(part), int(part))
         except ValueError:
             raise ConfigError("--seeds", spec, SEEDS_SYNTAX) from None
+        if first > last:  # an empty range dropped its seeds unsaid
+            raise ConfigError("--seeds", spec, f"{SEEDS_SYNTAX} (a range runs low-high: {last}-{first})")
+        seeds |= set(range(first, last + 1))
     if not seeds:
         raise ConfigError("--seeds", spec, SEEDS_SYNTAX)
     return sorted(seeds)

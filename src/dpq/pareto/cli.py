@@ -240,9 +240,9 @@ def build_report(
         "ownership_md": out / "ownership.md",
     }
     # Who owns the front along each cost (the chosen ones first), with paired intervals against the baseline,
-    # by the first objective that is not a cost (-O effective_gflops,accuracy asks the same question as
-    # -O accuracy,effective_gflops), else by the runs' primary metric.
-    quality = next((o for o in objectives if not o.is_cost), None)
+    # by the first quality objective (-O effective_gflops,accuracy asks the same question as
+    # -O accuracy,effective_gflops; sparsity is not one), else by the runs' primary metric.
+    quality = next((o for o in objectives if o.is_quality), None)
     if quality is None:
         quality = OBJECTIVES.get(primary_objective(runs), OBJECTIVES["accuracy"])
     chosen = [o for o in objectives if o.is_cost]
@@ -447,8 +447,8 @@ def front_parser() -> argparse.ArgumentParser:
         help="also log the tables, plot and report to a W&B run "
         "(online with credentials, else offline into the output folder)",
     )
-    p.add_argument("--wandb-project", default="dpq")
-    p.add_argument("--wandb-entity", default=None)
+    p.add_argument("--wandb-project", default=None, help="W&B project (with --wandb; default dpq)")
+    p.add_argument("--wandb-entity", default=None, help="W&B entity (with --wandb)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -522,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     is_compare = bool(argv) and argv[0] == "compare"
     parser = compare_parser() if is_compare else front_parser()
     args = parser.parse_args(argv[1:] if is_compare else argv)
+    if not is_compare and not args.wandb and (args.wandb_project or args.wandb_entity):
+        parser.error("--wandb-project and --wandb-entity need --wandb (nothing would be logged)")
     try:
         check_choose(args.choose, args.choose_on)
         if is_compare:
@@ -540,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
                 log_x=args.log_x,
                 title=args.title,
                 progress=not args.no_progress,
-                wandb_project=args.wandb_project if args.wandb else None,
+                wandb_project=(args.wandb_project or "dpq") if args.wandb else None,
                 wandb_entity=args.wandb_entity,
                 min_seeds=args.min_seeds,
                 seeds=parse_seeds(args.seeds),

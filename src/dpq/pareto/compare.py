@@ -64,14 +64,16 @@ def select(runs: pd.DataFrame, spec: str, key: str) -> pd.DataFrame:
         if col in sel:
             have = sel[col]
         else:
-            have = sel["config"].map(lambda c: _flat(c).get(col))  # noqa: B023 (applied at once)
-            if have.isna().all():
+            have = sel["config"].map(lambda c: _flat(c).get(col, _MISSING))  # noqa: B023 (applied at once)
+            # a key set to null in every run is a key (filter it with =null); one in no run's config is not
+            if have.map(lambda v: v is _MISSING).all():
                 raise ConfigError(
                     key,
                     spec,
                     f"{col!r} is neither a column ({', '.join(map(str, sel.columns[:12]))}, ...) "
                     "nor a config key of these runs",
                 )
+            have = have.map(lambda v: None if v is _MISSING else v)
         match = sel[have.map(lambda v: _equal(v, want))]  # noqa: B023 (applied at once)
         if match.empty:
             values = sorted({str(v) for v in have.dropna()})
@@ -85,9 +87,14 @@ def select(runs: pd.DataFrame, spec: str, key: str) -> pd.DataFrame:
     return sel
 
 
+_MISSING = object()
+
+
 def _equal(v, want: str) -> bool:
     if v is None or (isinstance(v, float) and math.isnan(v)):
-        return want.lower() in ("none", "null", "float", "")
+        return want.lower() in ("none", "null", "nan", "")
+    if isinstance(v, bool):  # as typed in Hydra and YAML: true/false
+        return want.lower() in (("true", "1") if v else ("false", "0"))
     try:
         return float(v) == float(want)
     except (TypeError, ValueError):
@@ -274,6 +281,11 @@ def print_comparison(results: list[dict]) -> None:
     if not console.is_terminal:
         console = Console(width=170)
     console.print(table)
+    if any(r["ratios"].get("latency_ms_median") is not None for r in results):
+        console.print(
+            "latency ×: each run timed in its own process (machine state differs between them); "
+            "for a speed claim, time the models side by side in one process: bench/latency.py"
+        )
     for r in results:  # the spread a new test sample would give (runs with predictions.npz)
         for m, e in (r.get("examples") or {}).items():
             if "missing" in e:

@@ -40,6 +40,12 @@ class Objective:
         along, never the quality it is owned by."""
         return self.unit in COST_UNITS
 
+    @property
+    def is_quality(self) -> bool:
+        """How well a model does (a task metric, a loss, ONNX Runtime's accuracy): what a front is owned by.
+        Sparsity is neither: it describes the model, and a front "owned" by it would rank the most pruned."""
+        return not self.is_cost and self.name != "sparsity"
+
     def with_sense(self, sense: str) -> Objective:
         return Objective(self.name, self.metric, sense, self.unit, self.scale, self.label)
 
