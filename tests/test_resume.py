@@ -273,6 +273,9 @@ def test_a_resume_folder_that_does_not_exist_is_refused_from_the_command_line(tm
         with pytest.raises(ConfigError, match="no such folder") as err:
             resume.check_resume_argument(["seed=1", bad])
         assert err.value.key == "resume" and err.value.value == str(tmp_path / "rnu")
+    (tmp_path / "run" / "results.json").write_text("{}")  # the run's file, not its folder: a Hydra traceback
+    with pytest.raises(ConfigError, match="is a file, not a run folder"):
+        resume.check_resume_argument(["resume=" + str(tmp_path / "run" / "results.json")])
 
 
 def test_resuming_a_multirun_folder_or_a_finished_run_without_checkpoints_says_what_it_is(tmp_path):
@@ -294,6 +297,7 @@ def test_resuming_a_multirun_folder_or_a_finished_run_without_checkpoints_says_w
 
 def test_resume_refuses_overrides_that_would_change_the_run():
     resume.check_resume_overrides("out/run", ["resume=out/run", "hydra.verbose=true"])
+    resume.check_resume_overrides("out/run", ["resume=out/run", "hydra/launcher=submitit_slurm"])
     with pytest.raises(ConfigError) as err:
         resume.check_resume_overrides(
             "out/run", ["resume=out/run", "pipeline.stages.prune.final_sparsity=0.9"]
@@ -555,3 +559,7 @@ def test_a_run_resumed_under_other_threads_publishes_nothing_to_the_stage_cache(
     said = "stage cache: not used by this resumed run: it started under other compute than this process has"
     assert (said in caplog.text) == elsewhere
     assert len(published) == (0 if elsewhere else 2)
+    # said as a warning (the rest may not reproduce the uninterrupted run) and kept in results.json
+    warned = "resuming a run that started under other compute than this process has" in caplog.text
+    assert warned == elsewhere
+    assert results.get("resumed_under_other") == (said.split(": ", 2)[2] if elsewhere else None)

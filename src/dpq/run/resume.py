@@ -359,11 +359,13 @@ def check_resume_argument(argv: list[str]) -> None:
         value = value.strip("'\"")
         if key != "resume" or not sep or value in ("", "null", "None"):
             continue
-        if not Path(value).expanduser().exists():
+        path = Path(value).expanduser()
+        if not path.is_dir():  # a file (results.json) crashed in Hydra, which makes <resume>/.hydra
             raise ConfigError(
                 "resume",
                 value,
-                "no such folder; pass the folder of the run to continue (outputs/<date>/<time>_<run name>)",
+                ("is a file, not a run folder" if path.exists() else "no such folder")
+                + "; pass the folder of the run to continue (outputs/<date>/<time>_<run name>)",
             )
 
 
@@ -419,7 +421,10 @@ def check_resume_overrides(resume, overrides: list[str]) -> None:
     bad = [
         o
         for o in overrides
-        if o.split("=", 1)[0].lstrip("+~") != "resume" and not o.lstrip("+~").startswith("hydra.")
+        if o.split("=", 1)[0].lstrip("+~") != "resume"
+        and not o.lstrip("+~").startswith(
+            ("hydra.", "hydra/")
+        )  # Hydra's own (launcher, sweeper): not the run's
     ]
     if bad:
         raise ConfigError(

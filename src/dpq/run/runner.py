@@ -240,6 +240,12 @@ class Runner:
     def resume(self, stages: list[Stage]) -> str | None:
         """Continue after the newest intact snapshot of this run, if any; the name of its stage."""
         self._unpublishable = resume.started_elsewhere(self.ctx.output_dir)
+        if self._unpublishable and self._unpublishable.startswith("it started under other"):
+            log.warning(
+                "resuming a run that %s: the stages still to run may not reproduce the uninterrupted run "
+                "(results.json records it: resumed_under_other)",
+                self._unpublishable.removeprefix("it "),
+            )
         snap = snapshot.latest(self.checkpoints, [s.name for s in stages])
         if snap is None:
             return None
@@ -324,6 +330,8 @@ class Runner:
             ctx.git,
             ctx.git_earlier_starts,
         )
+        if resuming and self._unpublishable:
+            results["resumed_under_other"] = self._unpublishable
         if onnx_report is not None:
             results["onnx_export"] = onnx_report
         if preds is not None:

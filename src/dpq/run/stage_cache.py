@@ -68,10 +68,9 @@ class CacheBusy(TimeoutError):
 
 
 def stale_reason(manifest: Mapping[str, Any]) -> str | None:
-    """Why an entry can never be used by this process (another cache format, other dpq code, other
-    numerics-library versions, another processor or GPU, other threads or visible GPUs), or None. Keys
-    already cover all of these, so such an entry is never looked up; this only lets ``list`` and
-    ``prune --stale`` tell it apart from a merely unused one."""
+    """Why an entry can never be used by this dpq, anywhere (another cache format, other dpq code, other
+    numerics-library versions), or None. Keys already cover these, so such an entry is never looked up; this
+    lets ``list`` and ``prune --stale`` tell it apart from a merely unused one."""
     if manifest.get("format") != CACHE_FORMAT:
         return f"cache format {manifest.get('format')}"
     code, now = manifest.get("code") or {}, code_fingerprint()
@@ -79,6 +78,14 @@ def stale_reason(manifest: Mapping[str, Any]) -> str | None:
         return "other dpq code"
     if code.get("libraries") != now["libraries"]:
         return "other library versions"
+    return None
+
+
+def elsewhere_reason(manifest: Mapping[str, Any]) -> str | None:
+    """Why this process cannot use an entry that other processes of this dpq can (another processor or
+    GPU, other threads or visible GPUs: a shared cache, a DDP run, an agent pinned elsewhere), or None.
+    Not stale: ``prune --stale`` keeps such entries for the processes that built them."""
+    code, now = manifest.get("code") or {}, code_fingerprint()
     if (was := code.get("hardware") or {}) != now["hardware"]:
         gpu_keys = ("gpus", "torch_cuda")
         same_cpu = all(was.get(k) == v for k, v in now["hardware"].items() if k not in gpu_keys)
@@ -196,7 +203,7 @@ class StageCache:
         if man.get("key") != key:
             log.info("stage cache: %s holds key %s; ignoring it", entry, man.get("key"))
             return None
-        reason = stale_reason(man)
+        reason = stale_reason(man) or elsewhere_reason(man)
         if reason is not None:  # the key covers the code, so only a hand-made entry gets here
             log.info("stage cache: %s comes from %s; ignoring it", entry, reason)
             return None
@@ -336,7 +343,13 @@ class StageCache:
             man = None if key.startswith(".") else self.manifest(key)
             if man is None or man.get("key") != key:
                 continue
-            stats = [st for st in (f.stat() for f in man_path.parent.rglob("*")) if stat.S_ISREG(st.st_mode)]
+            try:
+                stats = [
+                    st for st in (f.stat() for f in man_path.parent.rglob("*")) if stat.S_ISREG(st.st_mode)
+                ]
+                last_used = man_path.stat().st_mtime
+            except FileNotFoundError:  # evicted by another process while this one listed it
+                continue
             out.append(
                 {
                     "key": key,
@@ -345,8 +358,9 @@ class StageCache:
                     "files": {(st.st_dev, st.st_ino): st.st_size for st in stats},
                     "stages": man.get("stages"),
                     "created": man.get("created"),
-                    "last_used": man_path.stat().st_mtime,
-                    "stale": stale_reason(man),
+                    "last_used": last_used,
+                    "stale": (why := stale_reason(man)),
+                    "elsewhere": None if why else elsewhere_reason(man),
                 }
             )
         return sorted(out, key=lambda e: e["last_used"])
@@ -492,6 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for e in entries:
             used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"]))
             mark = f"  STALE ({e['stale']})" if e["stale"] else ""
+            if not mark and e["elsewhere"]:
+                mark = f"  built under {e['elsewhere']} than this process (usable there; kept by --stale)"
             print(
                 f"{e['key']}  {_human(e['bytes']):>9}  last used {used}  "
                 f"{' -> '.join(e['stages'] or [])}{mark}"
