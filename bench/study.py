@@ -375,8 +375,11 @@ def _clock(seconds: float) -> str:
 
 def _wall(runs: dict[tuple[str, int], dict], name: str) -> str:
     """A config's wall time: its cold run (nothing restored from a cache), else ``+`` the mean over
-    seeds of runs that reused the teacher and distilled student from the stage cache."""
-    mine = [r for (n, _), r in runs.items() if n == name]
+    seeds of runs that reused the teacher and distilled student from the stage cache. Resumed runs are left
+    out: their ``wall_time_s`` is the last process's only."""
+    mine = [r for (n, _), r in runs.items() if n == name and not r.get("resumed_after")]
+    if not mine:
+        return "- (resumed)"
     cold = [r for r in mine if not any(st.get("cached") for st in r["stages"])]
     if cold:
         return f"{_clock(cold[0]['wall_time_s'])} cold"

@@ -98,7 +98,7 @@ def results(
         ],
         "final": {"stage": recs[-1]["stage"], "model": role, "quantized": state.quantized, **final},
         "model_dir": str(model_dir) if model_dir else None,
-        "wall_time_s": wall_time_s,
+        "wall_time_s": wall_time_s,  # this process's: a resumed run's earlier starts are not in it
         "resumed_after": resumed_after,
         "config": cfg,
     }
