@@ -186,7 +186,8 @@ def test_global_allocation_reaches_the_overall_target_exactly(sparsity):
 @pytest.mark.parametrize(
     "update_every, ramp_end, schedule, said",
     [
-        (25, 0.75, "polynomial", "one jump at step 20, its last, with no training after; update_every=3"),
+        (25, 0.75, "polynomial", "one jump at step 15; update_every=3"),  # at the ramp's end, trained after
+        (25, 1.0, "polynomial", "one jump at step 20, its last, with no training after; update_every=5"),
         (5, 0.25, "polynomial", "one jump at step 5; update_every=1 would update them 5 times"),
         (5, 0.25, "iterative", "one jump at step 5;"),  # its 3 jumps coalesce into one
         (3, 0.75, "polynomial", None),  # updates at 3, 6, ..., 15: gradual
@@ -216,6 +217,39 @@ def test_a_ramp_its_update_every_turns_into_one_jump_is_warned_about(
     assert (said in text) if said else not text, text
     if said and schedule == "polynomial":
         assert [t for _, t in ramp.history][:2] == [0.0, 0.5]  # from nothing to the target in one update
+
+
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_final_sparsity_holds_from_ramp_end_and_each_update_runs_once_per_optimizer_step(accumulate):
+    """ramp_end=0.75 of 20 steps is step 15, not a multiple of update_every=4: the final target waited for
+    step 16. Under gradient accumulation the hook runs per micro-batch: each update ran (and was counted)
+    once per micro-batch of its step."""
+    from dpq.prune.schedules import make_schedule
+
+    ramp = SparsityRamp(
+        "prune", TARGETS, 0.0, 0.5, update_every=4, ramp_end=0.75, schedule=make_schedule("linear")
+    )
+    seen = {}
+
+    class Sparsity(L.Callback):  # after the ramp's own hook: the masks the next step trains with
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            w = [pl_module.model.hidden[i].weight for i in range(2)]
+            seen[trainer.global_step] = float(sum((x == 0).sum() for x in w) / sum(x.numel() for x in w))
+
+    trainer = L.Trainer(
+        max_steps=20,
+        accumulate_grad_batches=accumulate,
+        callbacks=[ramp, Sparsity()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(Module(), loader(n=20 * 8 * accumulate))
+    steps = [t for t, _ in ramp.history]
+    assert steps == [0, 4, 8, 12, 15, 16, 20] and len(set(steps)) == len(steps)
+    assert seen[14] < 0.5 - 0.05 and seen[15] == pytest.approx(0.5, abs=1e-3)
 
 
 def test_a_ramp_too_short_for_two_updates_is_told_to_lengthen_the_stage_not_to_update_once():

@@ -84,7 +84,7 @@ def one_jump(total_steps: int, update_every: int, ramp_end: float) -> str | None
     end = max(1.0, ramp_end * total_steps)  # the step the target is reached (ramp_progress)
     if update_every < end or total_steps < 2:
         return None
-    first, every = min(update_every, total_steps), max(1, int(end) // 4)
+    first, every = min(math.ceil(end), total_steps), max(1, int(end) // 4)  # the update at the ramp's end
     last = ", its last, with no training after" if first >= total_steps else ""
     n = int(end) // every
     fix = (
@@ -105,7 +105,7 @@ class SparsityRamp(_MaskCallback):
     The target at optimizer step t is a pure function of ``t / total_steps``: ``initial`` at
     the first step, ``final`` (or the layer's own entry in ``finals``) from ``ramp_end`` of the
     stage to its end. Masks are recomputed every ``update_every`` steps (and exactly at the
-    start and end), and applied after every step. ``frozen`` masks from an earlier prune
+    start, at ``ramp_end`` and at the end), and applied after every step. ``frozen`` masks from an earlier prune
     stage are kept (intersected).
 
     ``criterion`` ranks the weights at each update: ``magnitude`` |w|; ``taylor`` |w*grad|
@@ -411,10 +411,18 @@ class SparsityRamp(_MaskCallback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # optimizer steps taken so far
-        if step % self.update_every == 0 or step >= self.total_steps:
+        # Also at the ramp's end, so final sparsity holds from ramp_end on (not from the next multiple of
+        # update_every); once per optimizer step (under gradient accumulation this hook runs per micro-batch,
+        # and each repeat recomputed the same masks and logged another update).
+        due = step % self.update_every == 0 or step == self._ramp_end_step() or step >= self.total_steps
+        if due and not (self.history and self.history[-1][0] == step):
             self._update(pl_module, step, trainer)
         else:
             apply_masks(self._model(pl_module), self.masks)
+
+    def _ramp_end_step(self) -> int:
+        """The first optimizer step at which :func:`ramp_progress` is 1."""
+        return math.ceil(max(1.0, self.ramp_end * self.total_steps))
 
     def on_train_end(self, trainer, pl_module) -> None:
         # The stage ends at the final target exactly, even if the last step was not an update step.
