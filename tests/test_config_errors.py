@@ -81,6 +81,18 @@ CASES = [
         "must be a folder path (or stage_cache.enabled=false)",
     ),
     ([TINY, "task.split.seed=-3"], "task.split.seed", "-3", "must be an integer >= 0"),
+    # the FLOPs ramp starts from nothing: an initial sparsity was dropped unsaid
+    (
+        [
+            TINY,
+            f"{P}.prune.granularity=heads+neurons",
+            f"{P}.prune.flops_target=0.6",
+            f"{P}.prune.initial_sparsity=0.1",
+        ],
+        f"{P}.prune.initial_sparsity",
+        "0.1",
+        "is not read with flops_target",
+    ),
     # null read as accuracy by the check, as 'val_None' by objective.metrics
     ([TINY, "task.primary_metric=null"], "task.primary_metric", "null", "must be"),
     # a position table shorter than the run's inputs: the export would fail after training

@@ -140,6 +140,13 @@ class PruneConfig(KDStageConfig):
                     self.overrides,
                     "do not combine with flops_target (one budget for the whole model)",
                 )
+            if self.flops_fill is None and self.initial_sparsity > 0:
+                raise ConfigError(
+                    f"{key}.initial_sparsity",
+                    self.initial_sparsity,
+                    "is not read with flops_target (its ramp removes a share of the FLOPs, from 0 to the "
+                    "budget): set it to 0, or use flops_fill, whose ramp runs from initial_sparsity",
+                )
         self._check_flops_fill(key)
 
     def _check_flops_fill(self, key: str) -> None:
