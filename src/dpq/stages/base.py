@@ -58,8 +58,12 @@ class StageConfig:
     def check(self, key: str) -> None:
         if self.epochs < 1 and self.max_steps <= 0:
             raise ConfigError(f"{key}.epochs", self.epochs, "must be >= 1 (or set max_steps > 0)")
+        if self.max_steps == 0 or self.max_steps < -1:  # 0 trained nothing; < -1 failed in Lightning
+            raise ConfigError(f"{key}.max_steps", self.max_steps, "must be -1 (no cap) or a positive integer")
         if not self.lr > 0:
             raise ConfigError(f"{key}.lr", self.lr, "must be > 0")
+        if not self.weight_decay >= 0:  # AdamW takes a negative one per group unchecked
+            raise ConfigError(f"{key}.weight_decay", self.weight_decay, "must be >= 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"{key}.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
 

@@ -11,6 +11,7 @@ round index; results.json gets one entry per round.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,13 @@ class SpiralConfig:
                     f"must rise monotonically from initial_sparsity={self.initial_sparsity} and stay in [0, 1)",
                 )
             prev = t
+        if not math.isclose(targets[-1], self.final_sparsity, abs_tol=1e-9):  # results are labelled by it
+            raise ConfigError(
+                f"{key}.round_targets",
+                targets,
+                f"must end at final_sparsity={self.final_sparsity} (the sparsity the run is reported at); "
+                f"set {key}.final_sparsity={targets[-1]} too",
+            )
         if self.prune.get("qat") is not None:
             raise ConfigError(
                 f"{key}.prune.qat",
