@@ -140,6 +140,29 @@ def test_shrunk_model_saves_and_reloads_with_the_same_logits(tmp_path):
     assert again.dpq_original_groups["bert.encoder.layer.0.attention"] == HEADS
 
 
+def test_a_shrunk_native_model_reloads_in_eval_mode_with_its_original_group_counts(tmp_path):
+    """dpq's own MLP came back in train mode (dropout on) and without dpq_original_groups, so a later prune
+    stage after a resume or a stage-cache restore counted its sparsity against the shrunk width."""
+    from dpq.models import MLPClassifier
+
+    torch.manual_seed(0)
+    model = MLPClassifier(12, 3, [16, 16], dropout=0.5)
+    sets = structured.find_groups(model, "neurons")
+    scores = {n: model.get_submodule(n).weight.abs() for s in sets for n in s.modules}
+    keep = structured.select_groups(sets, scores, 0.5)
+    apply_masks(model, structured.group_masks(model, sets, keep))
+    structured.shrink_(model, sets, keep)
+    save_model(model.eval(), tmp_path / "m")
+    again = load_model({}, {}, tmp_path / "m")
+    assert not again.training
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    assert again.dpq_original_groups == model.dpq_original_groups and set(
+        model.dpq_original_groups.values()
+    ) == {16}
+
+
 def test_a_second_stage_counts_sparsity_against_the_original_groups():
     model = tiny_bert()
     sets, keep, _ = prune_and_shrink(model, "neurons", 0.25)

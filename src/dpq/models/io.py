@@ -48,7 +48,10 @@ def save_model(model: nn.Module, directory: Path, tokenizer=None, max_length: in
             {k: v.contiguous() for k, v in float_model.state_dict().items()},
             str(directory / "model.safetensors"),
         )
-        (directory / "config.json").write_text(json.dumps({"dpq_arch": arch, **float_model.config}, indent=2))
+        config = {"dpq_arch": arch, **float_model.config}
+        if getattr(float_model, "dpq_original_groups", None):  # a shrink's record: later prune stages count
+            config["dpq_original_groups"] = dict(float_model.dpq_original_groups)  # sparsity against it
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
     else:
         float_model.save_pretrained(directory)
     if tokenizer is not None:
@@ -87,8 +90,11 @@ def load_model(spec: dict, task: dict, directory: Path) -> nn.Module:
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     if config.get("dpq_arch") in NATIVE_ARCHES:
+        originals = config.pop("dpq_original_groups", None)
         model = native_from_config(config)
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        if originals:
+            model.dpq_original_groups = dict(originals)
     elif config.get("dpq_structure"):
         model = load_shrunk_pretrained(directory)
     else:
@@ -97,4 +103,4 @@ def load_model(spec: dict, task: dict, directory: Path) -> nn.Module:
         model = AutoModelForSequenceClassification.from_pretrained(directory)
     if (directory / "quantized_weights.safetensors").exists():
         load_quantized_(model, directory)
-    return model
+    return model.eval()  # as from_pretrained does: dpq's own models came back in train mode (dropout on)
