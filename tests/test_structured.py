@@ -140,6 +140,24 @@ def test_shrunk_model_saves_and_reloads_with_the_same_logits(tmp_path):
     assert again.dpq_original_groups["bert.encoder.layer.0.attention"] == HEADS
 
 
+def test_a_shrunk_folder_as_pretrained_or_a_shrunk_teacher_to_copy_layers_from_is_a_config_error(tmp_path):
+    """Both rebuilt the full shapes and failed with a size mismatch (after the teacher had trained); a
+    shrunk folder loads as a teacher through the teacher stage's load_from (dpq's own loader)."""
+    from dpq.core.errors import ConfigError
+    from dpq.models.hf import hf_config, student_from_teacher
+
+    model = tiny_bert()
+    prune_and_shrink(model, "heads", 0.5)
+    save_model(model, tmp_path / "m")
+    spec = {"arch": "hf", "init": "pretrained", "pretrained": str(tmp_path / "m"), "fine_tuned": True}
+    task = {"name": "t", "num_labels": model.config.num_labels}
+    with pytest.raises(ConfigError, match="structurally shrunk dpq model .*teacher.load_from") as e:
+        hf_config(spec, task, "teacher")
+    assert e.value.key == "teacher.pretrained"
+    with pytest.raises(ConfigError, match="this teacher is structurally shrunk"):
+        student_from_teacher(load_model({}, {}, tmp_path / "m"), [0])
+
+
 def test_a_shrunk_native_model_reloads_in_eval_mode_with_its_original_group_counts(tmp_path):
     """dpq's own MLP came back in train mode (dropout on) and without dpq_original_groups, so a later prune
     stage after a resume or a stage-cache restore counted its sparsity against the shrunk width."""

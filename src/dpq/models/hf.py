@@ -418,6 +418,14 @@ def hf_config(spec: dict, task: dict, key: str, teacher_config=None):
         path = resolve_pretrained(spec, key)
         config = AutoConfig.from_pretrained(path, revision=pretrained_revision(spec, key), **overrides)
         check_config_overrides(config, overrides, key)
+        if getattr(config, "dpq_structure", None):  # from_pretrained builds the full shapes: a size mismatch
+            raise ConfigError(
+                f"{key}.pretrained",
+                spec.get("pretrained"),
+                "is a structurally shrunk dpq model (config.dpq_structure: per-layer shapes from_pretrained "
+                "cannot rebuild)",
+                "as a teacher, give the folder to the teacher stage: pipeline.stages.teacher.load_from=<folder>",
+            )
         if has_head(config):
             check_head_labels(
                 [config.id2label[i] for i in range(config.num_labels)], task, f"{key}.pretrained", path
@@ -439,7 +447,9 @@ def hf_config(spec: dict, task: dict, key: str, teacher_config=None):
         if base:
             sub = _as_spec(base)
             config = AutoConfig.from_pretrained(
-                resolve_pretrained(sub, f"{key}.base_config") if isinstance(base, Mapping) else base,
+                resolve_pretrained(sub, f"{key}.base_config")
+                if isinstance(base, Mapping)
+                else (os.path.expanduser(str(base)) if _looks_local(str(base)) else base),  # ~/folder too
                 revision=pretrained_revision(sub, f"{key}.base_config"),
                 **labels,
                 **overrides,
@@ -557,6 +567,13 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
     """
     from transformers import AutoModelForSequenceClassification
 
+    if getattr(teacher.config, "dpq_structure", None):
+        raise ConfigError(
+            "model.init",
+            "from_teacher",
+            "copies the teacher's layers at their configured shapes, but this teacher is structurally shrunk "
+            "(config.dpq_structure); use init: pretrained or random for the student",
+        )
     _checked_layers(layers, teacher.config.num_hidden_layers)
     cfg = copy.deepcopy(teacher.config)
     cfg.num_hidden_layers = len(layers)
