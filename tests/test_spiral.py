@@ -164,3 +164,27 @@ def test_both_with_an_ensemble_teacher_averages_its_members_and_the_previous_rou
     got = both.log_probs({"ids": ids}, ids, 2.0)
     rows = [Table(s).rows for s in (0, 1, 2)]
     assert torch.allclose(got, combine_teachers(rows, [0.375, 0.125, 0.5], 2.0), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, key, said",
+    [
+        (
+            ["pipeline.stages.spiral.teacher_mode=both", "+pipeline.stages.spiral.distill.hidden=1.0"],
+            "pipeline.stages.spiral.distill.hidden",
+            "teacher_mode=both teaches with an ensemble",
+        ),
+        (  # the previous round's model teaches: the student's 2 layers, not the teacher's
+            ["+pipeline.stages.spiral.distill.hidden=1.0", "+pipeline.stages.spiral.distill.layer_map=[3,3]"],
+            "pipeline.stages.spiral.distill.layer_map",
+            "layer_map",
+        ),
+    ],
+)
+def test_a_spirals_feature_distillation_is_checked_before_the_teacher_trains(
+    make_cfg, count_fits, overrides, key, said
+):
+    """Both failed with a ValueError inside the first round, after the teacher (and round 0's prune) trained."""
+    with pytest.raises(ConfigError, match=said) as err:
+        train(make_cfg("experiment=tiny", "pipeline=spiral", *overrides))
+    assert err.value.key == key and count_fits == []

@@ -753,35 +753,55 @@ def check_positions(cfg: dict[str, Any], models: dict[str, Any]) -> None:
 
 
 def check_feature_kd(cfg: dict[str, Any], stages: list[Stage], student, teacher) -> None:
-    """Hidden/attention/relation distillation (a stage's ``hidden``, ``attention``, ``relation``) needs one
-    teacher model, and its ``layer_map`` one teacher layer per student layer (after any ``drop_layers``):
-    said here, not when the stage sets up after the teacher trained."""
+    """Hidden/attention/relation distillation (a stage's ``hidden``, ``attention``, ``relation``; a spiral's
+    rounds too) needs one teacher model, and its ``layer_map`` one teacher layer per student layer (after any
+    ``drop_layers``): said here, not when the stage sets up after the teacher trained."""
     from dpq.distill.features import resolve_layer_map
     from dpq.stages.base import KDStageConfig
+    from dpq.stages.spiral import SpiralStage
 
-    kd = [s for s in stages if isinstance(s.cfg, KDStageConfig) and s.cfg.feature_kd().active]
+    # (stage, key of its settings, settings, whose model teaches: the pipeline's teacher or a spiral mode)
+    entries = []
+    for s in stages:
+        if isinstance(s.cfg, KDStageConfig):
+            entries.append((s, s.key, s.cfg, "pipeline"))
+        elif isinstance(s, SpiralStage):  # its rounds' prune and distill, as they will run
+            for sub in s.round_stages(0, s.cfg.initial_sparsity, s.cfg.targets()[0]):
+                entries.append((s, f"{s.key}.{sub.kind}", sub.cfg, s.cfg.teacher_mode))
+    kd = [e for e in entries if e[2].feature_kd().active]
     if not kd:
         return
-    t_stage = next((s for s in stages if s.trains_teacher), None)
-    if t_stage is not None and getattr(t_stage.cfg, "ensemble", None):
+    said = {k: getattr(kd[0][2], k) for k in ("hidden", "attention", "relation")}
+    if (both := next((e for e in kd if e[3] == "both"), None)) is not None:
         raise ConfigError(
-            f"{kd[0].key}.hidden",
-            {k: getattr(kd[0].cfg, k) for k in ("hidden", "attention", "relation")},
+            f"{both[1]}.hidden",
+            {k: getattr(both[2], k) for k in ("hidden", "attention", "relation")},
+            f"hidden/attention/relation distillation needs a single teacher model, and {both[0].key}."
+            "teacher_mode=both teaches with an ensemble (previous round and original); use previous or original",
+        )
+    t_stage = next((s for s in stages if s.trains_teacher), None)
+    pipeline_kd = [e for e in kd if e[3] != "previous"]
+    if pipeline_kd and t_stage is not None and getattr(t_stage.cfg, "ensemble", None):
+        raise ConfigError(
+            f"{pipeline_kd[0][1]}.hidden",
+            said,
             f"hidden/attention/relation distillation needs a single teacher model ({t_stage.key}.ensemble is set)",
         )
-    if teacher is None:
+    if teacher is None and pipeline_kd:
         teacher = skeleton(cfg["teacher"], cfg["task"], "teacher")
     n_t = getattr(getattr(teacher, "config", None), "num_hidden_layers", None)
     n_s = getattr(getattr(student, "config", None), "num_hidden_layers", None)
-    if n_t is None or n_s is None:
+    if n_s is None or (n_t is None and pipeline_kd):
         return  # not known here (offline, or not a Hugging Face encoder: check_model says so)
     for s in stages:
         d = getattr(s.cfg, "drop_layers", None) if s.kind == "prune" else None
-        if s in kd and s.cfg.layer_map is not None and not (s.kind == "prune" and d is not None):
-            try:  # a prune stage's own map after its drop is checked by that stage (check_depth)
-                resolve_layer_map(s.cfg.layer_map, n_s, n_t)
+        for _, key, c, who in (e for e in kd if e[0] is s):
+            if c.layer_map is None or (s.kind == "prune" and d is not None):
+                continue  # a prune stage's own map after its drop is checked by that stage (check_depth)
+            try:  # a spiral's "previous" teacher is the student as it entered the round: its depth
+                resolve_layer_map(c.layer_map, n_s, n_s if who == "previous" else n_t)
             except ValueError as e:
-                raise ConfigError(f"{s.key}.layer_map", s.cfg.layer_map, str(e)) from None
+                raise ConfigError(f"{key}.layer_map", c.layer_map, str(e)) from None
         if d is not None:
             n_s -= d if isinstance(d, int) else len(d)
 
