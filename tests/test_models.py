@@ -24,6 +24,13 @@ def test_student_copies_the_chosen_teacher_layers(make_cfg):
     assert torch.equal(
         s["bert.embeddings.word_embeddings.weight"], t["bert.embeddings.word_embeddings.weight"]
     )
+    # a teacher saved with transformers' placeholder names: the student predicts the task's names
+    teacher.config.id2label = {i: f"LABEL_{i}" for i in range(teacher.config.num_labels)}
+    spec = {**cfg["model"], "arch": "hf", "init": "from_teacher", "layers": [0, 3]}
+    task = {**cfg["task"], "label_names": ["negative", "positive"], "num_labels": 2}
+    named = build_model(spec, task, "model", teacher=teacher)
+    assert named.config.id2label == {0: "negative", 1: "positive"}
+    assert named.config.label2id == {"negative": 0, "positive": 1}
 
 
 def test_every_kth_layer_and_bad_layer_specs():

@@ -527,7 +527,13 @@ def build_hf(spec: dict, task: dict, key: str, teacher: nn.Module | None = None)
         return AutoModelForSequenceClassification.from_config(hf_config(spec, task, key))
     if teacher is None:
         raise ConfigError(f"{key}.init", init, "needs a teacher model to copy layers from")
-    return student_from_teacher(teacher, resolve_layers(spec.get("layers"), teacher.config.num_hidden_layers))
+    student = student_from_teacher(
+        teacher, resolve_layers(spec.get("layers"), teacher.config.num_hidden_layers)
+    )
+    for k, v in label_config(task).items():  # the task's label names (a saved teacher may hold LABEL_<i>)
+        if k != "num_labels":
+            setattr(student.config, k, v)
+    return student
 
 
 def skeleton_hf(spec: dict, task: dict, key: str, teacher: nn.Module | None = None) -> nn.Module | None:
