@@ -4,7 +4,7 @@ Usage::
 
     python bench/latency.py bench/results/study                # one run per config (lowest seed)
     python bench/latency.py bench/results/study --batches 1 32 --seq-len 64
-    python bench/latency.py <run folder> <run folder> ...      # any finished runs
+    python bench/latency.py --out latency.json <run folder> <run folder> ...   # any finished runs
     python bench/latency.py bench/results/study --device cuda --dtype bfloat16 --batches 1 32 256 --seq-len 128
 
 Each run of the study measures its own latency at its end (``cost.latency``), minutes or hours
