@@ -37,7 +37,14 @@ def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it, so set back at once)."""
+    """The process's umask: read from /proc on Linux (setting it to read it would race other threads'
+    files), else by setting it and back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
