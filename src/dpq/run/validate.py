@@ -746,8 +746,8 @@ def vocabulary_mismatch(model: dict[str, Any], teacher: dict[str, Any]) -> str |
         return None
     if mine == theirs:
         return None
-    differ = sum(1 for token, i in theirs.items() if mine.get(token) != i)
-    return f"{differ} of {len(theirs)} tokens differ, e.g. {next(t for t, i in theirs.items() if mine.get(t) != i)!r}"
+    differ = [token for token, i in theirs.items() if mine.get(token) != i]
+    return f"{len(differ)} of {len(theirs)} tokens differ, e.g. {differ[0]!r}"
 
 
 def check_positions(cfg: dict[str, Any], models: dict[str, Any]) -> None:
