@@ -402,6 +402,12 @@ def test_the_output_projection_of_multihead_attention_is_left_out_with_a_warning
     convert_(enc)
     with torch.no_grad():
         assert torch.allclose(enc(x), fake, atol=1e-5)
+    # the quantize stage names its targets itself (prepare_qat_ then takes them as given): left out there too
+    from dpq.stages.quantize import QuantizeStage
+
+    stage = QuantizeStage.from_config("quantize", {"targets": "re:.*", "quantize_head": True})
+    _, staged = stage.targets_of(Block(), {})
+    assert staged == ["ffn"]
 
 
 def test_the_classifier_head_is_the_layer_that_gives_the_logits_wherever_it_is_registered():

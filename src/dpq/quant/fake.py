@@ -133,15 +133,26 @@ def select_modules(model: nn.Module, targets: Targets) -> list[str]:
     attention reads its ``weight`` directly and never calls it, so a fake quantizer there would train
     nothing and a packed layer (no ``weight``) would break the model. Skipped with a warning."""
     sel = _as_list(targets)
-    picked = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE) and matches(n, sel)]
-    skipped = [n for n, m in picked if isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)]
+    return callable_only(
+        model, [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE) and matches(n, sel)]
+    )
+
+
+def callable_only(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """``names`` without the ``out_proj`` of an ``nn.MultiheadAttention`` (said in a warning): see
+    :func:`select_modules`. Every way to name quantization targets goes through it."""
+    skipped = [
+        n
+        for n in names
+        if isinstance(model.get_submodule(n), nn.modules.linear.NonDynamicallyQuantizableLinear)
+    ]
     if skipped:
         log.warning(
             "not quantized: %s (the output projection of nn.MultiheadAttention, which reads its weight "
             "without calling it)",
             ", ".join(skipped),
         )
-    return [n for n, m in picked if n not in skipped]
+    return [n for n in names if n not in skipped]
 
 
 def conv_names(model: nn.Module, names: Sequence[str]) -> list[str]:

@@ -35,7 +35,7 @@ from dpq.quant import (
 )
 from dpq.quant.backends import check_device, check_keeps_zeros, check_layouts, check_module_kinds
 from dpq.quant.embedding import EMBEDDING_BITS, convert_embedding_, embedding_config, word_embedding_name
-from dpq.quant.fake import QUANTIZABLE, head_names, no_match_error
+from dpq.quant.fake import QUANTIZABLE, callable_only, head_names, no_match_error
 from dpq.quant.zeros import summarize
 from dpq.stages.base import KDStageConfig, ModelCheck, Stage, register
 
@@ -324,7 +324,7 @@ class QuantStageMixin:
         sel, key = resolve_targets(cfg.targets, f"{self.key}.targets", model_spec, "quant_targets")
         if sel is None:
             raise ConfigError(key, None, "no quantization targets: set it or model.quant_targets")
-        names = select_checked(model, sel, key, QUANTIZABLE, "nn.Linear or nn.Conv2d")
+        names = callable_only(model, select_checked(model, sel, key, QUANTIZABLE, "nn.Linear or nn.Conv2d"))
         qcfg = cfg.quant_config(targets=sel, **self._quant_extra()).validate(self.key)
         if not qcfg.quantize_head:
             head = set(head_names(model))
