@@ -196,6 +196,9 @@ def test_bnb_on_cpu_fails_before_training_with_a_clear_message(make_cfg):
             "32, 64, 128, 256",
         ),
         ("torchao", "fp8", dict(bits=8), "scheme", "int8_weight_only, int8_dynamic, int4_weight_only"),
+        # QAT on int8 activations that a weight-only layer never sees (it computed 0.8% off, 157% off range)
+        ("torchao", "int8_weight_only", dict(bits=8, act_bits=8), "act_bits", "is weight-only"),
+        ("bnb", "nf4", dict(bits=4, act_bits=8), "act_bits", "is weight-only"),
         ("tensorrt", None, dict(), "backend", "packed, cpu_int8, torchao, bnb"),
     ],
 )

@@ -54,6 +54,7 @@ class Scheme:
     preserves_zeros: bool
     tolerance: float
     note: str = ""
+    quantizes_activations: bool = True  # False: weight-only, the layer computes on float activations
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,16 @@ BACKENDS: dict[str, Backend] = {
         "torchao",
         f"torchao {ao.TORCHAO_VERSION} quantized tensors",
         (
-            Scheme("int8_weight_only", (8,), ALLOWED_GRANULARITY, True, ("cpu", "cuda"), True, 1e-4),
+            Scheme(
+                "int8_weight_only",
+                (8,),
+                ALLOWED_GRANULARITY,
+                True,
+                ("cpu", "cuda"),
+                True,
+                1e-4,
+                quantizes_activations=False,
+            ),
             Scheme("int8_dynamic", (8,), ("per_tensor", "per_channel"), True, ("cpu", "cuda"), True, 2e-2),
             Scheme(
                 "int4_weight_only",
@@ -122,6 +132,7 @@ BACKENDS: dict[str, Backend] = {
                 False,
                 5e-2,
                 "tinygemm: asymmetric with a float zero point, bfloat16",
+                quantizes_activations=False,
             ),
         ),
     ),
@@ -129,8 +140,12 @@ BACKENDS: dict[str, Backend] = {
         "bnb",
         "bitsandbytes",
         (
-            Scheme("nf4", (4,), ALLOWED_GRANULARITY, False, ("cuda",), True, 2e-1),
-            Scheme("fp4", (4,), ALLOWED_GRANULARITY, False, ("cuda",), True, 2e-1),
+            Scheme(
+                "nf4", (4,), ALLOWED_GRANULARITY, False, ("cuda",), True, 2e-1, quantizes_activations=False
+            ),
+            Scheme(
+                "fp4", (4,), ALLOWED_GRANULARITY, False, ("cuda",), True, 2e-1, quantizes_activations=False
+            ),
             Scheme("int8", (8,), ("per_channel",), False, ("cuda",), True, 2e-2),
         ),
     ),
@@ -180,6 +195,16 @@ def resolve_scheme(backend: str, scheme: str | None, cfg: QuantConfig, key: str)
             f"{key}.granularity",
             cfg.granularity,
             f"backend {backend} scheme {scheme} supports {', '.join(s.granularities)}",
+        )
+    if (
+        cfg.act_bits and not s.quantizes_activations
+    ):  # QAT trained on int8 inputs the deployed layer never sees
+        raise ConfigError(
+            f"{key}.act_bits",
+            cfg.act_bits,
+            f"backend {backend} scheme {scheme} is weight-only (float activations), so the converted model would "
+            "not compute what QAT trained; set act_bits=null, or use a scheme that quantizes activations "
+            "(packed, cpu_int8, torchao int8_dynamic, bnb int8)",
         )
     if s.symmetric_only and not cfg.symmetric:
         raise ConfigError(
