@@ -217,3 +217,24 @@ def test_a_layer_with_one_input_quantizes_per_channel():
     convert_(model)
     with torch.no_grad():
         assert torch.equal(model(x), fq)
+
+
+def test_a_percentile_over_more_weights_than_torch_quantile_takes_is_the_same_quantile(monkeypatch):
+    """Per-tensor percentile PTQ of a layer over 2^24 weights failed ("quantile() input tensor is too
+    large"); the long-row path computes torch.nanquantile's definition from the sorted row."""
+    from dpq.quant import affine
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 1001)
+    x[0, 1, 500:] = float("nan")  # per-group padding is NaN
+    x[2, 4, :] = float("nan")
+    want = {q: torch.nanquantile(x, q, dim=-1) for q in (0.0, 0.5, 0.999, 1.0)}
+    monkeypatch.setattr(affine, "QUANTILE_MAX_ELEMENTS", 10)
+    for q, w in want.items():
+        assert torch.allclose(affine.nanquantile_last(x, q), w, equal_nan=True, atol=1e-6), q
+    monkeypatch.undo()
+    big = torch.randn(4100, 4100)  # 16.8M weights, one block
+    layout = affine.Blocks("per_tensor", 4100, 4100)
+    scale, _ = affine.weight_qparams(big, layout, 4, True, percentile=99.9)
+    amax = big.abs().flatten().sort().values[int(0.999 * (big.numel() - 1))]
+    assert torch.allclose(scale.flatten() * 7.5, amax, rtol=1e-4)

@@ -115,9 +115,28 @@ def block_range(
         )
     q = float(percentile) / 100.0
     if symmetric:
-        amax = torch.nanquantile(blocks.abs().float(), q, dim=-1)
+        amax = nanquantile_last(blocks.abs().float(), q)
         return -amax, amax
-    return torch.nanquantile(blocks.float(), 1.0 - q, dim=-1), torch.nanquantile(blocks.float(), q, dim=-1)
+    return nanquantile_last(blocks.float(), 1.0 - q), nanquantile_last(blocks.float(), q)
+
+
+QUANTILE_MAX_ELEMENTS = 1 << 24  # torch.nanquantile refuses a longer reduced dimension
+
+
+def nanquantile_last(x: Tensor, q: float) -> Tensor:
+    """``torch.nanquantile(x, q, dim=-1)`` (linear interpolation, NaN ignored), also for rows longer than
+    torch accepts (a per-tensor percentile over a 4096 x 4096 weight or a large embedding table failed):
+    then computed from the sorted row itself, the same definition, by hand because torch has no other."""
+    if x.shape[-1] <= QUANTILE_MAX_ELEMENTS:
+        return torch.nanquantile(x, q, dim=-1)
+    ordered = torch.sort(x, dim=-1).values  # NaN sorts last
+    n = (~torch.isnan(x)).sum(dim=-1)
+    pos = q * (n - 1).clamp(min=0).to(x.dtype)
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    v_lo = ordered.gather(-1, lo.unsqueeze(-1)).squeeze(-1)
+    v_hi = ordered.gather(-1, hi.unsqueeze(-1)).squeeze(-1)
+    out = v_lo + (v_hi - v_lo) * (pos - lo.to(x.dtype))
+    return torch.where(n > 0, out, torch.full_like(out, float("nan")))
 
 
 def weight_qparams(
