@@ -66,6 +66,8 @@ def fake_quantized_linear():
         ("group_size", 1, ">= 2"),
         ("observer", "ema", "minmax, lsq"),
         ("act_bits", 4, "null .* or 8"),
+        ("act_bits", 8.0, "null .* or 8"),  # a float passed `in (None, 8)` and flowed into the metadata
+        ("bits", 4.0, "2, 3, 4, 8"),
         ("calibration", "kl", "minmax, percentile"),
         ("percentile", 40, r"\(50, 100\]"),
         ("targets", "re:(", "regular expression"),

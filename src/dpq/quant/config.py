@@ -77,7 +77,7 @@ class QuantConfig:
 
     def validate(self, key: str = "quant") -> QuantConfig:
         """Raise :class:`ConfigError` (``<key>.<field>``) for any unsupported value; return self."""
-        if isinstance(self.bits, bool) or self.bits not in ALLOWED_BITS:
+        if type(self.bits) is not int or self.bits not in ALLOWED_BITS:  # 4.0 == 4, but not as a bit width
             raise ConfigError(f"{key}.bits", self.bits, f"must be one of {', '.join(map(str, ALLOWED_BITS))}")
         if self.granularity not in ALLOWED_GRANULARITY:
             raise ConfigError(
@@ -104,7 +104,9 @@ class QuantConfig:
                 "LSQ learns the step of a symmetric grid; set symmetric=true or observer=minmax "
                 "(a learned zero point could move 0.0 off the grid and revive pruned weights)",
             )
-        if self.act_bits not in ALLOWED_ACT_BITS or isinstance(self.act_bits, bool):
+        if self.act_bits not in ALLOWED_ACT_BITS or (
+            self.act_bits is not None and type(self.act_bits) is not int
+        ):
             raise ConfigError(f"{key}.act_bits", self.act_bits, "must be null (float activations) or 8")
         if self.act_range not in ALLOWED_ACT_RANGE:
             raise ConfigError(

@@ -105,7 +105,7 @@ class QuantOptions:
                 f"{self.backend} quantizes activations its own way (use act_range=observed or backend=packed)",
             )
         if self.embedding_bits is not None:
-            if self.embedding_bits not in EMBEDDING_BITS:
+            if type(self.embedding_bits) is not int or self.embedding_bits not in EMBEDDING_BITS:
                 raise ConfigError(
                     f"{key}.embedding_bits",
                     self.embedding_bits,
