@@ -81,3 +81,18 @@ def test_bnb_linear_shows_its_inner_bias():
     q = BnbLinear(lin, "int8")
     assert q.bias is lin.bias and cost._bias_tensor(q) is lin.bias
     assert BnbLinear(nn.Linear(16, 8, bias=False), "int8").bias is None
+
+
+def test_torchao_weights_count_as_resident_int8_codes_not_float32():
+    """torchao keeps a weight as an ``Int8Tensor`` whose reported dtype is float32 (4 B per element);
+    resident memory is what it holds: int8 codes, scales, zero points, as ``size_bytes`` counts them."""
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = {"pixel_values": torch.randn(2, 3, 6, 6)}
+    float_resident = cost._resident_bytes(model, x)
+    convert_(model, QuantConfig(bits=8, targets="fc"), backend="torchao", scheme="int8_weight_only")
+    stored = model.fc.storage_bytes()  # codes + per-row scales and zero points + float bias
+    fc_float = (8 * 6 * 6 * 32 + 32) * 4
+    assert model.fc.inner.weight.element_size() == 4  # the subclass reports its logical dtype
+    assert cost._resident_bytes(model, x) == float_resident - fc_float + stored
+    assert stored < fc_float / 3

@@ -500,12 +500,26 @@ def _resident_bytes(model: nn.Module, inputs: dict[str, Tensor]) -> int:
     for m in model.modules():  # caches kept for inference (duck-typed: cost does not import dpq.quant)
         caches = getattr(m, "inference_caches", None)
         tensors += list(caches()) if callable(caches) else []
-    for t in tensors:
+    for t in _storage_tensors(tensors):
         k = _tensor_key(t)
         if k not in seen:
             seen.add(k)
             n += t.numel() * t.element_size()
     return n
+
+
+def _storage_tensors(tensors: list[Tensor]) -> Iterator[Tensor]:
+    """``tensors`` with every wrapper subclass (torchao's ``Int8Tensor``, ...) replaced by the plain tensors it
+    holds: such a tensor reports its logical dtype (float32, 4 bytes per element) while what it keeps in
+    memory is int8 codes plus scales."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    for t in tensors:
+        if is_traceable_wrapper_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            yield from _storage_tensors([getattr(t, name) for name in names if getattr(t, name) is not None])
+        else:
+            yield t
 
 
 @contextlib.contextmanager
