@@ -1,4 +1,5 @@
 import glob
+import os
 
 import pytest
 
@@ -14,9 +15,21 @@ def test_wandb_without_credentials_logs_offline_into_the_run_folder(tmp_path, mo
         {"kind": "wandb", "project": "dpq-test", "mode": "auto"}, tmp_path, "t", {"a": 1}
     )
     assert logger is not None and logger._offline
+    # Lightning sets WANDB_MODE=dryrun process-wide for an offline run: the next run of a multirun would
+    # have read it as the user's choice and stayed offline with credentials present.
+    assert "WANDB_MODE" not in os.environ
     logger.log_metrics({"result/accuracy": 0.5}, step=0)
     loggers.tolerant(logger).close({"final/accuracy": 0.5})
     assert glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    monkeypatch.setattr(loggers, "wandb_credentials", lambda: True)
+    assert loggers.env_wandb_mode() is None  # so auto resolves to online for the next run
+
+
+def test_a_users_wandb_mode_survives_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = loggers.build_logger({"kind": "wandb", "project": "dpq-test", "mode": "auto"}, tmp_path, "t")
+    assert logger is not None and logger._offline and os.environ["WANDB_MODE"] == "offline"
+    loggers.tolerant(logger).close()
 
 
 def test_a_tracker_that_cannot_start_never_fails_the_run(tmp_path, monkeypatch):
@@ -97,3 +110,28 @@ def test_every_training_stage_logs_the_learning_rate_it_trained_with(make_cfg, t
         assert lrs[0] == pytest.approx(float(cfg.pipeline.stages[s].lr))
         assert len(lrs) > 1 and all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
     assert series["recover/lr/decay"][0] == pytest.approx(1e-4)
+
+
+def test_a_failed_tracker_is_left_alone_then_ended_as_failed(tmp_path):
+    """After its first failure nothing more is sent (no Pareto tables to a dead connection), but the run
+    is still ended, marked failed: an open W&B run would be the one the next run of a multirun joins."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    calls = []
+
+    class Broken(CSVLogger):
+        def log_metrics(self, metrics, step=None):
+            raise ConnectionError("network gone")
+
+        def finalize(self, status):
+            calls.append(("finalize", status))
+
+    tracker = loggers.tolerant(Broken(tmp_path))
+    assert tracker.guard("tables", lambda: calls.append("tables") or 1) == 1  # healthy: it runs
+    tracker.log_metrics({"x": 1.0}, step=0)
+    assert tracker.failed
+    tracker.log_metrics({"x": 2.0}, step=1)
+    assert tracker.guard("tables", lambda: calls.append("tables again")) is None
+    tracker.close({"final/accuracy": 0.5})
+    tracker.close()  # once only
+    assert calls == ["tables", ("finalize", "failed")]

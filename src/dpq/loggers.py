@@ -12,6 +12,7 @@ locally regardless.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import netrc
@@ -150,10 +151,30 @@ def _wandb_logger(cfg: dict, save_dir: str, run_name: str, config: dict | None):
         config=wandb_config(config),
     )
     settings = wandb.Settings(init_timeout=float(cfg.get("init_timeout", 60)), silent=True)
+    with _wandb_mode_kept():
+        return _start_wandb(WandbLogger, mode, settings, kwargs)
+
+
+@contextlib.contextmanager
+def _wandb_mode_kept():
+    """Restore ``WANDB_MODE`` once the run has started: Lightning's offline ``WandbLogger`` sets it to
+    ``dryrun`` for the whole process, which every later run of a multirun would read as the user's choice
+    (``logger.mode=auto`` offline for good after one offline job or one transient online failure)."""
+    before = os.environ.get("WANDB_MODE")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("WANDB_MODE", None)
+        else:
+            os.environ["WANDB_MODE"] = before
+
+
+def _start_wandb(WandbLogger, mode: str, settings, kwargs: dict):
     try:
         logger = WandbLogger(offline=mode == "offline", mode=mode, settings=settings, **kwargs)
         _ = logger.experiment  # start the run now, so a failure shows here and not mid-training
-        log.info("wandb: %s run in %s", mode, save_dir)
+        log.info("wandb: %s run in %s", mode, kwargs["save_dir"])
         return logger
     except Exception as e:
         if mode == "offline":
@@ -183,7 +204,7 @@ def _tolerant_logger_class():
 
         def __init__(self, inner):
             super().__init__()
-            self.inner, self.failed = inner, False
+            self.inner, self.failed, self.closed = inner, False, False
 
         def _call(self, method: str, *args, **kwargs):
             if self.failed:
@@ -245,7 +266,10 @@ def _tolerant_logger_class():
             return self._call("after_save_checkpoint", checkpoint_callback)
 
         def guard(self, what: str, fn, *args, **kwargs):
-            """``fn(*args, **kwargs)`` for something that talks to the tracker; a failure is one warning."""
+            """``fn(*args, **kwargs)`` for something that talks to the tracker; a failure is one warning.
+            Skipped once the tracker has failed (left alone, as every logging call then is)."""
+            if self.failed:
+                return None
             try:
                 return fn(*args, **kwargs)
             except Exception as e:
@@ -255,18 +279,26 @@ def _tolerant_logger_class():
                 return None
 
         def close(self, summary: dict | None = None) -> None:
-            """End the tracker's run; W&B gets the final metrics in its run summary."""
+            """End the tracker's run; W&B gets the final metrics in its run summary.
+
+            After a tracker failure the run is still ended (a W&B run left open would be the one the next
+            run of a multirun logs into), marked failed (exit code 1) and without the summary."""
             from lightning.pytorch.loggers import WandbLogger
+
+            if self.closed:
+                return
+            failed, self.failed, self.closed = self.failed, False, True
 
             def close_inner() -> None:
                 if isinstance(self.inner, WandbLogger):
-                    if summary:
+                    if summary and not failed:
                         self.inner.experiment.summary.update(summary)
-                    self.inner.experiment.finish()
+                    self.inner.experiment.finish(exit_code=1 if failed else None)
                 else:
-                    self.inner.finalize("success")
+                    self.inner.finalize("failed" if failed else "success")
 
             self.guard("logger finish", close_inner)
+            self.failed = True  # ended: nothing more goes to it
 
     return TolerantLogger
 
