@@ -85,10 +85,7 @@ def log_run(logger, results: dict, results_path: Path) -> bool:
         "latency_ms_median",
         "latency_ms_p90",
         "params_nonzero",
-        "onnx_latency_ms_median",
-        "onnx_size_bytes",
-        "onnx_agreement",
-    ]
+    ]  # (the ONNX export's figures belong to the final model, not to a stage: logged as final/onnx_*)
     table = pts
     fig = figure(pts, objectives, title=f"{results.get('run_name')}: after each stage")
     try:
