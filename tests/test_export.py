@@ -50,6 +50,7 @@ def text_inputs(batch=4, seq=13):
     ids = torch.randint(1, 300, (batch, seq))
     mask = torch.ones_like(ids)
     mask[0, 9:] = 0
+    mask[1, :4] = 0  # left padding: a fused graph that read the mask as a length computed it as right padding
     return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask}
 
 

@@ -382,6 +382,9 @@ def _fuse(path: Path, fuse_attention: bool, separate_qkv: bool = False) -> dict[
     options.enable_embed_layer_norm = False  # the word-embedding Gather stays visible (quantized tables)
     options.enable_attention = fuse_attention
     options.use_multi_head_attention = separate_qkv
+    # The default mask format reads attention_mask as a length (its sum): a left-padded or gapped mask would
+    # be computed as if right-padded, silently. The raw (batch, seq) mask is what the model was given.
+    options.use_raw_attention_mask(True)
     # The optimizer's modules log as top-level names (onnx_model, fusion_base, onnx_model_bert, ...: it puts
     # its folder on sys.path), a dozen INFO lines per export; the fused counts are returned and recorded instead.
     was = logging.root.manager.disable
