@@ -689,3 +689,47 @@ def test_a_folder_of_runs_given_as_a_run_says_to_pass_its_runs(tmp_path):
     with pytest.raises(ConfigError, match="holds no readable results.json") as e:
         read_results(tmp_path / "nothing")
     assert "run folder" not in str(e.value)
+
+
+def _corrupting(monkeypatch, delta):
+    """Export as usual, then shift the classifier bias in the graph (a weight the bit-for-bit check skips)."""
+    import onnx
+    from onnx import numpy_helper
+
+    import dpq.export.onnx as E
+
+    replace = E._replace_weights
+
+    def corrupt(path, *args, **kwargs):
+        replace(path, *args, **kwargs)
+        proto = onnx.load(str(path))
+        for init in proto.graph.initializer:
+            if "classifier.bias" in init.name:
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + delta, init.name))
+        onnx.save(proto, str(path))
+
+    monkeypatch.setattr(E, "_replace_weights", corrupt)
+
+
+def test_a_graph_with_float_math_whose_logits_differ_is_refused_and_the_old_file_kept(tmp_path, monkeypatch):
+    """max_abs_logit_diff was recorded and never checked: a graph computing something else (here a shifted
+    bias) was exported without a word. Float-math graphs (4-bit MatMulNBits included) must match."""
+    from dpq.export.onnx import ExportError
+
+    path = tmp_path / "m.onnx"
+    good = export_onnx(bert(), text_inputs(), path)
+    assert good.exact_math and good.max_abs_logit_diff < 1e-4 and good.options["nbits_compute"] == "float"
+    before = path.read_bytes()
+    _corrupting(monkeypatch, 0.01)
+    with pytest.raises(ExportError, match="differ from PyTorch's"):
+        export_onnx(bert(), text_inputs(), path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_dynamic_int8_graphs_are_not_held_to_the_float_bound(tmp_path):
+    """Dynamic int8 activations round: their logits differ by design, and the agreement measures that."""
+    m = quantized(bert(), 8)
+    r = export_onnx(m, text_inputs(), tmp_path / "int8.onnx")
+    assert not r.exact_math and r.int8_layers
+    r4 = export_onnx(quantized(bert(), 4), text_inputs(), tmp_path / "int4.onnx")
+    assert r4.exact_math and r4.nbits_layers and r4.max_abs_logit_diff < 1e-4
