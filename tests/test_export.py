@@ -543,6 +543,8 @@ def test_a_run_writes_model_onnx_and_measures_it_and_the_cli_redoes_it(make_cfg,
     assert not hf_logging.is_progress_bar_enabled()
     again = json.loads((tmp_path / "run" / "results.json").read_text())
     assert again["onnx_export"]["fused"] == {} and again["final"]["onnx_agreement"] >= 0.9
+    assert again["onnx_export"]["options"]["fuse"] is False  # what the figures came from, recorded
+    assert again["config"]["export"]["fuse"] is True
     assert again["final"]["onnx_compacted_units"] == 0 and again["onnx_export"]["compact"]["by_kind"]
     # a figure of an earlier export that this one does not write goes (no stale onnx_dense_gflops)
     again["final"]["onnx_dense_gflops"] = 123.0
@@ -551,6 +553,19 @@ def test_a_run_writes_model_onnx_and_measures_it_and_the_cli_redoes_it(make_cfg,
     third = json.loads((tmp_path / "run" / "results.json").read_text())
     assert "onnx_dense_gflops" not in third["final"] and "onnx_compacted_units" not in third["final"]
     assert "compact" not in third["onnx_export"] and third["final"]["onnx_agreement"] >= 0.9
+    # threads auto: the threads the run timed PyTorch with (final.threads), not this process's; a folder
+    # that fails is said and the others are still exported (exit 2)
+    third["final"]["threads"] = torch.get_num_threads() + 1
+    (tmp_path / "run" / "results.json").write_text(json.dumps(third))
+    (tmp_path / "empty" / "model").mkdir(parents=True)
+    (tmp_path / "empty" / "results.json").write_text(json.dumps(third))
+    assert main([str(tmp_path / "empty"), str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "model folder=" in err and "cannot be loaded" in err and f"not exported: {tmp_path / 'empty'}" in err
+    )
+    fourth = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert fourth["final"]["onnx_threads"] == torch.get_num_threads() + 1
     # bad flags: one message naming the flag, exit 2, results.json untouched (no traceback, no -3 recorded)
     before = (tmp_path / "run" / "results.json").read_text()
     for flags, said in (

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import sys
 from dataclasses import fields
 from pathlib import Path
 
+import torch
+
 from dpq.core.errors import ConfigError
 from dpq.core.files import write_json_atomic
+
+log = logging.getLogger("dpq.export")
 
 
 def export_run(run_dir: Path, overrides: dict | None = None) -> dict:
@@ -36,12 +41,26 @@ def export_run(run_dir: Path, overrides: dict | None = None) -> dict:
         cfg["cost"],
         key="--max-positions" if "max_positions" in from_cli else "export.max_positions",
     )
-    opts["threads"] = session_threads(
-        opts.get("threads", "auto"), key="--threads" if "threads" in from_cli else "export.threads"
-    )
+    threads = opts.get("threads", "auto")
+    recorded = results["final"].get("threads")
+    if threads == "auto" and isinstance(recorded, int) and recorded > 0:
+        # auto means the threads PyTorch's latency was timed with: the run's, recorded in final, not this
+        # process's (another OMP_NUM_THREADS, a DDP run, another machine), so both latencies stay comparable
+        threads = recorded
+        if recorded != torch.get_num_threads():
+            log.warning(
+                "timing ONNX Runtime with %d threads, as the run timed PyTorch (this process has %d; "
+                "--threads N to choose)",
+                recorded,
+                torch.get_num_threads(),
+            )
+    opts["threads"] = session_threads(threads, key="--threads" if "threads" in from_cli else "export.threads")
+    target = run.model_dir / "model.onnx"
+    if target.exists():
+        log.warning("replacing %s and the run's onnx_* figures", target)
     metrics, report = deploy(
         model,
-        run.model_dir / "model.onnx",
+        target,
         list(data.test_dataloader()),
         list(data.val_dataloader()),
         cost.task_inputs(task, cfg["cost"], tokenizer),
@@ -108,12 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.max_positions is not None and args.max_positions.lower() == "none":
         overrides["max_positions"] = None
+    failed = []
     for run_dir in args.run_dirs:
         try:
             final = export_run(run_dir, overrides)["final"]
-        except ConfigError as e:
+        except ConfigError as e:  # said, and the other folders still exported
             print(f"dpq.export: {e}", file=sys.stderr)
-            return 2
+            failed.append(str(run_dir))
+            continue
         compacted = (
             f", {final['onnx_compacted_units']} heads/neurons without effect removed "
             f"({final['onnx_dense_gflops']:.4g} dense GFLOPs)"
@@ -125,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             f"(agreement with PyTorch {final['onnx_agreement']:.4f}), {final['onnx_latency_ms_median']:.2f} ms"
             f"{compacted}"
         )
-    return 0
+    if failed and len(args.run_dirs) > 1:
+        print(f"dpq.export: not exported: {', '.join(failed)}", file=sys.stderr)
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

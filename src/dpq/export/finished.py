@@ -67,10 +67,14 @@ def load_finished(run_dir: Path, model_dir: Path | None = None) -> FinishedRun:
             "the run used (a file edited in place, a hub dataset's newer revision)",
         )
     tokenizer = None
-    if splits.kind == "text":
-        from transformers import AutoTokenizer
+    try:
+        if splits.kind == "text":
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = load_model(spec, task, model_dir).eval()
+    except (OSError, ValueError) as e:  # no config.json, weights or tokenizer files: not the run's model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("model folder", str(model_dir), f"cannot be loaded ({first})") from None
     data = ClassificationDataModule.for_task(splits, tokenizer, task, group_by_length=False)
-    model = load_model(spec, task, model_dir).eval()
     return FinishedRun(results, task, data, model, tokenizer, model_dir)
