@@ -748,3 +748,22 @@ def test_dynamic_int8_graphs_are_not_held_to_the_float_bound(tmp_path):
     assert not r.exact_math and r.int8_layers
     r4 = export_onnx(quantized(bert(), 4), text_inputs(), tmp_path / "int4.onnx")
     assert r4.exact_math and r4.nbits_layers and r4.max_abs_logit_diff < 1e-4
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_per_row_quantized_table_of_a_width_no_block_divides_is_exported(tmp_path, bits):
+    """Width 72 (as TinyBERT's 312): no block of 128/64/32/16 divides it; the export failed with a bare
+    StopIteration. GatherBlockQuantized takes a partial last block, so the table is exported exactly."""
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=300,
+        hidden_size=72,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    q = quantized(BertForSequenceClassification(cfg).eval(), 4, embedding=(bits, None))
+    r = check(q, text_inputs(), tmp_path, f"w72-{bits}", 1e-4)
+    assert r.embedding == f"GatherBlockQuantized {bits}-bit" and r.exact_math

@@ -672,10 +672,17 @@ def _gather_block_quantized(m, name: str, node, add):
     q = m.codes().to(torch.int64).cpu().numpy()
     v, d = q.shape
     scale = m.scale.detach().float().cpu().numpy()
-    block = m.group_size if m.granularity == "per_group" else next(b for b in (128, 64, 32, 16) if d % b == 0)
-    if d % block:
-        raise ExportError(f"{name}: width {d} is not a multiple of the block {block}")
-    s = np.repeat(scale, d // block // scale.shape[1], axis=1) if scale.shape[1] != d // block else scale
+    if m.granularity == "per_group":
+        block = m.group_size
+        if d % block:
+            raise ExportError(f"{name}: width {d} is not a multiple of the group {block}")
+    else:  # one scale per row, repeated over the row's blocks; a width such as 72 or 312 ends in a partial
+        # block, which GatherBlockQuantized takes (its scales: one per started block)
+        block = next((b for b in (128, 64, 32, 16) if d % b == 0), 16)
+    if m.bits == 4 and d % 2:
+        raise ExportError(f"{name}: 4-bit codes pack two per byte; width {d} is odd")
+    blocks = -(-d // block)
+    s = np.repeat(scale, blocks // scale.shape[1], axis=1) if scale.shape[1] != blocks else scale
     u = (q + 2 ** (m.bits - 1)).astype(np.uint8)
     data = u if m.bits == 8 else (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
     return helper.make_node(
