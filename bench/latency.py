@@ -30,11 +30,13 @@ prints one table per batch size.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
 import re
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -356,6 +358,7 @@ def main(argv=None) -> dict:
     vocab = min(int(getattr(m.config, "vocab_size", 0) or 0) for m in models.values())
     if args.onnx:
         work = Path(tempfile.mkdtemp(prefix="dpq-latency-"))
+        atexit.register(shutil.rmtree, work, ignore_errors=True)  # the baseline .onnx files: tens of MB
         if "dense" in runs:
             more, more_info = free_baselines(runs["dense"], work)
             models.update(more)

@@ -22,8 +22,10 @@ Writes ``bench/results/weight_only_export.json`` (or ``--out``) and prints a tab
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -72,6 +74,7 @@ def main(argv=None) -> dict:
 
     threads = torch.get_num_threads()
     work = Path(tempfile.mkdtemp(prefix="dpq-weight-only-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # the baseline .onnx files: tens of MB
     models, info = free_baselines(args.run, work)
     cfg = json.loads((args.run / "results.json").read_text())["config"]
     from transformers import AutoTokenizer
