@@ -44,3 +44,22 @@ def test_every_kth_layer_and_bad_layer_specs():
     assert resolve_layers([1, 5], 6) == [1, 5]
     with pytest.raises(ConfigError, match="every_<k>"):
         resolve_layers("every_x", 6)
+
+
+def test_a_bf16_teacher_folder_loads_as_float32_and_its_copied_student_trains_in_float32(tmp_path):
+    """transformers 5 loads a folder in its saved dtype: a bf16 load_from teacher made the from_teacher
+    student bf16 too (config.dtype copied), where most small AdamW updates round away."""
+    import transformers
+
+    from dpq.models import load_model
+
+    cfg = transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
+    transformers.BertForSequenceClassification(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    teacher = load_model({}, {}, tmp_path / "bf16")
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}
+    teacher.to(torch.bfloat16)  # a teacher that computes in bf16 whatever brought it
+    student = student_from_teacher(teacher, [1])
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    assert student.config.dtype == torch.float32

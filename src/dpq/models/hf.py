@@ -571,6 +571,7 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
     Embeddings, pooler and classifier are copied as they are; student layer j takes teacher
     layer ``layers[j]``.
     """
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     if getattr(teacher.config, "dpq_structure", None):
@@ -583,7 +584,8 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
     _checked_layers(layers, teacher.config.num_hidden_layers)
     cfg = copy.deepcopy(teacher.config)
     cfg.num_hidden_layers = len(layers)
-    student = AutoModelForSequenceClassification.from_config(cfg)
+    # float32 whatever the teacher computes in (a bf16 teacher's config.dtype would make the student bf16)
+    student = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
     src = teacher.state_dict()
     new = {}
     for k in student.state_dict():

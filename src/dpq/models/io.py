@@ -66,10 +66,11 @@ def save_model(model: nn.Module, directory: Path, tokenizer=None, max_length: in
 
 def load_shrunk_pretrained(directory: Path) -> nn.Module:
     """A Hugging Face classifier saved after a structured shrink: config -> resize -> weights."""
+    import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(directory)
-    model = AutoModelForSequenceClassification.from_config(config)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)  # as load_model
     restore_structure_(model, config.dpq_structure)
     state = {}
     for f in sorted(Path(directory).glob("model*.safetensors")):
@@ -98,9 +99,12 @@ def load_model(spec: dict, task: dict, directory: Path) -> nn.Module:
     elif config.get("dpq_structure"):
         model = load_shrunk_pretrained(directory)
     else:
+        import torch
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(directory)
+        # float32 whatever the folder holds (as build_hf): a bf16 teacher's config would otherwise make a
+        # from_teacher student bf16 too, losing most AdamW updates to rounding
+        model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32)
     if (directory / "quantized_weights.safetensors").exists():
         load_quantized_(model, directory)
     return model.eval()  # as from_pretrained does: dpq's own models came back in train mode (dropout on)
