@@ -3,8 +3,8 @@
 * Hidden-state transfer (FitNets, Romero et al. 2015; TinyBERT, Jiao et al. 2020): match student
   layer ``i``'s hidden states to a mapped teacher layer, through a learned linear projection
   when the widths differ. MSE or ``1 - cosine``.
-* Attention transfer (TinyBERT; MiniLM, Wang et al. 2020): KL(teacher attention row || student
-  attention row), per head and query position.
+* Attention transfer (MiniLM, Wang et al. 2020; TinyBERT matches the maps by MSE instead):
+  KL(teacher attention row || student attention row), per head and query position.
 * Relational KD (RKD, Park et al. 2019): match the batch's pairwise cosine-similarity matrices,
   which works across widths without a projection.
 * Multi-teacher soft labels: a weighted average of several teachers' tempered distributions.
@@ -28,6 +28,7 @@ model; :func:`feature_kd_loss` raises a ValueError saying so when attentions are
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 HIDDEN_KINDS = ("mse", "cosine")
 _EPS = 1e-12
@@ -200,11 +203,12 @@ def attention_loss(
     layer_map: Sequence[int] | None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """TinyBERT-style KL(teacher attention row || student attention row).
+    """KL(teacher attention row || student attention row), as MiniLM (TinyBERT takes the MSE of the maps).
 
     Averaged over mapped layers, heads and real query positions. ``layer_map`` holds 1-based
     layer indices (as for hidden states; entry i-1 of the tuples is layer i). If the head counts
-    differ, the head-averaged maps are compared. Needs eager attention (see the module docstring).
+    differ, the head-averaged maps are compared (warned once per layer). Needs eager attention
+    (see the module docstring).
     """
     if not student_attn or not teacher_attn:
         raise ValueError(
@@ -219,6 +223,7 @@ def attention_loss(
         s = student_attn[i - 1].float()
         t = teacher_attn[j - 1].detach().float()
         if s.shape[1] != t.shape[1]:
+            _say_heads_averaged(i, s.shape[1], j, t.shape[1])
             s, t = s.mean(dim=1, keepdim=True), t.mean(dim=1, keepdim=True)
         if s.shape != t.shape:
             raise ValueError(
@@ -229,6 +234,27 @@ def attention_loss(
         kl = (t * (t.clamp_min(_EPS).log() - s.clamp_min(_EPS).log())).sum(dim=-1)  # [B, H, T]
         losses.append(_masked_mean(kl.mean(dim=1), mask))
     return torch.stack(losses).mean()
+
+
+_HEADS_SAID: set[tuple[int, int, int, int]] = set()
+
+
+def _say_heads_averaged(i: int, student_heads: int, j: int, teacher_heads: int) -> None:
+    """Once per layer pair and head counts: the maps compared are head averages, not head by head.
+
+    After a structured shrink the student's kept heads are a subset of the teacher's (for a student copied
+    from it), but which ones is not recorded, so each kept head is pulled toward the teacher's mean map."""
+    key = (i, student_heads, j, teacher_heads)
+    if key not in _HEADS_SAID:
+        _HEADS_SAID.add(key)
+        log.warning(
+            "attention transfer: student layer %d has %d heads, teacher layer %d has %d (a head shrink?): "
+            "the head-averaged maps are compared, which pulls every student head toward the teacher's mean",
+            i,
+            student_heads,
+            j,
+            teacher_heads,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
