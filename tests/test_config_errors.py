@@ -26,8 +26,8 @@ P = "pipeline.stages"
 
 # (overrides, the key the message names, the bad value as shown, what is allowed).
 # "{tmp}" is the test's temporary folder: it holds "three_labels/" (a saved 3-label model's
-# config.json), "no_checkpoints/" (a folder that is not a run), and "run/results.json" when
-# the case is about an output folder that already holds a run.
+# config.json), "small_vocab/" (a 2-label model with 1000 tokens), "no_checkpoints/" (a folder that
+# is not a run), and "run/results.json" when the case is about an output folder that already holds a run.
 CASES = [
     # null where a stage needs a number: refused by name, not a TypeError mid-training
     (
@@ -276,6 +276,19 @@ CASES = [
         "is a 3-label model, but task 'rotten_tomatoes' has 2 labels",
     ),
     ([TINY, "task.num_labels=1"], "task.num_labels", "1", "must be >= 2"),
+    # the data is tokenized once, with the teacher's tokenizer: fewer embedding rows fail at the first batch
+    (
+        [TINY, "model.config.vocab_size=1000"],
+        "model.config.vocab_size",
+        "1000",
+        "gives the student a 1000-token vocabulary and the teacher's has 30522",
+    ),
+    (
+        [TINY, f"+{P}.teacher.ensemble=[{{tmp}}/small_vocab]"],
+        f"{P}.teacher.ensemble[0]",
+        "small_vocab",
+        "has a 1000-token vocabulary and the data is tokenized with teacher's 30522-token one",
+    ),
     ([DIGITS, "task.num_labels=5"], "task.num_labels", "5", "labels in the data range over 0..9"),
     # the data
     ([TINY, "task=sst2"], "task", "'sst2'", "online-only"),
@@ -528,6 +541,8 @@ def test_bad_config_fails_before_training(make_cfg, tmp_path, overrides, key, va
     (tmp_path / "three_labels").mkdir()
     (tmp_path / "three_labels" / "config.json").write_text(json.dumps({"dpq_arch": "mlp", "num_labels": 3}))
     (tmp_path / "no_checkpoints").mkdir()
+    (tmp_path / "small_vocab").mkdir()
+    (tmp_path / "small_vocab" / "config.json").write_text(json.dumps({"num_labels": 2, "vocab_size": 1000}))
     if key == "hydra.run.dir":
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / "results.json").write_text("{}")

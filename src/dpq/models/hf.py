@@ -562,6 +562,12 @@ def skeleton_hf(spec: dict, task: dict, key: str, teacher: nn.Module | None = No
         return AutoModelForSequenceClassification.from_config(config)
 
 
+def vocab_size(model) -> int | None:
+    """A text model's embedding rows (``config.vocab_size``); None when not known (offline, not HF)."""
+    n = getattr(getattr(model, "config", None), "vocab_size", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
 _LAYER_KEY = re.compile(r"^(.*\.(?:layer|layers)\.)(\d+)(\..*)$")
 
 

@@ -696,24 +696,21 @@ def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
     own_student = model.get("arch") == teacher_spec.get("arch") == "hf" and model.get("init") == "pretrained"
     student = teacher = None
     # A fine-tuned head must fit the task's labels; config overrides must be the model's settings.
-    if from_teacher or teacher_spec.get("fine_tuned") or own_student or teacher_spec.get("config"):
+    # (text tasks: its vocabulary is the one the data is tokenized with, and its positions bound the inputs)
+    text = task.get("kind") == "text"
+    if from_teacher or teacher_spec.get("fine_tuned") or own_student or teacher_spec.get("config") or text:
         teacher = skeleton(teacher_spec, task, "teacher")
     if not all(s.trains_teacher for s in stages):
         student = skeleton(model, task, "model", teacher=teacher if from_teacher else None)
+        if text:
+            check_student_vocabulary(model, student, teacher)
         if own_student and student is not None and teacher is not None:
-            ours, theirs = student.config.vocab_size, teacher.config.vocab_size
-            if ours != theirs:
-                raise ConfigError(
-                    "model.pretrained",
-                    model.get("pretrained"),
-                    f"has a {ours}-token vocabulary and the teacher a {theirs}-token one; dpq tokenizes the "
-                    "data once, with the teacher's tokenizer, so the student must share it",
-                )
+            # (a larger vocabulary whose first ids are the teacher's is fine: vocabulary_mismatch says which)
             if (differ := vocabulary_mismatch(model, teacher_spec)) is not None:
-                raise ConfigError(  # same size, other tokens (cased vs uncased, another language): it read noise
+                raise ConfigError(  # other tokens at the same ids (cased vs uncased, another language): noise
                     "model.pretrained",
                     model.get("pretrained"),
-                    f"has a vocabulary of the teacher's size but other token ids ({differ}); dpq tokenizes the "
+                    f"has a vocabulary whose ids mean other tokens ({differ}); dpq tokenizes the "
                     "data once, with the teacher's tokenizer, so the student must share it",
                 )
     check = ModelCheck(
@@ -722,14 +719,30 @@ def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
         student=student,
         model_device=devices.trainer_device(cfg.get("trainer") or {}),
         latency_device=devices.latency_device(cfg.get("cost") or {}),
+        teacher=teacher,
     )
     for stage in stages:
         stage.check_model(check)
-    if task.get("kind") == "text":
-        if teacher is None:
-            teacher = skeleton(teacher_spec, task, "teacher")
+    if text:
         check_positions(cfg, {"teacher": teacher, "model": student})
     check_feature_kd(cfg, stages, student, teacher)
+
+
+def check_student_vocabulary(spec: dict[str, Any], student, teacher) -> None:
+    """dpq tokenizes the data once, with the teacher's tokenizer: a student with fewer embedding rows than the
+    teacher's vocabulary would fail with an IndexError at its first batch, after the teacher trained."""
+    from dpq.models.hf import vocab_size
+
+    ours, theirs = vocab_size(student), vocab_size(teacher)
+    if ours is None or theirs is None or ours >= theirs:
+        return
+    pretrained = spec.get("init", "pretrained") == "pretrained"
+    raise ConfigError(
+        "model.pretrained" if pretrained else "model.config.vocab_size",
+        spec.get("pretrained") if pretrained else ours,
+        f"gives the student a {ours}-token vocabulary and the teacher's has {theirs}; dpq tokenizes the data "
+        "once, with the teacher's tokenizer, so the student needs at least as many (the same tokens)",
+    )
 
 
 def vocabulary_mismatch(model: dict[str, Any], teacher: dict[str, Any]) -> str | None:

@@ -150,6 +150,9 @@ class ModelCheck:
     model_device: str = "cpu"  # where the Trainer runs the model (cpu | cuda)
     latency_device: str = "cpu"  # where cost is measured (cpu | cuda)
     extra: dict[str, Any] = field(default_factory=dict)
+    teacher: nn.Module | None = (
+        None  # the teacher spec's modules (text tasks, or when the student needs them)
+    )
 
 
 class Stage:

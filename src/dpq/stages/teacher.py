@@ -26,6 +26,7 @@ from dpq.core.files import fingerprint_path, write_dir_atomic
 from dpq.core.provenance import code_fingerprint, training_settings
 from dpq.distill.teachers import teacher_signal
 from dpq.models import check_head_labels, hub_commits, local_folder, local_folders, save_model
+from dpq.models.hf import vocab_size
 from dpq.stages.base import ModelCheck, Stage, StageConfig, register
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,15 @@ class TeacherConfig(StageConfig):
     # More fine-tuned teachers (folders) whose soft labels are averaged with this one's.
     ensemble: Any = None
     ensemble_weights: Any = None  # one weight per teacher, this one first; null = equal
+
+
+def _saved_vocab_size(path: str) -> int | None:
+    """``config.json``'s ``vocab_size`` of a saved model folder, or None if it does not say."""
+    try:
+        n = json.loads((Path(path) / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def _saved_labels(path: str) -> list[str] | None:
@@ -128,6 +138,14 @@ class TeacherStage(Stage):
                 )
             if own is not None:
                 check_head_labels(own, task, f"{self.key}.{sub}", path)
+            rows, tokens = _saved_vocab_size(path), vocab_size(check.teacher)
+            if rows is not None and tokens is not None and rows < tokens:
+                raise ConfigError(  # the data is tokenized once, with the teacher spec's tokenizer
+                    f"{self.key}.{sub}",
+                    path,
+                    f"has a {rows}-token vocabulary and the data is tokenized with teacher's {tokens}-token "
+                    "one; a saved teacher must read the tokens the teacher's tokenizer writes",
+                )
 
     def cache_key(self, cfg: dict, splits) -> str:
         """Hash of everything that determines the fine-tuned teacher: its model and task config, the
