@@ -1110,3 +1110,34 @@ def test_an_objective_on_a_figure_the_final_record_lacks_is_the_worst_value_said
     with caplog.at_level("ERROR"):
         Runner._objective(runner, final)
     assert "objective" not in final and "final.objective not computed" in caplog.text
+
+
+def test_feature_settings_with_every_feature_weight_zero_are_warned_about(caplog):
+    """A layer_map (or hidden_kind) set while hidden, attention and relation are all 0 was accepted and
+    ignored: plain logit KD ran. A spiral's rounds are looked at as they will run."""
+    from dpq.run.validate import warn_unused_feature_settings
+    from dpq.stages import build_stages
+
+    pipeline = {
+        "order": ["teacher", "distill", "prune"],
+        "stages": {
+            "teacher": {"kind": "teacher"},
+            "distill": {"kind": "distill", "layer_map": [1, 5], "hidden_kind": "cosine"},
+            "prune": {"kind": "prune", "layer_map": [1, 2], "hidden": 1.0},  # used: not said
+        },
+    }
+    said = warn_unused_feature_settings(build_stages(pipeline))
+    assert said == [
+        "pipeline.stages.distill.layer_map=[1, 5], pipeline.stages.distill.hidden_kind=cosine has no effect: "
+        "pipeline.stages.distill.hidden, .attention and .relation are all 0 (logit KD only)"
+    ]
+    spiral = {
+        "order": ["teacher", "spiral"],
+        "stages": {
+            "teacher": {"kind": "teacher"},
+            "spiral": {"kind": "spiral", "distill": {"layer_map": [2, 2]}},
+        },
+    }
+    assert [m.split(" has")[0] for m in warn_unused_feature_settings(build_stages(spiral))] == [
+        "pipeline.stages.spiral.distill.layer_map=[2, 2]"
+    ]

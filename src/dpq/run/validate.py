@@ -183,6 +183,7 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
     warn_unused_flops_target(cfg, stages)
     warn_obs_checkpoints(cfg, stages)
     warn_idle_ramps(stages)
+    warn_unused_feature_settings(stages)
     if task.get("num_labels") is not None:  # else the data says how many (dpq.data.labelled)
         check_labels(cfg, stages)
     return stages
@@ -792,22 +793,45 @@ def check_positions(cfg: dict[str, Any], models: dict[str, Any]) -> None:
                 )
 
 
+def _kd_entries(stages: list[Stage]) -> list[tuple]:
+    """(stage, key of its settings, settings, whose model teaches: the pipeline's teacher or a spiral mode)
+    for every stage that distils, a spiral's rounds as they will run."""
+    from dpq.stages.base import KDStageConfig
+    from dpq.stages.spiral import SpiralStage
+
+    entries = []
+    for s in stages:
+        if isinstance(s.cfg, KDStageConfig):
+            entries.append((s, s.key, s.cfg, "pipeline"))
+        elif isinstance(s, SpiralStage):
+            for sub in s.round_stages(0, s.cfg.initial_sparsity, s.cfg.targets()[0]):
+                entries.append((s, f"{s.key}.{sub.kind}", sub.cfg, s.cfg.teacher_mode))
+    return entries
+
+
+def warn_unused_feature_settings(stages: list[Stage]) -> list[str]:
+    """``layer_map`` / ``hidden_kind`` set where every feature term's weight is 0: plain logit KD runs."""
+    out = []
+    for _, key, c, _ in _kd_entries(stages):
+        unused = {"layer_map": c.layer_map, "hidden_kind": c.hidden_kind if c.hidden_kind != "mse" else None}
+        unused = {k: v for k, v in unused.items() if v is not None}
+        if unused and not c.feature_kd().active:
+            out.append(
+                f"{', '.join(f'{key}.{k}={v}' for k, v in unused.items())} has no effect: {key}.hidden, "
+                ".attention and .relation are all 0 (logit KD only)"
+            )
+    for msg in out:
+        log.warning(msg)
+    return out
+
+
 def check_feature_kd(cfg: dict[str, Any], stages: list[Stage], student, teacher) -> None:
     """Hidden/attention/relation distillation (a stage's ``hidden``, ``attention``, ``relation``; a spiral's
     rounds too) needs one teacher model, and its ``layer_map`` one teacher layer per student layer (after any
     ``drop_layers``): said here, not when the stage sets up after the teacher trained."""
     from dpq.distill.features import resolve_layer_map
-    from dpq.stages.base import KDStageConfig
-    from dpq.stages.spiral import SpiralStage
 
-    # (stage, key of its settings, settings, whose model teaches: the pipeline's teacher or a spiral mode)
-    entries = []
-    for s in stages:
-        if isinstance(s.cfg, KDStageConfig):
-            entries.append((s, s.key, s.cfg, "pipeline"))
-        elif isinstance(s, SpiralStage):  # its rounds' prune and distill, as they will run
-            for sub in s.round_stages(0, s.cfg.initial_sparsity, s.cfg.targets()[0]):
-                entries.append((s, f"{s.key}.{sub.kind}", sub.cfg, s.cfg.teacher_mode))
+    entries = _kd_entries(stages)
     kd = [e for e in entries if e[2].feature_kd().active]
     if not kd:
         return
@@ -840,8 +864,9 @@ def check_feature_kd(cfg: dict[str, Any], stages: list[Stage], student, teacher)
                 continue  # a prune stage's own map after its drop is checked by that stage (check_depth)
             try:  # a spiral's "previous" teacher is the student as it entered the round: its depth
                 resolve_layer_map(c.layer_map, n_s, n_s if who == "previous" else n_t)
-            except ValueError as e:
-                raise ConfigError(f"{key}.layer_map", c.layer_map, str(e)) from None
+            except ValueError as e:  # its message starts "layer_map=[...]: ", which the error says already
+                why = str(e).split(": ", 1)[-1] if str(e).startswith("layer_map=") else str(e)
+                raise ConfigError(f"{key}.layer_map", c.layer_map, why) from None
         if d is not None:
             n_s -= d if isinstance(d, int) else len(d)
 
