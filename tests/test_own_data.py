@@ -396,6 +396,62 @@ def test_text_files_tsv_globs_saved_and_data_folders_are_read_and_nothing_else(h
     assert splits.source == "files:folder" and splits.sizes() == {"train": 27, "validation": 3, "test": 30}
 
 
+def test_files_read_as_written_stray_quotes_na_words_byte_order_marks_and_replaced_files(here):
+    """What the file builders' defaults did to files as people write them: a TSV text opening a quote merged
+    the lines after it into one example; "N/A" (a text) and NA (a class) were read as missing; a text
+    file's byte-order mark stayed in its first example; a file replaced with its mtime kept came back as
+    the old parse; per-label CSV files were read line by line, header included."""
+    import os
+
+    (here / "d").mkdir()
+    rows = [(f"ticket {i} about the {SUBJECTS[i % 8]}", "NA" if i % 2 else "ok") for i in range(40)]
+    rows[3] = ('"Best service ever, she said', "ok")  # a quote never closed
+    rows[5] = ("N/A", "NA")
+    tsv = "message\tpriority\n" + "".join(f"{t}\t{lab}\n" for t, lab in rows)
+    (here / "d" / "q.tsv").write_text(tsv)
+    conf_file(here, "task", "q", task_yaml("q", "  data_files: {train: d/q.tsv}", COLUMNS))
+    splits = load_task(task_of(here, "task=q"))
+    texts = [t for d in (splits.train, splits.validation, splits.test) for t in d["text"]]
+    assert len(texts) == 40 and '"Best service ever, she said' in texts and "N/A" in texts
+    assert splits.label_names == ["NA", "ok"]
+    # a CSV: the same words are texts and names; an empty cell is still missing
+    csv_rows = [{"message": t, "priority": lab} for t, lab in rows[4:]]
+    write(here / "d" / "na.csv", csv_rows)
+    conf_file(here, "task", "na", task_yaml("na", "  data_files: {train: d/na.csv}", COLUMNS))
+    assert load_task(task_of(here, "task=na")).label_names == ["NA", "ok"]
+    write(here / "d" / "na.csv", [*csv_rows[:2], {"message": "x", "priority": None}, *csv_rows[3:]])
+    with pytest.raises(ConfigError, match="row 3 of .*na.csv has no label"):
+        load_task(task_of(here, "task=na"))
+    # the same file replaced in place, its size and mtime kept: read again
+    path = here / "d" / "same.csv"
+    write(path, [{"message": f"ticket {i}", "priority": "a" if i % 2 else "b"} for i in range(40)])
+    conf_file(here, "task", "same", task_yaml("same", "  data_files: {train: d/same.csv}", COLUMNS))
+    before, stat = load_task(task_of(here, "task=same")), path.stat()
+    write(path, [{"message": f"ticket {i}", "priority": "b" if i % 2 else "a"} for i in range(40)])
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    assert load_task(task_of(here, "task=same")).content != before.content
+    # text files with a byte-order mark
+    for label in ("pos", "neg"):
+        (here / "d" / f"{label}.txt").write_text(
+            "".join(f"{label} sentence {i}\n" for i in range(30)), encoding="utf-8-sig"
+        )
+    files = "  data_files:\n    train: {pos: d/pos.txt, neg: d/neg.txt}"
+    conf_file(here, "task", "bom", task_yaml("bom", files))
+    splits = load_task(task_of(here, "task=bom"))
+    texts = [t for d in (splits.train, splits.validation, splits.test) for t in d["text"]]
+    assert "pos sentence 0" in texts and not [t for t in texts if t.startswith("\ufeff")]
+    # per-label files that are CSV: refused, not read line by line
+    write(here / "d" / "pos.csv", [{"message": f"good {i}"} for i in range(30)])
+    write(here / "d" / "neg.csv", [{"message": f"bad {i}"} for i in range(30)])
+    files = "  data_files:\n    train: {pos: d/pos.csv, neg: d/neg.csv}"
+    conf_file(here, "task", "perlabel", task_yaml("perlabel", files))
+    with pytest.raises(
+        ConfigError, match="is a csv file, but a split that maps labels to files reads them as text"
+    ):
+        load_task(task_of(here, "task=perlabel"))
+
+
 def test_label_order_and_count_are_as_stated_or_as_the_data_says(here, caplog):
     rows = tickets(40, 0)
     write(here / "data" / "names.csv", rows)

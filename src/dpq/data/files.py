@@ -17,7 +17,9 @@ the network. A split without data is carved from train (``task.split``).
 
 from __future__ import annotations
 
+import csv
 import glob
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,8 +99,36 @@ def _cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+# Defaults a file builder gets unless task.files.options says otherwise:
+# - csv: a cell reading "NA", "N/A", "None", "null" (pandas' NA strings) is that text, not a missing value:
+#   a review "N/A" or a class named NA was refused as a null; only an empty cell is missing;
+# - text: a byte-order mark opening a file (Windows editors write one) is not part of the first example;
+# - .tsv: no quoting (as GLUE's files are read): pandas' CSV quoting let one unclosed '"' in a text swallow
+#   the lines after it into one example, tabs and labels included.
+BUILDER_DEFAULTS = {"csv": {"keep_default_na": False, "na_values": [""]}, "text": {"encoding": "utf-8-sig"}}
+TSV_DEFAULTS = {"sep": "\t", "quoting": csv.QUOTE_NONE}
+
+
+def _content_cache(files: list[str], options: dict) -> dict:
+    """``cache_dir`` keyed on the files' bytes: ``datasets`` keys a local file's parse on its path and mtime
+    only, so a file replaced with its mtime kept (``cp -p``, ``rsync -a``, an archive) came back as the old
+    parse, and the run's content digest with it. A user's own ``cache_dir`` option is kept."""
+    if "cache_dir" in options:
+        return {}
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.encode("utf-8", "surrogateescape") + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return {
+        "cache_dir": os.path.join(datasets.config.HF_DATASETS_CACHE, "dpq-files", digest.hexdigest()[:20])
+    }
+
+
 def _build(builder: str, files: list[str], options: dict, key: str) -> datasets.Dataset:
     """One split from ``files`` with a ``datasets`` builder; a parse failure names the files."""
+    options = {**BUILDER_DEFAULTS.get(builder, {}), **_content_cache(files, options), **options}
     try:
         return datasets.load_dataset(builder, data_files={"train": files}, split="train", **options)
     except ValueError as e:
@@ -129,6 +159,20 @@ def _text_split(value, key: str, label_column: str, options: dict) -> tuple[data
         parts.append(ds.add_column(label_column, [str(label)] * len(ds)))
         files += found
     return datasets.concatenate_datasets(parts), ", ".join(files), files
+
+
+def _only_text_files(value: dict, key: str) -> None:
+    for label, entry in value.items():
+        for f in _entries(entry, f"{key}.{label}"):
+            kind = EXTENSIONS.get(Path(f).suffix.lower())
+            if kind not in (None, "text"):
+                raise ConfigError(
+                    f"{key}.{label}",
+                    entry,
+                    f"is a {kind} file, but a split that maps labels to files reads them as text, one example "
+                    "per line (a header and its columns would become examples): give .txt files, or one "
+                    f"{kind} file per split with a label column, or set task.files.format=text to read them so",
+                )
 
 
 def load_files(files: dict | None, label_column: str = "label") -> tuple[dict[str, Part], str]:
@@ -192,6 +236,10 @@ def load_files(files: dict | None, label_column: str = "label") -> tuple[dict[st
         key = f"task.files.data_files.{split}"
         if isinstance(value, dict) and fmt in (None, "text"):
             split_fmt = "text"
+            if (
+                fmt is None
+            ):  # per-label files are read line by line: a .csv's header and columns would be text
+                _only_text_files(value, key)
             ds, where, found = _text_split(value, key, label_column, options)
         else:
             found = _entries(value, key)
@@ -200,7 +248,7 @@ def load_files(files: dict | None, label_column: str = "label") -> tuple[dict[st
                 _text_split(value, key, label_column, options)  # says how text files are laid out
             tsv = split_fmt == "csv" and all(f.lower().endswith(".tsv") for f in found)
             ds, where = (
-                _build(split_fmt, found, {"sep": "\t", **options} if tsv else options, key),
+                _build(split_fmt, found, {**TSV_DEFAULTS, **options} if tsv else options, key),
                 _where(found),
             )
         parts[split] = Part(ds, key, where)
