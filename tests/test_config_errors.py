@@ -276,6 +276,7 @@ CASES = [
         "is a 3-label model, but task 'rotten_tomatoes' has 2 labels",
     ),
     ([TINY, "task.num_labels=1"], "task.num_labels", "1", "must be >= 2"),
+    ([DIGITS, "task.split.validation=null"], "task.split.validation", "null", "not null (leave the key out"),
     # the data is tokenized once, with the teacher's tokenizer: fewer embedding rows fail at the first batch
     (
         [TINY, "model.config.vocab_size=1000"],

@@ -452,6 +452,18 @@ def test_files_read_as_written_stray_quotes_na_words_byte_order_marks_and_replac
         load_task(task_of(here, "task=perlabel"))
 
 
+def test_carved_splits_are_fractions_of_all_the_rows_as_from_an_embedded_table(here):
+    """validation 0.1 and test 0.1 of a 1000-row train file gave 810/90/100 (validation a fraction of what
+    test left), where one embedded table gives 10% and 10%; a row count stays a count."""
+    write(here / "d" / "all.csv", tickets(1000, 0))
+    conf_file(here, "task", "all", task_yaml("all", "  data_files: {train: d/all.csv}", COLUMNS))
+    assert load_task(task_of(here, "task=all")).sizes() == {"train": 800, "validation": 100, "test": 100}
+    sizes = load_task(task_of(here, "task=all", "task.split.test=250", "task.split.validation=0.2")).sizes()
+    assert sizes == {"train": 550, "validation": 200, "test": 250}
+    sizes = load_task(task_of(here, "task=all", "task.split.validation=30")).sizes()
+    assert sizes == {"train": 870, "validation": 30, "test": 100}
+
+
 def test_label_order_and_count_are_as_stated_or_as_the_data_says(here, caplog):
     rows = tickets(40, 0)
     write(here / "data" / "names.csv", rows)

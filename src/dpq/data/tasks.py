@@ -93,7 +93,9 @@ def _carve(
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Split off ``size`` examples (an int >= 1) or that fraction of ``ds`` (a float < 1), seeded."""
     size = int(size) if float(size) >= 1 else float(size)
-    n_out = math.ceil(size * len(ds)) if isinstance(size, float) else size
+    n_out = (
+        math.ceil(round(size * len(ds), 9)) if isinstance(size, float) else size
+    )  # 0.1/0.9*63: 7.000000000000001
     if not 0 < n_out < len(ds):
         raise ConfigError(
             "task.split",
@@ -287,6 +289,14 @@ def load_task(task: dict) -> TaskSplits:
         raise ConfigError("task.num_labels", n, "must be >= 2 (or null: the number of labels in the data)")
     split_cfg = task.get("split") or {}
     seed = int(split_cfg.get("seed", 0))
+    for k in ("validation", "test"):
+        if k in split_cfg and split_cfg[k] is None:
+            raise ConfigError(
+                f"task.split.{k}",
+                None,
+                "must be a fraction in (0, 1) or a number of examples (an integer >= 1), not null (leave the key "
+                "out for the default 0.1; it is only used when the data has no such split)",
+            )
     carved = {k: split_cfg[k] for k in ("validation", "test") if split_cfg.get(k) is not None}
     for k, v in carved.items():  # a float: that fraction; an int: that many examples (datasets' test_size)
         count = isinstance(v, int) and not isinstance(v, bool) and v >= 1
@@ -318,15 +328,7 @@ def load_task(task: dict) -> TaskSplits:
         strat = _stratifiable(ds)
         test_size, val_size = split_cfg.get("test", 0.1), split_cfg.get("validation", 0.1)
         rest, test = _carve(ds, test_size, seed, strat)
-        # validation as the user meant it, of the whole table: a row count stays a count (it was divided
-        # by 1 - test as if a fraction, and a test row count made that divisor negative)
-        if _is_count(val_size):
-            val_size = int(val_size)
-        elif _is_count(test_size):
-            val_size = math.ceil(float(val_size) * len(ds))
-        else:
-            val_size = float(val_size) / (1.0 - float(test_size))
-        train, val = _carve(rest, val_size, seed, strat)
+        train, val = _carve(rest, _of_the_whole(val_size, test_size, len(ds)), seed, strat)
         data = {"train": train, "validation": val, "test": test}
     else:
         data = _carve_missing(data, split_cfg, seed)
@@ -367,13 +369,29 @@ def labelled(task: dict, splits: TaskSplits) -> dict:
 def _carve_missing(
     parts: dict[str, datasets.Dataset], split_cfg: dict, seed: int
 ) -> dict[str, datasets.Dataset]:
-    """Carve test, then validation, from train where the source does not provide them (seeded)."""
+    """Carve test, then validation, from train where the source does not provide them (seeded). Both carved:
+    each a fraction of the whole, as from one embedded table (10% and 10% of 1000 rows: 800/100/100)."""
     train = parts["train"]
+    whole, test_carved = len(train), "test" not in parts
     for split in ("test", "validation"):
         if split not in parts:
-            train, parts[split] = _carve(train, split_cfg.get(split, 0.1), seed, _stratifiable(train))
+            size = split_cfg.get(split, 0.1)
+            if split == "validation" and test_carved:
+                size = _of_the_whole(size, split_cfg.get("test", 0.1), whole)
+            train, parts[split] = _carve(train, size, seed, _stratifiable(train))
     parts["train"] = train
     return parts
+
+
+def _of_the_whole(val_size, test_size, whole: int):
+    """The validation size to carve from what is left after test, so that it is ``val_size`` of the whole
+    (``whole`` rows): a row count stays a count; a fraction is rescaled by what test left (it was taken
+    of the rest, 9% where 10% was meant; and divided by 1 - a test row count, the divisor went negative)."""
+    if _is_count(val_size):
+        return int(val_size)
+    if _is_count(test_size):
+        return math.ceil(float(val_size) * whole)
+    return float(val_size) / (1.0 - float(test_size))
 
 
 def _image_normalisation(task: dict, train: datasets.Dataset) -> dict:
