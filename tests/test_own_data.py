@@ -201,6 +201,24 @@ def test_native_models_keep_the_label_names_in_their_config(here):
     assert results["task"]["sizes"] == {"train": 72, "validation": 9, "test": 9}  # carved, stratified
 
 
+def test_feature_rows_of_another_width_are_refused_before_any_model_loads(here, nothing_loads_but_models):
+    """Only train's first row was measured: a validation row with 7 of 8 features loaded, and the run failed
+    in the batch collate ("stack expects each tensor to be equal size") after the teacher trained."""
+    rng = random.Random(0)
+    rows = [{"x": [rng.gauss(i % 3, 1) for _ in range(8)], "kind": ["a", "b", "c"][i % 3]} for i in range(90)]
+    write(here / "data" / "train.parquet", rows[:60])
+    write(here / "data" / "val.parquet", [*rows[60:70], {"x": rows[70]["x"][:7], "kind": "a"}, *rows[71:]])
+    files = "  data_files: {train: data/train.parquet, validation: data/val.parquet}"
+    extra = "kind: features\nnum_features: 8\nfeatures_column: x\nlabel_column: kind\nmax_length: null\n"
+    conf_file(here, "task", "ragged", task_yaml("ragged", files, extra))
+    cfg = compose(
+        here, "task=ragged", "teacher=mlp_wide", "model=mlp_small", "pipeline=dense", "trainer=debug"
+    )
+    with pytest.raises(ConfigError, match="has 7 features, the others 8") as err:
+        train(cfg)
+    assert err.value.key == "task" and "validation split" in str(err.value)
+
+
 # ----------------------------------------------------------------------------- bad data fails early
 
 GOOD = "  data_files: {train: data/train.csv, validation: data/validation.csv, test: data/test.csv}"

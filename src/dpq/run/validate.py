@@ -1012,10 +1012,32 @@ def validate_data(cfg: dict[str, Any], splits, stages: list[Stage] | None = None
             raise ConfigError(
                 "task.num_features", task.get("num_features"), f"the data has {width} features per example"
             )
+        for split in ("train", "validation", "test"):  # a row of another width fails in the batch collate
+            if (row := _first_of_other_width(getattr(splits, split), width)) is not None:
+                raise ConfigError(
+                    "task",
+                    task["name"],
+                    f"row {row[0] + 1} of its {split} split has {row[1]} features, the others {width}: every "
+                    "example needs the same number",
+                )
     check_batch_limits(cfg, splits)
     if stages is not None:
         check_labels(cfg, stages)
         warn_one_label_splits(task, splits)
+
+
+def _first_of_other_width(ds, width: int) -> tuple[int, int] | None:
+    """(row, its width) of the first ``features`` row whose length is not ``width``, read through Arrow."""
+    import numpy as np
+    import pyarrow as pa
+
+    col = ds.with_format("arrow")["features"]
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+        return None  # fixed-size lists: one width by type
+    lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(lengths != width)
+    return (int(bad[0]), int(lengths[bad[0]])) if len(bad) else None
 
 
 # trainer key -> the split it limits and the task's batch size for it
