@@ -470,6 +470,35 @@ def test_files_read_as_written_stray_quotes_na_words_byte_order_marks_and_replac
         load_task(task_of(here, "task=perlabel"))
 
 
+def test_a_bad_row_of_a_split_read_from_several_files_is_named_in_its_own_file(here):
+    """Rows were counted through all of a split's files joined ("row 42 of 2 files (a.csv, ...)"), and a file
+    that could not be parsed was one of "2 files": the message now names the file and its own row."""
+    write(here / "d" / "a.csv", tickets(40, 0))
+    rows = tickets(10, 1)
+    rows[1]["message"] = None
+    write(here / "d" / "b.csv", rows)
+    conf_file(here, "task", "two", task_yaml("two", "  data_files: {train: [d/a.csv, d/b.csv]}", COLUMNS))
+    with pytest.raises(ConfigError, match=r"row 2 of \S*/d/b.csv has no text"):
+        load_task(task_of(here, "task=two"))
+    (here / "d" / "b.csv").write_text("message,priority\nfine,urgent\none,too,many,fields\n")
+    with pytest.raises(
+        ConfigError, match=r"data_files.train='\S*/d/b.csv': the csv builder could not read it"
+    ):
+        load_task(task_of(here, "task=two"))
+    for label, n in (("pos", 30), ("neg", 30)):  # text files, one per label: the label's own file and line
+        lines = [f"{label} line {i}" for i in range(n)]
+        lines[7] = "   " if label == "neg" else lines[7]
+        (here / "d" / f"{label}.txt").write_text("\n".join(lines) + "\n")
+    conf_file(
+        here,
+        "task",
+        "lines",
+        task_yaml("lines", "  data_files:\n    train: {pos: d/pos.txt, neg: d/neg.txt}"),
+    )
+    with pytest.raises(ConfigError, match=r"row 8 of \S*/d/neg.txt has an empty text"):
+        load_task(task_of(here, "task=lines"))
+
+
 def test_carved_splits_are_fractions_of_all_the_rows_as_from_an_embedded_table(here):
     """validation 0.1 and test 0.1 of a 1000-row train file gave 810/90/100 (validation a fraction of what
     test left), where one embedded table gives 10% and 10%; a row count stays a count."""

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dpq.core.errors import ConfigError
+from dpq.data.files import row_in
 
 DEFAULT_COLUMNS = {"text": "text", "features": "features", "image": "image", "label": "label"}
 
@@ -62,7 +63,7 @@ def check_texts(ds: datasets.Dataset, column: str, name: str, key: str, where: s
         what = "no text (null)" if values[i].as_py() is None else "an empty text"
         more = f"; {len(rows)} rows in all" if len(rows) > 1 else ""
         raise ConfigError(
-            key, name, f"row {i + 1} of {where} has {what}{more} (rows count from 1, after any header)"
+            key, name, f"{row_in(where, i)} has {what}{more} (rows count from 1, after any header)"
         )
 
 

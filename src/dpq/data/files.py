@@ -91,6 +91,43 @@ def _where(files: list[str]) -> str:
     return files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
 
 
+class Where(str):
+    """Where a split came from, as messages name it; for a split read from several files it also knows each
+    file's row count, so that :func:`row_in` names the file and the row within it."""
+
+    spans: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def of(cls, text: str, spans: list[tuple[str, int]]) -> Where:
+        w = cls(text)
+        w.spans = tuple(spans)
+        return w
+
+
+def row_in(where: str, i: int) -> str:
+    """``row <n> of <file>`` for row ``i`` (0-based) of a split: counted within its own file when the split
+    was read from several (``where`` a :class:`Where`), else within ``where``."""
+    for f, n in getattr(where, "spans", ()):
+        if i < n:
+            return f"row {i + 1} of {f}"
+        i -= n
+    return f"row {i + 1} of {where}"
+
+
+def _build_each(builder: str, files: list[str], options: dict, key: str) -> tuple[datasets.Dataset, Where]:
+    """``files`` parsed one by one and joined: a file that cannot be parsed is the one named, and a row is
+    counted within its own file in later messages (one builder call over all of them gave neither)."""
+    if len(files) == 1:
+        ds = _build(builder, files, options, key)
+        return ds, Where.of(files[0], [(files[0], len(ds))])
+    parts = [_build(builder, [f], options, key) for f in files]
+    try:
+        ds = datasets.concatenate_datasets(parts)
+    except ValueError as e:
+        raise ConfigError(key, _where(files), f"its files differ in columns or types ({_cause(e)})") from None
+    return ds, Where.of(_where(files), [(f, len(p)) for f, p in zip(files, parts)])
+
+
 def _cause(e: BaseException) -> str:
     """The innermost reason a builder gave (DatasetGenerationError wraps the parser's error)."""
     while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
@@ -152,13 +189,14 @@ def _text_split(value, key: str, label_column: str, options: dict) -> tuple[data
             "a text split maps each label to its file(s), one example per line, "
             "e.g. {positive: pos.txt, negative: neg.txt}",
         )
-    parts, files = [], []
+    parts, files, spans = [], [], []
     for label, entry in value.items():
         found = _entries(entry, f"{key}.{label}")
-        ds = _build("text", found, options, f"{key}.{label}")
+        ds, where = _build_each("text", found, options, f"{key}.{label}")
         parts.append(ds.add_column(label_column, [str(label)] * len(ds)))
         files += found
-    return datasets.concatenate_datasets(parts), ", ".join(files), files
+        spans += where.spans
+    return datasets.concatenate_datasets(parts), Where.of(", ".join(files), spans), files
 
 
 def _only_text_files(value: dict, key: str) -> None:
@@ -236,9 +274,7 @@ def load_files(files: dict | None, label_column: str = "label") -> tuple[dict[st
         key = f"task.files.data_files.{split}"
         if isinstance(value, dict) and fmt in (None, "text"):
             split_fmt = "text"
-            if (
-                fmt is None
-            ):  # per-label files are read line by line: a .csv's header and columns would be text
+            if fmt is None:  # per-label files are read line by line: a .csv's header, columns would be text
                 _only_text_files(value, key)
             ds, where, found = _text_split(value, key, label_column, options)
         else:
@@ -247,10 +283,7 @@ def load_files(files: dict | None, label_column: str = "label") -> tuple[dict[st
             if split_fmt == "text":
                 _text_split(value, key, label_column, options)  # says how text files are laid out
             tsv = split_fmt == "csv" and all(f.lower().endswith(".tsv") for f in found)
-            ds, where = (
-                _build(split_fmt, found, {**TSV_DEFAULTS, **options} if tsv else options, key),
-                _where(found),
-            )
+            ds, where = _build_each(split_fmt, found, {**TSV_DEFAULTS, **options} if tsv else options, key)
         parts[split] = Part(ds, key, where)
         used.append(split_fmt)
     return parts, "+".join(dict.fromkeys(used))

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dpq.core.errors import ConfigError
+from dpq.data.files import row_in
 
 log = logging.getLogger(__name__)
 # What integer labels are: class ids (0..n-1) or names (values such as ratings 1..5, classes in numeric order)
@@ -55,7 +56,7 @@ def _kind(part, column: str) -> str:
 def _check_present(part, column: str) -> None:
     i = _first(pc.is_null(_values(part.data)))
     if i is not None:
-        raise ConfigError("task.label_column", column, f"row {i + 1} of {part.where} has no label")
+        raise ConfigError("task.label_column", column, f"{row_in(part.where, i)} has no label")
 
 
 def _as_names(part, kind: str, column: str):
@@ -127,12 +128,12 @@ def _encode_names(
             raise ConfigError(
                 "task.label_names",
                 _short(stated),
-                f"row {i + 1} of {part.where} has label {label!r}, which is not one of them",
+                f"{row_in(part.where, i)} has label {label!r}, which is not one of them",
             )
         raise ConfigError(
             "task.label_column",
             column,
-            f"label {label!r} (row {i + 1} of {part.where}, the {split} split) does not occur in the train split "
+            f"label {label!r} ({row_in(part.where, i)}, the {split} split) does not occur in the train split "
             f"({train.where}), whose labels are {_short(names)}; list every label in task.label_names to allow it",
         )
     feature = datasets.ClassLabel(names=names)
@@ -151,7 +152,7 @@ def _encode_ids(
             raise ConfigError(
                 "task.label_column",
                 column,
-                f"row {i + 1} of {parts['train'].where} has label {low}; class ids start at 0 "
+                f"{row_in(parts['train'].where, i)} has label {low}; class ids start at 0 "
                 "(task.integer_labels=names reads integers such as -1/1 as names)",
             )
         n = int(pc.max(train).as_py()) + 1
@@ -182,7 +183,7 @@ def _encode_ids(
                 raise ConfigError(
                     "task.label_column",
                     column,
-                    f"label {values[i].as_py()} (row {i + 1} of {part.where}, the {split} split) does not occur in "
+                    f"label {values[i].as_py()} ({row_in(part.where, i)}, the {split} split) does not occur in "
                     f"the train split ({parts['train'].where}); set task.num_labels (or task.label_names) to allow it",
                 )
     else:
@@ -208,7 +209,7 @@ def _check_ids(parts: dict, n: int, key: str, value) -> None:
             raise ConfigError(
                 key,
                 value,
-                f"labels in the data range over {low}..{high}: row {i + 1} of {part.where} has label "
+                f"labels in the data range over {low}..{high}: {row_in(part.where, i)} has label "
                 f"{values[i].as_py()}, outside the {what}",
             )
 
