@@ -373,3 +373,31 @@ def test_seed_mlp_dpq_pipeline_on_a_slice(make_cfg):
     assert by["prune"]["metrics"]["sparsity"] == pytest.approx(0.5, abs=1e-6)
     assert by["prune"]["metrics"]["params_total"] == 235_146
     assert by["prune"]["metrics"]["params_nonzero"] == 235_146 - 116_736
+
+
+def test_a_saved_image_dataset_with_integer_labels_is_read_as_any_other_task(make_cfg, tmp_path):
+    """Image rows stored as PIL images with plain integer labels: a ClassLabel built from one split's values
+    refused ids 1..3 ("greater than num_classes 3") and a test split lacking a class; the labels are now read
+    as for every other task (class ids, with the warning about an id no example has)."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def split(labels):
+        images = [Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)) for _ in labels]
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+        return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+    datasets.DatasetDict({"train": split([0, 1, 2] * 20), "test": split([0, 2] * 5)}).save_to_disk(
+        tmp_path / "a"
+    )
+    task = resolved(make_cfg, "task=fashion_mnist")["task"]
+    task = {**task, "source": "files", "files": {"path": str(tmp_path / "a")}, "image_shape": [1, 8, 8]}
+    task.update(normalize=None, num_labels=None, label_names=None, split={"validation": 0.1, "seed": 0})
+    splits = load_task(task)
+    assert splits.label_names == ["0", "1", "2"] and splits.sizes()["test"] == 10
+    assert sorted(set(splits.test["label"])) == [0, 2] and np.asarray(splits.train[0]["image"]).shape == (
+        8,
+        8,
+    )

@@ -74,11 +74,9 @@ def _image_arrays(ds: datasets.Dataset) -> datasets.Dataset:
     if isinstance(ds.features["image"], (datasets.Array2D, datasets.Array3D)):
         return ds
     first = np.asarray(ds[0]["image"], dtype=np.uint8)
-    label = ds.features["label"]
-    names = (
-        label.names if isinstance(label, datasets.ClassLabel) else [str(i) for i in sorted(set(ds["label"]))]
-    )
-    features = image_features(first.shape, names)
+    # The label column as it is: labels.encode reads names and class ids (a ClassLabel made here from one
+    # split's values refused ids 1..3 as "greater than num_classes 3", and a split lacking a class)
+    features = datasets.Features({**ds.features, "image": image_features(first.shape, ["_"])["image"]})
     return ds.map(
         lambda b: {"image": [np.asarray(im, dtype=np.uint8) for im in b["image"]], "label": b["label"]},
         batched=True,
