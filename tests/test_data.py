@@ -164,3 +164,36 @@ def test_a_row_count_for_validation_or_test_on_one_embedded_table_is_that_many_r
     assert sizes == {"train": 1297, "validation": 200, "test": 300}
     # fractions: the split the committed digits results ran on, unchanged
     assert load_task(task(make_cfg, "task=digits")).sizes() == {"train": 1257, "validation": 270, "test": 270}
+
+
+def test_a_hub_dataset_without_a_validation_split_has_it_carved_when_splits_are_not_named(
+    make_cfg, monkeypatch
+):
+    """task.hub.splits unset: the dataset's own train/validation/test, the missing ones carved (task.split),
+    as for a save_to_disk folder; a train/test-only dataset was refused for a validation nobody named."""
+    import datasets
+
+    from dpq.data import sources
+
+    def fake_load(path, name=None, **kw):
+        return datasets.DatasetDict(
+            {
+                s: datasets.Dataset.from_dict(
+                    {
+                        "sentence": [f"{s} sentence {i}" for i in range(40)],
+                        "label": [i % 2 for i in range(40)],
+                    }
+                )
+                for s in ("train", "test")
+            }
+        )
+
+    monkeypatch.setattr(sources, "hub_offline", lambda: False)
+    monkeypatch.setattr(sources, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(sources.datasets, "load_dataset", fake_load)
+    splits = load_task(task(make_cfg, "task=sst2", "task.hub.splits=null"))
+    sizes = splits.sizes()
+    assert sizes["validation"] > 0 and sizes["train"] + sizes["validation"] == 40 and sizes["test"] == 40
+    assert all(t.startswith("test ") for t in splits.test["text"])
+    with pytest.raises(ConfigError, match="task.hub.splits.validation='validation': not a split"):
+        load_task(task(make_cfg, "task=sst2", "task.hub.splits={train: train, validation: validation}"))

@@ -195,7 +195,9 @@ def _hub_parts(task: dict) -> tuple[dict[str, Part], str]:
             "task.hub.path", path, f"is a local folder; read it offline with task.files: {{path: {path}}}"
         )
     raw = load_hub(task["name"], hub)
-    hub_splits = hub.get("splits") or {s: s for s in SPLITS}
+    # Unset: the dataset's splits of those names, the others carved (task.split), as for a save_to_disk folder
+    # (a train/test-only dataset was refused for a task.hub.splits.validation the user never set)
+    hub_splits = hub.get("splits") or {s: s for s in SPLITS if s == "train" or s in raw}
     parts = {}
     for split in SPLITS:
         hub_name = hub_splits.get(split)
