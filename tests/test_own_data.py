@@ -499,6 +499,22 @@ def test_a_bad_row_of_a_split_read_from_several_files_is_named_in_its_own_file(h
         load_task(task_of(here, "task=lines"))
 
 
+def test_text_files_keyed_by_integers_or_yes_no_are_read_as_labels_of_a_column_would_be(here):
+    """Keys 1, 2, 10 were strings: integer_labels=names sorted them 1, 10, 2. YAML's unquoted yes/no keys are
+    true/false (yes and on would even be one key): refused, quote them."""
+    for k in (1, 2, 10):
+        (here / f"r{k}.txt").write_text("".join(f"rating {k} text {i}\n" for i in range(20)))
+    files = "  data_files:\n    train: {1: r1.txt, 2: r2.txt, 10: r10.txt}"
+    conf_file(here, "task", "ratings", task_yaml("ratings", files, "integer_labels: names\n"))
+    assert load_task(task_of(here, "task=ratings")).label_names == ["1", "2", "10"]
+    conf_file(
+        here, "task", "yesno", task_yaml("yesno", "  data_files:\n    train: {yes: r1.txt, no: r2.txt}")
+    )
+    with pytest.raises(ConfigError, match="a label YAML read as true/false") as err:
+        load_task(task_of(here, "task=yesno"))
+    assert err.value.key == "task.files.data_files.train.true"
+
+
 def test_carved_splits_are_fractions_of_all_the_rows_as_from_an_embedded_table(here):
     """validation 0.1 and test 0.1 of a 1000-row train file gave 810/90/100 (validation a fraction of what
     test left), where one embedded table gives 10% and 10%; a row count stays a count."""

@@ -189,11 +189,21 @@ def _text_split(value, key: str, label_column: str, options: dict) -> tuple[data
             "a text split maps each label to its file(s), one example per line, "
             "e.g. {positive: pos.txt, negative: neg.txt}",
         )
+    if flags := [k for k in value if isinstance(k, bool)]:
+        raise ConfigError(
+            f"{key}.{str(flags[0]).lower()}",
+            value[flags[0]],
+            "a label YAML read as true/false (yes, no, on, off unquoted; two of them are then one key): quote "
+            "it, e.g. {'yes': yes.txt, 'no': no.txt}",
+        )
+    # Integer keys stay integers, as a label column's would: class ids, or names in numeric order with
+    # task.integer_labels=names (as strings, 10 sorted before 2)
+    ids = all(isinstance(k, int) for k in value)
     parts, files, spans = [], [], []
     for label, entry in value.items():
         found = _entries(entry, f"{key}.{label}")
         ds, where = _build_each("text", found, options, f"{key}.{label}")
-        parts.append(ds.add_column(label_column, [str(label)] * len(ds)))
+        parts.append(ds.add_column(label_column, [label if ids else str(label)] * len(ds)))
         files += found
         spans += where.spans
     return datasets.concatenate_datasets(parts), Where.of(", ".join(files), spans), files
