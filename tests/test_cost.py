@@ -576,3 +576,23 @@ def test_norms_are_counted_as_fvcore_estimates_them_and_stay_dense_in_effective_
     assert out["dense_gflops"] * 1e9 == pytest.approx(4 * (16 * 32 + 32 * 24 + 24 * 3) + norms)
     assert (out["effective_gflops"] - out["linear_effective_gflops"]) * 1e9 == pytest.approx(norms)
     assert "LayerNorm 5" in cost.UNITS["dense_gflops"] and "BatchNorm 2" in cost.UNITS["dense_gflops"]
+
+
+def test_multihead_attention_fast_path_is_counted_as_its_slow_path():
+    """In eval mode without grad nn.MultiheadAttention runs one fused op fvcore does not know: the whole
+    block counted 0 flops. Counted as the projections and matmuls its slow path traces."""
+    from fvcore.nn import FlopCountAnalysis
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.head = nn.MultiheadAttention(32, 2, batch_first=True), nn.Linear(32, 2)
+
+        def forward(self, features):
+            return self.head(self.attn(features, features, features)[0])
+
+    torch.manual_seed(0)
+    model, x = M().eval(), torch.randn(2, 16, 32)
+    slow = FlopCountAnalysis(model, (x,)).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    assert slow.total() == 2 * 16 * (4 * 32 * 32 + 2 * 16 * 32) + 2 * 16 * 32 * 2  # grad on: the slow path
+    assert cost.flops(model, {"features": x})["dense_gflops"] * 1e9 == pytest.approx(slow.total())

@@ -5,9 +5,10 @@ config), so that a compressed model is reported honestly:
 
 * parameter counts include quantized weights (which are packed buffers, not
   ``nn.Parameter``s) and never double count tied tensors;
-* FLOPs are counted by fvcore on a trace of the real forward pass, with an
-  explicit handle for ``aten::scaled_dot_product_attention`` (fvcore ignores
-  it otherwise, which would silently drop attention cost);
+* FLOPs are counted by fvcore on a trace of the real forward pass, with
+  explicit handles for ``aten::scaled_dot_product_attention`` and
+  ``nn.MultiheadAttention``'s fused ``aten::_native_multi_head_attention``
+  (fvcore ignores them otherwise, which would silently drop attention cost);
 * "effective" FLOPs scale each Linear / Conv layer's traced cost by its weight density,
   i.e. assume perfect exploitation of exactly-zero weights and nothing else;
 * BOPs (bit operations) are the MACs of every Linear/Conv layer times its weight
@@ -290,6 +291,24 @@ def _sdpa_flop_jit(inputs: list, outputs: list) -> Number:
     return int(batch * L * S * E + batch * L * S * Ev)
 
 
+def _native_mha_flop_jit(inputs: list, outputs: list) -> Number:
+    """fvcore handle for ``aten::_native_multi_head_attention``: the fast path ``nn.MultiheadAttention``
+    takes in eval mode without grad, one op that fvcore does not know (the whole block counted 0 flops).
+
+    Multiply-adds of the Q/K/V projections (B*L*E*E for the query, B*S*E*E for key and value), QK^T and AV
+    (B*L*S*E each over all heads) and the output projection (B*L*E*E). The projections stay inside this op,
+    so their weights' zeros are not skipped in effective FLOPs (counted dense there)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k = get_shape(inputs[0]), get_shape(inputs[1])
+    if q is None or k is None:
+        return 0
+    *batch, L, E = q
+    S = k[-2]
+    b = math.prod(batch) if batch else 1
+    return int(b * L * E * E + 2 * b * S * E * E + 2 * b * L * S * E + b * L * E * E)
+
+
 class _PositionalWrapper(nn.Module):
     """fvcore traces with positional inputs; map them back to keywords, return logits."""
 
@@ -317,6 +336,7 @@ def flops_by_module(model: nn.Module, example_inputs: dict[str, Tensor]) -> tupl
             analysis = (
                 FlopCountAnalysis(wrapper, tuple(inputs[k] for k in keys))
                 .set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop_jit)
+                .set_op_handle("aten::_native_multi_head_attention", _native_mha_flop_jit)
                 .unsupported_ops_warnings(False)
                 .uncalled_modules_warnings(False)
                 .tracer_warnings("none")
