@@ -28,11 +28,11 @@ TARGETS = (
 )
 
 
-def bert(seed=0) -> BertForSequenceClassification:
+def bert(seed=0, hidden=64) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     cfg = BertConfig(
         vocab_size=300,
-        hidden_size=64,
+        hidden_size=hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=128,
@@ -41,7 +41,7 @@ def bert(seed=0) -> BertForSequenceClassification:
     )
     m = BertForSequenceClassification(cfg).eval()
     with torch.no_grad():  # logits of order 1, so tolerances mean something
-        m.classifier.weight.normal_(0, 64**-0.5)
+        m.classifier.weight.normal_(0, hidden**-0.5)
     return m
 
 
@@ -754,16 +754,6 @@ def test_dynamic_int8_graphs_are_not_held_to_the_float_bound(tmp_path):
 def test_a_per_row_quantized_table_of_a_width_no_block_divides_is_exported(tmp_path, bits):
     """Width 72 (as TinyBERT's 312): no block of 128/64/32/16 divides it; the export failed with a bare
     StopIteration. GatherBlockQuantized takes a partial last block, so the table is exported exactly."""
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=300,
-        hidden_size=72,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=96,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    q = quantized(BertForSequenceClassification(cfg).eval(), 4, embedding=(bits, None))
+    q = quantized(bert(hidden=72), 4, embedding=(bits, None))
     r = check(q, text_inputs(), tmp_path, f"w72-{bits}", 1e-4)
     assert r.embedding == f"GatherBlockQuantized {bits}-bit" and r.exact_math
