@@ -777,13 +777,13 @@ def export_onnx(
 
 
 # Operators that quantize activations on the fly: their logits legitimately differ from PyTorch's by the
-# rounding of those activations (up to ~0.8 on trained BERT logits of order 10), so the export's logit
-# check only bounds graphs without them; the test agreement says how far the others go.
+# rounding of those activations (0.013 to 0.80 over the 115 such exports in bench/results), so the export's
+# logit check only bounds graphs without them; the test agreement says how far the others go.
 DYNAMIC_INT8_OPS = frozenset(
     {"DynamicQuantizeMatMul", "QAttention", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
 )
-# Float math on the model's own weights: observed differences are below 5e-6 (float32 rounding, fused
-# kernels); 1e-3 of the logit scale leaves room for long sequences and catches a wrong bias or LayerNorm.
+# Float math on the model's own weights: 1.7e-6 to 5.9e-6 over the 82 such exports in bench/results (float32
+# rounding, fused kernels); 1e-3 of the logit scale leaves room for long sequences and catches a wrong bias.
 EXACT_LOGIT_TOLERANCE = 1e-3
 
 
