@@ -93,9 +93,8 @@ def _carve(
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Split off ``size`` examples (an int >= 1) or that fraction of ``ds`` (a float < 1), seeded."""
     size = int(size) if float(size) >= 1 else float(size)
-    n_out = (
-        math.ceil(round(size * len(ds), 9)) if isinstance(size, float) else size
-    )  # 0.1/0.9*63: 7.000000000000001
+    # rounded first: float noise is not a row (0.1 / 0.9 * 63 is 7.000000000000001)
+    n_out = math.ceil(round(size * len(ds), 9)) if isinstance(size, float) else size
     if not 0 < n_out < len(ds):
         raise ConfigError(
             "task.split",
