@@ -279,6 +279,9 @@ def test_8_bit_per_group_codes_become_8_bit_matmulnbits_exactly(tmp_path, act_bi
     # is not in the export (a warning says so before training), so only near
     r = check(m, text_inputs(), tmp_path, f"int8-group-{act_bits}", 1e-4 if act_bits is None else 0.5)
     assert r.ops.get("MatMulNBits") == 12 and not r.int8_layers and "DynamicQuantizeMatMul" not in r.ops
+    # PyTorch rounds the activations the float graph does not: no float bound is held against it (a W4A8
+    # MLP differed by 0.23 and its export was refused)
+    assert r.exact_math == (act_bits is None)
     import onnx
     from onnx import numpy_helper
 

@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         help="export every head and FFN neuron, also those pruning left without effect (default: removed)",
     )
     args = ap.parse_args(argv)
+    from dpq.export.onnx import ExportError
     from dpq.loggers import quiet_libraries
 
     quiet_libraries()  # transformers' "Loading weights" bar at every model load, as in a run
@@ -131,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     for run_dir in args.run_dirs:
         try:
             final = export_run(run_dir, overrides)["final"]
-        except ConfigError as e:  # said, and the other folders still exported
-            print(f"dpq.export: {e}", file=sys.stderr)
+        except (ConfigError, ExportError) as e:  # said, and the other folders still exported
+            print(
+                f"dpq.export: {run_dir}: {e}" if isinstance(e, ExportError) else f"dpq.export: {e}",
+                file=sys.stderr,
+            )
             failed.append(str(run_dir))
             continue
         compacted = (

@@ -73,6 +73,8 @@ def load_finished(run_dir: Path, model_dir: Path | None = None) -> FinishedRun:
 
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = load_model(spec, task, model_dir).eval()
+    except ConfigError:
+        raise
     except (OSError, ValueError) as e:  # no config.json, weights or tokenizer files: not the run's model
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError("model folder", str(model_dir), f"cannot be loaded ({first})") from None

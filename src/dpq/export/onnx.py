@@ -761,7 +761,7 @@ def export_onnx(
         want = (want if want is not None else model(**inputs)).detach().float().numpy()
         got = session.run(["logits"], feed(session, inputs))[0]
         report.max_abs_logit_diff = float(np.abs(got - want).max())
-        report.exact_math = _exact_math(report.ops, options.nbits_compute)
+        report.exact_math = _exact_math(report, model, options.nbits_compute)
         limit = EXACT_LOGIT_TOLERANCE * max(1.0, float(np.abs(want).max()))
         if report.exact_math and not report.max_abs_logit_diff <= limit:
             raise ExportError(
@@ -787,11 +787,16 @@ DYNAMIC_INT8_OPS = frozenset(
 EXACT_LOGIT_TOLERANCE = 1e-3
 
 
-def _exact_math(ops: dict[str, int], nbits_compute: str) -> bool:
-    """Whether the graph computes with float activations throughout (so its logits must match PyTorch's)."""
-    if any(op in DYNAMIC_INT8_OPS for op in ops):
+def _exact_math(report: ExportReport, model: nn.Module, nbits_compute: str) -> bool:
+    """Whether the graph and the PyTorch model both compute with float activations on the same weights (so
+    the logits must match): no dynamic int8 op in the graph, no MatMulNBits quantizing its input, and on the
+    PyTorch side no layer that rounds its activations (``act_bits``: the graph's float MatMulNBits does not)
+    or runs a backend's own kernel (``float_layers``: torchao, bnb, convs, exported as float weights)."""
+    if any(op in DYNAMIC_INT8_OPS for op in report.ops) or report.float_layers:
         return False
-    return not (ops.get("MatMulNBits") and NBITS_COMPUTE[nbits_compute] not in (0, None))
+    if any(getattr(m, "act_bits", None) for _, m in quantized_modules(model)):
+        return False
+    return not (report.ops.get("MatMulNBits") and NBITS_COMPUTE[nbits_compute] not in (0, None))
 
 
 def max_positions(value: Any, task: dict, cost: dict, key: str = "export.max_positions") -> int | None:
