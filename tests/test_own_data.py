@@ -432,6 +432,16 @@ def test_files_read_as_written_stray_quotes_na_words_byte_order_marks_and_replac
     texts = [t for d in (splits.train, splits.validation, splits.test) for t in d["text"]]
     assert len(texts) == 40 and '"Best service ever, she said' in texts and "N/A" in texts
     assert splits.label_names == ["NA", "ok"]
+    # a TSV as pandas writes it: quoted values with doubled quotes, read as the text they hold
+    quoted = [
+        {"message": f'He said "hi" {i}' if i == 2 else f"ticket {i}", "priority": "ab"[i % 2]}
+        for i in range(40)
+    ]
+    pd.DataFrame(quoted).to_csv(here / "d" / "pandas.tsv", sep="\t", index=False)
+    assert '"He said ""hi"" 2"' in (here / "d" / "pandas.tsv").read_text()
+    conf_file(here, "task", "ptsv", task_yaml("ptsv", "  data_files: {train: d/pandas.tsv}", COLUMNS))
+    splits = load_task(task_of(here, "task=ptsv"))
+    assert 'He said "hi" 2' in [t for d in (splits.train, splits.validation, splits.test) for t in d["text"]]
     # a CSV: the same words are texts and names; an empty cell is still missing
     csv_rows = [{"message": t, "priority": lab} for t, lab in rows[4:]]
     write(here / "d" / "na.csv", csv_rows)
@@ -470,6 +480,36 @@ def test_files_read_as_written_stray_quotes_na_words_byte_order_marks_and_replac
         load_task(task_of(here, "task=perlabel"))
 
 
+def test_shards_whose_inferred_types_differ_load_and_a_replaced_shard_is_read_and_tokenized_again(here):
+    """Parsed file by file, shards with an all-integer column beside a float one no longer joined (one
+    builder call casts them); each shard had its own cache folder, so the tokenization cache, kept beside
+    the first shard, served a replaced second shard's old tokens."""
+    import os
+
+    from dpq.data import ClassificationDataModule
+    from dpq.models import load_tokenizer
+
+    rows = tickets(40, 0)
+    write(here / "s" / "a.csv", [{**r, "score": 0.5} for r in rows[:20]])  # floats, then integers
+    write(here / "s" / "b.csv", [{**r, "score": 2} for r in rows[20:]])
+    conf_file(here, "task", "shards", task_yaml("shards", "  data_files: {train: 's/*.csv'}", COLUMNS))
+    task = task_of(here, "task=shards")
+    assert sum(load_task(task).sizes().values()) == 40
+    tok = load_tokenizer(OmegaConf.to_container(compose(here, "task=shards", *TINY).teacher, resolve=True))
+
+    def tokens():
+        splits = load_task(task)
+        data = ClassificationDataModule.for_task(splits, tok, task, group_by_length=False)
+        data.setup("fit")
+        return sorted(tuple(b["input_ids"][0].tolist()) for b in data.train_dataloader()), splits.content
+
+    before, stat = tokens(), (here / "s" / "b.csv").stat()
+    write(here / "s" / "b.csv", [{**r, "message": r["message"].upper(), "score": 2} for r in rows[20:]])
+    os.utime(here / "s" / "b.csv", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = tokens()
+    assert after[1] != before[1] and after[0] != before[0]
+
+
 def test_a_bad_row_of_a_split_read_from_several_files_is_named_in_its_own_file(here):
     """Rows were counted through all of a split's files joined ("row 42 of 2 files (a.csv, ...)"), and a file
     that could not be parsed was one of "2 files": the message now names the file and its own row."""
@@ -506,7 +546,12 @@ def test_text_files_keyed_by_integers_or_yes_no_are_read_as_labels_of_a_column_w
         (here / f"r{k}.txt").write_text("".join(f"rating {k} text {i}\n" for i in range(20)))
     files = "  data_files:\n    train: {1: r1.txt, 2: r2.txt, 10: r10.txt}"
     conf_file(here, "task", "ratings", task_yaml("ratings", files, "integer_labels: names\n"))
-    assert load_task(task_of(here, "task=ratings")).label_names == ["1", "2", "10"]
+    ratings = load_task(task_of(here, "task=ratings"))
+    assert ratings.label_names == ["1", "2", "10"]
+    # results.json keeps the task with string keys: a reloaded run reads the same labels, the same content
+    again = json.loads(json.dumps(task_of(here, "task=ratings")))
+    assert list(again["files"]["data_files"]["train"]) == ["1", "2", "10"]
+    assert load_task(again).content == ratings.content
     conf_file(
         here, "task", "yesno", task_yaml("yesno", "  data_files:\n    train: {yes: r1.txt, no: r2.txt}")
     )
@@ -525,6 +570,9 @@ def test_carved_splits_are_fractions_of_all_the_rows_as_from_an_embedded_table(h
     assert sizes == {"train": 550, "validation": 200, "test": 250}
     sizes = load_task(task_of(here, "task=all", "task.split.validation=30")).sizes()
     assert sizes == {"train": 870, "validation": 30, "test": 100}
+    write(here / "d" / "seventy.csv", tickets(70, 0))  # 0.1 / 0.9 * 63 rows is 7.000000000000001: 7, not 8
+    conf_file(here, "task", "seventy", task_yaml("seventy", "  data_files: {train: d/seventy.csv}", COLUMNS))
+    assert load_task(task_of(here, "task=seventy")).sizes() == {"train": 56, "validation": 7, "test": 7}
 
 
 def test_label_order_and_count_are_as_stated_or_as_the_data_says(here, caplog):

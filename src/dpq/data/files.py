@@ -20,13 +20,17 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 
 from dpq.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 BUILDERS = ("csv", "json", "parquet", "text")
 FORMATS = (*BUILDERS, "saved", "folder")
@@ -114,17 +118,24 @@ def row_in(where: str, i: int) -> str:
     return f"row {i + 1} of {where}"
 
 
+ONE_BY_ONE = 64  # more files than this (shards of a large dataset) are parsed in one builder call
+
+
 def _build_each(builder: str, files: list[str], options: dict, key: str) -> tuple[datasets.Dataset, Where]:
     """``files`` parsed one by one and joined: a file that cannot be parsed is the one named, and a row is
-    counted within its own file in later messages (one builder call over all of them gave neither)."""
-    if len(files) == 1:
+    counted within its own file in later messages (one builder call over all of them gave neither). One
+    cache folder for all of them (:func:`_content_cache`), so that a change to any is a new parse and new
+    tokenization caches. Files whose inferred column types differ (an all-integer column beside floats) are
+    parsed in one call, as before, which casts them to the first file's types."""
+    options = {**_content_cache(files, options), **options}
+    if len(files) == 1 or len(files) > ONE_BY_ONE:
         ds = _build(builder, files, options, key)
-        return ds, Where.of(files[0], [(files[0], len(ds))])
+        return ds, Where.of(_where(files), [(files[0], len(ds))] if len(files) == 1 else [])
     parts = [_build(builder, [f], options, key) for f in files]
     try:
         ds = datasets.concatenate_datasets(parts)
-    except ValueError as e:
-        raise ConfigError(key, _where(files), f"its files differ in columns or types ({_cause(e)})") from None
+    except ValueError:
+        return _build(builder, files, options, key), Where(_where(files))
     return ds, Where.of(_where(files), [(f, len(p)) for f, p in zip(files, parts)])
 
 
@@ -140,10 +151,44 @@ def _cause(e: BaseException) -> str:
 # - csv: a cell reading "NA", "N/A", "None", "null" (pandas' NA strings) is that text, not a missing value:
 #   a review "N/A" or a class named NA was refused as a null; only an empty cell is missing;
 # - text: a byte-order mark opening a file (Windows editors write one) is not part of the first example;
-# - .tsv: no quoting (as GLUE's files are read): pandas' CSV quoting let one unclosed '"' in a text swallow
-#   the lines after it into one example, tabs and labels included.
+# - .tsv: see _read_tsv.
 BUILDER_DEFAULTS = {"csv": {"keep_default_na": False, "na_values": [""]}, "text": {"encoding": "utf-8-sig"}}
-TSV_DEFAULTS = {"sep": "\t", "quoting": csv.QUOTE_NONE}
+
+
+def _read_tsv(files: list[str], options: dict, key: str) -> tuple[datasets.Dataset, Where]:
+    """A ``.tsv`` split: read with CSV quoting (what pandas and Python's csv module write, doubling quotes
+    inside a quoted value), unless that reading fails or leaves a tab inside a value, the mark of a stray
+    quote (a text opening one it never closes swallows the lines after it, tabs and labels included): then
+    read again without quoting, as GLUE's files are, and said. ``options.quoting`` decides alone."""
+    options = {"sep": "\t", **options}
+    if "quoting" in options:
+        return _build_each("csv", files, options, key)
+    try:
+        ds, where = _build_each("csv", files, options, key)
+        merged = next((c for c in ds.column_names if _has_tab(ds, c)), None)
+    except ConfigError as e:
+        merged, why = None, str(e)
+    else:
+        if merged is None:
+            return ds, where
+        why = f"a value of column {merged!r} holds a tab"
+    unquoted = _build_each("csv", files, {**options, "quoting": csv.QUOTE_NONE}, key)
+    log.warning(
+        "%s: read without quoting (%s, the mark of a stray '\"'); set task.files.options.quoting to choose",
+        _where(files),
+        why,
+    )
+    return unquoted
+
+
+def _has_tab(ds: datasets.Dataset, column: str) -> bool:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = ds.with_format("arrow")[column]
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        return False
+    return bool(pc.any(pc.match_substring(values, "\t")).as_py())
 
 
 def _content_cache(files: list[str], options: dict) -> dict:
@@ -165,6 +210,14 @@ def _content_cache(files: list[str], options: dict) -> dict:
 
 def _build(builder: str, files: list[str], options: dict, key: str) -> datasets.Dataset:
     """One split from ``files`` with a ``datasets`` builder; a parse failure names the files."""
+    if builder == "csv" and "na_values" in options and "keep_default_na" not in options:
+        # the user's NA words, and the empty cell as every CSV read here counts it (not pandas' NA list)
+        extra = (
+            options["na_values"]
+            if isinstance(options["na_values"], (list, tuple))
+            else [options["na_values"]]
+        )
+        options = {**options, "na_values": [*extra, ""]}
     options = {**BUILDER_DEFAULTS.get(builder, {}), **_content_cache(files, options), **options}
     try:
         return datasets.load_dataset(builder, data_files={"train": files}, split="train", **options)
@@ -197,16 +250,18 @@ def _text_split(value, key: str, label_column: str, options: dict) -> tuple[data
             "it, e.g. {'yes': yes.txt, 'no': no.txt}",
         )
     # Integer keys stay integers, as a label column's would: class ids, or names in numeric order with
-    # task.integer_labels=names (as strings, 10 sorted before 2)
-    ids = all(isinstance(k, int) for k in value)
+    # task.integer_labels=names (as strings, 10 sorted before 2). "1" too: results.json's copy of the task
+    # has string keys, and a reloaded run must read the labels it was measured with
+    ids = all(re.fullmatch(r"-?\d+", str(k)) for k in value)
+    found_by_label = {label: _entries(entry, f"{key}.{label}") for label, entry in value.items()}
+    options = {**_content_cache([f for fs in found_by_label.values() for f in fs], options), **options}
     parts, files, spans = [], [], []
-    for label, entry in value.items():
-        found = _entries(entry, f"{key}.{label}")
+    for label, found in found_by_label.items():
         ds, where = _build_each("text", found, options, f"{key}.{label}")
-        parts.append(ds.add_column(label_column, [label if ids else str(label)] * len(ds)))
+        parts.append(ds.add_column(label_column, [int(label) if ids else str(label)] * len(ds)))
         files += found
-        spans += where.spans
-    return datasets.concatenate_datasets(parts), Where.of(", ".join(files), spans), files
+        spans = spans + list(where.spans) if spans is not None and where.spans else None
+    return datasets.concatenate_datasets(parts), Where.of(", ".join(files), spans or []), files
 
 
 def _only_text_files(value: dict, key: str) -> None:
@@ -293,7 +348,7 @@ def load_files(files: dict | None, label_column: str = "label") -> tuple[dict[st
             if split_fmt == "text":
                 _text_split(value, key, label_column, options)  # says how text files are laid out
             tsv = split_fmt == "csv" and all(f.lower().endswith(".tsv") for f in found)
-            ds, where = _build_each(split_fmt, found, {**TSV_DEFAULTS, **options} if tsv else options, key)
+            ds, where = _read_tsv(found, options, key) if tsv else _build_each(split_fmt, found, options, key)
         parts[split] = Part(ds, key, where)
         used.append(split_fmt)
     return parts, "+".join(dict.fromkeys(used))

@@ -102,13 +102,14 @@ def _carve(
             f"cannot carve {n_out} of the {len(ds)} rows left for a split the data lacks; give that split "
             "its own data or change task.split (a fraction < 1 or a row count)",
         )
+    # the row count, not the fraction, goes on: the same rows as datasets draws for that count
     if stratify:
         try:
-            return _stratified_carve(ds, size, seed)
+            return _stratified_carve(ds, n_out, seed)
         except ValueError as e:  # a label seen once, or fewer carved rows than labels: cannot stratify
             why = "a label occurs only once" if str(e) == "Minimum class count error" else str(e)
             log.warning("carving %s of %d rows at random, not stratified by label: %s", size, len(ds), why)
-    parts = ds.train_test_split(test_size=size, seed=seed)
+    parts = ds.train_test_split(test_size=n_out, seed=seed)
     return parts["train"], parts["test"]
 
 

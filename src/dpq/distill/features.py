@@ -239,6 +239,11 @@ def attention_loss(
 _HEADS_SAID: set[tuple[int, int, int, int]] = set()
 
 
+def say_again() -> None:
+    """Forget what was said (a new stage or run of a multirun says it again)."""
+    _HEADS_SAID.clear()
+
+
 def _say_heads_averaged(i: int, student_heads: int, j: int, teacher_heads: int) -> None:
     """Once per layer pair and head counts: the maps compared are head averages, not head by head.
 

@@ -24,6 +24,7 @@ from dpq.distill.features import (
     attention_dropouts,
     feature_kd_loss,
     resolve_layer_map,
+    say_again,
 )
 from dpq.distill.losses import KDConfig, kd_loss
 from dpq.distill.teachers import TeacherSignal
@@ -67,6 +68,7 @@ class ClassifierModule(L.LightningModule):
                 raise ValueError(
                     "hidden/attention/relation distillation needs a Hugging Face student and a single teacher model"
                 )
+            say_again()  # this stage's head-averaged attention maps, if any, are said once more
             n_s, n_t = model.config.num_hidden_layers, tmodel.config.num_hidden_layers
             self.layer_map = resolve_layer_map(self.features.layer_map, n_s, n_t)
             if self.features.hidden > 0:

@@ -701,10 +701,11 @@ def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
     text = task.get("kind") == "text"
     if from_teacher or teacher_spec.get("fine_tuned") or own_student or teacher_spec.get("config") or text:
         teacher = skeleton(teacher_spec, task, "teacher")
+    tokens = teacher_tokens(teacher_spec, teacher) if text else None
     if not all(s.trains_teacher for s in stages):
         student = skeleton(model, task, "model", teacher=teacher if from_teacher else None)
         if text:
-            check_student_vocabulary(model, student, teacher)
+            check_student_vocabulary(model, student, tokens)
         if own_student and student is not None and teacher is not None:
             # (a larger vocabulary whose first ids are the teacher's is fine: vocabulary_mismatch says which)
             if (differ := vocabulary_mismatch(model, teacher_spec)) is not None:
@@ -720,7 +721,7 @@ def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
         student=student,
         model_device=devices.trainer_device(cfg.get("trainer") or {}),
         latency_device=devices.latency_device(cfg.get("cost") or {}),
-        teacher=teacher,
+        tokens=tokens,
     )
     for stage in stages:
         stage.check_model(check)
@@ -729,12 +730,23 @@ def check_models(cfg: dict[str, Any], stages: list[Stage]) -> None:
     check_feature_kd(cfg, stages, student, teacher)
 
 
-def check_student_vocabulary(spec: dict[str, Any], student, teacher) -> None:
-    """dpq tokenizes the data once, with the teacher's tokenizer: a student with fewer embedding rows than the
-    teacher's vocabulary would fail with an IndexError at its first batch, after the teacher trained."""
+def teacher_tokens(spec: dict[str, Any], teacher) -> int | None:
+    """How many token ids the data can hold: the length of the teacher's tokenizer, which tokenizes it (an
+    embedding table may have more rows: ModernBERT 50368 for 50280 tokens), else its ``vocab_size``."""
+    from dpq.models.hf import load_tokenizer, vocab_size
+
+    try:
+        return len(load_tokenizer(spec, "teacher"))
+    except Exception:  # noqa: BLE001 - not loadable here (offline, no tokenizer saved): the config's count
+        return vocab_size(teacher)
+
+
+def check_student_vocabulary(spec: dict[str, Any], student, theirs: int | None) -> None:
+    """dpq tokenizes the data once, with the teacher's tokenizer: a student with fewer embedding rows than
+    its ``theirs`` token ids would fail with an IndexError at its first batch, after the teacher trained."""
     from dpq.models.hf import vocab_size
 
-    ours, theirs = vocab_size(student), vocab_size(teacher)
+    ours = vocab_size(student)
     if ours is None or theirs is None or ours >= theirs:
         return
     pretrained = spec.get("init", "pretrained") == "pretrained"
@@ -1030,12 +1042,13 @@ def _first_of_other_width(ds, width: int) -> tuple[int, int] | None:
     """(row, its width) of the first ``features`` row whose length is not ``width``, read through Arrow."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     col = ds.with_format("arrow")["features"]
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
         return None  # fixed-size lists: one width by type
-    lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+    lengths = pc.fill_null(col.value_lengths(), 0).to_numpy(zero_copy_only=False)  # a null row: none
     bad = np.flatnonzero(lengths != width)
     return (int(bad[0]), int(lengths[bad[0]])) if len(bad) else None
 

@@ -150,9 +150,7 @@ class ModelCheck:
     model_device: str = "cpu"  # where the Trainer runs the model (cpu | cuda)
     latency_device: str = "cpu"  # where cost is measured (cpu | cuda)
     extra: dict[str, Any] = field(default_factory=dict)
-    teacher: nn.Module | None = (
-        None  # the teacher spec's modules (text tasks, or when the student needs them)
-    )
+    tokens: int | None = None  # text tasks: token ids the data can hold (the teacher tokenizer's length)
 
 
 class Stage:

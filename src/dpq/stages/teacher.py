@@ -26,7 +26,6 @@ from dpq.core.files import fingerprint_path, write_dir_atomic
 from dpq.core.provenance import code_fingerprint, training_settings
 from dpq.distill.teachers import teacher_signal
 from dpq.models import check_head_labels, hub_commits, local_folder, local_folders, save_model
-from dpq.models.hf import vocab_size
 from dpq.stages.base import ModelCheck, Stage, StageConfig, register
 
 log = logging.getLogger(__name__)
@@ -138,7 +137,7 @@ class TeacherStage(Stage):
                 )
             if own is not None:
                 check_head_labels(own, task, f"{self.key}.{sub}", path)
-            rows, tokens = _saved_vocab_size(path), vocab_size(check.teacher)
+            rows, tokens = _saved_vocab_size(path), check.tokens
             if rows is not None and tokens is not None and rows < tokens:
                 raise ConfigError(  # the data is tokenized once, with the teacher spec's tokenizer
                     f"{self.key}.{sub}",
