@@ -450,6 +450,13 @@ def test_files_read_as_written_stray_quotes_na_words_byte_order_marks_and_replac
     write(here / "d" / "na.csv", [*csv_rows[:2], {"message": "x", "priority": None}, *csv_rows[3:]])
     with pytest.raises(ConfigError, match="row 3 of .*na.csv has no label"):
         load_task(task_of(here, "task=na"))
+    # NA words of one's own (options.na_values): those, and still the empty cell
+    write(here / "d" / "na.csv", [*csv_rows[:2], {"message": "-", "priority": "ok"}, *csv_rows[3:]])
+    with pytest.raises(ConfigError, match="row 3 of .*na.csv has no text"):
+        load_task(task_of(here, "task=na", "+task.files.options={na_values: ['-']}"))
+    write(here / "d" / "na.csv", [*csv_rows[:2], {"message": "x", "priority": None}, *csv_rows[3:]])
+    with pytest.raises(ConfigError, match="row 3 of .*na.csv has no label"):
+        load_task(task_of(here, "task=na", "+task.files.options={na_values: ['-']}"))
     # the same file replaced in place, its size and mtime kept: read again
     path = here / "d" / "same.csv"
     write(path, [{"message": f"ticket {i}", "priority": "a" if i % 2 else "b"} for i in range(40)])
