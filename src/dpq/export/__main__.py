@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"dpq.export: {run_dir}: {e}" if isinstance(e, ExportError) else f"dpq.export: {e}",
                 file=sys.stderr,
             )
-            failed.append(str(run_dir))
+            failed.append((str(run_dir), 2 if isinstance(e, ConfigError) else 1))  # 1: dpq's own failure
             continue
         compacted = (
             f", {final['onnx_compacted_units']} heads/neurons without effect removed "
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{compacted}"
         )
     if failed and len(args.run_dirs) > 1:
-        print(f"dpq.export: not exported: {', '.join(failed)}", file=sys.stderr)
-    return 2 if failed else 0
+        print(f"dpq.export: not exported: {', '.join(d for d, _ in failed)}", file=sys.stderr)
+    return max((code for _, code in failed), default=0)
 
 
 if __name__ == "__main__":
