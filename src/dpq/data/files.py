@@ -233,7 +233,9 @@ def _build(builder: str, files: list[str], options: dict, key: str) -> datasets.
         ) from None
 
 
-def _text_split(value, key: str, label_column: str, options: dict) -> tuple[datasets.Dataset, str, list[str]]:
+def _text_split(
+    value, key: str, label_column: str, options: dict, text_only: bool = False
+) -> tuple[datasets.Dataset, str, list[str]]:
     """``text`` files, one example per line, a file (or several) per label: ``{label: file(s)}``."""
     if not isinstance(value, dict) or not value:
         raise ConfigError(
@@ -254,6 +256,9 @@ def _text_split(value, key: str, label_column: str, options: dict) -> tuple[data
     # has string keys, and a reloaded run must read the labels it was measured with
     ids = all(re.fullmatch(r"-?\d+", str(k)) for k in value)
     found_by_label = {label: _entries(entry, f"{key}.{label}") for label, entry in value.items()}
+    if text_only:  # format unset: per-label files are read line by line, a .csv's header and columns as text
+        for label, found in found_by_label.items():
+            _only_text_files(found, f"{key}.{label}", value[label])
     options = {**_content_cache([f for fs in found_by_label.values() for f in fs], options), **options}
     parts, files, spans = [], [], []
     for label, found in found_by_label.items():
@@ -264,18 +269,17 @@ def _text_split(value, key: str, label_column: str, options: dict) -> tuple[data
     return datasets.concatenate_datasets(parts), Where.of(", ".join(files), spans or []), files
 
 
-def _only_text_files(value: dict, key: str) -> None:
-    for label, entry in value.items():
-        for f in _entries(entry, f"{key}.{label}"):
-            kind = EXTENSIONS.get(Path(f).suffix.lower())
-            if kind not in (None, "text"):
-                raise ConfigError(
-                    f"{key}.{label}",
-                    entry,
-                    f"is a {kind} file, but a split that maps labels to files reads them as text, one example "
-                    "per line (a header and its columns would become examples): give .txt files, or one "
-                    f"{kind} file per split with a label column, or set task.files.format=text to read them so",
-                )
+def _only_text_files(found: list[str], key: str, entry) -> None:
+    for f in found:
+        kind = EXTENSIONS.get(Path(f).suffix.lower())
+        if kind not in (None, "text"):
+            raise ConfigError(
+                key,
+                entry,
+                f"is a {kind} file, but a split that maps labels to files reads them as text, one example "
+                "per line (a header and its columns would become examples): give .txt files, or one "
+                f"{kind} file per split with a label column, or set task.files.format=text to read them so",
+            )
 
 
 def load_files(files: dict | None, label_column: str = "label") -> tuple[dict[str, Part], str]:
@@ -339,9 +343,7 @@ def load_files(files: dict | None, label_column: str = "label") -> tuple[dict[st
         key = f"task.files.data_files.{split}"
         if isinstance(value, dict) and fmt in (None, "text"):
             split_fmt = "text"
-            if fmt is None:  # per-label files are read line by line: a .csv's header, columns would be text
-                _only_text_files(value, key)
-            ds, where, found = _text_split(value, key, label_column, options)
+            ds, where, found = _text_split(value, key, label_column, options, text_only=fmt is None)
         else:
             found = _entries(value, key)
             split_fmt = fmt or _format_of(found, key)

@@ -42,22 +42,25 @@ class TeacherConfig(StageConfig):
     ensemble_weights: Any = None  # one weight per teacher, this one first; null = equal
 
 
+def _saved_config(path: str) -> dict:
+    """A saved model folder's ``config.json`` ({} when it has none that reads as a mapping)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def _saved_vocab_size(path: str) -> int | None:
     """``config.json``'s ``vocab_size`` of a saved model folder, or None if it does not say."""
-    try:
-        n = json.loads((Path(path) / "config.json").read_text()).get("vocab_size")
-    except (OSError, ValueError, AttributeError):
-        return None
+    n = _saved_config(path).get("vocab_size")
     return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def _saved_labels(path: str) -> list[str] | None:
     """The labels a saved model folder's head predicts, in class-id order (``config.json``: ``id2label`` of
     a Hugging Face model, ``label_names`` of a dpq one; ``LABEL_<i>`` when unnamed), or None if it does not say."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
+    config = _saved_config(path)
     if isinstance(config.get("id2label"), dict):
         return [str(config["id2label"][k]) for k in sorted(config["id2label"], key=int)]
     if "num_labels" in config:
