@@ -197,3 +197,19 @@ def test_balanced_accuracy_pickles():
     m = metrics.METRICS["balanced_accuracy"].build(3, 1)
     m.update(torch.eye(3), torch.tensor([0, 1, 1]))
     assert float(pickle.loads(pickle.dumps(m)).compute()) == pytest.approx(0.75)
+
+
+def test_auroc_skips_a_class_the_split_lacks_and_is_nan_where_undefined(caplog):
+    """torchmetrics scores an absent class 0 and averages it in; scikit-learn's AUROC of the classes present."""
+    logits, y = prediction_set(3)
+    y = torch.where(y == 2, torch.zeros_like(y), y)  # class 2 absent from the targets
+    got = evaluate(logits, y, ["auroc"])["t/test_auroc"]
+    prob = logits.softmax(-1).numpy()
+    want = np.mean([skm.roc_auc_score(y.numpy() == c, prob[:, c]) for c in (0, 1)])
+    assert got == pytest.approx(want, abs=1e-5)
+    assert got > 0.7  # the 0 of the absent class would pull it to about 2/3 of this
+    # A binary split without a positive example: undefined, NaN and said, not 0.0
+    with caplog.at_level("WARNING", logger="dpq.core.auroc"):
+        got = evaluate(logits[:, :2], torch.zeros(60, dtype=torch.long), ["auroc"])["t/test_auroc"]
+    assert np.isnan(got)
+    assert "AUROC is undefined: the split has 0 positive and 60 negative examples" in caplog.text

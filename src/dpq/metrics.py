@@ -38,15 +38,16 @@ def _is_positive(target, positive: int):
     return (target == positive).long()
 
 
-def _of_positive(metric_cls: str) -> Callable[[int, int], Any]:
-    """A binary torchmetrics metric of the positive label's probability (the argmax for 2 labels)."""
+def _of_positive(metric_cls: str | Callable[[], Any]) -> Callable[[int, int], Any]:
+    """A binary torchmetrics metric (a class name, or a class) of the positive label's probability."""
 
     def build(num_labels: int, positive: int):
         import torchmetrics.classification as tmc
         from torchmetrics.wrappers import LambdaInputTransformer
 
+        metric = getattr(tmc, metric_cls)() if isinstance(metric_cls, str) else metric_cls()
         return LambdaInputTransformer(
-            getattr(tmc, metric_cls)(),
+            metric,
             transform_pred=functools.partial(_positive_prob, positive=positive),
             transform_target=functools.partial(_is_positive, positive=positive),
         )
@@ -72,9 +73,12 @@ def _balanced_accuracy(num_labels: int, positive: int):
 
 
 def _auroc(num_labels: int, positive: int):
+    # NaN, not torchmetrics' 0, where a split leaves AUROC undefined; the macro average skips those classes
+    from dpq.core.auroc import DefinedBinaryAUROC, DefinedMacroAUROC
+
     if num_labels == 2:
-        return _of_positive("BinaryAUROC")(num_labels, positive)
-    return _multiclass("MulticlassAUROC", average="macro")(num_labels, positive)
+        return _of_positive(DefinedBinaryAUROC)(num_labels, positive)
+    return DefinedMacroAUROC(num_classes=num_labels)
 
 
 METRICS: dict[str, MetricSpec] = {
