@@ -490,6 +490,9 @@ def test_compare_selector_errors(tmp_path):
         compare(runs, "dq,bits=8", "dpq")  # what the filter could have said
     with pytest.raises(ConfigError, match=r"the dpq runs that match the filters before it have bits: 4$"):
         compare(runs, "dq", "dpq,final_sparsity=0.2,bits=8")
+    for empty in ("", " , "):  # was an uncaught ValueError of the unpacking
+        with pytest.raises(ConfigError, match="a pipeline name, optionally with column=value filters"):
+            compare(runs, empty, "dpq")
 
 
 def test_compare_filters_match_null_and_true_false_as_typed(tmp_path):

@@ -204,6 +204,16 @@ def test_a_sweep_run_without_a_final_model_is_skipped_and_named(tmp_path, monkey
     assert results_from_summary(cfg, {"final/accuracy": 0.9}, "x")["final"]["accuracy"] == 0.9
 
 
+def test_a_results_json_that_is_no_object_is_skipped_with_a_warning(tmp_path, caplog):
+    write_runs(tmp_path, {"ok": fake_results("dq", 1, 0.9, 1)})
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.json").write_text("[1, 2]")  # another tool's file, found recursively
+    with caplog.at_level("WARNING", logger="dpq.pareto"):
+        runs = gather([str(tmp_path)], progress=False)
+    assert list(runs.loc[runs["kind"] == "final", "run"]) == ["ok"]
+    assert "not a dpq results.json (a JSON list, not an object)" in caplog.text
+
+
 def test_a_diverged_run_is_named_with_how_to_resume_it(tmp_path, caplog):
     from dpq.run.resume import CHECKPOINTS, RUN_FILE
 

@@ -153,3 +153,13 @@ def test_the_committed_epyc_report_is_what_its_command_gives(tmp_path):
     md = (committed / "ownership.md").read_text().split("\n## How this report was built")[0]
     assert (tmp_path / "ownership.md").read_text() == md
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "pareto.csv"), pd.read_csv(committed / "pareto.csv"))
+
+
+def test_a_variant_whose_runs_carry_no_seed_shares_no_seed_with_the_others(tmp_path, capsys):
+    runs = {f"a_s{s}": with_val(fake_results("dpq", s, 0.85, 0.1), 0.85, "minmax") for s in (1, 2)}
+    seedless = with_val(fake_results("dpq", 1, 0.88, 0.1), 0.80, "lsq")
+    seedless["seed"] = seedless["config"]["seed"] = None
+    root = write_runs(tmp_path / "runs", {**runs, "b": seedless})
+    assert cli_main([str(root), "--no-progress", "-o", str(tmp_path / "o"), "--choose", "observer"]) == 2
+    err = capsys.readouterr().err  # was a KeyError of the seedless variant's config key
+    assert "share no seed with val_accuracy: a choice must compare them on the same seeds" in err

@@ -49,7 +49,10 @@ def _flat(cfg_json: str) -> dict:
 
 def select(runs: pd.DataFrame, spec: str, key: str) -> pd.DataFrame:
     """Final points of pipeline ``NAME`` matching every ``column=value`` (or ``dotted.config.key=value``)."""
-    name, *filters = [s.strip() for s in spec.split(",") if s.strip()]
+    parts = [s.strip() for s in str(spec).split(",") if s.strip()]
+    if not parts:
+        raise ConfigError(key, spec, SELECTOR_HELP)
+    name, *filters = parts
     finals = runs[runs["kind"] == "final"]
     known = sorted(dict.fromkeys(finals["pipeline"]))
     if name not in known:

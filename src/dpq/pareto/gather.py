@@ -162,6 +162,11 @@ def load_results(paths: list[Path], progress: bool = True) -> list[tuple[dict, s
         except (OSError, json.JSONDecodeError) as e:
             log.warning("skipping %s: %s", p, e)
             continue
+        if not isinstance(res, dict):  # a folder searched recursively may hold another tool's results.json
+            log.warning(
+                "skipping %s: not a dpq results.json (a JSON %s, not an object)", p, type(res).__name__
+            )
+            continue
         if res.get("status", "completed") != "completed" or "final" not in res:
             log.warning("skipping %s: run status %r (no final model)%s", p, res.get("status"), resume_hint(p))
             continue

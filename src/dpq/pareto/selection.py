@@ -94,7 +94,11 @@ def choose(df: pd.DataFrame, keys: list[str], objective: Objective) -> tuple[pd.
             continue
         rows = finals[finals["config_key"].isin(variants)]
         per_seed = rows.groupby(["config_key", "seed"])[objective.metric].mean()
-        seed_sets = [set(per_seed.loc[ck].dropna().index) for ck in variants]
+        # a variant whose runs carry no seed has no rows here (groupby drops NaN keys): no shared seed
+        seed_sets = [
+            set(per_seed.loc[ck].dropna().index) if ck in per_seed.index.get_level_values(0) else set()
+            for ck in variants
+        ]
         shared = sorted(set.intersection(*seed_sets))
         labels = {ck: rows.loc[rows["config_key"] == ck, "label"].iloc[0] for ck in variants}
         if not shared:
