@@ -252,6 +252,46 @@ def test_final_sparsity_holds_from_ramp_end_and_each_update_runs_once_per_optimi
     assert seen[14] < 0.5 - 0.05 and seen[15] == pytest.approx(0.5, abs=1e-3)
 
 
+def test_obs_ranks_the_update_at_the_ramps_end_by_saliency_not_magnitude():
+    """ramp_end=0.65 of 20 steps is step 13, no multiple of update_every=4: its gradient window never
+    opened, so the update that reaches the final target (with iterative, the whole last third) fell back
+    to magnitude with no OBS compensation."""
+    from dpq.prune.obs import ObsOptions
+    from dpq.prune.schedules import make_schedule
+
+    ramp = SparsityRamp(
+        "prune",
+        TARGETS,
+        0.0,
+        0.6,
+        update_every=4,
+        ramp_end=0.65,
+        criterion="obs",
+        schedule=make_schedule("iterative", iterations=3),
+        obs=ObsOptions(block_size=8, num_grads=2, damp_ratio=1e-2),
+    )
+    by_obs, recompute = [], ramp._recompute
+
+    def spy(model, step):
+        by_obs.append((step, ramp._fisher is not None and ramp._fisher.count > 0))
+        recompute(model, step)
+
+    ramp._recompute = spy
+    fit(Module(lr=0.0), [ramp])
+    assert [s for s, _ in by_obs] == [0, 4, 8, 12, 13, 16, 20]
+    assert all(obs for s, obs in by_obs if s > 0), by_obs  # step 0 has no gradient yet: magnitude, by design
+
+
+def test_the_ramps_end_step_is_not_moved_by_float_error():
+    """0.55 * 100 is 55.00000000000001 in floats: its ceiling put the final target at step 56, not 55."""
+    from dpq.prune.schedules import ramp_progress
+
+    ramp = SparsityRamp("prune", TARGETS, 0.0, 0.5, update_every=10, ramp_end=0.55)
+    ramp.total_steps = 100
+    assert ramp._ramp_end_step() == 55 and ramp_progress(55, 100, 0.55) == 1.0
+    assert ramp.target_at(55) == 0.5 and ramp.target_at(54) < 0.5
+
+
 def test_a_ramp_too_short_for_two_updates_is_told_to_lengthen_the_stage_not_to_update_once():
     """A 2-step stage (ramp_end 0.75: 1.5 steps) cannot ramp gradually at any update_every; the warning said
     "update_every=1 would update them 1 times" -- a fix that fixes nothing."""

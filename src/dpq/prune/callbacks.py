@@ -30,7 +30,13 @@ from torch import nn
 from dpq.prune import structured
 from dpq.prune.masks import CRITERIA, Masks, apply_masks, intersect, mask_sparsity, score_masks, weight_of
 from dpq.prune.obs import BlockFisherInverse, ObsOptions, obs_saliency, obs_update, suggest_damp
-from dpq.prune.schedules import Schedule, one_shot_sparsity, polynomial_sparsity, ramp_progress
+from dpq.prune.schedules import (
+    Schedule,
+    one_shot_sparsity,
+    polynomial_sparsity,
+    ramp_end_steps,
+    ramp_progress,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +87,7 @@ def one_jump(total_steps: int, update_every: int, ramp_end: float) -> str | None
     """What a gradual ramp becomes when its first mask update after the start comes at or after the ramp's
     end (``ramp_end`` of ``total_steps``): one jump, at the stage's last step with no training after when
     ``update_every`` >= ``total_steps``. None when the ramp has two updates or more."""
-    end = max(1.0, ramp_end * total_steps)  # the step the target is reached (ramp_progress)
+    end = ramp_end_steps(total_steps, ramp_end)  # the step the target is reached (ramp_progress)
     if update_every < end or total_steps < 2:
         return None
     first, every = min(math.ceil(end), total_steps), max(1, int(end) // 4)  # the update at the ramp's end
@@ -211,7 +217,11 @@ class SparsityRamp(_MaskCallback):
         return {n: self.target_at(step, n) for n in self.targets}
 
     def _next_update(self, step: int) -> int:
-        return min(self.total_steps, (step // self.update_every + 1) * self.update_every)
+        """The next step after ``step`` with a mask update: a multiple of update_every, or the ramp's end
+        (``on_train_batch_end`` updates there too; obs opens its gradient window before it)."""
+        nxt = min(self.total_steps, (step // self.update_every + 1) * self.update_every)
+        end = self._ramp_end_step()
+        return min(nxt, end) if step < end else nxt
 
     def _skip_non_finite(self, grads: list[torch.Tensor]) -> bool:
         """True (and counted) when any of this step's gradients holds inf/NaN: with fp16 mixed precision
@@ -422,7 +432,7 @@ class SparsityRamp(_MaskCallback):
 
     def _ramp_end_step(self) -> int:
         """The first optimizer step at which :func:`ramp_progress` is 1."""
-        return math.ceil(max(1.0, self.ramp_end * self.total_steps))
+        return math.ceil(ramp_end_steps(self.total_steps, self.ramp_end))
 
     def on_train_end(self, trainer, pl_module) -> None:
         # The stage ends at the final target exactly, even if the last step was not an update step.

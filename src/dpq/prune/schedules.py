@@ -74,5 +74,12 @@ def ramp_progress(step: int, total_steps: int, ramp_end: float = 1.0) -> float:
 
     The ramp reaches its target at ``ramp_end`` (a fraction of the stage) and holds after.
     """
-    end = max(1.0, ramp_end * total_steps)
-    return min(1.0, step / end)
+    return min(1.0, step / ramp_end_steps(total_steps, ramp_end))
+
+
+def ramp_end_steps(total_steps: int, ramp_end: float = 1.0) -> float:
+    """The (possibly fractional) step at which the ramp reaches its target; at least 1.
+
+    Rounded to 9 decimals: 0.55 * 100 is 55.00000000000001 in floats, whose ceiling would move the
+    update that reaches the target from step 55 to 56."""
+    return max(1.0, round(ramp_end * total_steps, 9))
