@@ -556,6 +556,28 @@ def test_obs_with_structured_groups_is_a_config_error():
     assert e.value.key == "pipeline.stages.prune.obs.blocks"
 
 
+@pytest.mark.parametrize(
+    "obs, key, said",
+    [
+        ({"block_size": "abc"}, "block_size", "must be an integer >= 1"),
+        ({"num_grads": 2.7}, "num_grads", "must be an integer >= 1"),  # was taken as 2
+        ({"num_grads": True}, "num_grads", "must be an integer >= 1"),  # was taken as 1
+        ({"damp_ratio": "small"}, "damp_ratio", "must be a finite number > 0"),
+        ({"damp_ratio": math.inf}, "damp_ratio", "must be a finite number > 0"),  # failed at the first update
+        ({"update": "full"}, "update", "must be one of obs, none, independent"),
+    ],
+)
+def test_each_obs_setting_is_checked_as_typed_and_named(obs, key, said):
+    from dpq.core.errors import ConfigError
+    from dpq.stages.prune import PruneStage
+
+    with pytest.raises(ConfigError, match=said) as e:
+        PruneStage.from_config("prune", {"kind": "prune", "criterion": "obs", "obs": obs})
+    assert e.value.key == f"pipeline.stages.prune.obs.{key}"
+    stage = PruneStage.from_config("prune", {"kind": "prune", "criterion": "obs", "obs": {"damp_ratio": 1}})
+    assert stage.cfg.obs == {"damp_ratio": 1.0}
+
+
 def test_a_layer_with_an_all_zero_gradient_gets_the_overall_damp():
     """Global allocation at a high target can mask a whole layer; its gradient is then all zero, and its
     per-layer damp falls back to the overall one instead of failing the run."""

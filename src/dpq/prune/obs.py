@@ -65,8 +65,8 @@ class ObsOptions:
     def check(self) -> None:
         if self.block_size < 1 or self.num_grads < 1:
             raise ValueError("obs block_size and num_grads must be >= 1")
-        if not self.damp_ratio > 0:
-            raise ValueError("obs damp_ratio must be > 0")
+        if not (self.damp_ratio > 0 and math.isfinite(self.damp_ratio)):
+            raise ValueError("obs damp_ratio must be a finite number > 0")
         if self.update not in UPDATE_METHODS:
             raise ValueError(f"obs update must be one of {', '.join(UPDATE_METHODS)}")
 

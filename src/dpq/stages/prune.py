@@ -22,7 +22,7 @@ from dpq.core.selectors import PRUNABLE, matches, resolve_targets, select_checke
 from dpq.prune import depth, structured
 from dpq.prune.callbacks import MaskFreeze, SparsityRamp
 from dpq.prune.masks import CRITERIA, GRANULARITIES, SCOPES, intersect
-from dpq.prune.obs import ObsOptions
+from dpq.prune.obs import UPDATE_METHODS, ObsOptions
 from dpq.prune.schedules import SCHEDULES, make_schedule
 from dpq.stages.base import KDStageConfig, ModelCheck, Stage, register
 from dpq.stages.quantize import QuantAwareTraining, check_qat_name
@@ -204,11 +204,18 @@ class PruneConfig(KDStageConfig):
                 self.obs if not bad else self.obs[bad[0]],
                 f"obs settings are {', '.join(allowed)}",
             )
-        try:
-            opts = ObsOptions(**{k: (type(getattr(ObsOptions, k))(v)) for k, v in self.obs.items()})
-            opts.check()
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{key}.obs", self.obs, str(e)) from None
+        # each value as typed: int(2.7) and int(True) were taken as 2 and 1, and int('abc')'s message
+        # named neither the setting nor what it allows
+        for k, v in self.obs.items():
+            if k in ("block_size", "num_grads"):
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise ConfigError(f"{key}.obs.{k}", v, "must be an integer >= 1")
+            elif k == "damp_ratio":
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                    raise ConfigError(f"{key}.obs.{k}", v, "must be a finite number > 0 (e.g. 1e-2)")
+            elif k == "update" and v not in UPDATE_METHODS:
+                raise ConfigError(f"{key}.obs.{k}", v, f"must be one of {', '.join(UPDATE_METHODS)}")
+        opts = ObsOptions(**{k: (float(v) if k == "damp_ratio" else v) for k, v in self.obs.items()})
         self.obs = {k: getattr(opts, k) for k in self.obs}
         if self.criterion == "obs" and self.structured:
             raise ConfigError(
