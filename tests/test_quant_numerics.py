@@ -238,3 +238,19 @@ def test_a_percentile_over_more_weights_than_torch_quantile_takes_is_the_same_qu
     scale, _ = affine.weight_qparams(big, layout, 4, True, percentile=99.9)
     amax = big.abs().flatten().sort().values[int(0.999 * (big.numel() - 1))]
     assert torch.allclose(scale.flatten() * 7.5, amax, rtol=1e-4)
+
+
+def test_the_float_weight_cache_follows_new_codes_at_a_reused_address(monkeypatch):
+    """The cache was keyed on data_ptr() and versions: new codes from set_codes landing at a freed
+    buffer's address (version 0 again) matched, and the forward ran with the old weight. Every address
+    reads as 0 here, so that reuse is certain."""
+    from dpq.quant.packed import PackedLinear
+
+    torch.manual_seed(0)
+    m = PackedLinear(4, 3, bits=4, bias=False)
+    x = torch.eye(4)
+    monkeypatch.setattr(torch.Tensor, "data_ptr", lambda self: 0)
+    for _ in range(3):
+        codes, scale = torch.randint(-8, 8, (3, 4)), torch.rand(3, 1) + 0.1
+        m.set_codes(codes, scale)
+        assert torch.equal(m(x), (codes.float() * scale).t())

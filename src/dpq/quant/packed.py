@@ -337,11 +337,19 @@ class PackedLinear(QuantizedLinear):
         """
         if not self.caches_float_weight:
             return self.dequantize().to(dtype)
-        tensors = [t for t in (self.qweight, self.scale, self.zero_point) if t is not None]
-        key = (dtype, self.qweight.device, *((t.data_ptr(), t._version) for t in tensors))
+        tensors = tuple(t for t in (self.qweight, self.scale, self.zero_point) if t is not None)
+        # Keyed on the buffer objects themselves (held, compared with ``is``) and their versions: a key of
+        # data_ptr() matched new codes that set_codes/select_ put at a freed buffer's address, and the
+        # forward ran with the old weight.
+        key = (dtype, self.qweight.device, tuple(t._version for t in tensors))
         cached = getattr(self, "_float_cache", None)
-        if cached is None or cached[0] != key:
-            cached = (key, self.dequantize().to(dtype))
+        if (
+            cached is None
+            or cached[0] != key
+            or len(cached[2]) != len(tensors)
+            or not all(a is b for a, b in zip(cached[2], tensors, strict=True))
+        ):
+            cached = (key, self.dequantize().to(dtype), tensors)
             object.__setattr__(
                 self, "_float_cache", cached
             )  # not a buffer: never saved; cost.peak_memory counts it
