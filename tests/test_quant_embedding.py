@@ -53,6 +53,28 @@ def test_qat_table_equals_the_packed_table_and_zero_rows_stay_zero(bits, group):
     assert max(levels) <= 2**bits
 
 
+def test_convert_and_unprepare_of_every_prepared_layer_leave_the_table_to_its_own_verbs():
+    """A fake-quantized table has quant_config and weight_fake_quantizer too: convert_ and unprepare_qat_
+    with no names took it for a linear layer and failed ('no attribute in_features')."""
+    import copy
+
+    from dpq.quant import QuantConfig, convert_, prepare_qat_, prepared_modules
+    from dpq.quant.fake import unprepare_qat_
+    from dpq.quant.packed import PackedLinear
+
+    model = tiny_bert()
+    prepare_qat_(model, QuantConfig(bits=4))
+    prepare_embedding_(model, embedding_config(8, None))
+    assert "bert.embeddings.word_embeddings" not in prepared_modules(model)
+    restored = copy.deepcopy(model)
+    assert "bert.encoder.layer.0.output.dense" in unprepare_qat_(restored)
+    assert type(restored.bert.encoder.layer[0].output.dense) is torch.nn.Linear
+    assert isinstance(restored.bert.embeddings.word_embeddings, FakeQuantizedEmbedding)
+    convert_(model, backend="packed")
+    assert isinstance(model.bert.encoder.layer[0].output.dense, PackedLinear)
+    assert convert_embedding_(model) == "bert.embeddings.word_embeddings"
+
+
 def test_quantized_table_reloads_and_its_size_is_counted(tmp_path):
     model = tiny_bert()
     float_size = cost.size_bytes(model)["size_bytes"]

@@ -199,7 +199,10 @@ def is_prepared(module: nn.Module) -> bool:
 
 
 def prepared_modules(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if is_prepared(m)]
+    """The fake-quantized linear and conv layers. Not a fake-quantized word embedding (it has the same
+    two attributes): it converts with :func:`dpq.quant.embedding.convert_embedding_`, and convert_ and
+    unprepare_qat_ of every prepared module failed on it (no ``in_features``)."""
+    return [n for n, m in model.named_modules() if is_prepared(m) and not isinstance(m, nn.Embedding)]
 
 
 def _prepare(model: nn.Module, cfg: QuantConfig, names: list[str] | None, static: bool) -> list[str]:
