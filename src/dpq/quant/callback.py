@@ -44,7 +44,10 @@ class QuantizationAware(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.model = pl_module.model
         if not self.prepared:
-            self.prepared = prepare_qat_(self.model, self.cfg, self.names)
+            # Lightning casts the model to a "-true" half precision after setup: torchao's quantizer would then
+            # compute its scales in that dtype, not in float32 as conversion does
+            half = str(getattr(trainer, "precision", "32")) in ("bf16-true", "16-true")
+            self.prepared = prepare_qat_(self.model, self.cfg, self.names, float32=not half)
         if self.embedding is not None:
             prepare_embedding_(self.model, self.embedding)  # the word-embedding table, fake-quantized too
         if self._pending:
