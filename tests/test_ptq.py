@@ -59,8 +59,10 @@ def test_calibration_without_observers_uses_no_batches_and_unseen_observers_fail
     assert calibrate_(model, _batches(), 8, forward=lambda m, b: m(b["x"])) == 0
     model = _model()
     prepare_ptq_(model, QuantConfig(bits=4, act_bits=8, targets=["0"]))
-    with pytest.raises(RuntimeError, match="saw no input"):
-        calibrate_(model, [], 8)
+    with pytest.raises(RuntimeError, match=r"never seen in 0 calibration batches: 0 \(a layer the forward"):
+        calibrate_(model, [], 8)  # the layer named (it was "activation observer 0")
+    with pytest.raises(RuntimeError, match="^0: activation range was never observed"):
+        convert_(model, backend="packed")  # QAT's conversion names it too
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

@@ -381,7 +381,10 @@ def convert_(
         warn_if_slow()
     if backend in ("packed", "cpu_int8"):
         for n in names:
-            set_module(model, n, _to_codes_module(backend, model.get_submodule(n)))
+            try:
+                set_module(model, n, _to_codes_module(backend, model.get_submodule(n)))
+            except RuntimeError as e:  # an activation range never observed: say which layer
+                raise RuntimeError(f"{n}: {e}") from None
     elif backend == "torchao":
         ao.convert_(model, names, s.name, qcfg, device)
     else:

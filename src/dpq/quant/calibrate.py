@@ -26,9 +26,14 @@ def _move(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def activation_quantizers(model: nn.Module) -> list[ActivationFakeQuant]:
-    """The activation quantizers with a range to calibrate (``act_range=dynamic`` ones take each batch's own)."""
-    return [m for m in model.modules() if isinstance(m, ActivationFakeQuant) and not m.dynamic]
+def activation_quantizers(model: nn.Module) -> dict[str, ActivationFakeQuant]:
+    """The activation quantizers with a range to calibrate (``act_range=dynamic`` ones take each batch's own),
+    by the name of the layer they quantize the input of."""
+    return {
+        n.removesuffix(".activation_fake_quantizer"): m
+        for n, m in model.named_modules()
+        if isinstance(m, ActivationFakeQuant) and not m.dynamic
+    }
 
 
 @torch.no_grad()
@@ -59,8 +64,13 @@ def calibrate_(
                 used += 1
     finally:
         model.train(was_training)
-    for i, obs in enumerate(observers):
-        if not obs.ready:
-            raise RuntimeError(f"activation observer {i} saw no input in {used} calibration batches")
+    unseen = [n for n, obs in observers.items() if not obs.ready]
+    if unseen:
+        raise RuntimeError(
+            f"the input of {len(unseen)} layer(s) quantized at act_bits was never seen in {used} calibration "
+            f"batches: {', '.join(unseen[:5])}{', ...' if len(unseen) > 5 else ''} (a layer the forward does not "
+            "call; leave it out of the quantize stage's targets)"
+        )
+    for obs in observers.values():
         obs.set_mode("frozen")
     return used

@@ -93,7 +93,8 @@ class ActivationFakeQuant(nn.Module):
     def scale(self) -> Tensor:
         if not self.ready:
             raise RuntimeError(
-                "activation range was never observed: run training steps or calibration batches first"
+                "activation range was never observed (a layer the forward does not call?): run training "
+                "steps or calibration batches through it, or leave it out of the quantize stage's targets"
             )
         return act_scale_from_amax(self.amax, self.bits)
 
