@@ -186,3 +186,68 @@ def test_a_layer_map_counts_the_layers_left_after_the_drop(make_cfg):
         ConfigError, match=r"pipeline.stages.prune.layer_map=\[1, 2\]: needs one teacher layer"
     ):
         train(cfg)
+
+
+def test_per_layer_config_lists_follow_the_kept_layers_of_a_student_and_a_drop(tmp_path):
+    """ModernBERT's config.layer_types (full / sliding-window attention per layer): with only the layer
+    count lowered, a student of teacher layers [0, 3] ran its copy of layer 3 (full attention) as sliding
+    window, and save_pretrained refused 2 layers with 4 layer types."""
+    import warnings
+
+    from transformers import AutoModelForSequenceClassification, ModernBertConfig
+
+    from dpq.models.io import load_model, save_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = ModernBertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=2,
+            global_attn_every_n_layers=3,
+            local_attention=4,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
+        )
+    torch.manual_seed(0)
+    teacher = AutoModelForSequenceClassification.from_config(cfg).eval()
+    assert teacher.config.layer_types == [
+        "full_attention",
+        "sliding_attention",
+        "sliding_attention",
+        "full_attention",
+    ]
+    ids = torch.randint(3, 100, (2, 16))
+    student = student_from_teacher(teacher, [0, 3]).eval()
+    assert student.config.layer_types == ["full_attention", "full_attention"]
+    with torch.no_grad():
+        want = student(input_ids=ids).logits
+        save_model(student, tmp_path / "s")
+        task = {"name": "t", "kind": "text", "num_labels": 2, "label_names": ["a", "b"]}
+        assert torch.equal(load_model({}, task, str(tmp_path / "s"))(input_ids=ids).logits, want)
+
+
+def test_a_depth_drop_keeps_the_per_layer_config_lists_of_the_layers_it_keeps():
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=16,
+            layer_types=[
+                "full_attention",
+                "sliding_attention",
+                "chunked_attention",
+                "conv",
+            ],  # as ModernBERT's: one entry per layer
+        )
+    )
+    depth.drop_layers_(model, [1, 2])
+    assert model.config.layer_types == ["full_attention", "conv"] and model.config.num_hidden_layers == 2

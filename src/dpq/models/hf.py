@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from dpq.core.errors import ConfigError
+from dpq.core.nn import keep_config_layers_
 
 log = logging.getLogger(__name__)
 # A folder holds a tokenizer when it has one of these (transformers' fast and slow tokenizer files).
@@ -469,7 +470,7 @@ def hf_config(spec: dict, task: dict, key: str, teacher_config=None):
     n_teacher = teacher_config.num_hidden_layers
     layers = _checked_layers(resolve_layers(spec.get("layers"), n_teacher), n_teacher)
     config = copy.deepcopy(teacher_config)
-    config.num_hidden_layers = len(layers)
+    keep_config_layers_(config, layers, n_teacher)
     return config
 
 
@@ -589,7 +590,7 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
         )
     _checked_layers(layers, teacher.config.num_hidden_layers)
     cfg = copy.deepcopy(teacher.config)
-    cfg.num_hidden_layers = len(layers)
+    keep_config_layers_(cfg, layers, teacher.config.num_hidden_layers)
     # float32 whatever the teacher computes in (a bf16 teacher's config.dtype would make the student bf16)
     student = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
     src = teacher.state_dict()

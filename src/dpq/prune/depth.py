@@ -22,8 +22,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from dpq.core.nn import keep_config_layers_
+
 _LAYER_NAME = re.compile(r"^(?P<list>.*\.(?:layer|layers))\.(?P<i>\d+)(?P<rest>(\..*)?)$")
-_COUNT_ATTRS = ("num_hidden_layers", "n_layers")
 
 
 def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -139,9 +140,7 @@ def drop_layers_(
             layer.layer_idx = i
     config = getattr(model, "config", None)
     if config is not None and not isinstance(config, dict):
-        for a in _COUNT_ATTRS:
-            if isinstance(getattr(config, a, None), int):
-                setattr(config, a, len(kept))
+        keep_config_layers_(config, kept, n)
         st = getattr(config, "dpq_structure", None)
         if st:
             config.dpq_structure = {
