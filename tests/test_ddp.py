@@ -319,6 +319,31 @@ def test_the_threads_a_ddp_run_keys_its_stages_with_are_the_threads_it_trains_wi
         torch.set_num_threads(before)
 
 
+def test_a_dry_run_plans_the_stage_cache_keys_of_the_ddp_run_and_leaves_the_threads(tmp_path, monkeypatch):
+    """The dry run returned before settle_threads: its keys carried the process's threads, the DDP run's
+    the launcher's, so its plan could never say "from the cache". It must not keep them set either."""
+    import torch
+    from lightning.fabric.utilities.distributed import _suggested_max_num_threads
+
+    sys.path.insert(0, str(HERE))
+    from conftest import compose_cfg
+
+    from dpq.run import stage_cache
+    from dpq.train import train
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before, seen, keys = torch.get_num_threads(), [], stage_cache.pipeline_keys
+
+    def spy(cfg, extra=None):
+        seen.append(torch.get_num_threads())
+        return keys(cfg, extra)
+
+    monkeypatch.setattr(stage_cache, "pipeline_keys", spy)
+    train(compose_cfg(tmp_path, ["experiment=digits", "trainer=ddp_cpu", "pipeline=dense", "dry_run=true"]))
+    assert seen and set(seen) == {_suggested_max_num_threads(2)}
+    assert torch.get_num_threads() == before and "OMP_NUM_THREADS" not in os.environ
+
+
 @pytest.mark.slow
 def test_a_second_ddp_run_is_served_its_stages_from_the_cache(tmp_path):
     """Two DDP runs of one configuration: the second restores both stages the first published."""

@@ -20,7 +20,7 @@ import lightning as L
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dpq.core.distributed import process_rank, settle_threads, warnings_on_rank_zero
+from dpq.core.distributed import process_rank, settle_threads, threads_settled, warnings_on_rank_zero
 from dpq.core.errors import ConfigError, IntegrityError, TrainingDiverged
 from dpq.core.provenance import capture_git
 from dpq.data import labelled, load_task
@@ -74,14 +74,15 @@ def train(cfg: DictConfig) -> dict:
         splits = load_task(cfg_dict["task"])
         cfg_dict["task"] = labelled(cfg_dict["task"], splits)
         validate_data(cfg_dict, splits, stages)
+        tokenizer = load_tokenizer(cfg_dict["teacher"]) if splits.kind == "text" else None
     if cfg_dict.get("dry_run"):  # every check above passed: say what would run, train nothing
-        result = plan.plan(cfg_dict, stages, splits)
+        with threads_settled(cfg_dict["trainer"]):  # the stage-cache keys the run will look up (below)
+            result = plan.plan(cfg_dict, stages, splits)
         plan.print_plan(result, f"dry run of {cfg_dict['run_name']} ({cfg_dict['pipeline']['name']})")
         return result
     # The threads Lightning's DDP launcher would set when it starts the other ranks, set now: run.json and
     # the stage-cache keys record the threads the stages train with.
     settle_threads(cfg_dict["trainer"])
-    tokenizer = load_tokenizer(cfg_dict["teacher"]) if splits.kind == "text" else None
     L.seed_everything(int(cfg_dict["seed"]), workers=True, verbose=False)
     output_dir = Path(cfg_dict["paths"]["output_dir"])
     if resume_from and (done := records.completed(output_dir)) is not None:

@@ -72,6 +72,24 @@ def settle_threads(trainer: Mapping[str, Any]) -> None:
         _set_num_threads_if_needed(num_processes=world // max(1, int(trainer.get("num_nodes", 1) or 1)))
 
 
+@contextlib.contextmanager
+def threads_settled(trainer: Mapping[str, Any]) -> Iterator[None]:
+    """:func:`settle_threads` for a while, then the process's threads (and ``OMP_NUM_THREADS``) as before:
+    a dry run plans the stage-cache keys the run would compute, and leaves the process as it found it."""
+    import torch
+
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    try:
+        settle_threads(trainer)
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
+
+
 T = TypeVar("T")
 PLAN_ENV = "DPQ_STAGE_CACHE_PLAN"
 _IMPORTED_AT = time.time()  # ~ this process's start: a plan file older than that is from an earlier launch
