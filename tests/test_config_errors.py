@@ -525,6 +525,19 @@ CASES = [
         "0.3",
         "prunes nothing: stage 'prune' before it already leaves 0.5 of the same targets pruned",
     ),
+    # the classifier's labels are the task's: num_labels twice to transformers was a TypeError after the
+    # teacher trained
+    ([TINY, "+model.config.num_labels=3"], "model.config.num_labels", "3", "is set by the task"),
+    # an unknown model type, and settings the model refuses, were said only after the teacher trained
+    ([TINY, "model.model_type=bertt"], "model.model_type", "'bertt'", "is not a transformers model type"),
+    (
+        [TINY, "model.config.hidden_size=30", "model.config.num_attention_heads=4"],
+        "model.config",
+        "'hidden_size': 30",
+        "builds no model: The hidden size (30) is not a multiple",
+    ),
+    # a random-init model has no tokenizer of its own (the real run blamed teacher.pretrained)
+    ([TINY, "teacher.tokenizer=null"], "teacher.tokenizer", "null", "has no tokenizer of its own"),
     # a hub student that cannot be loaded (offline, or no such id): said before the teacher trains
     (
         [TINY, "model=distilbert", "model.pretrained=dpq-no-such-org/no-such-model"],

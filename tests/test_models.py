@@ -63,3 +63,17 @@ def test_a_bf16_teacher_folder_loads_as_float32_and_its_copied_student_trains_in
     student = student_from_teacher(teacher, [1])
     assert {p.dtype for p in student.parameters()} == {torch.float32}
     assert student.config.dtype == torch.float32
+
+
+def test_a_random_model_of_a_bf16_base_config_trains_in_float32(tmp_path):
+    """from_config took the base config's dtype: a random student of a bf16 folder trained in bf16, while
+    every other way of building a model loads float32."""
+    import transformers
+
+    cfg = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    transformers.BertForSequenceClassification(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    task = {"name": "t", "kind": "text", "num_labels": 2, "label_names": ["neg", "pos"]}
+    model = build_model({"arch": "hf", "init": "random", "base_config": str(tmp_path)}, task, "model")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

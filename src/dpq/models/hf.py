@@ -300,6 +300,13 @@ def load_tokenizer(spec: dict, key: str = "teacher"):
     from transformers import AutoTokenizer
 
     ref = spec.get("tokenizer")
+    if not ref and spec.get("init", "pretrained") != "pretrained" and not spec.get("pretrained"):
+        raise ConfigError(
+            f"{key}.tokenizer",
+            ref,
+            f"a model of init: {spec.get('init')} has no tokenizer of its own: set {key}.tokenizer to a folder "
+            "or hub id that has one",
+        )
     # The model's own tokenizer (at the model's revision), or a block of its own; else a path or hub id.
     if not ref or isinstance(ref, Mapping):
         own, where = (spec, key) if not ref else (_as_spec(ref), f"{key}.tokenizer")
@@ -415,6 +422,13 @@ def hf_config(spec: dict, task: dict, key: str, teacher_config=None):
         dict(spec.get("config") or {}),
         spec.get("init", "pretrained"),
     )
+    for k in LABEL_SETTINGS:  # passed twice to transformers (a TypeError after the teacher trained), or lost
+        if k in overrides:
+            raise ConfigError(
+                f"{key}.config.{k}",
+                overrides[k],
+                "is set by the task (task.num_labels, task.label_names): the classifier has the task's labels",
+            )
     if init == "pretrained":
         path = resolve_pretrained(spec, key)
         config = AutoConfig.from_pretrained(path, revision=pretrained_revision(spec, key), **overrides)
@@ -456,7 +470,13 @@ def hf_config(spec: dict, task: dict, key: str, teacher_config=None):
                 **overrides,
             )
         else:
-            config = AutoConfig.for_model(spec.get("model_type", "bert"), **labels, **overrides)
+            model_type = spec.get("model_type", "bert")
+            try:
+                config = AutoConfig.for_model(model_type, **labels, **overrides)
+            except ValueError as e:  # an unknown model type; skeleton_hf would hide any other exception
+                raise ConfigError(
+                    f"{key}.model_type", model_type, f"is not a transformers model type ({str(e)[:120]}...)"
+                ) from None
         return check_config_overrides(config, overrides, key)
     if teacher_config is None:
         raise ConfigError(f"{key}.init", init, "needs a teacher model to copy layers from")
@@ -472,6 +492,9 @@ def hf_config(spec: dict, task: dict, key: str, teacher_config=None):
     config = copy.deepcopy(teacher_config)
     keep_config_layers_(config, layers, n_teacher)
     return config
+
+
+LABEL_SETTINGS = ("num_labels", "id2label", "label2id")
 
 
 def check_config_overrides(config, overrides: dict, key: str):
@@ -524,8 +547,10 @@ def build_hf(spec: dict, task: dict, key: str, teacher: nn.Module | None = None)
             )
         except OSError as e:
             raise _hf_load_error(key, path, e) from None
-    if init == "random":
-        return AutoModelForSequenceClassification.from_config(hf_config(spec, task, key))
+    if (
+        init == "random"
+    ):  # float32 as above: from_config takes a base_config's dtype (a bf16 one trained in bf16)
+        return AutoModelForSequenceClassification.from_config(hf_config(spec, task, key), dtype=torch.float32)
     if teacher is None:
         raise ConfigError(f"{key}.init", init, "needs a teacher model to copy layers from")
     student = student_from_teacher(
@@ -559,8 +584,13 @@ def skeleton_hf(spec: dict, task: dict, key: str, teacher: nn.Module | None = No
         return None
     except Exception:  # not knowable here: loading it later reports it with its own message
         return None
-    with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config)
+    try:
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(config)
+    except ValueError as e:  # settings the model refuses (hidden_size 30 with 4 heads): before any training
+        raise ConfigError(
+            f"{key}.config", spec.get("config"), f"builds no model: {str(e).splitlines()[0][:200]}"
+        ) from None
 
 
 def vocab_size(model) -> int | None:
