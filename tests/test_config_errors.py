@@ -536,6 +536,28 @@ CASES = [
         "'hidden_size': 30",
         "builds no model: The hidden size (30) is not a multiple",
     ),
+    # native model widths and dropout: a width 0 trained a head of its bias alone, the rest raised raw errors
+    ([DIGITS, "model.hidden=[0]"], "model.hidden", "[0]", "must be a list of positive integers"),
+    ([DIGITS, "model.hidden=64"], "model.hidden", "64", "must be a list of positive integers"),
+    ([DIGITS, "model.dropout=1.5"], "model.dropout", "1.5", "must be a number in [0, 1)"),
+    # pools that shrink the image below one pixel failed in the first forward, after the teacher trained
+    (
+        [
+            "experiment=fashion_cnn",
+            "model.channels=[4,4,4,4,4,4]",
+            "model.pool=[true,true,true,true,true,false]",
+        ],
+        "model.pool",
+        "[True, True, True, True, True, False]",
+        "block 4 would pool a 1x1 map (the 28x28 image after 4 pools)",
+    ),
+    # a spiral's round targets as one number, or with a word in them: raw TypeError / ValueError
+    (
+        [TINY, "pipeline=spiral", f"{P}.spiral.rounds=1", f"{P}.spiral.round_targets=0.5"],
+        f"{P}.spiral.round_targets",
+        "0.5",
+        "must be a list of sparsities, one per round",
+    ),
     # a random-init model has no tokenizer of its own (the real run blamed teacher.pretrained)
     ([TINY, "teacher.tokenizer=null"], "teacher.tokenizer", "null", "has no tokenizer of its own"),
     # a hub student that cannot be loaded (offline, or no such id): said before the teacher trains

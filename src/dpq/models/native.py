@@ -223,29 +223,68 @@ def build_native(spec: dict, task: dict, key: str) -> nn.Module:
                 f"an mlp needs a feature or image task; task '{task['name']}' is {task['kind']}",
             )
         return MLPClassifier(
-            num_features, num_labels, list(spec["hidden"]), float(spec.get("dropout", 0.1)), _names(task)
+            num_features,
+            num_labels,
+            _sizes(spec.get("hidden"), f"{key}.hidden"),
+            _dropout(spec.get("dropout", 0.1), f"{key}.dropout"),
+            _names(task),
         )
     if task["kind"] != "image":
         raise ConfigError(
             f"{key}.arch", arch, f"a cnn needs an image task; task '{task['name']}' is {task['kind']}"
         )
-    channels = list(spec.get("channels") or [])
-    if not channels or any(int(c) < 1 for c in channels):
+    channels = _sizes(spec.get("channels"), f"{key}.channels")
+    if not channels:
         raise ConfigError(
             f"{key}.channels", spec.get("channels"), "must be a non-empty list of positive channel counts"
         )
     pool = spec.get("pool")
-    if pool is not None and len(pool) != len(channels):
-        raise ConfigError(f"{key}.pool", list(pool), f"needs one true/false per conv block ({len(channels)})")
+    if pool is not None and (
+        not isinstance(pool, (list, tuple))
+        or len(pool) != len(channels)
+        or any(not isinstance(p, bool) for p in pool)
+    ):
+        raise ConfigError(f"{key}.pool", pool, f"needs one true/false per conv block ({len(channels)})")
+    pools = list(pool) if pool is not None else [i + 1 < len(channels) for i in range(len(channels))]
+    shape = image_shape(task, key)
+    height, width = shape[1:]
+    for i, p in enumerate(pools):  # each 2x2 max pool halves the image; one of 1 pixel gives an empty map
+        if p and min(height, width) < 2:
+            raise ConfigError(
+                f"{key}.pool",
+                pools,
+                f"block {i} would pool a {height}x{width} map (the {shape[1]}x{shape[2]} image after "
+                f"{sum(pools[:i])} pools): set false for some blocks, or use fewer channels entries",
+            )
+        if p:
+            height, width = height // 2, width // 2
     return CNNClassifier(
-        int(image_shape(task, key)[0]),
+        shape[0],
         num_labels,
         channels,
-        list(spec.get("hidden") or []),
-        list(pool) if pool is not None else None,
-        float(spec.get("dropout", 0.0)),
+        _sizes(spec.get("hidden"), f"{key}.hidden"),
+        pools,
+        _dropout(spec.get("dropout", 0.0), f"{key}.dropout"),
         _names(task),
     )
+
+
+def _sizes(value, key: str) -> list[int]:
+    """A list of layer widths: positive integers (with a width 0 the head had only its bias: one logit
+    vector for every input)."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)) or any(
+        isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value
+    ):
+        raise ConfigError(key, value, "must be a list of positive integers (layer widths), e.g. [256, 128]")
+    return [int(v) for v in value]
+
+
+def _dropout(value, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(key, value, "must be a number in [0, 1)")
+    return float(value)
 
 
 def _names(task: dict) -> list[str] | None:

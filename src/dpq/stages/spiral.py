@@ -60,6 +60,16 @@ class SpiralConfig:
         return [self.initial_sparsity + step * (r + 1) for r in range(self.rounds)]
 
     def check(self, key: str) -> None:
+        rt = self.round_targets
+        if rt is not None and (
+            not isinstance(rt, (list, tuple))
+            or any(isinstance(t, bool) or not isinstance(t, (int, float)) for t in rt)
+        ):
+            raise ConfigError(
+                f"{key}.round_targets",
+                rt,
+                "must be a list of sparsities, one per round (e.g. [0.3, 0.5, 0.7])",
+            )
         if self.rounds < 1:
             raise ConfigError(f"{key}.rounds", self.rounds, "must be >= 1")
         if self.teacher_mode not in TEACHER_MODES:
