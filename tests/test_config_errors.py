@@ -551,6 +551,13 @@ CASES = [
         "[True, True, True, True, True, False]",
         "block 4 would pool a 1x1 map (the 28x28 image after 4 pools)",
     ),
+    # a pretrained model whose config override changes its weights' shapes: a RuntimeError at loading
+    (
+        ["teacher=minilm_l6", "+teacher.config.intermediate_size=256", "trainer=debug"],
+        "teacher.config.intermediate_size",
+        "256",
+        "changes the shapes of the pretrained weights, which then cannot load",
+    ),
     # a spiral's round targets as one number, or with a word in them: raw TypeError / ValueError
     (
         [TINY, "pipeline=spiral", f"{P}.spiral.rounds=1", f"{P}.spiral.round_targets=0.5"],

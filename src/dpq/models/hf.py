@@ -433,6 +433,16 @@ def hf_config(spec: dict, task: dict, key: str, teacher_config=None):
         path = resolve_pretrained(spec, key)
         config = AutoConfig.from_pretrained(path, revision=pretrained_revision(spec, key), **overrides)
         check_config_overrides(config, overrides, key)
+        for k in (
+            SHAPE_SETTINGS
+        ):  # the checkpoint's weights would not fit: a RuntimeError after the teacher trained
+            if k in overrides:
+                raise ConfigError(
+                    f"{key}.config.{k}",
+                    overrides[k],
+                    "changes the shapes of the pretrained weights, which then cannot load",
+                    f"for a model of other sizes use {key}.init=random with {key}.base_config=<this checkpoint>",
+                )
         if getattr(config, "dpq_structure", None):  # from_pretrained builds the full shapes: a size mismatch
             raise ConfigError(
                 f"{key}.pretrained",
@@ -495,6 +505,19 @@ def hf_config(spec: dict, task: dict, key: str, teacher_config=None):
 
 
 LABEL_SETTINGS = ("num_labels", "id2label", "label2id")
+# config settings that change the shapes of a model's weights (BERT-like encoders and their relatives);
+# not the layer count: fewer layers load the first ones, more start the rest at random (both said by transformers)
+SHAPE_SETTINGS = (
+    "hidden_size",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "embedding_size",
+    "dim",
+    "hidden_dim",
+    "d_model",
+)
 
 
 def check_config_overrides(config, overrides: dict, key: str):
