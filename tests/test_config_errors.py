@@ -558,6 +558,22 @@ CASES = [
         "256",
         "changes the shapes of the pretrained weights, which then cannot load",
     ),
+    # cost settings deleted from the config: a KeyError after the first stage trained
+    ([TINY, "~cost.repeats"], "cost.repeats", "null", "is missing: cost needs an integer >= 1"),
+    # trainer callbacks and plugins: each stage's Trainer is built with dpq's own, which replaced these unsaid
+    (
+        [TINY, "+trainer.callbacks=[{_target_:lightning.pytorch.callbacks.EarlyStopping,monitor:val_loss}]"],
+        "trainer.callbacks",
+        "EarlyStopping",
+        "is built by dpq for each stage",
+    ),
+    # any string but "warn" is "not deterministic" to Lightning
+    (
+        [TINY, "trainer.deterministic=yes"],
+        "trainer.deterministic",
+        "'yes'",
+        "must be true, false, warn or null",
+    ),
     # a spiral's round targets as one number, or with a word in them: raw TypeError / ValueError
     (
         [TINY, "pipeline=spiral", f"{P}.spiral.rounds=1", f"{P}.spiral.round_targets=0.5"],

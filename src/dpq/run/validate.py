@@ -434,8 +434,9 @@ def check_run_keys(cfg: dict[str, Any]) -> None:
         _int("task.max_length", task["max_length"], 1, " (tokens per example)")
     c = cfg.get("cost") or {}
     for k, low in (("batch_size", 1), ("seq_len", 1), ("warmup", 0), ("repeats", 1)):
-        if k in c:
-            _int(f"cost.{k}", c[k], low)
+        if k not in c:  # ~cost.repeats passed every check, then failed after the first stage trained
+            raise ConfigError(f"cost.{k}", None, f"is missing: cost needs an integer >= {low} here")
+        _int(f"cost.{k}", c[k], low)
     from dpq.latency_process import CHOICES
 
     if c.get("latency_process", "separate") not in CHOICES:
@@ -589,6 +590,14 @@ def check_trainer(trainer: dict[str, Any]) -> None:
                 "training length is set per stage (pipeline.stages.<name>.epochs, "
                 "pipeline.stages.<name>.max_steps); each stage's Trainer would override this",
             )
+    for k in ("callbacks", "plugins"):  # replaced by the stage's own when each Trainer is built: never used
+        if trainer.get(k):
+            raise ConfigError(
+                f"trainer.{k}",
+                trainer[k],
+                "is built by dpq for each stage (its stage callbacks, progress bar, checkpoints), which would "
+                "replace these without a word; a stage's own behaviour is set in pipeline.stages.<name>",
+            )
     check_trainer_numbers(trainer)
     if trainer.get("strategy") is not None or "_target_" not in trainer:
         check_trainer_arguments(trainer)
@@ -636,6 +645,9 @@ def check_trainer_numbers(trainer: dict[str, Any]) -> None:
             acc,
             "must be an integer >= 1 (one optimizer step per that many batches)",
         )
+    det = trainer.get("deterministic")  # Lightning takes any other string as "not deterministic"
+    if det is not None and not isinstance(det, bool) and det != "warn":
+        raise ConfigError("trainer.deterministic", det, "must be true, false, warn or null")
     clip = trainer.get("gradient_clip_val")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
         raise ConfigError(
