@@ -563,3 +563,17 @@ def test_a_run_resumed_under_other_threads_publishes_nothing_to_the_stage_cache(
     warned = "resuming a run that started under other compute than this process has" in caplog.text
     assert warned == elsewhere
     assert results.get("resumed_under_other") == (said.split(": ", 2)[2] if elsewhere else None)
+
+
+def test_a_quoted_tilde_in_resume_names_the_home_folder_not_a_folder_called_tilde(monkeypatch, tmp_path):
+    """resume='~/run' (Hydra's grammar needs the quotes): the run was found, but its log and Hydra's record
+    went to ./~/run/, because the run-folder resolver did not expand ~ as the checks do."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    resume.register_resolvers()
+    cfg = OmegaConf.create({"resume": "~/run", "dir": "${dpq_run_dir:${resume},outputs/new}"})
+    assert cfg.dir == str(tmp_path / "run")
+    assert (
+        OmegaConf.create({"resume": None, "dir": "${dpq_run_dir:${resume},outputs/new}"}).dir == "outputs/new"
+    )

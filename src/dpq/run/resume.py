@@ -445,8 +445,10 @@ def register_resolvers() -> None:
 
     from omegaconf import OmegaConf
 
-    OmegaConf.register_new_resolver(
-        "dpq_run_dir", lambda resume, new: str(resume) if resume else new, replace=True
+    OmegaConf.register_new_resolver(  # resume='~/run' (quoted for Hydra): its ~ expanded, as the checks do
+        "dpq_run_dir",
+        lambda resume, new: str(Path(str(resume)).expanduser()) if resume else new,
+        replace=True,
     )
     OmegaConf.register_new_resolver(
         "dpq_hydra_subdir",
