@@ -577,3 +577,24 @@ def test_a_quoted_tilde_in_resume_names_the_home_folder_not_a_folder_called_tild
     assert (
         OmegaConf.create({"resume": None, "dir": "${dpq_run_dir:${resume},outputs/new}"}).dir == "outputs/new"
     )
+
+
+def test_a_multirun_jobs_folder_name_is_cut_to_what_a_filesystem_holds():
+    """subdir was <num>_<override_dirname>: seven ordinary stage overrides made it over 255 bytes, and Hydra
+    failed to create job 0's folder ("File name too long") after every job had passed its checks."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from dpq.core.config import CONF_DIR
+
+    long = ",".join(f"pipeline.stages.prune.setting_{i}=0.{i}" for i in range(12))
+    cut = resume.short_dirname(long)
+    assert len(cut.encode()) <= resume.DIRNAME_BYTES < 255 and cut.startswith(long[:150])
+    assert cut != resume.short_dirname(long[:-1] + "9")  # the digest keeps different jobs apart
+    assert resume.short_dirname("seed=1,pipeline=dq") == "seed=1,pipeline=dq"  # short names as they were
+    resume.register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["seed=1"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.job.num, cfg.hydra.job.override_dirname = 3, long
+    assert cfg.hydra.sweep.subdir == f"3_{cut}"

@@ -435,6 +435,23 @@ def check_resume_overrides(resume, overrides: list[str]) -> None:
         )
 
 
+DIRNAME_BYTES = 200  # a path component holds at most 255 bytes on common filesystems
+
+
+def short_dirname(name: object) -> str:
+    """A multirun job's folder name from its overrides (Hydra's ``override_dirname``), cut to
+    ``DIRNAME_BYTES`` with a digest of the whole: seven ordinary stage overrides made a name over
+    255 bytes, and Hydra failed to create the first job's folder ("File name too long")."""
+    import hashlib
+
+    text = str(name)
+    raw = text.encode()
+    if len(raw) <= DIRNAME_BYTES:
+        return text
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    return raw[: DIRNAME_BYTES - 14].decode(errors="ignore") + "~" + digest
+
+
 def register_resolvers() -> None:
     """Resolvers ``conf/hydra/default.yaml`` uses so that ``resume=<folder>`` runs in that folder.
 
@@ -450,6 +467,7 @@ def register_resolvers() -> None:
         lambda resume, new: str(Path(str(resume)).expanduser()) if resume else new,
         replace=True,
     )
+    OmegaConf.register_new_resolver("dpq_dirname", short_dirname, replace=True)
     OmegaConf.register_new_resolver(
         "dpq_hydra_subdir",
         lambda resume: f".hydra/resume-{time.strftime('%Y%m%d-%H%M%S')}" if resume else ".hydra",
