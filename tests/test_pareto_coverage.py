@@ -234,3 +234,34 @@ def test_a_diverged_run_is_named_with_how_to_resume_it(tmp_path, caplog):
         f"skipping {tmp_path / 'no_ckpt' / 'results.json'}: run status 'integrity_failed' (no final model); "
         f"it kept no checkpoints ({Path(CHECKPOINTS) / RUN_FILE} is missing), so it can only be started again"
     ) in said
+
+
+def test_seeds_run_under_other_code_or_disagreeing_runs_of_one_seed_are_said(tmp_path, caplog):
+    """A seed re-run after a fix into the same study folder was averaged with the old run as one seed:
+    no warning, std 0 and n_seeds 1 hid the disagreement."""
+    from dpq.pareto.aggregate import merge_seeds, warn_mixed_code
+
+    old, new = fake_results("dq", 1, 0.70, 1.0), fake_results("dq", 1, 0.80, 1.0)
+    old["git"], old["versions"] = {"sha": "a" * 40, "dirty": False}, {"torch": "2.3.0"}
+    new["git"], new["versions"] = (
+        {"sha": "b" * 40, "dirty": True, "diff_sha256": "c" * 64},
+        {"torch": "2.5.1"},
+    )
+    runs = gather([str(write_runs(tmp_path, {"old": old, "new": new}))], progress=False)
+    with caplog.at_level("WARNING", logger="dpq.pareto"):
+        assert warn_mixed_code(runs) == ["dq 4-bit"]
+    said = caplog.text
+    assert (
+        "ran under different dpq commits (1 run with bbbbbbbbbb+dirty:cccccccc; 1 run with aaaaaaaaaa)"
+        in said
+    )
+    assert "ran under different library versions" in said and "torch 2.3.0" in said
+    assert "seed 1 of dq 4-bit has 2 runs that disagree on accuracy (" in said
+    merged = merge_seeds(runs[runs["kind"] == "final"])
+    assert set(merged["code"].iloc[0].split(" | ")) == {
+        "aaaaaaaaaa",
+        "bbbbbbbbbb+dirty:cccccccc",
+    }  # both listed
+    caplog.clear()
+    same = gather([str(write_runs(tmp_path / "b", {"a": fake_results("dq", 1, 0.7, 1.0)}))], progress=False)
+    assert warn_mixed_code(same) == [] and not caplog.text

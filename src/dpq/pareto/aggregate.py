@@ -174,6 +174,49 @@ def warn_mixed_hub_models(df: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(finals["hub_commits"].dropna()))
 
 
+def warn_mixed_code(df: pd.DataFrame) -> list[str]:
+    """Warn when the seeds of one configuration ran under different dpq code or library versions (a seed
+    re-run after a fix, into the same study folder), and when runs of one seed disagree on the primary
+    metric: they are averaged as one seed, so the disagreement shows in no spread. Returns the labels
+    of such configurations."""
+    if df.empty:
+        return []
+    finals = df[df["kind"] == "final"] if "kind" in df else df
+    flagged = []
+    for _, rows in finals.groupby(GROUP, sort=False, dropna=False):
+        label = str(rows["label"].iloc[0]) if "label" in rows else "?"
+        for col, what in (("code", "dpq commits"), ("versions", "library versions")):
+            if col not in rows:
+                continue
+            seen = rows[col].dropna().value_counts()
+            if len(seen) > 1:
+                flagged.append(label)
+                log.warning(
+                    "the runs of %s ran under different %s (%s): a change between them may move their numbers, "
+                    "and their mean mixes the two; rerun the older ones, or keep them apart",
+                    label,
+                    what,
+                    "; ".join(f"{n} run{'s' * (n != 1)} with {v}" for v, n in seen.items()),
+                )
+        primary = rows["primary_metric"].iloc[0] if "primary_metric" in rows else "accuracy"
+        metric = primary if primary in rows else "accuracy"
+        if metric in rows and "seed" in rows:
+            for seed, same in rows.groupby("seed", sort=False):
+                values = same[metric].dropna().unique()
+                if len(values) > 1:
+                    flagged.append(label)
+                    log.warning(
+                        "seed %s of %s has %d runs that disagree on %s (%s): they are averaged as one seed, "
+                        "so the spread across seeds does not show it",
+                        seed,
+                        label,
+                        len(same),
+                        metric,
+                        ", ".join(f"{v:.4g}" for v in values),
+                    )
+    return list(dict.fromkeys(flagged))
+
+
 def warn_mixed_objective(df: pd.DataFrame) -> list[str]:
     """Warn when the seeds of one configuration were run under different ``objective.weights`` (e.g. by two
     sweeps): they are one configuration, since the weights change no number but ``final.objective``, whose
@@ -384,7 +427,7 @@ def merge_seeds(df: pd.DataFrame) -> pd.DataFrame:
     raw = df.groupby(GROUP, sort=False, dropna=False)
     info = raw[info_cols].first()
     # every machine, split and objective weighting a configuration's seeds ran under
-    for col in ("hardware", "data", "data_content", "hub_commits", "objective_weights"):
+    for col in ("hardware", "data", "data_content", "hub_commits", "code", "versions", "objective_weights"):
         if col in info:
             info[col] = raw[col].agg(lambda s: " | ".join(dict.fromkeys(s.dropna())))
     info["n_runs"] = raw.size()

@@ -25,6 +25,7 @@ from .aggregate import (
     parse_seeds,
     relabel,
     warn_diverging_references,
+    warn_mixed_code,
     warn_mixed_data,
     warn_mixed_hardware,
     warn_mixed_hub_models,
@@ -186,6 +187,7 @@ def build_report(
     warn_mixed_hardware(runs)
     warn_mixed_data(runs)
     warn_mixed_hub_models(runs)
+    warn_mixed_code(runs)
     warn_mixed_objective(runs)
     diverging = warn_diverging_references(runs)
     runs, picked = choose_variants(runs, choose, choose_on)
@@ -486,6 +488,7 @@ def run_compare(args: argparse.Namespace, argv: list[str] | None = None) -> dict
     machines = warn_mixed_hardware(runs)
     splits = warn_mixed_data(runs)
     hub_models = warn_mixed_hub_models(runs)
+    warn_mixed_code(runs)
     warn_mixed_objective(runs)
     diverging = warn_diverging_references(runs)  # the references are read for this check only
     runs, chosen = choose_variants(runs, parse_keys(args.choose), args.choose_on)

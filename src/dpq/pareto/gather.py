@@ -512,6 +512,12 @@ def points_from_results(
         common["data"] = data
     if isinstance(task, dict) and (content := (results.get("task") or {}).get("content")):
         common["data_content"] = content  # runs since 2026-12-06: tells apart examples the label cannot
+    git = results.get("git") if isinstance(results.get("git"), dict) else {}
+    if git.get("sha"):  # the dpq commit (and the patch of a dirty tree) the run computed with
+        dirty = f"+dirty:{str(git.get('diff_sha256') or '')[:8]}" if git.get("dirty") else ""
+        common["code"] = f"{str(git['sha'])[:10]}{dirty}"
+    if isinstance(versions := results.get("versions"), dict) and versions:
+        common["versions"] = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
     if commits := results.get("hub_commits"):  # runs since 2026-12-07: the commit of each hub model loaded
         common["hub_commits"] = ", ".join(f"{k}@{v}" for k, v in sorted(commits.items()))
     if weights := (cfg.get("objective") or {}).get("weights"):
