@@ -488,7 +488,7 @@ def run_compare(args: argparse.Namespace, argv: list[str] | None = None) -> dict
     machines = warn_mixed_hardware(runs)
     splits = warn_mixed_data(runs)
     hub_models = warn_mixed_hub_models(runs)
-    warn_mixed_code(runs)
+    mixed_code = warn_mixed_code(runs)
     warn_mixed_objective(runs)
     diverging = warn_diverging_references(runs)  # the references are read for this check only
     runs, chosen = choose_variants(runs, parse_keys(args.choose), args.choose_on)
@@ -503,6 +503,7 @@ def run_compare(args: argparse.Namespace, argv: list[str] | None = None) -> dict
         **({"hardware": machines} if machines else {}),
         **({"data": splits} if splits else {}),
         **({"hub_commits": hub_models} if hub_models else {}),
+        **({"mixed_code": mixed_code} if mixed_code else {}),
         **({"diverging_references": diverging} if diverging else {}),
         **({"chosen": chosen} if chosen else {}),
         "comparisons": results,
