@@ -74,7 +74,6 @@ def train(cfg: DictConfig) -> dict:
         splits = load_task(cfg_dict["task"])
         cfg_dict["task"] = labelled(cfg_dict["task"], splits)
         validate_data(cfg_dict, splits, stages)
-        tokenizer = load_tokenizer(cfg_dict["teacher"]) if splits.kind == "text" else None
     if cfg_dict.get("dry_run"):  # every check above passed: say what would run, train nothing
         with threads_settled(cfg_dict["trainer"]):  # the stage-cache keys the run will look up (below)
             result = plan.plan(cfg_dict, stages, splits)
@@ -83,6 +82,7 @@ def train(cfg: DictConfig) -> dict:
     # The threads Lightning's DDP launcher would set when it starts the other ranks, set now: run.json and
     # the stage-cache keys record the threads the stages train with.
     settle_threads(cfg_dict["trainer"])
+    tokenizer = load_tokenizer(cfg_dict["teacher"]) if splits.kind == "text" else None
     L.seed_everything(int(cfg_dict["seed"]), workers=True, verbose=False)
     output_dir = Path(cfg_dict["paths"]["output_dir"])
     if resume_from and (done := records.completed(output_dir)) is not None:

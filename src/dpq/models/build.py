@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from dpq.core.errors import ConfigError
-from dpq.models.hf import build_hf, check_embedded_copy, check_revision, skeleton_hf
+from dpq.models.hf import build_hf, check_embedded_copy, check_revision, check_tokenizer_source, skeleton_hf
 from dpq.models.native import NATIVE_ARCHES, build_native
 
 ARCHES = ("hf", "mlp", "cnn")
@@ -29,6 +29,8 @@ def _check_spec(spec: dict, key: str) -> None:
             "pretrained and from_teacher are for arch=hf",
         )
     check_revision(spec, key)
+    if arch == "hf" and key == "teacher":  # the teacher's tokenizer tokenizes the data
+        check_tokenizer_source(spec, key)
     if arch == "hf" and init == "pretrained":
         check_embedded_copy(spec, key)
     for part in ("tokenizer", "base_config"):  # a block of its own pins a revision as the model does

@@ -295,18 +295,28 @@ def run_hub_commits(cfg: Mapping) -> dict[str, str]:
     }
 
 
+def check_tokenizer_source(spec: Mapping, key: str) -> None:
+    """A model with no tokenizer setting tokenizes with its checkpoint's: one of init random has none (the
+    run blamed ``<key>.pretrained``, after a dry run had passed)."""
+    if (
+        not spec.get("tokenizer")
+        and spec.get("init", "pretrained") != "pretrained"
+        and not spec.get("pretrained")
+    ):
+        raise ConfigError(
+            f"{key}.tokenizer",
+            spec.get("tokenizer"),
+            f"a model of init: {spec.get('init')} has no tokenizer of its own: set {key}.tokenizer to a folder "
+            "or hub id that has one",
+        )
+
+
 def load_tokenizer(spec: dict, key: str = "teacher"):
     """The tokenizer of ``spec``: its ``tokenizer`` (a path, hub id or {pretrained, embedded}), else the model's own."""
     from transformers import AutoTokenizer
 
     ref = spec.get("tokenizer")
-    if not ref and spec.get("init", "pretrained") != "pretrained" and not spec.get("pretrained"):
-        raise ConfigError(
-            f"{key}.tokenizer",
-            ref,
-            f"a model of init: {spec.get('init')} has no tokenizer of its own: set {key}.tokenizer to a folder "
-            "or hub id that has one",
-        )
+    check_tokenizer_source(spec, key)
     # The model's own tokenizer (at the model's revision), or a block of its own; else a path or hub id.
     if not ref or isinstance(ref, Mapping):
         own, where = (spec, key) if not ref else (_as_spec(ref), f"{key}.tokenizer")
@@ -433,10 +443,11 @@ def hf_config(spec: dict, task: dict, key: str, teacher_config=None):
         path = resolve_pretrained(spec, key)
         config = AutoConfig.from_pretrained(path, revision=pretrained_revision(spec, key), **overrides)
         check_config_overrides(config, overrides, key)
-        for k in (
-            SHAPE_SETTINGS
-        ):  # the checkpoint's weights would not fit: a RuntimeError after the teacher trained
-            if k in overrides:
+        # the checkpoint's weights would not fit: a RuntimeError at loading, after the teacher trained
+        shaped = [k for k in SHAPE_SETTINGS if k in overrides]
+        own = AutoConfig.from_pretrained(path, revision=pretrained_revision(spec, key)) if shaped else None
+        for k in shaped:
+            if overrides[k] != getattr(own, k, None):
                 raise ConfigError(
                     f"{key}.config.{k}",
                     overrides[k],
