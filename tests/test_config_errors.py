@@ -224,6 +224,14 @@ CASES = [
         "is not a valid regular expression",
     ),
     ([TINY, "model.prune_targets=re:nomatch"], "model.prune_targets", "'re:nomatch'", "matches no module"),
+    # LayerNorms are modules, just none that pruning touches: "matches no module" misled
+    (
+        [TINY, "model.prune_targets=re:.*LayerNorm"],
+        "model.prune_targets",
+        "'re:.*LayerNorm'",
+        "matches 5 module(s) of the BertForSequenceClassification, none an nn.Linear or conv: "
+        "bert.embeddings.LayerNorm (LayerNorm)",
+    ),
     (
         [TINY, f"{P}.quantize.targets=re:nomatch"],
         f"{P}.quantize.targets",

@@ -85,6 +85,14 @@ def select_checked(
     names = [n for n, m in model.named_modules() if isinstance(m, kinds) and matches(n, selector)]
     if not names:
         have = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+        other = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n and matches(n, selector)]
+        if other:  # it names modules, of a kind this stage does not touch (LayerNorm, say): not "no module"
+            raise ConfigError(
+                key,
+                selector,
+                f"matches {len(other)} module(s) of the {model.__class__.__name__}, none an {what}: "
+                f"{', '.join(other[:4])}{', ...' if len(other) > 4 else ''}; it has e.g. {', '.join(have[:4])}",
+            )
         raise ConfigError(
             key,
             selector,
