@@ -284,3 +284,30 @@ def test_a_half_precision_model_trains_the_codes_its_conversion_stores(granulari
         )
         kinds[precision] = type(model[0].weight_fake_quantizer).__name__
     assert kinds == {"32-true": "IntxFakeQuantizer", "bf16-true": "MinMaxWeightQuantizer"}
+
+
+def test_a_percentile_range_is_of_the_weights_a_pruned_row_keeps():
+    """Pruned zeros counted in the percentile: a row with one weight kept in 64 had its range cut to the
+    interpolation between that weight and zero (37% of it at p99), and the one weight left was clipped."""
+    from dpq.quant import affine
+
+    w = torch.zeros(3, 64)
+    w[0, 5] = 0.8  # one weight kept
+    w[1, :3] = torch.tensor([0.5, -0.2, 0.1])
+    w[2] = torch.linspace(-1, 1, 64)  # dense: as before
+    layout = affine.Blocks("per_channel", 3, 64)
+    scale, _ = affine.weight_qparams(w, layout, 8, True, percentile=99.0)
+    q = fake_quantize(w, 8, "per_channel", 128, True, percentile=99.0)
+    assert torch.allclose(q[0, 5], torch.tensor(0.8), rtol=1e-2) and torch.equal(q[0] == 0, w[0] == 0)
+    kept = torch.nanquantile(w[1, :3].abs(), 0.99)  # of the 3 weights kept, not of 64 mostly zeros (0.0)
+    assert torch.allclose(scale[1].flatten() * 127.5, kept, rtol=1e-5) and float(kept) > 0.49
+    dense = torch.nanquantile(w[2].abs(), 0.99)
+    assert torch.allclose(scale[2].flatten() * 127.5, dense, rtol=1e-5)
+    assert (
+        float(
+            affine.weight_qparams(torch.zeros(2, 8), affine.Blocks("per_channel", 2, 8), 8, True, 99.0)[
+                0
+            ].min()
+        )
+        > 0
+    )

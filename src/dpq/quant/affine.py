@@ -144,10 +144,15 @@ def weight_qparams(
 ) -> tuple[Tensor, Tensor]:
     """Scale and zero point ``[A, B]`` of weight ``w`` from its min-max (or percentile) range."""
     w = w.detach()
-    blocks = layout.split(
-        w.float(), pad_value=float("nan") if percentile is not None and percentile < 100 else 0.0
-    )
-    lo, hi = block_range(blocks, percentile, symmetric)
+    clipped = percentile is not None and percentile < 100
+    blocks = layout.split(w.float(), pad_value=float("nan") if clipped else 0.0)
+    if clipped:
+        # A percentile of the weights that are there: pruned zeros counted in it shrank a sparse row's range
+        # (one weight kept in 64 was clipped to 37% of itself at p99). A block of zeros only gives range 0.
+        blocks = blocks.masked_fill(blocks == 0, float("nan"))
+        lo, hi = (torch.nan_to_num(t, nan=0.0) for t in block_range(blocks, percentile, symmetric))
+    else:
+        lo, hi = block_range(blocks, percentile, symmetric)
     return qparams_from_range(lo, hi, bits, symmetric)
 
 
