@@ -4,6 +4,7 @@ written but Hydra's .hydra/ and log."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -46,9 +47,15 @@ def test_a_dry_run_trains_and_writes_nothing_and_says_what_the_caches_would_serv
 
     train(cfg(tmp_path, "dq", "pipeline=dq"))  # trains the teacher and the distillation dpq starts with
     assert count_fits == ["teacher", "distill", "quantize"]
+    manifests = sorted((tmp_path / "cache").rglob("dpq-stage-cache.json"))
+    used = [m.stat().st_mtime_ns for m in manifests]
+    for m in manifests:  # as if used long ago
+        os.utime(m, ns=(10**18, 10**18))
     dry = train(cfg(tmp_path, "dry2", "dry_run=true"))
     src = [s["source"] for s in dry["stages"]]
     assert src[0] == src[1] and src[0].startswith("stage cache ") and src[2:] == ["train"] * 3
+    # looking is not using: the entries' last use (their eviction order) is as it was
+    assert used and [m.stat().st_mtime_ns for m in manifests] == [10**18] * len(manifests)
     assert count_fits == ["teacher", "distill", "quantize"]  # still only the dq run's
 
     # without the stage cache, the fine-tuned teacher still comes from the teacher cache

@@ -141,7 +141,7 @@ def sources(cfg: dict[str, Any], stages: list, splits) -> list[str]:
     if sc.get("enabled"):
         data = {"data_source": splits.source, "data_sizes": splits.sizes(), "data_content": splits.content}
         keys = stage_cache.pipeline_keys(cfg, data)
-        reused, _ = stage_cache.StageCache(sc["dir"]).longest_prefix(keys)
+        reused, _ = stage_cache.StageCache(sc["dir"]).longest_prefix(keys, touch=False)  # writes nothing
         for i in range(reused):
             out[i] = f"stage cache {keys[reused - 1]}"
         if _in_multirun():

@@ -183,8 +183,9 @@ class StageCache:
         except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
             return None
 
-    def lookup(self, key: str) -> Path | None:
-        """The entry for ``key`` if it is complete, of the current format and from this code, else None."""
+    def lookup(self, key: str, touch: bool = True) -> Path | None:
+        """The entry for ``key`` if it is complete, of the current format and from this code, else None.
+        ``touch=False``: look without marking it used (a dry run writes nothing, eviction order included)."""
         entry = self.path(key)
         if not entry.is_dir():
             return None
@@ -207,10 +208,9 @@ class StageCache:
         if reason is not None:  # the key covers the code, so only a hand-made entry gets here
             log.info("stage cache: %s comes from %s; ignoring it", entry, reason)
             return None
-        with contextlib.suppress(
-            OSError
-        ):  # last use, for evicting the least recently used (read-only cache: skip)
-            os.utime(entry / MANIFEST)
+        if touch:  # last use, for evicting the least recently used (a read-only cache: skipped)
+            with contextlib.suppress(OSError):
+                os.utime(entry / MANIFEST)
         return entry
 
     def stale(self) -> dict[str, str]:
@@ -235,10 +235,10 @@ class StageCache:
             f"(`python -m dpq.stage_cache prune --stale --dir {self.root}` removes them)"
         )
 
-    def longest_prefix(self, keys: Sequence[str]) -> tuple[int, Path | None]:
+    def longest_prefix(self, keys: Sequence[str], touch: bool = True) -> tuple[int, Path | None]:
         """``(n, entry)`` for the longest cached prefix (``keys[n - 1]``); ``(0, None)`` if none is cached."""
         for n in range(len(keys), 0, -1):
-            hit = self.lookup(keys[n - 1])
+            hit = self.lookup(keys[n - 1], touch=touch)
             if hit is not None:
                 return n, hit
         return 0, None
