@@ -58,6 +58,30 @@ def test_round_targets_default_to_a_linear_ramp():
     assert SpiralConfig(rounds=3, final_sparsity=0.6).targets() == pytest.approx([0.2, 0.4, 0.6])
 
 
+def test_rounds_train_with_the_settings_as_checked_and_null_means_the_spirals_own():
+    """The check converted "2" and "1e-4" and threw the result away: the rounds got the strings. A null
+    block gave the stand-alone stages' defaults, not the spiral's shorter rounds."""
+    from dpq.stages.spiral import SpiralStage
+
+    raw = {
+        "epochs": "2",
+        "lr": "1e-4",
+        "update_every": 10,
+        "ramp_end": 0.75,
+        "alpha": 0.5,
+        "temperature": 2.0,
+    }
+    spiral = SpiralStage.from_config(
+        "spiral", {"kind": "spiral", "rounds": 2, "final_sparsity": 0.5, "prune": raw}
+    )
+    prune, _ = spiral.round_stages(0, 0.0, 0.25)
+    assert prune.cfg.epochs == 2 and isinstance(prune.cfg.epochs, int) and prune.cfg.lr == pytest.approx(1e-4)
+    spiral = SpiralStage.from_config(
+        "spiral", {"kind": "spiral", "rounds": 2, "final_sparsity": 0.5, "prune": None, "distill": None}
+    )
+    assert spiral.cfg.prune == SpiralConfig().prune and spiral.cfg.distill == SpiralConfig().distill
+
+
 @pytest.mark.parametrize(
     "override, key",
     [

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dpq.core.errors import ConfigError
@@ -51,7 +51,10 @@ class SpiralConfig:
     distill: dict = field(default_factory=lambda: {"epochs": 1, "lr": 3e-5, "alpha": 0.5, "temperature": 2.0})
 
     def __post_init__(self) -> None:
-        self.prune, self.distill = dict(self.prune or {}), dict(self.distill or {})
+        # null: the spiral's own (shorter) round settings, not the stand-alone stages' defaults
+        defaults = {f.name: f.default_factory() for f in fields(self) if f.name in ("prune", "distill")}
+        self.prune = dict(defaults["prune"] if self.prune is None else self.prune)
+        self.distill = dict(defaults["distill"] if self.distill is None else self.distill)
 
     def targets(self) -> list[float]:
         if self.round_targets is not None:
@@ -112,7 +115,9 @@ class SpiralConfig:
                     getattr(self, sub)[sorted(bad)[0]],
                     "is set per round by the spiral; use round_targets / final_sparsity",
                 )
-            cls.from_config(f"{key.split('.')[-1]}.{sub}", {**getattr(self, sub), "kind": cls.kind})
+            checked = cls.from_config(f"{key.split('.')[-1]}.{sub}", {**getattr(self, sub), "kind": cls.kind})
+            # the rounds build their configs from these: as checked (numbers to their types), not as typed
+            setattr(self, sub, {k: getattr(checked.cfg, k) for k in getattr(self, sub)})
         start = self.initial_sparsity
         for r, target in enumerate(targets):  # each round's prune config, with its real range, up front
             PruneStage.from_config(
