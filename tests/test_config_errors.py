@@ -283,7 +283,7 @@ CASES = [
         "three_labels",
         "is a 3-label model, but task 'rotten_tomatoes' has 2 labels",
     ),
-    ([TINY, "task.num_labels=1"], "task.num_labels", "1", "must be >= 2"),
+    ([TINY, "task.num_labels=1"], "task.num_labels", "1", "must be an integer >= 2"),
     ([DIGITS, "task.split.validation=null"], "task.split.validation", "null", "not null (leave the key out"),
     # the data is tokenized once, with the teacher's tokenizer: fewer embedding rows fail at the first batch
     (
@@ -566,6 +566,32 @@ CASES = [
         "256",
         "changes the shapes of the pretrained weights, which then cannot load",
     ),
+    # reviewed 2026-12-08: raw tracebacks, values accepted then failing after training, or silently wrong
+    ([TINY, "task.num_labels=2.5"], "task.num_labels", "2.5", "must be an integer >= 2"),
+    ([TINY, "cost.seq_len=200.0"], "cost.seq_len", "200.0", "must be an integer >= 1"),  # skipped positions
+    ([TINY, "export.threads=2.0"], "export.threads", "2.0", "must be an integer >= 1 or auto"),
+    ([TINY, "export.compact=no"], "export.compact", "'no'", "must be true or false"),  # a true string
+    ([TINY, "trainer.gradient_clip_val=nan"], "trainer.gradient_clip_val", "nan", "must be a number >= 0"),
+    (
+        [TINY, "+pipeline.stages.extra.kind=[a]"],
+        "pipeline.stages.extra",
+        "'kind': ['a']",
+        "names no stage kind",
+    ),
+    (
+        [TINY, "objective.metrics=[[val_accuracy]]"],
+        "objective.metrics",
+        "['val_accuracy']",
+        "must be metric names",
+    ),
+    ([TINY, "~trainer"], "trainer", "null", "is missing: the run needs its trainer block"),
+    (
+        [TINY, "logger=wandb", "logger.tags=baseline"],
+        "logger.tags",
+        "'baseline'",
+        "must be a list of strings",
+    ),
+    ([TINY, "trainer=ddp_cpu", "trainer.devices=abc"], "trainer.devices", "'abc'", "must be a device count"),
     # cost settings deleted from the config: a KeyError after the first stage trained
     ([TINY, "~cost.repeats"], "cost.repeats", "null", "is missing: cost needs an integer >= 1"),
     # trainer callbacks and plugins: each stage's Trainer is built with dpq's own, which replaced these unsaid

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dpq.core.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -43,7 +45,9 @@ def trainer_world_size(trainer: Mapping[str, Any]) -> int:
 
     Known before Lightning launches the other ranks, when the environment still says 1.
     """
-    devices, nodes = trainer.get("devices", "auto"), int(trainer.get("num_nodes", 1) or 1)
+    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1) or 1
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ConfigError("trainer.num_nodes", nodes, "must be an integer >= 1")
     if isinstance(devices, (list, tuple)):
         n = len(devices)
     elif str(devices) in ("auto", "-1"):
@@ -54,8 +58,14 @@ def trainer_world_size(trainer: Mapping[str, Any]) -> int:
             n = max(1, torch.cuda.device_count())
     elif isinstance(devices, str) and "," in devices:  # Lightning's "0,1" / "1,": these device indices
         n = len([d for d in devices.split(",") if d.strip()])
-    else:
+    elif isinstance(devices, int) and not isinstance(devices, bool):
+        n = devices
+    elif isinstance(devices, str) and devices.strip().isdigit():
         n = int(devices)
+    else:  # 'abc' was a raw ValueError
+        raise ConfigError(
+            "trainer.devices", devices, "must be a device count, a list of device indices, '0,1', -1 or auto"
+        )
     return max(1, n) * nodes
 
 

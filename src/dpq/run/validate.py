@@ -116,6 +116,15 @@ def check_shapes(cfg: dict[str, Any]) -> None:
     """Every block a mapping and every list a list (or null where that means the defaults); each stage
     under ``pipeline.stages`` a mapping of its settings (null, its kind's defaults, only for a stage outside
     ``pipeline.order``: in the order, null reads as "no such stage" and would run the kind's defaults)."""
+    for block in (
+        "task",
+        "model",
+        "teacher",
+        "pipeline",
+        "trainer",
+    ):  # ~trainer: a KeyError after the data loaded
+        if block not in cfg:
+            raise ConfigError(block, None, f"is missing: the run needs its {block} block (see conf/{block}/)")
     stages = cfg.get("pipeline", {}).get("stages") if isinstance(cfg.get("pipeline"), dict) else None
     names = list(stages) if isinstance(stages, dict) else []
     order = cfg["pipeline"].get("order") if isinstance(cfg.get("pipeline"), dict) else None
@@ -176,6 +185,7 @@ def validate(cfg: dict[str, Any]) -> list[Stage]:
     mode = (cfg.get("logger") or {}).get("mode", "auto")
     if kind == "wandb" and mode not in WANDB_MODES:  # else W&B's own error comes after the run has started
         raise ConfigError("logger.mode", mode, f"must be one of {', '.join(WANDB_MODES)}")
+    check_logger_values(cfg.get("logger") or {})
     check_known_keys(cfg)
     check_run_keys(cfg)
     check_trainer(cfg.get("trainer") or {})
@@ -204,7 +214,7 @@ def check_unused_stages(pipeline: dict[str, Any]) -> None:
         if name in order or raw is None:
             continue
         kind = dict(raw).get("kind", name)
-        if kind not in kinds:
+        if not isinstance(kind, str) or kind not in kinds:
             near = get_close_matches(str(name), [*order, *kinds], n=1)
             raise ConfigError(
                 f"pipeline.stages.{name}",
@@ -341,12 +351,32 @@ def warn_unused_flops_target(cfg: dict[str, Any], stages: list[Stage]) -> str | 
     return msg
 
 
+def check_logger_values(logger: dict[str, Any]) -> None:
+    """W&B's names and tags as W&B takes them: tags=baseline became 8 one-letter tags, project=[a, b] a list
+    for a name, and init_timeout=abc failed once the run's folder was claimed."""
+    for k in ("project", "entity", "group", "name", "job_type", "notes"):
+        v = logger.get(k)
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"logger.{k}", v, "must be a string or null")
+    tags = logger.get("tags")
+    if tags is not None and (
+        not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags)
+    ):
+        raise ConfigError("logger.tags", tags, "must be a list of strings, e.g. [baseline, epyc]")
+    t = logger.get("init_timeout")
+    if t is not None and (
+        isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0
+    ):
+        raise ConfigError("logger.init_timeout", t, "must be a number of seconds > 0")
+
+
 def check_labels(cfg: dict[str, Any], stages: list[Stage]) -> None:
     """What depends on the task's labels: their count, metrics of a positive label, and the models
     (trained heads must predict the task's labels; every stage against the student's modules)."""
     task = cfg["task"]
-    if isinstance(task["num_labels"], bool) or int(task["num_labels"]) < 2:
-        raise ConfigError("task.num_labels", task["num_labels"], "must be >= 2")
+    n = task["num_labels"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:  # 2.5 and 'abc' were raw tracebacks
+        raise ConfigError("task.num_labels", n, "must be an integer >= 2")
     task_metrics.check_for_labels(
         task, [str(n) for n in task.get("label_names") or range(task["num_labels"])]
     )
@@ -355,12 +385,9 @@ def check_labels(cfg: dict[str, Any], stages: list[Stage]) -> None:
 
 # ---- numbers and switches of the run itself --------------------------------------------------
 def _int(key: str, v: Any, low: int, what: str = "") -> None:
-    ok = not isinstance(v, bool) and isinstance(v, (int, float, str))
-    try:
-        ok = ok and float(v).is_integer() and int(float(v)) >= low
-    except ValueError:
-        ok = False
-    if not ok:
+    # an integer as typed: 200.0 passed here, then skipped the checks that look for an int (the position
+    # tables) or failed where it was used (opset_version=17.0 in the ONNX export, after training)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
         raise ConfigError(key, v, f"must be an integer >= {low}{what}")
 
 
@@ -499,7 +526,7 @@ def check_export(cfg: dict[str, Any], stages: list[Stage]) -> None:
         raise ConfigError(
             f"export.{unknown[0]}", ex[unknown[0]], f"is not an export setting; allowed: {', '.join(allowed)}"
         )
-    for k in ("onnx", "fuse", "fuse_attention"):
+    for k in ("onnx", "fuse", "fuse_attention", "compact"):  # compact='no' was a true string
         if k in ex:
             _bool(f"export.{k}", ex[k])
     if "threads" in ex and ex["threads"] != "auto":
@@ -649,7 +676,9 @@ def check_trainer_numbers(trainer: dict[str, Any]) -> None:
     if det is not None and not isinstance(det, bool) and det != "warn":
         raise ConfigError("trainer.deterministic", det, "must be true, false, warn or null")
     clip = trainer.get("gradient_clip_val")
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip < 0
+    ):
         raise ConfigError(
             "trainer.gradient_clip_val",
             clip,
@@ -968,6 +997,10 @@ def check_objective(cfg: dict[str, Any]) -> None:
     weights = obj.get("weights") or {}
     exported = bool((cfg.get("export") or {}).get("onnx")) and bool(cfg.get("save_model", True))
     for m in obj.get("metrics") or []:
+        if not isinstance(m, str):  # a list or block here was a raw TypeError (unhashable)
+            raise ConfigError(
+                "objective.metrics", m, "must be metric names, e.g. [val_accuracy, effective_gflops]"
+            )
         if m == "objective":  # the weighted sum, checked through its weights below
             if not weights:
                 raise ConfigError(

@@ -58,7 +58,7 @@ def build_stages(pipeline: dict[str, Any]) -> list[Stage]:
             )
         raw = dict(defined[name] or {})  # null: validate.check_shapes allows it only outside pipeline.order
         kind = raw.get("kind", name)
-        if kind not in kinds:
+        if not isinstance(kind, str) or kind not in kinds:  # a list here was a raw TypeError (unhashable)
             raise ConfigError(
                 f"pipeline.stages.{name}.kind", kind, f"unknown stage kind; allowed: {', '.join(kinds)}"
             )
