@@ -265,3 +265,8 @@ def test_seeds_run_under_other_code_or_disagreeing_runs_of_one_seed_are_said(tmp
     caplog.clear()
     same = gather([str(write_runs(tmp_path / "b", {"a": fake_results("dq", 1, 0.7, 1.0)}))], progress=False)
     assert warn_mixed_code(same) == [] and not caplog.text
+    # a run recorded before dpq listed more libraries differs in what it lists, not in a version
+    a, b = fake_results("dq", 1, 0.7, 1.0), fake_results("dq", 2, 0.7, 1.0)
+    a["versions"], b["versions"] = {"torch": "2.13.0"}, {"torch": "2.13.0", "torchao": "0.18.0"}
+    listed = gather([str(write_runs(tmp_path / "c", {"a": a, "b": b}))], progress=False)
+    assert warn_mixed_code(listed) == [] and not caplog.text

@@ -169,3 +169,27 @@ def test_a_diff_that_is_not_utf8_is_recorded_byte_for_byte_and_a_dangling_py_lin
     (pkg / ".#latin.py").symlink_to("user@host.1234:1700000000")  # an editor's lock while a file is edited
     provenance._tree_hash.cache_clear()
     assert provenance._tree_hash(pkg) == before
+
+
+def test_the_recorded_patch_does_not_depend_on_the_users_git_settings(tmp_path):
+    """color.ui=always put escape codes into diff.patch and diff.noprefix=true headers `git apply` refuses:
+    the same tree hashed differently and its patch could not be applied."""
+    repo = tmp_path / "repo"
+    pkg = make_repo(repo)
+    (pkg / "a.py").write_text("x = 2\n")
+    (pkg / "new.py").write_text("y = 3\n")
+    plain = capture_git(pkg)
+    git(repo, "config", "color.ui", "always")
+    git(repo, "config", "diff.noprefix", "true")
+    styled = capture_git(pkg)
+    assert styled.info == plain.info and styled.patch == plain.patch and "\x1b[" not in styled.patch
+    saved = styled.save(tmp_path / "prov")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    git(clone, "apply", str(saved))
+    assert (clone / "src/dpq/a.py").read_text() == "x = 2\n" and (clone / "src/dpq/new.py").exists()
+
+
+def test_results_json_lists_every_library_behind_its_numbers():
+    versions = provenance.library_versions()
+    assert {"torch", "torchao", "numpy", "tokenizers", "onnxruntime", "onnx", "scikit-learn"} <= set(versions)

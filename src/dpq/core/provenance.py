@@ -86,9 +86,15 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+# The ONNX export and its timing (results.json's onnx_* metrics).
+EXPORT_LIBRARIES = ("onnx", "onnxruntime", "onnxscript")
+
+
 def library_versions() -> dict[str, str]:
+    """results.json's ``versions``: every library behind a number it reports (torchao, numpy, tokenizers and
+    onnxruntime were missing, so runs under other versions of them merged without a word)."""
     out = {"python": platform.python_version()}
-    out.update({p: _version(p) for p in PACKAGES})
+    out.update({p: _version(p) for p in dict.fromkeys((*PACKAGES, *NUMERIC_LIBRARIES, *EXPORT_LIBRARIES))})
     return out
 
 
@@ -274,11 +280,17 @@ class GitState:
 
 def _git(repo: Path, *args: str, ok_codes: tuple[int, ...] = (0,)) -> str | None:
     try:
-        proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=30)
+        # the user's git settings must not change the recorded patch or its hash (color.ui=always wrote
+        # escape codes, diff.noprefix=true headers that `git apply` refuses)
+        settings = ("-c", "color.ui=never", "-c", "diff.noprefix=false", "-c", "diff.mnemonicPrefix=false")
+        proc = subprocess.run(["git", *settings, "-C", str(repo), *args], capture_output=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     # Bytes kept as they are: a diff of a Latin-1 file is not UTF-8, and strict decoding stopped every run
     return proc.stdout.decode("utf-8", "surrogateescape") if proc.returncode in ok_codes else None
+
+
+PLAIN_DIFF = ("--no-color", "--no-ext-diff", "--no-textconv", "--src-prefix=a/", "--dst-prefix=b/")
 
 
 def _sha256(text: str) -> str:
@@ -300,7 +312,7 @@ def capture_git(path: Path | None = None) -> GitState:
         return GitState(none, "")
     repo = Path(top.strip())
     sha = (_git(repo, "rev-parse", "HEAD") or "").strip() or None
-    diff = _git(repo, "diff", "HEAD", "--binary") or ""
+    diff = _git(repo, "diff", *PLAIN_DIFF, "HEAD", "--binary") or ""
     listed = _git(repo, "ls-files", "--others", "--exclude-standard", "-z") or ""
     untracked = sorted(p for p in listed.split("\0") if p and p.endswith(SOURCE_SUFFIXES))
     h = hashlib.sha256()
@@ -312,7 +324,7 @@ def capture_git(path: Path | None = None) -> GitState:
         h.update(rel.encode("utf-8", "surrogateescape") + b"\0" + hashlib.sha256(f.read_bytes()).digest())
         # exit status 1 means "differs", which a new file always does
         new_files.append(
-            _git(repo, "diff", "--no-index", "--binary", "--", "/dev/null", rel, ok_codes=(0, 1))
+            _git(repo, "diff", *PLAIN_DIFF, "--no-index", "--binary", "--", "/dev/null", rel, ok_codes=(0, 1))
         )
     info = {
         "sha": sha,

@@ -189,6 +189,8 @@ def warn_mixed_code(df: pd.DataFrame) -> list[str]:
             if col not in rows:
                 continue
             seen = rows[col].dropna().value_counts()
+            if col == "versions" and not _versions_differ(rows[col].dropna()):
+                continue  # only in which libraries they list (runs recorded before dpq listed more)
             if len(seen) > 1:
                 flagged.append(label)
                 log.warning(
@@ -215,6 +217,13 @@ def warn_mixed_code(df: pd.DataFrame) -> list[str]:
                         ", ".join(f"{v:.4g}" for v in values),
                     )
     return list(dict.fromkeys(flagged))
+
+
+def _versions_differ(listed: pd.Series) -> bool:
+    """Whether runs' ``versions`` ("torch 2.13.0, numpy 2.4.6, ...") disagree on a library they all list."""
+    parsed = [dict(part.partition(" ")[::2] for part in str(text).split(", ")) for text in listed]
+    common = set.intersection(*(set(p) for p in parsed)) if parsed else set()
+    return any(len({p[name] for p in parsed}) > 1 for name in common)
 
 
 def warn_mixed_objective(df: pd.DataFrame) -> list[str]:
