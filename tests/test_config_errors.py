@@ -592,6 +592,13 @@ CASES = [
         "must be a list of strings",
     ),
     ([TINY, "trainer=ddp_cpu", "trainer.devices=abc"], "trainer.devices", "'abc'", "must be a device count"),
+    (
+        [TINY, f"{P}.teacher.load_from=3"],
+        f"{P}.teacher.load_from",
+        "3",
+        "must be a saved model folder (a path)",
+    ),
+    ([TINY, f"+{P}.teacher.ensemble=[3]"], f"{P}.teacher.ensemble[0]", "3", "must be a saved model folder"),
     # cost settings deleted from the config: a KeyError after the first stage trained
     ([TINY, "~cost.repeats"], "cost.repeats", "null", "is missing: cost needs an integer >= 1"),
     # trainer callbacks and plugins: each stage's Trainer is built with dpq's own, which replaced these unsaid

@@ -82,6 +82,10 @@ class TeacherStage(Stage):
             raise ConfigError(
                 "pipeline.order", [s.name for s in before] + [self.name], "the teacher stage must come first"
             )
+        if self.cfg.load_from is not None and not isinstance(self.cfg.load_from, str):  # Path(3): a TypeError
+            raise ConfigError(
+                f"{self.key}.load_from", self.cfg.load_from, "must be a saved model folder (a path)"
+            )
         if self.cfg.load_from and not Path(self.cfg.load_from).exists():
             raise ConfigError(f"{self.key}.load_from", self.cfg.load_from, "no such folder")
         if self.cfg.load_from and not (Path(self.cfg.load_from) / "config.json").exists():
@@ -100,6 +104,8 @@ class TeacherStage(Stage):
             )
         extra = list(self.cfg.ensemble or [])
         for i, path in enumerate(extra):
+            if not isinstance(path, str):
+                raise ConfigError(f"{self.key}.ensemble[{i}]", path, "must be a saved model folder (a path)")
             if not (Path(path) / "config.json").exists():
                 raise ConfigError(
                     f"{self.key}.ensemble[{i}]", path, "is not a saved model folder (no config.json)"
