@@ -158,3 +158,21 @@ def test_dynamic_activation_ranges_need_no_calibration():
     used = calibrate_(model, _batches(), num_batches=2, forward=lambda m, b: m(b["x"]))
     assert used == 0  # nothing to calibrate: no batch is run
     assert torch.isfinite(model(_batches()[0]["x"])).all()
+
+
+def test_qat_ahead_of_a_percentile_ptq_stage_trains_under_the_percentile_it_deploys():
+    """recover.qat=<ptq stage> with calibration=percentile: QAT picked torchao's min-max quantizer and the
+    record said percentile; the weights learned a rounding other than the one deployed."""
+    from dpq.quant import prepare_qat_
+
+    cfg = QuantConfig(bits=4, granularity="per_channel", calibration="percentile", percentile=90.0)
+    qat, ptq = _model(), _model()
+    prepare_qat_(qat, cfg)
+    prepare_ptq_(ptq, cfg)
+    q = qat[0].weight_fake_quantizer
+    assert type(q).__name__ == "MinMaxWeightQuantizer" and q.percentile == 90.0
+    with torch.no_grad():
+        assert torch.equal(q(qat[0].weight), ptq[0].weight_fake_quantizer(ptq[0].weight))
+        minmax = _model()
+        prepare_qat_(minmax, QuantConfig(bits=4, granularity="per_channel"))
+        assert not torch.equal(minmax[0].weight_fake_quantizer(minmax[0].weight), q(qat[0].weight))

@@ -93,7 +93,7 @@ def is_fake_quantized(module: nn.Module) -> bool:
 
 def intx_fits(cfg: QuantConfig, in_features: int, static: bool) -> bool:
     """Whether torchao's ``IntxFakeQuantizer`` computes exactly what ``cfg`` asks for this layer."""
-    if not cfg.symmetric or cfg.observer != "minmax" or (static and cfg.calibration != "minmax"):
+    if not cfg.symmetric or cfg.observer != "minmax" or cfg.calibration != "minmax":  # torchao: min-max only
         return False
     if cfg.granularity == "per_channel":  # one group of in_features per row: torchao asserts a group > 1
         return in_features > 1  # (a layer shrunk to one input: a FFN left with one neuron)

@@ -50,7 +50,7 @@ class MinMaxWeightQuantizer(nn.Module):
 
     ``static=False`` (QAT) recomputes the range from the current weight at every call;
     ``static=True`` (PTQ) computes it once from the weight at construction (``scale`` /
-    ``zero_point`` buffers), with ``cfg.calibration`` min-max or percentile clipping.
+    ``zero_point`` buffers); both with ``cfg.calibration`` min-max or percentile clipping.
     """
 
     def __init__(self, cfg: QuantConfig, weight: Tensor, static: bool = False):
@@ -59,7 +59,9 @@ class MinMaxWeightQuantizer(nn.Module):
         self.config = cfg  # torchao's QAT convert step reads ``weight_fake_quantizer.config``
         self.bits, self.symmetric, self.static = cfg.bits, cfg.symmetric, static
         self.layout = Blocks(cfg.granularity, weight.shape[0], weight.shape[1], cfg.group_size)
-        self.percentile = cfg.percentile if static and cfg.calibration == "percentile" else None
+        # QAT for a ptq stage with percentile ranges (recover.qat=ptq) trains under that clipping too: it was
+        # min-max in training and percentile when deployed, while the record said percentile
+        self.percentile = cfg.percentile if cfg.calibration == "percentile" else None
         if static:
             scale, zp = weight_qparams(weight, self.layout, self.bits, self.symmetric, self.percentile)
             self.register_buffer("scale", scale)
@@ -68,7 +70,7 @@ class MinMaxWeightQuantizer(nn.Module):
     def qparams(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         if self.static:
             return self.scale, self.zero_point
-        return weight_qparams(weight, self.layout, self.bits, self.symmetric)
+        return weight_qparams(weight, self.layout, self.bits, self.symmetric, self.percentile)
 
     def forward(self, weight: Tensor) -> Tensor:
         scale, zp = self.qparams(weight)
