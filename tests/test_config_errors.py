@@ -592,6 +592,13 @@ CASES = [
         "must be a list of strings",
     ),
     ([TINY, "trainer=ddp_cpu", "trainer.devices=abc"], "trainer.devices", "'abc'", "must be a device count"),
+    # a distributed trainer's other values were not checked: 16-mixed trained at bf16-mixed on CPU, unsaid
+    (
+        [TINY, "trainer=ddp_cpu", "trainer.precision=16-mixed"],
+        "trainer.precision",
+        "'16-mixed'",
+        "would train at bf16-mixed",
+    ),
     (
         [TINY, f"{P}.teacher.load_from=3"],
         f"{P}.teacher.load_from",
