@@ -571,6 +571,12 @@ CASES = [
     ([TINY, "cost.seq_len=200.0"], "cost.seq_len", "200.0", "must be an integer >= 1"),  # skipped positions
     ([TINY, "export.threads=2.0"], "export.threads", "2.0", "must be an integer >= 1 or auto"),
     ([TINY, "export.compact=no"], "export.compact", "'no'", "must be true or false"),  # a true string
+    (
+        [TINY, "task.integer_labels=false"],
+        "task.integer_labels",
+        "False",
+        "must be one of ids, names",
+    ),  # read as ids
     ([TINY, "trainer.gradient_clip_val=nan"], "trainer.gradient_clip_val", "nan", "must be a number >= 0"),
     (
         [TINY, "+pipeline.stages.extra.kind=[a]"],

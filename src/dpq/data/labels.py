@@ -91,7 +91,7 @@ def encode(parts: dict, task: dict, class_label: bool) -> tuple[dict, list[str]]
     own = {
         tuple(p.data.features["label"].names) for s, p in parts.items() if kinds[s] == "classlabel"
     }  # the data's own ClassLabel names
-    integer = task.get("integer_labels") or "ids"
+    integer = "ids" if task.get("integer_labels") is None else task["integer_labels"]  # false is no choice
     if integer not in INTEGER_LABELS:
         raise ConfigError("task.integer_labels", integer, f"must be one of {', '.join(INTEGER_LABELS)}")
     numeric = integer == "names" and set(kinds.values()) == {"ids"}

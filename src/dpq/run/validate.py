@@ -445,7 +445,7 @@ def check_run_keys(cfg: dict[str, Any]) -> None:
     if task.get("overlap", "warn") not in OVERLAP_POLICIES:  # dpq.data.overlap says it again with the data
         raise ConfigError("task.overlap", task["overlap"], f"must be one of {', '.join(OVERLAP_POLICIES)}")
     if (
-        task.get("integer_labels") or "ids"
+        "ids" if task.get("integer_labels") is None else task["integer_labels"]  # false is no choice
     ) not in INTEGER_LABELS:  # dpq.data.labels says it again with the data
         raise ConfigError(
             "task.integer_labels", task["integer_labels"], f"must be one of {', '.join(INTEGER_LABELS)}"
