@@ -581,9 +581,8 @@ def build_hf(spec: dict, task: dict, key: str, teacher: nn.Module | None = None)
             )
         except OSError as e:
             raise _hf_load_error(key, path, e) from None
-    if (
-        init == "random"
-    ):  # float32 as above: from_config takes a base_config's dtype (a bf16 one trained in bf16)
+    if init == "random":
+        # float32 as above: from_config takes a base_config's dtype (a bf16 one trained in bf16)
         return AutoModelForSequenceClassification.from_config(hf_config(spec, task, key), dtype=torch.float32)
     if teacher is None:
         raise ConfigError(f"{key}.init", init, "needs a teacher model to copy layers from")

@@ -116,13 +116,8 @@ def check_shapes(cfg: dict[str, Any]) -> None:
     """Every block a mapping and every list a list (or null where that means the defaults); each stage
     under ``pipeline.stages`` a mapping of its settings (null, its kind's defaults, only for a stage outside
     ``pipeline.order``: in the order, null reads as "no such stage" and would run the kind's defaults)."""
-    for block in (
-        "task",
-        "model",
-        "teacher",
-        "pipeline",
-        "trainer",
-    ):  # ~trainer: a KeyError after the data loaded
+    # a deleted block (~trainer) was a KeyError, after the data had loaded
+    for block in ("task", "model", "teacher", "pipeline", "trainer"):
         if block not in cfg:
             raise ConfigError(block, None, f"is missing: the run needs its {block} block (see conf/{block}/)")
     stages = cfg.get("pipeline", {}).get("stages") if isinstance(cfg.get("pipeline"), dict) else None
