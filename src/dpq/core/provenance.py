@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpq.core.files import write_file_atomic
+
 # The dpq package this process imported (its source files are hashed into cache keys).
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -274,7 +276,8 @@ class GitState:
             return None
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / name
-        path.write_bytes(self.patch.encode("utf-8", "surrogateescape"))  # the diff's bytes, as git gave them
+        data = self.patch.encode("utf-8", "surrogateescape")  # the diff's bytes, as git gave them
+        write_file_atomic(path, lambda tmp: tmp.write_bytes(data))  # never half a patch
         return path
 
 
