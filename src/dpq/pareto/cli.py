@@ -255,6 +255,11 @@ def build_report(
     if argv is not None:
         own["built_by"] = built_by(argv, out)
     runs = runs.drop(columns=["run_path"], errors="ignore")  # a local path: not in the reports
+    # the dpq commit and library versions of each run serve the integrity warnings (warn_mixed_code); the
+    # tables keep their columns (results.json has both, in full)
+    provenance = ["code", "versions"]
+    runs = runs.drop(columns=provenance, errors="ignore")
+    points = points.drop(columns=provenance, errors="ignore")
     paths["ownership_json"].write_text(json.dumps(own, indent=2, default=str))
     paths["ownership_md"].write_text(
         chosen_markdown(picked) + markdown(own) + built_by_markdown(own.get("built_by"))
